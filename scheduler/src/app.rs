@@ -1,0 +1,111 @@
+//! Shared scheduler state: configuration, the database pool, the secret box
+//! and the in-process channels that wake the pool manager, open agent
+//! sessions, edge watchers and waiting signup requests.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tokio::sync::{broadcast, Notify};
+use uuid::Uuid;
+
+use crate::crypto::SecretBox;
+use crate::sessions::Sessions;
+use clawdeploy_proto::RouteDelta;
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Customer hosts are `<subdomain>.<base_domain>`.
+    pub base_domain: String,
+    /// How customer URLs are printed: scheme and optional port of the edge.
+    pub public_scheme: String,
+    pub public_port: Option<u16>,
+    /// The OpenClaw image pool containers run.
+    pub image: String,
+    pub pool_generation: i32,
+    pub min_idle: u32,
+    pub max_idle: u32,
+    /// A node silent for this long is `unreachable`.
+    pub heartbeat_ttl: Duration,
+    /// How long a signup waits for the agent to confirm the config is live
+    /// before answering 202 (the instance still becomes ready).
+    pub claim_wait: Duration,
+    /// Containers stuck in creating/warming longer than this are replaced.
+    pub warm_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            base_domain: "clawdeploy.localhost".into(),
+            public_scheme: "https".into(),
+            public_port: None,
+            image: "clawdeploy/openclaw-standin:dev".into(),
+            pool_generation: 1,
+            min_idle: 5,
+            max_idle: 20,
+            heartbeat_ttl: Duration::from_secs(10),
+            claim_wait: Duration::from_secs(20),
+            warm_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+impl Config {
+    pub fn host_of(&self, subdomain: &str) -> String {
+        format!("{subdomain}.{}", self.base_domain)
+    }
+
+    fn authority(&self, subdomain: &str) -> String {
+        match self.public_port {
+            Some(p) => format!("{}:{p}", self.host_of(subdomain)),
+            None => self.host_of(subdomain),
+        }
+    }
+
+    pub fn url_of(&self, subdomain: &str) -> String {
+        format!("{}://{}", self.public_scheme, self.authority(subdomain))
+    }
+
+    pub fn gateway_url_of(&self, subdomain: &str) -> String {
+        let ws = if self.public_scheme == "https" { "wss" } else { "ws" };
+        format!("{ws}://{}", self.authority(subdomain))
+    }
+}
+
+pub struct App {
+    pub cfg: Config,
+    pub db: PgPool,
+    pub secrets: SecretBox,
+    pub sessions: Sessions,
+    /// Route changes for edge watchers, sent after their transaction commits.
+    pub route_events: broadcast::Sender<RouteDelta>,
+    /// Wakes the pool manager (claims, containers becoming idle, nodes).
+    pub pool_wake: Notify,
+    /// Instances that just became ready (wakes waiting signup requests).
+    pub instance_ready: broadcast::Sender<Uuid>,
+}
+
+pub type AppRef = Arc<App>;
+
+impl App {
+    pub fn new(cfg: Config, db: PgPool, secrets: SecretBox) -> AppRef {
+        Arc::new(App {
+            cfg,
+            db,
+            secrets,
+            sessions: Sessions::default(),
+            route_events: broadcast::channel(4096).0,
+            pool_wake: Notify::new(),
+            instance_ready: broadcast::channel(4096).0,
+        })
+    }
+
+    pub fn gateway_token_aad(container_id: Uuid) -> String {
+        format!("container:{container_id}:gateway_token")
+    }
+
+    pub fn secret_aad(instance_id: Uuid, name: &str) -> String {
+        format!("instance:{instance_id}:{name}")
+    }
+}

@@ -1,0 +1,101 @@
+//! The scheduler's one error type, with its single mapping to an HTTP
+//! response and its single mapping to a `tonic::Status`. Clients see a stable
+//! code and message; the detail goes to the log only.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("invalid {field}: {message}")]
+    Invalid { field: &'static str, message: String },
+    #[error("request body too large")]
+    TooLarge,
+    #[error("authentication required")]
+    Unauthenticated,
+    #[error("wrong email or password")]
+    BadCredentials,
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    #[error("not found: {0}")]
+    NotFound(&'static str),
+    #[error("conflict ({code}): {message}")]
+    Conflict { code: &'static str, message: String },
+    #[error("no capacity: {0}")]
+    NoCapacity(String),
+    #[error("timed out: {0}")]
+    Timeout(String),
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn internal(e: impl std::fmt::Display) -> Self {
+        Error::Internal(e.to_string())
+    }
+
+    /// Stable machine-readable code, status and customer-facing message.
+    fn public(&self) -> (StatusCode, &'static str, String) {
+        match self {
+            Error::BadRequest(m) => (StatusCode::BAD_REQUEST, "bad_request", m.clone()),
+            Error::Invalid { field, message } => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", format!("{field}: {message}")),
+            Error::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "too_large", "request body too large".into()),
+            Error::Unauthenticated => (StatusCode::UNAUTHORIZED, "unauthenticated", "a valid bearer token is required".into()),
+            Error::BadCredentials => (StatusCode::UNAUTHORIZED, "bad_credentials", "wrong email or password".into()),
+            Error::Forbidden(m) => (StatusCode::FORBIDDEN, "forbidden", m.clone()),
+            Error::NotFound(what) => (StatusCode::NOT_FOUND, "not_found", format!("{what} not found")),
+            Error::Conflict { code, message } => (StatusCode::CONFLICT, code, message.clone()),
+            Error::NoCapacity(_) => (StatusCode::SERVICE_UNAVAILABLE, "no_capacity", "no capacity to start an instance right now; try again shortly".into()),
+            Error::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout", "the operation did not finish in time".into()),
+            Error::Database(_) | Error::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error".into()),
+        }
+    }
+
+    /// Maps a unique-violation on `constraint` to a conflict, anything else
+    /// stays a database error.
+    pub fn on_unique(e: sqlx::Error, constraint: &str, code: &'static str, message: &str) -> Self {
+        match &e {
+            sqlx::Error::Database(db) if db.constraint() == Some(constraint) => Error::Conflict { code, message: message.into() },
+            _ => Error::Database(e),
+        }
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let (status, code, message) = self.public();
+        if status.is_server_error() {
+            tracing::error!(error = %self, code, "request failed");
+        } else {
+            tracing::debug!(error = %self, code, "request refused");
+        }
+        (status, axum::Json(json!({"error": {"code": code, "message": message}}))).into_response()
+    }
+}
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        let (status, code, message) = e.public();
+        if status.is_server_error() {
+            tracing::error!(error = %e, code, "rpc failed");
+        }
+        let message = format!("{code}: {message}");
+        match status {
+            StatusCode::UNAUTHORIZED => tonic::Status::unauthenticated(message),
+            StatusCode::FORBIDDEN => tonic::Status::permission_denied(message),
+            StatusCode::NOT_FOUND => tonic::Status::not_found(message),
+            StatusCode::CONFLICT => tonic::Status::already_exists(message),
+            StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY | StatusCode::PAYLOAD_TOO_LARGE => tonic::Status::invalid_argument(message),
+            StatusCode::SERVICE_UNAVAILABLE => tonic::Status::unavailable(message),
+            StatusCode::GATEWAY_TIMEOUT => tonic::Status::deadline_exceeded(message),
+            _ => tonic::Status::internal(message),
+        }
+    }
+}

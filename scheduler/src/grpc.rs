@@ -1,0 +1,249 @@
+//! The scheduler's gRPC face over mTLS: the agent session (desired state
+//! down, heartbeats and reports up) and the edge route watch. Callers are
+//! identified by their client certificate only.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+
+use clawdeploy_proto::agent_session_server::AgentSession;
+use clawdeploy_proto::route_watch_server::RouteWatch;
+use clawdeploy_proto::{
+    agent_message, route_event, AgentMessage, ContainerPhase, ContainerStatus, Heartbeat, Hello, RouteEvent,
+    SchedulerMessage, WatchRoutesRequest,
+};
+use futures::Stream;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use uuid::Uuid;
+
+use crate::app::AppRef;
+use crate::error::{Error, Result};
+use crate::pki::Identity;
+use crate::{assign, desired};
+
+/// The identity named by the caller's verified client certificate.
+fn caller<T>(req: &Request<T>) -> Result<Identity, Status> {
+    let certs = req.peer_certs().ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+    let leaf = certs.first().ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+    Identity::from_cert_der(leaf).ok_or_else(|| Status::permission_denied("certificate names no clawdeploy identity"))
+}
+
+pub struct AgentService {
+    pub app: AppRef,
+}
+
+#[tonic::async_trait]
+impl AgentSession for AgentService {
+    type SessionStream = ReceiverStream<Result<SchedulerMessage, Status>>;
+
+    async fn session(&self, req: Request<Streaming<AgentMessage>>) -> Result<Response<Self::SessionStream>, Status> {
+        let Identity::Node(node_id) = caller(&req)? else {
+            return Err(Status::permission_denied("only node certificates may open an agent session"));
+        };
+        let mut inbound = req.into_inner();
+        let (tx, rx) = mpsc::channel(32);
+        let app = self.app.clone();
+        tokio::spawn(async move {
+            let session_id = app.sessions.register(&node_id, tx.clone());
+            metrics::gauge!("clawdeploy_agent_sessions").set(app.sessions.connected() as f64);
+            tracing::info!(node_id, "agent session opened");
+            let mut session = AgentSessionState { app: app.clone(), node_id: node_id.clone(), seen: HashMap::new() };
+            let end = loop {
+                match inbound.message().await {
+                    Ok(Some(msg)) => {
+                        if let Err(e) = session.handle(msg).await {
+                            let fatal = matches!(e, Error::Forbidden(_));
+                            let status: Status = e.into();
+                            if fatal {
+                                let _ = tx.send(Err(status.clone())).await;
+                                break format!("refused: {}", status.message());
+                            }
+                            tracing::warn!(node_id, error = %status.message(), "agent message not applied");
+                        }
+                    }
+                    Ok(None) => break "closed by agent".to_owned(),
+                    Err(e) => break format!("stream error: {e}"),
+                }
+            };
+            app.sessions.unregister(&node_id, session_id);
+            metrics::gauge!("clawdeploy_agent_sessions").set(app.sessions.connected() as f64);
+            tracing::info!(node_id, reason = %end, "agent session ended");
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// What one session has already applied, so heartbeats only cost database
+/// work when something changed.
+struct AgentSessionState {
+    app: AppRef,
+    node_id: String,
+    seen: HashMap<String, (i32, u64, String)>,
+}
+
+impl AgentSessionState {
+    async fn handle(&mut self, msg: AgentMessage) -> Result<()> {
+        match msg.msg {
+            Some(agent_message::Msg::Hello(hello)) => self.hello(hello).await,
+            Some(agent_message::Msg::Heartbeat(hb)) => self.heartbeat(hb).await,
+            None => Err(Error::BadRequest("empty agent message".into())),
+        }
+    }
+
+    async fn hello(&mut self, hello: Hello) -> Result<()> {
+        let cap = hello.capacity.unwrap_or_default();
+        let state: String = sqlx::query_scalar(
+            "INSERT INTO nodes (id, name, private_address, cpu_millis, memory_bytes, max_containers, state, last_heartbeat)
+             VALUES ($1, $1, $2, $3, $4, $5, 'active', now())
+             ON CONFLICT (id) DO UPDATE
+                SET private_address = EXCLUDED.private_address, cpu_millis = EXCLUDED.cpu_millis,
+                    memory_bytes = EXCLUDED.memory_bytes, max_containers = EXCLUDED.max_containers,
+                    last_heartbeat = now(),
+                    state = CASE WHEN nodes.state = 'unreachable' THEN 'active' ELSE nodes.state END
+             RETURNING state",
+        )
+        .bind(&self.node_id)
+        .bind(&hello.private_address)
+        .bind(cap.cpu_millis as i32)
+        .bind(cap.memory_bytes as i64)
+        .bind(cap.max_containers.max(1) as i32)
+        .fetch_one(&self.app.db)
+        .await?;
+        if state == "removed" {
+            return Err(Error::Forbidden(format!("node {} has been removed", self.node_id)));
+        }
+        crate::audit(&self.app.db, &format!("node:{}", self.node_id), "node.hello", &self.node_id, serde_json::json!({"agentVersion": hello.agent_version, "appliedGeneration": hello.applied_generation})).await;
+        self.seen.clear();
+        desired::push(&self.app, &self.node_id).await?;
+        self.app.pool_wake.notify_one();
+        Ok(())
+    }
+
+    async fn heartbeat(&mut self, hb: Heartbeat) -> Result<()> {
+        sqlx::query("UPDATE nodes SET last_heartbeat = now(), state = CASE WHEN state = 'unreachable' THEN 'active' ELSE state END WHERE id = $1")
+            .bind(&self.node_id)
+            .execute(&self.app.db)
+            .await?;
+        let mut changed_node = false;
+        for status in &hb.containers {
+            let key = (status.phase, status.config_version, status.upstream.clone());
+            if self.seen.get(&status.container_id) == Some(&key) {
+                continue;
+            }
+            match self.observe(status).await {
+                Ok(bumped) => {
+                    changed_node |= bumped;
+                    self.seen.insert(status.container_id.clone(), key);
+                }
+                Err(e) => tracing::warn!(node_id = self.node_id, container_id = status.container_id, error = %e, "container report not applied"),
+            }
+        }
+        // Containers being destroyed are gone once the agent stops reporting them.
+        let reported: Vec<Uuid> = hb.containers.iter().filter_map(|c| c.container_id.parse().ok()).collect();
+        sqlx::query("UPDATE containers SET state = 'destroyed', updated_at = now() WHERE node_id = $1 AND state = 'destroying' AND id <> ALL($2)")
+            .bind(&self.node_id)
+            .bind(&reported)
+            .execute(&self.app.db)
+            .await?;
+        if changed_node {
+            desired::push(&self.app, &self.node_id).await?;
+        }
+        Ok(())
+    }
+
+    /// Applies one container's observed state. Returns whether the node's
+    /// desired state changed (a failed pool container was dropped).
+    async fn observe(&self, s: &ContainerStatus) -> Result<bool> {
+        let id: Uuid = s.container_id.parse().map_err(|_| Error::BadRequest("container id is not a uuid".into()))?;
+        let phase = ContainerPhase::try_from(s.phase).unwrap_or(ContainerPhase::Unspecified);
+        // `node_id = $2` everywhere: an agent only ever speaks for its own node.
+        let new_state: Option<String> = match phase {
+            ContainerPhase::Healthy => sqlx::query_scalar(
+                "UPDATE containers SET state = CASE WHEN state IN ('creating', 'warming') THEN 'idle' ELSE state END,
+                        docker_id = $3, upstream = $4, message = '', updated_at = now()
+                  WHERE id = $1 AND node_id = $2 RETURNING state",
+            ),
+            ContainerPhase::Creating | ContainerPhase::Starting => sqlx::query_scalar(
+                "UPDATE containers SET state = CASE WHEN state = 'creating' THEN 'warming' ELSE state END,
+                        docker_id = $3, upstream = $4, updated_at = now()
+                  WHERE id = $1 AND node_id = $2 RETURNING state",
+            ),
+            ContainerPhase::Failed | ContainerPhase::Unhealthy => sqlx::query_scalar(
+                "UPDATE containers SET state = CASE WHEN state IN ('creating', 'warming', 'idle') THEN 'destroying' ELSE state END,
+                        docker_id = $3, upstream = $4, updated_at = now()
+                  WHERE id = $1 AND node_id = $2 RETURNING state",
+            ),
+            ContainerPhase::Unspecified => return Ok(false),
+        }
+        .bind(id)
+        .bind(&self.node_id)
+        .bind(&s.docker_id)
+        .bind(&s.upstream)
+        .fetch_optional(&self.app.db)
+        .await?;
+        let Some(state) = new_state else {
+            return Err(Error::NotFound("container on this node"));
+        };
+        let mut bumped = false;
+        match state.as_str() {
+            "idle" => self.app.pool_wake.notify_one(),
+            "destroying" => {
+                tracing::warn!(node_id = self.node_id, container_id = %id, message = s.message, "pool container failed; replacing it");
+                sqlx::query("UPDATE nodes SET generation = generation + 1 WHERE id = $1").bind(&self.node_id).execute(&self.app.db).await?;
+                self.app.pool_wake.notify_one();
+                bumped = true;
+            }
+            _ => {}
+        }
+        if s.config_version > 0 {
+            assign::complete(&self.app, &self.node_id, id, s.config_version).await?;
+        }
+        Ok(bumped)
+    }
+}
+
+pub struct RouteService {
+    pub app: AppRef,
+}
+
+type RouteStream = Pin<Box<dyn Stream<Item = Result<RouteEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl RouteWatch for RouteService {
+    type WatchRoutesStream = RouteStream;
+
+    async fn watch_routes(&self, req: Request<WatchRoutesRequest>) -> Result<Response<RouteStream>, Status> {
+        let Identity::Edge(edge_id) = caller(&req)? else {
+            return Err(Status::permission_denied("only edge certificates may watch routes"));
+        };
+        // Subscribe before reading the snapshot so no committed change is missed;
+        // the edge orders by version, so a delta it already has is harmless.
+        let mut deltas = self.app.route_events.subscribe();
+        let snapshot = crate::routes::snapshot(&self.app).await?;
+        tracing::info!(edge_id, routes = snapshot.routes.len(), version = snapshot.version, "edge watching routes");
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(async move {
+            if tx.send(Ok(RouteEvent { event: Some(route_event::Event::Snapshot(snapshot)) })).await.is_err() {
+                return;
+            }
+            loop {
+                match deltas.recv().await {
+                    Ok(d) => {
+                        if tx.send(Ok(RouteEvent { event: Some(route_event::Event::Delta(d)) })).await.is_err() {
+                            break;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        // The edge reconnects and gets a fresh snapshot.
+                        let _ = tx.send(Err(Status::data_loss(format!("edge fell {n} route changes behind; resubscribe")))).await;
+                        break;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => break,
+                }
+            }
+            tracing::info!(edge_id, "edge route watch ended");
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

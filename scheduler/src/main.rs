@@ -1,0 +1,160 @@
+//! `clawdeploy-scheduler`: parses configuration, sets up tracing, and runs
+//! the scheduler library (or one of its operator commands).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use clawdeploy_scheduler::pki::{Ca, Identity};
+use clawdeploy_scheduler::{serve, Config, ServeOptions};
+
+#[derive(Parser)]
+#[command(name = "clawdeploy-scheduler", version, about = "ClawDeploy scheduler")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the scheduler: customer API, gRPC for agents and edges, pool manager.
+    Serve(ServeArgs),
+    /// Certificate authority operations.
+    #[command(subcommand)]
+    Pki(PkiCommand),
+}
+
+#[derive(Parser)]
+struct ServeArgs {
+    #[arg(long, env = "CLAWDEPLOY_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
+    http_listen: SocketAddr,
+    #[arg(long, env = "CLAWDEPLOY_GRPC_LISTEN", default_value = "127.0.0.1:7443")]
+    grpc_listen: SocketAddr,
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: String,
+    #[arg(long, env = "CLAWDEPLOY_DB_MAX_CONNECTIONS", default_value_t = 32)]
+    db_max_connections: u32,
+    /// CA and key material.
+    #[arg(long, env = "CLAWDEPLOY_DATA_DIR", default_value = ".local/scheduler")]
+    data_dir: PathBuf,
+    /// AES-256 key (64 hex chars) for secrets at rest; default: <data-dir>/secret.key.
+    #[arg(long, env = "CLAWDEPLOY_SECRET_KEY", hide_env_values = true)]
+    secret_key: Option<String>,
+    /// Names (DNS or IP) on the gRPC server certificate.
+    #[arg(long, env = "CLAWDEPLOY_GRPC_SERVER_NAMES", value_delimiter = ',', default_value = "localhost,127.0.0.1")]
+    grpc_server_names: Vec<String>,
+    #[arg(long, env = "CLAWDEPLOY_BASE_DOMAIN", default_value = "clawdeploy.localhost")]
+    base_domain: String,
+    /// Scheme of customer URLs (https in production, http for a local edge).
+    #[arg(long, env = "CLAWDEPLOY_PUBLIC_SCHEME", default_value = "https")]
+    public_scheme: String,
+    /// Port in customer URLs, when the edge is not on the scheme's default port.
+    #[arg(long, env = "CLAWDEPLOY_PUBLIC_PORT")]
+    public_port: Option<u16>,
+    /// OpenClaw image for pool containers.
+    #[arg(long, env = "CLAWDEPLOY_IMAGE", default_value = "clawdeploy/openclaw-standin:dev")]
+    image: String,
+    #[arg(long, env = "CLAWDEPLOY_POOL_GENERATION", default_value_t = 1)]
+    pool_generation: i32,
+    #[arg(long, env = "CLAWDEPLOY_MIN_IDLE", default_value_t = 5)]
+    min_idle: u32,
+    #[arg(long, env = "CLAWDEPLOY_MAX_IDLE", default_value_t = 20)]
+    max_idle: u32,
+    /// Seconds without a heartbeat before a node is unreachable.
+    #[arg(long, env = "CLAWDEPLOY_HEARTBEAT_TTL_SECS", default_value_t = 10)]
+    heartbeat_ttl_secs: u64,
+    /// Seconds a signup waits for the instance before answering 202.
+    #[arg(long, env = "CLAWDEPLOY_CLAIM_WAIT_SECS", default_value_t = 20)]
+    claim_wait_secs: u64,
+}
+
+#[derive(Subcommand)]
+enum PkiCommand {
+    /// Create the CA in the data directory (no-op when it exists).
+    Init {
+        #[arg(long, env = "CLAWDEPLOY_DATA_DIR", default_value = ".local/scheduler")]
+        data_dir: PathBuf,
+    },
+    /// Issue a certificate for a node agent or an edge into --out.
+    Issue {
+        #[arg(long, env = "CLAWDEPLOY_DATA_DIR", default_value = ".local/scheduler")]
+        data_dir: PathBuf,
+        #[arg(long, value_enum)]
+        kind: Kind,
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// Lifetime in hours.
+        #[arg(long, default_value_t = 24 * 30)]
+        hours: u64,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Kind {
+    Node,
+    Edge,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sqlx=warn".into()))
+        .init();
+    match Cli::parse().command {
+        Command::Serve(a) => {
+            let http = tokio::net::TcpListener::bind(a.http_listen).await.with_context(|| format!("binding {}", a.http_listen))?;
+            let grpc = tokio::net::TcpListener::bind(a.grpc_listen).await.with_context(|| format!("binding {}", a.grpc_listen))?;
+            tracing::info!(http = %http.local_addr()?, grpc = %grpc.local_addr()?, "listening");
+            let opts = ServeOptions {
+                cfg: Config {
+                    base_domain: a.base_domain.trim_end_matches('.').to_ascii_lowercase(),
+                    public_scheme: a.public_scheme,
+                    public_port: a.public_port,
+                    image: a.image,
+                    pool_generation: a.pool_generation,
+                    min_idle: a.min_idle,
+                    max_idle: a.max_idle,
+                    heartbeat_ttl: Duration::from_secs(a.heartbeat_ttl_secs),
+                    claim_wait: Duration::from_secs(a.claim_wait_secs),
+                    ..Config::default()
+                },
+                database_url: a.database_url,
+                data_dir: a.data_dir,
+                secret_key: a.secret_key,
+                grpc_server_names: a.grpc_server_names,
+                db_max_connections: a.db_max_connections,
+            };
+            serve(opts, http, grpc, shutdown_signal()).await
+        }
+        Command::Pki(PkiCommand::Init { data_dir }) => {
+            Ca::load_or_create(&data_dir)?;
+            println!("{}", data_dir.join("ca.crt.pem").display());
+            Ok(())
+        }
+        Command::Pki(PkiCommand::Issue { data_dir, kind, id, out, hours }) => {
+            anyhow::ensure!(clawdeploy_scheduler::pki::valid_id(&id), "id must be 1-63 letters, digits, '-' or '_'");
+            let ca = Ca::load_or_create(&data_dir)?;
+            let identity = match kind {
+                Kind::Node => Identity::Node(id.clone()),
+                Kind::Edge => Identity::Edge(id.clone()),
+            };
+            let issued = ca.issue(&identity, &[], Duration::from_secs(hours * 3600))?;
+            ca.write_bundle(&out, &id, &issued)?;
+            println!("{}", out.join(format!("{id}.crt.pem")).display());
+            Ok(())
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+}

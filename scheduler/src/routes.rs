@@ -1,0 +1,59 @@
+//! Edge routes: `<subdomain>.<base_domain>` → container upstream. Every change
+//! takes a fresh version from one sequence so edges can order changes per
+//! host; deltas are broadcast only after their transaction commits.
+
+use clawdeploy_proto::{Route, RouteDelta, RouteSnapshot};
+use sqlx::{Postgres, Transaction};
+use uuid::Uuid;
+
+use crate::app::App;
+use crate::error::Result;
+
+/// Upserts a route inside the caller's transaction; the caller broadcasts
+/// the returned delta after committing.
+pub async fn upsert(tx: &mut Transaction<'_, Postgres>, route: Route) -> Result<RouteDelta> {
+    let instance_id: Uuid = route.instance_id.parse().map_err(crate::error::Error::internal)?;
+    let container_id: Uuid = route.container_id.parse().map_err(crate::error::Error::internal)?;
+    let version: i64 = sqlx::query_scalar(
+        "INSERT INTO routes (hostname, instance_id, container_id, upstream, version)
+         VALUES ($1, $2, $3, $4, nextval('route_version'))
+         ON CONFLICT (hostname) DO UPDATE
+            SET instance_id = EXCLUDED.instance_id, container_id = EXCLUDED.container_id,
+                upstream = EXCLUDED.upstream, version = EXCLUDED.version
+         RETURNING version",
+    )
+    .bind(&route.hostname)
+    .bind(instance_id)
+    .bind(container_id)
+    .bind(&route.upstream)
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok(RouteDelta { version: version as u64, upsert: Some(route), removed_hostname: String::new() })
+}
+
+/// Sends committed deltas to every connected edge watcher.
+pub fn broadcast(app: &App, deltas: impl IntoIterator<Item = RouteDelta>) {
+    for d in deltas {
+        metrics::counter!("clawdeploy_route_changes_total").increment(1);
+        // No receivers is fine: edges get a snapshot when they connect.
+        let _ = app.route_events.send(d);
+    }
+}
+
+pub async fn snapshot(app: &App) -> Result<RouteSnapshot> {
+    let rows: Vec<(String, String, Uuid, Uuid, i64)> =
+        sqlx::query_as("SELECT hostname, upstream, instance_id, container_id, version FROM routes ORDER BY hostname")
+            .fetch_all(&app.db)
+            .await?;
+    let version = rows.iter().map(|r| r.4).max().unwrap_or(0) as u64;
+    let routes = rows
+        .into_iter()
+        .map(|(hostname, upstream, iid, cid, _)| Route {
+            hostname,
+            upstream,
+            instance_id: iid.to_string(),
+            container_id: cid.to_string(),
+        })
+        .collect();
+    Ok(RouteSnapshot { version, routes })
+}

@@ -1,1 +1,65 @@
-//! placeholder
+//! ClawDeploy node agent: the only thing on a customer's host that touches
+//! Docker. It keeps one mTLS session with the scheduler, persists the node's
+//! desired state, reconciles Docker towards it, injects tenant config and
+//! proves it live, and reports health.
+
+pub mod error;
+pub mod ledger;
+pub mod probe;
+pub mod reconcile;
+pub mod runtime;
+pub mod session;
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+
+use axum::routing::get;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+use tokio::net::TcpListener;
+
+use crate::reconcile::{Reconciler, StatusBoard};
+use crate::runtime::ContainerRuntime;
+use crate::session::{Session, SessionConfig};
+
+/// Runs the agent until `shutdown` resolves. Containers keep running after
+/// the agent stops: they belong to tenants, not to this process.
+pub async fn run<R: ContainerRuntime>(
+    session: SessionConfig,
+    state_dir: std::path::PathBuf,
+    runtime: R,
+    metrics_listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])?
+        .install_recorder()?;
+    runtime.prepare().await?;
+    let ledger = ledger::Ledger::open(&state_dir)?;
+    let initial = ledger.current().clone();
+    tracing::info!(generation = initial.generation, containers = initial.containers.len(), "desired state loaded from the ledger");
+    let ledger = Arc::new(Mutex::new(ledger));
+    let (desired_tx, desired_rx) = tokio::sync::watch::channel(initial);
+    let board = Arc::new(StatusBoard::default());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+
+    let reconciler = tokio::spawn(Reconciler::new(Arc::new(runtime), board.clone()).run(desired_rx));
+    let session = tokio::spawn(Session { cfg: session, ledger, desired: desired_tx, board }.run(stop_rx.clone()));
+    let app = axum::Router::new()
+        .route("/metrics", get(move || std::future::ready(handle.render())))
+        .route("/healthz", get(|| async { "ok" }));
+    let mut stop_metrics = stop_rx.clone();
+    let metrics_server = tokio::spawn(async move {
+        axum::serve(metrics_listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop_metrics.changed().await;
+            })
+            .await
+    });
+    shutdown.await;
+    tracing::info!("agent stopping; tenant containers keep running");
+    let _ = stop_tx.send(true);
+    let _ = session.await;
+    reconciler.abort();
+    let _ = metrics_server.await;
+    Ok(())
+}

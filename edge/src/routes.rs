@@ -1,0 +1,177 @@
+//! The edge's route table: exact host → upstream, ordered per host by the
+//! scheduler's route versions (a late, older delta never overrides a newer
+//! one; removals leave a tombstone). Persisted to a cache file after every
+//! change, so a restarted edge serves its last table while the scheduler is
+//! away.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::RwLock;
+
+use clawdeploy_proto::{Route, RouteDelta, RouteSnapshot};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Target {
+    pub upstream: String,
+    pub instance_id: String,
+    pub container_id: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Entry {
+    version: u64,
+    /// `None`: removed at `version` (tombstone).
+    target: Option<Target>,
+}
+
+#[derive(Default, Serialize, Deserialize)]
+struct Table {
+    version: u64,
+    hosts: HashMap<String, Entry>,
+}
+
+pub struct RouteTable {
+    table: RwLock<Table>,
+    cache_file: Option<PathBuf>,
+}
+
+/// Lower-cases, drops a port and a trailing dot: `Alice.Example.com.:443`
+/// → `alice.example.com`. Returns `None` for anything that is not a host.
+pub fn normalize_host(raw: &str) -> Option<String> {
+    let raw = raw.trim();
+    let host = match raw.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => raw,
+    };
+    let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+    let ok = !host.is_empty() && host.len() <= 253 && host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    ok.then_some(host)
+}
+
+fn target_of(r: Route) -> Option<(String, Target)> {
+    let host = normalize_host(&r.hostname)?;
+    Some((host, Target { upstream: r.upstream, instance_id: r.instance_id, container_id: r.container_id }))
+}
+
+impl RouteTable {
+    /// A table loaded from `cache_file` when one exists.
+    pub fn load(cache_file: Option<PathBuf>) -> Self {
+        let table = cache_file
+            .as_ref()
+            .and_then(|p| std::fs::read(p).ok())
+            .and_then(|b| serde_json::from_slice::<Table>(&b).ok())
+            .unwrap_or_default();
+        if !table.hosts.is_empty() {
+            tracing::info!(routes = table.hosts.len(), version = table.version, "serving cached routes until the scheduler answers");
+        }
+        let t = Self { table: RwLock::new(table), cache_file };
+        t.record_metrics();
+        t
+    }
+
+    pub fn lookup(&self, host: &str) -> Option<Target> {
+        self.table.read().unwrap().hosts.get(host).and_then(|e| e.target.clone())
+    }
+
+    pub fn version(&self) -> u64 {
+        self.table.read().unwrap().version
+    }
+
+    pub fn len(&self) -> usize {
+        self.table.read().unwrap().hosts.values().filter(|e| e.target.is_some()).count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn apply_snapshot(&self, snap: RouteSnapshot) {
+        let hosts = snap
+            .routes
+            .into_iter()
+            .filter_map(target_of)
+            .map(|(h, t)| (h, Entry { version: snap.version, target: Some(t) }))
+            .collect();
+        *self.table.write().unwrap() = Table { version: snap.version, hosts };
+        self.changed();
+    }
+
+    /// Applies a delta unless the host already has a newer version.
+    pub fn apply_delta(&self, d: RouteDelta) {
+        let (host, target) = match d.upsert {
+            Some(r) => match target_of(r) {
+                Some((h, t)) => (h, Some(t)),
+                None => return,
+            },
+            None => match normalize_host(&d.removed_hostname) {
+                Some(h) => (h, None),
+                None => return,
+            },
+        };
+        {
+            let mut t = self.table.write().unwrap();
+            if t.hosts.get(&host).is_some_and(|e| e.version > d.version) {
+                return;
+            }
+            t.version = t.version.max(d.version);
+            t.hosts.insert(host, Entry { version: d.version, target });
+        }
+        self.changed();
+    }
+
+    fn record_metrics(&self) {
+        metrics::gauge!("clawdeploy_edge_routes").set(self.len() as f64);
+        metrics::gauge!("clawdeploy_edge_route_version").set(self.version() as f64);
+    }
+
+    fn changed(&self) {
+        self.record_metrics();
+        let Some(path) = &self.cache_file else { return };
+        let bytes = serde_json::to_vec(&*self.table.read().unwrap()).unwrap_or_default();
+        let tmp = path.with_extension("tmp");
+        let r = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = r {
+            tracing::warn!(error = %e, path = %path.display(), "route cache not written");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(host: &str, up: &str) -> Route {
+        Route { hostname: host.into(), upstream: up.into(), instance_id: "i".into(), container_id: "c".into() }
+    }
+
+    #[test]
+    fn hosts_normalise() {
+        assert_eq!(normalize_host("Alice.ClawDeploy.localhost:8000").as_deref(), Some("alice.clawdeploy.localhost"));
+        assert_eq!(normalize_host("alice.clawdeploy.localhost.").as_deref(), Some("alice.clawdeploy.localhost"));
+        assert_eq!(normalize_host("bad host"), None);
+        assert_eq!(normalize_host(""), None);
+    }
+
+    #[test]
+    fn older_deltas_never_win_and_removals_stick() {
+        let t = RouteTable::load(None);
+        t.apply_snapshot(RouteSnapshot { version: 3, routes: vec![route("a.x.test", "10.0.0.1:1")] });
+        t.apply_delta(RouteDelta { version: 5, upsert: None, removed_hostname: "a.x.test".into() });
+        t.apply_delta(RouteDelta { version: 4, upsert: Some(route("a.x.test", "10.0.0.2:1")), removed_hostname: String::new() });
+        assert_eq!(t.lookup("a.x.test"), None);
+        t.apply_delta(RouteDelta { version: 6, upsert: Some(route("A.x.test", "10.0.0.3:1")), removed_hostname: String::new() });
+        assert_eq!(t.lookup("a.x.test").unwrap().upstream, "10.0.0.3:1");
+        assert_eq!(t.version(), 6);
+    }
+
+    #[test]
+    fn cache_survives_restart() {
+        let path = std::env::temp_dir().join(format!("cd-edge-cache-{}.json", std::process::id()));
+        let t = RouteTable::load(Some(path.clone()));
+        t.apply_snapshot(RouteSnapshot { version: 9, routes: vec![route("b.x.test", "10.0.0.9:1")] });
+        let again = RouteTable::load(Some(path.clone()));
+        assert_eq!(again.lookup("b.x.test").unwrap().upstream, "10.0.0.9:1");
+        std::fs::remove_file(path).ok();
+    }
+}

@@ -1,0 +1,325 @@
+//! Drives the runtime towards the persisted desired state. One worker task
+//! per desired container owns that container's lifecycle (create or adopt,
+//! start, health, tenant config), so a slow `docker create` never delays a
+//! customer's config write on another container. The top-level loop starts
+//! and stops workers and removes orphans: containers with this node's label
+//! that nobody wants.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use clawdeploy_proto::{ContainerPhase, ContainerStatus, DesiredContainer, DesiredState, TenantConfig};
+use serde_json::json;
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinHandle;
+
+use crate::probe::Prober;
+use crate::runtime::{ContainerRuntime, ContainerSpec, GATEWAY_PORT};
+
+/// Per-container observed state, read by the heartbeat.
+#[derive(Default)]
+pub struct StatusBoard {
+    statuses: Mutex<HashMap<String, ContainerStatus>>,
+    /// Signalled on every change so the session sends a heartbeat at once.
+    pub changed: Notify,
+}
+
+impl StatusBoard {
+    fn set(&self, status: ContainerStatus) {
+        let mut map = self.statuses.lock().unwrap();
+        if map.get(&status.container_id) != Some(&status) {
+            map.insert(status.container_id.clone(), status);
+            drop(map);
+            self.changed.notify_one();
+        }
+    }
+
+    fn remove(&self, container_id: &str) {
+        if self.statuses.lock().unwrap().remove(container_id).is_some() {
+            self.changed.notify_one();
+        }
+    }
+
+    pub fn snapshot(&self) -> Vec<ContainerStatus> {
+        let mut v: Vec<_> = self.statuses.lock().unwrap().values().cloned().collect();
+        v.sort_by(|a, b| a.container_id.cmp(&b.container_id));
+        v
+    }
+}
+
+pub struct Reconciler<R: ContainerRuntime> {
+    runtime: Arc<R>,
+    prober: Prober,
+    board: Arc<StatusBoard>,
+    workers: HashMap<String, (watch::Sender<DesiredContainer>, JoinHandle<()>)>,
+    removing: Arc<Mutex<HashSet<String>>>,
+}
+
+/// How often idle containers are re-checked, and the health failure threshold.
+const CHECK_EVERY: Duration = Duration::from_secs(2);
+const UNHEALTHY_AFTER: u32 = 3;
+
+impl<R: ContainerRuntime> Reconciler<R> {
+    pub fn new(runtime: Arc<R>, board: Arc<StatusBoard>) -> Self {
+        Self { runtime, prober: Prober::default(), board, workers: HashMap::new(), removing: Arc::default() }
+    }
+
+    /// Reconciles on every new desired state and every few seconds, until
+    /// the desired-state channel closes.
+    pub async fn run(mut self, mut desired: watch::Receiver<DesiredState>) {
+        loop {
+            let state = desired.borrow_and_update().clone();
+            self.sync(&state).await;
+            tokio::select! {
+                changed = desired.changed() => if changed.is_err() { break },
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            }
+        }
+        for (_, (_, handle)) in self.workers.drain() {
+            handle.abort();
+        }
+    }
+
+    async fn sync(&mut self, state: &DesiredState) {
+        let wanted: HashMap<&str, &DesiredContainer> = state.containers.iter().map(|c| (c.container_id.as_str(), c)).collect();
+        // Stop workers for containers no longer wanted, and remove those.
+        let gone: Vec<String> = self.workers.keys().filter(|id| !wanted.contains_key(id.as_str())).cloned().collect();
+        for id in gone {
+            if let Some((_, handle)) = self.workers.remove(&id) {
+                handle.abort();
+            }
+            self.spawn_removal(id);
+        }
+        // Start or update workers for wanted containers.
+        for (id, spec) in &wanted {
+            let spec = DesiredContainer::clone(spec);
+            match self.workers.get(*id) {
+                Some((tx, handle)) if !handle.is_finished() => {
+                    tx.send_if_modified(|cur| if *cur != spec { *cur = spec; true } else { false });
+                }
+                _ => {
+                    let (tx, rx) = watch::channel(spec);
+                    let worker = Worker {
+                        runtime: self.runtime.clone(),
+                        prober: self.prober.clone(),
+                        board: self.board.clone(),
+                        generation: state.generation,
+                    };
+                    let handle = tokio::spawn(worker.run(rx));
+                    self.workers.insert((*id).to_owned(), (tx, handle));
+                }
+            }
+        }
+        // Orphans: ours by label, wanted by nobody.
+        match self.runtime.list().await {
+            Ok(list) => {
+                for o in list {
+                    if !wanted.contains_key(o.container_id.as_str()) {
+                        tracing::info!(container_id = o.container_id, "removing orphan container");
+                        self.spawn_removal(o.container_id);
+                    }
+                }
+            }
+            Err(e) => {
+                metrics::counter!("clawdeploy_agent_reconcile_errors_total", "step" => "list").increment(1);
+                tracing::warn!(error = %e, "listing containers failed");
+            }
+        }
+        let snapshot = self.board.snapshot();
+        for phase in [ContainerPhase::Creating, ContainerPhase::Starting, ContainerPhase::Healthy, ContainerPhase::Unhealthy, ContainerPhase::Failed] {
+            let n = snapshot.iter().filter(|s| s.phase == phase as i32).count();
+            metrics::gauge!("clawdeploy_agent_containers", "phase" => phase.as_str_name()).set(n as f64);
+        }
+    }
+
+    fn spawn_removal(&self, container_id: String) {
+        if !self.removing.lock().unwrap().insert(container_id.clone()) {
+            return;
+        }
+        let (runtime, board, removing) = (self.runtime.clone(), self.board.clone(), self.removing.clone());
+        tokio::spawn(async move {
+            match runtime.remove(&container_id).await {
+                Ok(()) => {
+                    tracing::info!(container_id, "container and its volume removed");
+                    board.remove(&container_id);
+                }
+                Err(e) => {
+                    metrics::counter!("clawdeploy_agent_reconcile_errors_total", "step" => "remove").increment(1);
+                    tracing::warn!(container_id, error = %e, "removal failed; retrying on the next pass");
+                }
+            }
+            removing.lock().unwrap().remove(&container_id);
+        });
+    }
+}
+
+struct Worker<R> {
+    runtime: Arc<R>,
+    prober: Prober,
+    board: Arc<StatusBoard>,
+    generation: u64,
+}
+
+fn spec_of(d: &DesiredContainer, generation: u64) -> ContainerSpec {
+    let r = d.resources.unwrap_or_default();
+    ContainerSpec {
+        container_id: d.container_id.clone(),
+        image: d.image.clone(),
+        gateway_token: d.gateway_token.clone(),
+        cpu_millis: r.cpu_millis,
+        memory_bytes: r.memory_bytes,
+        pids: r.pids,
+        generation,
+    }
+}
+
+/// The hot-reloadable part of `openclaw.json` that assignment owns.
+pub fn tenant_config_json(t: &TenantConfig) -> Vec<u8> {
+    let providers: serde_json::Map<String, serde_json::Value> =
+        t.provider_keys.iter().map(|(name, key)| (name.clone(), json!({ "apiKey": key }))).collect();
+    let doc = json!({
+        "meta": {"managedBy": "clawdeploy", "instanceId": t.instance_id, "configVersion": t.config_version},
+        "models": {"providers": providers},
+        "agents": {"defaults": {"model": {"primary": t.default_model}}},
+    });
+    serde_json::to_vec_pretty(&doc).unwrap_or_default()
+}
+
+impl<R: ContainerRuntime> Worker<R> {
+    async fn run(self, mut rx: watch::Receiver<DesiredContainer>) {
+        let mut status = ContainerStatus { container_id: rx.borrow().container_id.clone(), ..Default::default() };
+        let mut applied_config = 0u64;
+        let mut failures = 0u32;
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let desired = rx.borrow_and_update().clone();
+            let id = desired.container_id.clone();
+            // 1. Exists and runs: adopt what is there, start what stopped,
+            //    create what is missing.
+            let observed = match self.runtime.inspect(&id).await {
+                Ok(Some(o)) if o.running => Ok(o),
+                Ok(Some(o)) => {
+                    tracing::info!(container_id = id, status = o.status, "starting stopped container");
+                    status.phase = ContainerPhase::Starting as i32;
+                    match self.runtime.start(&id).await {
+                        Ok(()) => self.runtime.inspect(&id).await.map(|o| o.unwrap_or_default()),
+                        Err(e) => Err(e),
+                    }
+                }
+                Ok(None) => {
+                    status.phase = ContainerPhase::Creating as i32;
+                    self.board.set(status.clone());
+                    self.runtime.create_and_start(&spec_of(&desired, self.generation)).await
+                }
+                Err(e) => Err(e),
+            };
+            let observed = match observed {
+                Ok(o) if o.ip.is_some() => o,
+                Ok(o) => {
+                    self.fail(&mut status, format!("container has no address ({})", o.status), &mut backoff).await;
+                    continue;
+                }
+                Err(e) => {
+                    metrics::counter!("clawdeploy_agent_reconcile_errors_total", "step" => "ensure").increment(1);
+                    self.fail(&mut status, e.to_string(), &mut backoff).await;
+                    continue;
+                }
+            };
+            status.docker_id = observed.docker_id.clone();
+            status.upstream = format!("{}:{GATEWAY_PORT}", observed.ip.unwrap_or_default());
+
+            // 2. Healthy: /healthz answers.
+            if status.phase != ContainerPhase::Healthy as i32 {
+                status.phase = ContainerPhase::Starting as i32;
+                self.board.set(status.clone());
+                if !self.wait_healthy(&status.upstream, Duration::from_secs(30)).await {
+                    self.fail(&mut status, "gateway did not answer /healthz".into(), &mut backoff).await;
+                    continue;
+                }
+                status.phase = ContainerPhase::Healthy as i32;
+                status.message.clear();
+                self.board.set(status.clone());
+                backoff = Duration::from_millis(200);
+            }
+
+            // 3. Tenant config: written atomically, then proven live with
+            //    the container's own token before it is reported.
+            if let Some(t) = desired.tenant.as_ref().filter(|t| t.config_version > applied_config) {
+                match self.apply_tenant(&id, &status.upstream, &desired.gateway_token, t).await {
+                    Ok(()) => {
+                        applied_config = t.config_version;
+                        status.config_version = applied_config;
+                        self.board.set(status.clone());
+                    }
+                    Err(e) => {
+                        metrics::counter!("clawdeploy_agent_reconcile_errors_total", "step" => "config").increment(1);
+                        tracing::warn!(container_id = id, error = %e, "tenant config not confirmed; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                        continue;
+                    }
+                }
+            }
+
+            // 4. Wait for a change, checking health meanwhile.
+            tokio::select! {
+                changed = rx.changed() => if changed.is_err() { return },
+                _ = tokio::time::sleep(CHECK_EVERY) => {
+                    if self.prober.healthy(&status.upstream).await {
+                        failures = 0;
+                        if status.phase != ContainerPhase::Healthy as i32 {
+                            status.phase = ContainerPhase::Healthy as i32;
+                            self.board.set(status.clone());
+                        }
+                    } else {
+                        failures += 1;
+                        if failures >= UNHEALTHY_AFTER {
+                            status.phase = ContainerPhase::Unhealthy as i32;
+                            status.message = format!("/healthz failed {failures} times");
+                            self.board.set(status.clone());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn fail(&self, status: &mut ContainerStatus, message: String, backoff: &mut Duration) {
+        tracing::warn!(container_id = status.container_id, message, "container not running");
+        status.phase = ContainerPhase::Failed as i32;
+        status.message = message;
+        self.board.set(status.clone());
+        tokio::time::sleep(*backoff).await;
+        *backoff = (*backoff * 2).min(Duration::from_secs(30));
+    }
+
+    async fn wait_healthy(&self, upstream: &str, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        while tokio::time::Instant::now() < deadline {
+            if self.prober.healthy(upstream).await {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
+    async fn apply_tenant(&self, id: &str, upstream: &str, token: &str, t: &TenantConfig) -> crate::error::Result<()> {
+        let started = std::time::Instant::now();
+        self.runtime.write_config(id, &tenant_config_json(t)).await?;
+        let want: std::collections::BTreeSet<String> = t.provider_keys.keys().cloned().collect();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.prober.live_providers(upstream, token).await {
+                Ok(live) if live == want => break,
+                Ok(_) | Err(_) if tokio::time::Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(5)).await,
+                Ok(live) => return Err(crate::error::Error::Probe(format!("gateway shows providers {live:?}, wanted {want:?}"))),
+                Err(e) => return Err(e),
+            }
+        }
+        metrics::histogram!("clawdeploy_agent_config_apply_seconds").record(started.elapsed().as_secs_f64());
+        tracing::info!(container_id = id, version = t.config_version, took_ms = started.elapsed().as_millis() as u64, "tenant config live");
+        Ok(())
+    }
+}

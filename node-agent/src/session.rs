@@ -1,0 +1,153 @@
+//! The agent's one session with the scheduler: dial over mTLS, say hello,
+//! then heartbeat (every interval and at once on any container change) while
+//! receiving full desired states. Reconnects with capped, jittered backoff;
+//! reconciling goes on from the ledger while disconnected.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use clawdeploy_proto::agent_session_client::AgentSessionClient;
+use clawdeploy_proto::{agent_message, scheduler_message, AgentMessage, DesiredState, Heartbeat, Hello, NodeCapacity, NodeUsage};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+use crate::error::{Error, Result};
+use crate::ledger::{Accepted, Ledger};
+use crate::reconcile::StatusBoard;
+
+#[derive(Clone, Debug)]
+pub struct SessionConfig {
+    pub node_id: String,
+    pub scheduler_url: String,
+    /// Name the scheduler's certificate must carry.
+    pub server_name: String,
+    pub ca_file: PathBuf,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub capacity: NodeCapacity,
+    pub private_address: String,
+    pub heartbeat_every: Duration,
+}
+
+pub struct Session {
+    pub cfg: SessionConfig,
+    pub ledger: Arc<Mutex<Ledger>>,
+    pub desired: watch::Sender<DesiredState>,
+    pub board: Arc<StatusBoard>,
+}
+
+fn jitter(max: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
+    max.mul_f64(f64::from(nanos % 1000) / 1000.0)
+}
+
+impl Session {
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let started = tokio::time::Instant::now();
+            tokio::select! {
+                r = self.once() => match r {
+                    Ok(()) => tracing::info!("scheduler closed the session"),
+                    Err(e) => tracing::warn!(error = %e, "scheduler session failed"),
+                },
+                _ = shutdown.changed() => return,
+            }
+            metrics::gauge!("clawdeploy_agent_connected").set(0.0);
+            if started.elapsed() > Duration::from_secs(30) {
+                backoff = Duration::from_millis(100);
+            }
+            let wait = backoff + jitter(backoff / 2);
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<Channel> {
+        // Read on every connect, so renewed certificates take effect.
+        let ca = tokio::fs::read(&self.cfg.ca_file).await?;
+        let cert = tokio::fs::read(&self.cfg.cert_file).await?;
+        let key = tokio::fs::read(&self.cfg.key_file).await?;
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(ca))
+            .identity(Identity::from_pem(cert, key))
+            .domain_name(self.cfg.server_name.clone());
+        let channel = Channel::from_shared(self.cfg.scheduler_url.clone())
+            .map_err(|e| Error::Tls(e.to_string()))?
+            .tls_config(tls)?
+            .connect_timeout(Duration::from_secs(3))
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .connect()
+            .await?;
+        Ok(channel)
+    }
+
+    fn heartbeat(&self) -> AgentMessage {
+        let containers = self.board.snapshot();
+        let applied_generation = self.ledger.lock().unwrap().current().generation;
+        let usage = NodeUsage { containers: containers.len() as u32, ..Default::default() };
+        AgentMessage { msg: Some(agent_message::Msg::Heartbeat(Heartbeat { applied_generation, containers, usage: Some(usage) })) }
+    }
+
+    async fn once(&self) -> Result<()> {
+        let channel = self.connect().await?;
+        let mut client = AgentSessionClient::new(channel);
+        let (tx, rx) = mpsc::channel(16);
+        let hello = Hello {
+            node_id: self.cfg.node_id.clone(),
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            capacity: Some(self.cfg.capacity),
+            applied_generation: self.ledger.lock().unwrap().current().generation,
+            private_address: self.cfg.private_address.clone(),
+        };
+        let _ = tx.send(AgentMessage { msg: Some(agent_message::Msg::Hello(hello)) }).await;
+        // The first heartbeat goes right after the hello so the scheduler
+        // learns what runs here at once.
+        let _ = tx.send(self.heartbeat()).await;
+        let mut inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
+        tracing::info!(scheduler = self.cfg.scheduler_url, "session open");
+        metrics::gauge!("clawdeploy_agent_connected").set(1.0);
+        let mut tick = tokio::time::interval(self.cfg.heartbeat_every);
+        loop {
+            tokio::select! {
+                msg = inbound.message() => {
+                    let Some(msg) = msg? else { return Ok(()) };
+                    if let Some(scheduler_message::Msg::Desired(state)) = msg.msg {
+                        self.accept(state)?;
+                    }
+                }
+                _ = self.board.changed.notified() => {
+                    if tx.send(self.heartbeat()).await.is_err() { return Ok(()) }
+                }
+                _ = tick.tick() => {
+                    metrics::counter!("clawdeploy_agent_heartbeats_total").increment(1);
+                    if tx.send(self.heartbeat()).await.is_err() { return Ok(()) }
+                }
+            }
+        }
+    }
+
+    fn accept(&self, state: DesiredState) -> Result<()> {
+        let generation = state.generation;
+        let accepted = self.ledger.lock().unwrap().accept(state.clone())?;
+        match accepted {
+            Accepted::Newer => {
+                tracing::debug!(generation, containers = state.containers.len(), "new desired state");
+                metrics::gauge!("clawdeploy_agent_desired_generation").set(generation as f64);
+                self.desired.send_replace(state);
+            }
+            Accepted::Same => {}
+            Accepted::Stale { have } => {
+                metrics::counter!("clawdeploy_agent_stale_generations_total").increment(1);
+                tracing::warn!(generation, have, "ignoring stale desired state");
+            }
+        }
+        Ok(())
+    }
+}

@@ -6,8 +6,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use sqlx::pool::PoolConnection;
-use sqlx::{Postgres, Transaction};
+use sqlx::{Connection, PgConnection, Postgres, Transaction};
 use tokio::sync::watch;
 use uuid::Uuid;
 
@@ -25,7 +24,9 @@ pub const POOL_MEMORY_BYTES: i64 = 512 * 1024 * 1024;
 pub const POOL_PIDS: i32 = 256;
 
 pub async fn run(app: AppRef, mut shutdown: watch::Receiver<bool>) {
-    let mut lock: Option<PoolConnection<Postgres>> = None;
+    // The lock lives as long as this dedicated connection (taken out of the
+    // pool so it is never shared); losing the connection loses the lock.
+    let mut lock: Option<PgConnection> = None;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -34,28 +35,31 @@ pub async fn run(app: AppRef, mut shutdown: watch::Receiver<bool>) {
             _ = tick.tick() => {}
             _ = shutdown.changed() => break,
         }
-        if lock.is_none() {
-            lock = try_lock(&app).await;
+        match lock.as_mut() {
+            None => lock = try_lock(&app).await,
+            Some(conn) => {
+                if conn.ping().await.is_err() {
+                    tracing::warn!("lost the pool manager lock's connection");
+                    metrics::gauge!("clawdeploy_pool_manager_leader").set(0.0);
+                    lock = None;
+                }
+            }
         }
         if lock.is_none() {
             continue;
         }
         if let Err(e) = reconcile(&app).await {
             tracing::warn!(error = %e, "pool reconcile failed");
-            if matches!(e, Error::Database(_)) {
-                // The lock's connection may be gone with the database.
-                lock = None;
-            }
         }
     }
-    if let Some(mut conn) = lock {
-        let _ = sqlx::query("SELECT pg_advisory_unlock($1)").bind(POOL_LOCK_KEY).execute(&mut *conn).await;
+    if let Some(conn) = lock {
+        let _ = conn.close().await;
     }
 }
 
-async fn try_lock(app: &App) -> Option<PoolConnection<Postgres>> {
-    let mut conn = app.db.acquire().await.ok()?;
-    let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)").bind(POOL_LOCK_KEY).fetch_one(&mut *conn).await.ok()?;
+async fn try_lock(app: &App) -> Option<PgConnection> {
+    let mut conn = app.db.acquire().await.ok()?.detach();
+    let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)").bind(POOL_LOCK_KEY).fetch_one(&mut conn).await.ok()?;
     if got {
         tracing::info!("this scheduler now runs the pool manager");
         metrics::gauge!("clawdeploy_pool_manager_leader").set(1.0);
@@ -75,12 +79,15 @@ struct NodeLoad {
 
 async fn schedulable_nodes(app: &App, tx: &mut Transaction<'_, Postgres>) -> Result<Vec<NodeLoad>> {
     let rows: Vec<(String, i32, i64, i64)> = sqlx::query_as(
-        "SELECT n.id, n.max_containers,
-                count(c.id) FILTER (WHERE c.state IN ('creating', 'warming', 'idle')),
-                count(c.id) FILTER (WHERE c.state IN ('creating', 'warming', 'idle', 'assigning', 'assigned', 'suspended', 'destroying'))
-           FROM nodes n LEFT JOIN containers c ON c.node_id = n.id
+        // Locking the node rows serialises placement between the pool
+        // manager and on-demand claims.
+        "SELECT n.id, n.max_containers, c.pool, c.total
+           FROM nodes n
+           CROSS JOIN LATERAL (
+                SELECT count(*) FILTER (WHERE state IN ('creating', 'warming', 'idle')) AS pool,
+                       count(*) FILTER (WHERE state IN ('creating', 'warming', 'idle', 'assigning', 'assigned', 'suspended', 'destroying')) AS total
+                  FROM containers WHERE node_id = n.id) c
           WHERE n.state = 'active' AND n.last_heartbeat > now() - make_interval(secs => $1)
-          GROUP BY n.id
           ORDER BY n.id
           FOR UPDATE OF n",
     )
@@ -174,6 +181,11 @@ async fn reconcile(app: &AppRef) -> Result<()> {
         touched.insert(node_id);
         created += 1;
     }
+    if created == 0 {
+        if let Some(node) = rebalance(app, &mut tx, &mut nodes, warm, idle, target).await? {
+            touched.insert(node);
+        }
+    }
     for node in &touched {
         sqlx::query("UPDATE nodes SET generation = generation + 1 WHERE id = $1").bind(node).execute(&mut *tx).await?;
     }
@@ -185,6 +197,66 @@ async fn reconcile(app: &AppRef) -> Result<()> {
         desired::push(app, &node).await?;
     }
     Ok(())
+}
+
+/// What one rebalancing step should do, if anything.
+#[derive(Debug, PartialEq, Eq)]
+enum Step {
+    /// Create one more container on this node (a brief overshoot by one).
+    Grow(usize),
+    /// Retire one idle container from this node.
+    Retire(usize),
+}
+
+/// Spreads the warm pool: when one node holds at least two more pool
+/// containers than another, first add one on the emptier node, then (once
+/// the pool is over target with idle to spare) retire one from the fuller
+/// node. Also trims a pool above `max_idle`. One step per pass, so the idle
+/// count never dips below the target while it converges.
+fn rebalance_step(nodes: &[NodeLoad], warm: i64, idle: i64, target: i64, max_idle: i64) -> Option<Step> {
+    let fullest = (0..nodes.len()).max_by_key(|&i| (nodes[i].pool, std::cmp::Reverse(i)))?;
+    if warm > max_idle && idle > target {
+        return Some(Step::Retire(fullest));
+    }
+    let emptiest = (0..nodes.len()).filter(|&i| nodes[i].total < nodes[i].max).min_by_key(|&i| (nodes[i].pool, nodes[i].total))?;
+    if nodes[fullest].pool - nodes[emptiest].pool < 2 {
+        return None;
+    }
+    if warm <= target && warm < max_idle {
+        Some(Step::Grow(emptiest))
+    } else if warm > target && idle > target {
+        Some(Step::Retire(fullest))
+    } else {
+        None
+    }
+}
+
+async fn rebalance(app: &App, tx: &mut Transaction<'_, Postgres>, nodes: &mut [NodeLoad], warm: i64, idle: i64, target: i64) -> Result<Option<String>> {
+    match rebalance_step(nodes, warm, idle, target, i64::from(app.cfg.max_idle)) {
+        Some(Step::Grow(i)) => {
+            let node_id = nodes[i].id.clone();
+            insert_container(app, tx, &node_id, "creating").await?;
+            tracing::info!(node_id, "rebalancing the pool: one more container here");
+            Ok(Some(node_id))
+        }
+        Some(Step::Retire(i)) => {
+            let node_id = nodes[i].id.clone();
+            let retired: Option<Uuid> = sqlx::query_scalar(
+                "UPDATE containers SET state = 'destroying', message = 'retired by pool rebalancing', updated_at = now()
+                  WHERE id = (SELECT id FROM containers WHERE node_id = $1 AND state = 'idle'
+                               ORDER BY created_at DESC LIMIT 1 FOR UPDATE SKIP LOCKED)
+                  RETURNING id",
+            )
+            .bind(&node_id)
+            .fetch_optional(&mut **tx)
+            .await?;
+            if let Some(id) = retired {
+                tracing::info!(node_id, container_id = %id, "rebalancing the pool: retired an idle container");
+            }
+            Ok(retired.map(|_| node_id))
+        }
+        None => Ok(None),
+    }
 }
 
 #[cfg(test)]
@@ -204,5 +276,26 @@ mod tests {
             placed.push(n.id.clone());
         }
         assert_eq!(placed, ["a", "b", "a", "b", "a", "b"]);
+    }
+
+    #[test]
+    fn rebalancing_converges_without_dropping_idle_below_target() {
+        // Node a filled the pool alone before b connected.
+        let mut nodes = vec![
+            NodeLoad { id: "a".into(), max: 20, pool: 5, total: 5 },
+            NodeLoad { id: "b".into(), max: 20, pool: 0, total: 0 },
+        ];
+        let mut steps = 0;
+        while let Some(step) = rebalance_step(&nodes, nodes.iter().map(|n| n.pool).sum(), nodes.iter().map(|n| n.pool).sum(), 5, 20) {
+            match step {
+                Step::Grow(i) => nodes[i].pool += 1,
+                Step::Retire(i) => nodes[i].pool -= 1,
+            }
+            let total: i64 = nodes.iter().map(|n| n.pool).sum();
+            assert!(total >= 5, "idle dipped below target");
+            steps += 1;
+            assert!(steps < 20);
+        }
+        assert_eq!((nodes[0].pool, nodes[1].pool), (3, 2));
     }
 }

@@ -1,0 +1,79 @@
+# Shared shell helpers for scripts/run-local and scripts/test.
+# Everything project-local lives under .local/ (git-ignored).
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+LOCAL="$ROOT/.local"
+PG_PORT=${CLAWDEPLOY_PG_PORT:-54329}
+PG_DIR="$LOCAL/pg"
+STANDIN_IMAGE=${CLAWDEPLOY_IMAGE:-clawdeploy/openclaw-standin:dev}
+
+log() { printf '\033[1;34m==>\033[0m %s\n' "$*" >&2; }
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+pg_bin() {
+  local d
+  for d in /usr/lib/postgresql/*/bin; do [ -x "$d/initdb" ] && { echo "$d"; return; }; done
+  return 1
+}
+
+# Installs what the build and the local cluster need, only when missing.
+ensure_tools() {
+  local missing=()
+  command -v protoc >/dev/null || missing+=(protobuf-compiler)
+  pg_bin >/dev/null || missing+=(postgresql)
+  command -v psql >/dev/null || missing+=(postgresql-client)
+  command -v curl >/dev/null || missing+=(curl)
+  if [ ${#missing[@]} -gt 0 ]; then
+    log "installing ${missing[*]}"
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+  command -v docker >/dev/null || { echo "docker is required (the engine must be running)" >&2; exit 1; }
+  docker info >/dev/null 2>&1 || { echo "the Docker engine is not reachable" >&2; exit 1; }
+}
+
+# PostgreSQL runs from the system's binaries as the unprivileged `postgres`
+# user, in a cluster under .local/pg, on 127.0.0.1:$PG_PORT. Tuned for
+# development and tests (no fsync): not a production configuration.
+ensure_postgres() {
+  local bin; bin=$(pg_bin)
+  local run_as=()
+  if [ "$(id -u)" = 0 ]; then run_as=(runuser -u postgres --); fi
+  mkdir -p "$PG_DIR"
+  if [ "$(id -u)" = 0 ]; then chown postgres: "$PG_DIR"; fi
+  if [ ! -f "$PG_DIR/data/PG_VERSION" ]; then
+    log "initdb $PG_DIR/data"
+    "${run_as[@]}" "$bin/initdb" -D "$PG_DIR/data" -U postgres --auth=trust -E UTF8 >/dev/null
+  fi
+  if ! "${run_as[@]}" "$bin/pg_ctl" -D "$PG_DIR/data" status >/dev/null 2>&1; then
+    mkdir -p "$PG_DIR/run"; [ "$(id -u)" = 0 ] && chown postgres: "$PG_DIR/run"
+    log "starting PostgreSQL on 127.0.0.1:$PG_PORT"
+    "${run_as[@]}" "$bin/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/postgres.log" -w start \
+      -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -k $PG_DIR/run -c max_connections=600 -c shared_buffers=256MB -c fsync=off -c synchronous_commit=off -c full_page_writes=off" >/dev/null
+  fi
+  export PGHOST=127.0.0.1 PGPORT=$PG_PORT PGUSER=postgres
+}
+
+# Builds the OpenClaw stand-in statically and wraps it in a FROM scratch image.
+build_standin_image() {
+  log "building the OpenClaw stand-in image $STANDIN_IMAGE"
+  (cd "$ROOT" && RUSTFLAGS='-C target-feature=+crt-static' cargo build -q --release -p openclaw-standin --target x86_64-unknown-linux-gnu)
+  local ctx="$LOCAL/standin-image"
+  rm -rf "$ctx"; mkdir -p "$ctx/rootfs/home/node/.openclaw"
+  cp "$ROOT/target/x86_64-unknown-linux-gnu/release/openclaw-standin" "$ctx/"
+  cp "$ROOT/tests/standin/Dockerfile" "$ctx/"
+  docker build -q -t "$STANDIN_IMAGE" "$ctx" >/dev/null
+}
+
+# Removes every container, volume and network an agent with this node id made.
+docker_cleanup_node() {
+  local node=$1
+  local ids; ids=$(docker ps -aq --filter "label=clawdeploy.node=$node")
+  [ -n "$ids" ] && docker rm -f $ids >/dev/null 2>&1
+  local vols; vols=$(docker volume ls -q --filter "label=clawdeploy.node=$node")
+  [ -n "$vols" ] && docker volume rm -f $vols >/dev/null 2>&1
+  local nets; nets=$(docker network ls -q --filter "label=clawdeploy.node=$node")
+  [ -n "$nets" ] && docker network rm $nets >/dev/null 2>&1
+  return 0
+}

@@ -1,1 +1,425 @@
-//! placeholder
+//! End-to-end harness: a whole ClawDeploy system as separate processes (the
+//! scheduler, node agents and the edge) against a fresh PostgreSQL database
+//! and the real Docker engine. Used by the tests in `tests/` and by the
+//! benchmark binary.
+//!
+//! Needs what `scripts/test` sets up: the binaries built, the stand-in image,
+//! and `CLAWDEPLOY_TEST_PG` pointing at a local PostgreSQL server.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use futures::{SinkExt, StreamExt};
+use serde_json::Value;
+use sqlx::PgPool;
+
+pub const BASE_DOMAIN: &str = "clawdeploy.localhost";
+
+/// Where the workspace's binaries are (next to this test's `deps/`).
+pub fn bin_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("CLAWDEPLOY_BIN_DIR") {
+        return d.into();
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().expect("exe dir");
+    if dir.ends_with("deps") {
+        dir.parent().expect("target dir").to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("workspace root")
+}
+
+fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port")
+}
+
+fn short_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..8].to_owned()
+}
+
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    pub nodes: usize,
+    pub min_idle: u32,
+    pub max_idle: u32,
+    pub max_containers: u32,
+    pub claim_wait_secs: u64,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        Self { nodes: 2, min_idle: 5, max_idle: 20, max_containers: 20, claim_wait_secs: 20 }
+    }
+}
+
+pub struct Cluster {
+    pub name: String,
+    pub dir: PathBuf,
+    pub opts: ClusterOptions,
+    pub db_url: String,
+    admin_db_url: String,
+    db_name: String,
+    pub db: PgPool,
+    pub http: SocketAddr,
+    pub grpc: SocketAddr,
+    pub edge: SocketAddr,
+    pub edge_admin: SocketAddr,
+    pub node_ids: Vec<String>,
+    agent_metrics: Vec<SocketAddr>,
+    scheduler: Option<Child>,
+    agents: Vec<Option<Child>>,
+    edge_proc: Option<Child>,
+    pub client: reqwest::Client,
+}
+
+impl Cluster {
+    /// Starts PostgreSQL database, scheduler, agents and edge; returns once
+    /// every agent has said hello.
+    pub async fn start(opts: ClusterOptions) -> Result<Self> {
+        let admin_db_url = std::env::var("CLAWDEPLOY_TEST_PG")
+            .context("CLAWDEPLOY_TEST_PG is not set: run the suite with scripts/test")?;
+        let name = format!("t{}", short_id());
+        let dir = workspace_root().join(".local/e2e").join(&name);
+        std::fs::create_dir_all(dir.join("logs"))?;
+        let db_name = format!("cd_{name}");
+        let admin = PgPool::connect(&admin_db_url).await.context("connecting to the test PostgreSQL")?;
+        sqlx::query(&format!("CREATE DATABASE {db_name}")).execute(&admin).await?;
+        admin.close().await;
+        let db_url = match admin_db_url.rsplit_once('/') {
+            Some((base, _)) => format!("{base}/{db_name}"),
+            None => bail!("CLAWDEPLOY_TEST_PG must end with /<database>"),
+        };
+        let db = sqlx::postgres::PgPoolOptions::new().max_connections(4).connect(&db_url).await?;
+        let node_ids: Vec<String> = (0..opts.nodes).map(|i| format!("{name}-{}", (b'a' + i as u8) as char)).collect();
+        let mut c = Cluster {
+            agent_metrics: node_ids.iter().map(|_| free_addr()).collect(),
+            agents: node_ids.iter().map(|_| None).collect(),
+            name,
+            dir,
+            opts,
+            db_url,
+            admin_db_url,
+            db_name,
+            db,
+            http: free_addr(),
+            grpc: free_addr(),
+            edge: free_addr(),
+            edge_admin: free_addr(),
+            node_ids,
+            scheduler: None,
+            edge_proc: None,
+            client: reqwest::Client::builder().timeout(Duration::from_secs(60)).pool_max_idle_per_host(256).build()?,
+        };
+        c.issue_certs()?;
+        c.start_scheduler()?;
+        c.wait_http_up().await?;
+        for i in 0..c.node_ids.len() {
+            c.start_agent(i)?;
+        }
+        c.start_edge()?;
+        c.wait_nodes_connected(Duration::from_secs(60)).await?;
+        Ok(c)
+    }
+
+    fn scheduler_bin(&self) -> PathBuf {
+        bin_dir().join("clawdeploy-scheduler")
+    }
+
+    fn issue_certs(&self) -> Result<()> {
+        let data = self.dir.join("scheduler");
+        let tls = self.dir.join("tls");
+        let mut ids: Vec<(&str, String)> = self.node_ids.iter().map(|n| ("node", n.clone())).collect();
+        ids.push(("edge", "edge-1".into()));
+        for (kind, id) in ids {
+            let st = Command::new(self.scheduler_bin())
+                .args(["pki", "issue", "--kind", kind, "--id", &id])
+                .arg("--data-dir")
+                .arg(&data)
+                .arg("--out")
+                .arg(&tls)
+                .stdout(Stdio::null())
+                .status()?;
+            anyhow::ensure!(st.success(), "issuing a certificate for {id} failed");
+        }
+        Ok(())
+    }
+
+    fn log_file(&self, name: &str) -> Result<Stdio> {
+        let f = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("logs").join(format!("{name}.log")))?;
+        Ok(Stdio::from(f))
+    }
+
+    pub fn start_scheduler(&mut self) -> Result<()> {
+        let child = Command::new(self.scheduler_bin())
+            .arg("serve")
+            .args(["--http-listen", &self.http.to_string(), "--grpc-listen", &self.grpc.to_string()])
+            .args(["--database-url", &self.db_url, "--db-max-connections", "40"])
+            .arg("--data-dir")
+            .arg(self.dir.join("scheduler"))
+            .args(["--public-scheme", "http", "--public-port", &self.edge.port().to_string()])
+            .args(["--min-idle", &self.opts.min_idle.to_string(), "--max-idle", &self.opts.max_idle.to_string()])
+            .args(["--claim-wait-secs", &self.opts.claim_wait_secs.to_string()])
+            .env("RUST_LOG", "info,sqlx=warn")
+            .stdout(self.log_file("scheduler")?)
+            .stderr(self.log_file("scheduler")?)
+            .spawn()
+            .context("starting the scheduler")?;
+        self.scheduler = Some(child);
+        Ok(())
+    }
+
+    pub fn start_agent(&mut self, i: usize) -> Result<()> {
+        let node = self.node_ids[i].clone();
+        let child = Command::new(bin_dir().join("clawdeploy-agent"))
+            .args(["--node-id", &node, "--scheduler-url", &format!("https://{}", self.grpc), "--scheduler-name", "localhost"])
+            .arg("--tls-dir")
+            .arg(self.dir.join("tls"))
+            .arg("--state-dir")
+            .arg(self.dir.join(&node))
+            .args(["--metrics-listen", &self.agent_metrics[i].to_string()])
+            .args(["--max-containers", &self.opts.max_containers.to_string()])
+            .env("RUST_LOG", "info")
+            .stdout(self.log_file(&node)?)
+            .stderr(self.log_file(&node)?)
+            .spawn()
+            .context("starting an agent")?;
+        self.agents[i] = Some(child);
+        Ok(())
+    }
+
+    pub fn start_edge(&mut self) -> Result<()> {
+        let child = Command::new(bin_dir().join("clawdeploy-edge"))
+            .args(["--edge-id", "edge-1", "--listen", &self.edge.to_string(), "--admin-listen", &self.edge_admin.to_string()])
+            .args(["--scheduler-url", &format!("https://{}", self.grpc), "--scheduler-name", "localhost"])
+            .arg("--tls-dir")
+            .arg(self.dir.join("tls"))
+            .arg("--route-cache")
+            .arg(self.dir.join("edge-routes.json"))
+            .env("RUST_LOG", "info")
+            .stdout(self.log_file("edge")?)
+            .stderr(self.log_file("edge")?)
+            .spawn()
+            .context("starting the edge")?;
+        self.edge_proc = Some(child);
+        Ok(())
+    }
+
+    /// SIGKILL: the process gets no chance to clean up.
+    pub fn kill_scheduler(&mut self) {
+        if let Some(mut c) = self.scheduler.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn pids(&self) -> Vec<(String, u32)> {
+        let mut v = Vec::new();
+        if let Some(c) = &self.scheduler {
+            v.push(("scheduler".into(), c.id()));
+        }
+        for (i, a) in self.agents.iter().enumerate() {
+            if let Some(c) = a {
+                v.push((self.node_ids[i].clone(), c.id()));
+            }
+        }
+        if let Some(c) = &self.edge_proc {
+            v.push(("edge".into(), c.id()));
+        }
+        v
+    }
+
+    pub fn api(&self, path: &str) -> String {
+        format!("http://{}{path}", self.http)
+    }
+
+    pub async fn wait_http_up(&self) -> Result<()> {
+        wait_for(Duration::from_secs(60), "scheduler HTTP up", || async {
+            Ok(self.client.get(self.api("/healthz")).send().await.map(|r| r.status().is_success()).unwrap_or(false))
+        })
+        .await
+    }
+
+    /// Every node has a fresh heartbeat.
+    pub async fn wait_nodes_connected(&self, within: Duration) -> Result<()> {
+        let n = self.node_ids.len() as i64;
+        wait_for(within, "all agents connected", || async {
+            let live: i64 = sqlx::query_scalar("SELECT count(*) FROM nodes WHERE state = 'active' AND last_heartbeat > now() - interval '5 seconds'")
+                .fetch_one(&self.db)
+                .await
+                .unwrap_or(0);
+            Ok(live >= n)
+        })
+        .await
+    }
+
+    pub async fn idle_by_node(&self) -> Result<HashMap<String, i64>> {
+        let rows: Vec<(String, i64)> = sqlx::query_as("SELECT node_id, count(*) FROM containers WHERE state = 'idle' GROUP BY node_id")
+            .fetch_all(&self.db)
+            .await?;
+        Ok(rows.into_iter().collect())
+    }
+
+    pub async fn count(&self, sql: &str) -> Result<i64> {
+        Ok(sqlx::query_scalar(sql).fetch_one(&self.db).await?)
+    }
+
+    /// Waits until exactly `n` containers are idle; with `spread`, on every node.
+    pub async fn wait_idle(&self, n: i64, spread: bool, within: Duration) -> Result<HashMap<String, i64>> {
+        wait_for(within, &format!("{n} idle containers{}", if spread { " on every node" } else { "" }), || async {
+            let by_node = self.idle_by_node().await?;
+            let total: i64 = by_node.values().sum();
+            let all_nodes = self.node_ids.iter().all(|id| by_node.get(id).copied().unwrap_or(0) > 0);
+            Ok(total == n && (!spread || all_nodes))
+        })
+        .await?;
+        self.idle_by_node().await
+    }
+
+    pub async fn register(&self, email: &str) -> Result<String> {
+        let r = self
+            .client
+            .post(self.api("/api/auth/register"))
+            .json(&serde_json::json!({"email": email, "password": "correct-horse-battery"}))
+            .send()
+            .await?;
+        let status = r.status();
+        let body: Value = r.json().await?;
+        anyhow::ensure!(status == 201, "register answered {status}: {body}");
+        Ok(body["token"].as_str().context("token")?.to_owned())
+    }
+
+    pub async fn create_instance(&self, token: &str, body: &Value) -> Result<(u16, Value)> {
+        let r = self.client.post(self.api("/api/instances")).bearer_auth(token).json(body).send().await?;
+        let status = r.status().as_u16();
+        Ok((status, r.json().await?))
+    }
+
+    /// GET through the edge with a Host header.
+    pub async fn edge_get(&self, host: &str, path: &str, token: Option<&str>) -> Result<(u16, String)> {
+        let mut req = self.client.get(format!("http://{}{path}", self.edge)).header("host", host);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let r = req.send().await?;
+        let status = r.status().as_u16();
+        Ok((status, r.text().await?))
+    }
+
+    /// Opens a WebSocket through the edge, authenticates with `token` and
+    /// returns what the gateway echoes for `message`.
+    pub async fn ws_echo(&self, host: &str, token: &str, message: &str) -> Result<String> {
+        use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
+        let stream = tokio::net::TcpStream::connect(self.edge).await?;
+        let mut req = format!("ws://{}/ws", self.edge).into_client_request()?;
+        req.headers_mut().insert("host", host.parse()?);
+        let (mut ws, resp) = tokio_tungstenite::client_async(req, stream).await?;
+        anyhow::ensure!(resp.status() == 101, "upgrade answered {}", resp.status());
+        ws.send(Message::text(token)).await?;
+        let hello = ws.next().await.context("no hello")??;
+        anyhow::ensure!(hello.to_text()?.contains("\"ok\":true"), "gateway refused the token: {hello}");
+        ws.send(Message::text(message)).await?;
+        let echo = ws.next().await.context("no echo")??;
+        let _ = ws.close(None).await;
+        Ok(echo.to_text()?.to_owned())
+    }
+
+    /// Docker ids of the running containers of this cluster's nodes.
+    pub fn docker_running(&self) -> Vec<String> {
+        self.node_ids
+            .iter()
+            .flat_map(|node| {
+                let out = Command::new("docker").args(["ps", "-q", "--no-trunc", "--filter", &format!("label=clawdeploy.node={node}")]).output();
+                out.map(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().map(str::to_owned).collect::<Vec<_>>()).unwrap_or_default()
+            })
+            .collect()
+    }
+
+    pub fn docker_inspect(&self, docker_id: &str) -> Result<Value> {
+        let out = Command::new("docker").args(["inspect", docker_id]).output()?;
+        anyhow::ensure!(out.status.success(), "docker inspect failed: {}", String::from_utf8_lossy(&out.stderr));
+        let v: Value = serde_json::from_slice(&out.stdout)?;
+        Ok(v[0].clone())
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let mut children: Vec<Child> = self.scheduler.take().into_iter().chain(self.edge_proc.take()).collect();
+        children.extend(self.agents.iter_mut().filter_map(Option::take));
+        for c in &mut children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for node in &self.node_ids {
+            docker_cleanup_node(node);
+        }
+        let _ = Command::new("psql")
+            .arg(&self.admin_db_url)
+            .args(["-q", "-c", &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.db_name)])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!("cluster {} failed; logs kept in {}", self.name, self.dir.join("logs").display());
+        }
+    }
+}
+
+/// Removes the containers, volumes and networks an agent with this node id made.
+pub fn docker_cleanup_node(node: &str) {
+    let filter = format!("label=clawdeploy.node={node}");
+    let list = |args: &[&str]| -> Vec<String> {
+        Command::new("docker")
+            .args(args)
+            .args(["--filter", &filter])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().map(str::to_owned).collect())
+            .unwrap_or_default()
+    };
+    let containers = list(&["ps", "-aq"]);
+    if !containers.is_empty() {
+        let _ = Command::new("docker").args(["rm", "-f"]).args(&containers).stdout(Stdio::null()).stderr(Stdio::null()).status();
+    }
+    let volumes = list(&["volume", "ls", "-q"]);
+    if !volumes.is_empty() {
+        let _ = Command::new("docker").args(["volume", "rm", "-f"]).args(&volumes).stdout(Stdio::null()).stderr(Stdio::null()).status();
+    }
+    let networks = list(&["network", "ls", "-q"]);
+    if !networks.is_empty() {
+        let _ = Command::new("docker").args(["network", "rm"]).args(&networks).stdout(Stdio::null()).stderr(Stdio::null()).status();
+    }
+}
+
+/// Polls `check` every 50 ms until it returns true or `within` passes.
+pub async fn wait_for<F, Fut>(within: Duration, what: &str, mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if check().await.unwrap_or(false) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {within:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Resident memory of a process, from /proc.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()
+}

@@ -24,24 +24,37 @@ pub struct EdgeConfig {
 
 /// Runs the edge on `listener` (public) and `admin` (metrics, health) until
 /// `shutdown` resolves.
-pub async fn serve(cfg: EdgeConfig, listener: TcpListener, admin: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+pub async fn serve(
+    cfg: EdgeConfig,
+    listener: TcpListener,
+    admin: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let handle = PrometheusBuilder::new()
-        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0])?
+        .set_buckets_for_metric(
+            Matcher::Suffix("_seconds".into()),
+            &[
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+            ],
+        )?
         .install_recorder()?;
     let table = Arc::new(routes::RouteTable::load(cfg.cache_file));
     let watcher = tokio::spawn(watch::run(cfg.watch, table.clone()));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let status_table = table.clone();
-    let admin_app = axum::Router::new()
-        .route("/metrics", get(move || std::future::ready(handle.render())))
-        .route("/healthz", get(|| async { "ok" }))
-        .route(
-            "/routes",
-            get(move || {
-                let t = status_table.clone();
-                async move { axum::Json(serde_json::json!({"routes": t.len(), "version": t.version()})) }
-            }),
-        );
+    let admin_app =
+        axum::Router::new()
+            .route("/metrics", get(move || std::future::ready(handle.render())))
+            .route("/healthz", get(|| async { "ok" }))
+            .route(
+                "/routes",
+                get(move || {
+                    let t = status_table.clone();
+                    async move {
+                        axum::Json(serde_json::json!({"routes": t.len(), "version": t.version()}))
+                    }
+                }),
+            );
     let mut admin_stop = stop_rx.clone();
     let admin_task = tokio::spawn(async move {
         axum::serve(admin, admin_app)
@@ -50,7 +63,11 @@ pub async fn serve(cfg: EdgeConfig, listener: TcpListener, admin: TcpListener, s
             })
             .await
     });
-    let proxy_task = tokio::spawn(proxy::serve(Arc::new(proxy::Proxy::new(table)), listener, stop_rx));
+    let proxy_task = tokio::spawn(proxy::serve(
+        Arc::new(proxy::Proxy::new(table)),
+        listener,
+        stop_rx,
+    ));
     shutdown.await;
     let _ = stop_tx.send(true);
     watcher.abort();

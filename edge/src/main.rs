@@ -15,9 +15,17 @@ struct Args {
     edge_id: String,
     #[arg(long, env = "CLAWDEPLOY_EDGE_LISTEN", default_value = "127.0.0.1:8000")]
     listen: SocketAddr,
-    #[arg(long, env = "CLAWDEPLOY_EDGE_ADMIN_LISTEN", default_value = "127.0.0.1:9102")]
+    #[arg(
+        long,
+        env = "CLAWDEPLOY_EDGE_ADMIN_LISTEN",
+        default_value = "127.0.0.1:9102"
+    )]
     admin_listen: SocketAddr,
-    #[arg(long, env = "CLAWDEPLOY_SCHEDULER_URL", default_value = "https://127.0.0.1:7443")]
+    #[arg(
+        long,
+        env = "CLAWDEPLOY_SCHEDULER_URL",
+        default_value = "https://127.0.0.1:7443"
+    )]
     scheduler_url: String,
     #[arg(long, env = "CLAWDEPLOY_SCHEDULER_NAME", default_value = "localhost")]
     scheduler_name: String,
@@ -32,11 +40,17 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .init();
     let a = Args::parse();
-    let listener = tokio::net::TcpListener::bind(a.listen).await.with_context(|| format!("binding {}", a.listen))?;
-    let admin = tokio::net::TcpListener::bind(a.admin_listen).await.with_context(|| format!("binding {}", a.admin_listen))?;
+    let listener = tokio::net::TcpListener::bind(a.listen)
+        .await
+        .with_context(|| format!("binding {}", a.listen))?;
+    let admin = tokio::net::TcpListener::bind(a.admin_listen)
+        .await
+        .with_context(|| format!("binding {}", a.admin_listen))?;
     tracing::info!(listen = %listener.local_addr()?, admin = %admin.local_addr()?, "edge listening");
     let cfg = EdgeConfig {
         watch: WatchConfig {
@@ -49,7 +63,8 @@ async fn main() -> anyhow::Result<()> {
         cache_file: a.route_cache,
     };
     serve(cfg, listener, admin, async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}

@@ -27,8 +27,17 @@ pub struct Proxy {
 }
 
 /// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1).
-const HOP_BY_HOP: &[&str] =
-    &["connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "proxy-authenticate", "proxy-authorization"];
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authenticate",
+    "proxy-authorization",
+];
 
 impl Proxy {
     pub fn new(routes: Arc<RouteTable>) -> Self {
@@ -45,19 +54,33 @@ impl Proxy {
 }
 
 fn full(status: StatusCode, body: &'static str) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())).map_err(|never| match never {}).boxed());
+    let mut r = Response::new(
+        Full::new(Bytes::from_static(body.as_bytes()))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
     *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     r
 }
 
 fn not_found() -> Response<Body> {
-    full(StatusCode::NOT_FOUND, r#"{"error":{"code":"unknown_host","message":"no ClawDeploy instance lives at this address"}}"#)
+    full(
+        StatusCode::NOT_FOUND,
+        r#"{"error":{"code":"unknown_host","message":"no ClawDeploy instance lives at this address"}}"#,
+    )
 }
 
 fn bad_gateway() -> Response<Body> {
-    full(StatusCode::BAD_GATEWAY, r#"{"error":{"code":"upstream_unavailable","message":"the instance did not answer"}}"#)
+    full(
+        StatusCode::BAD_GATEWAY,
+        r#"{"error":{"code":"upstream_unavailable","message":"the instance did not answer"}}"#,
+    )
 }
 
 fn is_upgrade(headers: &HeaderMap) -> bool {
@@ -65,7 +88,10 @@ fn is_upgrade(headers: &HeaderMap) -> bool {
         && headers
             .get(header::CONNECTION)
             .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+            .is_some_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
 }
 
 /// Drops hop-by-hop headers, including any named by `Connection`.
@@ -87,7 +113,13 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// The edge, not the client, says who the client is.
 fn set_forwarded(headers: &mut HeaderMap, client: SocketAddr, host: &str, proto: &'static str) {
-    for h in ["x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-real-ip", "forwarded"] {
+    for h in [
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "x-forwarded-proto",
+        "x-real-ip",
+        "forwarded",
+    ] {
         headers.remove(h);
     }
     if let Ok(v) = HeaderValue::from_str(&client.ip().to_string()) {
@@ -111,7 +143,11 @@ fn status_class(s: StatusCode) -> &'static str {
 }
 
 impl Proxy {
-    pub async fn handle(self: Arc<Self>, mut req: Request<Incoming>, client: SocketAddr) -> Result<Response<Body>, Infallible> {
+    pub async fn handle(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+        client: SocketAddr,
+    ) -> Result<Response<Body>, Infallible> {
         let raw_host = req
             .headers()
             .get(header::HOST)
@@ -124,7 +160,11 @@ impl Proxy {
             return Ok(not_found());
         };
         let upgrade = is_upgrade(req.headers());
-        let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let path = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
         let Ok(uri) = format!("http://{}{path}", target.upstream).parse() else {
             return Ok(bad_gateway());
         };
@@ -134,7 +174,8 @@ impl Proxy {
         let upgrade_proto = req.headers().get(header::UPGRADE).cloned();
         strip_hop_by_hop(req.headers_mut());
         if let Some(proto) = upgrade_proto.filter(|_| upgrade) {
-            req.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            req.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             req.headers_mut().insert(header::UPGRADE, proto);
         }
         set_forwarded(req.headers_mut(), client, &host, "http");
@@ -148,7 +189,8 @@ impl Proxy {
                 return Ok(bad_gateway());
             }
         };
-        metrics::histogram!("clawdeploy_edge_upstream_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("clawdeploy_edge_upstream_seconds")
+            .record(started.elapsed().as_secs_f64());
         metrics::counter!("clawdeploy_edge_requests_total", "class" => status_class(resp.status()), "route" => "known").increment(1);
 
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -162,11 +204,17 @@ impl Proxy {
                     Err(e) => return tracing::debug!(error = %e, "upgrade failed"),
                 };
                 metrics::gauge!("clawdeploy_edge_websockets").increment(1.0);
-                let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(u)).await;
+                let _ =
+                    tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(u)).await;
                 metrics::gauge!("clawdeploy_edge_websockets").decrement(1.0);
             });
             let (parts, _) = resp.into_parts();
-            return Ok(Response::from_parts(parts, http_body_util::Empty::new().map_err(|never| match never {}).boxed()));
+            return Ok(Response::from_parts(
+                parts,
+                http_body_util::Empty::new()
+                    .map_err(|never| match never {})
+                    .boxed(),
+            ));
         }
         strip_hop_by_hop(resp.headers_mut());
         Ok(resp.map(|b| b.boxed()))
@@ -174,9 +222,16 @@ impl Proxy {
 }
 
 /// Accepts connections until `shutdown` resolves.
-pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+pub async fn serve(
+    proxy: Arc<Proxy>,
+    listener: TcpListener,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(10));
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10));
     let builder = Arc::new(builder);
     loop {
         let (stream, client) = tokio::select! {
@@ -195,7 +250,10 @@ pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener, mut shutdown: tokio
         tokio::spawn(async move {
             metrics::gauge!("clawdeploy_edge_connections").increment(1.0);
             let service = hyper::service::service_fn(move |req| proxy.clone().handle(req, client));
-            if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).await {
+            if let Err(e) = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .await
+            {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
             metrics::gauge!("clawdeploy_edge_connections").decrement(1.0);

@@ -45,13 +45,24 @@ pub fn normalize_host(raw: &str) -> Option<String> {
         _ => raw,
     };
     let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
-    let ok = !host.is_empty() && host.len() <= 253 && host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    let ok = !host.is_empty()
+        && host.len() <= 253
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
     ok.then_some(host)
 }
 
 fn target_of(r: Route) -> Option<(String, Target)> {
     let host = normalize_host(&r.hostname)?;
-    Some((host, Target { upstream: r.upstream, instance_id: r.instance_id, container_id: r.container_id }))
+    Some((
+        host,
+        Target {
+            upstream: r.upstream,
+            instance_id: r.instance_id,
+            container_id: r.container_id,
+        },
+    ))
 }
 
 impl RouteTable {
@@ -63,15 +74,27 @@ impl RouteTable {
             .and_then(|b| serde_json::from_slice::<Table>(&b).ok())
             .unwrap_or_default();
         if !table.hosts.is_empty() {
-            tracing::info!(routes = table.hosts.len(), version = table.version, "serving cached routes until the scheduler answers");
+            tracing::info!(
+                routes = table.hosts.len(),
+                version = table.version,
+                "serving cached routes until the scheduler answers"
+            );
         }
-        let t = Self { table: RwLock::new(table), cache_file };
+        let t = Self {
+            table: RwLock::new(table),
+            cache_file,
+        };
         t.record_metrics();
         t
     }
 
     pub fn lookup(&self, host: &str) -> Option<Target> {
-        self.table.read().unwrap().hosts.get(host).and_then(|e| e.target.clone())
+        self.table
+            .read()
+            .unwrap()
+            .hosts
+            .get(host)
+            .and_then(|e| e.target.clone())
     }
 
     pub fn version(&self) -> u64 {
@@ -79,7 +102,13 @@ impl RouteTable {
     }
 
     pub fn len(&self) -> usize {
-        self.table.read().unwrap().hosts.values().filter(|e| e.target.is_some()).count()
+        self.table
+            .read()
+            .unwrap()
+            .hosts
+            .values()
+            .filter(|e| e.target.is_some())
+            .count()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -91,9 +120,20 @@ impl RouteTable {
             .routes
             .into_iter()
             .filter_map(target_of)
-            .map(|(h, t)| (h, Entry { version: snap.version, target: Some(t) }))
+            .map(|(h, t)| {
+                (
+                    h,
+                    Entry {
+                        version: snap.version,
+                        target: Some(t),
+                    },
+                )
+            })
             .collect();
-        *self.table.write().unwrap() = Table { version: snap.version, hosts };
+        *self.table.write().unwrap() = Table {
+            version: snap.version,
+            hosts,
+        };
         self.changed();
     }
 
@@ -115,7 +155,13 @@ impl RouteTable {
                 return;
             }
             t.version = t.version.max(d.version);
-            t.hosts.insert(host, Entry { version: d.version, target });
+            t.hosts.insert(
+                host,
+                Entry {
+                    version: d.version,
+                    target,
+                },
+            );
         }
         self.changed();
     }
@@ -142,13 +188,24 @@ mod tests {
     use super::*;
 
     fn route(host: &str, up: &str) -> Route {
-        Route { hostname: host.into(), upstream: up.into(), instance_id: "i".into(), container_id: "c".into() }
+        Route {
+            hostname: host.into(),
+            upstream: up.into(),
+            instance_id: "i".into(),
+            container_id: "c".into(),
+        }
     }
 
     #[test]
     fn hosts_normalise() {
-        assert_eq!(normalize_host("Alice.ClawDeploy.localhost:8000").as_deref(), Some("alice.clawdeploy.localhost"));
-        assert_eq!(normalize_host("alice.clawdeploy.localhost.").as_deref(), Some("alice.clawdeploy.localhost"));
+        assert_eq!(
+            normalize_host("Alice.ClawDeploy.localhost:8000").as_deref(),
+            Some("alice.clawdeploy.localhost")
+        );
+        assert_eq!(
+            normalize_host("alice.clawdeploy.localhost.").as_deref(),
+            Some("alice.clawdeploy.localhost")
+        );
         assert_eq!(normalize_host("bad host"), None);
         assert_eq!(normalize_host(""), None);
     }
@@ -156,11 +213,26 @@ mod tests {
     #[test]
     fn older_deltas_never_win_and_removals_stick() {
         let t = RouteTable::load(None);
-        t.apply_snapshot(RouteSnapshot { version: 3, routes: vec![route("a.x.test", "10.0.0.1:1")] });
-        t.apply_delta(RouteDelta { version: 5, upsert: None, removed_hostname: "a.x.test".into() });
-        t.apply_delta(RouteDelta { version: 4, upsert: Some(route("a.x.test", "10.0.0.2:1")), removed_hostname: String::new() });
+        t.apply_snapshot(RouteSnapshot {
+            version: 3,
+            routes: vec![route("a.x.test", "10.0.0.1:1")],
+        });
+        t.apply_delta(RouteDelta {
+            version: 5,
+            upsert: None,
+            removed_hostname: "a.x.test".into(),
+        });
+        t.apply_delta(RouteDelta {
+            version: 4,
+            upsert: Some(route("a.x.test", "10.0.0.2:1")),
+            removed_hostname: String::new(),
+        });
         assert_eq!(t.lookup("a.x.test"), None);
-        t.apply_delta(RouteDelta { version: 6, upsert: Some(route("A.x.test", "10.0.0.3:1")), removed_hostname: String::new() });
+        t.apply_delta(RouteDelta {
+            version: 6,
+            upsert: Some(route("A.x.test", "10.0.0.3:1")),
+            removed_hostname: String::new(),
+        });
         assert_eq!(t.lookup("a.x.test").unwrap().upstream, "10.0.0.3:1");
         assert_eq!(t.version(), 6);
     }
@@ -169,7 +241,10 @@ mod tests {
     fn cache_survives_restart() {
         let path = std::env::temp_dir().join(format!("cd-edge-cache-{}.json", std::process::id()));
         let t = RouteTable::load(Some(path.clone()));
-        t.apply_snapshot(RouteSnapshot { version: 9, routes: vec![route("b.x.test", "10.0.0.9:1")] });
+        t.apply_snapshot(RouteSnapshot {
+            version: 9,
+            routes: vec![route("b.x.test", "10.0.0.9:1")],
+        });
         let again = RouteTable::load(Some(path.clone()));
         assert_eq!(again.lookup("b.x.test").unwrap().upstream, "10.0.0.9:1");
         std::fs::remove_file(path).ok();

@@ -41,7 +41,10 @@ pub async fn run(cfg: WatchConfig, table: Arc<RouteTable>) {
 async fn once(cfg: &WatchConfig, table: &RouteTable) -> anyhow::Result<()> {
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(tokio::fs::read(&cfg.ca_file).await?))
-        .identity(Identity::from_pem(tokio::fs::read(&cfg.cert_file).await?, tokio::fs::read(&cfg.key_file).await?))
+        .identity(Identity::from_pem(
+            tokio::fs::read(&cfg.cert_file).await?,
+            tokio::fs::read(&cfg.key_file).await?,
+        ))
         .domain_name(cfg.server_name.clone());
     let channel = Channel::from_shared(cfg.scheduler_url.clone())?
         .tls_config(tls)?
@@ -51,14 +54,20 @@ async fn once(cfg: &WatchConfig, table: &RouteTable) -> anyhow::Result<()> {
         .connect()
         .await?;
     let mut stream = RouteWatchClient::new(channel)
-        .watch_routes(WatchRoutesRequest { known_version: table.version() })
+        .watch_routes(WatchRoutesRequest {
+            known_version: table.version(),
+        })
         .await?
         .into_inner();
     metrics::gauge!("clawdeploy_edge_scheduler_connected").set(1.0);
     while let Some(event) = stream.message().await? {
         match event.event {
             Some(route_event::Event::Snapshot(s)) => {
-                tracing::info!(routes = s.routes.len(), version = s.version, "route snapshot");
+                tracing::info!(
+                    routes = s.routes.len(),
+                    version = s.version,
+                    "route snapshot"
+                );
                 table.apply_snapshot(s);
             }
             Some(route_event::Event::Delta(d)) => {

@@ -27,7 +27,8 @@ impl Ledger {
         std::fs::create_dir_all(state_dir)?;
         let path = state_dir.join("desired-state.pb");
         let current = match std::fs::read(&path) {
-            Ok(bytes) => DesiredState::decode(bytes.as_slice()).map_err(|e| Error::Ledger(format!("{}: {e}", path.display())))?,
+            Ok(bytes) => DesiredState::decode(bytes.as_slice())
+                .map_err(|e| Error::Ledger(format!("{}: {e}", path.display())))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => DesiredState::default(),
             Err(e) => return Err(e.into()),
         };
@@ -41,7 +42,9 @@ impl Ledger {
     /// Persists `state` when its generation is at least the current one.
     pub fn accept(&mut self, state: DesiredState) -> Result<Accepted> {
         if state.generation < self.current.generation {
-            return Ok(Accepted::Stale { have: self.current.generation });
+            return Ok(Accepted::Stale {
+                have: self.current.generation,
+            });
         }
         if state.generation == self.current.generation && state == self.current {
             return Ok(Accepted::Same);
@@ -62,13 +65,35 @@ mod tests {
 
     #[test]
     fn persists_and_rejects_stale_generations() {
-        let dir = std::env::temp_dir().join(format!("cd-ledger-{}-{}", std::process::id(), line!()));
+        let dir =
+            std::env::temp_dir().join(format!("cd-ledger-{}-{}", std::process::id(), line!()));
         let _ = std::fs::remove_dir_all(&dir);
         let mut l = Ledger::open(&dir).unwrap();
         assert_eq!(l.current().generation, 0);
-        assert_eq!(l.accept(DesiredState { generation: 5, containers: vec![] }).unwrap(), Accepted::Newer);
-        assert_eq!(l.accept(DesiredState { generation: 4, containers: vec![] }).unwrap(), Accepted::Stale { have: 5 });
-        assert_eq!(l.accept(DesiredState { generation: 5, containers: vec![] }).unwrap(), Accepted::Same);
+        assert_eq!(
+            l.accept(DesiredState {
+                generation: 5,
+                containers: vec![]
+            })
+            .unwrap(),
+            Accepted::Newer
+        );
+        assert_eq!(
+            l.accept(DesiredState {
+                generation: 4,
+                containers: vec![]
+            })
+            .unwrap(),
+            Accepted::Stale { have: 5 }
+        );
+        assert_eq!(
+            l.accept(DesiredState {
+                generation: 5,
+                containers: vec![]
+            })
+            .unwrap(),
+            Accepted::Same
+        );
         // A restarted agent starts from what it persisted.
         let l2 = Ledger::open(&dir).unwrap();
         assert_eq!(l2.current().generation, 5);

@@ -31,19 +31,37 @@ pub async fn run<R: ContainerRuntime>(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let handle = PrometheusBuilder::new()
-        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])?
+        .set_buckets_for_metric(
+            Matcher::Suffix("_seconds".into()),
+            &[
+                0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ],
+        )?
         .install_recorder()?;
     runtime.prepare().await?;
     let ledger = ledger::Ledger::open(&state_dir)?;
     let initial = ledger.current().clone();
-    tracing::info!(generation = initial.generation, containers = initial.containers.len(), "desired state loaded from the ledger");
+    tracing::info!(
+        generation = initial.generation,
+        containers = initial.containers.len(),
+        "desired state loaded from the ledger"
+    );
     let ledger = Arc::new(Mutex::new(ledger));
     let (desired_tx, desired_rx) = tokio::sync::watch::channel(initial);
     let board = Arc::new(StatusBoard::default());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
 
-    let reconciler = tokio::spawn(Reconciler::new(Arc::new(runtime), board.clone()).run(desired_rx));
-    let session = tokio::spawn(Session { cfg: session, ledger, desired: desired_tx, board }.run(stop_rx.clone()));
+    let reconciler =
+        tokio::spawn(Reconciler::new(Arc::new(runtime), board.clone()).run(desired_rx));
+    let session = tokio::spawn(
+        Session {
+            cfg: session,
+            ledger,
+            desired: desired_tx,
+            board,
+        }
+        .run(stop_rx.clone()),
+    );
     let app = axum::Router::new()
         .route("/metrics", get(move || std::future::ready(handle.render())))
         .route("/healthz", get(|| async { "ok" }));

@@ -21,7 +21,11 @@ impl Default for Prober {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(Duration::from_secs(1)));
         connector.set_nodelay(true);
-        Self { client: Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(connector) }
+        Self {
+            client: Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(30))
+                .build(connector),
+        }
     }
 }
 
@@ -31,14 +35,27 @@ impl Prober {
         if let Some(t) = token {
             req = req.header("authorization", format!("Bearer {t}"));
         }
-        let req = req.body(Empty::new()).map_err(|e| Error::Probe(e.to_string()))?;
+        let req = req
+            .body(Empty::new())
+            .map_err(|e| Error::Probe(e.to_string()))?;
         let fut = async {
-            let resp = self.client.request(req).await.map_err(|e| Error::Probe(e.to_string()))?;
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| Error::Probe(e.to_string()))?;
             let status = resp.status().as_u16();
-            let body = resp.into_body().collect().await.map_err(|e| Error::Probe(e.to_string()))?.to_bytes();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| Error::Probe(e.to_string()))?
+                .to_bytes();
             Ok((status, body))
         };
-        tokio::time::timeout(Duration::from_secs(2), fut).await.map_err(|_| Error::Probe(format!("{path} timed out")))?
+        tokio::time::timeout(Duration::from_secs(2), fut)
+            .await
+            .map_err(|_| Error::Probe(format!("{path} timed out")))?
     }
 
     pub async fn healthy(&self, upstream: &str) -> bool {
@@ -51,8 +68,19 @@ impl Prober {
         if status != 200 {
             return Err(Error::Probe(format!("/v1/models answered {status}")));
         }
-        let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| Error::Probe(e.to_string()))?;
-        let data = v.get("data").and_then(|d| d.as_array()).ok_or_else(|| Error::Probe("no data in /v1/models".into()))?;
-        Ok(data.iter().filter_map(|m| m.get("owned_by").and_then(|o| o.as_str()).map(str::to_owned)).collect())
+        let v: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|e| Error::Probe(e.to_string()))?;
+        let data = v
+            .get("data")
+            .and_then(|d| d.as_array())
+            .ok_or_else(|| Error::Probe("no data in /v1/models".into()))?;
+        Ok(data
+            .iter()
+            .filter_map(|m| {
+                m.get("owned_by")
+                    .and_then(|o| o.as_str())
+                    .map(str::to_owned)
+            })
+            .collect())
     }
 }

@@ -9,7 +9,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use clawdeploy_proto::{ContainerPhase, ContainerStatus, DesiredContainer, DesiredState, TenantConfig};
+use clawdeploy_proto::{
+    ContainerPhase, ContainerStatus, DesiredContainer, DesiredState, TenantConfig,
+};
 use serde_json::json;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
@@ -62,7 +64,13 @@ const UNHEALTHY_AFTER: u32 = 3;
 
 impl<R: ContainerRuntime> Reconciler<R> {
     pub fn new(runtime: Arc<R>, board: Arc<StatusBoard>) -> Self {
-        Self { runtime, prober: Prober::default(), board, workers: HashMap::new(), removing: Arc::default() }
+        Self {
+            runtime,
+            prober: Prober::default(),
+            board,
+            workers: HashMap::new(),
+            removing: Arc::default(),
+        }
     }
 
     /// Reconciles on every new desired state and every few seconds, until
@@ -82,9 +90,18 @@ impl<R: ContainerRuntime> Reconciler<R> {
     }
 
     async fn sync(&mut self, state: &DesiredState) {
-        let wanted: HashMap<&str, &DesiredContainer> = state.containers.iter().map(|c| (c.container_id.as_str(), c)).collect();
+        let wanted: HashMap<&str, &DesiredContainer> = state
+            .containers
+            .iter()
+            .map(|c| (c.container_id.as_str(), c))
+            .collect();
         // Stop workers for containers no longer wanted, and remove those.
-        let gone: Vec<String> = self.workers.keys().filter(|id| !wanted.contains_key(id.as_str())).cloned().collect();
+        let gone: Vec<String> = self
+            .workers
+            .keys()
+            .filter(|id| !wanted.contains_key(id.as_str()))
+            .cloned()
+            .collect();
         for id in gone {
             if let Some((_, handle)) = self.workers.remove(&id) {
                 handle.abort();
@@ -96,7 +113,14 @@ impl<R: ContainerRuntime> Reconciler<R> {
             let spec = DesiredContainer::clone(spec);
             match self.workers.get(*id) {
                 Some((tx, handle)) if !handle.is_finished() => {
-                    tx.send_if_modified(|cur| if *cur != spec { *cur = spec; true } else { false });
+                    tx.send_if_modified(|cur| {
+                        if *cur != spec {
+                            *cur = spec;
+                            true
+                        } else {
+                            false
+                        }
+                    });
                 }
                 _ => {
                     let (tx, rx) = watch::channel(spec);
@@ -122,14 +146,22 @@ impl<R: ContainerRuntime> Reconciler<R> {
                 }
             }
             Err(e) => {
-                metrics::counter!("clawdeploy_agent_reconcile_errors_total", "step" => "list").increment(1);
+                metrics::counter!("clawdeploy_agent_reconcile_errors_total", "step" => "list")
+                    .increment(1);
                 tracing::warn!(error = %e, "listing containers failed");
             }
         }
         let snapshot = self.board.snapshot();
-        for phase in [ContainerPhase::Creating, ContainerPhase::Starting, ContainerPhase::Healthy, ContainerPhase::Unhealthy, ContainerPhase::Failed] {
+        for phase in [
+            ContainerPhase::Creating,
+            ContainerPhase::Starting,
+            ContainerPhase::Healthy,
+            ContainerPhase::Unhealthy,
+            ContainerPhase::Failed,
+        ] {
             let n = snapshot.iter().filter(|s| s.phase == phase as i32).count();
-            metrics::gauge!("clawdeploy_agent_containers", "phase" => phase.as_str_name()).set(n as f64);
+            metrics::gauge!("clawdeploy_agent_containers", "phase" => phase.as_str_name())
+                .set(n as f64);
         }
     }
 
@@ -137,7 +169,11 @@ impl<R: ContainerRuntime> Reconciler<R> {
         if !self.removing.lock().unwrap().insert(container_id.clone()) {
             return;
         }
-        let (runtime, board, removing) = (self.runtime.clone(), self.board.clone(), self.removing.clone());
+        let (runtime, board, removing) = (
+            self.runtime.clone(),
+            self.board.clone(),
+            self.removing.clone(),
+        );
         tokio::spawn(async move {
             match runtime.remove(&container_id).await {
                 Ok(()) => {
@@ -176,8 +212,11 @@ fn spec_of(d: &DesiredContainer, generation: u64) -> ContainerSpec {
 
 /// The hot-reloadable part of `openclaw.json` that assignment owns.
 pub fn tenant_config_json(t: &TenantConfig) -> Vec<u8> {
-    let providers: serde_json::Map<String, serde_json::Value> =
-        t.provider_keys.iter().map(|(name, key)| (name.clone(), json!({ "apiKey": key }))).collect();
+    let providers: serde_json::Map<String, serde_json::Value> = t
+        .provider_keys
+        .iter()
+        .map(|(name, key)| (name.clone(), json!({ "apiKey": key })))
+        .collect();
     let doc = json!({
         "meta": {"managedBy": "clawdeploy", "instanceId": t.instance_id, "configVersion": t.config_version},
         "models": {"providers": providers},
@@ -188,7 +227,10 @@ pub fn tenant_config_json(t: &TenantConfig) -> Vec<u8> {
 
 impl<R: ContainerRuntime> Worker<R> {
     async fn run(self, mut rx: watch::Receiver<DesiredContainer>) {
-        let mut status = ContainerStatus { container_id: rx.borrow().container_id.clone(), ..Default::default() };
+        let mut status = ContainerStatus {
+            container_id: rx.borrow().container_id.clone(),
+            ..Default::default()
+        };
         let mut applied_config = 0u64;
         let mut failures = 0u32;
         let mut backoff = Duration::from_millis(200);
@@ -200,24 +242,39 @@ impl<R: ContainerRuntime> Worker<R> {
             let observed = match self.runtime.inspect(&id).await {
                 Ok(Some(o)) if o.running => Ok(o),
                 Ok(Some(o)) => {
-                    tracing::info!(container_id = id, status = o.status, "starting stopped container");
+                    tracing::info!(
+                        container_id = id,
+                        status = o.status,
+                        "starting stopped container"
+                    );
                     status.phase = ContainerPhase::Starting as i32;
                     match self.runtime.start(&id).await {
-                        Ok(()) => self.runtime.inspect(&id).await.map(|o| o.unwrap_or_default()),
+                        Ok(()) => self
+                            .runtime
+                            .inspect(&id)
+                            .await
+                            .map(|o| o.unwrap_or_default()),
                         Err(e) => Err(e),
                     }
                 }
                 Ok(None) => {
                     status.phase = ContainerPhase::Creating as i32;
                     self.board.set(status.clone());
-                    self.runtime.create_and_start(&spec_of(&desired, self.generation)).await
+                    self.runtime
+                        .create_and_start(&spec_of(&desired, self.generation))
+                        .await
                 }
                 Err(e) => Err(e),
             };
             let observed = match observed {
                 Ok(o) if o.ip.is_some() => o,
                 Ok(o) => {
-                    self.fail(&mut status, format!("container has no address ({})", o.status), &mut backoff).await;
+                    self.fail(
+                        &mut status,
+                        format!("container has no address ({})", o.status),
+                        &mut backoff,
+                    )
+                    .await;
                     continue;
                 }
                 Err(e) => {
@@ -233,8 +290,16 @@ impl<R: ContainerRuntime> Worker<R> {
             if status.phase != ContainerPhase::Healthy as i32 {
                 status.phase = ContainerPhase::Starting as i32;
                 self.board.set(status.clone());
-                if !self.wait_healthy(&status.upstream, Duration::from_secs(30)).await {
-                    self.fail(&mut status, "gateway did not answer /healthz".into(), &mut backoff).await;
+                if !self
+                    .wait_healthy(&status.upstream, Duration::from_secs(30))
+                    .await
+                {
+                    self.fail(
+                        &mut status,
+                        "gateway did not answer /healthz".into(),
+                        &mut backoff,
+                    )
+                    .await;
                     continue;
                 }
                 status.phase = ContainerPhase::Healthy as i32;
@@ -245,8 +310,15 @@ impl<R: ContainerRuntime> Worker<R> {
 
             // 3. Tenant config: written atomically, then proven live with
             //    the container's own token before it is reported.
-            if let Some(t) = desired.tenant.as_ref().filter(|t| t.config_version > applied_config) {
-                match self.apply_tenant(&id, &status.upstream, &desired.gateway_token, t).await {
+            if let Some(t) = desired
+                .tenant
+                .as_ref()
+                .filter(|t| t.config_version > applied_config)
+            {
+                match self
+                    .apply_tenant(&id, &status.upstream, &desired.gateway_token, t)
+                    .await
+                {
                     Ok(()) => {
                         applied_config = t.config_version;
                         status.config_version = applied_config;
@@ -286,7 +358,11 @@ impl<R: ContainerRuntime> Worker<R> {
     }
 
     async fn fail(&self, status: &mut ContainerStatus, message: String, backoff: &mut Duration) {
-        tracing::warn!(container_id = status.container_id, message, "container not running");
+        tracing::warn!(
+            container_id = status.container_id,
+            message,
+            "container not running"
+        );
         status.phase = ContainerPhase::Failed as i32;
         status.message = message;
         self.board.set(status.clone());
@@ -305,21 +381,41 @@ impl<R: ContainerRuntime> Worker<R> {
         false
     }
 
-    async fn apply_tenant(&self, id: &str, upstream: &str, token: &str, t: &TenantConfig) -> crate::error::Result<()> {
+    async fn apply_tenant(
+        &self,
+        id: &str,
+        upstream: &str,
+        token: &str,
+        t: &TenantConfig,
+    ) -> crate::error::Result<()> {
         let started = std::time::Instant::now();
-        self.runtime.write_config(id, &tenant_config_json(t)).await?;
+        self.runtime
+            .write_config(id, &tenant_config_json(t))
+            .await?;
         let want: std::collections::BTreeSet<String> = t.provider_keys.keys().cloned().collect();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
             match self.prober.live_providers(upstream, token).await {
                 Ok(live) if live == want => break,
-                Ok(_) | Err(_) if tokio::time::Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(5)).await,
-                Ok(live) => return Err(crate::error::Error::Probe(format!("gateway shows providers {live:?}, wanted {want:?}"))),
+                Ok(_) | Err(_) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(5)).await
+                }
+                Ok(live) => {
+                    return Err(crate::error::Error::Probe(format!(
+                        "gateway shows providers {live:?}, wanted {want:?}"
+                    )))
+                }
                 Err(e) => return Err(e),
             }
         }
-        metrics::histogram!("clawdeploy_agent_config_apply_seconds").record(started.elapsed().as_secs_f64());
-        tracing::info!(container_id = id, version = t.config_version, took_ms = started.elapsed().as_millis() as u64, "tenant config live");
+        metrics::histogram!("clawdeploy_agent_config_apply_seconds")
+            .record(started.elapsed().as_secs_f64());
+        tracing::info!(
+            container_id = id,
+            version = t.config_version,
+            took_ms = started.elapsed().as_millis() as u64,
+            "tenant config live"
+        );
         Ok(())
     }
 }

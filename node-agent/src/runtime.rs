@@ -9,12 +9,12 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use bollard::models::{
-    ContainerCreateBody, HostConfig, Ipam, IpamConfig, NetworkCreateRequest, NetworkingConfig, EndpointSettings, RestartPolicy,
-    RestartPolicyNameEnum, VolumeCreateRequest,
+    ContainerCreateBody, EndpointSettings, HostConfig, Ipam, IpamConfig, NetworkCreateRequest,
+    NetworkingConfig, RestartPolicy, RestartPolicyNameEnum, VolumeCreateRequest,
 };
 use bollard::query_parameters::{
-    CreateContainerOptions, InspectContainerOptions, ListContainersOptions, RemoveContainerOptions, RemoveVolumeOptions,
-    StartContainerOptions,
+    CreateContainerOptions, InspectContainerOptions, ListContainersOptions, RemoveContainerOptions,
+    RemoveVolumeOptions, StartContainerOptions,
 };
 use bollard::Docker;
 
@@ -59,12 +59,19 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     fn list(&self) -> impl Future<Output = Result<Vec<Observed>>> + Send;
     fn inspect(&self, container_id: &str) -> impl Future<Output = Result<Option<Observed>>> + Send;
     /// Creates (with its state volume) and starts the container.
-    fn create_and_start(&self, spec: &ContainerSpec) -> impl Future<Output = Result<Observed>> + Send;
+    fn create_and_start(
+        &self,
+        spec: &ContainerSpec,
+    ) -> impl Future<Output = Result<Observed>> + Send;
     fn start(&self, container_id: &str) -> impl Future<Output = Result<()>> + Send;
     /// Removes the container and its state volume: the tenant's data is gone.
     fn remove(&self, container_id: &str) -> impl Future<Output = Result<()>> + Send;
     /// Replaces `openclaw.json` in the container's state atomically.
-    fn write_config(&self, container_id: &str, json: &[u8]) -> impl Future<Output = Result<()>> + Send;
+    fn write_config(
+        &self,
+        container_id: &str,
+        json: &[u8],
+    ) -> impl Future<Output = Result<()>> + Send;
 }
 
 pub struct DockerRuntime {
@@ -79,11 +86,18 @@ fn container_name(container_id: &str) -> String {
     format!("clawdeploy-{container_id}")
 }
 
-async fn timed<T>(op: &'static str, fut: impl Future<Output = Result<T, bollard::errors::Error>>) -> Result<T> {
+async fn timed<T>(
+    op: &'static str,
+    fut: impl Future<Output = Result<T, bollard::errors::Error>>,
+) -> Result<T> {
     let started = Instant::now();
     let r = fut.await;
-    metrics::histogram!("clawdeploy_agent_docker_op_seconds", "op" => op).record(started.elapsed().as_secs_f64());
-    r.map_err(|e| Error::Docker { op, message: e.to_string() })
+    metrics::histogram!("clawdeploy_agent_docker_op_seconds", "op" => op)
+        .record(started.elapsed().as_secs_f64());
+    r.map_err(|e| Error::Docker {
+        op,
+        message: e.to_string(),
+    })
 }
 
 fn is_not_found(e: &Error) -> bool {
@@ -93,19 +107,44 @@ fn is_not_found(e: &Error) -> bool {
 impl DockerRuntime {
     /// Connects to the engine's unix socket and negotiates the API version
     /// (the engine may be older than bollard's default).
-    pub async fn connect(socket: &str, node_id: &str, network: String, subnet: Option<String>, volumes_dir: PathBuf) -> Result<Self> {
+    pub async fn connect(
+        socket: &str,
+        node_id: &str,
+        network: String,
+        subnet: Option<String>,
+        volumes_dir: PathBuf,
+    ) -> Result<Self> {
         let docker = Docker::connect_with_socket(socket, 120, bollard::API_DEFAULT_VERSION)
-            .map_err(|e| Error::Docker { op: "connect", message: e.to_string() })?;
-        let docker = docker.negotiate_version().await.map_err(|e| Error::Docker { op: "version", message: e.to_string() })?;
+            .map_err(|e| Error::Docker {
+                op: "connect",
+                message: e.to_string(),
+            })?;
+        let docker = docker
+            .negotiate_version()
+            .await
+            .map_err(|e| Error::Docker {
+                op: "version",
+                message: e.to_string(),
+            })?;
         std::fs::create_dir_all(&volumes_dir)?;
-        Ok(Self { docker, node_id: node_id.to_owned(), network, subnet, volumes_dir })
+        Ok(Self {
+            docker,
+            node_id: node_id.to_owned(),
+            network,
+            subnet,
+            volumes_dir,
+        })
     }
 
     fn volume_dir(&self, container_id: &str) -> PathBuf {
         self.volumes_dir.join(container_id)
     }
 
-    fn observed(&self, container_id: &str, inspect: bollard::models::ContainerInspectResponse) -> Observed {
+    fn observed(
+        &self,
+        container_id: &str,
+        inspect: bollard::models::ContainerInspectResponse,
+    ) -> Observed {
         let state = inspect.state.unwrap_or_default();
         let ip = inspect
             .network_settings
@@ -133,15 +172,27 @@ fn prepare_volume_dir(dir: &Path) -> Result<()> {
 
 impl ContainerRuntime for DockerRuntime {
     async fn prepare(&self) -> Result<()> {
-        if timed("inspect_network", self.docker.inspect_network(&self.network, None)).await.is_ok() {
+        if timed(
+            "inspect_network",
+            self.docker.inspect_network(&self.network, None),
+        )
+        .await
+        .is_ok()
+        {
             return Ok(());
         }
         let labels = HashMap::from([(LABEL_NODE.to_owned(), self.node_id.clone())]);
         // Containers on the node network cannot talk to each other (ICC off);
         // the host (agent, edge) reaches them directly.
-        let options = HashMap::from([("com.docker.network.bridge.enable_icc".to_owned(), "false".to_owned())]);
+        let options = HashMap::from([(
+            "com.docker.network.bridge.enable_icc".to_owned(),
+            "false".to_owned(),
+        )]);
         let ipam = self.subnet.as_ref().map(|s| Ipam {
-            config: Some(vec![IpamConfig { subnet: Some(s.clone()), ..Default::default() }]),
+            config: Some(vec![IpamConfig {
+                subnet: Some(s.clone()),
+                ..Default::default()
+            }]),
             ..Default::default()
         });
         let req = NetworkCreateRequest {
@@ -154,7 +205,10 @@ impl ContainerRuntime for DockerRuntime {
         };
         match timed("create_network", self.docker.create_network(req)).await {
             Ok(_) => {
-                tracing::info!(network = self.network, "created tenant network (inter-container traffic disabled)");
+                tracing::info!(
+                    network = self.network,
+                    "created tenant network (inter-container traffic disabled)"
+                );
                 Ok(())
             }
             // Another agent sharing the engine may have raced us.
@@ -164,10 +218,17 @@ impl ContainerRuntime for DockerRuntime {
     }
 
     async fn list(&self) -> Result<Vec<Observed>> {
-        let filters = HashMap::from([("label".to_owned(), vec![format!("{LABEL_NODE}={}", self.node_id)])]);
+        let filters = HashMap::from([(
+            "label".to_owned(),
+            vec![format!("{LABEL_NODE}={}", self.node_id)],
+        )]);
         let list = timed(
             "list",
-            self.docker.list_containers(Some(ListContainersOptions { all: true, filters: Some(filters), ..Default::default() })),
+            self.docker.list_containers(Some(ListContainersOptions {
+                all: true,
+                filters: Some(filters),
+                ..Default::default()
+            })),
         )
         .await?;
         Ok(list
@@ -186,7 +247,15 @@ impl ContainerRuntime for DockerRuntime {
     }
 
     async fn inspect(&self, container_id: &str) -> Result<Option<Observed>> {
-        match timed("inspect", self.docker.inspect_container(&container_name(container_id), None::<InspectContainerOptions>)).await {
+        match timed(
+            "inspect",
+            self.docker.inspect_container(
+                &container_name(container_id),
+                None::<InspectContainerOptions>,
+            ),
+        )
+        .await
+        {
             Ok(i) => Ok(Some(self.observed(container_id, i))),
             Err(e) if is_not_found(&e) => Ok(None),
             Err(e) => Err(e),
@@ -226,48 +295,99 @@ impl ContainerRuntime for DockerRuntime {
             cap_drop: Some(vec!["ALL".into()]),
             security_opt: Some(vec!["no-new-privileges:true".into()]),
             readonly_rootfs: Some(true),
-            tmpfs: Some(HashMap::from([("/tmp".to_owned(), "rw,noexec,nosuid,nodev,size=64m".to_owned())])),
+            tmpfs: Some(HashMap::from([(
+                "/tmp".to_owned(),
+                "rw,noexec,nosuid,nodev,size=64m".to_owned(),
+            )])),
             memory: Some(memory),
             // Memory = swap: no swap beyond the memory limit.
             memory_swap: Some(memory),
             nano_cpus: Some(i64::from(spec.cpu_millis) * 1_000_000),
             pids_limit: Some(i64::from(spec.pids)),
-            restart_policy: Some(RestartPolicy { name: Some(RestartPolicyNameEnum::ON_FAILURE), maximum_retry_count: Some(5) }),
+            restart_policy: Some(RestartPolicy {
+                name: Some(RestartPolicyNameEnum::ON_FAILURE),
+                maximum_retry_count: Some(5),
+            }),
             ..Default::default()
         };
         let body = ContainerCreateBody {
             image: Some(spec.image.clone()),
             user: Some(format!("{TENANT_UID}:{TENANT_UID}")),
-            env: Some(vec![format!("OPENCLAW_GATEWAY_TOKEN={}", spec.gateway_token)]),
+            env: Some(vec![format!(
+                "OPENCLAW_GATEWAY_TOKEN={}",
+                spec.gateway_token
+            )]),
             labels: Some(labels),
             host_config: Some(host_config),
             networking_config: Some(NetworkingConfig {
-                endpoints_config: Some(HashMap::from([(self.network.clone(), EndpointSettings::default())])),
+                endpoints_config: Some(HashMap::from([(
+                    self.network.clone(),
+                    EndpointSettings::default(),
+                )])),
             }),
             ..Default::default()
         };
         let name = container_name(&spec.container_id);
         timed(
             "create",
-            self.docker.create_container(Some(CreateContainerOptions { name: Some(name.clone()), ..Default::default() }), body),
+            self.docker.create_container(
+                Some(CreateContainerOptions {
+                    name: Some(name.clone()),
+                    ..Default::default()
+                }),
+                body,
+            ),
         )
         .await?;
-        timed("start", self.docker.start_container(&name, None::<StartContainerOptions>)).await?;
-        self.inspect(&spec.container_id).await?.ok_or_else(|| Error::Docker { op: "inspect", message: "container vanished after start".into() })
+        timed(
+            "start",
+            self.docker
+                .start_container(&name, None::<StartContainerOptions>),
+        )
+        .await?;
+        self.inspect(&spec.container_id)
+            .await?
+            .ok_or_else(|| Error::Docker {
+                op: "inspect",
+                message: "container vanished after start".into(),
+            })
     }
 
     async fn start(&self, container_id: &str) -> Result<()> {
-        timed("start", self.docker.start_container(&container_name(container_id), None::<StartContainerOptions>)).await
+        timed(
+            "start",
+            self.docker
+                .start_container(&container_name(container_id), None::<StartContainerOptions>),
+        )
+        .await
     }
 
     async fn remove(&self, container_id: &str) -> Result<()> {
         let name = container_name(container_id);
-        match timed("remove", self.docker.remove_container(&name, Some(RemoveContainerOptions { force: true, v: true, ..Default::default() }))).await {
+        match timed(
+            "remove",
+            self.docker.remove_container(
+                &name,
+                Some(RemoveContainerOptions {
+                    force: true,
+                    v: true,
+                    ..Default::default()
+                }),
+            ),
+        )
+        .await
+        {
             Ok(()) => {}
             Err(e) if is_not_found(&e) => {}
             Err(e) => return Err(e),
         }
-        match timed("remove_volume", self.docker.remove_volume(&name, Some(RemoveVolumeOptions { force: true }))).await {
+        match timed(
+            "remove_volume",
+            self.docker
+                .remove_volume(&name, Some(RemoveVolumeOptions { force: true })),
+        )
+        .await
+        {
             Ok(()) => {}
             Err(e) if is_not_found(&e) => {}
             Err(e) => return Err(e),
@@ -294,7 +414,12 @@ pub fn write_atomically(dir: &Path, name: &str, contents: &[u8]) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = dir.join(format!(".{name}.tmp"));
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
     f.write_all(contents)?;
     f.sync_all()?;
     std::os::unix::fs::chown(&tmp, Some(TENANT_UID), Some(TENANT_UID))?;

@@ -8,7 +8,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clawdeploy_proto::agent_session_client::AgentSessionClient;
-use clawdeploy_proto::{agent_message, scheduler_message, AgentMessage, DesiredState, Heartbeat, Hello, NodeCapacity, NodeUsage};
+use clawdeploy_proto::{
+    agent_message, scheduler_message, AgentMessage, DesiredState, Heartbeat, Hello, NodeCapacity,
+    NodeUsage,
+};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
@@ -39,7 +42,10 @@ pub struct Session {
 }
 
 fn jitter(max: Duration) -> Duration {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .subsec_nanos();
     max.mul_f64(f64::from(nanos % 1000) / 1000.0)
 }
 
@@ -91,8 +97,17 @@ impl Session {
     fn heartbeat(&self) -> AgentMessage {
         let containers = self.board.snapshot();
         let applied_generation = self.ledger.lock().unwrap().current().generation;
-        let usage = NodeUsage { containers: containers.len() as u32, ..Default::default() };
-        AgentMessage { msg: Some(agent_message::Msg::Heartbeat(Heartbeat { applied_generation, containers, usage: Some(usage) })) }
+        let usage = NodeUsage {
+            containers: containers.len() as u32,
+            ..Default::default()
+        };
+        AgentMessage {
+            msg: Some(agent_message::Msg::Heartbeat(Heartbeat {
+                applied_generation,
+                containers,
+                usage: Some(usage),
+            })),
+        }
     }
 
     async fn once(&self) -> Result<()> {
@@ -106,7 +121,11 @@ impl Session {
             applied_generation: self.ledger.lock().unwrap().current().generation,
             private_address: self.cfg.private_address.clone(),
         };
-        let _ = tx.send(AgentMessage { msg: Some(agent_message::Msg::Hello(hello)) }).await;
+        let _ = tx
+            .send(AgentMessage {
+                msg: Some(agent_message::Msg::Hello(hello)),
+            })
+            .await;
         // The first heartbeat goes right after the hello so the scheduler
         // learns what runs here at once.
         let _ = tx.send(self.heartbeat()).await;
@@ -138,7 +157,11 @@ impl Session {
         let accepted = self.ledger.lock().unwrap().accept(state.clone())?;
         match accepted {
             Accepted::Newer => {
-                tracing::debug!(generation, containers = state.containers.len(), "new desired state");
+                tracing::debug!(
+                    generation,
+                    containers = state.containers.len(),
+                    "new desired state"
+                );
                 metrics::gauge!("clawdeploy_agent_desired_generation").set(generation as f64);
                 self.desired.send_replace(state);
             }

@@ -68,7 +68,11 @@ impl Config {
     }
 
     pub fn gateway_url_of(&self, subdomain: &str) -> String {
-        let ws = if self.public_scheme == "https" { "wss" } else { "ws" };
+        let ws = if self.public_scheme == "https" {
+            "wss"
+        } else {
+            "ws"
+        };
         format!("{ws}://{}", self.authority(subdomain))
     }
 }

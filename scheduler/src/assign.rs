@@ -46,11 +46,18 @@ pub async fn claim(app: &AppRef, req: ClaimRequest) -> Result<Claimed> {
     .execute(&mut *tx)
     .await
     .map_err(|e| match &e {
-        sqlx::Error::Database(db) if db.constraint() == Some("instances_one_per_user") => Error::Conflict {
-            code: "instance_exists",
-            message: "this account already has an instance".into(),
-        },
-        _ => Error::on_unique(e, "instances_subdomain_live", "subdomain_taken", "that subdomain is taken"),
+        sqlx::Error::Database(db) if db.constraint() == Some("instances_one_per_user") => {
+            Error::Conflict {
+                code: "instance_exists",
+                message: "this account already has an instance".into(),
+            }
+        }
+        _ => Error::on_unique(
+            e,
+            "instances_subdomain_live",
+            "subdomain_taken",
+            "that subdomain is taken",
+        ),
     })?;
 
     let claimed: Option<(Uuid, String, Vec<u8>)> = sqlx::query_as(
@@ -83,7 +90,9 @@ pub async fn claim(app: &AppRef, req: ClaimRequest) -> Result<Claimed> {
         .execute(&mut *tx)
         .await?;
     for (name, value) in &req.provider_keys {
-        let sealed = app.secrets.seal(&App::secret_aad(instance_id, name), value.as_bytes())?;
+        let sealed = app
+            .secrets
+            .seal(&App::secret_aad(instance_id, name), value.as_bytes())?;
         sqlx::query("INSERT INTO secrets (instance_id, name, ciphertext) VALUES ($1, $2, $3)")
             .bind(instance_id)
             .bind(name)
@@ -91,7 +100,10 @@ pub async fn claim(app: &AppRef, req: ClaimRequest) -> Result<Claimed> {
             .execute(&mut *tx)
             .await?;
     }
-    sqlx::query("UPDATE nodes SET generation = generation + 1 WHERE id = $1").bind(&node_id).execute(&mut *tx).await?;
+    sqlx::query("UPDATE nodes SET generation = generation + 1 WHERE id = $1")
+        .bind(&node_id)
+        .execute(&mut *tx)
+        .await?;
     crate::audit(
         &mut *tx,
         &format!("user:{}", req.user_id),
@@ -107,8 +119,15 @@ pub async fn claim(app: &AppRef, req: ClaimRequest) -> Result<Claimed> {
     metrics::histogram!("clawdeploy_claim_commit_seconds").record(started.elapsed().as_secs_f64());
     app.pool_wake.notify_one();
     desired::push(app, &node_id).await?;
-    let gateway_token = app.secrets.open_string(&App::gateway_token_aad(container_id), &token_enc)?;
-    Ok(Claimed { instance_id, container_id, node_id, gateway_token })
+    let gateway_token = app
+        .secrets
+        .open_string(&App::gateway_token_aad(container_id), &token_enc)?;
+    Ok(Claimed {
+        instance_id,
+        container_id,
+        node_id,
+        gateway_token,
+    })
 }
 
 /// Waits until the instance is ready, up to the configured claim wait.
@@ -119,10 +138,11 @@ pub async fn wait_ready(app: &App, instance_id: Uuid) -> Result<bool> {
     loop {
         // The database is the truth (another scheduler may hold the agent's
         // session); the broadcast only makes the common case fast.
-        let status: Option<String> = sqlx::query_scalar("SELECT status FROM instances WHERE id = $1")
-            .bind(instance_id)
-            .fetch_optional(&app.db)
-            .await?;
+        let status: Option<String> =
+            sqlx::query_scalar("SELECT status FROM instances WHERE id = $1")
+                .bind(instance_id)
+                .fetch_optional(&app.db)
+                .await?;
         if status.as_deref() == Some("ready") {
             return Ok(true);
         }
@@ -146,7 +166,12 @@ pub async fn wait_ready(app: &App, instance_id: Uuid) -> Result<bool> {
 /// The agent saw tenant config `applied_version` live in `container_id`:
 /// finish the claim (container assigned, instance ready, route published).
 /// Idempotent: repeated reports change nothing.
-pub async fn complete(app: &App, node_id: &str, container_id: Uuid, applied_version: u64) -> Result<()> {
+pub async fn complete(
+    app: &App,
+    node_id: &str,
+    container_id: Uuid,
+    applied_version: u64,
+) -> Result<()> {
     let mut tx = app.db.begin().await?;
     let container: Option<(String, String)> = sqlx::query_as(
         "UPDATE containers SET applied_config = GREATEST(applied_config, $3), updated_at = now()
@@ -160,21 +185,32 @@ pub async fn complete(app: &App, node_id: &str, container_id: Uuid, applied_vers
     let Some((state, upstream)) = container else {
         return Err(Error::NotFound("container on this node"));
     };
-    let instance: Option<(Uuid, String, i64, String, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
-        "SELECT id, subdomain, config_version, status, created_at FROM instances
+    let instance: Option<(Uuid, String, i64, String, chrono::DateTime<chrono::Utc>)> =
+        sqlx::query_as(
+            "SELECT id, subdomain, config_version, status, created_at FROM instances
           WHERE container_id = $1 AND status IN ('pending', 'ready') FOR UPDATE",
-    )
-    .bind(container_id)
-    .fetch_optional(&mut *tx)
-    .await?;
+        )
+        .bind(container_id)
+        .fetch_optional(&mut *tx)
+        .await?;
     let Some((instance_id, subdomain, version, status, created_at)) = instance else {
         return Ok(());
     };
-    if status != "pending" || (applied_version as i64) < version || state != "assigning" || upstream.is_empty() {
+    if status != "pending"
+        || (applied_version as i64) < version
+        || state != "assigning"
+        || upstream.is_empty()
+    {
         return Ok(());
     }
-    sqlx::query("UPDATE containers SET state = 'assigned', updated_at = now() WHERE id = $1").bind(container_id).execute(&mut *tx).await?;
-    sqlx::query("UPDATE instances SET status = 'ready', ready_at = now() WHERE id = $1").bind(instance_id).execute(&mut *tx).await?;
+    sqlx::query("UPDATE containers SET state = 'assigned', updated_at = now() WHERE id = $1")
+        .bind(container_id)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("UPDATE instances SET status = 'ready', ready_at = now() WHERE id = $1")
+        .bind(instance_id)
+        .execute(&mut *tx)
+        .await?;
     let delta = routes::upsert(
         &mut tx,
         Route {
@@ -185,11 +221,21 @@ pub async fn complete(app: &App, node_id: &str, container_id: Uuid, applied_vers
         },
     )
     .await?;
-    crate::audit(&mut *tx, &format!("node:{node_id}"), "instance.ready", &instance_id.to_string(), serde_json::json!({"container": container_id})).await;
+    crate::audit(
+        &mut *tx,
+        &format!("node:{node_id}"),
+        "instance.ready",
+        &instance_id.to_string(),
+        serde_json::json!({"container": container_id}),
+    )
+    .await;
     tx.commit().await?;
     routes::broadcast(app, [delta]);
     let _ = app.instance_ready.send(instance_id);
-    let took = (chrono::Utc::now() - created_at).num_microseconds().unwrap_or(0) as f64 / 1e6;
+    let took = (chrono::Utc::now() - created_at)
+        .num_microseconds()
+        .unwrap_or(0) as f64
+        / 1e6;
     metrics::histogram!("clawdeploy_assignment_duration_seconds").record(took);
     metrics::counter!("clawdeploy_assignments_total", "result" => "ready").increment(1);
     tracing::info!(%instance_id, subdomain, %container_id, node_id, took_ms = took * 1e3, "instance ready");

@@ -20,13 +20,20 @@ use crate::http::ApiJson;
 const TOKEN_LIFETIME_DAYS: i32 = 7;
 
 fn argon2() -> Argon2<'static> {
-    Argon2::new(Algorithm::Argon2id, Version::V0x13, Params::new(19 * 1024, 2, 1, None).expect("static argon2 params"))
+    Argon2::new(
+        Algorithm::Argon2id,
+        Version::V0x13,
+        Params::new(19 * 1024, 2, 1, None).expect("static argon2 params"),
+    )
 }
 
 async fn hash_password(password: String) -> Result<String> {
     tokio::task::spawn_blocking(move || {
         let salt = SaltString::generate(&mut argon2::password_hash::rand_core::OsRng);
-        argon2().hash_password(password.as_bytes(), &salt).map(|h| h.to_string()).map_err(Error::internal)
+        argon2()
+            .hash_password(password.as_bytes(), &salt)
+            .map(|h| h.to_string())
+            .map_err(Error::internal)
     })
     .await
     .map_err(Error::internal)?
@@ -35,7 +42,9 @@ async fn hash_password(password: String) -> Result<String> {
 async fn verify_password(password: String, hash: String) -> Result<bool> {
     tokio::task::spawn_blocking(move || {
         let parsed = PasswordHash::new(&hash).map_err(Error::internal)?;
-        Ok(argon2().verify_password(password.as_bytes(), &parsed).is_ok())
+        Ok(argon2()
+            .verify_password(password.as_bytes(), &parsed)
+            .is_ok())
     })
     .await
     .map_err(Error::internal)?
@@ -49,7 +58,10 @@ fn dummy_hash() -> String {
     DUMMY_HASH
         .get_or_init(|| {
             let salt = SaltString::generate(&mut argon2::password_hash::rand_core::OsRng);
-            argon2().hash_password(b"not-a-real-password", &salt).map(|h| h.to_string()).unwrap_or_default()
+            argon2()
+                .hash_password(b"not-a-real-password", &salt)
+                .map(|h| h.to_string())
+                .unwrap_or_default()
         })
         .clone()
 }
@@ -58,20 +70,30 @@ pub fn normalize_email(raw: &str) -> Result<String> {
     let email = raw.trim().to_lowercase();
     let valid = email.len() <= 254
         && email.split_once('@').is_some_and(|(local, domain)| {
-            !local.is_empty() && domain.contains('.') && !domain.starts_with('.') && !domain.ends_with('.') && !domain.contains('@')
+            !local.is_empty()
+                && domain.contains('.')
+                && !domain.starts_with('.')
+                && !domain.ends_with('.')
+                && !domain.contains('@')
         })
         && !email.chars().any(|c| c.is_whitespace() || c.is_control());
     if valid {
         Ok(email)
     } else {
-        Err(Error::Invalid { field: "email", message: "must be a valid email address".into() })
+        Err(Error::Invalid {
+            field: "email",
+            message: "must be a valid email address".into(),
+        })
     }
 }
 
 fn check_password(password: &str) -> Result<()> {
     let n = password.chars().count();
     if !(10..=256).contains(&n) {
-        return Err(Error::Invalid { field: "password", message: "must be 10 to 256 characters".into() });
+        return Err(Error::Invalid {
+            field: "password",
+            message: "must be 10 to 256 characters".into(),
+        });
     }
     Ok(())
 }
@@ -98,7 +120,10 @@ async fn issue_token(app: &AppRef, user_id: Uuid) -> Result<String> {
     Ok(token)
 }
 
-pub async fn register(State(app): State<AppRef>, ApiJson(c): ApiJson<Credentials>) -> Result<(StatusCode, axum::Json<Value>)> {
+pub async fn register(
+    State(app): State<AppRef>,
+    ApiJson(c): ApiJson<Credentials>,
+) -> Result<(StatusCode, axum::Json<Value>)> {
     let email = normalize_email(&c.email)?;
     check_password(&c.password)?;
     let hash = hash_password(c.password).await?;
@@ -109,19 +134,40 @@ pub async fn register(State(app): State<AppRef>, ApiJson(c): ApiJson<Credentials
         .bind(&hash)
         .execute(&app.db)
         .await
-        .map_err(|e| Error::on_unique(e, "users_email_key", "email_taken", "an account with that email exists"))?;
-    crate::audit(&app.db, &format!("user:{id}"), "user.register", &id.to_string(), json!({})).await;
+        .map_err(|e| {
+            Error::on_unique(
+                e,
+                "users_email_key",
+                "email_taken",
+                "an account with that email exists",
+            )
+        })?;
+    crate::audit(
+        &app.db,
+        &format!("user:{id}"),
+        "user.register",
+        &id.to_string(),
+        json!({}),
+    )
+    .await;
     let token = issue_token(&app, id).await?;
-    Ok((StatusCode::CREATED, axum::Json(json!({"user": {"id": id, "email": email}, "token": token}))))
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(json!({"user": {"id": id, "email": email}, "token": token})),
+    ))
 }
 
-pub async fn login(State(app): State<AppRef>, ApiJson(c): ApiJson<Credentials>) -> Result<axum::Json<Value>> {
+pub async fn login(
+    State(app): State<AppRef>,
+    ApiJson(c): ApiJson<Credentials>,
+) -> Result<axum::Json<Value>> {
     // An invalid email cannot match an account: same answer as a wrong password.
     let email = normalize_email(&c.email).unwrap_or_default();
-    let user: Option<(Uuid, String)> = sqlx::query_as("SELECT id, password_hash FROM users WHERE email = $1")
-        .bind(&email)
-        .fetch_optional(&app.db)
-        .await?;
+    let user: Option<(Uuid, String)> =
+        sqlx::query_as("SELECT id, password_hash FROM users WHERE email = $1")
+            .bind(&email)
+            .fetch_optional(&app.db)
+            .await?;
     let (id, hash) = match user {
         Some((id, hash)) => (Some(id), hash),
         None => (None, dummy_hash()),
@@ -131,7 +177,9 @@ pub async fn login(State(app): State<AppRef>, ApiJson(c): ApiJson<Credentials>) 
         return Err(Error::BadCredentials);
     };
     let token = issue_token(&app, id).await?;
-    Ok(axum::Json(json!({"user": {"id": id, "email": email}, "token": token})))
+    Ok(axum::Json(
+        json!({"user": {"id": id, "email": email}, "token": token}),
+    ))
 }
 
 /// The authenticated customer behind a request's bearer token.
@@ -165,8 +213,19 @@ mod tests {
 
     #[test]
     fn emails_are_normalised_and_checked() {
-        assert_eq!(normalize_email("  Alice@Example.COM ").unwrap(), "alice@example.com");
-        for bad in ["", "alice", "@x.com", "a@b", "a b@x.com", "a@@x.com", "a@x.com."] {
+        assert_eq!(
+            normalize_email("  Alice@Example.COM ").unwrap(),
+            "alice@example.com"
+        );
+        for bad in [
+            "",
+            "alice",
+            "@x.com",
+            "a@b",
+            "a b@x.com",
+            "a@@x.com",
+            "a@x.com.",
+        ] {
             assert!(normalize_email(bad).is_err(), "{bad}");
         }
     }
@@ -175,7 +234,11 @@ mod tests {
     async fn password_hash_verifies_only_the_right_password() {
         let h = hash_password("correct horse battery".into()).await.unwrap();
         assert!(h.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"));
-        assert!(verify_password("correct horse battery".into(), h.clone()).await.unwrap());
-        assert!(!verify_password("wrong horse battery".into(), h).await.unwrap());
+        assert!(verify_password("correct horse battery".into(), h.clone())
+            .await
+            .unwrap());
+        assert!(!verify_password("wrong horse battery".into(), h)
+            .await
+            .unwrap());
     }
 }

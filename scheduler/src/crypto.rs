@@ -25,11 +25,17 @@ impl std::fmt::Debug for SecretBox {
 impl SecretBox {
     /// `key_hex`: 64 hex characters (32 bytes).
     pub fn from_hex(key_hex: &str) -> Result<Self> {
-        let key = hex::decode(key_hex.trim()).map_err(|_| Error::Internal("secret key is not hex".into()))?;
+        let key = hex::decode(key_hex.trim())
+            .map_err(|_| Error::Internal("secret key is not hex".into()))?;
         if key.len() != 32 {
-            return Err(Error::Internal(format!("secret key must be 32 bytes, got {}", key.len())));
+            return Err(Error::Internal(format!(
+                "secret key must be 32 bytes, got {}",
+                key.len()
+            )));
         }
-        Ok(Self { cipher: Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&key)) })
+        Ok(Self {
+            cipher: Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&key)),
+        })
     }
 
     pub fn generate_key_hex() -> String {
@@ -40,7 +46,13 @@ impl SecretBox {
         let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
         let ct = self
             .cipher
-            .encrypt(&nonce, Payload { msg: plaintext, aad: aad.as_bytes() })
+            .encrypt(
+                &nonce,
+                Payload {
+                    msg: plaintext,
+                    aad: aad.as_bytes(),
+                },
+            )
             .map_err(|_| Error::Internal("encryption failed".into()))?;
         let mut out = Vec::with_capacity(1 + nonce.len() + ct.len());
         out.push(VERSION);
@@ -55,7 +67,13 @@ impl SecretBox {
         }
         let nonce = Nonce::from_slice(&sealed[1..13]);
         self.cipher
-            .decrypt(nonce, Payload { msg: &sealed[13..], aad: aad.as_bytes() })
+            .decrypt(
+                nonce,
+                Payload {
+                    msg: &sealed[13..],
+                    aad: aad.as_bytes(),
+                },
+            )
             .map_err(|_| Error::Internal(format!("secret for {aad} does not decrypt")))
     }
 
@@ -81,7 +99,10 @@ mod tests {
         let b = SecretBox::from_hex(&SecretBox::generate_key_hex()).unwrap();
         let sealed = b.seal("instance:1:openai", b"sk-test").unwrap();
         assert_eq!(b.open("instance:1:openai", &sealed).unwrap(), b"sk-test");
-        assert!(b.open("instance:2:openai", &sealed).is_err(), "moved ciphertext must not open");
+        assert!(
+            b.open("instance:2:openai", &sealed).is_err(),
+            "moved ciphertext must not open"
+        );
         assert!(!sealed.windows(7).any(|w| w == b"sk-test"));
     }
 

@@ -4,7 +4,9 @@
 
 use std::collections::HashMap;
 
-use clawdeploy_proto::{scheduler_message, DesiredContainer, DesiredState, Resources, SchedulerMessage, TenantConfig};
+use clawdeploy_proto::{
+    scheduler_message, DesiredContainer, DesiredState, Resources, SchedulerMessage, TenantConfig,
+};
 use uuid::Uuid;
 
 use crate::app::{App, AppRef};
@@ -13,11 +15,23 @@ use crate::error::{Error, Result};
 /// States whose containers should be running on their node.
 pub const RUNNING_STATES: &str = "('creating', 'warming', 'idle', 'assigning', 'assigned')";
 
-type ContainerRow = (Uuid, String, Vec<u8>, i32, i64, i32, Option<Uuid>, Option<i64>, Option<String>);
+type ContainerRow = (
+    Uuid,
+    String,
+    Vec<u8>,
+    i32,
+    i64,
+    i32,
+    Option<Uuid>,
+    Option<i64>,
+    Option<String>,
+);
 
 pub async fn load(app: &App, node_id: &str) -> Result<DesiredState> {
     let mut tx = app.db.begin().await?;
-    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY").execute(&mut *tx).await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .execute(&mut *tx)
+        .await?;
     let generation: i64 = sqlx::query_scalar("SELECT generation FROM nodes WHERE id = $1")
         .bind(node_id)
         .fetch_optional(&mut *tx)
@@ -35,48 +49,67 @@ pub async fn load(app: &App, node_id: &str) -> Result<DesiredState> {
     .fetch_all(&mut *tx)
     .await?;
     let instance_ids: Vec<Uuid> = rows.iter().filter_map(|r| r.6).collect();
-    let secret_rows: Vec<(Uuid, String, Vec<u8>)> =
-        sqlx::query_as("SELECT instance_id, name, ciphertext FROM secrets WHERE instance_id = ANY($1)")
-            .bind(&instance_ids)
-            .fetch_all(&mut *tx)
-            .await?;
+    let secret_rows: Vec<(Uuid, String, Vec<u8>)> = sqlx::query_as(
+        "SELECT instance_id, name, ciphertext FROM secrets WHERE instance_id = ANY($1)",
+    )
+    .bind(&instance_ids)
+    .fetch_all(&mut *tx)
+    .await?;
     tx.commit().await?;
 
     let mut keys: HashMap<Uuid, HashMap<String, String>> = HashMap::new();
     for (instance_id, name, sealed) in secret_rows {
-        let value = app.secrets.open_string(&App::secret_aad(instance_id, &name), &sealed)?;
+        let value = app
+            .secrets
+            .open_string(&App::secret_aad(instance_id, &name), &sealed)?;
         keys.entry(instance_id).or_default().insert(name, value);
     }
     let containers = rows
         .into_iter()
-        .map(|(id, image, token, cpu, mem, pids, instance, version, model)| {
-            Ok(DesiredContainer {
-                container_id: id.to_string(),
-                image,
-                gateway_token: app.secrets.open_string(&App::gateway_token_aad(id), &token)?,
-                resources: Some(Resources { cpu_millis: cpu as u32, memory_bytes: mem as u64, pids: pids as u32 }),
-                tenant: instance.map(|iid| TenantConfig {
-                    instance_id: iid.to_string(),
-                    config_version: version.unwrap_or(1) as u64,
-                    provider_keys: keys.remove(&iid).unwrap_or_default(),
-                    default_model: model.unwrap_or_default(),
-                }),
-            })
-        })
+        .map(
+            |(id, image, token, cpu, mem, pids, instance, version, model)| {
+                Ok(DesiredContainer {
+                    container_id: id.to_string(),
+                    image,
+                    gateway_token: app
+                        .secrets
+                        .open_string(&App::gateway_token_aad(id), &token)?,
+                    resources: Some(Resources {
+                        cpu_millis: cpu as u32,
+                        memory_bytes: mem as u64,
+                        pids: pids as u32,
+                    }),
+                    tenant: instance.map(|iid| TenantConfig {
+                        instance_id: iid.to_string(),
+                        config_version: version.unwrap_or(1) as u64,
+                        provider_keys: keys.remove(&iid).unwrap_or_default(),
+                        default_model: model.unwrap_or_default(),
+                    }),
+                })
+            },
+        )
         .collect::<Result<Vec<_>>>()?;
-    Ok(DesiredState { generation: generation as u64, containers })
+    Ok(DesiredState {
+        generation: generation as u64,
+        containers,
+    })
 }
 
 /// Sends the node its current desired state if it has an open session here.
 /// A node without a session gets it on its next hello.
 pub async fn push(app: &AppRef, node_id: &str) -> Result<()> {
     let Some(tx) = app.sessions.sender(node_id) else {
-        tracing::debug!(node_id, "no open session; desired state waits for the next hello");
+        tracing::debug!(
+            node_id,
+            "no open session; desired state waits for the next hello"
+        );
         return Ok(());
     };
     let desired = load(app, node_id).await?;
     let generation = desired.generation;
-    let msg = SchedulerMessage { msg: Some(scheduler_message::Msg::Desired(desired)) };
+    let msg = SchedulerMessage {
+        msg: Some(scheduler_message::Msg::Desired(desired)),
+    };
     if tx.send(Ok(msg)).await.is_err() {
         tracing::debug!(node_id, "session closed before the push");
     } else {

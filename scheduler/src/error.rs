@@ -11,7 +11,10 @@ pub enum Error {
     #[error("bad request: {0}")]
     BadRequest(String),
     #[error("invalid {field}: {message}")]
-    Invalid { field: &'static str, message: String },
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
     #[error("request body too large")]
     TooLarge,
     #[error("authentication required")]
@@ -45,16 +48,48 @@ impl Error {
     fn public(&self) -> (StatusCode, &'static str, String) {
         match self {
             Error::BadRequest(m) => (StatusCode::BAD_REQUEST, "bad_request", m.clone()),
-            Error::Invalid { field, message } => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", format!("{field}: {message}")),
-            Error::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "too_large", "request body too large".into()),
-            Error::Unauthenticated => (StatusCode::UNAUTHORIZED, "unauthenticated", "a valid bearer token is required".into()),
-            Error::BadCredentials => (StatusCode::UNAUTHORIZED, "bad_credentials", "wrong email or password".into()),
+            Error::Invalid { field, message } => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_field",
+                format!("{field}: {message}"),
+            ),
+            Error::TooLarge => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                "request body too large".into(),
+            ),
+            Error::Unauthenticated => (
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "a valid bearer token is required".into(),
+            ),
+            Error::BadCredentials => (
+                StatusCode::UNAUTHORIZED,
+                "bad_credentials",
+                "wrong email or password".into(),
+            ),
             Error::Forbidden(m) => (StatusCode::FORBIDDEN, "forbidden", m.clone()),
-            Error::NotFound(what) => (StatusCode::NOT_FOUND, "not_found", format!("{what} not found")),
+            Error::NotFound(what) => (
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("{what} not found"),
+            ),
             Error::Conflict { code, message } => (StatusCode::CONFLICT, code, message.clone()),
-            Error::NoCapacity(_) => (StatusCode::SERVICE_UNAVAILABLE, "no_capacity", "no capacity to start an instance right now; try again shortly".into()),
-            Error::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout", "the operation did not finish in time".into()),
-            Error::Database(_) | Error::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error".into()),
+            Error::NoCapacity(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no_capacity",
+                "no capacity to start an instance right now; try again shortly".into(),
+            ),
+            Error::Timeout(_) => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "timeout",
+                "the operation did not finish in time".into(),
+            ),
+            Error::Database(_) | Error::Internal(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "internal error".into(),
+            ),
         }
     }
 
@@ -62,7 +97,10 @@ impl Error {
     /// stays a database error.
     pub fn on_unique(e: sqlx::Error, constraint: &str, code: &'static str, message: &str) -> Self {
         match &e {
-            sqlx::Error::Database(db) if db.constraint() == Some(constraint) => Error::Conflict { code, message: message.into() },
+            sqlx::Error::Database(db) if db.constraint() == Some(constraint) => Error::Conflict {
+                code,
+                message: message.into(),
+            },
             _ => Error::Database(e),
         }
     }
@@ -76,7 +114,11 @@ impl IntoResponse for Error {
         } else {
             tracing::debug!(error = %self, code, "request refused");
         }
-        (status, axum::Json(json!({"error": {"code": code, "message": message}}))).into_response()
+        (
+            status,
+            axum::Json(json!({"error": {"code": code, "message": message}})),
+        )
+            .into_response()
     }
 }
 
@@ -92,7 +134,9 @@ impl From<Error> for tonic::Status {
             StatusCode::FORBIDDEN => tonic::Status::permission_denied(message),
             StatusCode::NOT_FOUND => tonic::Status::not_found(message),
             StatusCode::CONFLICT => tonic::Status::already_exists(message),
-            StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY | StatusCode::PAYLOAD_TOO_LARGE => tonic::Status::invalid_argument(message),
+            StatusCode::BAD_REQUEST
+            | StatusCode::UNPROCESSABLE_ENTITY
+            | StatusCode::PAYLOAD_TOO_LARGE => tonic::Status::invalid_argument(message),
             StatusCode::SERVICE_UNAVAILABLE => tonic::Status::unavailable(message),
             StatusCode::GATEWAY_TIMEOUT => tonic::Status::deadline_exceeded(message),
             _ => tonic::Status::internal(message),

@@ -8,8 +8,8 @@ use std::pin::Pin;
 use clawdeploy_proto::agent_session_server::AgentSession;
 use clawdeploy_proto::route_watch_server::RouteWatch;
 use clawdeploy_proto::{
-    agent_message, route_event, AgentMessage, ContainerPhase, ContainerStatus, Heartbeat, Hello, RouteEvent,
-    SchedulerMessage, WatchRoutesRequest,
+    agent_message, route_event, AgentMessage, ContainerPhase, ContainerStatus, Heartbeat, Hello,
+    RouteEvent, SchedulerMessage, WatchRoutesRequest,
 };
 use futures::Stream;
 use tokio::sync::{broadcast, mpsc};
@@ -24,9 +24,14 @@ use crate::{assign, desired};
 
 /// The identity named by the caller's verified client certificate.
 fn caller<T>(req: &Request<T>) -> Result<Identity, Status> {
-    let certs = req.peer_certs().ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
-    let leaf = certs.first().ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
-    Identity::from_cert_der(leaf).ok_or_else(|| Status::permission_denied("certificate names no clawdeploy identity"))
+    let certs = req
+        .peer_certs()
+        .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+    let leaf = certs
+        .first()
+        .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+    Identity::from_cert_der(leaf)
+        .ok_or_else(|| Status::permission_denied("certificate names no clawdeploy identity"))
 }
 
 pub struct AgentService {
@@ -37,9 +42,14 @@ pub struct AgentService {
 impl AgentSession for AgentService {
     type SessionStream = ReceiverStream<Result<SchedulerMessage, Status>>;
 
-    async fn session(&self, req: Request<Streaming<AgentMessage>>) -> Result<Response<Self::SessionStream>, Status> {
+    async fn session(
+        &self,
+        req: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
         let Identity::Node(node_id) = caller(&req)? else {
-            return Err(Status::permission_denied("only node certificates may open an agent session"));
+            return Err(Status::permission_denied(
+                "only node certificates may open an agent session",
+            ));
         };
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(32);
@@ -48,7 +58,11 @@ impl AgentSession for AgentService {
             let session_id = app.sessions.register(&node_id, tx.clone());
             metrics::gauge!("clawdeploy_agent_sessions").set(app.sessions.connected() as f64);
             tracing::info!(node_id, "agent session opened");
-            let mut session = AgentSessionState { app: app.clone(), node_id: node_id.clone(), seen: HashMap::new() };
+            let mut session = AgentSessionState {
+                app: app.clone(),
+                node_id: node_id.clone(),
+                seen: HashMap::new(),
+            };
             let end = loop {
                 match inbound.message().await {
                     Ok(Some(msg)) => {
@@ -111,7 +125,10 @@ impl AgentSessionState {
         .fetch_one(&self.app.db)
         .await?;
         if state == "removed" {
-            return Err(Error::Forbidden(format!("node {} has been removed", self.node_id)));
+            return Err(Error::Forbidden(format!(
+                "node {} has been removed",
+                self.node_id
+            )));
         }
         crate::audit(&self.app.db, &format!("node:{}", self.node_id), "node.hello", &self.node_id, serde_json::json!({"agentVersion": hello.agent_version, "appliedGeneration": hello.applied_generation})).await;
         self.seen.clear();
@@ -136,11 +153,17 @@ impl AgentSessionState {
                     changed_node |= bumped;
                     self.seen.insert(status.container_id.clone(), key);
                 }
-                Err(e) => tracing::warn!(node_id = self.node_id, container_id = status.container_id, error = %e, "container report not applied"),
+                Err(e) => {
+                    tracing::warn!(node_id = self.node_id, container_id = status.container_id, error = %e, "container report not applied")
+                }
             }
         }
         // Containers being destroyed are gone once the agent stops reporting them.
-        let reported: Vec<Uuid> = hb.containers.iter().filter_map(|c| c.container_id.parse().ok()).collect();
+        let reported: Vec<Uuid> = hb
+            .containers
+            .iter()
+            .filter_map(|c| c.container_id.parse().ok())
+            .collect();
         sqlx::query("UPDATE containers SET state = 'destroyed', updated_at = now() WHERE node_id = $1 AND state = 'destroying' AND id <> ALL($2)")
             .bind(&self.node_id)
             .bind(&reported)
@@ -155,7 +178,10 @@ impl AgentSessionState {
     /// Applies one container's observed state. Returns whether the node's
     /// desired state changed (a failed pool container was dropped).
     async fn observe(&self, s: &ContainerStatus) -> Result<bool> {
-        let id: Uuid = s.container_id.parse().map_err(|_| Error::BadRequest("container id is not a uuid".into()))?;
+        let id: Uuid = s
+            .container_id
+            .parse()
+            .map_err(|_| Error::BadRequest("container id is not a uuid".into()))?;
         let phase = ContainerPhase::try_from(s.phase).unwrap_or(ContainerPhase::Unspecified);
         // `node_id = $2` everywhere: an agent only ever speaks for its own node.
         let new_state: Option<String> = match phase {
@@ -190,7 +216,10 @@ impl AgentSessionState {
             "idle" => self.app.pool_wake.notify_one(),
             "destroying" => {
                 tracing::warn!(node_id = self.node_id, container_id = %id, message = s.message, "pool container failed; replacing it");
-                sqlx::query("UPDATE nodes SET generation = generation + 1 WHERE id = $1").bind(&self.node_id).execute(&self.app.db).await?;
+                sqlx::query("UPDATE nodes SET generation = generation + 1 WHERE id = $1")
+                    .bind(&self.node_id)
+                    .execute(&self.app.db)
+                    .await?;
                 self.app.pool_wake.notify_one();
                 bumped = true;
             }
@@ -213,30 +242,56 @@ type RouteStream = Pin<Box<dyn Stream<Item = Result<RouteEvent, Status>> + Send>
 impl RouteWatch for RouteService {
     type WatchRoutesStream = RouteStream;
 
-    async fn watch_routes(&self, req: Request<WatchRoutesRequest>) -> Result<Response<RouteStream>, Status> {
+    async fn watch_routes(
+        &self,
+        req: Request<WatchRoutesRequest>,
+    ) -> Result<Response<RouteStream>, Status> {
         let Identity::Edge(edge_id) = caller(&req)? else {
-            return Err(Status::permission_denied("only edge certificates may watch routes"));
+            return Err(Status::permission_denied(
+                "only edge certificates may watch routes",
+            ));
         };
         // Subscribe before reading the snapshot so no committed change is missed;
         // the edge orders by version, so a delta it already has is harmless.
         let mut deltas = self.app.route_events.subscribe();
         let snapshot = crate::routes::snapshot(&self.app).await?;
-        tracing::info!(edge_id, routes = snapshot.routes.len(), version = snapshot.version, "edge watching routes");
+        tracing::info!(
+            edge_id,
+            routes = snapshot.routes.len(),
+            version = snapshot.version,
+            "edge watching routes"
+        );
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(async move {
-            if tx.send(Ok(RouteEvent { event: Some(route_event::Event::Snapshot(snapshot)) })).await.is_err() {
+            if tx
+                .send(Ok(RouteEvent {
+                    event: Some(route_event::Event::Snapshot(snapshot)),
+                }))
+                .await
+                .is_err()
+            {
                 return;
             }
             loop {
                 match deltas.recv().await {
                     Ok(d) => {
-                        if tx.send(Ok(RouteEvent { event: Some(route_event::Event::Delta(d)) })).await.is_err() {
+                        if tx
+                            .send(Ok(RouteEvent {
+                                event: Some(route_event::Event::Delta(d)),
+                            }))
+                            .await
+                            .is_err()
+                        {
                             break;
                         }
                     }
                     Err(broadcast::error::RecvError::Lagged(n)) => {
                         // The edge reconnects and gets a fresh snapshot.
-                        let _ = tx.send(Err(Status::data_loss(format!("edge fell {n} route changes behind; resubscribe")))).await;
+                        let _ = tx
+                            .send(Err(Status::data_loss(format!(
+                                "edge fell {n} route changes behind; resubscribe"
+                            ))))
+                            .await;
                         break;
                     }
                     Err(broadcast::error::RecvError::Closed) => break,

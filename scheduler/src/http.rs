@@ -25,7 +25,9 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     async fn from_request(req: Request, state: &S) -> Result<Self, Error> {
         match axum::Json::<T>::from_request(req, state).await {
             Ok(axum::Json(v)) => Ok(ApiJson(v)),
-            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(Error::TooLarge),
+            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                Err(Error::TooLarge)
+            }
             Err(rejection) => Err(Error::BadRequest(rejection.body_text())),
         }
     }
@@ -38,7 +40,10 @@ pub fn router(app: AppRef, metrics: PrometheusHandle) -> Router {
         .route("/api/instances", post(instances::create))
         .route("/api/instances/me", get(instances::me))
         .route("/healthz", get(healthz))
-        .route("/metrics", get(move || std::future::ready(metrics.render())))
+        .route(
+            "/metrics",
+            get(move || std::future::ready(metrics.render())),
+        )
         .fallback(|| async { Error::NotFound("endpoint") })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(app)

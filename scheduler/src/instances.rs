@@ -17,21 +17,67 @@ use crate::http::ApiJson;
 
 /// Names that never become customer subdomains.
 const RESERVED: &[&str] = &[
-    "www", "api", "admin", "app", "mail", "smtp", "imap", "pop", "ftp", "ns", "ns1", "ns2", "dns", "edge", "status",
-    "docs", "help", "support", "billing", "dashboard", "console", "static", "cdn", "assets", "auth", "login", "signup",
-    "scheduler", "grpc", "metrics", "root", "localhost",
+    "www",
+    "api",
+    "admin",
+    "app",
+    "mail",
+    "smtp",
+    "imap",
+    "pop",
+    "ftp",
+    "ns",
+    "ns1",
+    "ns2",
+    "dns",
+    "edge",
+    "status",
+    "docs",
+    "help",
+    "support",
+    "billing",
+    "dashboard",
+    "console",
+    "static",
+    "cdn",
+    "assets",
+    "auth",
+    "login",
+    "signup",
+    "scheduler",
+    "grpc",
+    "metrics",
+    "root",
+    "localhost",
 ];
 
 /// Providers whose keys we inject into `openclaw.json`.
-const PROVIDERS: &[&str] = &["openai", "anthropic", "google", "openrouter", "mistral", "groq", "xai", "deepseek"];
+const PROVIDERS: &[&str] = &[
+    "openai",
+    "anthropic",
+    "google",
+    "openrouter",
+    "mistral",
+    "groq",
+    "xai",
+    "deepseek",
+];
 
 pub fn validate_subdomain(raw: &str) -> Result<String> {
     let s = raw.trim().to_ascii_lowercase();
-    let invalid = |m: &str| Err(Error::Invalid { field: "subdomain", message: m.into() });
+    let invalid = |m: &str| {
+        Err(Error::Invalid {
+            field: "subdomain",
+            message: m.into(),
+        })
+    };
     if !(3..=63).contains(&s.len()) {
         return invalid("must be 3 to 63 characters");
     }
-    if !s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
+    if !s
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
         return invalid("may contain only letters, digits and hyphens");
     }
     if s.starts_with('-') || s.ends_with('-') {
@@ -51,11 +97,17 @@ fn validate_keys(keys: BTreeMap<String, String>) -> Result<BTreeMap<String, Stri
         .map(|(provider, key)| {
             let provider = provider.trim().to_ascii_lowercase();
             if !PROVIDERS.contains(&provider.as_str()) {
-                return Err(Error::Invalid { field: "apiKeys", message: format!("unknown provider (known: {})", PROVIDERS.join(", ")) });
+                return Err(Error::Invalid {
+                    field: "apiKeys",
+                    message: format!("unknown provider (known: {})", PROVIDERS.join(", ")),
+                });
             }
             let key = key.trim().to_owned();
             if key.is_empty() || key.len() > 512 || !key.bytes().all(|b| b.is_ascii_graphic()) {
-                return Err(Error::Invalid { field: "apiKeys", message: format!("the {provider} key must be 1 to 512 printable characters") });
+                return Err(Error::Invalid {
+                    field: "apiKeys",
+                    message: format!("the {provider} key must be 1 to 512 printable characters"),
+                });
             }
             Ok((provider, key))
         })
@@ -91,38 +143,71 @@ fn view(app: &App, id: Uuid, subdomain: &str, token: &str, status: &str, tier: &
     }})
 }
 
-pub async fn create(State(app): State<AppRef>, user: AuthUser, ApiJson(body): ApiJson<CreateInstance>) -> Result<(StatusCode, axum::Json<Value>)> {
+pub async fn create(
+    State(app): State<AppRef>,
+    user: AuthUser,
+    ApiJson(body): ApiJson<CreateInstance>,
+) -> Result<(StatusCode, axum::Json<Value>)> {
     let subdomain = match body.subdomain {
         Some(s) => validate_subdomain(&s)?,
         None => format!("claw-{}", random_token(4)),
     };
     let provider_keys = validate_keys(body.api_keys)?;
     let default_model = default_model_for(&provider_keys);
-    let claimed = assign::claim(&app, ClaimRequest { user_id: user.id, subdomain: subdomain.clone(), provider_keys, default_model }).await?;
+    let claimed = assign::claim(
+        &app,
+        ClaimRequest {
+            user_id: user.id,
+            subdomain: subdomain.clone(),
+            provider_keys,
+            default_model,
+        },
+    )
+    .await?;
     let ready = assign::wait_ready(&app, claimed.instance_id).await?;
-    let (status, code) = if ready { ("ready", StatusCode::CREATED) } else { ("pending", StatusCode::ACCEPTED) };
+    let (status, code) = if ready {
+        ("ready", StatusCode::CREATED)
+    } else {
+        ("pending", StatusCode::ACCEPTED)
+    };
     if !ready {
         metrics::counter!("clawdeploy_assignments_total", "result" => "accepted").increment(1);
         tracing::warn!(instance_id = %claimed.instance_id, container_id = %claimed.container_id, node_id = claimed.node_id, "claim not confirmed within the wait; answering 202");
     }
-    Ok((code, axum::Json(view(&app, claimed.instance_id, &subdomain, &claimed.gateway_token, status, "free"))))
+    Ok((
+        code,
+        axum::Json(view(
+            &app,
+            claimed.instance_id,
+            &subdomain,
+            &claimed.gateway_token,
+            status,
+            "free",
+        )),
+    ))
 }
 
+/// id, subdomain, status, tier, container id, sealed gateway token.
+type MeRow = (Uuid, String, String, String, Option<Uuid>, Option<Vec<u8>>);
+
 pub async fn me(State(app): State<AppRef>, user: AuthUser) -> Result<axum::Json<Value>> {
-    let row: Option<(Uuid, String, String, String, Option<Uuid>, Option<Vec<u8>>)> = sqlx::query_as(
-        "SELECT i.id, i.subdomain, i.status, i.tier, c.id, c.gateway_token_enc
+    let row: Option<MeRow> =
+        sqlx::query_as(
+            "SELECT i.id, i.subdomain, i.status, i.tier, c.id, c.gateway_token_enc
            FROM instances i LEFT JOIN containers c ON c.id = i.container_id
           WHERE i.user_id = $1 AND i.status <> 'deleted'",
-    )
-    .bind(user.id)
-    .fetch_optional(&app.db)
-    .await?;
+        )
+        .bind(user.id)
+        .fetch_optional(&app.db)
+        .await?;
     let (id, subdomain, status, tier, container, token) = row.ok_or(Error::NotFound("instance"))?;
     let token = match (container, token) {
         (Some(c), Some(t)) => app.secrets.open_string(&App::gateway_token_aad(c), &t)?,
         _ => String::new(),
     };
-    Ok(axum::Json(view(&app, id, &subdomain, &token, &status, &tier)))
+    Ok(axum::Json(view(
+        &app, id, &subdomain, &token, &status, &tier,
+    )))
 }
 
 #[cfg(test)]
@@ -132,7 +217,20 @@ mod tests {
     #[test]
     fn subdomains_are_dns_labels_and_not_reserved() {
         assert_eq!(validate_subdomain("Alice-1").unwrap(), "alice-1");
-        for bad in ["ab", "-abc", "abc-", "a_b", "a.b", "www", "admin", "mail", "api", "xn--abc", &"a".repeat(64), "héllo"] {
+        for bad in [
+            "ab",
+            "-abc",
+            "abc-",
+            "a_b",
+            "a.b",
+            "www",
+            "admin",
+            "mail",
+            "api",
+            "xn--abc",
+            &"a".repeat(64),
+            "héllo",
+        ] {
             assert!(validate_subdomain(bad).is_err(), "{bad}");
         }
     }

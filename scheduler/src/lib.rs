@@ -46,14 +46,22 @@ pub struct ServeOptions {
 
 /// Records one state change in the audit log. Auditing never fails the
 /// operation it records; a failure is logged.
-pub async fn audit<'e>(db: impl sqlx::PgExecutor<'e>, actor: &str, action: &str, subject: &str, detail: serde_json::Value) {
-    let r = sqlx::query("INSERT INTO audit_log (actor, action, subject, detail) VALUES ($1, $2, $3, $4)")
-        .bind(actor)
-        .bind(action)
-        .bind(subject)
-        .bind(detail)
-        .execute(db)
-        .await;
+pub async fn audit<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+    actor: &str,
+    action: &str,
+    subject: &str,
+    detail: serde_json::Value,
+) {
+    let r = sqlx::query(
+        "INSERT INTO audit_log (actor, action, subject, detail) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(actor)
+    .bind(action)
+    .bind(subject)
+    .bind(detail)
+    .execute(db)
+    .await;
     if let Err(e) = r {
         tracing::warn!(error = %e, action, subject, "audit record not written");
     }
@@ -67,7 +75,9 @@ pub fn metrics_handle() -> PrometheusHandle {
             PrometheusBuilder::new()
                 .set_buckets_for_metric(
                     Matcher::Suffix("_seconds".into()),
-                    &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
+                    &[
+                        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                    ],
                 )
                 .expect("static buckets")
                 .install_recorder()
@@ -93,20 +103,35 @@ fn load_secret_key(opts: &ServeOptions) -> anyhow::Result<crypto::SecretBox> {
 }
 
 /// Runs the scheduler on the given listeners until `shutdown` resolves.
-pub async fn serve(opts: ServeOptions, http: TcpListener, grpc: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+pub async fn serve(
+    opts: ServeOptions,
+    http: TcpListener,
+    grpc: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let db = PgPoolOptions::new()
         .max_connections(opts.db_max_connections)
         .acquire_timeout(Duration::from_secs(10))
         .connect(&opts.database_url)
         .await
         .context("connecting to PostgreSQL")?;
-    sqlx::migrate!("../migrations").run(&db).await.context("running migrations")?;
+    sqlx::migrate!("../migrations")
+        .run(&db)
+        .await
+        .context("running migrations")?;
     let secrets = load_secret_key(&opts)?;
 
     let ca = pki::Ca::load_or_create(&opts.data_dir)?;
-    let server_cert = ca.issue(&pki::Identity::Scheduler, &opts.grpc_server_names, Duration::from_secs(30 * 24 * 3600))?;
+    let server_cert = ca.issue(
+        &pki::Identity::Scheduler,
+        &opts.grpc_server_names,
+        Duration::from_secs(30 * 24 * 3600),
+    )?;
     let tls = ServerTlsConfig::new()
-        .identity(TlsIdentity::from_pem(&server_cert.cert_pem, &server_cert.key_pem))
+        .identity(TlsIdentity::from_pem(
+            &server_cert.cert_pem,
+            &server_cert.key_pem,
+        ))
         .client_ca_root(Certificate::from_pem(ca.cert_pem()));
 
     let metrics = metrics_handle();
@@ -122,10 +147,20 @@ pub async fn serve(opts: ServeOptions, http: TcpListener, grpc: TcpListener, shu
         .tls_config(tls)?
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .add_service(clawdeploy_proto::agent_session_server::AgentSessionServer::new(grpc::AgentService { app: app.clone() }))
-        .add_service(clawdeploy_proto::route_watch_server::RouteWatchServer::new(grpc::RouteService { app: app.clone() }))
-        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(grpc), wait_stop(stop_rx.clone()));
-    let http_server = axum::serve(http, http::router(app.clone(), metrics)).with_graceful_shutdown(wait_stop(stop_rx.clone()));
+        .add_service(
+            clawdeploy_proto::agent_session_server::AgentSessionServer::new(grpc::AgentService {
+                app: app.clone(),
+            }),
+        )
+        .add_service(clawdeploy_proto::route_watch_server::RouteWatchServer::new(
+            grpc::RouteService { app: app.clone() },
+        ))
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(grpc),
+            wait_stop(stop_rx.clone()),
+        );
+    let http_server = axum::serve(http, http::router(app.clone(), metrics))
+        .with_graceful_shutdown(wait_stop(stop_rx.clone()));
     tracing::info!("scheduler serving");
     // Agent sessions and route watches are endless streams, so graceful
     // shutdown gets a short grace period, then the servers are dropped.

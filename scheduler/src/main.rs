@@ -43,9 +43,18 @@ struct ServeArgs {
     #[arg(long, env = "CLAWDEPLOY_SECRET_KEY", hide_env_values = true)]
     secret_key: Option<String>,
     /// Names (DNS or IP) on the gRPC server certificate.
-    #[arg(long, env = "CLAWDEPLOY_GRPC_SERVER_NAMES", value_delimiter = ',', default_value = "localhost,127.0.0.1")]
+    #[arg(
+        long,
+        env = "CLAWDEPLOY_GRPC_SERVER_NAMES",
+        value_delimiter = ',',
+        default_value = "localhost,127.0.0.1"
+    )]
     grpc_server_names: Vec<String>,
-    #[arg(long, env = "CLAWDEPLOY_BASE_DOMAIN", default_value = "clawdeploy.localhost")]
+    #[arg(
+        long,
+        env = "CLAWDEPLOY_BASE_DOMAIN",
+        default_value = "clawdeploy.localhost"
+    )]
     base_domain: String,
     /// Scheme of customer URLs (https in production, http for a local edge).
     #[arg(long, env = "CLAWDEPLOY_PUBLIC_SCHEME", default_value = "https")]
@@ -54,7 +63,11 @@ struct ServeArgs {
     #[arg(long, env = "CLAWDEPLOY_PUBLIC_PORT")]
     public_port: Option<u16>,
     /// OpenClaw image for pool containers.
-    #[arg(long, env = "CLAWDEPLOY_IMAGE", default_value = "clawdeploy/openclaw-standin:dev")]
+    #[arg(
+        long,
+        env = "CLAWDEPLOY_IMAGE",
+        default_value = "clawdeploy/openclaw-standin:dev"
+    )]
     image: String,
     #[arg(long, env = "CLAWDEPLOY_POOL_GENERATION", default_value_t = 1)]
     pool_generation: i32,
@@ -102,12 +115,19 @@ enum Kind {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sqlx=warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,sqlx=warn".into()),
+        )
         .init();
     match Cli::parse().command {
         Command::Serve(a) => {
-            let http = tokio::net::TcpListener::bind(a.http_listen).await.with_context(|| format!("binding {}", a.http_listen))?;
-            let grpc = tokio::net::TcpListener::bind(a.grpc_listen).await.with_context(|| format!("binding {}", a.grpc_listen))?;
+            let http = tokio::net::TcpListener::bind(a.http_listen)
+                .await
+                .with_context(|| format!("binding {}", a.http_listen))?;
+            let grpc = tokio::net::TcpListener::bind(a.grpc_listen)
+                .await
+                .with_context(|| format!("binding {}", a.grpc_listen))?;
             tracing::info!(http = %http.local_addr()?, grpc = %grpc.local_addr()?, "listening");
             let opts = ServeOptions {
                 cfg: Config {
@@ -135,8 +155,17 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", data_dir.join("ca.crt.pem").display());
             Ok(())
         }
-        Command::Pki(PkiCommand::Issue { data_dir, kind, id, out, hours }) => {
-            anyhow::ensure!(clawdeploy_scheduler::pki::valid_id(&id), "id must be 1-63 letters, digits, '-' or '_'");
+        Command::Pki(PkiCommand::Issue {
+            data_dir,
+            kind,
+            id,
+            out,
+            hours,
+        }) => {
+            anyhow::ensure!(
+                clawdeploy_scheduler::pki::valid_id(&id),
+                "id must be 1-63 letters, digits, '-' or '_'"
+            );
             let ca = Ca::load_or_create(&data_dir)?;
             let identity = match kind {
                 Kind::Node => Identity::Node(id.clone()),
@@ -151,7 +180,8 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}

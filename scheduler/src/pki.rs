@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 
 use crate::error::{Error, Result};
@@ -48,10 +48,14 @@ impl Identity {
     pub fn from_cert_der(der: &[u8]) -> Option<Self> {
         let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
         let san = cert.subject_alternative_name().ok()??;
-        let mut found = san.value.general_names.iter().filter_map(|name| match name {
-            x509_parser::extensions::GeneralName::URI(uri) => Identity::parse_uri(uri),
-            _ => None,
-        });
+        let mut found = san
+            .value
+            .general_names
+            .iter()
+            .filter_map(|name| match name {
+                x509_parser::extensions::GeneralName::URI(uri) => Identity::parse_uri(uri),
+                _ => None,
+            });
         let first = found.next()?;
         found.next().is_none().then_some(first)
     }
@@ -59,7 +63,11 @@ impl Identity {
 
 /// Node and edge ids: short, DNS-label-like, safe in paths and labels.
 pub fn valid_id(id: &str) -> bool {
-    !id.is_empty() && id.len() <= 63 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    !id.is_empty()
+        && id.len() <= 63
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 pub struct Ca {
@@ -79,7 +87,9 @@ impl Ca {
         let (cert_path, key_path) = (dir.join("ca.crt.pem"), dir.join("ca.key.pem"));
         if cert_path.exists() && key_path.exists() {
             let cert_pem = std::fs::read_to_string(&cert_path).map_err(Error::internal)?;
-            let key = KeyPair::from_pem(&std::fs::read_to_string(&key_path).map_err(Error::internal)?).map_err(Error::internal)?;
+            let key =
+                KeyPair::from_pem(&std::fs::read_to_string(&key_path).map_err(Error::internal)?)
+                    .map_err(Error::internal)?;
             let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(Error::internal)?;
             return Ok(Self { cert_pem, issuer });
         }
@@ -88,13 +98,20 @@ impl Ca {
         let mut params = CertificateParams::default();
         params.distinguished_name = name("ClawDeploy CA");
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         params.not_before = time::OffsetDateTime::now_utc() - time::Duration::hours(1);
         params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(3650);
         let cert = params.self_signed(&key).map_err(Error::internal)?;
         write_private(&key_path, &key.serialize_pem())?;
         std::fs::write(&cert_path, cert.pem()).map_err(Error::internal)?;
-        Ok(Self { cert_pem: cert.pem(), issuer: Issuer::new(params, key) })
+        Ok(Self {
+            cert_pem: cert.pem(),
+            issuer: Issuer::new(params, key),
+        })
     }
 
     pub fn cert_pem(&self) -> &str {
@@ -103,35 +120,60 @@ impl Ca {
 
     /// Issues a certificate for `identity`, usable as TLS client and server,
     /// with extra DNS/IP names for servers.
-    pub fn issue(&self, identity: &Identity, extra_names: &[String], lifetime: Duration) -> Result<IssuedCert> {
+    pub fn issue(
+        &self,
+        identity: &Identity,
+        extra_names: &[String],
+        lifetime: Duration,
+    ) -> Result<IssuedCert> {
         let key = KeyPair::generate().map_err(Error::internal)?;
         let mut params = CertificateParams::default();
         params.distinguished_name = name(&identity.uri());
-        params.subject_alt_names.push(SanType::URI(identity.uri().try_into().map_err(Error::internal)?));
+        params.subject_alt_names.push(SanType::URI(
+            identity.uri().try_into().map_err(Error::internal)?,
+        ));
         for n in extra_names {
             params.subject_alt_names.push(match n.parse::<IpAddr>() {
                 Ok(ip) => SanType::IpAddress(ip),
                 Err(_) => SanType::DnsName(n.clone().try_into().map_err(Error::internal)?),
             });
         }
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
         params.use_authority_key_identifier_extension = true;
         let mut serial = [0u8; 16];
         rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut serial);
         serial[0] &= 0x7f;
         params.serial_number = Some(SerialNumber::from_slice(&serial));
         params.not_before = time::OffsetDateTime::now_utc() - time::Duration::minutes(5);
-        params.not_after = time::OffsetDateTime::now_utc() + time::Duration::try_from(lifetime).map_err(Error::internal)?;
-        let cert = params.signed_by(&key, &self.issuer).map_err(Error::internal)?;
-        Ok(IssuedCert { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+        params.not_after = time::OffsetDateTime::now_utc()
+            + time::Duration::try_from(lifetime).map_err(Error::internal)?;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(Error::internal)?;
+        Ok(IssuedCert {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
     }
 
     /// Writes `<name>.crt.pem`, `<name>.key.pem` (mode 0600) and `ca.crt.pem`
     /// into `dir`: everything a process needs for mTLS.
-    pub fn write_bundle(&self, dir: &Path, file_name: &str, issued: &IssuedCert) -> Result<PathBuf> {
+    pub fn write_bundle(
+        &self,
+        dir: &Path,
+        file_name: &str,
+        issued: &IssuedCert,
+    ) -> Result<PathBuf> {
         std::fs::create_dir_all(dir).map_err(Error::internal)?;
-        std::fs::write(dir.join(format!("{file_name}.crt.pem")), &issued.cert_pem).map_err(Error::internal)?;
+        std::fs::write(dir.join(format!("{file_name}.crt.pem")), &issued.cert_pem)
+            .map_err(Error::internal)?;
         write_private(&dir.join(format!("{file_name}.key.pem")), &issued.key_pem)?;
         let ca_path = dir.join("ca.crt.pem");
         if std::fs::read_to_string(&ca_path).ok().as_deref() != Some(self.cert_pem.as_str()) {
@@ -169,9 +211,20 @@ mod tests {
     fn issued_certificate_names_exactly_its_identity() {
         let dir = std::env::temp_dir().join(format!("cd-pki-{}", crate::crypto::random_token(6)));
         let ca = Ca::load_or_create(&dir).unwrap();
-        let issued = ca.issue(&Identity::Node("node-a".into()), &["localhost".into(), "127.0.0.1".into()], Duration::from_secs(3600)).unwrap();
-        let der = rustls::pki_types::pem::PemObject::from_pem_slice(issued.cert_pem.as_bytes()).map(|c: rustls::pki_types::CertificateDer<'static>| c.to_vec()).unwrap();
-        assert_eq!(Identity::from_cert_der(&der), Some(Identity::Node("node-a".into())));
+        let issued = ca
+            .issue(
+                &Identity::Node("node-a".into()),
+                &["localhost".into(), "127.0.0.1".into()],
+                Duration::from_secs(3600),
+            )
+            .unwrap();
+        let der = rustls::pki_types::pem::PemObject::from_pem_slice(issued.cert_pem.as_bytes())
+            .map(|c: rustls::pki_types::CertificateDer<'static>| c.to_vec())
+            .unwrap();
+        assert_eq!(
+            Identity::from_cert_der(&der),
+            Some(Identity::Node("node-a".into()))
+        );
         // Reloading the CA from disk keeps the same root.
         let again = Ca::load_or_create(&dir).unwrap();
         assert_eq!(again.cert_pem(), ca.cert_pem());
@@ -180,8 +233,14 @@ mod tests {
 
     #[test]
     fn identity_uris_parse_strictly() {
-        assert_eq!(Identity::parse_uri("spiffe://clawdeploy/edge/e1"), Some(Identity::Edge("e1".into())));
-        assert_eq!(Identity::parse_uri("spiffe://clawdeploy/scheduler"), Some(Identity::Scheduler));
+        assert_eq!(
+            Identity::parse_uri("spiffe://clawdeploy/edge/e1"),
+            Some(Identity::Edge("e1".into()))
+        );
+        assert_eq!(
+            Identity::parse_uri("spiffe://clawdeploy/scheduler"),
+            Some(Identity::Scheduler)
+        );
         assert_eq!(Identity::parse_uri("spiffe://clawdeploy/node/../x"), None);
         assert_eq!(Identity::parse_uri("spiffe://other/node/a"), None);
         assert_eq!(Identity::parse_uri("spiffe://clawdeploy/node/"), None);

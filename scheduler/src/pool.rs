@@ -59,7 +59,11 @@ pub async fn run(app: AppRef, mut shutdown: watch::Receiver<bool>) {
 
 async fn try_lock(app: &App) -> Option<PgConnection> {
     let mut conn = app.db.acquire().await.ok()?.detach();
-    let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)").bind(POOL_LOCK_KEY).fetch_one(&mut conn).await.ok()?;
+    let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(POOL_LOCK_KEY)
+        .fetch_one(&mut conn)
+        .await
+        .ok()?;
     if got {
         tracing::info!("this scheduler now runs the pool manager");
         metrics::gauge!("clawdeploy_pool_manager_leader").set(1.0);
@@ -94,18 +98,36 @@ async fn schedulable_nodes(app: &App, tx: &mut Transaction<'_, Postgres>) -> Res
     .bind(app.cfg.heartbeat_ttl.as_secs_f64())
     .fetch_all(&mut **tx)
     .await?;
-    Ok(rows.into_iter().map(|(id, max, pool, total)| NodeLoad { id, max: i64::from(max), pool, total }).collect())
+    Ok(rows
+        .into_iter()
+        .map(|(id, max, pool, total)| NodeLoad {
+            id,
+            max: i64::from(max),
+            pool,
+            total,
+        })
+        .collect())
 }
 
 /// Picks the node for one more container: fewest pool containers, then
 /// fewest containers overall, among nodes with room.
 fn pick(nodes: &mut [NodeLoad]) -> Option<&mut NodeLoad> {
-    nodes.iter_mut().filter(|n| n.total < n.max).min_by_key(|n| (n.pool, n.total))
+    nodes
+        .iter_mut()
+        .filter(|n| n.total < n.max)
+        .min_by_key(|n| (n.pool, n.total))
 }
 
-async fn insert_container(app: &App, tx: &mut Transaction<'_, Postgres>, node_id: &str, state: &str) -> Result<(Uuid, Vec<u8>)> {
+async fn insert_container(
+    app: &App,
+    tx: &mut Transaction<'_, Postgres>,
+    node_id: &str,
+    state: &str,
+) -> Result<(Uuid, Vec<u8>)> {
     let id = Uuid::new_v4();
-    let token = app.secrets.seal(&App::gateway_token_aad(id), random_token(32).as_bytes())?;
+    let token = app
+        .secrets
+        .seal(&App::gateway_token_aad(id), random_token(32).as_bytes())?;
     sqlx::query(
         "INSERT INTO containers (id, node_id, image, pool_generation, gateway_token_enc, state, cpu_millis, memory_bytes, pids)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
@@ -126,9 +148,13 @@ async fn insert_container(app: &App, tx: &mut Transaction<'_, Postgres>, node_id
 
 /// Empty pool: a container created for one customer inside the claim's
 /// transaction. The caller marks it `assigning` and bumps the node.
-pub async fn create_on_demand(app: &App, tx: &mut Transaction<'_, Postgres>) -> Result<(Uuid, String, Vec<u8>)> {
+pub async fn create_on_demand(
+    app: &App,
+    tx: &mut Transaction<'_, Postgres>,
+) -> Result<(Uuid, String, Vec<u8>)> {
     let mut nodes = schedulable_nodes(app, tx).await?;
-    let node = pick(&mut nodes).ok_or_else(|| Error::NoCapacity("no schedulable node has room".into()))?;
+    let node =
+        pick(&mut nodes).ok_or_else(|| Error::NoCapacity("no schedulable node has room".into()))?;
     let node_id = node.id.clone();
     let (id, token) = insert_container(app, tx, &node_id, "creating").await?;
     tracing::info!(container_id = %id, node_id, "pool empty: creating a container on demand");
@@ -148,7 +174,14 @@ async fn reconcile(app: &AppRef) -> Result<()> {
     .await?;
     for node in &lost {
         tracing::warn!(node_id = node, "node missed heartbeats: unreachable");
-        crate::audit(&mut *tx, "scheduler", "node.unreachable", node, serde_json::json!({})).await;
+        crate::audit(
+            &mut *tx,
+            "scheduler",
+            "node.unreachable",
+            node,
+            serde_json::json!({}),
+        )
+        .await;
     }
     // Pool containers that never became healthy are replaced.
     let stuck: Vec<String> = sqlx::query_scalar(
@@ -164,7 +197,9 @@ async fn reconcile(app: &AppRef) -> Result<()> {
 
     let mut nodes = schedulable_nodes(app, &mut tx).await?;
     let warm: i64 = nodes.iter().map(|n| n.pool).sum();
-    let idle: i64 = sqlx::query_scalar("SELECT count(*) FROM containers WHERE state = 'idle'").fetch_one(&mut *tx).await?;
+    let idle: i64 = sqlx::query_scalar("SELECT count(*) FROM containers WHERE state = 'idle'")
+        .fetch_one(&mut *tx)
+        .await?;
     metrics::gauge!("clawdeploy_pool_idle").set(idle as f64);
     metrics::gauge!("clawdeploy_pool_warm").set(warm as f64);
     let target = i64::from(app.cfg.min_idle.min(app.cfg.max_idle));
@@ -187,7 +222,10 @@ async fn reconcile(app: &AppRef) -> Result<()> {
         }
     }
     for node in &touched {
-        sqlx::query("UPDATE nodes SET generation = generation + 1 WHERE id = $1").bind(node).execute(&mut *tx).await?;
+        sqlx::query("UPDATE nodes SET generation = generation + 1 WHERE id = $1")
+            .bind(node)
+            .execute(&mut *tx)
+            .await?;
     }
     tx.commit().await?;
     if created > 0 {
@@ -213,12 +251,20 @@ enum Step {
 /// the pool is over target with idle to spare) retire one from the fuller
 /// node. Also trims a pool above `max_idle`. One step per pass, so the idle
 /// count never dips below the target while it converges.
-fn rebalance_step(nodes: &[NodeLoad], warm: i64, idle: i64, target: i64, max_idle: i64) -> Option<Step> {
+fn rebalance_step(
+    nodes: &[NodeLoad],
+    warm: i64,
+    idle: i64,
+    target: i64,
+    max_idle: i64,
+) -> Option<Step> {
     let fullest = (0..nodes.len()).max_by_key(|&i| (nodes[i].pool, std::cmp::Reverse(i)))?;
     if warm > max_idle && idle > target {
         return Some(Step::Retire(fullest));
     }
-    let emptiest = (0..nodes.len()).filter(|&i| nodes[i].total < nodes[i].max).min_by_key(|&i| (nodes[i].pool, nodes[i].total))?;
+    let emptiest = (0..nodes.len())
+        .filter(|&i| nodes[i].total < nodes[i].max)
+        .min_by_key(|&i| (nodes[i].pool, nodes[i].total))?;
     if nodes[fullest].pool - nodes[emptiest].pool < 2 {
         return None;
     }
@@ -231,7 +277,14 @@ fn rebalance_step(nodes: &[NodeLoad], warm: i64, idle: i64, target: i64, max_idl
     }
 }
 
-async fn rebalance(app: &App, tx: &mut Transaction<'_, Postgres>, nodes: &mut [NodeLoad], warm: i64, idle: i64, target: i64) -> Result<Option<String>> {
+async fn rebalance(
+    app: &App,
+    tx: &mut Transaction<'_, Postgres>,
+    nodes: &mut [NodeLoad],
+    warm: i64,
+    idle: i64,
+    target: i64,
+) -> Result<Option<String>> {
     match rebalance_step(nodes, warm, idle, target, i64::from(app.cfg.max_idle)) {
         Some(Step::Grow(i)) => {
             let node_id = nodes[i].id.clone();
@@ -266,8 +319,18 @@ mod tests {
     #[test]
     fn pick_spreads_and_respects_capacity() {
         let mut nodes = vec![
-            NodeLoad { id: "a".into(), max: 3, pool: 0, total: 0 },
-            NodeLoad { id: "b".into(), max: 3, pool: 0, total: 0 },
+            NodeLoad {
+                id: "a".into(),
+                max: 3,
+                pool: 0,
+                total: 0,
+            },
+            NodeLoad {
+                id: "b".into(),
+                max: 3,
+                pool: 0,
+                total: 0,
+            },
         ];
         let mut placed = Vec::new();
         while let Some(n) = pick(&mut nodes) {
@@ -282,11 +345,27 @@ mod tests {
     fn rebalancing_converges_without_dropping_idle_below_target() {
         // Node a filled the pool alone before b connected.
         let mut nodes = vec![
-            NodeLoad { id: "a".into(), max: 20, pool: 5, total: 5 },
-            NodeLoad { id: "b".into(), max: 20, pool: 0, total: 0 },
+            NodeLoad {
+                id: "a".into(),
+                max: 20,
+                pool: 5,
+                total: 5,
+            },
+            NodeLoad {
+                id: "b".into(),
+                max: 20,
+                pool: 0,
+                total: 0,
+            },
         ];
         let mut steps = 0;
-        while let Some(step) = rebalance_step(&nodes, nodes.iter().map(|n| n.pool).sum(), nodes.iter().map(|n| n.pool).sum(), 5, 20) {
+        while let Some(step) = rebalance_step(
+            &nodes,
+            nodes.iter().map(|n| n.pool).sum(),
+            nodes.iter().map(|n| n.pool).sum(),
+            5,
+            20,
+        ) {
             match step {
                 Step::Grow(i) => nodes[i].pool += 1,
                 Step::Retire(i) => nodes[i].pool -= 1,

@@ -12,8 +12,14 @@ use crate::error::Result;
 /// Upserts a route inside the caller's transaction; the caller broadcasts
 /// the returned delta after committing.
 pub async fn upsert(tx: &mut Transaction<'_, Postgres>, route: Route) -> Result<RouteDelta> {
-    let instance_id: Uuid = route.instance_id.parse().map_err(crate::error::Error::internal)?;
-    let container_id: Uuid = route.container_id.parse().map_err(crate::error::Error::internal)?;
+    let instance_id: Uuid = route
+        .instance_id
+        .parse()
+        .map_err(crate::error::Error::internal)?;
+    let container_id: Uuid = route
+        .container_id
+        .parse()
+        .map_err(crate::error::Error::internal)?;
     let version: i64 = sqlx::query_scalar(
         "INSERT INTO routes (hostname, instance_id, container_id, upstream, version)
          VALUES ($1, $2, $3, $4, nextval('route_version'))
@@ -28,7 +34,11 @@ pub async fn upsert(tx: &mut Transaction<'_, Postgres>, route: Route) -> Result<
     .bind(&route.upstream)
     .fetch_one(&mut **tx)
     .await?;
-    Ok(RouteDelta { version: version as u64, upsert: Some(route), removed_hostname: String::new() })
+    Ok(RouteDelta {
+        version: version as u64,
+        upsert: Some(route),
+        removed_hostname: String::new(),
+    })
 }
 
 /// Sends committed deltas to every connected edge watcher.

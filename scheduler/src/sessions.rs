@@ -21,7 +21,10 @@ impl Sessions {
     /// one for the same node. Returns the session's id for `unregister`.
     pub fn register(&self, node_id: &str, tx: Outbound) -> u64 {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.open.lock().unwrap().insert(node_id.to_owned(), (id, tx));
+        self.open
+            .lock()
+            .unwrap()
+            .insert(node_id.to_owned(), (id, tx));
         id
     }
 
@@ -34,7 +37,11 @@ impl Sessions {
     }
 
     pub fn sender(&self, node_id: &str) -> Option<Outbound> {
-        self.open.lock().unwrap().get(node_id).map(|(_, tx)| tx.clone())
+        self.open
+            .lock()
+            .unwrap()
+            .get(node_id)
+            .map(|(_, tx)| tx.clone())
     }
 
     pub fn connected(&self) -> usize {

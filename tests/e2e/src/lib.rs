@@ -34,11 +34,16 @@ pub fn bin_dir() -> PathBuf {
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("workspace root")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("workspace root")
 }
 
 fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
 }
 
 fn short_id() -> String {
@@ -56,7 +61,13 @@ pub struct ClusterOptions {
 
 impl Default for ClusterOptions {
     fn default() -> Self {
-        Self { nodes: 2, min_idle: 5, max_idle: 20, max_containers: 20, claim_wait_secs: 20 }
+        Self {
+            nodes: 2,
+            min_idle: 5,
+            max_idle: 20,
+            max_containers: 20,
+            claim_wait_secs: 20,
+        }
     }
 }
 
@@ -73,7 +84,7 @@ pub struct Cluster {
     pub edge: SocketAddr,
     pub edge_admin: SocketAddr,
     pub node_ids: Vec<String>,
-    agent_metrics: Vec<SocketAddr>,
+    pub agent_metrics: Vec<SocketAddr>,
     scheduler: Option<Child>,
     agents: Vec<Option<Child>>,
     edge_proc: Option<Child>,
@@ -90,15 +101,24 @@ impl Cluster {
         let dir = workspace_root().join(".local/e2e").join(&name);
         std::fs::create_dir_all(dir.join("logs"))?;
         let db_name = format!("cd_{name}");
-        let admin = PgPool::connect(&admin_db_url).await.context("connecting to the test PostgreSQL")?;
-        sqlx::query(&format!("CREATE DATABASE {db_name}")).execute(&admin).await?;
+        let admin = PgPool::connect(&admin_db_url)
+            .await
+            .context("connecting to the test PostgreSQL")?;
+        sqlx::query(&format!("CREATE DATABASE {db_name}"))
+            .execute(&admin)
+            .await?;
         admin.close().await;
         let db_url = match admin_db_url.rsplit_once('/') {
             Some((base, _)) => format!("{base}/{db_name}"),
             None => bail!("CLAWDEPLOY_TEST_PG must end with /<database>"),
         };
-        let db = sqlx::postgres::PgPoolOptions::new().max_connections(4).connect(&db_url).await?;
-        let node_ids: Vec<String> = (0..opts.nodes).map(|i| format!("{name}-{}", (b'a' + i as u8) as char)).collect();
+        let db = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(4)
+            .connect(&db_url)
+            .await?;
+        let node_ids: Vec<String> = (0..opts.nodes)
+            .map(|i| format!("{name}-{}", (b'a' + i as u8) as char))
+            .collect();
         let mut c = Cluster {
             agent_metrics: node_ids.iter().map(|_| free_addr()).collect(),
             agents: node_ids.iter().map(|_| None).collect(),
@@ -116,7 +136,10 @@ impl Cluster {
             node_ids,
             scheduler: None,
             edge_proc: None,
-            client: reqwest::Client::builder().timeout(Duration::from_secs(60)).pool_max_idle_per_host(256).build()?,
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .pool_max_idle_per_host(256)
+                .build()?,
         };
         c.issue_certs()?;
         c.start_scheduler()?;
@@ -136,7 +159,8 @@ impl Cluster {
     fn issue_certs(&self) -> Result<()> {
         let data = self.dir.join("scheduler");
         let tls = self.dir.join("tls");
-        let mut ids: Vec<(&str, String)> = self.node_ids.iter().map(|n| ("node", n.clone())).collect();
+        let mut ids: Vec<(&str, String)> =
+            self.node_ids.iter().map(|n| ("node", n.clone())).collect();
         ids.push(("edge", "edge-1".into()));
         for (kind, id) in ids {
             let st = Command::new(self.scheduler_bin())
@@ -153,19 +177,37 @@ impl Cluster {
     }
 
     fn log_file(&self, name: &str) -> Result<Stdio> {
-        let f = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("logs").join(format!("{name}.log")))?;
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("logs").join(format!("{name}.log")))?;
         Ok(Stdio::from(f))
     }
 
     pub fn start_scheduler(&mut self) -> Result<()> {
         let child = Command::new(self.scheduler_bin())
             .arg("serve")
-            .args(["--http-listen", &self.http.to_string(), "--grpc-listen", &self.grpc.to_string()])
+            .args([
+                "--http-listen",
+                &self.http.to_string(),
+                "--grpc-listen",
+                &self.grpc.to_string(),
+            ])
             .args(["--database-url", &self.db_url, "--db-max-connections", "40"])
             .arg("--data-dir")
             .arg(self.dir.join("scheduler"))
-            .args(["--public-scheme", "http", "--public-port", &self.edge.port().to_string()])
-            .args(["--min-idle", &self.opts.min_idle.to_string(), "--max-idle", &self.opts.max_idle.to_string()])
+            .args([
+                "--public-scheme",
+                "http",
+                "--public-port",
+                &self.edge.port().to_string(),
+            ])
+            .args([
+                "--min-idle",
+                &self.opts.min_idle.to_string(),
+                "--max-idle",
+                &self.opts.max_idle.to_string(),
+            ])
             .args(["--claim-wait-secs", &self.opts.claim_wait_secs.to_string()])
             .env("RUST_LOG", "info,sqlx=warn")
             .stdout(self.log_file("scheduler")?)
@@ -179,7 +221,14 @@ impl Cluster {
     pub fn start_agent(&mut self, i: usize) -> Result<()> {
         let node = self.node_ids[i].clone();
         let child = Command::new(bin_dir().join("clawdeploy-agent"))
-            .args(["--node-id", &node, "--scheduler-url", &format!("https://{}", self.grpc), "--scheduler-name", "localhost"])
+            .args([
+                "--node-id",
+                &node,
+                "--scheduler-url",
+                &format!("https://{}", self.grpc),
+                "--scheduler-name",
+                "localhost",
+            ])
             .arg("--tls-dir")
             .arg(self.dir.join("tls"))
             .arg("--state-dir")
@@ -197,8 +246,20 @@ impl Cluster {
 
     pub fn start_edge(&mut self) -> Result<()> {
         let child = Command::new(bin_dir().join("clawdeploy-edge"))
-            .args(["--edge-id", "edge-1", "--listen", &self.edge.to_string(), "--admin-listen", &self.edge_admin.to_string()])
-            .args(["--scheduler-url", &format!("https://{}", self.grpc), "--scheduler-name", "localhost"])
+            .args([
+                "--edge-id",
+                "edge-1",
+                "--listen",
+                &self.edge.to_string(),
+                "--admin-listen",
+                &self.edge_admin.to_string(),
+            ])
+            .args([
+                "--scheduler-url",
+                &format!("https://{}", self.grpc),
+                "--scheduler-name",
+                "localhost",
+            ])
             .arg("--tls-dir")
             .arg(self.dir.join("tls"))
             .arg("--route-cache")
@@ -242,7 +303,13 @@ impl Cluster {
 
     pub async fn wait_http_up(&self) -> Result<()> {
         wait_for(Duration::from_secs(60), "scheduler HTTP up", || async {
-            Ok(self.client.get(self.api("/healthz")).send().await.map(|r| r.status().is_success()).unwrap_or(false))
+            Ok(self
+                .client
+                .get(self.api("/healthz"))
+                .send()
+                .await
+                .map(|r| r.status().is_success())
+                .unwrap_or(false))
         })
         .await
     }
@@ -261,9 +328,11 @@ impl Cluster {
     }
 
     pub async fn idle_by_node(&self) -> Result<HashMap<String, i64>> {
-        let rows: Vec<(String, i64)> = sqlx::query_as("SELECT node_id, count(*) FROM containers WHERE state = 'idle' GROUP BY node_id")
-            .fetch_all(&self.db)
-            .await?;
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT node_id, count(*) FROM containers WHERE state = 'idle' GROUP BY node_id",
+        )
+        .fetch_all(&self.db)
+        .await?;
         Ok(rows.into_iter().collect())
     }
 
@@ -272,13 +341,28 @@ impl Cluster {
     }
 
     /// Waits until exactly `n` containers are idle; with `spread`, on every node.
-    pub async fn wait_idle(&self, n: i64, spread: bool, within: Duration) -> Result<HashMap<String, i64>> {
-        wait_for(within, &format!("{n} idle containers{}", if spread { " on every node" } else { "" }), || async {
-            let by_node = self.idle_by_node().await?;
-            let total: i64 = by_node.values().sum();
-            let all_nodes = self.node_ids.iter().all(|id| by_node.get(id).copied().unwrap_or(0) > 0);
-            Ok(total == n && (!spread || all_nodes))
-        })
+    pub async fn wait_idle(
+        &self,
+        n: i64,
+        spread: bool,
+        within: Duration,
+    ) -> Result<HashMap<String, i64>> {
+        wait_for(
+            within,
+            &format!(
+                "{n} idle containers{}",
+                if spread { " on every node" } else { "" }
+            ),
+            || async {
+                let by_node = self.idle_by_node().await?;
+                let total: i64 = by_node.values().sum();
+                let all_nodes = self
+                    .node_ids
+                    .iter()
+                    .all(|id| by_node.get(id).copied().unwrap_or(0) > 0);
+                Ok(total == n && (!spread || all_nodes))
+            },
+        )
         .await?;
         self.idle_by_node().await
     }
@@ -297,14 +381,28 @@ impl Cluster {
     }
 
     pub async fn create_instance(&self, token: &str, body: &Value) -> Result<(u16, Value)> {
-        let r = self.client.post(self.api("/api/instances")).bearer_auth(token).json(body).send().await?;
+        let r = self
+            .client
+            .post(self.api("/api/instances"))
+            .bearer_auth(token)
+            .json(body)
+            .send()
+            .await?;
         let status = r.status().as_u16();
         Ok((status, r.json().await?))
     }
 
     /// GET through the edge with a Host header.
-    pub async fn edge_get(&self, host: &str, path: &str, token: Option<&str>) -> Result<(u16, String)> {
-        let mut req = self.client.get(format!("http://{}{path}", self.edge)).header("host", host);
+    pub async fn edge_get(
+        &self,
+        host: &str,
+        path: &str,
+        token: Option<&str>,
+    ) -> Result<(u16, String)> {
+        let mut req = self
+            .client
+            .get(format!("http://{}{path}", self.edge))
+            .header("host", host);
         if let Some(t) = token {
             req = req.bearer_auth(t);
         }
@@ -324,7 +422,10 @@ impl Cluster {
         anyhow::ensure!(resp.status() == 101, "upgrade answered {}", resp.status());
         ws.send(Message::text(token)).await?;
         let hello = ws.next().await.context("no hello")??;
-        anyhow::ensure!(hello.to_text()?.contains("\"ok\":true"), "gateway refused the token: {hello}");
+        anyhow::ensure!(
+            hello.to_text()?.contains("\"ok\":true"),
+            "gateway refused the token: {hello}"
+        );
         ws.send(Message::text(message)).await?;
         let echo = ws.next().await.context("no echo")??;
         let _ = ws.close(None).await;
@@ -336,15 +437,35 @@ impl Cluster {
         self.node_ids
             .iter()
             .flat_map(|node| {
-                let out = Command::new("docker").args(["ps", "-q", "--no-trunc", "--filter", &format!("label=clawdeploy.node={node}")]).output();
-                out.map(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().map(str::to_owned).collect::<Vec<_>>()).unwrap_or_default()
+                let out = Command::new("docker")
+                    .args([
+                        "ps",
+                        "-q",
+                        "--no-trunc",
+                        "--filter",
+                        &format!("label=clawdeploy.node={node}"),
+                    ])
+                    .output();
+                out.map(|o| {
+                    String::from_utf8_lossy(&o.stdout)
+                        .split_whitespace()
+                        .map(str::to_owned)
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default()
             })
             .collect()
     }
 
     pub fn docker_inspect(&self, docker_id: &str) -> Result<Value> {
-        let out = Command::new("docker").args(["inspect", docker_id]).output()?;
-        anyhow::ensure!(out.status.success(), "docker inspect failed: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new("docker")
+            .args(["inspect", docker_id])
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "docker inspect failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let v: Value = serde_json::from_slice(&out.stdout)?;
         Ok(v[0].clone())
     }
@@ -352,7 +473,12 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        let mut children: Vec<Child> = self.scheduler.take().into_iter().chain(self.edge_proc.take()).collect();
+        let mut children: Vec<Child> = self
+            .scheduler
+            .take()
+            .into_iter()
+            .chain(self.edge_proc.take())
+            .collect();
         children.extend(self.agents.iter_mut().filter_map(Option::take));
         for c in &mut children {
             let _ = c.kill();
@@ -363,14 +489,22 @@ impl Drop for Cluster {
         }
         let _ = Command::new("psql")
             .arg(&self.admin_db_url)
-            .args(["-q", "-c", &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.db_name)])
+            .args([
+                "-q",
+                "-c",
+                &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.db_name),
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
         } else {
-            eprintln!("cluster {} failed; logs kept in {}", self.name, self.dir.join("logs").display());
+            eprintln!(
+                "cluster {} failed; logs kept in {}",
+                self.name,
+                self.dir.join("logs").display()
+            );
         }
     }
 }
@@ -383,20 +517,40 @@ pub fn docker_cleanup_node(node: &str) {
             .args(args)
             .args(["--filter", &filter])
             .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().map(str::to_owned).collect())
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .split_whitespace()
+                    .map(str::to_owned)
+                    .collect()
+            })
             .unwrap_or_default()
     };
     let containers = list(&["ps", "-aq"]);
     if !containers.is_empty() {
-        let _ = Command::new("docker").args(["rm", "-f"]).args(&containers).stdout(Stdio::null()).stderr(Stdio::null()).status();
+        let _ = Command::new("docker")
+            .args(["rm", "-f"])
+            .args(&containers)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
     }
     let volumes = list(&["volume", "ls", "-q"]);
     if !volumes.is_empty() {
-        let _ = Command::new("docker").args(["volume", "rm", "-f"]).args(&volumes).stdout(Stdio::null()).stderr(Stdio::null()).status();
+        let _ = Command::new("docker")
+            .args(["volume", "rm", "-f"])
+            .args(&volumes)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
     }
     let networks = list(&["network", "ls", "-q"]);
     if !networks.is_empty() {
-        let _ = Command::new("docker").args(["network", "rm"]).args(&networks).stdout(Stdio::null()).stderr(Stdio::null()).status();
+        let _ = Command::new("docker")
+            .args(["network", "rm"])
+            .args(&networks)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
@@ -421,5 +575,11 @@ where
 /// Resident memory of a process, from /proc.
 pub fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }

@@ -13,36 +13,71 @@ fn host(sub: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn signup_goes_live_through_the_edge_on_a_hardened_container() {
     let c = Cluster::start(ClusterOptions::default()).await.unwrap();
-    let idle = c.wait_idle(5, true, Duration::from_secs(120)).await.unwrap();
+    let idle = c
+        .wait_idle(5, true, Duration::from_secs(120))
+        .await
+        .unwrap();
     assert_eq!(idle.len(), 2, "the pool spreads over both nodes: {idle:?}");
 
     let token = c.register("alice@example.com").await.unwrap();
-    let (status, body) = c.create_instance(&token, &json!({"subdomain": "alice", "apiKeys": {"openai": "sk-alice-test"}})).await.unwrap();
+    let (status, body) = c
+        .create_instance(
+            &token,
+            &json!({"subdomain": "alice", "apiKeys": {"openai": "sk-alice-test"}}),
+        )
+        .await
+        .unwrap();
     assert_eq!(status, 201, "{body}");
     let inst = &body["instance"];
     assert_eq!(inst["subdomain"], "alice");
     assert_eq!(inst["status"], "ready");
-    assert_eq!(inst["url"], format!("http://alice.{BASE_DOMAIN}:{}", c.edge.port()));
-    assert_eq!(inst["gatewayUrl"], format!("ws://alice.{BASE_DOMAIN}:{}", c.edge.port()));
+    assert_eq!(
+        inst["url"],
+        format!("http://alice.{BASE_DOMAIN}:{}", c.edge.port())
+    );
+    assert_eq!(
+        inst["gatewayUrl"],
+        format!("ws://alice.{BASE_DOMAIN}:{}", c.edge.port())
+    );
     let gw = inst["gatewayToken"].as_str().unwrap().to_owned();
     assert_eq!(gw.len(), 64);
 
     // Through the edge: health, the customer's config live with their token.
     let (s, b) = c.edge_get(&host("alice"), "/healthz", None).await.unwrap();
     assert_eq!((s, b.as_str()), (200, r#"{"ok":true,"status":"live"}"#));
-    let (s, b) = c.edge_get(&host("alice"), "/v1/models", Some(&gw)).await.unwrap();
+    let (s, b) = c
+        .edge_get(&host("alice"), "/v1/models", Some(&gw))
+        .await
+        .unwrap();
     assert_eq!(s, 200, "{b}");
     let models: Value = serde_json::from_str(&b).unwrap();
     assert_eq!(models["providers"], json!(["openai"]));
-    assert!(models["data"].as_array().unwrap().iter().any(|m| m["owned_by"] == "openai"));
-    let (s, _) = c.edge_get(&host("alice"), "/v1/models", Some("not-the-token")).await.unwrap();
+    assert!(models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m["owned_by"] == "openai"));
+    let (s, _) = c
+        .edge_get(&host("alice"), "/v1/models", Some("not-the-token"))
+        .await
+        .unwrap();
     assert_eq!(s, 401);
     // Host matching is exact after normalisation (case, trailing dot, port).
-    let (s, _) = c.edge_get(&format!("ALICE.{BASE_DOMAIN}.:{}", c.edge.port()), "/healthz", None).await.unwrap();
+    let (s, _) = c
+        .edge_get(
+            &format!("ALICE.{BASE_DOMAIN}.:{}", c.edge.port()),
+            "/healthz",
+            None,
+        )
+        .await
+        .unwrap();
     assert_eq!(s, 200);
 
     // WebSocket through the edge: token in the first frame, then echo.
-    assert_eq!(c.ws_echo(&host("alice"), &gw, "hello claw").await.unwrap(), "hello claw");
+    assert_eq!(
+        c.ws_echo(&host("alice"), &gw, "hello claw").await.unwrap(),
+        "hello claw"
+    );
 
     // Unknown hosts get the edge's own 404.
     let (s, b) = c.edge_get(&host("nobody"), "/healthz", None).await.unwrap();
@@ -52,12 +87,23 @@ async fn signup_goes_live_through_the_edge_on_a_hardened_container() {
     assert_eq!(s, 404);
 
     // GET /api/instances/me shows the same instance.
-    let me: Value = c.client.get(c.api("/api/instances/me")).bearer_auth(&token).send().await.unwrap().json().await.unwrap();
+    let me: Value = c
+        .client
+        .get(c.api("/api/instances/me"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(me["instance"]["id"], inst["id"]);
     assert_eq!(me["instance"]["gatewayToken"], gw.as_str());
 
     // The pool refills to 5 idle.
-    c.wait_idle(5, false, Duration::from_secs(60)).await.unwrap();
+    c.wait_idle(5, false, Duration::from_secs(60))
+        .await
+        .unwrap();
 
     // The customer's container carries every hardening setting.
     let docker_id: String = sqlx::query_scalar("SELECT c.docker_id FROM containers c JOIN instances i ON i.container_id = c.id WHERE i.subdomain = 'alice'")
@@ -67,7 +113,11 @@ async fn signup_goes_live_through_the_edge_on_a_hardened_container() {
     let info = c.docker_inspect(&docker_id).unwrap();
     let hc = &info["HostConfig"];
     assert_eq!(hc["CapDrop"], json!(["ALL"]));
-    assert!(hc["SecurityOpt"].as_array().unwrap().iter().any(|o| o.as_str().unwrap().starts_with("no-new-privileges")));
+    assert!(hc["SecurityOpt"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|o| o.as_str().unwrap().starts_with("no-new-privileges")));
     assert_eq!(hc["ReadonlyRootfs"], true);
     assert!(hc["Tmpfs"]["/tmp"].is_string());
     assert_eq!(hc["Memory"], 512 * 1024 * 1024);
@@ -76,20 +126,32 @@ async fn signup_goes_live_through_the_edge_on_a_hardened_container() {
     assert_eq!(hc["PidsLimit"], 256);
     assert_eq!(hc["Privileged"], false);
     assert_eq!(hc["RestartPolicy"]["Name"], "on-failure");
-    assert!(hc["PortBindings"].is_null() || hc["PortBindings"].as_object().unwrap().is_empty(), "no published ports");
+    assert!(
+        hc["PortBindings"].is_null() || hc["PortBindings"].as_object().unwrap().is_empty(),
+        "no published ports"
+    );
     assert_eq!(info["Config"]["User"], "1000:1000");
     let mounts = info["Mounts"].as_array().unwrap();
     assert_eq!(mounts.len(), 1);
     assert_eq!(mounts[0]["Type"], "volume");
     assert_eq!(mounts[0]["Destination"], "/home/node/.openclaw");
-    assert!(!mounts.iter().any(|m| m["Source"].as_str().unwrap_or("").contains("docker.sock")));
-    assert_eq!(info["Config"]["Labels"]["clawdeploy.node"].as_str().map(|n| c.node_ids.iter().any(|id| id == n)), Some(true));
+    assert!(!mounts
+        .iter()
+        .any(|m| m["Source"].as_str().unwrap_or("").contains("docker.sock")));
+    assert_eq!(
+        info["Config"]["Labels"]["clawdeploy.node"]
+            .as_str()
+            .map(|n| c.node_ids.iter().any(|id| id == n)),
+        Some(true)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_concurrent_claims_for_one_subdomain_one_wins() {
     let c = Cluster::start(ClusterOptions::default()).await.unwrap();
-    c.wait_idle(5, false, Duration::from_secs(120)).await.unwrap();
+    c.wait_idle(5, false, Duration::from_secs(120))
+        .await
+        .unwrap();
     let t1 = c.register("one@example.com").await.unwrap();
     let t2 = c.register("two@example.com").await.unwrap();
     let body = json!({"subdomain": "contested", "apiKeys": {"anthropic": "sk-ant-test"}});
@@ -101,82 +163,245 @@ async fn two_concurrent_claims_for_one_subdomain_one_wins() {
     let loser = if a.0 == 409 { &a.1 } else { &b.1 };
     assert_eq!(loser["error"]["code"], "subdomain_taken");
     assert!(loser["error"]["message"].is_string());
-    assert_eq!(c.count("SELECT count(*) FROM instances WHERE subdomain = 'contested'").await.unwrap(), 1);
+    assert_eq!(
+        c.count("SELECT count(*) FROM instances WHERE subdomain = 'contested'")
+            .await
+            .unwrap(),
+        1
+    );
     // The loser's claim was rolled back: exactly one container left the pool.
-    assert_eq!(c.count("SELECT count(*) FROM containers WHERE state IN ('assigning', 'assigned')").await.unwrap(), 1);
+    assert_eq!(
+        c.count("SELECT count(*) FROM containers WHERE state IN ('assigning', 'assigned')")
+            .await
+            .unwrap(),
+        1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_json_errors_and_changes_nothing() {
-    let c = Cluster::start(ClusterOptions { nodes: 1, min_idle: 2, ..Default::default() }).await.unwrap();
-    c.wait_idle(2, false, Duration::from_secs(120)).await.unwrap();
+    let c = Cluster::start(ClusterOptions {
+        nodes: 1,
+        min_idle: 2,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    c.wait_idle(2, false, Duration::from_secs(120))
+        .await
+        .unwrap();
     let token = c.register("carol@example.com").await.unwrap();
     let users_before = c.count("SELECT count(*) FROM users").await.unwrap();
 
     async fn raw(c: &Cluster, path: &str, token: Option<&str>, body: &str) -> (u16, Value) {
-        let mut req = c.client.post(c.api(path)).header("content-type", "application/json").body(body.to_owned());
+        let mut req = c
+            .client
+            .post(c.api(path))
+            .header("content-type", "application/json")
+            .body(body.to_owned());
         if let Some(t) = token {
             req = req.bearer_auth(t);
         }
         let r = req.send().await.unwrap();
         (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
     }
-    let big = format!(r#"{{"subdomain":"x","apiKeys":{{"openai":"{}"}}}}"#, "k".repeat(100_000));
+    let big = format!(
+        r#"{{"subdomain":"x","apiKeys":{{"openai":"{}"}}}}"#,
+        "k".repeat(100_000)
+    );
     let cases: Vec<(&str, Option<&str>, String, u16, &str)> = vec![
-        ("/api/instances", Some(&token), "{not json".into(), 400, "bad_request"),
-        ("/api/instances", Some(&token), r#"{"subdomain": 7}"#.into(), 400, "bad_request"),
-        ("/api/instances", Some(&token), r#"{"subdomain":"Bad_Name!"}"#.into(), 422, "invalid_field"),
-        ("/api/instances", Some(&token), r#"{"subdomain":"www"}"#.into(), 422, "invalid_field"),
-        ("/api/instances", Some(&token), r#"{"subdomain":"-abc"}"#.into(), 422, "invalid_field"),
-        ("/api/instances", Some(&token), r#"{"subdomain":"carol","apiKeys":{"evilcorp":"k"}}"#.into(), 422, "invalid_field"),
-        ("/api/instances", Some(&token), r#"{"subdomain":"carol","unexpected":1}"#.into(), 400, "bad_request"),
+        (
+            "/api/instances",
+            Some(&token),
+            "{not json".into(),
+            400,
+            "bad_request",
+        ),
+        (
+            "/api/instances",
+            Some(&token),
+            r#"{"subdomain": 7}"#.into(),
+            400,
+            "bad_request",
+        ),
+        (
+            "/api/instances",
+            Some(&token),
+            r#"{"subdomain":"Bad_Name!"}"#.into(),
+            422,
+            "invalid_field",
+        ),
+        (
+            "/api/instances",
+            Some(&token),
+            r#"{"subdomain":"www"}"#.into(),
+            422,
+            "invalid_field",
+        ),
+        (
+            "/api/instances",
+            Some(&token),
+            r#"{"subdomain":"-abc"}"#.into(),
+            422,
+            "invalid_field",
+        ),
+        (
+            "/api/instances",
+            Some(&token),
+            r#"{"subdomain":"carol","apiKeys":{"evilcorp":"k"}}"#.into(),
+            422,
+            "invalid_field",
+        ),
+        (
+            "/api/instances",
+            Some(&token),
+            r#"{"subdomain":"carol","unexpected":1}"#.into(),
+            400,
+            "bad_request",
+        ),
         ("/api/instances", Some(&token), big, 413, "too_large"),
-        ("/api/instances", None, r#"{"subdomain":"carol"}"#.into(), 401, "unauthenticated"),
-        ("/api/instances", Some("cdt_forged"), r#"{"subdomain":"carol"}"#.into(), 401, "unauthenticated"),
-        ("/api/auth/register", None, r#"{"email":"not-an-email","password":"long-enough-pw"}"#.into(), 422, "invalid_field"),
-        ("/api/auth/register", None, r#"{"email":"dave@example.com","password":"short"}"#.into(), 422, "invalid_field"),
-        ("/api/auth/register", None, r#"{"email":"carol@example.com","password":"another-password"}"#.into(), 409, "email_taken"),
-        ("/api/auth/login", None, r#"{"email":"carol@example.com","password":"wrong-password!"}"#.into(), 401, "bad_credentials"),
-        ("/api/auth/login", None, r#"{"email":"nobody@example.com","password":"wrong-password!"}"#.into(), 401, "bad_credentials"),
+        (
+            "/api/instances",
+            None,
+            r#"{"subdomain":"carol"}"#.into(),
+            401,
+            "unauthenticated",
+        ),
+        (
+            "/api/instances",
+            Some("cdt_forged"),
+            r#"{"subdomain":"carol"}"#.into(),
+            401,
+            "unauthenticated",
+        ),
+        (
+            "/api/auth/register",
+            None,
+            r#"{"email":"not-an-email","password":"long-enough-pw"}"#.into(),
+            422,
+            "invalid_field",
+        ),
+        (
+            "/api/auth/register",
+            None,
+            r#"{"email":"dave@example.com","password":"short"}"#.into(),
+            422,
+            "invalid_field",
+        ),
+        (
+            "/api/auth/register",
+            None,
+            r#"{"email":"carol@example.com","password":"another-password"}"#.into(),
+            409,
+            "email_taken",
+        ),
+        (
+            "/api/auth/login",
+            None,
+            r#"{"email":"carol@example.com","password":"wrong-password!"}"#.into(),
+            401,
+            "bad_credentials",
+        ),
+        (
+            "/api/auth/login",
+            None,
+            r#"{"email":"nobody@example.com","password":"wrong-password!"}"#.into(),
+            401,
+            "bad_credentials",
+        ),
     ];
     for (path, tok, body, want_status, want_code) in cases {
         let (status, v) = raw(&c, path, tok, &body).await;
-        assert_eq!(status, want_status, "{path} {}: {v}", &body[..body.len().min(60)]);
+        assert_eq!(
+            status,
+            want_status,
+            "{path} {}: {v}",
+            &body[..body.len().min(60)]
+        );
         assert_eq!(v["error"]["code"], want_code, "{path}: {v}");
-        assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+        assert!(v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()));
     }
     let r = c.client.get(c.api("/api/nope")).send().await.unwrap();
     assert_eq!(r.status(), 404);
-    let r = c.client.get(c.api("/api/instances/me")).bearer_auth(&token).send().await.unwrap();
+    let r = c
+        .client
+        .get(c.api("/api/instances/me"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 404, "no instance yet");
 
     // Nothing changed: no instance, no claimed container, no new user, full pool.
     assert_eq!(c.count("SELECT count(*) FROM instances").await.unwrap(), 0);
     assert_eq!(c.count("SELECT count(*) FROM secrets").await.unwrap(), 0);
-    assert_eq!(c.count("SELECT count(*) FROM users").await.unwrap(), users_before);
-    assert_eq!(c.count("SELECT count(*) FROM containers WHERE state IN ('assigning', 'assigned')").await.unwrap(), 0);
-    assert_eq!(c.count("SELECT count(*) FROM containers WHERE state = 'idle'").await.unwrap(), 2);
+    assert_eq!(
+        c.count("SELECT count(*) FROM users").await.unwrap(),
+        users_before
+    );
+    assert_eq!(
+        c.count("SELECT count(*) FROM containers WHERE state IN ('assigning', 'assigned')")
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        c.count("SELECT count(*) FROM containers WHERE state = 'idle'")
+            .await
+            .unwrap(),
+        2
+    );
 
     // And a good request still works afterwards.
-    let (status, body) = c.create_instance(&token, &json!({"subdomain": "carol", "apiKeys": {"openai": "sk-c"}})).await.unwrap();
+    let (status, body) = c
+        .create_instance(
+            &token,
+            &json!({"subdomain": "carol", "apiKeys": {"openai": "sk-c"}}),
+        )
+        .await
+        .unwrap();
     assert_eq!(status, 201, "{body}");
-    let (status, body) = c.create_instance(&token, &json!({"subdomain": "carol-two"})).await.unwrap();
-    assert_eq!((status, body["error"]["code"].as_str()), (409, Some("instance_exists")));
+    let (status, body) = c
+        .create_instance(&token, &json!({"subdomain": "carol-two"}))
+        .await
+        .unwrap();
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("instance_exists"))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scheduler_restart_keeps_every_route_and_the_pool() {
     let mut c = Cluster::start(ClusterOptions::default()).await.unwrap();
-    c.wait_idle(5, true, Duration::from_secs(120)).await.unwrap();
+    c.wait_idle(5, true, Duration::from_secs(120))
+        .await
+        .unwrap();
     let token = c.register("erin@example.com").await.unwrap();
-    let (status, body) = c.create_instance(&token, &json!({"subdomain": "erin", "apiKeys": {"openai": "sk-e"}})).await.unwrap();
+    let (status, body) = c
+        .create_instance(
+            &token,
+            &json!({"subdomain": "erin", "apiKeys": {"openai": "sk-e"}}),
+        )
+        .await
+        .unwrap();
     assert_eq!(status, 201, "{body}");
-    let gw = body["instance"]["gatewayToken"].as_str().unwrap().to_owned();
-    c.wait_idle(5, false, Duration::from_secs(60)).await.unwrap();
+    let gw = body["instance"]["gatewayToken"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    c.wait_idle(5, false, Duration::from_secs(60))
+        .await
+        .unwrap();
 
     c.kill_scheduler();
     // With the scheduler gone, the edge keeps serving its table.
-    let (s, _) = c.edge_get(&host("erin"), "/v1/models", Some(&gw)).await.unwrap();
+    let (s, _) = c
+        .edge_get(&host("erin"), "/v1/models", Some(&gw))
+        .await
+        .unwrap();
     assert_eq!(s, 200);
     tokio::time::sleep(Duration::from_secs(2)).await;
 
@@ -184,40 +409,72 @@ async fn scheduler_restart_keeps_every_route_and_the_pool() {
     c.wait_http_up().await.unwrap();
     // Agents reconnect by themselves (fresh heartbeats after the restart).
     let restarted = std::time::Instant::now();
-    c.wait_nodes_connected(Duration::from_secs(30)).await.unwrap();
-    wait_for(Duration::from_secs(30), "agent sessions re-opened", || async {
-        let open = c.client.get(c.api("/metrics")).send().await?.text().await?;
-        Ok(open.lines().any(|l| l.starts_with("clawdeploy_agent_sessions ") && l.ends_with(" 2")))
-    })
+    c.wait_nodes_connected(Duration::from_secs(30))
+        .await
+        .unwrap();
+    wait_for(
+        Duration::from_secs(30),
+        "agent sessions re-opened",
+        || async {
+            let open = c.client.get(c.api("/metrics")).send().await?.text().await?;
+            Ok(open
+                .lines()
+                .any(|l| l.starts_with("clawdeploy_agent_sessions ") && l.ends_with(" 2")))
+        },
+    )
     .await
     .unwrap();
     eprintln!("agents back after {:?}", restarted.elapsed());
 
     // The old instance still routes and the old token still authenticates.
-    let (s, b) = c.edge_get(&host("erin"), "/v1/models", Some(&gw)).await.unwrap();
+    let (s, b) = c
+        .edge_get(&host("erin"), "/v1/models", Some(&gw))
+        .await
+        .unwrap();
     assert_eq!(s, 200, "{b}");
-    let me = c.client.get(c.api("/api/instances/me")).bearer_auth(&token).send().await.unwrap();
+    let me = c
+        .client
+        .get(c.api("/api/instances/me"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(me.status(), 200);
 
     // The pool is not duplicated by the restart: once settled, the database
     // holds 5 idle and 1 assigned container, and Docker runs exactly those.
-    c.wait_idle(5, false, Duration::from_secs(30)).await.unwrap();
+    c.wait_idle(5, false, Duration::from_secs(30))
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    c.wait_idle(5, false, Duration::from_secs(30)).await.unwrap();
+    c.wait_idle(5, false, Duration::from_secs(30))
+        .await
+        .unwrap();
     let live = c.count("SELECT count(*) FROM containers WHERE state NOT IN ('destroyed', 'destroying', 'failed')").await.unwrap();
     assert_eq!(live, 6);
-    wait_for(Duration::from_secs(30), "Docker to run exactly the live containers", || async {
-        Ok(c.docker_running().len() as i64 == live)
-    })
+    wait_for(
+        Duration::from_secs(30),
+        "Docker to run exactly the live containers",
+        || async { Ok(c.docker_running().len() as i64 == live) },
+    )
     .await
     .unwrap();
 
     // The edge reconnected too: a new signup routes at once.
     let t2 = c.register("frank@example.com").await.unwrap();
-    let (status, body) = c.create_instance(&t2, &json!({"subdomain": "frank", "apiKeys": {"anthropic": "sk-f"}})).await.unwrap();
+    let (status, body) = c
+        .create_instance(
+            &t2,
+            &json!({"subdomain": "frank", "apiKeys": {"anthropic": "sk-f"}}),
+        )
+        .await
+        .unwrap();
     assert_eq!(status, 201, "{body}");
     let gw2 = body["instance"]["gatewayToken"].as_str().unwrap();
-    let (s, b) = c.edge_get(&host("frank"), "/v1/models", Some(gw2)).await.unwrap();
+    let (s, b) = c
+        .edge_get(&host("frank"), "/v1/models", Some(gw2))
+        .await
+        .unwrap();
     assert_eq!(s, 200, "{b}");
     assert!(b.contains("anthropic"));
 }

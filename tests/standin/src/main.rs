@@ -34,7 +34,8 @@ fn main() {
     let port: u16 = arg_value("--port")
         .and_then(|p| p.parse().ok())
         .unwrap_or(18789);
-    let state_dir = std::env::var("OPENCLAW_STATE_DIR").unwrap_or_else(|_| "/home/node/.openclaw".into());
+    let state_dir =
+        std::env::var("OPENCLAW_STATE_DIR").unwrap_or_else(|_| "/home/node/.openclaw".into());
     let token = std::env::var("OPENCLAW_GATEWAY_TOKEN").unwrap_or_default();
     if token.is_empty() {
         eprintln!("openclaw-standin: OPENCLAW_GATEWAY_TOKEN is not set; refusing to start");
@@ -106,7 +107,11 @@ fn reload_if_changed(gateway: &Gateway, last: &mut Option<FileStamp>) {
                 .and_then(Value::as_object)
                 .map(|p| {
                     p.iter()
-                        .filter(|(_, v)| v.get("apiKey").and_then(Value::as_str).is_some_and(|k| !k.is_empty()))
+                        .filter(|(_, v)| {
+                            v.get("apiKey")
+                                .and_then(Value::as_str)
+                                .is_some_and(|k| !k.is_empty())
+                        })
                         .map(|(name, _)| name.clone())
                         .collect()
                 })
@@ -121,7 +126,10 @@ fn reload_if_changed(gateway: &Gateway, last: &mut Option<FileStamp>) {
             applied.default_model = default_model;
             applied.applied_at = Some(SystemTime::now());
             applied.reloads += 1;
-            eprintln!("openclaw-standin: config applied ({} providers)", applied.providers.len());
+            eprintln!(
+                "openclaw-standin: config applied ({} providers)",
+                applied.providers.len()
+            );
             *last = stamp;
         }
         // A half-written file (a writer that does not rename): keep the old
@@ -177,9 +185,16 @@ fn read_request(reader: &mut BufReader<TcpStream>) -> std::io::Result<Option<Req
             headers.push((k.trim().to_owned(), v.trim().to_owned()));
         }
     }
-    let req = Request { method, path, headers };
+    let req = Request {
+        method,
+        path,
+        headers,
+    };
     // Drain any request body so keep-alive stays in step.
-    if let Some(len) = req.header("content-length").and_then(|v| v.parse::<u64>().ok()) {
+    if let Some(len) = req
+        .header("content-length")
+        .and_then(|v| v.parse::<u64>().ok())
+    {
         std::io::copy(&mut reader.by_ref().take(len), &mut std::io::sink())?;
     }
     Ok(Some(req))
@@ -190,8 +205,13 @@ fn serve_connection(gateway: &Gateway, stream: TcpStream) -> std::io::Result<()>
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
     while let Some(req) = read_request(&mut reader)? {
-        let close = req.header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
-        if req.header("upgrade").is_some_and(|v| v.eq_ignore_ascii_case("websocket")) {
+        let close = req
+            .header("connection")
+            .is_some_and(|v| v.eq_ignore_ascii_case("close"));
+        if req
+            .header("upgrade")
+            .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+        {
             return serve_websocket(gateway, &req, reader, writer);
         }
         let (status, body) = route(gateway, &req);
@@ -227,7 +247,10 @@ fn route(gateway: &Gateway, req: &Request) -> (&'static str, Value) {
         ),
         ("GET", "/v1/models") => {
             if !authorized(gateway, req) {
-                return ("401 Unauthorized", json!({"error": {"code": "unauthorized", "message": "missing or wrong gateway token"}}));
+                return (
+                    "401 Unauthorized",
+                    json!({"error": {"code": "unauthorized", "message": "missing or wrong gateway token"}}),
+                );
             }
             let applied = gateway.applied.read().unwrap();
             let data: Vec<Value> = applied
@@ -246,7 +269,10 @@ fn route(gateway: &Gateway, req: &Request) -> (&'static str, Value) {
                 }),
             )
         }
-        _ => ("404 Not Found", json!({"error": {"code": "not_found", "message": "no such endpoint"}})),
+        _ => (
+            "404 Not Found",
+            json!({"error": {"code": "not_found", "message": "no such endpoint"}}),
+        ),
     }
 }
 
@@ -254,12 +280,23 @@ fn route(gateway: &Gateway, req: &Request) -> (&'static str, Value) {
 
 const WS_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
-fn serve_websocket(gateway: &Gateway, req: &Request, mut reader: BufReader<TcpStream>, mut writer: TcpStream) -> std::io::Result<()> {
+fn serve_websocket(
+    gateway: &Gateway,
+    req: &Request,
+    mut reader: BufReader<TcpStream>,
+    mut writer: TcpStream,
+) -> std::io::Result<()> {
     let Some(key) = req.header("sec-websocket-key") else {
-        writer.write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")?;
+        writer.write_all(
+            b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+        )?;
         return Ok(());
     };
-    let accept = base64(&sha1_smol::Sha1::from(format!("{key}{WS_GUID}")).digest().bytes());
+    let accept = base64(
+        &sha1_smol::Sha1::from(format!("{key}{WS_GUID}"))
+            .digest()
+            .bytes(),
+    );
     write!(
         writer,
         "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n"
@@ -281,7 +318,11 @@ fn serve_websocket(gateway: &Gateway, req: &Request, mut reader: BufReader<TcpSt
                     .unwrap_or_else(|| text.trim().to_owned());
                 if presented != gateway.token {
                     // 1008: policy violation.
-                    write_frame(&mut writer, 0x8, &[0x03, 0xF0, b'u', b'n', b'a', b'u', b't', b'h'])?;
+                    write_frame(
+                        &mut writer,
+                        0x8,
+                        &[0x03, 0xF0, b'u', b'n', b'a', b'u', b't', b'h'],
+                    )?;
                     return Ok(());
                 }
                 authed = true;
@@ -350,7 +391,11 @@ fn base64(bytes: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for chunk in bytes.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {
@@ -378,7 +423,9 @@ mod tests {
 
     #[test]
     fn websocket_accept_matches_rfc6455_example() {
-        let digest = sha1_smol::Sha1::from(format!("dGhlIHNhbXBsZSBub25jZQ=={WS_GUID}")).digest().bytes();
+        let digest = sha1_smol::Sha1::from(format!("dGhlIHNhbXBsZSBub25jZQ=={WS_GUID}"))
+            .digest()
+            .bytes();
         assert_eq!(base64(&digest), "s3pPLMBiTxaMGAXQxK4i5SQ2UEo=");
     }
 

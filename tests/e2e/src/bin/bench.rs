@@ -1,1 +1,102 @@
-fn main() {}
+//! Signup benchmark: `POST /api/instances` → first authenticated 200 through
+//! the edge, on the real system (processes, PostgreSQL, Docker, mTLS, edge).
+//! Prints p50/p99 for a sequential run and a concurrent burst, with the pool
+//! large enough for the burst, and the processes' resident memory.
+//!
+//! Run with `scripts/bench` (it sets up PostgreSQL and the image).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use clap::Parser;
+use clawdeploy_e2e::{rss_kib, Cluster, ClusterOptions, BASE_DOMAIN};
+use serde_json::json;
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, default_value_t = 20)]
+    sequential: usize,
+    #[arg(long, default_value_t = 50)]
+    concurrent: usize,
+}
+
+/// One signup, timed from the POST until the gateway answers an
+/// authenticated request through the edge.
+async fn signup(c: &Cluster, token: &str, sub: &str) -> Result<Duration> {
+    let started = Instant::now();
+    let (status, body) = c.create_instance(token, &json!({"subdomain": sub, "apiKeys": {"openai": "sk-bench"}})).await?;
+    ensure!(status == 201, "signup answered {status}: {body}");
+    let gw = body["instance"]["gatewayToken"].as_str().context("gateway token")?.to_owned();
+    let host = format!("{sub}.{BASE_DOMAIN}");
+    loop {
+        let (s, _) = c.edge_get(&host, "/v1/models", Some(&gw)).await?;
+        if s == 200 {
+            return Ok(started.elapsed());
+        }
+        ensure!(started.elapsed() < Duration::from_secs(30), "{sub} never answered 200 (last {s})");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i]
+}
+
+fn report(name: &str, mut samples: Vec<Duration>, wall: Duration) {
+    samples.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!(
+        "{name:<24} n={:<4} p50={:>7.1} ms  p99={:>7.1} ms  max={:>7.1} ms  throughput={:>6.1} signups/s",
+        samples.len(),
+        ms(percentile(&samples, 0.50)),
+        ms(percentile(&samples, 0.99)),
+        ms(*samples.last().unwrap()),
+        samples.len() as f64 / wall.as_secs_f64()
+    );
+}
+
+async fn users(c: &Cluster, prefix: &str, n: usize) -> Result<Vec<String>> {
+    let mut v = Vec::new();
+    for i in 0..n {
+        v.push(c.register(&format!("{prefix}{i}@bench.example.com")).await?);
+    }
+    Ok(v)
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let a = Args::parse();
+    let pool = a.sequential.max(a.concurrent) as u32;
+    let opts = ClusterOptions { nodes: 2, min_idle: pool, max_idle: pool, max_containers: pool, claim_wait_secs: 20 };
+    eprintln!("starting the system with a pool of {pool} (2 nodes)…");
+    let c = Cluster::start(opts).await?;
+    let t = Instant::now();
+    c.wait_idle(i64::from(pool), false, Duration::from_secs(600)).await?;
+    eprintln!("pool of {pool} idle after {:.1} s", t.elapsed().as_secs_f64());
+
+    let seq_users = users(&c, "seq", a.sequential).await?;
+    let mut samples = Vec::new();
+    let t = Instant::now();
+    for (i, token) in seq_users.iter().enumerate() {
+        samples.push(signup(&c, token, &format!("seq-{i}")).await?);
+    }
+    report("sequential", samples, t.elapsed());
+
+    c.wait_idle(i64::from(pool), false, Duration::from_secs(600)).await?;
+    let burst_users = users(&c, "burst", a.concurrent).await?;
+    let t = Instant::now();
+    let results = futures::future::join_all(burst_users.iter().enumerate().map(|(i, token)| {
+        let c = &c;
+        async move { signup(c, token, &format!("burst-{i}")).await }
+    }))
+    .await;
+    let wall = t.elapsed();
+    let samples = results.into_iter().collect::<Result<Vec<_>>>()?;
+    report(&format!("concurrent ({})", a.concurrent), samples, wall);
+
+    for (name, pid) in c.pids() {
+        println!("rss {name:<12} {:>7} KiB", rss_kib(pid).unwrap_or(0));
+    }
+    Ok(())
+}

@@ -27,6 +27,7 @@ pub async fn run<R: ContainerRuntime>(
     session: SessionConfig,
     state_dir: std::path::PathBuf,
     runtime: R,
+    max_parallel_creates: usize,
     metrics_listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
@@ -51,8 +52,9 @@ pub async fn run<R: ContainerRuntime>(
     let board = Arc::new(StatusBoard::default());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
 
-    let reconciler =
-        tokio::spawn(Reconciler::new(Arc::new(runtime), board.clone()).run(desired_rx));
+    let reconciler = tokio::spawn(
+        Reconciler::new(Arc::new(runtime), board.clone(), max_parallel_creates).run(desired_rx),
+    );
     let session = tokio::spawn(
         Session {
             cfg: session,

@@ -52,6 +52,9 @@ struct Args {
     private_address: String,
     #[arg(long, env = "CLAWDEPLOY_HEARTBEAT_MS", default_value_t = 2000)]
     heartbeat_ms: u64,
+    /// Containers created at once; more wait their turn.
+    #[arg(long, env = "CLAWDEPLOY_MAX_PARALLEL_CREATES", default_value_t = 2)]
+    max_parallel_creates: usize,
 }
 
 fn memory_bytes() -> u64 {
@@ -107,7 +110,15 @@ async fn main() -> anyhow::Result<()> {
         heartbeat_every: Duration::from_millis(a.heartbeat_ms),
         node_id: a.node_id,
     };
-    clawdeploy_agent::run(session, a.state_dir, runtime, metrics, shutdown_signal()).await
+    clawdeploy_agent::run(
+        session,
+        a.state_dir,
+        runtime,
+        a.max_parallel_creates,
+        metrics,
+        shutdown_signal(),
+    )
+    .await
 }
 
 async fn shutdown_signal() {

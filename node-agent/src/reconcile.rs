@@ -52,6 +52,9 @@ impl StatusBoard {
 
 pub struct Reconciler<R: ContainerRuntime> {
     runtime: Arc<R>,
+    /// Bounds concurrent `docker create`/`start`: a pool refill must not
+    /// starve claims (config write + probe) of CPU on a busy node.
+    creates: Arc<tokio::sync::Semaphore>,
     prober: Prober,
     board: Arc<StatusBoard>,
     workers: HashMap<String, (watch::Sender<DesiredContainer>, JoinHandle<()>)>,
@@ -63,9 +66,10 @@ const CHECK_EVERY: Duration = Duration::from_secs(2);
 const UNHEALTHY_AFTER: u32 = 3;
 
 impl<R: ContainerRuntime> Reconciler<R> {
-    pub fn new(runtime: Arc<R>, board: Arc<StatusBoard>) -> Self {
+    pub fn new(runtime: Arc<R>, board: Arc<StatusBoard>, max_parallel_creates: usize) -> Self {
         Self {
             runtime,
+            creates: Arc::new(tokio::sync::Semaphore::new(max_parallel_creates.max(1))),
             prober: Prober::default(),
             board,
             workers: HashMap::new(),
@@ -76,12 +80,15 @@ impl<R: ContainerRuntime> Reconciler<R> {
     /// Reconciles on every new desired state and every few seconds, until
     /// the desired-state channel closes.
     pub async fn run(mut self, mut desired: watch::Receiver<DesiredState>) {
+        // The first tick fires at once: orphans are removed (and running
+        // containers adopted by their workers) right after a start.
+        let mut orphan_scan = tokio::time::interval(Duration::from_secs(5));
         loop {
             let state = desired.borrow_and_update().clone();
-            self.sync(&state).await;
+            self.sync(&state);
             tokio::select! {
                 changed = desired.changed() => if changed.is_err() { break },
-                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                _ = orphan_scan.tick() => self.spawn_orphan_scan(&state),
             }
         }
         for (_, (_, handle)) in self.workers.drain() {
@@ -89,7 +96,10 @@ impl<R: ContainerRuntime> Reconciler<R> {
         }
     }
 
-    async fn sync(&mut self, state: &DesiredState) {
+    /// Hands every worker its spec, starts missing workers and stops the
+    /// ones no longer wanted. Never waits on Docker: a new desired state
+    /// reaches the workers at once.
+    fn sync(&mut self, state: &DesiredState) {
         let wanted: HashMap<&str, &DesiredContainer> = state
             .containers
             .iter()
@@ -126,6 +136,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
                     let (tx, rx) = watch::channel(spec);
                     let worker = Worker {
                         runtime: self.runtime.clone(),
+                        creates: self.creates.clone(),
                         prober: self.prober.clone(),
                         board: self.board.clone(),
                         generation: state.generation,
@@ -133,22 +144,6 @@ impl<R: ContainerRuntime> Reconciler<R> {
                     let handle = tokio::spawn(worker.run(rx));
                     self.workers.insert((*id).to_owned(), (tx, handle));
                 }
-            }
-        }
-        // Orphans: ours by label, wanted by nobody.
-        match self.runtime.list().await {
-            Ok(list) => {
-                for o in list {
-                    if !wanted.contains_key(o.container_id.as_str()) {
-                        tracing::info!(container_id = o.container_id, "removing orphan container");
-                        self.spawn_removal(o.container_id);
-                    }
-                }
-            }
-            Err(e) => {
-                metrics::counter!("clawdeploy_agent_reconcile_errors_total", "step" => "list")
-                    .increment(1);
-                tracing::warn!(error = %e, "listing containers failed");
             }
         }
         let snapshot = self.board.snapshot();
@@ -165,7 +160,57 @@ impl<R: ContainerRuntime> Reconciler<R> {
         }
     }
 
+    /// Orphans: ours by label, wanted by nobody. Listed off the main loop so
+    /// a slow Docker never delays desired state.
+    fn spawn_orphan_scan(&self, state: &DesiredState) {
+        let wanted: HashSet<String> = state
+            .containers
+            .iter()
+            .map(|c| c.container_id.clone())
+            .collect();
+        let remover = self.remover();
+        tokio::spawn(async move {
+            match remover.runtime.list().await {
+                Ok(list) => {
+                    for o in list
+                        .into_iter()
+                        .filter(|o| !wanted.contains(&o.container_id))
+                    {
+                        tracing::info!(container_id = o.container_id, "removing orphan container");
+                        remover.spawn(o.container_id);
+                    }
+                }
+                Err(e) => {
+                    metrics::counter!("clawdeploy_agent_reconcile_errors_total", "step" => "list")
+                        .increment(1);
+                    tracing::warn!(error = %e, "listing containers failed");
+                }
+            }
+        });
+    }
+
+    fn remover(&self) -> Remover<R> {
+        Remover {
+            runtime: self.runtime.clone(),
+            board: self.board.clone(),
+            removing: self.removing.clone(),
+        }
+    }
+
     fn spawn_removal(&self, container_id: String) {
+        self.remover().spawn(container_id);
+    }
+}
+
+/// Removes containers (and their volumes) in the background, once each.
+struct Remover<R> {
+    runtime: Arc<R>,
+    board: Arc<StatusBoard>,
+    removing: Arc<Mutex<HashSet<String>>>,
+}
+
+impl<R: ContainerRuntime> Remover<R> {
+    fn spawn(&self, container_id: String) {
         if !self.removing.lock().unwrap().insert(container_id.clone()) {
             return;
         }
@@ -192,6 +237,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
 
 struct Worker<R> {
     runtime: Arc<R>,
+    creates: Arc<tokio::sync::Semaphore>,
     prober: Prober,
     board: Arc<StatusBoard>,
     generation: u64,
@@ -234,82 +280,45 @@ impl<R: ContainerRuntime> Worker<R> {
         let mut applied_config = 0u64;
         let mut failures = 0u32;
         let mut backoff = Duration::from_millis(200);
+        // Known to run and answer: a spec change that only carries tenant
+        // config goes straight to the config write, without asking Docker.
+        let mut running = false;
         loop {
             let desired = rx.borrow_and_update().clone();
             let id = desired.container_id.clone();
-            // 1. Exists and runs: adopt what is there, start what stopped,
-            //    create what is missing.
-            let observed = match self.runtime.inspect(&id).await {
-                Ok(Some(o)) if o.running => Ok(o),
-                Ok(Some(o)) => {
-                    tracing::info!(
-                        container_id = id,
-                        status = o.status,
-                        "starting stopped container"
-                    );
-                    status.phase = ContainerPhase::Starting as i32;
-                    match self.runtime.start(&id).await {
-                        Ok(()) => self
-                            .runtime
-                            .inspect(&id)
-                            .await
-                            .map(|o| o.unwrap_or_default()),
-                        Err(e) => Err(e),
+            if !running {
+                match self.ensure_running(&desired, &mut status).await {
+                    Ok(()) => {}
+                    Err(message) => {
+                        self.fail(&mut status, message, &mut backoff).await;
+                        continue;
                     }
                 }
-                Ok(None) => {
-                    status.phase = ContainerPhase::Creating as i32;
+                if status.phase != ContainerPhase::Healthy as i32 {
+                    status.phase = ContainerPhase::Starting as i32;
                     self.board.set(status.clone());
-                    self.runtime
-                        .create_and_start(&spec_of(&desired, self.generation))
+                    if !self
+                        .wait_healthy(&status.upstream, Duration::from_secs(30))
                         .await
+                    {
+                        self.fail(
+                            &mut status,
+                            "gateway did not answer /healthz".into(),
+                            &mut backoff,
+                        )
+                        .await;
+                        continue;
+                    }
+                    status.phase = ContainerPhase::Healthy as i32;
+                    status.message.clear();
+                    self.board.set(status.clone());
                 }
-                Err(e) => Err(e),
-            };
-            let observed = match observed {
-                Ok(o) if o.ip.is_some() => o,
-                Ok(o) => {
-                    self.fail(
-                        &mut status,
-                        format!("container has no address ({})", o.status),
-                        &mut backoff,
-                    )
-                    .await;
-                    continue;
-                }
-                Err(e) => {
-                    metrics::counter!("clawdeploy_agent_reconcile_errors_total", "step" => "ensure").increment(1);
-                    self.fail(&mut status, e.to_string(), &mut backoff).await;
-                    continue;
-                }
-            };
-            status.docker_id = observed.docker_id.clone();
-            status.upstream = format!("{}:{GATEWAY_PORT}", observed.ip.unwrap_or_default());
-
-            // 2. Healthy: /healthz answers.
-            if status.phase != ContainerPhase::Healthy as i32 {
-                status.phase = ContainerPhase::Starting as i32;
-                self.board.set(status.clone());
-                if !self
-                    .wait_healthy(&status.upstream, Duration::from_secs(30))
-                    .await
-                {
-                    self.fail(
-                        &mut status,
-                        "gateway did not answer /healthz".into(),
-                        &mut backoff,
-                    )
-                    .await;
-                    continue;
-                }
-                status.phase = ContainerPhase::Healthy as i32;
-                status.message.clear();
-                self.board.set(status.clone());
+                running = true;
                 backoff = Duration::from_millis(200);
             }
 
-            // 3. Tenant config: written atomically, then proven live with
-            //    the container's own token before it is reported.
+            // Tenant config: written atomically, then proven live with the
+            // container's own token before it is reported.
             if let Some(t) = desired
                 .tenant
                 .as_ref()
@@ -327,6 +336,7 @@ impl<R: ContainerRuntime> Worker<R> {
                     Err(e) => {
                         metrics::counter!("clawdeploy_agent_reconcile_errors_total", "step" => "config").increment(1);
                         tracing::warn!(container_id = id, error = %e, "tenant config not confirmed; retrying");
+                        running = false;
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(10));
                         continue;
@@ -334,7 +344,9 @@ impl<R: ContainerRuntime> Worker<R> {
                 }
             }
 
-            // 4. Wait for a change, checking health meanwhile.
+            // Wait for a change, probing health meanwhile. A failed probe
+            // sends the next pass to Docker (a crashed container is started
+            // again); repeated failures mark the container unhealthy.
             tokio::select! {
                 changed = rx.changed() => if changed.is_err() { return },
                 _ = tokio::time::sleep(CHECK_EVERY) => {
@@ -342,10 +354,12 @@ impl<R: ContainerRuntime> Worker<R> {
                         failures = 0;
                         if status.phase != ContainerPhase::Healthy as i32 {
                             status.phase = ContainerPhase::Healthy as i32;
+                            status.message.clear();
                             self.board.set(status.clone());
                         }
                     } else {
                         failures += 1;
+                        running = false;
                         if failures >= UNHEALTHY_AFTER {
                             status.phase = ContainerPhase::Unhealthy as i32;
                             status.message = format!("/healthz failed {failures} times");
@@ -353,6 +367,59 @@ impl<R: ContainerRuntime> Worker<R> {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// Adopts a running container, starts a stopped one, creates a missing
+    /// one; fills in the status's Docker id and upstream.
+    async fn ensure_running(
+        &self,
+        desired: &DesiredContainer,
+        status: &mut ContainerStatus,
+    ) -> Result<(), String> {
+        let id = &desired.container_id;
+        let observed = match self.runtime.inspect(id).await {
+            Ok(Some(o)) if o.running => Ok(o),
+            Ok(Some(o)) => {
+                tracing::info!(
+                    container_id = id,
+                    status = o.status,
+                    "starting stopped container"
+                );
+                status.phase = ContainerPhase::Starting as i32;
+                match self.runtime.start(id).await {
+                    Ok(()) => self
+                        .runtime
+                        .inspect(id)
+                        .await
+                        .map(Option::unwrap_or_default),
+                    Err(e) => Err(e),
+                }
+            }
+            Ok(None) => {
+                status.phase = ContainerPhase::Creating as i32;
+                self.board.set(status.clone());
+                let _permit = self.creates.acquire().await;
+                self.runtime
+                    .create_and_start(&spec_of(desired, self.generation))
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        match observed {
+            Ok(o) => match o.ip {
+                Some(ip) => {
+                    status.docker_id = o.docker_id;
+                    status.upstream = format!("{ip}:{GATEWAY_PORT}");
+                    Ok(())
+                }
+                None => Err(format!("container has no address ({})", o.status)),
+            },
+            Err(e) => {
+                metrics::counter!("clawdeploy_agent_reconcile_errors_total", "step" => "ensure")
+                    .increment(1);
+                Err(e.to_string())
             }
         }
     }

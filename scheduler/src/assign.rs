@@ -100,10 +100,6 @@ pub async fn claim(app: &AppRef, req: ClaimRequest) -> Result<Claimed> {
             .execute(&mut *tx)
             .await?;
     }
-    sqlx::query("UPDATE nodes SET generation = generation + 1 WHERE id = $1")
-        .bind(&node_id)
-        .execute(&mut *tx)
-        .await?;
     crate::audit(
         &mut *tx,
         &format!("user:{}", req.user_id),
@@ -118,7 +114,7 @@ pub async fn claim(app: &AppRef, req: ClaimRequest) -> Result<Claimed> {
     }
     metrics::histogram!("clawdeploy_claim_commit_seconds").record(started.elapsed().as_secs_f64());
     app.pool_wake.notify_one();
-    desired::push(app, &node_id).await?;
+    desired::bump_and_push(app, &node_id).await?;
     let gateway_token = app
         .secrets
         .open_string(&App::gateway_token_aad(container_id), &token_enc)?;

@@ -95,6 +95,17 @@ pub async fn load(app: &App, node_id: &str) -> Result<DesiredState> {
     })
 }
 
+/// Marks the node's desired state as changed (after the change committed,
+/// so that no transaction holds the node row while it works) and pushes it.
+/// Any snapshot that sees the new generation also sees the change.
+pub async fn bump_and_push(app: &AppRef, node_id: &str) -> Result<()> {
+    sqlx::query("UPDATE nodes SET generation = generation + 1 WHERE id = $1")
+        .bind(node_id)
+        .execute(&app.db)
+        .await?;
+    push(app, node_id).await
+}
+
 /// Sends the node its current desired state if it has an open session here.
 /// A node without a session gets it on its next hello.
 pub async fn push(app: &AppRef, node_id: &str) -> Result<()> {

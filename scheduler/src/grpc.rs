@@ -132,26 +132,43 @@ impl AgentSessionState {
         }
         crate::audit(&self.app.db, &format!("node:{}", self.node_id), "node.hello", &self.node_id, serde_json::json!({"agentVersion": hello.agent_version, "appliedGeneration": hello.applied_generation})).await;
         self.seen.clear();
-        desired::push(&self.app, &self.node_id).await?;
+        desired::bump_and_push(&self.app, &self.node_id).await?;
         self.app.pool_wake.notify_one();
         Ok(())
     }
 
     async fn heartbeat(&mut self, hb: Heartbeat) -> Result<()> {
-        sqlx::query("UPDATE nodes SET last_heartbeat = now(), state = CASE WHEN state = 'unreachable' THEN 'active' ELSE state END WHERE id = $1")
-            .bind(&self.node_id)
-            .execute(&self.app.db)
-            .await?;
+        let generation: i64 = sqlx::query_scalar(
+            "UPDATE nodes SET last_heartbeat = now(), state = CASE WHEN state = 'unreachable' THEN 'active' ELSE state END
+              WHERE id = $1 RETURNING generation",
+        )
+        .bind(&self.node_id)
+        .fetch_one(&self.app.db)
+        .await?;
+        // Reports touch different rows, so they are applied concurrently:
+        // a burst of claims on one node completes in parallel.
+        let changed: Vec<&ContainerStatus> = hb
+            .containers
+            .iter()
+            .filter(|s| {
+                self.seen.get(&s.container_id)
+                    != Some(&(s.phase, s.config_version, s.upstream.clone()))
+            })
+            .collect();
+        let mut results: Vec<(&ContainerStatus, Result<bool>)> = Vec::with_capacity(changed.len());
+        for chunk in changed.chunks(16) {
+            let done = futures::future::join_all(chunk.iter().map(|s| self.observe(s))).await;
+            results.extend(chunk.iter().copied().zip(done));
+        }
         let mut changed_node = false;
-        for status in &hb.containers {
-            let key = (status.phase, status.config_version, status.upstream.clone());
-            if self.seen.get(&status.container_id) == Some(&key) {
-                continue;
-            }
-            match self.observe(status).await {
+        for (status, result) in results {
+            match result {
                 Ok(bumped) => {
                     changed_node |= bumped;
-                    self.seen.insert(status.container_id.clone(), key);
+                    self.seen.insert(
+                        status.container_id.clone(),
+                        (status.phase, status.config_version, status.upstream.clone()),
+                    );
                 }
                 Err(e) => {
                     tracing::warn!(node_id = self.node_id, container_id = status.container_id, error = %e, "container report not applied")
@@ -170,6 +187,9 @@ impl AgentSessionState {
             .execute(&self.app.db)
             .await?;
         if changed_node {
+            desired::bump_and_push(&self.app, &self.node_id).await?;
+        } else if hb.applied_generation < generation as u64 {
+            // The agent missed a push (or a push raced a bump): resend.
             desired::push(&self.app, &self.node_id).await?;
         }
         Ok(())
@@ -216,10 +236,6 @@ impl AgentSessionState {
             "idle" => self.app.pool_wake.notify_one(),
             "destroying" => {
                 tracing::warn!(node_id = self.node_id, container_id = %id, message = s.message, "pool container failed; replacing it");
-                sqlx::query("UPDATE nodes SET generation = generation + 1 WHERE id = $1")
-                    .bind(&self.node_id)
-                    .execute(&self.app.db)
-                    .await?;
                 self.app.pool_wake.notify_one();
                 bumped = true;
             }

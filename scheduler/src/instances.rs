@@ -191,15 +191,14 @@ pub async fn create(
 type MeRow = (Uuid, String, String, String, Option<Uuid>, Option<Vec<u8>>);
 
 pub async fn me(State(app): State<AppRef>, user: AuthUser) -> Result<axum::Json<Value>> {
-    let row: Option<MeRow> =
-        sqlx::query_as(
-            "SELECT i.id, i.subdomain, i.status, i.tier, c.id, c.gateway_token_enc
+    let row: Option<MeRow> = sqlx::query_as(
+        "SELECT i.id, i.subdomain, i.status, i.tier, c.id, c.gateway_token_enc
            FROM instances i LEFT JOIN containers c ON c.id = i.container_id
           WHERE i.user_id = $1 AND i.status <> 'deleted'",
-        )
-        .bind(user.id)
-        .fetch_optional(&app.db)
-        .await?;
+    )
+    .bind(user.id)
+    .fetch_optional(&app.db)
+    .await?;
     let (id, subdomain, status, tier, container, token) = row.ok_or(Error::NotFound("instance"))?;
     let token = match (container, token) {
         (Some(c), Some(t)) => app.secrets.open_string(&App::gateway_token_aad(c), &t)?,

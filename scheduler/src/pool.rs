@@ -31,7 +31,11 @@ pub async fn run(app: AppRef, mut shutdown: watch::Receiver<bool>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = app.pool_wake.notified() => {}
+            _ = app.pool_wake.notified() => {
+                // Coalesce a burst of claims into one refill (one push per
+                // node instead of one per claim).
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
             _ = tick.tick() => {}
             _ = shutdown.changed() => break,
         }
@@ -83,8 +87,9 @@ struct NodeLoad {
 
 async fn schedulable_nodes(app: &App, tx: &mut Transaction<'_, Postgres>) -> Result<Vec<NodeLoad>> {
     let rows: Vec<(String, i32, i64, i64)> = sqlx::query_as(
-        // Locking the node rows serialises placement between the pool
-        // manager and on-demand claims.
+        // No row locks: claims bump node generations concurrently, and one
+        // pool manager places containers. A rare on-demand claim racing a
+        // refill may put one container more on a node than planned.
         "SELECT n.id, n.max_containers, c.pool, c.total
            FROM nodes n
            CROSS JOIN LATERAL (
@@ -92,8 +97,7 @@ async fn schedulable_nodes(app: &App, tx: &mut Transaction<'_, Postgres>) -> Res
                        count(*) FILTER (WHERE state IN ('creating', 'warming', 'idle', 'assigning', 'assigned', 'suspended', 'destroying')) AS total
                   FROM containers WHERE node_id = n.id) c
           WHERE n.state = 'active' AND n.last_heartbeat > now() - make_interval(secs => $1)
-          ORDER BY n.id
-          FOR UPDATE OF n",
+          ORDER BY n.id",
     )
     .bind(app.cfg.heartbeat_ttl.as_secs_f64())
     .fetch_all(&mut **tx)
@@ -221,18 +225,12 @@ async fn reconcile(app: &AppRef) -> Result<()> {
             touched.insert(node);
         }
     }
-    for node in &touched {
-        sqlx::query("UPDATE nodes SET generation = generation + 1 WHERE id = $1")
-            .bind(node)
-            .execute(&mut *tx)
-            .await?;
-    }
     tx.commit().await?;
     if created > 0 {
         tracing::info!(created, warm, target, "pool refill");
     }
     for node in touched {
-        desired::push(app, &node).await?;
+        desired::bump_and_push(app, &node).await?;
     }
     Ok(())
 }

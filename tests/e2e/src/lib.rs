@@ -497,7 +497,7 @@ impl Drop for Cluster {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
-        if !std::thread::panicking() {
+        if !std::thread::panicking() && std::env::var_os("CLAWDEPLOY_KEEP_LOGS").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);
         } else {
             eprintln!(
@@ -582,4 +582,55 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .nth(1)?
         .parse()
         .ok()
+}
+
+/// CPU time (user + system) a process has used, from /proc.
+pub fn cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may contain spaces).
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+/// Busy and total CPU time of the whole machine, from /proc/stat.
+pub fn machine_cpu() -> (f64, f64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: f64 = v.iter().sum();
+    let idle = v.get(3).copied().unwrap_or(0.0) + v.get(4).copied().unwrap_or(0.0);
+    ((total - idle) / 100.0, total / 100.0)
+}
+
+/// CPU seconds used so far by every process on the machine, summed by
+/// command name (for attributing a benchmark's load).
+pub fn cpu_by_command() -> HashMap<String, f64> {
+    let mut out = HashMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let name = stat[open + 1..close].to_owned();
+        if let Some(secs) = cpu_secs(pid) {
+            *out.entry(name).or_insert(0.0) += secs;
+        }
+    }
+    out
 }

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use clap::Parser;
-use clawdeploy_e2e::{rss_kib, Cluster, ClusterOptions, BASE_DOMAIN};
+use clawdeploy_e2e::{
+    cpu_by_command, cpu_secs, machine_cpu, rss_kib, Cluster, ClusterOptions, BASE_DOMAIN,
+};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -24,16 +26,27 @@ struct Args {
 /// authenticated request through the edge.
 async fn signup(c: &Cluster, token: &str, sub: &str) -> Result<Duration> {
     let started = Instant::now();
-    let (status, body) = c.create_instance(token, &json!({"subdomain": sub, "apiKeys": {"openai": "sk-bench"}})).await?;
+    let (status, body) = c
+        .create_instance(
+            token,
+            &json!({"subdomain": sub, "apiKeys": {"openai": "sk-bench"}}),
+        )
+        .await?;
     ensure!(status == 201, "signup answered {status}: {body}");
-    let gw = body["instance"]["gatewayToken"].as_str().context("gateway token")?.to_owned();
+    let gw = body["instance"]["gatewayToken"]
+        .as_str()
+        .context("gateway token")?
+        .to_owned();
     let host = format!("{sub}.{BASE_DOMAIN}");
     loop {
         let (s, _) = c.edge_get(&host, "/v1/models", Some(&gw)).await?;
         if s == 200 {
             return Ok(started.elapsed());
         }
-        ensure!(started.elapsed() < Duration::from_secs(30), "{sub} never answered 200 (last {s})");
+        ensure!(
+            started.elapsed() < Duration::from_secs(30),
+            "{sub} never answered 200 (last {s})"
+        );
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
@@ -56,10 +69,33 @@ fn report(name: &str, mut samples: Vec<Duration>, wall: Duration) {
     );
 }
 
+/// (histogram, sum, count) for the stage histograms in a Prometheus text page.
+fn histogram_means(text: &str) -> Vec<(String, f64, f64)> {
+    const STAGES: &[&str] = &[
+        "clawdeploy_claim_commit_seconds",
+        "clawdeploy_assignment_duration_seconds",
+        "clawdeploy_agent_config_apply_seconds",
+    ];
+    let value = |suffix: &str, name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{name}{suffix}")))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    STAGES
+        .iter()
+        .map(|n| (n.to_string(), value("_sum", n), value("_count", n)))
+        .collect()
+}
+
 async fn users(c: &Cluster, prefix: &str, n: usize) -> Result<Vec<String>> {
     let mut v = Vec::new();
     for i in 0..n {
-        v.push(c.register(&format!("{prefix}{i}@bench.example.com")).await?);
+        v.push(
+            c.register(&format!("{prefix}{i}@bench.example.com"))
+                .await?,
+        );
     }
     Ok(v)
 }
@@ -68,12 +104,22 @@ async fn users(c: &Cluster, prefix: &str, n: usize) -> Result<Vec<String>> {
 async fn main() -> Result<()> {
     let a = Args::parse();
     let pool = a.sequential.max(a.concurrent) as u32;
-    let opts = ClusterOptions { nodes: 2, min_idle: pool, max_idle: pool, max_containers: pool, claim_wait_secs: 20 };
+    let opts = ClusterOptions {
+        nodes: 2,
+        min_idle: pool,
+        max_idle: pool,
+        max_containers: pool,
+        claim_wait_secs: 20,
+    };
     eprintln!("starting the system with a pool of {pool} (2 nodes)…");
     let c = Cluster::start(opts).await?;
     let t = Instant::now();
-    c.wait_idle(i64::from(pool), false, Duration::from_secs(600)).await?;
-    eprintln!("pool of {pool} idle after {:.1} s", t.elapsed().as_secs_f64());
+    c.wait_idle(i64::from(pool), false, Duration::from_secs(600))
+        .await?;
+    eprintln!(
+        "pool of {pool} idle after {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
 
     let seq_users = users(&c, "seq", a.sequential).await?;
     let mut samples = Vec::new();
@@ -83,8 +129,16 @@ async fn main() -> Result<()> {
     }
     report("sequential", samples, t.elapsed());
 
-    c.wait_idle(i64::from(pool), false, Duration::from_secs(600)).await?;
+    c.wait_idle(i64::from(pool), false, Duration::from_secs(600))
+        .await?;
     let burst_users = users(&c, "burst", a.concurrent).await?;
+    let cpu_before: Vec<(String, f64)> = c
+        .pids()
+        .into_iter()
+        .map(|(n, p)| (n, cpu_secs(p).unwrap_or(0.0)))
+        .collect();
+    let machine_before = machine_cpu();
+    let by_command_before = cpu_by_command();
     let t = Instant::now();
     let results = futures::future::join_all(burst_users.iter().enumerate().map(|(i, token)| {
         let c = &c;
@@ -94,7 +148,57 @@ async fn main() -> Result<()> {
     let wall = t.elapsed();
     let samples = results.into_iter().collect::<Result<Vec<_>>>()?;
     report(&format!("concurrent ({})", a.concurrent), samples, wall);
+    let machine_after = machine_cpu();
+    let (busy, total) = (
+        machine_after.0 - machine_before.0,
+        machine_after.1 - machine_before.1,
+    );
+    println!(
+        "burst cpu: machine {:.0}% busy over {:.2} s wall",
+        100.0 * busy / total.max(1e-9),
+        wall.as_secs_f64()
+    );
+    let mut by_command: Vec<(String, f64)> = cpu_by_command()
+        .into_iter()
+        .map(|(n, after)| {
+            let d = after - by_command_before.get(&n).copied().unwrap_or(0.0);
+            (n, d)
+        })
+        .filter(|(_, d)| *d >= 0.02)
+        .collect();
+    by_command.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let top: Vec<String> = by_command
+        .iter()
+        .take(8)
+        .map(|(n, d)| format!("{n} {d:.2}s"))
+        .collect();
+    println!("burst cpu by command: {}", top.join(", "));
+    for ((name, before), (_, pid)) in cpu_before.iter().zip(c.pids()) {
+        println!(
+            "burst cpu {name:<12} {:>6.2} s",
+            cpu_secs(pid).unwrap_or(0.0) - before
+        );
+    }
 
+    // Where the time goes, from the processes' own histograms (means over
+    // every signup of the run).
+    let mut scrapes = vec![c.api("/metrics")];
+    scrapes.extend(
+        c.agent_metrics
+            .iter()
+            .map(|a| format!("http://{a}/metrics")),
+    );
+    for url in scrapes {
+        let text = c.client.get(&url).send().await?.text().await?;
+        for (name, sum, count) in histogram_means(&text) {
+            if count > 0.0 {
+                println!(
+                    "stage {name:<48} mean={:>7.1} ms  n={count}",
+                    sum / count * 1e3
+                );
+            }
+        }
+    }
     for (name, pid) in c.pids() {
         println!("rss {name:<12} {:>7} KiB", rss_kib(pid).unwrap_or(0));
     }

@@ -2,6 +2,8 @@
 //! sent, with its generation. It survives agent restarts (so reconciling goes
 //! on while the scheduler is away) and rejects stale generations.
 
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use clawdeploy_proto::DesiredState;
@@ -25,6 +27,7 @@ pub enum Accepted {
 impl Ledger {
     pub fn open(state_dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(state_dir)?;
+        std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o700))?;
         let path = state_dir.join("desired-state.pb");
         let current = match std::fs::read(&path) {
             Ok(bytes) => DesiredState::decode(bytes.as_slice())
@@ -51,8 +54,10 @@ impl Ledger {
         }
         let dir = self.path.parent().unwrap_or(Path::new("."));
         let tmp = dir.join(".desired-state.pb.tmp");
-        std::fs::write(&tmp, state.encode_to_vec())?;
-        std::fs::File::open(&tmp)?.sync_all()?;
+        // The state carries gateway tokens and provider keys: owner only.
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        f.write_all(&state.encode_to_vec())?;
+        f.sync_all()?;
         std::fs::rename(&tmp, &self.path)?;
         self.current = state;
         Ok(Accepted::Newer)
@@ -97,6 +102,8 @@ mod tests {
         // A restarted agent starts from what it persisted.
         let l2 = Ledger::open(&dir).unwrap();
         assert_eq!(l2.current().generation, 5);
+        let mode = std::fs::metadata(dir.join("desired-state.pb")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "the ledger holds secrets");
         std::fs::remove_dir_all(&dir).ok();
     }
 }

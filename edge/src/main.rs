@@ -54,7 +54,7 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(listen = %listener.local_addr()?, admin = %admin.local_addr()?, "edge listening");
     let cfg = EdgeConfig {
         watch: WatchConfig {
-            scheduler_url: a.scheduler_url,
+            url: a.scheduler_url,
             server_name: a.scheduler_name,
             ca_file: a.tls_dir.join("ca.crt.pem"),
             cert_file: a.tls_dir.join(format!("{}.crt.pem", a.edge_id)),

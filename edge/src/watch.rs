@@ -2,24 +2,15 @@
 //! mTLS, a snapshot then deltas, reconnecting with capped backoff. While the
 //! scheduler is away the edge keeps serving what it has.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clawdeploy_proto::route_watch_client::RouteWatchClient;
 use clawdeploy_proto::{route_event, WatchRoutesRequest};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 use crate::routes::RouteTable;
 
-#[derive(Clone, Debug)]
-pub struct WatchConfig {
-    pub scheduler_url: String,
-    pub server_name: String,
-    pub ca_file: PathBuf,
-    pub cert_file: PathBuf,
-    pub key_file: PathBuf,
-}
+pub use clawdeploy_proto::client::SchedulerEndpoint as WatchConfig;
 
 pub async fn run(cfg: WatchConfig, table: Arc<RouteTable>) {
     let mut backoff = Duration::from_millis(100);
@@ -39,20 +30,7 @@ pub async fn run(cfg: WatchConfig, table: Arc<RouteTable>) {
 }
 
 async fn once(cfg: &WatchConfig, table: &RouteTable) -> anyhow::Result<()> {
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(tokio::fs::read(&cfg.ca_file).await?))
-        .identity(Identity::from_pem(
-            tokio::fs::read(&cfg.cert_file).await?,
-            tokio::fs::read(&cfg.key_file).await?,
-        ))
-        .domain_name(cfg.server_name.clone());
-    let channel = Channel::from_shared(cfg.scheduler_url.clone())?
-        .tls_config(tls)?
-        .connect_timeout(Duration::from_secs(3))
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(20))
-        .connect()
-        .await?;
+    let channel = cfg.connect().await.map_err(|e| anyhow::anyhow!(e))?;
     let mut stream = RouteWatchClient::new(channel)
         .watch_routes(WatchRoutesRequest {
             known_version: table.version(),

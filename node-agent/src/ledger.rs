@@ -55,7 +55,12 @@ impl Ledger {
         let dir = self.path.parent().unwrap_or(Path::new("."));
         let tmp = dir.join(".desired-state.pb.tmp");
         // The state carries gateway tokens and provider keys: owner only.
-        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
         f.write_all(&state.encode_to_vec())?;
         f.sync_all()?;
         std::fs::rename(&tmp, &self.path)?;
@@ -102,7 +107,10 @@ mod tests {
         // A restarted agent starts from what it persisted.
         let l2 = Ledger::open(&dir).unwrap();
         assert_eq!(l2.current().generation, 5);
-        let mode = std::fs::metadata(dir.join("desired-state.pb")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(dir.join("desired-state.pb"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600, "the ledger holds secrets");
         std::fs::remove_dir_all(&dir).ok();
     }

@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::Parser;
 use clawdeploy_agent::runtime::DockerRuntime;
 use clawdeploy_agent::session::SessionConfig;
+use clawdeploy_proto::client::SchedulerEndpoint;
 use clawdeploy_proto::NodeCapacity;
 
 #[derive(Parser)]
@@ -96,11 +97,13 @@ async fn main() -> anyhow::Result<()> {
         .map(|n| n.get() as u32)
         .unwrap_or(1);
     let session = SessionConfig {
-        scheduler_url: a.scheduler_url,
-        server_name: a.scheduler_name,
-        ca_file: a.tls_dir.join("ca.crt.pem"),
-        cert_file: a.tls_dir.join(format!("{}.crt.pem", a.node_id)),
-        key_file: a.tls_dir.join(format!("{}.key.pem", a.node_id)),
+        scheduler: SchedulerEndpoint {
+            url: a.scheduler_url,
+            server_name: a.scheduler_name,
+            ca_file: a.tls_dir.join("ca.crt.pem"),
+            cert_file: a.tls_dir.join(format!("{}.crt.pem", a.node_id)),
+            key_file: a.tls_dir.join(format!("{}.key.pem", a.node_id)),
+        },
         capacity: NodeCapacity {
             cpu_millis: cpus * 1000,
             memory_bytes: memory_bytes(),

@@ -3,18 +3,17 @@
 //! receiving full desired states. Reconnects with capped, jittered backoff;
 //! reconciling goes on from the ledger while disconnected.
 
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clawdeploy_proto::agent_session_client::AgentSessionClient;
+use clawdeploy_proto::client::SchedulerEndpoint;
 use clawdeploy_proto::{
     agent_message, scheduler_message, AgentMessage, DesiredState, Heartbeat, Hello, NodeCapacity,
     NodeUsage,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 use crate::error::{Error, Result};
 use crate::ledger::{Accepted, Ledger};
@@ -23,12 +22,7 @@ use crate::reconcile::StatusBoard;
 #[derive(Clone, Debug)]
 pub struct SessionConfig {
     pub node_id: String,
-    pub scheduler_url: String,
-    /// Name the scheduler's certificate must carry.
-    pub server_name: String,
-    pub ca_file: PathBuf,
-    pub cert_file: PathBuf,
-    pub key_file: PathBuf,
+    pub scheduler: SchedulerEndpoint,
     pub capacity: NodeCapacity,
     pub private_address: String,
     pub heartbeat_every: Duration,
@@ -74,26 +68,6 @@ impl Session {
         }
     }
 
-    async fn connect(&self) -> Result<Channel> {
-        // Read on every connect, so renewed certificates take effect.
-        let ca = tokio::fs::read(&self.cfg.ca_file).await?;
-        let cert = tokio::fs::read(&self.cfg.cert_file).await?;
-        let key = tokio::fs::read(&self.cfg.key_file).await?;
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(ca))
-            .identity(Identity::from_pem(cert, key))
-            .domain_name(self.cfg.server_name.clone());
-        let channel = Channel::from_shared(self.cfg.scheduler_url.clone())
-            .map_err(|e| Error::Tls(e.to_string()))?
-            .tls_config(tls)?
-            .connect_timeout(Duration::from_secs(3))
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(20))
-            .connect()
-            .await?;
-        Ok(channel)
-    }
-
     fn heartbeat(&self) -> AgentMessage {
         let containers = self.board.snapshot();
         let applied_generation = self.ledger.lock().unwrap().current().generation;
@@ -111,7 +85,12 @@ impl Session {
     }
 
     async fn once(&self) -> Result<()> {
-        let channel = self.connect().await?;
+        let channel = self
+            .cfg
+            .scheduler
+            .connect()
+            .await
+            .map_err(|e| Error::Tls(e.to_string()))?;
         let mut client = AgentSessionClient::new(channel);
         let (tx, rx) = mpsc::channel(16);
         let hello = Hello {
@@ -130,7 +109,7 @@ impl Session {
         // learns what runs here at once.
         let _ = tx.send(self.heartbeat()).await;
         let mut inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
-        tracing::info!(scheduler = self.cfg.scheduler_url, "session open");
+        tracing::info!(scheduler = self.cfg.scheduler.url, "session open");
         metrics::gauge!("clawdeploy_agent_connected").set(1.0);
         let mut tick = tokio::time::interval(self.cfg.heartbeat_every);
         loop {

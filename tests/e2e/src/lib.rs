@@ -392,6 +392,29 @@ impl Cluster {
         Ok((status, r.json().await?))
     }
 
+    /// Registers `email` and signs up for `subdomain` with provider `keys`,
+    /// expecting 201. Returns the account token and the gateway token.
+    pub async fn sign_up(
+        &self,
+        email: &str,
+        subdomain: &str,
+        keys: Value,
+    ) -> Result<(String, String)> {
+        let token = self.register(email).await?;
+        let (status, body) = self
+            .create_instance(
+                &token,
+                &serde_json::json!({"subdomain": subdomain, "apiKeys": keys}),
+            )
+            .await?;
+        anyhow::ensure!(status == 201, "signup answered {status}: {body}");
+        let gw = body["instance"]["gatewayToken"]
+            .as_str()
+            .context("gateway token")?
+            .to_owned();
+        Ok((token, gw))
+    }
+
     /// GET through the edge with a Host header.
     pub async fn edge_get(
         &self,

@@ -379,19 +379,10 @@ async fn scheduler_restart_keeps_every_route_and_the_pool() {
     c.wait_idle(5, true, Duration::from_secs(120))
         .await
         .unwrap();
-    let token = c.register("erin@example.com").await.unwrap();
-    let (status, body) = c
-        .create_instance(
-            &token,
-            &json!({"subdomain": "erin", "apiKeys": {"openai": "sk-e"}}),
-        )
+    let (token, gw) = c
+        .sign_up("erin@example.com", "erin", json!({"openai": "sk-e"}))
         .await
         .unwrap();
-    assert_eq!(status, 201, "{body}");
-    let gw = body["instance"]["gatewayToken"]
-        .as_str()
-        .unwrap()
-        .to_owned();
     c.wait_idle(5, false, Duration::from_secs(60))
         .await
         .unwrap();
@@ -461,18 +452,12 @@ async fn scheduler_restart_keeps_every_route_and_the_pool() {
     .unwrap();
 
     // The edge reconnected too: a new signup routes at once.
-    let t2 = c.register("frank@example.com").await.unwrap();
-    let (status, body) = c
-        .create_instance(
-            &t2,
-            &json!({"subdomain": "frank", "apiKeys": {"anthropic": "sk-f"}}),
-        )
+    let (_, gw2) = c
+        .sign_up("frank@example.com", "frank", json!({"anthropic": "sk-f"}))
         .await
         .unwrap();
-    assert_eq!(status, 201, "{body}");
-    let gw2 = body["instance"]["gatewayToken"].as_str().unwrap();
     let (s, b) = c
-        .edge_get(&host("frank"), "/v1/models", Some(gw2))
+        .edge_get(&host("frank"), "/v1/models", Some(&gw2))
         .await
         .unwrap();
     assert_eq!(s, 200, "{b}");

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clawdeploy_proto::route_watch_client::RouteWatchClient;
-use clawdeploy_proto::{route_event, WatchRoutesRequest};
+use clawdeploy_proto::{route_event, AckRoutesRequest, WatchRoutesRequest};
 
 use crate::routes::RouteTable;
 
@@ -31,29 +31,59 @@ pub async fn run(cfg: WatchConfig, table: Arc<RouteTable>) {
 
 async fn once(cfg: &WatchConfig, table: &RouteTable) -> anyhow::Result<()> {
     let channel = cfg.connect().await.map_err(|e| anyhow::anyhow!(e))?;
-    let mut stream = RouteWatchClient::new(channel)
+    let mut client = RouteWatchClient::new(channel);
+    let mut stream = client
         .watch_routes(WatchRoutesRequest {
             known_version: table.version(),
         })
         .await?
         .into_inner();
     metrics::gauge!("clawdeploy_edge_scheduler_connected").set(1.0);
+    // Acknowledge applied versions off the stream's path, coalescing bursts
+    // into the latest version.
+    let (applied_tx, mut applied_rx) = tokio::sync::watch::channel(0u64);
+    let acker = tokio::spawn(async move {
+        while applied_rx.changed().await.is_ok() {
+            let version = *applied_rx.borrow_and_update();
+            if let Err(e) = client.ack_routes(AckRoutesRequest { version }).await {
+                tracing::debug!(error = %e, "route ack failed");
+            }
+        }
+    });
+    let _stop_acker = AbortOnDrop(acker);
     while let Some(event) = stream.message().await? {
-        match event.event {
+        let version = match event.event {
             Some(route_event::Event::Snapshot(s)) => {
                 tracing::info!(
                     routes = s.routes.len(),
                     version = s.version,
                     "route snapshot"
                 );
+                let v = s.version;
                 table.apply_snapshot(s);
+                v
             }
             Some(route_event::Event::Delta(d)) => {
                 tracing::debug!(version = d.version, "route delta");
+                let v = d.version;
                 table.apply_delta(d);
+                v
             }
-            None => {}
-        }
+            None => continue,
+        };
+        applied_tx.send_if_modified(|cur| {
+            let newer = version > *cur;
+            *cur = (*cur).max(version);
+            newer
+        });
     }
     Ok(())
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

@@ -86,6 +86,8 @@ pub struct App {
     pub route_events: broadcast::Sender<RouteDelta>,
     /// Wakes the pool manager (claims, containers becoming idle, nodes).
     pub pool_wake: Notify,
+    /// Route versions the connected edges have applied.
+    pub edge_acks: crate::edges::EdgeAcks,
     /// Instances that just became ready (wakes waiting signup requests).
     pub instance_ready: broadcast::Sender<Uuid>,
 }
@@ -101,6 +103,7 @@ impl App {
             sessions: Sessions::default(),
             route_events: broadcast::channel(4096).0,
             pool_wake: Notify::new(),
+            edge_acks: Default::default(),
             instance_ready: broadcast::channel(4096).0,
         })
     }

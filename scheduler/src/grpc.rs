@@ -8,8 +8,8 @@ use std::pin::Pin;
 use clawdeploy_proto::agent_session_server::AgentSession;
 use clawdeploy_proto::route_watch_server::RouteWatch;
 use clawdeploy_proto::{
-    agent_message, route_event, AgentMessage, ContainerPhase, ContainerStatus, Heartbeat, Hello,
-    RouteEvent, SchedulerMessage, WatchRoutesRequest,
+    agent_message, route_event, AckRoutesRequest, AckRoutesResponse, AgentMessage, ContainerPhase,
+    ContainerStatus, Heartbeat, Hello, RouteEvent, SchedulerMessage, WatchRoutesRequest,
 };
 use futures::Stream;
 use tokio::sync::{broadcast, mpsc};
@@ -278,43 +278,54 @@ impl RouteWatch for RouteService {
             "edge watching routes"
         );
         let (tx, rx) = mpsc::channel(256);
+        let app = self.app.clone();
+        let watch_id = app.edge_acks.register(&edge_id);
         tokio::spawn(async move {
-            if tx
-                .send(Ok(RouteEvent {
-                    event: Some(route_event::Event::Snapshot(snapshot)),
-                }))
-                .await
-                .is_err()
-            {
-                return;
-            }
-            loop {
-                match deltas.recv().await {
-                    Ok(d) => {
-                        if tx
-                            .send(Ok(RouteEvent {
+            let snapshot = RouteEvent {
+                event: Some(route_event::Event::Snapshot(snapshot)),
+            };
+            if tx.send(Ok(snapshot)).await.is_ok() {
+                loop {
+                    let delta = tokio::select! {
+                        d = deltas.recv() => d,
+                        // The edge went away: stop counting it at once.
+                        _ = tx.closed() => break,
+                    };
+                    match delta {
+                        Ok(d) => {
+                            let event = RouteEvent {
                                 event: Some(route_event::Event::Delta(d)),
-                            }))
-                            .await
-                            .is_err()
-                        {
+                            };
+                            if tx.send(Ok(event)).await.is_err() {
+                                break;
+                            }
+                        }
+                        Err(broadcast::error::RecvError::Lagged(n)) => {
+                            // The edge reconnects and gets a fresh snapshot.
+                            let msg = format!("edge fell {n} route changes behind; resubscribe");
+                            let _ = tx.send(Err(Status::data_loss(msg))).await;
                             break;
                         }
+                        Err(broadcast::error::RecvError::Closed) => break,
                     }
-                    Err(broadcast::error::RecvError::Lagged(n)) => {
-                        // The edge reconnects and gets a fresh snapshot.
-                        let _ = tx
-                            .send(Err(Status::data_loss(format!(
-                                "edge fell {n} route changes behind; resubscribe"
-                            ))))
-                            .await;
-                        break;
-                    }
-                    Err(broadcast::error::RecvError::Closed) => break,
                 }
             }
+            app.edge_acks.unregister(watch_id);
             tracing::info!(edge_id, "edge route watch ended");
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn ack_routes(
+        &self,
+        req: Request<AckRoutesRequest>,
+    ) -> Result<Response<AckRoutesResponse>, Status> {
+        let Identity::Edge(edge_id) = caller(&req)? else {
+            return Err(Status::permission_denied(
+                "only edge certificates may acknowledge routes",
+            ));
+        };
+        self.app.edge_acks.ack(&edge_id, req.into_inner().version);
+        Ok(Response::new(AckRoutesResponse {}))
     }
 }

@@ -7,6 +7,7 @@ pub mod assign;
 pub mod auth;
 pub mod crypto;
 pub mod desired;
+pub mod edges;
 pub mod error;
 pub mod grpc;
 pub mod http;

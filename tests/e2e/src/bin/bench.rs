@@ -75,6 +75,7 @@ fn histogram_means(text: &str) -> Vec<(String, f64, f64)> {
         "clawdeploy_claim_commit_seconds",
         "clawdeploy_assignment_duration_seconds",
         "clawdeploy_agent_config_apply_seconds",
+        "clawdeploy_route_propagation_seconds",
     ];
     let value = |suffix: &str, name: &str| {
         text.lines()

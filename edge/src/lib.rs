@@ -40,6 +40,7 @@ pub async fn serve(
         .install_recorder()?;
     let table = Arc::new(routes::RouteTable::load(cfg.cache_file));
     let watcher = tokio::spawn(watch::run(cfg.watch, table.clone()));
+    let persister = tokio::spawn(table.clone().persist_changes());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let status_table = table.clone();
     let admin_app =
@@ -64,13 +65,17 @@ pub async fn serve(
             .await
     });
     let proxy_task = tokio::spawn(proxy::serve(
-        Arc::new(proxy::Proxy::new(table)),
+        Arc::new(proxy::Proxy::new(table.clone())),
         listener,
         stop_rx,
     ));
     shutdown.await;
     let _ = stop_tx.send(true);
     watcher.abort();
+    persister.abort();
+    if let Err(e) = table.save() {
+        tracing::warn!(error = %e, "route cache not written at shutdown");
+    }
     let _ = proxy_task.await;
     let _ = admin_task.await;
     Ok(())

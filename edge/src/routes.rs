@@ -1,8 +1,8 @@
 //! The edge's route table: exact host → upstream, ordered per host by the
 //! scheduler's route versions (a late, older delta never overrides a newer
-//! one; removals leave a tombstone). Persisted to a cache file after every
-//! change, so a restarted edge serves its last table while the scheduler is
-//! away.
+//! one; removals leave a tombstone). Persisted to a cache file shortly after
+//! changes (coalesced, off the watch path), so a restarted edge serves its
+//! last table while the scheduler is away.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -34,6 +34,7 @@ struct Table {
 pub struct RouteTable {
     table: RwLock<Table>,
     cache_file: Option<PathBuf>,
+    dirty: tokio::sync::Notify,
 }
 
 /// Lower-cases, drops a port and a trailing dot: `Alice.Example.com.:443`
@@ -83,6 +84,7 @@ impl RouteTable {
         let t = Self {
             table: RwLock::new(table),
             cache_file,
+            dirty: tokio::sync::Notify::new(),
         };
         t.record_metrics();
         t
@@ -173,12 +175,29 @@ impl RouteTable {
 
     fn changed(&self) {
         self.record_metrics();
-        let Some(path) = &self.cache_file else { return };
-        let bytes = serde_json::to_vec(&*self.table.read().unwrap()).unwrap_or_default();
+        self.dirty.notify_one();
+    }
+
+    /// Writes the table to the cache file (write, then rename).
+    pub fn save(&self) -> std::io::Result<()> {
+        let Some(path) = &self.cache_file else {
+            return Ok(());
+        };
+        let bytes = serde_json::to_vec(&*self.table.read().unwrap())?;
         let tmp = path.with_extension("tmp");
-        let r = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
-        if let Err(e) = r {
-            tracing::warn!(error = %e, path = %path.display(), "route cache not written");
+        std::fs::write(&tmp, bytes)?;
+        std::fs::rename(&tmp, path)
+    }
+
+    /// Saves the table after changes, at most every 200 ms: a burst of
+    /// deltas costs one write, not one per delta.
+    pub async fn persist_changes(self: std::sync::Arc<Self>) {
+        loop {
+            self.dirty.notified().await;
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            if let Err(e) = self.save() {
+                tracing::warn!(error = %e, "route cache not written");
+            }
         }
     }
 }
@@ -237,16 +256,32 @@ mod tests {
         assert_eq!(t.version(), 6);
     }
 
-    #[test]
-    fn cache_survives_restart() {
+    #[tokio::test]
+    async fn cache_is_written_after_changes_and_survives_restart() {
         let path = std::env::temp_dir().join(format!("cd-edge-cache-{}.json", std::process::id()));
-        let t = RouteTable::load(Some(path.clone()));
-        t.apply_snapshot(RouteSnapshot {
-            version: 9,
-            routes: vec![route("b.x.test", "10.0.0.9:1")],
-        });
-        let again = RouteTable::load(Some(path.clone()));
-        assert_eq!(again.lookup("b.x.test").unwrap().upstream, "10.0.0.9:1");
+        let t = std::sync::Arc::new(RouteTable::load(Some(path.clone())));
+        tokio::spawn(t.clone().persist_changes());
+        for v in 1..=50 {
+            t.apply_delta(RouteDelta {
+                version: v,
+                upsert: Some(route(&format!("h{v}.x.test"), "10.0.0.9:1")),
+                removed_hostname: String::new(),
+            });
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let again = RouteTable::load(Some(path.clone()));
+            if again.len() == 50 {
+                assert_eq!(again.lookup("h50.x.test").unwrap().upstream, "10.0.0.9:1");
+                assert_eq!(again.version(), 50);
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "cache never caught up"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
         std::fs::remove_file(path).ok();
     }
 }

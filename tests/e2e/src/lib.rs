@@ -652,7 +652,18 @@ pub fn cpu_by_command() -> HashMap<String, f64> {
         };
         let name = stat[open + 1..close].to_owned();
         if let Some(secs) = cpu_secs(pid) {
-            *out.entry(name).or_insert(0.0) += secs;
+            *out.entry(name.clone()).or_insert(0.0) += secs;
+        }
+        // Bytes written to storage, in MB, under "<name> (write MB)".
+        if let Some(w) = std::fs::read_to_string(format!("/proc/{pid}/io"))
+            .ok()
+            .and_then(|io| {
+                io.lines()
+                    .find(|l| l.starts_with("write_bytes:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+            })
+        {
+            *out.entry(format!("{name} (write MB)")).or_insert(0.0) += w / 1e6;
         }
     }
     out

@@ -157,7 +157,7 @@ pub async fn serve(
             grpc::RouteService { app: app.clone() },
         ))
         .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(grpc),
+            tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
             wait_stop(stop_rx.clone()),
         );
     let http_server = axum::serve(http, http::router(app.clone(), metrics))

@@ -235,7 +235,10 @@ impl Cluster {
             .arg(self.dir.join(&node))
             .args(["--metrics-listen", &self.agent_metrics[i].to_string()])
             .args(["--max-containers", &self.opts.max_containers.to_string()])
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("CLAWDEPLOY_E2E_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(self.log_file(&node)?)
             .stderr(self.log_file(&node)?)
             .spawn()
@@ -264,7 +267,10 @@ impl Cluster {
             .arg(self.dir.join("tls"))
             .arg("--route-cache")
             .arg(self.dir.join("edge-routes.json"))
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("CLAWDEPLOY_E2E_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(self.log_file("edge")?)
             .stderr(self.log_file("edge")?)
             .spawn()

@@ -513,8 +513,15 @@ impl Drop for Cluster {
             let _ = c.kill();
             let _ = c.wait();
         }
-        for node in &self.node_ids {
-            docker_cleanup_node(node);
+        // Docker may still finish a create the agent sent just before it
+        // died; a second pass catches those.
+        for pass in 0..2 {
+            if pass > 0 {
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            for node in &self.node_ids {
+                docker_cleanup_node(node);
+            }
         }
         let _ = Command::new("psql")
             .arg(&self.admin_db_url)

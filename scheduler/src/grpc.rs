@@ -55,13 +55,13 @@ impl AgentSession for AgentService {
         let (tx, rx) = mpsc::channel(32);
         let app = self.app.clone();
         tokio::spawn(async move {
-            let session_id = app.sessions.register(&node_id, tx.clone());
-            metrics::gauge!("clawdeploy_agent_sessions").set(app.sessions.connected() as f64);
             tracing::info!(node_id, "agent session opened");
             let mut session = AgentSessionState {
                 app: app.clone(),
                 node_id: node_id.clone(),
                 seen: HashMap::new(),
+                tx: tx.clone(),
+                session_id: None,
             };
             let end = loop {
                 match inbound.message().await {
@@ -80,7 +80,9 @@ impl AgentSession for AgentService {
                     Err(e) => break format!("stream error: {e}"),
                 }
             };
-            app.sessions.unregister(&node_id, session_id);
+            if let Some(id) = session.session_id {
+                app.sessions.unregister(&node_id, id);
+            }
             metrics::gauge!("clawdeploy_agent_sessions").set(app.sessions.connected() as f64);
             tracing::info!(node_id, reason = %end, "agent session ended");
         });
@@ -94,18 +96,33 @@ struct AgentSessionState {
     app: AppRef,
     node_id: String,
     seen: HashMap<String, (i32, u64, String)>,
+    tx: crate::sessions::Outbound,
+    /// Set once a valid hello registered this session as the node's; until
+    /// then the stream cannot receive desired state nor report.
+    session_id: Option<u64>,
 }
 
 impl AgentSessionState {
     async fn handle(&mut self, msg: AgentMessage) -> Result<()> {
         match msg.msg {
             Some(agent_message::Msg::Hello(hello)) => self.hello(hello).await,
+            Some(agent_message::Msg::Heartbeat(_)) if self.session_id.is_none() => Err(
+                Error::Forbidden("an agent session starts with a hello".into()),
+            ),
             Some(agent_message::Msg::Heartbeat(hb)) => self.heartbeat(hb).await,
             None => Err(Error::BadRequest("empty agent message".into())),
         }
     }
 
     async fn hello(&mut self, hello: Hello) -> Result<()> {
+        // The certificate decides who this is; a hello claiming otherwise is
+        // a misconfigured (or hostile) agent.
+        if !hello.node_id.is_empty() && hello.node_id != self.node_id {
+            return Err(Error::Forbidden(format!(
+                "hello names node {:?} but the certificate is for node {:?}",
+                hello.node_id, self.node_id
+            )));
+        }
         let cap = hello.capacity.unwrap_or_default();
         let state: String = sqlx::query_scalar(
             "INSERT INTO nodes (id, name, private_address, cpu_millis, memory_bytes, max_containers, state, last_heartbeat)
@@ -131,6 +148,10 @@ impl AgentSessionState {
             )));
         }
         crate::audit(&self.app.db, &format!("node:{}", self.node_id), "node.hello", &self.node_id, serde_json::json!({"agentVersion": hello.agent_version, "appliedGeneration": hello.applied_generation})).await;
+        if self.session_id.is_none() {
+            self.session_id = Some(self.app.sessions.register(&self.node_id, self.tx.clone()));
+            metrics::gauge!("clawdeploy_agent_sessions").set(self.app.sessions.connected() as f64);
+        }
         self.seen.clear();
         desired::bump_and_push(&self.app, &self.node_id).await?;
         self.app.pool_wake.notify_one();

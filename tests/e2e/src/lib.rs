@@ -247,6 +247,50 @@ impl Cluster {
         Ok(())
     }
 
+    /// Starts an extra agent process with any node id and certificate
+    /// directory (for identity tests); returns it with its log path.
+    pub fn spawn_agent_with(&self, node_id: &str, tls_dir: &Path) -> Result<(Child, PathBuf)> {
+        let log = self.dir.join("logs").join(format!("extra-{node_id}.log"));
+        let child = Command::new(bin_dir().join("clawdeploy-agent"))
+            .args([
+                "--node-id",
+                node_id,
+                "--scheduler-url",
+                &format!("https://{}", self.grpc),
+                "--scheduler-name",
+                "localhost",
+            ])
+            .arg("--tls-dir")
+            .arg(tls_dir)
+            .arg("--state-dir")
+            .arg(self.dir.join(format!("extra-{node_id}")))
+            .args(["--metrics-listen", &free_addr().to_string()])
+            .env("RUST_LOG", "info")
+            .stdout(self.log_file(&format!("extra-{node_id}"))?)
+            .stderr(self.log_file(&format!("extra-{node_id}"))?)
+            .spawn()?;
+        Ok((child, log))
+    }
+
+    /// Issues a certificate from a CA the scheduler does not trust.
+    pub fn foreign_cert(&self, kind: &str, id: &str) -> Result<PathBuf> {
+        let out = self.dir.join("foreign-tls");
+        let st = Command::new(self.scheduler_bin())
+            .args(["pki", "issue", "--kind", kind, "--id", id])
+            .arg("--data-dir")
+            .arg(self.dir.join("foreign-ca"))
+            .arg("--out")
+            .arg(&out)
+            .stdout(Stdio::null())
+            .status()?;
+        anyhow::ensure!(st.success(), "issuing a foreign certificate failed");
+        Ok(out)
+    }
+
+    pub fn tls_dir(&self) -> PathBuf {
+        self.dir.join("tls")
+    }
+
     pub fn start_edge(&mut self) -> Result<()> {
         let child = Command::new(bin_dir().join("clawdeploy-edge"))
             .args([

@@ -463,3 +463,96 @@ async fn scheduler_restart_keeps_every_route_and_the_pool() {
     assert_eq!(s, 200, "{b}");
     assert!(b.contains("anthropic"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scheduler_knows_callers_by_their_certificate_only() {
+    let c = Cluster::start(ClusterOptions {
+        nodes: 1,
+        min_idle: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    c.wait_idle(1, false, Duration::from_secs(120))
+        .await
+        .unwrap();
+    let nodes_before = c.count("SELECT count(*) FROM nodes").await.unwrap();
+
+    // 1. A certificate from another CA: the TLS handshake fails.
+    let foreign = c.foreign_cert("node", "rogue").unwrap();
+    let (mut rogue, rogue_log) = c.spawn_agent_with("rogue", &foreign).unwrap();
+    // 2. The edge's (valid) certificate presented by an agent: refused.
+    std::fs::create_dir_all(c.dir.join("edge-as-node")).unwrap();
+    for f in ["ca.crt.pem", "edge-1.crt.pem", "edge-1.key.pem"] {
+        std::fs::copy(c.tls_dir().join(f), c.dir.join("edge-as-node").join(f)).unwrap();
+    }
+    let (mut posing, posing_log) = c
+        .spawn_agent_with("edge-1", &c.dir.join("edge-as-node"))
+        .unwrap();
+    // 3. A valid node certificate whose agent claims another node id.
+    let liar_dir = c.dir.join("liar");
+    std::fs::create_dir_all(&liar_dir).unwrap();
+    std::fs::copy(c.tls_dir().join("ca.crt.pem"), liar_dir.join("ca.crt.pem")).unwrap();
+    std::fs::copy(
+        c.tls_dir().join(format!("{}.crt.pem", c.node_ids[0])),
+        liar_dir.join("someone-else.crt.pem"),
+    )
+    .unwrap();
+    std::fs::copy(
+        c.tls_dir().join(format!("{}.key.pem", c.node_ids[0])),
+        liar_dir.join("someone-else.key.pem"),
+    )
+    .unwrap();
+    let (mut liar, liar_log) = c.spawn_agent_with("someone-else", &liar_dir).unwrap();
+
+    let logs = [&rogue_log, &posing_log, &liar_log];
+    wait_for(Duration::from_secs(30), "all three refused", || async {
+        Ok(logs.iter().all(|l| {
+            std::fs::read_to_string(l)
+                .unwrap_or_default()
+                .contains("scheduler session failed")
+        }))
+    })
+    .await
+    .unwrap();
+    for child in [&mut rogue, &mut posing, &mut liar] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let posing_text = std::fs::read_to_string(&posing_log).unwrap();
+    assert!(
+        posing_text.contains("only node certificates"),
+        "{posing_text}"
+    );
+    let liar_text = std::fs::read_to_string(&liar_log).unwrap();
+    assert!(
+        liar_text.contains("the certificate is for node"),
+        "{liar_text}"
+    );
+
+    // No node was registered for any of them, and none got work.
+    assert_eq!(
+        c.count("SELECT count(*) FROM nodes").await.unwrap(),
+        nodes_before
+    );
+    assert_eq!(
+        c.count("SELECT count(*) FROM nodes WHERE id IN ('rogue', 'edge-1', 'someone-else')")
+            .await
+            .unwrap(),
+        0
+    );
+    for id in ["rogue", "edge-1", "someone-else"] {
+        clawdeploy_e2e::docker_cleanup_node(id);
+    }
+
+    // The real node's session survived the impostors: it still takes claims.
+    let (_, gw) = c
+        .sign_up("gina@example.com", "gina", json!({"openai": "sk-g"}))
+        .await
+        .unwrap();
+    let (s, b) = c
+        .edge_get(&host("gina"), "/v1/models", Some(&gw))
+        .await
+        .unwrap();
+    assert_eq!(s, 200, "{b}");
+}

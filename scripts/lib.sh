@@ -66,14 +66,16 @@ build_standin_image() {
   docker build -q -t "$STANDIN_IMAGE" "$ctx" >/dev/null
 }
 
-# Removes every container, volume and network an agent with this node id made.
+# Removes every container, volume and network an agent with this node id
+# made. Best effort: what Docker refuses to remove (a network with a stale
+# endpoint, say) is reported and left, never fatal.
 docker_cleanup_node() {
-  local node=$1
-  local ids; ids=$(docker ps -aq --filter "label=clawdeploy.node=$node")
-  [ -n "$ids" ] && docker rm -f $ids >/dev/null 2>&1
-  local vols; vols=$(docker volume ls -q --filter "label=clawdeploy.node=$node")
-  [ -n "$vols" ] && docker volume rm -f $vols >/dev/null 2>&1
-  local nets; nets=$(docker network ls -q --filter "label=clawdeploy.node=$node")
-  [ -n "$nets" ] && docker network rm $nets >/dev/null 2>&1
+  local node=$1 ids vols nets
+  ids=$(docker ps -aq --filter "label=clawdeploy.node=$node")
+  if [ -n "$ids" ]; then docker rm -f $ids >/dev/null 2>&1 || log "could not remove containers of $node"; fi
+  vols=$(docker volume ls -q --filter "label=clawdeploy.node=$node")
+  if [ -n "$vols" ]; then docker volume rm -f $vols >/dev/null 2>&1 || log "could not remove volumes of $node"; fi
+  nets=$(docker network ls -q --filter "label=clawdeploy.node=$node")
+  if [ -n "$nets" ]; then docker network rm $nets >/dev/null 2>&1 || log "could not remove the network of $node"; fi
   return 0
 }

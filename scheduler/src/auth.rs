@@ -2,8 +2,6 @@
 //! 19 MiB, 2 iterations, 1 lane) and opaque bearer tokens of which only the
 //! SHA-256 is stored.
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use argon2::{Algorithm, Argon2, Params, Version};
 use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
@@ -16,54 +14,19 @@ use crate::app::AppRef;
 use crate::crypto::random_token;
 use crate::error::{Error, Result};
 use crate::http::ApiJson;
+use crate::password;
 
 const TOKEN_LIFETIME_DAYS: i32 = 7;
 
-fn argon2() -> Argon2<'static> {
-    Argon2::new(
-        Algorithm::Argon2id,
-        Version::V0x13,
-        Params::new(19 * 1024, 2, 1, None).expect("static argon2 params"),
-    )
-}
-
-async fn hash_password(password: String) -> Result<String> {
-    tokio::task::spawn_blocking(move || {
-        let salt = SaltString::generate(&mut argon2::password_hash::rand_core::OsRng);
-        argon2()
-            .hash_password(password.as_bytes(), &salt)
-            .map(|h| h.to_string())
-            .map_err(Error::internal)
-    })
-    .await
-    .map_err(Error::internal)?
-}
-
-async fn verify_password(password: String, hash: String) -> Result<bool> {
-    tokio::task::spawn_blocking(move || {
-        let parsed = PasswordHash::new(&hash).map_err(Error::internal)?;
-        Ok(argon2()
-            .verify_password(password.as_bytes(), &parsed)
-            .is_ok())
-    })
-    .await
-    .map_err(Error::internal)?
-}
-
 /// A hash to verify against when the email is unknown, so that both cases
 /// cost one argon2 verification.
-static DUMMY_HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+static DUMMY_HASH: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
 
-fn dummy_hash() -> String {
+async fn dummy_hash() -> Result<String> {
     DUMMY_HASH
-        .get_or_init(|| {
-            let salt = SaltString::generate(&mut argon2::password_hash::rand_core::OsRng);
-            argon2()
-                .hash_password(b"not-a-real-password", &salt)
-                .map(|h| h.to_string())
-                .unwrap_or_default()
-        })
-        .clone()
+        .get_or_try_init(|| password::hash("not-a-real-password".into()))
+        .await
+        .cloned()
 }
 
 pub fn normalize_email(raw: &str) -> Result<String> {
@@ -126,7 +89,7 @@ pub async fn register(
 ) -> Result<(StatusCode, axum::Json<Value>)> {
     let email = normalize_email(&c.email)?;
     check_password(&c.password)?;
-    let hash = hash_password(c.password).await?;
+    let hash = password::hash(c.password).await?;
     let id = Uuid::new_v4();
     sqlx::query("INSERT INTO users (id, email, password_hash) VALUES ($1, $2, $3)")
         .bind(id)
@@ -170,9 +133,9 @@ pub async fn login(
             .await?;
     let (id, hash) = match user {
         Some((id, hash)) => (Some(id), hash),
-        None => (None, dummy_hash()),
+        None => (None, dummy_hash().await?),
     };
-    let ok = verify_password(c.password, hash).await?;
+    let ok = password::verify(c.password, hash).await?;
     let Some(id) = id.filter(|_| ok) else {
         return Err(Error::BadCredentials);
     };
@@ -228,17 +191,5 @@ mod tests {
         ] {
             assert!(normalize_email(bad).is_err(), "{bad}");
         }
-    }
-
-    #[tokio::test]
-    async fn password_hash_verifies_only_the_right_password() {
-        let h = hash_password("correct horse battery".into()).await.unwrap();
-        assert!(h.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"));
-        assert!(verify_password("correct horse battery".into(), h.clone())
-            .await
-            .unwrap());
-        assert!(!verify_password("wrong horse battery".into(), h)
-            .await
-            .unwrap());
     }
 }

@@ -27,6 +27,8 @@ pub enum Error {
     NotFound(&'static str),
     #[error("conflict ({code}): {message}")]
     Conflict { code: &'static str, message: String },
+    #[error("busy: {0}")]
+    Busy(String),
     #[error("no capacity: {0}")]
     NoCapacity(String),
     #[error("timed out: {0}")]
@@ -75,6 +77,7 @@ impl Error {
                 format!("{what} not found"),
             ),
             Error::Conflict { code, message } => (StatusCode::CONFLICT, code, message.clone()),
+            Error::Busy(m) => (StatusCode::SERVICE_UNAVAILABLE, "busy", m.clone()),
             Error::NoCapacity(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "no_capacity",

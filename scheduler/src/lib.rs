@@ -12,6 +12,7 @@ pub mod error;
 pub mod grpc;
 pub mod http;
 pub mod instances;
+pub mod password;
 pub mod pki;
 pub mod pool;
 pub mod routes;

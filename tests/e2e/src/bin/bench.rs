@@ -122,13 +122,25 @@ async fn main() -> Result<()> {
         t.elapsed().as_secs_f64()
     );
 
+    let rss = |label: &str| {
+        let pid = c
+            .pids()
+            .into_iter()
+            .find(|(n, _)| n == "scheduler")
+            .map(|(_, p)| p)
+            .unwrap_or(0);
+        eprintln!("scheduler rss {label}: {} KiB", rss_kib(pid).unwrap_or(0));
+    };
+    rss("after the pool filled");
     let seq_users = users(&c, "seq", a.sequential).await?;
+    rss("after registrations");
     let mut samples = Vec::new();
     let t = Instant::now();
     for (i, token) in seq_users.iter().enumerate() {
         samples.push(signup(&c, token, &format!("seq-{i}")).await?);
     }
     report("sequential", samples, t.elapsed());
+    rss("after sequential signups");
 
     c.wait_idle(i64::from(pool), false, Duration::from_secs(600))
         .await?;

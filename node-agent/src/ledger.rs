@@ -2,8 +2,7 @@
 //! sent, with its generation. It survives agent restarts (so reconciling goes
 //! on while the scheduler is away) and rejects stale generations.
 
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use clawdeploy_proto::DesiredState;
@@ -53,17 +52,12 @@ impl Ledger {
             return Ok(Accepted::Same);
         }
         let dir = self.path.parent().unwrap_or(Path::new("."));
-        let tmp = dir.join(".desired-state.pb.tmp");
-        // The state carries gateway tokens and provider keys: owner only.
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(&state.encode_to_vec())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &self.path)?;
+        let name = self
+            .path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("desired-state.pb");
+        crate::runtime::write_private_atomically(dir, name, &state.encode_to_vec(), None)?;
         self.current = state;
         Ok(Accepted::Newer)
     }

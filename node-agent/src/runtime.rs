@@ -402,15 +402,24 @@ impl ContainerRuntime for DockerRuntime {
     async fn write_config(&self, container_id: &str, json: &[u8]) -> Result<()> {
         let dir = self.volume_dir(container_id);
         let json = json.to_vec();
-        tokio::task::spawn_blocking(move || write_atomically(&dir, "openclaw.json", &json))
-            .await
-            .map_err(|e| Error::Io(std::io::Error::other(e)))?
+        tokio::task::spawn_blocking(move || {
+            write_private_atomically(&dir, "openclaw.json", &json, Some(TENANT_UID))
+        })
+        .await
+        .map_err(|e| Error::Io(std::io::Error::other(e)))?
     }
 }
 
-/// Write to a temporary file in the same directory, fsync, then rename: the
-/// gateway sees either the old config or the new one, never half of one.
-pub fn write_atomically(dir: &Path, name: &str, contents: &[u8]) -> Result<()> {
+/// Writes `contents` to `dir/name` as a file only `owner` (or the agent,
+/// when `None`) can read: a temporary file in the same directory, fsync,
+/// chown, then rename. Readers see the old file or the new one, never half of
+/// one. Tenant configs and the ledger both hold secrets.
+pub fn write_private_atomically(
+    dir: &Path,
+    name: &str,
+    contents: &[u8],
+    owner: Option<u32>,
+) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = dir.join(format!(".{name}.tmp"));
@@ -422,7 +431,9 @@ pub fn write_atomically(dir: &Path, name: &str, contents: &[u8]) -> Result<()> {
         .open(&tmp)?;
     f.write_all(contents)?;
     f.sync_all()?;
-    std::os::unix::fs::chown(&tmp, Some(TENANT_UID), Some(TENANT_UID))?;
+    if let Some(uid) = owner {
+        std::os::unix::fs::chown(&tmp, Some(uid), Some(uid))?;
+    }
     std::fs::rename(&tmp, dir.join(name))?;
     Ok(())
 }

@@ -218,40 +218,15 @@ impl Cluster {
         Ok(())
     }
 
-    pub fn start_agent(&mut self, i: usize) -> Result<()> {
-        let node = self.node_ids[i].clone();
-        let child = Command::new(bin_dir().join("clawdeploy-agent"))
-            .args([
-                "--node-id",
-                &node,
-                "--scheduler-url",
-                &format!("https://{}", self.grpc),
-                "--scheduler-name",
-                "localhost",
-            ])
-            .arg("--tls-dir")
-            .arg(self.dir.join("tls"))
-            .arg("--state-dir")
-            .arg(self.dir.join(&node))
-            .args(["--metrics-listen", &self.agent_metrics[i].to_string()])
-            .args(["--max-containers", &self.opts.max_containers.to_string()])
-            .env(
-                "RUST_LOG",
-                std::env::var("CLAWDEPLOY_E2E_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdout(self.log_file(&node)?)
-            .stderr(self.log_file(&node)?)
-            .spawn()
-            .context("starting an agent")?;
-        self.agents[i] = Some(child);
-        Ok(())
-    }
-
-    /// Starts an extra agent process with any node id and certificate
-    /// directory (for identity tests); returns it with its log path.
-    pub fn spawn_agent_with(&self, node_id: &str, tls_dir: &Path) -> Result<(Child, PathBuf)> {
-        let log = self.dir.join("logs").join(format!("extra-{node_id}.log"));
-        let child = Command::new(bin_dir().join("clawdeploy-agent"))
+    /// An agent process for `node_id`, logging to `logs/<log_name>.log`.
+    fn spawn_agent(
+        &self,
+        node_id: &str,
+        tls_dir: &Path,
+        log_name: &str,
+        metrics: SocketAddr,
+    ) -> Result<Child> {
+        Command::new(bin_dir().join("clawdeploy-agent"))
             .args([
                 "--node-id",
                 node_id,
@@ -263,13 +238,32 @@ impl Cluster {
             .arg("--tls-dir")
             .arg(tls_dir)
             .arg("--state-dir")
-            .arg(self.dir.join(format!("extra-{node_id}")))
-            .args(["--metrics-listen", &free_addr().to_string()])
-            .env("RUST_LOG", "info")
-            .stdout(self.log_file(&format!("extra-{node_id}"))?)
-            .stderr(self.log_file(&format!("extra-{node_id}"))?)
-            .spawn()?;
-        Ok((child, log))
+            .arg(self.dir.join(log_name))
+            .args(["--metrics-listen", &metrics.to_string()])
+            .args(["--max-containers", &self.opts.max_containers.to_string()])
+            .env(
+                "RUST_LOG",
+                std::env::var("CLAWDEPLOY_E2E_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdout(self.log_file(log_name)?)
+            .stderr(self.log_file(log_name)?)
+            .spawn()
+            .context("starting an agent")
+    }
+
+    pub fn start_agent(&mut self, i: usize) -> Result<()> {
+        let node = self.node_ids[i].clone();
+        let child = self.spawn_agent(&node, &self.dir.join("tls"), &node, self.agent_metrics[i])?;
+        self.agents[i] = Some(child);
+        Ok(())
+    }
+
+    /// Starts an extra agent process with any node id and certificate
+    /// directory (for identity tests); returns it with its log path.
+    pub fn spawn_agent_with(&self, node_id: &str, tls_dir: &Path) -> Result<(Child, PathBuf)> {
+        let name = format!("extra-{node_id}");
+        let child = self.spawn_agent(node_id, tls_dir, &name, free_addr())?;
+        Ok((child, self.dir.join("logs").join(format!("{name}.log"))))
     }
 
     /// Issues a certificate from a CA the scheduler does not trust.

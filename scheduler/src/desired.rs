@@ -99,8 +99,16 @@ pub async fn load(app: &App, node_id: &str) -> Result<DesiredState> {
 /// so that no transaction holds the node row while it works) and pushes it.
 /// Any snapshot that sees the new generation also sees the change.
 pub async fn bump_and_push(app: &AppRef, node_id: &str) -> Result<()> {
-    sqlx::query("UPDATE nodes SET generation = generation + 1 WHERE id = $1")
+    bump_past_and_push(app, node_id, 0).await
+}
+
+/// Like `bump_and_push`, and also moves the generation past `floor` (what the
+/// agent reports having applied): an agent whose ledger is ahead of the
+/// database (restored from a backup, say) would otherwise refuse every push.
+pub async fn bump_past_and_push(app: &AppRef, node_id: &str, floor: u64) -> Result<()> {
+    sqlx::query("UPDATE nodes SET generation = GREATEST(generation, $2) + 1 WHERE id = $1")
         .bind(node_id)
+        .bind(floor as i64)
         .execute(&app.db)
         .await?;
     push(app, node_id).await

@@ -153,7 +153,7 @@ impl AgentSessionState {
             metrics::gauge!("clawdeploy_agent_sessions").set(self.app.sessions.connected() as f64);
         }
         self.seen.clear();
-        desired::bump_and_push(&self.app, &self.node_id).await?;
+        desired::bump_past_and_push(&self.app, &self.node_id, hello.applied_generation).await?;
         self.app.pool_wake.notify_one();
         Ok(())
     }
@@ -207,8 +207,10 @@ impl AgentSessionState {
             .bind(&reported)
             .execute(&self.app.db)
             .await?;
-        if changed_node {
-            desired::bump_and_push(&self.app, &self.node_id).await?;
+        if changed_node || hb.applied_generation > generation as u64 {
+            // A ledger ahead of the database (restored from a backup) is
+            // overtaken, or the agent would refuse every push.
+            desired::bump_past_and_push(&self.app, &self.node_id, hb.applied_generation).await?;
         } else if hb.applied_generation < generation as u64 {
             // The agent missed a push (or a push raced a bump): resend.
             desired::push(&self.app, &self.node_id).await?;

@@ -556,3 +556,51 @@ async fn the_scheduler_knows_callers_by_their_certificate_only() {
         .unwrap();
     assert_eq!(s, 200, "{b}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_behind_the_agents_ledger_catches_up() {
+    let c = Cluster::start(ClusterOptions {
+        nodes: 1,
+        min_idle: 2,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    c.wait_idle(2, false, Duration::from_secs(120))
+        .await
+        .unwrap();
+    // The agent applies generation 1000 (a heartbeat reporting less gets a push).
+    sqlx::query("UPDATE nodes SET generation = 1000")
+        .execute(&c.db)
+        .await
+        .unwrap();
+    let metrics = format!("http://{}/metrics", c.agent_metrics[0]);
+    wait_for(
+        Duration::from_secs(30),
+        "the agent at generation 1000",
+        || async {
+            let text = c.client.get(&metrics).send().await?.text().await?;
+            Ok(text
+                .lines()
+                .any(|l| l == "clawdeploy_agent_desired_generation 1000"))
+        },
+    )
+    .await
+    .unwrap();
+    // As after restoring a backup: the database is far behind the ledger, so
+    // ordinary bumps alone would never catch up and every push is refused.
+    sqlx::query("UPDATE nodes SET generation = 1")
+        .execute(&c.db)
+        .await
+        .unwrap();
+    let (_, gw) = c
+        .sign_up("hana@example.com", "hana", json!({"openai": "sk-h"}))
+        .await
+        .unwrap();
+    let (s, b) = c
+        .edge_get(&host("hana"), "/v1/models", Some(&gw))
+        .await
+        .unwrap();
+    assert_eq!(s, 200, "{b}");
+    assert!(c.count("SELECT max(generation) FROM nodes").await.unwrap() > 1000);
+}

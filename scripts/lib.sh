@@ -46,11 +46,20 @@ ensure_postgres() {
     log "initdb $PG_DIR/data"
     "${run_as[@]}" "$bin/initdb" -D "$PG_DIR/data" -U postgres --auth=trust -E UTF8 >/dev/null
   fi
-  if ! "${run_as[@]}" "$bin/pg_ctl" -D "$PG_DIR/data" status >/dev/null 2>&1; then
+  if "${run_as[@]}" "$bin/pg_ctl" -D "$PG_DIR/data" status >/dev/null 2>&1; then
+    # Already running: use the port it listens on (postmaster.pid, line 4).
+    PG_PORT=$(sed -n 4p "$PG_DIR/data/postmaster.pid")
+  else
+    # Another server (another checkout's cluster, say) may hold the port.
+    while (exec 3<>"/dev/tcp/127.0.0.1/$PG_PORT") 2>/dev/null; do
+      log "port $PG_PORT is taken; trying $((PG_PORT + 1))"
+      PG_PORT=$((PG_PORT + 1))
+    done
     mkdir -p "$PG_DIR/run"; [ "$(id -u)" = 0 ] && chown postgres: "$PG_DIR/run"
     log "starting PostgreSQL on 127.0.0.1:$PG_PORT"
     "${run_as[@]}" "$bin/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/postgres.log" -w start \
-      -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -k $PG_DIR/run -c max_connections=600 -c shared_buffers=256MB -c fsync=off -c synchronous_commit=off -c full_page_writes=off" >/dev/null
+      -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -k $PG_DIR/run -c max_connections=600 -c shared_buffers=256MB -c fsync=off -c synchronous_commit=off -c full_page_writes=off" >/dev/null \
+      || { tail -20 "$PG_DIR/postgres.log" >&2; exit 1; }
   fi
   export PGHOST=127.0.0.1 PGPORT=$PG_PORT PGUSER=postgres
 }

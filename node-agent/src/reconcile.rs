@@ -486,3 +486,24 @@ impl<R: ContainerRuntime> Worker<R> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tenant_config_holds_only_hot_reloadable_sections() {
+        let t = TenantConfig {
+            instance_id: "i-1".into(),
+            config_version: 3,
+            provider_keys: [("openai".to_owned(), "sk-1".to_owned())].into(),
+            default_model: "openai/gpt-4o".into(),
+        };
+        let v: serde_json::Value = serde_json::from_slice(&tenant_config_json(&t)).unwrap();
+        // `gateway.*` needs a restart: assignment never writes it.
+        assert!(v.get("gateway").is_none());
+        assert_eq!(v["models"]["providers"]["openai"]["apiKey"], "sk-1");
+        assert_eq!(v["agents"]["defaults"]["model"]["primary"], "openai/gpt-4o");
+        assert_eq!(v["meta"]["configVersion"], 3);
+    }
+}

@@ -19,7 +19,6 @@ use std::time::{Duration, Instant, SystemTime};
 struct Applied {
     providers: Vec<String>,
     default_model: Option<String>,
-    applied_at: Option<SystemTime>,
     reloads: u64,
 }
 
@@ -190,7 +189,6 @@ fn reload_if_changed(gateway: &Gateway, last: &mut Option<FileStamp>) {
             let mut applied = gateway.applied.write().unwrap();
             applied.providers = providers;
             applied.default_model = default_model;
-            applied.applied_at = Some(SystemTime::now());
             applied.reloads += 1;
             eprintln!(
                 "openclaw-standin: config applied ({} providers)",

@@ -152,6 +152,19 @@ impl Cluster {
         Ok(c)
     }
 
+    /// A one-node system whose pool already holds `min_idle` idle containers.
+    pub async fn single_node_warm(min_idle: u32) -> Result<Self> {
+        let c = Self::start(ClusterOptions {
+            nodes: 1,
+            min_idle,
+            ..Default::default()
+        })
+        .await?;
+        c.wait_idle(i64::from(min_idle), false, Duration::from_secs(120))
+            .await?;
+        Ok(c)
+    }
+
     fn scheduler_bin(&self) -> PathBuf {
         bin_dir().join("clawdeploy-scheduler")
     }
@@ -586,9 +599,16 @@ impl Drop for Cluster {
 /// Removes the containers, volumes and networks an agent with this node id made.
 pub fn docker_cleanup_node(node: &str) {
     let filter = format!("label=clawdeploy.node={node}");
-    let list = |args: &[&str]| -> Vec<String> {
-        Command::new("docker")
-            .args(args)
+    // (how to list them, how to remove them), containers first: volumes and
+    // networks in use cannot be removed.
+    let kinds: [(&[&str], &[&str]); 3] = [
+        (&["ps", "-aq"], &["rm", "-f"]),
+        (&["volume", "ls", "-q"], &["volume", "rm", "-f"]),
+        (&["network", "ls", "-q"], &["network", "rm"]),
+    ];
+    for (list, remove) in kinds {
+        let ids: Vec<String> = Command::new("docker")
+            .args(list)
             .args(["--filter", &filter])
             .output()
             .map(|o| {
@@ -597,34 +617,15 @@ pub fn docker_cleanup_node(node: &str) {
                     .map(str::to_owned)
                     .collect()
             })
-            .unwrap_or_default()
-    };
-    let containers = list(&["ps", "-aq"]);
-    if !containers.is_empty() {
-        let _ = Command::new("docker")
-            .args(["rm", "-f"])
-            .args(&containers)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
-    let volumes = list(&["volume", "ls", "-q"]);
-    if !volumes.is_empty() {
-        let _ = Command::new("docker")
-            .args(["volume", "rm", "-f"])
-            .args(&volumes)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
-    let networks = list(&["network", "ls", "-q"]);
-    if !networks.is_empty() {
-        let _ = Command::new("docker")
-            .args(["network", "rm"])
-            .args(&networks)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+            .unwrap_or_default();
+        if !ids.is_empty() {
+            let _ = Command::new("docker")
+                .args(remove)
+                .args(&ids)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
     }
 }
 

@@ -180,16 +180,7 @@ async fn two_concurrent_claims_for_one_subdomain_one_wins() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_json_errors_and_changes_nothing() {
-    let c = Cluster::start(ClusterOptions {
-        nodes: 1,
-        min_idle: 2,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    c.wait_idle(2, false, Duration::from_secs(120))
-        .await
-        .unwrap();
+    let c = Cluster::single_node_warm(2).await.unwrap();
     let token = c.register("carol@example.com").await.unwrap();
     let users_before = c.count("SELECT count(*) FROM users").await.unwrap();
 
@@ -466,16 +457,7 @@ async fn scheduler_restart_keeps_every_route_and_the_pool() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_scheduler_knows_callers_by_their_certificate_only() {
-    let c = Cluster::start(ClusterOptions {
-        nodes: 1,
-        min_idle: 1,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    c.wait_idle(1, false, Duration::from_secs(120))
-        .await
-        .unwrap();
+    let c = Cluster::single_node_warm(1).await.unwrap();
     let nodes_before = c.count("SELECT count(*) FROM nodes").await.unwrap();
 
     // 1. A certificate from another CA: the TLS handshake fails.
@@ -559,16 +541,7 @@ async fn the_scheduler_knows_callers_by_their_certificate_only() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_behind_the_agents_ledger_catches_up() {
-    let c = Cluster::start(ClusterOptions {
-        nodes: 1,
-        min_idle: 2,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    c.wait_idle(2, false, Duration::from_secs(120))
-        .await
-        .unwrap();
+    let c = Cluster::single_node_warm(2).await.unwrap();
     // The agent applies generation 1000 (a heartbeat reporting less gets a push).
     sqlx::query("UPDATE nodes SET generation = 1000")
         .execute(&c.db)

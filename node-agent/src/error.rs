@@ -16,6 +16,8 @@ pub enum Error {
     Rpc(#[from] tonic::Status),
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("firewall: {0}")]
+    Firewall(String),
     #[error("ledger: {0}")]
     Ledger(String),
 }

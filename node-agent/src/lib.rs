@@ -3,7 +3,10 @@
 //! desired state, reconciles Docker towards it, injects tenant config and
 //! proves it live, and reports health.
 
+pub mod enroll;
 pub mod error;
+pub mod firewall;
+pub mod host;
 pub mod ledger;
 pub mod probe;
 pub mod reconcile;
@@ -20,6 +23,21 @@ use tokio::net::TcpListener;
 use crate::reconcile::{Reconciler, StatusBoard};
 use crate::runtime::ContainerRuntime;
 use crate::session::{Session, SessionConfig};
+
+/// Test hook for crash-consistency tests: with
+/// `CLAWDEPLOY_AGENT_CRASH_AT=<point>` in its environment the agent kills
+/// itself with SIGKILL on reaching `<point>` (`desired`: a desired state with
+/// a tenant persisted; `config`: tenant config written; `report`: config
+/// proven live, not yet reported). Unset in production.
+pub fn crash_point(point: &str) {
+    if std::env::var("CLAWDEPLOY_AGENT_CRASH_AT").is_ok_and(|v| v == point) {
+        tracing::error!(point, "crash point reached; killing the agent (test hook)");
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &std::process::id().to_string()])
+            .status();
+        std::process::abort();
+    }
+}
 
 /// Runs the agent until `shutdown` resolves. Containers keep running after
 /// the agent stops: they belong to tenants, not to this process.
@@ -57,6 +75,7 @@ pub async fn run<R: ContainerRuntime>(
     );
     let session = tokio::spawn(
         Session {
+            host: host::HostSampler::new(state_dir.clone()),
             cfg: session,
             ledger,
             desired: desired_tx,

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use clawdeploy_agent::enroll::{self, TlsFiles};
 use clawdeploy_agent::runtime::DockerRuntime;
 use clawdeploy_agent::session::SessionConfig;
 use clawdeploy_proto::client::SchedulerEndpoint;
@@ -27,9 +28,18 @@ struct Args {
     /// Name the scheduler's certificate must carry.
     #[arg(long, env = "CLAWDEPLOY_SCHEDULER_NAME", default_value = "localhost")]
     scheduler_name: String,
-    /// Directory with ca.crt.pem, <node-id>.crt.pem and <node-id>.key.pem.
+    /// Directory with ca.crt.pem, <node-id>.crt.pem and <node-id>.key.pem
+    /// (written by the join when absent).
     #[arg(long, env = "CLAWDEPLOY_TLS_DIR")]
     tls_dir: PathBuf,
+    /// One-time join token `<id>.<secret>` from the operator; used only when
+    /// the TLS directory holds no certificate yet.
+    #[arg(long, env = "CLAWDEPLOY_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
+    /// `sha256:<hex>` of the scheduler's CA, given with the join token; the
+    /// agent trusts nothing else on its first contact.
+    #[arg(long, env = "CLAWDEPLOY_CA_PIN")]
+    ca_pin: Option<String>,
     /// Ledger and tenant state volumes live here.
     #[arg(long, env = "CLAWDEPLOY_STATE_DIR")]
     state_dir: PathBuf,
@@ -53,21 +63,17 @@ struct Args {
     private_address: String,
     #[arg(long, env = "CLAWDEPLOY_HEARTBEAT_MS", default_value_t = 2000)]
     heartbeat_ms: u64,
+    /// Install the host firewall rules that isolate tenants (DOCKER-USER
+    /// and INPUT); `false` only where another layer isolates them.
+    #[arg(long, env = "CLAWDEPLOY_FIREWALL", default_value_t = true, action = clap::ArgAction::Set)]
+    firewall: bool,
+    /// Destinations tenants may not connect to (IPv4 CIDRs).
+    #[arg(long, env = "CLAWDEPLOY_TENANT_BLOCKED_CIDRS", value_delimiter = ',',
+          default_values_t = clawdeploy_agent::firewall::DEFAULT_BLOCKED.iter().map(|s| s.to_string()))]
+    tenant_blocked_cidrs: Vec<String>,
     /// Containers created at once; more wait their turn.
     #[arg(long, env = "CLAWDEPLOY_MAX_PARALLEL_CREATES", default_value_t = 2)]
     max_parallel_creates: usize,
-}
-
-fn memory_bytes() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .map(|kb| kb * 1024)
-        .unwrap_or(0)
 }
 
 #[tokio::main]
@@ -78,6 +84,34 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let a = Args::parse();
+    let tls = TlsFiles {
+        dir: a.tls_dir.clone(),
+        node_id: a.node_id.clone(),
+    };
+    let scheduler = SchedulerEndpoint {
+        url: a.scheduler_url.clone(),
+        server_name: a.scheduler_name.clone(),
+        ca_file: tls.ca(),
+        cert_file: tls.cert(),
+        key_file: tls.key(),
+    };
+    tls.finish_rotation().context("finishing an interrupted certificate rotation")?;
+    if !tls.cert().exists() {
+        let (Some(token), Some(pin)) = (a.join_token.as_deref(), a.ca_pin.as_deref()) else {
+            anyhow::bail!(
+                "no certificate in {} and no --join-token with --ca-pin to get one",
+                a.tls_dir.display()
+            );
+        };
+        join_with_retries(&scheduler, &tls, token, pin).await?;
+    }
+    if a.firewall {
+        clawdeploy_agent::firewall::install(&a.tenant_blocked_cidrs)
+            .await
+            .context("installing the tenant firewall")?;
+    } else {
+        tracing::warn!("--firewall=false: tenants are NOT isolated by this agent");
+    }
     let network = a
         .network
         .unwrap_or_else(|| format!("clawdeploy-{}", a.node_id));
@@ -97,16 +131,11 @@ async fn main() -> anyhow::Result<()> {
         .map(|n| n.get() as u32)
         .unwrap_or(1);
     let session = SessionConfig {
-        scheduler: SchedulerEndpoint {
-            url: a.scheduler_url,
-            server_name: a.scheduler_name,
-            ca_file: a.tls_dir.join("ca.crt.pem"),
-            cert_file: a.tls_dir.join(format!("{}.crt.pem", a.node_id)),
-            key_file: a.tls_dir.join(format!("{}.key.pem", a.node_id)),
-        },
+        scheduler,
+        tls,
         capacity: NodeCapacity {
             cpu_millis: cpus * 1000,
-            memory_bytes: memory_bytes(),
+            memory_bytes: clawdeploy_agent::host::meminfo("MemTotal:").unwrap_or(0),
             max_containers: a.max_containers,
         },
         private_address: a.private_address,
@@ -122,6 +151,31 @@ async fn main() -> anyhow::Result<()> {
         shutdown_signal(),
     )
     .await
+}
+
+/// Joins, retrying while the scheduler is unreachable; a refused token or a
+/// CA that does not match the pin ends the process with the reason.
+async fn join_with_retries(
+    scheduler: &SchedulerEndpoint,
+    tls: &TlsFiles,
+    token: &str,
+    pin: &str,
+) -> anyhow::Result<()> {
+    let mut wait = Duration::from_millis(200);
+    for attempt in 1.. {
+        match enroll::join(scheduler, tls, token, pin).await {
+            Ok(()) => return Ok(()),
+            Err(e) if enroll::is_final(&e) || attempt >= 30 => {
+                return Err(anyhow::anyhow!(e).context("joining the cluster"))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, attempt, "join failed; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    unreachable!("the loop returns")
 }
 
 async fn shutdown_signal() {

@@ -17,7 +17,8 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
 use crate::probe::Prober;
-use crate::runtime::{ContainerRuntime, ContainerSpec, GATEWAY_PORT};
+use crate::crash_point;
+use crate::runtime::{ContainerRuntime, ContainerSpec, Limits, GATEWAY_PORT};
 
 /// Per-container observed state, read by the heartbeat.
 #[derive(Default)]
@@ -153,6 +154,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
             ContainerPhase::Healthy,
             ContainerPhase::Unhealthy,
             ContainerPhase::Failed,
+            ContainerPhase::Stopped,
         ] {
             let n = snapshot.iter().filter(|s| s.phase == phase as i32).count();
             metrics::gauge!("clawdeploy_agent_containers", "phase" => phase.as_str_name())
@@ -243,6 +245,15 @@ struct Worker<R> {
     generation: u64,
 }
 
+fn limits_of(d: &DesiredContainer) -> Limits {
+    let r = d.resources.unwrap_or_default();
+    Limits {
+        cpu_millis: r.cpu_millis,
+        memory_bytes: r.memory_bytes,
+        pids: r.pids,
+    }
+}
+
 fn spec_of(d: &DesiredContainer, generation: u64) -> ContainerSpec {
     let r = d.resources.unwrap_or_default();
     ContainerSpec {
@@ -283,12 +294,27 @@ impl<R: ContainerRuntime> Worker<R> {
         // Known to run and answer: a spec change that only carries tenant
         // config goes straight to the config write, without asking Docker.
         let mut running = false;
+        // The limits Docker enforces now, as last seen or set.
+        let mut limits = Limits::default();
         loop {
             let desired = rx.borrow_and_update().clone();
             let id = desired.container_id.clone();
+            if desired.stopped {
+                // Suspended: stopped, volume kept, no probing until resumed.
+                running = false;
+                if let Err(message) = self.ensure_stopped(&id, &mut status).await {
+                    self.fail(&mut status, message, &mut backoff).await;
+                    continue;
+                }
+                backoff = Duration::from_millis(200);
+                if rx.changed().await.is_err() {
+                    return;
+                }
+                continue;
+            }
             if !running {
                 match self.ensure_running(&desired, &mut status).await {
-                    Ok(()) => {}
+                    Ok(seen) => limits = seen,
                     Err(message) => {
                         self.fail(&mut status, message, &mut backoff).await;
                         continue;
@@ -317,6 +343,25 @@ impl<R: ContainerRuntime> Worker<R> {
                 backoff = Duration::from_millis(200);
             }
 
+            // A tier change: new limits applied live, no restart.
+            let want = limits_of(&desired);
+            if want != Limits::default() && want != limits {
+                match self.runtime.update(&id, want).await {
+                    Ok(()) => {
+                        tracing::info!(container_id = id, ?want, "container resized in place");
+                        limits = want;
+                    }
+                    Err(e) => {
+                        metrics::counter!("clawdeploy_agent_reconcile_errors_total", "step" => "update").increment(1);
+                        tracing::warn!(container_id = id, error = %e, "resize failed; retrying");
+                        running = false;
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                        continue;
+                    }
+                }
+            }
+
             // Tenant config: written atomically, then proven live with the
             // container's own token before it is reported.
             if let Some(t) = desired
@@ -329,6 +374,7 @@ impl<R: ContainerRuntime> Worker<R> {
                     .await
                 {
                     Ok(()) => {
+                        crash_point("report");
                         applied_config = t.config_version;
                         status.config_version = applied_config;
                         self.board.set(status.clone());
@@ -371,13 +417,32 @@ impl<R: ContainerRuntime> Worker<R> {
         }
     }
 
+    /// Stops a running container for suspension and reports it stopped.
+    async fn ensure_stopped(&self, id: &str, status: &mut ContainerStatus) -> Result<(), String> {
+        let observed = match self.runtime.inspect(id).await {
+            Ok(Some(o)) => o,
+            Ok(None) => return Err("suspended container is missing".into()),
+            Err(e) => return Err(e.to_string()),
+        };
+        if observed.running {
+            tracing::info!(container_id = id, "stopping suspended container");
+            self.runtime.stop(id).await.map_err(|e| e.to_string())?;
+        }
+        status.docker_id = observed.docker_id;
+        status.phase = ContainerPhase::Stopped as i32;
+        status.message.clear();
+        self.board.set(status.clone());
+        Ok(())
+    }
+
     /// Adopts a running container, starts a stopped one, creates a missing
-    /// one; fills in the status's Docker id and upstream.
+    /// one; fills in the status's Docker id and upstream and returns the
+    /// limits Docker enforces.
     async fn ensure_running(
         &self,
         desired: &DesiredContainer,
         status: &mut ContainerStatus,
-    ) -> Result<(), String> {
+    ) -> Result<Limits, String> {
         let id = &desired.container_id;
         let observed = match self.runtime.inspect(id).await {
             Ok(Some(o)) if o.running => Ok(o),
@@ -408,11 +473,11 @@ impl<R: ContainerRuntime> Worker<R> {
             Err(e) => Err(e),
         };
         match observed {
-            Ok(o) => match o.ip {
+            Ok(o) => match o.ip.clone() {
                 Some(ip) => {
-                    status.docker_id = o.docker_id;
+                    status.docker_id = o.docker_id.clone();
                     status.upstream = format!("{ip}:{GATEWAY_PORT}");
-                    Ok(())
+                    Ok(o.limits())
                 }
                 None => Err(format!("container has no address ({})", o.status)),
             },
@@ -459,6 +524,7 @@ impl<R: ContainerRuntime> Worker<R> {
         self.runtime
             .write_config(id, &tenant_config_json(t))
             .await?;
+        crash_point("config");
         let want: std::collections::BTreeSet<String> = t.provider_keys.keys().cloned().collect();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {

@@ -9,12 +9,12 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use bollard::models::{
-    ContainerCreateBody, EndpointSettings, HostConfig, Ipam, IpamConfig, NetworkCreateRequest,
+    ContainerCreateBody, ContainerUpdateBody, EndpointSettings, HostConfig, Ipam, IpamConfig, NetworkCreateRequest,
     NetworkingConfig, RestartPolicy, RestartPolicyNameEnum, VolumeCreateRequest,
 };
 use bollard::query_parameters::{
     CreateContainerOptions, InspectContainerOptions, ListContainersOptions, RemoveContainerOptions,
-    RemoveVolumeOptions, StartContainerOptions,
+    RemoveVolumeOptions, StartContainerOptions, StopContainerOptions,
 };
 use bollard::Docker;
 
@@ -50,6 +50,30 @@ pub struct Observed {
     /// Address on the node's tenant network.
     pub ip: Option<String>,
     pub status: String,
+    /// Limits Docker applies now (from inspect; zero from `list`).
+    pub cpu_millis: u32,
+    pub memory_bytes: u64,
+    pub pids: u32,
+    /// When the container's current process started (RFC 3339).
+    pub started_at: String,
+}
+
+/// Live limits of a container, changed with `docker update`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub cpu_millis: u32,
+    pub memory_bytes: u64,
+    pub pids: u32,
+}
+
+impl Observed {
+    pub fn limits(&self) -> Limits {
+        Limits {
+            cpu_millis: self.cpu_millis,
+            memory_bytes: self.memory_bytes,
+            pids: self.pids,
+        }
+    }
 }
 
 pub trait ContainerRuntime: Send + Sync + 'static {
@@ -64,6 +88,11 @@ pub trait ContainerRuntime: Send + Sync + 'static {
         spec: &ContainerSpec,
     ) -> impl Future<Output = Result<Observed>> + Send;
     fn start(&self, container_id: &str) -> impl Future<Output = Result<()>> + Send;
+    /// Stops the container (suspension); its state volume stays.
+    fn stop(&self, container_id: &str) -> impl Future<Output = Result<()>> + Send;
+    /// Changes CPU, memory and pids limits of a running container in place.
+    fn update(&self, container_id: &str, limits: Limits)
+        -> impl Future<Output = Result<()>> + Send;
     /// Removes the container and its state volume: the tenant's data is gone.
     fn remove(&self, container_id: &str) -> impl Future<Output = Result<()>> + Send;
     /// Replaces `openclaw.json` in the container's state atomically.
@@ -146,6 +175,7 @@ impl DockerRuntime {
         inspect: bollard::models::ContainerInspectResponse,
     ) -> Observed {
         let state = inspect.state.unwrap_or_default();
+        let host = inspect.host_config.unwrap_or_default();
         let ip = inspect
             .network_settings
             .and_then(|n| n.networks)
@@ -158,7 +188,121 @@ impl DockerRuntime {
             running: state.running.unwrap_or(false),
             ip,
             status: state.status.map(|s| s.to_string()).unwrap_or_default(),
+            cpu_millis: (host.nano_cpus.unwrap_or(0) / 1_000_000) as u32,
+            memory_bytes: host.memory.unwrap_or(0) as u64,
+            pids: host.pids_limit.unwrap_or(0) as u32,
+            started_at: state.started_at.unwrap_or_default(),
         }
+    }
+}
+
+/// State volume export and import (for migration): a tar stream of the
+/// volume's directory. Only a stopped (or not yet created) container's
+/// volume is copied, so the archive is consistent.
+impl DockerRuntime {
+    async fn refuse_running(&self, container_id: &str, op: &'static str) -> Result<()> {
+        if self.inspect(container_id).await?.is_some_and(|o| o.running) {
+            return Err(Error::Docker {
+                op,
+                message: format!("container {container_id} is running; stop it first"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Writes the state volume of `container_id` as a tar archive to `out`;
+    /// returns the bytes written.
+    pub async fn export_state(
+        &self,
+        container_id: &str,
+        mut out: impl tokio::io::AsyncWrite + Unpin,
+    ) -> Result<u64> {
+        self.refuse_running(container_id, "export").await?;
+        let dir = self.volume_dir(container_id);
+        if !dir.is_dir() {
+            return Err(Error::Docker {
+                op: "export",
+                message: format!("no state volume for {container_id}"),
+            });
+        }
+        let mut child = tokio::process::Command::new("tar")
+            .args(["--numeric-owner", "-C"])
+            .arg(&dir)
+            .args(["-cf", "-", "."])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        let mut stdout = child.stdout.take().expect("piped stdout");
+        let n = tokio::io::copy(&mut stdout, &mut out).await?;
+        tokio::io::AsyncWriteExt::flush(&mut out).await?;
+        let done = child.wait_with_output().await?;
+        if !done.status.success() {
+            return Err(Error::Docker {
+                op: "export",
+                message: String::from_utf8_lossy(&done.stderr).into_owned(),
+            });
+        }
+        Ok(n)
+    }
+
+    /// Replaces the state volume of `container_id` with the tar archive read
+    /// from `input`. The container may not exist yet (it is then created on
+    /// top of the imported state); a running one is refused.
+    pub async fn import_state(
+        &self,
+        container_id: &str,
+        mut input: impl tokio::io::AsyncRead + Unpin,
+    ) -> Result<()> {
+        self.refuse_running(container_id, "import").await?;
+        let dir = self.volume_dir(container_id);
+        // Unpacked beside the volume, then swapped in: a broken stream
+        // leaves the old state untouched.
+        let staging = self.volumes_dir.join(format!(".import-{container_id}"));
+        if staging.exists() {
+            std::fs::remove_dir_all(&staging)?;
+        }
+        prepare_volume_dir(&staging)?;
+        let mut child = tokio::process::Command::new("tar")
+            .args(["--numeric-owner", "--no-same-permissions", "-C"])
+            .arg(&staging)
+            .args(["-xf", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        let copied = tokio::io::copy(&mut input, &mut stdin).await;
+        drop(stdin);
+        let done = child.wait_with_output().await?;
+        if let Err(e) = copied {
+            std::fs::remove_dir_all(&staging).ok();
+            return Err(e.into());
+        }
+        if !done.status.success() {
+            std::fs::remove_dir_all(&staging).ok();
+            return Err(Error::Docker {
+                op: "import",
+                message: String::from_utf8_lossy(&done.stderr).into_owned(),
+            });
+        }
+        // Everything in a tenant's volume belongs to the tenant user.
+        let chown = tokio::process::Command::new("chown")
+            .args(["-R", "--no-dereference", &format!("{TENANT_UID}:{TENANT_UID}")])
+            .arg(&staging)
+            .status()
+            .await?;
+        if !chown.success() {
+            std::fs::remove_dir_all(&staging).ok();
+            return Err(Error::Docker {
+                op: "import",
+                message: "chown of the imported state failed".into(),
+            });
+        }
+        prepare_volume_dir(&staging)?;
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)?;
+        }
+        std::fs::rename(&staging, &dir)?;
+        Ok(())
     }
 }
 
@@ -172,22 +316,42 @@ fn prepare_volume_dir(dir: &Path) -> Result<()> {
 
 impl ContainerRuntime for DockerRuntime {
     async fn prepare(&self) -> Result<()> {
-        if timed(
+        let bridge = crate::firewall::bridge_name(&self.network);
+        if let Ok(existing) = timed(
             "inspect_network",
             self.docker.inspect_network(&self.network, None),
         )
         .await
-        .is_ok()
         {
+            // A network made before the firewall's bridge naming would
+            // escape its rules: refuse rather than run tenants unisolated.
+            let named = existing
+                .options
+                .unwrap_or_default()
+                .get("com.docker.network.bridge.name")
+                .cloned();
+            if named.as_deref() != Some(bridge.as_str()) {
+                return Err(Error::Docker {
+                    op: "prepare",
+                    message: format!(
+                        "network {} uses bridge {named:?}, not {bridge}: remove it so the agent can recreate it isolated",
+                        self.network
+                    ),
+                });
+            }
             return Ok(());
         }
         let labels = HashMap::from([(LABEL_NODE.to_owned(), self.node_id.clone())]);
         // Containers on the node network cannot talk to each other (ICC off);
         // the host (agent, edge) reaches them directly.
-        let options = HashMap::from([(
-            "com.docker.network.bridge.enable_icc".to_owned(),
-            "false".to_owned(),
-        )]);
+        // The bridge's name puts it under the firewall's wildcard rules.
+        let options = HashMap::from([
+            (
+                "com.docker.network.bridge.enable_icc".to_owned(),
+                "false".to_owned(),
+            ),
+            ("com.docker.network.bridge.name".to_owned(), bridge.clone()),
+        ]);
         let ipam = self.subnet.as_ref().map(|s| Ipam {
             config: Some(vec![IpamConfig {
                 subnet: Some(s.clone()),
@@ -207,6 +371,7 @@ impl ContainerRuntime for DockerRuntime {
             Ok(_) => {
                 tracing::info!(
                     network = self.network,
+                    bridge,
                     "created tenant network (inter-container traffic disabled)"
                 );
                 Ok(())
@@ -241,6 +406,7 @@ impl ContainerRuntime for DockerRuntime {
                     running: c.state.map(|s| s.to_string() == "running").unwrap_or(false),
                     ip: None,
                     status: c.status.unwrap_or_default(),
+                    ..Default::default()
                 })
             })
             .collect())
@@ -360,6 +526,44 @@ impl ContainerRuntime for DockerRuntime {
                 .start_container(&container_name(container_id), None::<StartContainerOptions>),
         )
         .await
+    }
+
+    async fn stop(&self, container_id: &str) -> Result<()> {
+        match timed(
+            "stop",
+            self.docker.stop_container(
+                &container_name(container_id),
+                Some(StopContainerOptions {
+                    t: Some(10),
+                    ..Default::default()
+                }),
+            ),
+        )
+        .await
+        {
+            // 304: already stopped.
+            Err(e) if e.to_string().contains("304") => Ok(()),
+            r => r,
+        }
+    }
+
+    async fn update(&self, container_id: &str, limits: Limits) -> Result<()> {
+        let memory = limits.memory_bytes as i64;
+        timed(
+            "update",
+            self.docker.update_container(
+                &container_name(container_id),
+                ContainerUpdateBody {
+                    memory: Some(memory),
+                    memory_swap: Some(memory),
+                    nano_cpus: Some(i64::from(limits.cpu_millis) * 1_000_000),
+                    pids_limit: Some(i64::from(limits.pids)),
+                    ..Default::default()
+                },
+            ),
+        )
+        .await
+        .map(|_| ())
     }
 
     async fn remove(&self, container_id: &str) -> Result<()> {

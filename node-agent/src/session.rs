@@ -10,12 +10,14 @@ use clawdeploy_proto::agent_session_client::AgentSessionClient;
 use clawdeploy_proto::client::SchedulerEndpoint;
 use clawdeploy_proto::{
     agent_message, scheduler_message, AgentMessage, DesiredState, Heartbeat, Hello, NodeCapacity,
-    NodeUsage,
+    NodeUsage, ContainerPhase,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::enroll::TlsFiles;
 use crate::error::{Error, Result};
+use crate::host::HostSampler;
 use crate::ledger::{Accepted, Ledger};
 use crate::reconcile::StatusBoard;
 
@@ -26,10 +28,13 @@ pub struct SessionConfig {
     pub capacity: NodeCapacity,
     pub private_address: String,
     pub heartbeat_every: Duration,
+    /// The node's certificate files, renewed in place.
+    pub tls: TlsFiles,
 }
 
 pub struct Session {
     pub cfg: SessionConfig,
+    pub host: HostSampler,
     pub ledger: Arc<Mutex<Ledger>>,
     pub desired: watch::Sender<DesiredState>,
     pub board: Arc<StatusBoard>,
@@ -68,11 +73,24 @@ impl Session {
         }
     }
 
-    fn heartbeat(&self) -> AgentMessage {
+    async fn heartbeat(&self) -> AgentMessage {
         let containers = self.board.snapshot();
         let applied_generation = self.ledger.lock().unwrap().current().generation;
+        let host = self.host.sample().await;
         let usage = NodeUsage {
             containers: containers.len() as u32,
+            containers_running: containers
+                .iter()
+                .filter(|c| {
+                    c.phase == ContainerPhase::Healthy as i32
+                        || c.phase == ContainerPhase::Unhealthy as i32
+                        || c.phase == ContainerPhase::Starting as i32
+                })
+                .count() as u32,
+            cpu_busy_permille: host.cpu_busy_permille,
+            memory_available_bytes: host.memory_available_bytes,
+            disk_available_bytes: host.disk_available_bytes,
+            disk_total_bytes: host.disk_total_bytes,
             ..Default::default()
         };
         AgentMessage {
@@ -91,7 +109,7 @@ impl Session {
             .connect()
             .await
             .map_err(|e| Error::Tls(e.to_string()))?;
-        let mut client = AgentSessionClient::new(channel);
+        let mut client = AgentSessionClient::new(channel.clone());
         let (tx, rx) = mpsc::channel(16);
         let hello = Hello {
             node_id: self.cfg.node_id.clone(),
@@ -107,11 +125,14 @@ impl Session {
             .await;
         // The first heartbeat goes right after the hello so the scheduler
         // learns what runs here at once.
-        let _ = tx.send(self.heartbeat()).await;
+        let _ = tx.send(self.heartbeat().await).await;
         let mut inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
         tracing::info!(scheduler = self.cfg.scheduler.url, "session open");
         metrics::gauge!("clawdeploy_agent_connected").set(1.0);
+        metrics::counter!("clawdeploy_agent_sessions_opened_total").increment(1);
         let mut tick = tokio::time::interval(self.cfg.heartbeat_every);
+        let mut last_beat = tokio::time::Instant::now();
+        let mut renew = renewal_deadline(&self.cfg.tls);
         loop {
             tokio::select! {
                 msg = inbound.message() => {
@@ -121,11 +142,37 @@ impl Session {
                     }
                 }
                 _ = self.board.changed.notified() => {
-                    if tx.send(self.heartbeat()).await.is_err() { return Ok(()) }
+                    if tx.send(self.heartbeat().await).await.is_err() { return Ok(()) }
                 }
                 _ = tick.tick() => {
+                    // Lag: how late this beat is against its schedule (a
+                    // starved runtime or a full outbound queue shows here).
+                    let lag = last_beat.elapsed().saturating_sub(self.cfg.heartbeat_every);
+                    metrics::histogram!("clawdeploy_agent_heartbeat_lag_seconds").record(lag.as_secs_f64());
+                    last_beat = tokio::time::Instant::now();
                     metrics::counter!("clawdeploy_agent_heartbeats_total").increment(1);
-                    if tx.send(self.heartbeat()).await.is_err() { return Ok(()) }
+                    if tx.send(self.heartbeat().await).await.is_err() { return Ok(()) }
+                }
+                _ = tokio::time::sleep_until(renew) => {
+                    // Renewed over this session's own connection: the
+                    // stream is not interrupted, and the next connect
+                    // presents the new certificate.
+                    renew = match tokio::time::timeout(
+                        Duration::from_secs(10),
+                        crate::enroll::renew(channel.clone(), &self.cfg.tls),
+                    ).await {
+                        Ok(Ok(_)) => renewal_deadline(&self.cfg.tls),
+                        Ok(Err(e)) => {
+                            metrics::counter!("clawdeploy_agent_cert_renewal_failures_total").increment(1);
+                            tracing::warn!(error = %e, "certificate renewal failed; retrying");
+                            tokio::time::Instant::now() + Duration::from_secs(5)
+                        }
+                        Err(_) => {
+                            metrics::counter!("clawdeploy_agent_cert_renewal_failures_total").increment(1);
+                            tracing::warn!("certificate renewal timed out; retrying");
+                            tokio::time::Instant::now() + Duration::from_secs(5)
+                        }
+                    };
                 }
             }
         }
@@ -136,6 +183,9 @@ impl Session {
         let accepted = self.ledger.lock().unwrap().accept(state.clone())?;
         match accepted {
             Accepted::Newer => {
+                if state.containers.iter().any(|c| c.tenant.is_some()) {
+                    crate::crash_point("desired");
+                }
                 tracing::debug!(
                     generation,
                     containers = state.containers.len(),
@@ -151,5 +201,22 @@ impl Session {
             }
         }
         Ok(())
+    }
+}
+
+/// When to renew the certificate on disk (two thirds through its life); an
+/// unreadable certificate is retried in a minute.
+fn renewal_deadline(files: &TlsFiles) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    match crate::enroll::renew_at(&files.cert()) {
+        Ok(at) => {
+            now + at
+                .duration_since(std::time::SystemTime::now())
+                .unwrap_or(Duration::ZERO)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the node certificate's lifetime");
+            now + Duration::from_secs(60)
+        }
     }
 }

@@ -31,13 +31,26 @@ pub mod client {
         /// our CA. The files are read on every connect, so renewed
         /// certificates take effect on the next session.
         pub async fn connect(&self) -> Result<Channel, Error> {
-            let tls = ClientTlsConfig::new()
+            let identity = Identity::from_pem(
+                tokio::fs::read(&self.cert_file).await?,
+                tokio::fs::read(&self.key_file).await?,
+            );
+            self.dial(Some(identity)).await
+        }
+
+        /// Dials without a client certificate (trusting only our CA): the
+        /// scheduler answers nothing but `Join` on such a connection.
+        pub async fn connect_anonymous(&self) -> Result<Channel, Error> {
+            self.dial(None).await
+        }
+
+        async fn dial(&self, identity: Option<Identity>) -> Result<Channel, Error> {
+            let mut tls = ClientTlsConfig::new()
                 .ca_certificate(Certificate::from_pem(tokio::fs::read(&self.ca_file).await?))
-                .identity(Identity::from_pem(
-                    tokio::fs::read(&self.cert_file).await?,
-                    tokio::fs::read(&self.key_file).await?,
-                ))
                 .domain_name(self.server_name.clone());
+            if let Some(identity) = identity {
+                tls = tls.identity(identity);
+            }
             Ok(Channel::from_shared(self.url.clone())?
                 .tls_config(tls)?
                 .connect_timeout(Duration::from_secs(3))

@@ -32,6 +32,10 @@ pub struct Config {
     pub claim_wait: Duration,
     /// Containers stuck in creating/warming longer than this are replaced.
     pub warm_timeout: Duration,
+    /// Lifetime of node certificates (nodes renew at about two thirds).
+    pub node_cert_lifetime: Duration,
+    /// Default lifetime of a join token.
+    pub join_token_ttl: Duration,
 }
 
 impl Default for Config {
@@ -47,6 +51,8 @@ impl Default for Config {
             heartbeat_ttl: Duration::from_secs(10),
             claim_wait: Duration::from_secs(20),
             warm_timeout: Duration::from_secs(120),
+            node_cert_lifetime: Duration::from_secs(24 * 3600),
+            join_token_ttl: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -90,12 +96,23 @@ pub struct App {
     pub edge_acks: crate::edges::EdgeAcks,
     /// Instances that just became ready (wakes waiting signup requests).
     pub instance_ready: broadcast::Sender<Uuid>,
+    /// Signs node certificates (join and renewal).
+    pub ca: crate::pki::Ca,
+    /// SHA-256 of the operator's admin token; `None` switches `/admin` off.
+    pub admin_token_hash: Option<[u8; 32]>,
 }
 
 pub type AppRef = Arc<App>;
 
 impl App {
-    pub fn new(cfg: Config, db: PgPool, secrets: SecretBox) -> AppRef {
+    pub fn new(
+        cfg: Config,
+        db: PgPool,
+        secrets: SecretBox,
+        ca: crate::pki::Ca,
+        admin_token: Option<&str>,
+    ) -> AppRef {
+        use sha2::Digest;
         Arc::new(App {
             cfg,
             db,
@@ -105,6 +122,10 @@ impl App {
             pool_wake: Notify::new(),
             edge_acks: Default::default(),
             instance_ready: broadcast::channel(4096).0,
+            ca,
+            admin_token_hash: admin_token
+                .filter(|t| !t.is_empty())
+                .map(|t| sha2::Sha256::digest(t.as_bytes()).into()),
         })
     }
 

@@ -25,6 +25,7 @@ type ContainerRow = (
     Option<Uuid>,
     Option<i64>,
     Option<String>,
+    bool,
 );
 
 pub async fn load(app: &App, node_id: &str) -> Result<DesiredState> {
@@ -39,10 +40,10 @@ pub async fn load(app: &App, node_id: &str) -> Result<DesiredState> {
         .ok_or(Error::NotFound("node"))?;
     let rows: Vec<ContainerRow> = sqlx::query_as(&format!(
         "SELECT c.id, c.image, c.gateway_token_enc, c.cpu_millis, c.memory_bytes, c.pids,
-                i.id, i.config_version, i.default_model
+                i.id, i.config_version, i.default_model, c.state = 'suspended'
            FROM containers c
-           LEFT JOIN instances i ON i.container_id = c.id AND i.status IN ('pending', 'ready')
-          WHERE c.node_id = $1 AND c.state IN {RUNNING_STATES}
+           LEFT JOIN instances i ON i.container_id = c.id AND i.status IN ('pending', 'ready', 'suspended')
+          WHERE c.node_id = $1 AND (c.state IN {RUNNING_STATES} OR c.state = 'suspended')
           ORDER BY c.created_at"
     ))
     .bind(node_id)
@@ -67,7 +68,7 @@ pub async fn load(app: &App, node_id: &str) -> Result<DesiredState> {
     let containers = rows
         .into_iter()
         .map(
-            |(id, image, token, cpu, mem, pids, instance, version, model)| {
+            |(id, image, token, cpu, mem, pids, instance, version, model, stopped)| {
                 Ok(DesiredContainer {
                     container_id: id.to_string(),
                     image,
@@ -85,6 +86,8 @@ pub async fn load(app: &App, node_id: &str) -> Result<DesiredState> {
                         provider_keys: keys.remove(&iid).unwrap_or_default(),
                         default_model: model.unwrap_or_default(),
                     }),
+                    // A suspended tenant keeps its container and volume.
+                    stopped,
                 })
             },
         )

@@ -22,8 +22,10 @@ use crate::error::{Error, Result};
 use crate::pki::Identity;
 use crate::{assign, desired};
 
-/// The identity named by the caller's verified client certificate.
-fn caller<T>(req: &Request<T>) -> Result<Identity, Status> {
+/// The identity named by the caller's verified client certificate. The TLS
+/// layer lets callers without a certificate through (they may only `Join`),
+/// so every other RPC starts here.
+pub(crate) fn caller<T>(req: &Request<T>) -> Result<Identity, Status> {
     let certs = req
         .peer_certs()
         .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
@@ -159,13 +161,19 @@ impl AgentSessionState {
     }
 
     async fn heartbeat(&mut self, hb: Heartbeat) -> Result<()> {
-        let generation: i64 = sqlx::query_scalar(
+        let (generation, state): (i64, String) = sqlx::query_as(
             "UPDATE nodes SET last_heartbeat = now(), state = CASE WHEN state = 'unreachable' THEN 'active' ELSE state END
-              WHERE id = $1 RETURNING generation",
+              WHERE id = $1 RETURNING generation, state",
         )
         .bind(&self.node_id)
         .fetch_one(&self.app.db)
         .await?;
+        if state == "removed" {
+            return Err(Error::Forbidden(format!(
+                "node {} has been removed",
+                self.node_id
+            )));
+        }
         // Reports touch different rows, so they are applied concurrently:
         // a burst of claims on one node completes in parallel.
         let changed: Vec<&ContainerStatus> = hb
@@ -241,6 +249,10 @@ impl AgentSessionState {
             ContainerPhase::Failed | ContainerPhase::Unhealthy => sqlx::query_scalar(
                 "UPDATE containers SET state = CASE WHEN state IN ('creating', 'warming', 'idle') THEN 'destroying' ELSE state END,
                         docker_id = $3, upstream = $4, updated_at = now()
+                  WHERE id = $1 AND node_id = $2 RETURNING state",
+            ),
+            ContainerPhase::Stopped => sqlx::query_scalar(
+                "UPDATE containers SET docker_id = $3, upstream = $4, updated_at = now()
                   WHERE id = $1 AND node_id = $2 RETURNING state",
             ),
             ContainerPhase::Unspecified => return Ok(false),

@@ -4,14 +4,14 @@
 use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::de::DeserializeOwned;
 
 use crate::app::AppRef;
 use crate::error::Error;
-use crate::{auth, instances};
+use crate::{admin, auth, instances};
 
 /// JSON bodies are small; anything larger is refused before parsing.
 const BODY_LIMIT: usize = 64 * 1024;
@@ -39,6 +39,9 @@ pub fn router(app: AppRef, metrics: PrometheusHandle) -> Router {
         .route("/api/auth/login", post(auth::login))
         .route("/api/instances", post(instances::create))
         .route("/api/instances/me", get(instances::me))
+        .route("/admin/join-tokens", post(admin::create_join_token))
+        .route("/admin/nodes", get(admin::list_nodes))
+        .route("/admin/nodes/{id}", delete(admin::remove_node))
         .route("/healthz", get(healthz))
         .route(
             "/metrics",

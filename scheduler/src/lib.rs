@@ -2,12 +2,14 @@
 //! the mTLS gRPC server for agents and edges, the pool manager, assignment
 //! and the platform's certificate authority.
 
+pub mod admin;
 pub mod app;
 pub mod assign;
 pub mod auth;
 pub mod crypto;
 pub mod desired;
 pub mod edges;
+pub mod enroll;
 pub mod error;
 pub mod grpc;
 pub mod http;
@@ -44,6 +46,8 @@ pub struct ServeOptions {
     /// DNS names and IPs the gRPC server certificate carries.
     pub grpc_server_names: Vec<String>,
     pub db_max_connections: u32,
+    /// Bearer token for `/admin`; `None` turns the admin API off.
+    pub admin_token: Option<String>,
 }
 
 /// Records one state change in the audit log. Auditing never fails the
@@ -129,15 +133,25 @@ pub async fn serve(
         &opts.grpc_server_names,
         Duration::from_secs(30 * 24 * 3600),
     )?;
+    // The chain carries the CA, so a joining node can check it against its
+    // pin. Client certificates are optional at the TLS layer only because
+    // `Join` is made without one; every other RPC requires one.
     let tls = ServerTlsConfig::new()
         .identity(TlsIdentity::from_pem(
-            &server_cert.cert_pem,
+            format!("{}{}", server_cert.cert_pem, ca.cert_pem()),
             &server_cert.key_pem,
         ))
-        .client_ca_root(Certificate::from_pem(ca.cert_pem()));
+        .client_ca_root(Certificate::from_pem(ca.cert_pem()))
+        .client_auth_optional(true);
 
     let metrics = metrics_handle();
-    let app = App::new(opts.cfg.clone(), db, secrets);
+    let app = App::new(
+        opts.cfg.clone(),
+        db,
+        secrets,
+        ca,
+        opts.admin_token.as_deref(),
+    );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
@@ -153,6 +167,11 @@ pub async fn serve(
             clawdeploy_proto::agent_session_server::AgentSessionServer::new(grpc::AgentService {
                 app: app.clone(),
             }),
+        )
+        .add_service(
+            clawdeploy_proto::node_enrollment_server::NodeEnrollmentServer::new(
+                enroll::EnrollmentService { app: app.clone() },
+            ),
         )
         .add_service(clawdeploy_proto::route_watch_server::RouteWatchServer::new(
             grpc::RouteService { app: app.clone() },

@@ -81,6 +81,15 @@ struct ServeArgs {
     /// Seconds a signup waits for the instance before answering 202.
     #[arg(long, env = "CLAWDEPLOY_CLAIM_WAIT_SECS", default_value_t = 20)]
     claim_wait_secs: u64,
+    /// Bearer token for the operator API under /admin (off when unset).
+    #[arg(long, env = "CLAWDEPLOY_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// Lifetime of node certificates in seconds (nodes renew at about 2/3).
+    #[arg(long, env = "CLAWDEPLOY_NODE_CERT_TTL_SECS", default_value_t = 24 * 3600)]
+    node_cert_ttl_secs: u64,
+    /// Default lifetime of join tokens in seconds.
+    #[arg(long, env = "CLAWDEPLOY_JOIN_TOKEN_TTL_SECS", default_value_t = 24 * 3600)]
+    join_token_ttl_secs: u64,
 }
 
 #[derive(Subcommand)]
@@ -140,6 +149,8 @@ async fn main() -> anyhow::Result<()> {
                     max_idle: a.max_idle,
                     heartbeat_ttl: Duration::from_secs(a.heartbeat_ttl_secs),
                     claim_wait: Duration::from_secs(a.claim_wait_secs),
+                    node_cert_lifetime: Duration::from_secs(a.node_cert_ttl_secs.max(3)),
+                    join_token_ttl: Duration::from_secs(a.join_token_ttl_secs.max(1)),
                     ..Config::default()
                 },
                 database_url: a.database_url,
@@ -147,6 +158,7 @@ async fn main() -> anyhow::Result<()> {
                 secret_key: a.secret_key,
                 grpc_server_names: a.grpc_server_names,
                 db_max_connections: a.db_max_connections,
+                admin_token: a.admin_token,
             };
             serve(opts, http, grpc, shutdown_signal()).await
         }

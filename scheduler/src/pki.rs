@@ -119,7 +119,7 @@ impl Ca {
     }
 
     /// Issues a certificate for `identity`, usable as TLS client and server,
-    /// with extra DNS/IP names for servers.
+    /// with extra DNS/IP names for servers. The key is generated here.
     pub fn issue(
         &self,
         identity: &Identity,
@@ -127,33 +127,7 @@ impl Ca {
         lifetime: Duration,
     ) -> Result<IssuedCert> {
         let key = KeyPair::generate().map_err(Error::internal)?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = name(&identity.uri());
-        params.subject_alt_names.push(SanType::URI(
-            identity.uri().try_into().map_err(Error::internal)?,
-        ));
-        for n in extra_names {
-            params.subject_alt_names.push(match n.parse::<IpAddr>() {
-                Ok(ip) => SanType::IpAddress(ip),
-                Err(_) => SanType::DnsName(n.clone().try_into().map_err(Error::internal)?),
-            });
-        }
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.use_authority_key_identifier_extension = true;
-        let mut serial = [0u8; 16];
-        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut serial);
-        serial[0] &= 0x7f;
-        params.serial_number = Some(SerialNumber::from_slice(&serial));
-        params.not_before = time::OffsetDateTime::now_utc() - time::Duration::minutes(5);
-        params.not_after = time::OffsetDateTime::now_utc()
-            + time::Duration::try_from(lifetime).map_err(Error::internal)?;
+        let (params, _) = leaf_params(identity, extra_names, lifetime)?;
         let cert = params
             .signed_by(&key, &self.issuer)
             .map_err(Error::internal)?;
@@ -161,6 +135,35 @@ impl Ca {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
         })
+    }
+
+    /// Signs a node's certificate signing request (PKCS#10, DER) for
+    /// `identity`. The request proves possession of its key; everything
+    /// else in it (names, usages) is ignored: the CA decides what the
+    /// certificate says.
+    pub fn sign_csr(
+        &self,
+        csr_der: &[u8],
+        identity: &Identity,
+        lifetime: Duration,
+    ) -> Result<SignedCert> {
+        let der = rustls::pki_types::CertificateSigningRequestDer::from(csr_der);
+        let mut csr = rcgen::CertificateSigningRequestParams::from_der(&der)
+            .map_err(|e| Error::BadRequest(format!("certificate signing request: {e}")))?;
+        let (params, serial) = leaf_params(identity, &[], lifetime)?;
+        let not_after = params.not_after.unix_timestamp();
+        csr.params = params;
+        let cert = csr.signed_by(&self.issuer).map_err(Error::internal)?;
+        Ok(SignedCert {
+            cert_pem: cert.pem(),
+            serial: hex::encode(serial),
+            not_after_unix: not_after,
+        })
+    }
+
+    /// `sha256:<hex>` of the CA certificate (DER): what a joining node pins.
+    pub fn pin(&self) -> String {
+        ca_pin(&self.cert_pem)
     }
 
     /// Writes `<name>.crt.pem`, `<name>.key.pem` (mode 0600) and `ca.crt.pem`
@@ -181,6 +184,63 @@ impl Ca {
         }
         Ok(dir.to_path_buf())
     }
+}
+
+/// The pin of a PEM CA certificate: `sha256:` and the hex digest of its DER.
+pub fn ca_pin(ca_pem: &str) -> String {
+    use rustls::pki_types::pem::PemObject;
+    use sha2::Digest;
+    let der = rustls::pki_types::CertificateDer::from_pem_slice(ca_pem.as_bytes())
+        .map(|c| c.to_vec())
+        .unwrap_or_default();
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(der)))
+}
+
+/// A certificate signed for a key the CA never saw.
+pub struct SignedCert {
+    pub cert_pem: String,
+    pub serial: String,
+    pub not_after_unix: i64,
+}
+
+/// What every leaf certificate says: exactly one identity URI, optional
+/// server names, client and server usage, a random serial. `not_before` is
+/// back-dated a little for clock skew, never more than a quarter of the
+/// lifetime, so short test lifetimes still renew on schedule.
+fn leaf_params(
+    identity: &Identity,
+    extra_names: &[String],
+    lifetime: Duration,
+) -> Result<(CertificateParams, [u8; 16])> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = name(&identity.uri());
+    params.subject_alt_names.push(SanType::URI(
+        identity.uri().try_into().map_err(Error::internal)?,
+    ));
+    for n in extra_names {
+        params.subject_alt_names.push(match n.parse::<IpAddr>() {
+            Ok(ip) => SanType::IpAddress(ip),
+            Err(_) => SanType::DnsName(n.clone().try_into().map_err(Error::internal)?),
+        });
+    }
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    let mut serial = [0u8; 16];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut serial);
+    serial[0] &= 0x7f;
+    params.serial_number = Some(SerialNumber::from_slice(&serial));
+    let now = time::OffsetDateTime::now_utc();
+    let skew = (lifetime / 4).min(Duration::from_secs(300));
+    params.not_before = now - time::Duration::try_from(skew).map_err(Error::internal)?;
+    params.not_after = now + time::Duration::try_from(lifetime).map_err(Error::internal)?;
+    Ok((params, serial))
 }
 
 fn name(cn: &str) -> DistinguishedName {

@@ -36,6 +36,14 @@ impl Sessions {
         }
     }
 
+    /// Ends a node's session with `status` (the node was removed).
+    pub fn close(&self, node_id: &str, status: tonic::Status) {
+        let removed = self.open.lock().unwrap().remove(node_id);
+        if let Some((_, tx)) = removed {
+            let _ = tx.try_send(Err(status));
+        }
+    }
+
     pub fn sender(&self, node_id: &str) -> Option<Outbound> {
         self.open
             .lock()

@@ -1,0 +1,130 @@
+//! Tenant isolation on the host's firewall. Every tenant network's bridge is
+//! named `cdt<hash>`, so one set of wildcard rules covers all of them, for
+//! every agent on the host:
+//!
+//! - `DOCKER-USER` (forwarded traffic) jumps to `CLAWDEPLOY-TENANTS`, which
+//!   lets replies through and rejects new connections from a tenant to any
+//!   other tenant bridge and to private, link-local (the metadata service at
+//!   169.254.169.254), shared and multicast ranges. The public internet
+//!   stays reachable: gateways call LLM providers.
+//! - `INPUT` (traffic to the host itself: the agent's ports, the edge, a
+//!   Docker API on TCP, sshd) jumps to `CLAWDEPLOY-HOST`, which lets replies
+//!   through and rejects everything else.
+//!
+//! The rules are installed idempotently at start-up under a host-wide lock
+//! (`flock`), the chains rewritten atomically with `iptables-restore`.
+
+use crate::error::{Error, Result};
+
+/// Prefix of tenant bridge interfaces (Linux allows 15 characters).
+pub const BRIDGE_PREFIX: &str = "cdt";
+
+/// Destinations a tenant may not open connections to, by default.
+pub const DEFAULT_BLOCKED: &[&str] = &[
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "100.64.0.0/10",
+    "169.254.0.0/16",
+    "127.0.0.0/8",
+    "224.0.0.0/4",
+];
+
+/// The bridge interface name for a tenant network: stable per network name.
+pub fn bridge_name(network: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(network.as_bytes());
+    format!("{BRIDGE_PREFIX}{}", &hex::encode(digest)[..12])
+}
+
+fn valid_cidr(c: &str) -> bool {
+    let Some((ip, bits)) = c.split_once('/') else {
+        return false;
+    };
+    ip.parse::<std::net::Ipv4Addr>().is_ok() && bits.parse::<u8>().is_ok_and(|b| b <= 32)
+}
+
+/// The `iptables-restore` input that defines both chains.
+fn chains(blocked: &[String]) -> String {
+    let mut s = String::from("*filter\n:CLAWDEPLOY-TENANTS - [0:0]\n:CLAWDEPLOY-HOST - [0:0]\n");
+    let reject = |chain: &str, matcher: &str, s: &mut String| {
+        s.push_str(&format!(
+            "-A {chain} {matcher} -p tcp -j REJECT --reject-with tcp-reset\n"
+        ));
+        s.push_str(&format!(
+            "-A {chain} {matcher} -j REJECT --reject-with icmp-port-unreachable\n"
+        ));
+    };
+    s.push_str("-A CLAWDEPLOY-TENANTS -m conntrack --ctstate ESTABLISHED,RELATED -j RETURN\n");
+    reject("CLAWDEPLOY-TENANTS", &format!("-o {BRIDGE_PREFIX}+"), &mut s);
+    for cidr in blocked {
+        reject("CLAWDEPLOY-TENANTS", &format!("-d {cidr}"), &mut s);
+    }
+    s.push_str("-A CLAWDEPLOY-TENANTS -j RETURN\n");
+    s.push_str("-A CLAWDEPLOY-HOST -m conntrack --ctstate ESTABLISHED,RELATED -j RETURN\n");
+    reject("CLAWDEPLOY-HOST", "", &mut s);
+    s.push_str("COMMIT\n");
+    s
+}
+
+/// Installs (or refreshes) the isolation rules. Fails when the firewall
+/// cannot be set: the agent does not run tenants unisolated.
+pub async fn install(blocked: &[String]) -> Result<()> {
+    if let Some(bad) = blocked.iter().find(|c| !valid_cidr(c)) {
+        return Err(Error::Firewall(format!("not an IPv4 CIDR: {bad:?}")));
+    }
+    let script = format!(
+        r#"set -e
+iptables -w -n -L DOCKER-USER >/dev/null 2>&1 || {{ echo "chain DOCKER-USER missing: is Docker managing iptables?" >&2; exit 3; }}
+iptables -w -N CLAWDEPLOY-TENANTS 2>/dev/null || true
+iptables -w -N CLAWDEPLOY-HOST 2>/dev/null || true
+iptables-restore -w --noflush <<'RULES'
+{rules}RULES
+iptables -w -C DOCKER-USER -i {p}+ -j CLAWDEPLOY-TENANTS 2>/dev/null || iptables -w -I DOCKER-USER 1 -i {p}+ -j CLAWDEPLOY-TENANTS
+iptables -w -C INPUT -i {p}+ -j CLAWDEPLOY-HOST 2>/dev/null || iptables -w -I INPUT 1 -i {p}+ -j CLAWDEPLOY-HOST
+"#,
+        rules = chains(blocked),
+        p = BRIDGE_PREFIX,
+    );
+    std::fs::create_dir_all("/run/lock")?;
+    let out = tokio::process::Command::new("flock")
+        .args(["-w", "30", "/run/lock/clawdeploy-firewall.lock", "sh", "-c"])
+        .arg(&script)
+        .output()
+        .await
+        .map_err(|e| Error::Firewall(format!("running flock/iptables: {e}")))?;
+    if !out.status.success() {
+        return Err(Error::Firewall(
+            String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        ));
+    }
+    tracing::info!(
+        bridges = format!("{BRIDGE_PREFIX}+"),
+        blocked = blocked.join(","),
+        "tenant firewall installed: DOCKER-USER -> CLAWDEPLOY-TENANTS (no tenant-to-tenant, no private or metadata ranges), INPUT -> CLAWDEPLOY-HOST (no tenant-to-host)"
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bridge_names_fit_linux_interface_names() {
+        let b = bridge_name("clawdeploy-some-rather-long-node-name-0123456789");
+        assert!(b.len() <= 15 && b.starts_with(BRIDGE_PREFIX), "{b}");
+        assert_eq!(b, bridge_name("clawdeploy-some-rather-long-node-name-0123456789"));
+        assert_ne!(b, bridge_name("clawdeploy-other"));
+    }
+
+    #[test]
+    fn rules_let_replies_through_before_rejecting() {
+        let r = chains(&["169.254.0.0/16".into()]);
+        let est = r.find("CLAWDEPLOY-TENANTS -m conntrack").unwrap();
+        let meta = r.find("-d 169.254.0.0/16").unwrap();
+        assert!(est < meta);
+        assert!(r.contains("-A CLAWDEPLOY-HOST  -p tcp -j REJECT"));
+        assert!(valid_cidr("10.0.0.0/8") && !valid_cidr("10.0.0.0/33") && !valid_cidr("x; rm"));
+    }
+}

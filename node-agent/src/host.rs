@@ -1,0 +1,115 @@
+//! Host facts for heartbeats: CPU busy since the last sample (/proc/stat),
+//! available memory (/proc/meminfo) and the state disk's free space (`df`,
+//! since the workspace forbids the unsafe code a direct statvfs needs).
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct HostUsage {
+    pub cpu_busy_permille: u32,
+    pub memory_available_bytes: u64,
+    pub disk_available_bytes: u64,
+    pub disk_total_bytes: u64,
+}
+
+/// Samples host usage; remembers the previous CPU counters.
+pub struct HostSampler {
+    state_dir: PathBuf,
+    last_cpu: Mutex<Option<(u64, u64)>>,
+}
+
+impl HostSampler {
+    pub fn new(state_dir: PathBuf) -> Self {
+        Self {
+            state_dir,
+            last_cpu: Mutex::new(None),
+        }
+    }
+
+    pub async fn sample(&self) -> HostUsage {
+        let cpu = read_cpu().map(|now| {
+            let mut last = self.last_cpu.lock().unwrap();
+            let busy = match *last {
+                Some((busy0, total0)) if now.1 > total0 => {
+                    ((now.0.saturating_sub(busy0)) * 1000 / (now.1 - total0)) as u32
+                }
+                _ => 0,
+            };
+            *last = Some(now);
+            busy
+        });
+        let (disk_available_bytes, disk_total_bytes) = disk_space(&self.state_dir).await;
+        HostUsage {
+            cpu_busy_permille: cpu.unwrap_or(0),
+            memory_available_bytes: meminfo("MemAvailable:").unwrap_or(0),
+            disk_available_bytes,
+            disk_total_bytes,
+        }
+    }
+}
+
+/// (busy, total) jiffies over all CPUs.
+fn read_cpu() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().sum();
+    // idle + iowait are not busy.
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    Some((total.saturating_sub(idle), total))
+}
+
+/// A `/proc/meminfo` field, in bytes.
+pub fn meminfo(field: &str) -> Option<u64> {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+}
+
+/// (available, total) bytes of the file system holding `dir`, from `df`.
+async fn disk_space(dir: &std::path::Path) -> (u64, u64) {
+    let out = tokio::process::Command::new("df")
+        .args(["-P", "-B1"])
+        .arg(dir)
+        .output()
+        .await;
+    let Ok(out) = out else { return (0, 0) };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let Some(line) = text.lines().nth(1) else {
+        return (0, 0);
+    };
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(3)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    match f.as_slice() {
+        [total, _used, avail] => (*avail, *total),
+        _ => (0, 0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn samples_real_host_numbers() {
+        let s = HostSampler::new(std::env::temp_dir());
+        s.sample().await;
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let u = s.sample().await;
+        assert!(u.memory_available_bytes > 0);
+        assert!(u.disk_total_bytes >= u.disk_available_bytes && u.disk_total_bytes > 0);
+        assert!(u.cpu_busy_permille <= 1000);
+    }
+}

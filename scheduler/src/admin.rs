@@ -1,0 +1,122 @@
+//! The operator's HTTP API under `/admin`: join tokens for new nodes, the
+//! node list, and node removal. Authorised by one bearer token configured
+//! at start-up (`--admin-token`); without it the API is switched off.
+
+use std::time::Duration;
+
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
+use axum::http::StatusCode;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use crate::app::AppRef;
+use crate::error::{Error, Result};
+use crate::http::ApiJson;
+
+/// An operator authenticated by the admin token.
+pub struct Operator;
+
+impl FromRequestParts<AppRef> for Operator {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, app: &AppRef) -> Result<Self> {
+        let Some(want) = &app.admin_token_hash else {
+            return Err(Error::Forbidden(
+                "the admin API is off: start the scheduler with --admin-token".into(),
+            ));
+        };
+        let given = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or(Error::Unauthenticated)?;
+        let given = Sha256::digest(given.trim().as_bytes());
+        // Equal-length digests, compared without an early exit.
+        let diff = given.iter().zip(want).fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        if diff != 0 {
+            return Err(Error::Unauthenticated);
+        }
+        Ok(Operator)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct NewJoinToken {
+    node_id: String,
+    ttl_secs: Option<u64>,
+}
+
+pub async fn create_join_token(
+    _: Operator,
+    State(app): State<AppRef>,
+    ApiJson(body): ApiJson<NewJoinToken>,
+) -> Result<(StatusCode, axum::Json<crate::enroll::JoinToken>)> {
+    let ttl = body
+        .ttl_secs
+        .map(Duration::from_secs)
+        .unwrap_or(app.cfg.join_token_ttl);
+    let token = crate::enroll::create_token(&app, &body.node_id, ttl, "operator").await?;
+    Ok((StatusCode::CREATED, axum::Json(token)))
+}
+
+pub async fn list_nodes(_: Operator, State(app): State<AppRef>) -> Result<axum::Json<Value>> {
+    type Row = (
+        String,
+        String,
+        i64,
+        Option<chrono::DateTime<chrono::Utc>>,
+        Option<chrono::DateTime<chrono::Utc>>,
+        i64,
+    );
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT n.id, n.state, n.generation, n.last_heartbeat, n.cert_not_after,
+                (SELECT count(*) FROM containers c WHERE c.node_id = n.id AND c.state NOT IN ('destroyed'))
+           FROM nodes n ORDER BY n.id",
+    )
+    .fetch_all(&app.db)
+    .await?;
+    let nodes: Vec<Value> = rows
+        .into_iter()
+        .map(|(id, state, generation, hb, cert, containers)| {
+            json!({
+                "id": id, "state": state, "generation": generation, "lastHeartbeat": hb,
+                "certNotAfter": cert, "containers": containers,
+                "connected": app.sessions.sender(&id).is_some(),
+            })
+        })
+        .collect();
+    Ok(axum::Json(json!({ "nodes": nodes })))
+}
+
+/// Removes a node for good: its certificate is refused from its next call
+/// on, its open session is closed now, and the pool stops using it.
+pub async fn remove_node(
+    _: Operator,
+    State(app): State<AppRef>,
+    Path(node_id): Path<String>,
+) -> Result<axum::Json<Value>> {
+    let updated = sqlx::query("UPDATE nodes SET state = 'removed' WHERE id = $1")
+        .bind(&node_id)
+        .execute(&app.db)
+        .await?;
+    if updated.rows_affected() == 0 {
+        return Err(Error::NotFound("node"));
+    }
+    // Unused join tokens for the node die with it.
+    sqlx::query("UPDATE join_tokens SET used_at = now() WHERE node_id = $1 AND used_at IS NULL")
+        .bind(&node_id)
+        .execute(&app.db)
+        .await?;
+    app.sessions.close(
+        &node_id,
+        tonic::Status::permission_denied(format!("node {node_id} has been removed")),
+    );
+    crate::audit(&app.db, "operator", "node.remove", &node_id, json!({})).await;
+    app.pool_wake.notify_one();
+    tracing::warn!(node_id, "node removed by operator");
+    Ok(axum::Json(json!({"id": node_id, "state": "removed"})))
+}

@@ -24,6 +24,10 @@ ensure_tools() {
   pg_bin >/dev/null || missing+=(postgresql)
   command -v psql >/dev/null || missing+=(postgresql-client)
   command -v curl >/dev/null || missing+=(curl)
+  # The agent installs tenant firewall rules; tests probe from a busybox image.
+  command -v iptables >/dev/null || missing+=(iptables)
+  command -v flock >/dev/null || missing+=(util-linux)
+  [ -x /bin/busybox ] || missing+=(busybox-static)
   if [ ${#missing[@]} -gt 0 ]; then
     log "installing ${missing[*]}"
     as_root apt-get update -qq

@@ -57,7 +57,16 @@ pub struct ClusterOptions {
     pub max_idle: u32,
     pub max_containers: u32,
     pub claim_wait_secs: u64,
+    /// Nodes join with one-time tokens instead of pre-issued certificates.
+    pub join: bool,
+    /// Node certificate lifetime the scheduler issues (join and renewal).
+    pub node_cert_ttl_secs: Option<u64>,
+    /// Address agents bind their metrics port on.
+    pub agent_metrics_ip: std::net::IpAddr,
 }
+
+/// The operator token every test scheduler accepts on `/admin`.
+pub const ADMIN_TOKEN: &str = "test-admin-token";
 
 impl Default for ClusterOptions {
     fn default() -> Self {
@@ -67,6 +76,9 @@ impl Default for ClusterOptions {
             max_idle: 20,
             max_containers: 20,
             claim_wait_secs: 20,
+            join: false,
+            node_cert_ttl_secs: None,
+            agent_metrics_ip: std::net::Ipv4Addr::LOCALHOST.into(),
         }
     }
 }
@@ -119,8 +131,12 @@ impl Cluster {
         let node_ids: Vec<String> = (0..opts.nodes)
             .map(|i| format!("{name}-{}", (b'a' + i as u8) as char))
             .collect();
+        let metrics_ip = opts.agent_metrics_ip;
         let mut c = Cluster {
-            agent_metrics: node_ids.iter().map(|_| free_addr()).collect(),
+            agent_metrics: node_ids
+                .iter()
+                .map(|_| SocketAddr::new(metrics_ip, free_addr().port()))
+                .collect(),
             agents: node_ids.iter().map(|_| None).collect(),
             name,
             dir,
@@ -145,7 +161,17 @@ impl Cluster {
         c.start_scheduler()?;
         c.wait_http_up().await?;
         for i in 0..c.node_ids.len() {
-            c.start_agent(i)?;
+            if c.opts.join {
+                let node = c.node_ids[i].clone();
+                let t = c.join_token(&node, None).await?;
+                let env = [
+                    ("CLAWDEPLOY_JOIN_TOKEN", t["token"].as_str().context("token")?),
+                    ("CLAWDEPLOY_CA_PIN", t["caPin"].as_str().context("pin")?),
+                ];
+                c.start_agent_env(i, &env)?;
+            } else {
+                c.start_agent(i)?;
+            }
         }
         c.start_edge()?;
         c.wait_nodes_connected(Duration::from_secs(60)).await?;
@@ -172,8 +198,11 @@ impl Cluster {
     fn issue_certs(&self) -> Result<()> {
         let data = self.dir.join("scheduler");
         let tls = self.dir.join("tls");
-        let mut ids: Vec<(&str, String)> =
-            self.node_ids.iter().map(|n| ("node", n.clone())).collect();
+        let mut ids: Vec<(&str, String)> = if self.opts.join {
+            Vec::new()
+        } else {
+            self.node_ids.iter().map(|n| ("node", n.clone())).collect()
+        };
         ids.push(("edge", "edge-1".into()));
         for (kind, id) in ids {
             let st = Command::new(self.scheduler_bin())
@@ -198,8 +227,12 @@ impl Cluster {
     }
 
     pub fn start_scheduler(&mut self) -> Result<()> {
-        let child = Command::new(self.scheduler_bin())
-            .arg("serve")
+        let mut cmd = Command::new(self.scheduler_bin());
+        cmd.arg("serve").args(["--admin-token", ADMIN_TOKEN]);
+        if let Some(ttl) = self.opts.node_cert_ttl_secs {
+            cmd.args(["--node-cert-ttl-secs", &ttl.to_string()]);
+        }
+        let child = cmd
             .args([
                 "--http-listen",
                 &self.http.to_string(),
@@ -231,15 +264,18 @@ impl Cluster {
         Ok(())
     }
 
-    /// An agent process for `node_id`, logging to `logs/<log_name>.log`.
+    /// An agent process for `node_id`, logging to `logs/<log_name>.log`,
+    /// with extra environment (join token, crash point).
     fn spawn_agent(
         &self,
         node_id: &str,
         tls_dir: &Path,
         log_name: &str,
         metrics: SocketAddr,
+        env: &[(&str, &str)],
     ) -> Result<Child> {
         Command::new(bin_dir().join("clawdeploy-agent"))
+            .envs(env.iter().copied())
             .args([
                 "--node-id",
                 node_id,
@@ -265,18 +301,124 @@ impl Cluster {
     }
 
     pub fn start_agent(&mut self, i: usize) -> Result<()> {
+        self.start_agent_env(i, &[])
+    }
+
+    /// (Re)starts node `i`'s agent on its usual state and TLS directories.
+    pub fn start_agent_env(&mut self, i: usize, env: &[(&str, &str)]) -> Result<()> {
         let node = self.node_ids[i].clone();
-        let child = self.spawn_agent(&node, &self.dir.join("tls"), &node, self.agent_metrics[i])?;
+        let child = self.spawn_agent(
+            &node,
+            &self.dir.join("tls"),
+            &node,
+            self.agent_metrics[i],
+            env,
+        )?;
         self.agents[i] = Some(child);
         Ok(())
+    }
+
+    /// SIGKILLs node `i`'s agent; its containers keep running.
+    pub fn kill_agent(&mut self, i: usize) {
+        if let Some(mut c) = self.agents[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits until node `i`'s agent has exited by itself (a crash point, a
+    /// refused join); returns how it ended.
+    pub async fn wait_agent_exit(
+        &mut self,
+        i: usize,
+        within: Duration,
+    ) -> Result<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let child = self.agents[i].as_mut().context("agent not running")?;
+            if let Some(st) = child.try_wait()? {
+                self.agents[i] = None;
+                return Ok(st);
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "agent {i} still running"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Starts an extra agent process with any node id and certificate
     /// directory (for identity tests); returns it with its log path.
     pub fn spawn_agent_with(&self, node_id: &str, tls_dir: &Path) -> Result<(Child, PathBuf)> {
+        self.spawn_agent_env_with(node_id, tls_dir, &[])
+    }
+
+    /// Like `spawn_agent_with`, with extra environment.
+    pub fn spawn_agent_env_with(
+        &self,
+        node_id: &str,
+        tls_dir: &Path,
+        env: &[(&str, &str)],
+    ) -> Result<(Child, PathBuf)> {
         let name = format!("extra-{node_id}");
-        let child = self.spawn_agent(node_id, tls_dir, &name, free_addr())?;
+        let child = self.spawn_agent(node_id, tls_dir, &name, free_addr(), env)?;
         Ok((child, self.dir.join("logs").join(format!("{name}.log"))))
+    }
+
+    /// Calls the operator API; returns status and JSON body.
+    pub async fn admin(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+        token: Option<&str>,
+    ) -> Result<(u16, Value)> {
+        let mut req = self.client.request(method, self.api(path));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let r = req.send().await?;
+        let status = r.status().as_u16();
+        let text = r.text().await?;
+        Ok((status, serde_json::from_str(&text).unwrap_or(Value::String(text))))
+    }
+
+    /// A join token for `node_id` (and the CA pin) from the operator API.
+    pub async fn join_token(&self, node_id: &str, ttl_secs: Option<u64>) -> Result<Value> {
+        let mut body = serde_json::json!({"nodeId": node_id});
+        if let Some(t) = ttl_secs {
+            body["ttlSecs"] = t.into();
+        }
+        let (status, v) = self
+            .admin(
+                reqwest::Method::POST,
+                "/admin/join-tokens",
+                Some(body),
+                Some(ADMIN_TOKEN),
+            )
+            .await?;
+        anyhow::ensure!(status == 201, "join token answered {status}: {v}");
+        Ok(v)
+    }
+
+    /// One Prometheus sample from node `i`'s agent (0 when absent).
+    pub async fn agent_metric(&self, i: usize, name: &str) -> Result<f64> {
+        let text = self
+            .client
+            .get(format!("http://{}/metrics", self.agent_metrics[i]))
+            .send()
+            .await?
+            .text()
+            .await?;
+        Ok(text
+            .lines()
+            .find(|l| l.split([' ', '{']).next() == Some(name))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0.0))
     }
 
     /// Issues a certificate from a CA the scheduler does not trust.

@@ -111,6 +111,7 @@ async fn main() -> Result<()> {
         max_idle: pool,
         max_containers: pool,
         claim_wait_secs: 20,
+        ..Default::default()
     };
     eprintln!("starting the system with a pool of {pool} (2 nodes)…");
     let c = Cluster::start(opts).await?;

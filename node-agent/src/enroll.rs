@@ -139,11 +139,7 @@ impl ServerCertVerifier for PinnedCa {
         )
         .build()
         .map_err(|e| rustls::Error::General(e.to_string()))?;
-        let others: Vec<_> = intermediates
-            .iter()
-            .filter(|c| *c != ca)
-            .cloned()
-            .collect();
+        let others: Vec<_> = intermediates.iter().filter(|c| *c != ca).cloned().collect();
         verifier.verify_server_cert(end_entity, &others, server_name, ocsp, now)?;
         *self.found.lock().unwrap() = Some(ca.clone().into_owned());
         Ok(ServerCertVerified::assertion())
@@ -195,7 +191,11 @@ pub async fn fetch_pinned_ca(scheduler: &SchedulerEndpoint, pin: &str) -> Result
     let authority = uri
         .authority()
         .ok_or_else(|| Error::Tls("scheduler url has no host".into()))?;
-    let addr = format!("{}:{}", authority.host(), authority.port_u16().unwrap_or(443));
+    let addr = format!(
+        "{}:{}",
+        authority.host(),
+        authority.port_u16().unwrap_or(443)
+    );
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = Arc::new(PinnedCa {
         pin: pin.trim().to_ascii_lowercase(),
@@ -281,10 +281,16 @@ pub async fn join(
         .await?
         .into_inner();
     if pin_of(&der_of(&cert.ca_pem)?) != pin.trim().to_ascii_lowercase() {
-        return Err(Error::Tls("the CA the scheduler returned does not match the pin".into()));
+        return Err(Error::Tls(
+            "the CA the scheduler returned does not match the pin".into(),
+        ));
     }
     files.install(&key_pem, &cert)?;
-    tracing::info!(node_id = files.node_id, not_after = cert.not_after_unix, "joined; certificate installed");
+    tracing::info!(
+        node_id = files.node_id,
+        not_after = cert.not_after_unix,
+        "joined; certificate installed"
+    );
     Ok(())
 }
 

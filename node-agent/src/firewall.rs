@@ -56,7 +56,11 @@ fn chains(blocked: &[String]) -> String {
         ));
     };
     s.push_str("-A CLAWDEPLOY-TENANTS -m conntrack --ctstate ESTABLISHED,RELATED -j RETURN\n");
-    reject("CLAWDEPLOY-TENANTS", &format!("-o {BRIDGE_PREFIX}+"), &mut s);
+    reject(
+        "CLAWDEPLOY-TENANTS",
+        &format!("-o {BRIDGE_PREFIX}+"),
+        &mut s,
+    );
     for cidr in blocked {
         reject("CLAWDEPLOY-TENANTS", &format!("-d {cidr}"), &mut s);
     }
@@ -114,7 +118,10 @@ mod tests {
     fn bridge_names_fit_linux_interface_names() {
         let b = bridge_name("clawdeploy-some-rather-long-node-name-0123456789");
         assert!(b.len() <= 15 && b.starts_with(BRIDGE_PREFIX), "{b}");
-        assert_eq!(b, bridge_name("clawdeploy-some-rather-long-node-name-0123456789"));
+        assert_eq!(
+            b,
+            bridge_name("clawdeploy-some-rather-long-node-name-0123456789")
+        );
         assert_ne!(b, bridge_name("clawdeploy-other"));
     }
 

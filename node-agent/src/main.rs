@@ -95,7 +95,8 @@ async fn main() -> anyhow::Result<()> {
         cert_file: tls.cert(),
         key_file: tls.key(),
     };
-    tls.finish_rotation().context("finishing an interrupted certificate rotation")?;
+    tls.finish_rotation()
+        .context("finishing an interrupted certificate rotation")?;
     if !tls.cert().exists() {
         let (Some(token), Some(pin)) = (a.join_token.as_deref(), a.ca_pin.as_deref()) else {
             anyhow::bail!(

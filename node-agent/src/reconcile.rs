@@ -16,8 +16,8 @@ use serde_json::json;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
-use crate::probe::Prober;
 use crate::crash_point;
+use crate::probe::Prober;
 use crate::runtime::{ContainerRuntime, ContainerSpec, Limits, GATEWAY_PORT};
 
 /// Per-container observed state, read by the heartbeat.

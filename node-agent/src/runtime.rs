@@ -9,8 +9,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use bollard::models::{
-    ContainerCreateBody, ContainerUpdateBody, EndpointSettings, HostConfig, Ipam, IpamConfig, NetworkCreateRequest,
-    NetworkingConfig, RestartPolicy, RestartPolicyNameEnum, VolumeCreateRequest,
+    ContainerCreateBody, ContainerUpdateBody, EndpointSettings, HostConfig, Ipam, IpamConfig,
+    NetworkCreateRequest, NetworkingConfig, RestartPolicy, RestartPolicyNameEnum,
+    VolumeCreateRequest,
 };
 use bollard::query_parameters::{
     CreateContainerOptions, InspectContainerOptions, ListContainersOptions, RemoveContainerOptions,
@@ -286,7 +287,11 @@ impl DockerRuntime {
         }
         // Everything in a tenant's volume belongs to the tenant user.
         let chown = tokio::process::Command::new("chown")
-            .args(["-R", "--no-dereference", &format!("{TENANT_UID}:{TENANT_UID}")])
+            .args([
+                "-R",
+                "--no-dereference",
+                &format!("{TENANT_UID}:{TENANT_UID}"),
+            ])
             .arg(&staging)
             .status()
             .await?;

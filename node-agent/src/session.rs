@@ -9,8 +9,8 @@ use std::time::Duration;
 use clawdeploy_proto::agent_session_client::AgentSessionClient;
 use clawdeploy_proto::client::SchedulerEndpoint;
 use clawdeploy_proto::{
-    agent_message, scheduler_message, AgentMessage, DesiredState, Heartbeat, Hello, NodeCapacity,
-    NodeUsage, ContainerPhase,
+    agent_message, scheduler_message, AgentMessage, ContainerPhase, DesiredState, Heartbeat, Hello,
+    NodeCapacity, NodeUsage,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;

@@ -35,7 +35,10 @@ impl FromRequestParts<AppRef> for Operator {
             .ok_or(Error::Unauthenticated)?;
         let given = Sha256::digest(given.trim().as_bytes());
         // Equal-length digests, compared without an early exit.
-        let diff = given.iter().zip(want).fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        let diff = given
+            .iter()
+            .zip(want)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
         if diff != 0 {
             return Err(Error::Unauthenticated);
         }

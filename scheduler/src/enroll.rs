@@ -50,10 +50,11 @@ pub async fn create_token(
             message: "between 1 second and 7 days".into(),
         });
     }
-    let removed: Option<bool> = sqlx::query_scalar("SELECT state = 'removed' FROM nodes WHERE id = $1")
-        .bind(node_id)
-        .fetch_optional(&app.db)
-        .await?;
+    let removed: Option<bool> =
+        sqlx::query_scalar("SELECT state = 'removed' FROM nodes WHERE id = $1")
+            .bind(node_id)
+            .fetch_optional(&app.db)
+            .await?;
     if removed == Some(true) {
         return Err(Error::Conflict {
             code: "node_removed",
@@ -198,7 +199,11 @@ impl NodeEnrollment for EnrollmentService {
         };
         let cert = certify(&self.app, &node_id, &req.into_inner().csr_der).await?;
         metrics::counter!("clawdeploy_node_cert_renewals_total").increment(1);
-        tracing::info!(node_id, not_after = cert.not_after_unix, "node certificate renewed");
+        tracing::info!(
+            node_id,
+            not_after = cert.not_after_unix,
+            "node certificate renewed"
+        );
         Ok(Response::new(cert))
     }
 }

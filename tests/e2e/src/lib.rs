@@ -165,7 +165,10 @@ impl Cluster {
                 let node = c.node_ids[i].clone();
                 let t = c.join_token(&node, None).await?;
                 let env = [
-                    ("CLAWDEPLOY_JOIN_TOKEN", t["token"].as_str().context("token")?),
+                    (
+                        "CLAWDEPLOY_JOIN_TOKEN",
+                        t["token"].as_str().context("token")?,
+                    ),
                     ("CLAWDEPLOY_CA_PIN", t["caPin"].as_str().context("pin")?),
                 ];
                 c.start_agent_env(i, &env)?;
@@ -384,7 +387,10 @@ impl Cluster {
         let r = req.send().await?;
         let status = r.status().as_u16();
         let text = r.text().await?;
-        Ok((status, serde_json::from_str(&text).unwrap_or(Value::String(text))))
+        Ok((
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        ))
     }
 
     /// A join token for `node_id` (and the CA pin) from the operator API.

@@ -101,12 +101,17 @@ async fn a_joined_node_rotates_its_certificate_under_a_live_session() -> Result<
     c.kill_scheduler();
     c.start_scheduler()?;
     c.wait_http_up().await?;
-    c.wait_nodes_connected(Duration::from_secs(30)).await?;
-    assert_eq!(
-        c.agent_metric(0, "clawdeploy_agent_sessions_opened_total")
-            .await?,
-        2.0
-    );
+    wait_for(
+        Duration::from_secs(30),
+        "reconnected with the renewed certificate",
+        || async {
+            Ok(c.agent_metric(0, "clawdeploy_agent_sessions_opened_total")
+                .await?
+                >= 2.0)
+        },
+    )
+    .await?;
+    assert!(!log_of(&c, &c.node_ids[0]).contains("certificate expired"));
     let joins: i64 = c
         .count("SELECT count(*) FROM join_tokens WHERE used_at IS NOT NULL")
         .await?;
@@ -195,7 +200,10 @@ async fn join_refuses_bad_tokens_and_wrong_pins_and_removed_nodes() -> Result<()
     )
     .await?;
     assert!(exited.is_some_and(|s| !s.success()), "{log}");
-    assert!(log.contains("Unauthenticated") || log.contains("unauthenticated"), "{log}");
+    assert!(
+        log.contains("Unauthenticated") || log.contains("unauthenticated"),
+        "{log}"
+    );
     // The token, presented for another node.
     let (exited, log) = attempt(
         token.clone(),
@@ -329,7 +337,10 @@ async fn claim_survives_agent_kill_at(point: &str) -> Result<()> {
         .context("gateway token")?
         .to_owned();
     let st = c.wait_agent_exit(0, Duration::from_secs(30)).await?;
-    assert!(!st.success(), "the agent should have been killed at {point}");
+    assert!(
+        !st.success(),
+        "the agent should have been killed at {point}"
+    );
     assert!(log_of(&c, &c.node_ids[0]).contains("crash point reached"));
 
     c.start_agent(0)?;
@@ -352,12 +363,16 @@ async fn claim_survives_agent_kill_at(point: &str) -> Result<()> {
     // Converged: Docker runs exactly the containers the database wants, the
     // claimed one once, and the pool is back.
     c.wait_idle(2, false, Duration::from_secs(60)).await?;
-    wait_for(Duration::from_secs(30), "docker matches the database", || async {
-        let want = c
-            .count("SELECT count(*) FROM containers WHERE state IN ('idle', 'assigned')")
-            .await?;
-        Ok(c.docker_running().len() as i64 == want)
-    })
+    wait_for(
+        Duration::from_secs(30),
+        "docker matches the database",
+        || async {
+            let want = c
+                .count("SELECT count(*) FROM containers WHERE state IN ('idle', 'assigned')")
+                .await?;
+            Ok(c.docker_running().len() as i64 == want)
+        },
+    )
     .await?;
     let (container, _) = container_of(&c, &sub).await?;
     let named = Command::new("docker")
@@ -454,7 +469,11 @@ async fn tenants_keep_serving_for_30s_without_the_scheduler() -> Result<()> {
 async fn orphans_are_removed_and_stopped_tenants_restarted() -> Result<()> {
     let c = Cluster::single_node_warm(1).await?;
     let (_, gw) = c
-        .sign_up(&email("orphan"), "crashy", json!({"openai": "sk-crashy-99"}))
+        .sign_up(
+            &email("orphan"),
+            "crashy",
+            json!({"openai": "sk-crashy-99"}),
+        )
         .await?;
     let (_, docker_id) = container_of(&c, "crashy").await?;
     let first_start = started_at(&c, &docker_id)?;
@@ -470,12 +489,16 @@ async fn orphans_are_removed_and_stopped_tenants_restarted() -> Result<()> {
             && s["State"]["StartedAt"].as_str() != Some(first_start.as_str()))
     })
     .await?;
-    wait_for(Duration::from_secs(20), "tenant answering again", || async {
-        Ok(models_through_edge(&c, "crashy.clawdeploy.localhost", &gw)
-            .await?
-            .0
-            == 200)
-    })
+    wait_for(
+        Duration::from_secs(20),
+        "tenant answering again",
+        || async {
+            Ok(models_through_edge(&c, "crashy.clawdeploy.localhost", &gw)
+                .await?
+                .0
+                == 200)
+        },
+    )
     .await?;
 
     // A container with our labels that nobody wants is removed.
@@ -495,7 +518,12 @@ async fn orphans_are_removed_and_stopped_tenants_restarted() -> Result<()> {
     );
     wait_for(Duration::from_secs(30), "orphan removed", || async {
         let o = Command::new("docker")
-            .args(["ps", "-aq", "--filter", &format!("name=clawdeploy-{orphan}")])
+            .args([
+                "ps",
+                "-aq",
+                "--filter",
+                &format!("name=clawdeploy-{orphan}"),
+            ])
             .output()?;
         Ok(o.stdout.is_empty())
     })
@@ -526,12 +554,18 @@ async fn resize_suspend_resume_and_destroy_through_desired_state() -> Result<()>
     bump(&c, &node).await?;
     wait_for(Duration::from_secs(20), "container resized", || async {
         let hc = &c.docker_inspect(&docker_id)?["HostConfig"];
-        Ok(hc["Memory"] == 805306368i64 && hc["NanoCpus"] == 1_500_000_000i64 && hc["PidsLimit"] == 512)
+        Ok(hc["Memory"] == 805306368i64
+            && hc["NanoCpus"] == 1_500_000_000i64
+            && hc["PidsLimit"] == 512)
     })
     .await?;
     let hc = c.docker_inspect(&docker_id)?["HostConfig"].clone();
     assert_eq!(hc["MemorySwap"], 805306368i64, "memory = swap after resize");
-    assert_eq!(started_at(&c, &docker_id)?, start, "resize must not restart");
+    assert_eq!(
+        started_at(&c, &docker_id)?,
+        start,
+        "resize must not restart"
+    );
     assert_eq!(models_through_edge(&c, host, &gw).await?.0, 200);
 
     // Suspend: stopped, volume kept.
@@ -579,9 +613,11 @@ async fn resize_suspend_resume_and_destroy_through_desired_state() -> Result<()>
         .bind(&container)
         .execute(&c.db)
         .await?;
-    sqlx::query("UPDATE instances SET status = 'deleted', container_id = NULL WHERE subdomain = 'life'")
-        .execute(&c.db)
-        .await?;
+    sqlx::query(
+        "UPDATE instances SET status = 'deleted', container_id = NULL WHERE subdomain = 'life'",
+    )
+    .execute(&c.db)
+    .await?;
     bump(&c, &node).await?;
     wait_for(Duration::from_secs(30), "container destroyed", || async {
         let state: String = sqlx::query_scalar("SELECT state FROM containers WHERE id = $1::uuid")
@@ -593,7 +629,13 @@ async fn resize_suspend_resume_and_destroy_through_desired_state() -> Result<()>
     .await?;
     assert!(!volume.exists(), "the volume goes with the container");
     let vols = Command::new("docker")
-        .args(["volume", "ls", "-q", "--filter", &format!("name=clawdeploy-{container}")])
+        .args([
+            "volume",
+            "ls",
+            "-q",
+            "--filter",
+            &format!("name=clawdeploy-{container}"),
+        ])
         .output()?;
     assert!(vols.stdout.is_empty());
     Ok(())
@@ -716,7 +758,11 @@ async fn tenants_cannot_reach_each_other_the_host_or_the_metadata_service() -> R
         .get(format!("http://127.0.0.1:{agent_port}/metrics"))
         .send()
         .await?;
-    assert_eq!(host_metrics.status(), 200, "the agent's port is open on the host");
+    assert_eq!(
+        host_metrics.status(),
+        200,
+        "the agent's port is open on the host"
+    );
     for url in [
         format!("http://{}/healthz", neighbour.2),
         format!("http://{}/healthz", other_node.2),
@@ -735,12 +781,10 @@ async fn tenants_cannot_reach_each_other_the_host_or_the_metadata_service() -> R
     assert!(!mounts.contains("docker.sock"), "{mounts}");
 
     // The rules are installed once, however many agents ran.
-    let rules = Command::new("iptables").args(["-S", "DOCKER-USER"]).output()?;
+    let rules = Command::new("iptables")
+        .args(["-S", "DOCKER-USER"])
+        .output()?;
     let rules = String::from_utf8_lossy(&rules.stdout);
-    assert_eq!(
-        rules.matches("CLAWDEPLOY-TENANTS").count(),
-        1,
-        "{rules}"
-    );
+    assert_eq!(rules.matches("CLAWDEPLOY-TENANTS").count(), 1, "{rules}");
     Ok(())
 }

@@ -404,6 +404,7 @@ impl<R: ContainerRuntime> Worker<R> {
                             self.board.set(status.clone());
                         }
                     } else {
+                        metrics::counter!("clawdeploy_agent_reconcile_errors_total", "step" => "health").increment(1);
                         failures += 1;
                         running = false;
                         if failures >= UNHEALTHY_AFTER {

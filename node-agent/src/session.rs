@@ -77,6 +77,12 @@ impl Session {
         let containers = self.board.snapshot();
         let applied_generation = self.ledger.lock().unwrap().current().generation;
         let host = self.host.sample().await;
+        metrics::gauge!("clawdeploy_agent_host_cpu_busy_ratio")
+            .set(f64::from(host.cpu_busy_permille) / 1000.0);
+        metrics::gauge!("clawdeploy_agent_host_memory_available_bytes")
+            .set(host.memory_available_bytes as f64);
+        metrics::gauge!("clawdeploy_agent_host_disk_available_bytes")
+            .set(host.disk_available_bytes as f64);
         let usage = NodeUsage {
             containers: containers.len() as u32,
             containers_running: containers

@@ -20,7 +20,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the scheduler: customer API, gRPC for agents and edges, pool manager.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Certificate authority operations.
     #[command(subcommand)]
     Pki(PkiCommand),

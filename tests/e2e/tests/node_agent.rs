@@ -318,6 +318,14 @@ async fn claim_survives_agent_kill_at(point: &str) -> Result<()> {
     })
     .await?;
     c.wait_idle(2, false, Duration::from_secs(120)).await?;
+    let running_before: Vec<(String, String)> = c
+        .docker_running()
+        .into_iter()
+        .map(|id| {
+            let at = started_at(&c, &id).unwrap_or_default();
+            (id, at)
+        })
+        .collect();
     c.kill_agent(0);
     c.start_agent_env(0, &[("CLAWDEPLOY_AGENT_CRASH_AT", point)])?;
     c.wait_nodes_connected(Duration::from_secs(30)).await?;
@@ -388,6 +396,12 @@ async fn claim_survives_agent_kill_at(point: &str) -> Result<()> {
         1,
         "the claimed container exists once"
     );
+    // Two agent restarts adopted the running containers: none restarted.
+    for (id, at) in &running_before {
+        if let Ok(now) = started_at(&c, id) {
+            assert_eq!(&now, at, "container {id} was restarted");
+        }
+    }
     Ok(())
 }
 
@@ -477,6 +491,9 @@ async fn orphans_are_removed_and_stopped_tenants_restarted() -> Result<()> {
         .await?;
     let (_, docker_id) = container_of(&c, "crashy").await?;
     let first_start = started_at(&c, &docker_id)?;
+    // The agent repairs on its own: the scheduler is gone for all of this.
+    let mut c = c;
+    c.kill_scheduler();
 
     // The tenant's container stops behind the agent's back: it comes back.
     let st = Command::new("docker")
@@ -530,6 +547,17 @@ async fn orphans_are_removed_and_stopped_tenants_restarted() -> Result<()> {
     .await?;
     // The tenant was not touched by the orphan sweep.
     assert_eq!(c.docker_inspect(&docker_id)?["State"]["Running"], true);
+    let metrics = c
+        .client
+        .get(format!("http://{}/metrics", c.agent_metrics[0]))
+        .send()
+        .await?
+        .text()
+        .await?;
+    assert!(
+        metrics.contains("clawdeploy_agent_reconcile_errors_total{step=\"health\"}"),
+        "the failed health probes are counted: {metrics}"
+    );
     Ok(())
 }
 

@@ -6,6 +6,10 @@
 pub enum Error {
     #[error("docker {op}: {message}")]
     Docker { op: &'static str, message: String },
+    /// The engine did not answer (down, restarting, timed out): says
+    /// nothing about the container itself.
+    #[error("docker unavailable ({op}): {message}")]
+    DockerUnavailable { op: &'static str, message: String },
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
     #[error("probe: {0}")]
@@ -20,6 +24,12 @@ pub enum Error {
     Firewall(String),
     #[error("ledger: {0}")]
     Ledger(String),
+}
+
+impl Error {
+    pub fn docker_unavailable(&self) -> bool {
+        matches!(self, Error::DockerUnavailable { .. })
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

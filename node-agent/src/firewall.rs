@@ -11,8 +11,10 @@
 //!   Docker API on TCP, sshd) jumps to `CLAWDEPLOY-HOST`, which lets replies
 //!   through and rejects everything else.
 //!
-//! The rules are installed idempotently at start-up under a host-wide lock
-//! (`flock`), the chains rewritten atomically with `iptables-restore`.
+//! The rules are installed idempotently at start-up, and checked again every
+//! 30 s (a Docker restart or a flush must not leave them gone), under a
+//! host-wide lock (`flock`), the chains rewritten atomically with
+//! `iptables-restore`.
 
 use crate::error::{Error, Result};
 
@@ -74,6 +76,16 @@ fn chains(blocked: &[String]) -> String {
 /// Installs (or refreshes) the isolation rules. Fails when the firewall
 /// cannot be set: the agent does not run tenants unisolated.
 pub async fn install(blocked: &[String]) -> Result<()> {
+    run_install(blocked).await?;
+    tracing::info!(
+        bridges = format!("{BRIDGE_PREFIX}+"),
+        blocked = blocked.join(","),
+        "tenant firewall installed: DOCKER-USER -> CLAWDEPLOY-TENANTS (no tenant-to-tenant, no private or metadata ranges), INPUT -> CLAWDEPLOY-HOST (no tenant-to-host)"
+    );
+    Ok(())
+}
+
+async fn run_install(blocked: &[String]) -> Result<()> {
     if let Some(bad) = blocked.iter().find(|c| !valid_cidr(c)) {
         return Err(Error::Firewall(format!("not an IPv4 CIDR: {bad:?}")));
     }
@@ -102,12 +114,22 @@ iptables -w -C INPUT -i {p}+ -j CLAWDEPLOY-HOST 2>/dev/null || iptables -w -I IN
             String::from_utf8_lossy(&out.stderr).trim().to_owned(),
         ));
     }
-    tracing::info!(
-        bridges = format!("{BRIDGE_PREFIX}+"),
-        blocked = blocked.join(","),
-        "tenant firewall installed: DOCKER-USER -> CLAWDEPLOY-TENANTS (no tenant-to-tenant, no private or metadata ranges), INPUT -> CLAWDEPLOY-HOST (no tenant-to-host)"
-    );
     Ok(())
+}
+
+/// Re-installs the rules every `every`: a Docker restart or an operator's
+/// flush must not leave tenants unisolated for long. Failures are logged and
+/// counted; the next pass tries again.
+pub async fn keep_installed(blocked: Vec<String>, every: std::time::Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        if let Err(e) = run_install(&blocked).await {
+            metrics::counter!("clawdeploy_agent_firewall_errors_total").increment(1);
+            tracing::error!(error = %e, "tenant firewall check failed");
+        }
+    }
 }
 
 #[cfg(test)]

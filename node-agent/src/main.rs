@@ -110,6 +110,10 @@ async fn main() -> anyhow::Result<()> {
         clawdeploy_agent::firewall::install(&a.tenant_blocked_cidrs)
             .await
             .context("installing the tenant firewall")?;
+        tokio::spawn(clawdeploy_agent::firewall::keep_installed(
+            a.tenant_blocked_cidrs.clone(),
+            Duration::from_secs(30),
+        ));
     } else {
         tracing::warn!("--firewall=false: tenants are NOT isolated by this agent");
     }

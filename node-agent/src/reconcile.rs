@@ -62,6 +62,25 @@ pub struct Reconciler<R: ContainerRuntime> {
     removing: Arc<Mutex<HashSet<String>>>,
 }
 
+/// Why a pass could not bring a container where it should be.
+enum Setback {
+    /// Docker did not answer: nothing is known about the container, so
+    /// nothing is reported; the pass is retried.
+    DockerDown(String),
+    /// The container itself is not as it should be.
+    Failed(String),
+}
+
+impl From<crate::error::Error> for Setback {
+    fn from(e: crate::error::Error) -> Self {
+        if e.docker_unavailable() {
+            Setback::DockerDown(e.to_string())
+        } else {
+            Setback::Failed(e.to_string())
+        }
+    }
+}
+
 /// How often idle containers are re-checked, and the health failure threshold.
 const CHECK_EVERY: Duration = Duration::from_secs(2);
 const UNHEALTHY_AFTER: u32 = 3;
@@ -302,8 +321,8 @@ impl<R: ContainerRuntime> Worker<R> {
             if desired.stopped {
                 // Suspended: stopped, volume kept, no probing until resumed.
                 running = false;
-                if let Err(message) = self.ensure_stopped(&id, &mut status).await {
-                    self.fail(&mut status, message, &mut backoff).await;
+                if let Err(setback) = self.ensure_stopped(&id, &mut status).await {
+                    self.setback(&mut status, setback, &mut backoff).await;
                     continue;
                 }
                 backoff = Duration::from_millis(200);
@@ -315,8 +334,8 @@ impl<R: ContainerRuntime> Worker<R> {
             if !running {
                 match self.ensure_running(&desired, &mut status).await {
                     Ok(seen) => limits = seen,
-                    Err(message) => {
-                        self.fail(&mut status, message, &mut backoff).await;
+                    Err(setback) => {
+                        self.setback(&mut status, setback, &mut backoff).await;
                         continue;
                     }
                 }
@@ -327,9 +346,9 @@ impl<R: ContainerRuntime> Worker<R> {
                         .wait_healthy(&status.upstream, Duration::from_secs(30))
                         .await
                     {
-                        self.fail(
+                        self.setback(
                             &mut status,
-                            "gateway did not answer /healthz".into(),
+                            Setback::Failed("gateway did not answer /healthz".into()),
                             &mut backoff,
                         )
                         .await;
@@ -407,7 +426,12 @@ impl<R: ContainerRuntime> Worker<R> {
                         metrics::counter!("clawdeploy_agent_reconcile_errors_total", "step" => "health").increment(1);
                         failures += 1;
                         running = false;
-                        if failures >= UNHEALTHY_AFTER {
+                        // Unhealthy means running yet not answering: a
+                        // container Docker cannot vouch for (stopped, or the
+                        // engine down) is handled by the next pass instead.
+                        let confirmed = failures >= UNHEALTHY_AFTER
+                            && matches!(self.runtime.inspect(&id).await, Ok(Some(o)) if o.running);
+                        if confirmed {
                             status.phase = ContainerPhase::Unhealthy as i32;
                             status.message = format!("/healthz failed {failures} times");
                             self.board.set(status.clone());
@@ -419,15 +443,13 @@ impl<R: ContainerRuntime> Worker<R> {
     }
 
     /// Stops a running container for suspension and reports it stopped.
-    async fn ensure_stopped(&self, id: &str, status: &mut ContainerStatus) -> Result<(), String> {
-        let observed = match self.runtime.inspect(id).await {
-            Ok(Some(o)) => o,
-            Ok(None) => return Err("suspended container is missing".into()),
-            Err(e) => return Err(e.to_string()),
+    async fn ensure_stopped(&self, id: &str, status: &mut ContainerStatus) -> Result<(), Setback> {
+        let Some(observed) = self.runtime.inspect(id).await? else {
+            return Err(Setback::Failed("suspended container is missing".into()));
         };
         if observed.running {
             tracing::info!(container_id = id, "stopping suspended container");
-            self.runtime.stop(id).await.map_err(|e| e.to_string())?;
+            self.runtime.stop(id).await?;
         }
         status.docker_id = observed.docker_id;
         status.phase = ContainerPhase::Stopped as i32;
@@ -443,7 +465,7 @@ impl<R: ContainerRuntime> Worker<R> {
         &self,
         desired: &DesiredContainer,
         status: &mut ContainerStatus,
-    ) -> Result<Limits, String> {
+    ) -> Result<Limits, Setback> {
         let id = &desired.container_id;
         let observed = match self.runtime.inspect(id).await {
             Ok(Some(o)) if o.running => Ok(o),
@@ -480,12 +502,35 @@ impl<R: ContainerRuntime> Worker<R> {
                     status.upstream = format!("{ip}:{GATEWAY_PORT}");
                     Ok(o.limits())
                 }
-                None => Err(format!("container has no address ({})", o.status)),
+                None => Err(Setback::Failed(format!(
+                    "container has no address ({})",
+                    o.status
+                ))),
             },
             Err(e) => {
                 metrics::counter!("clawdeploy_agent_reconcile_errors_total", "step" => "ensure")
                     .increment(1);
-                Err(e.to_string())
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn setback(
+        &self,
+        status: &mut ContainerStatus,
+        setback: Setback,
+        backoff: &mut Duration,
+    ) {
+        match setback {
+            Setback::Failed(message) => self.fail(status, message, backoff).await,
+            Setback::DockerDown(message) => {
+                tracing::warn!(
+                    container_id = status.container_id,
+                    message,
+                    "Docker unavailable; keeping the last known state and retrying"
+                );
+                tokio::time::sleep(*backoff).await;
+                *backoff = (*backoff * 2).min(Duration::from_secs(5));
             }
         }
     }

@@ -116,18 +116,50 @@ fn container_name(container_id: &str) -> String {
     format!("clawdeploy-{container_id}")
 }
 
+/// How long one Docker call may take before the engine counts as
+/// unavailable: a daemon that is restarting can hold calls for minutes.
+fn op_timeout(op: &str) -> std::time::Duration {
+    match op {
+        "create" | "create_volume" | "start" | "stop" | "remove" | "remove_volume" | "update"
+        | "create_network" => std::time::Duration::from_secs(60),
+        _ => std::time::Duration::from_secs(15),
+    }
+}
+
+/// Runs one Docker call with a deadline and records its latency. Transport
+/// failures and timeouts become `DockerUnavailable`; answers from the engine
+/// (404, 409, 500) stay `Docker`.
 async fn timed<T>(
     op: &'static str,
     fut: impl Future<Output = Result<T, bollard::errors::Error>>,
 ) -> Result<T> {
+    use bollard::errors::Error as B;
     let started = Instant::now();
-    let r = fut.await;
+    let r = tokio::time::timeout(op_timeout(op), fut).await;
     metrics::histogram!("clawdeploy_agent_docker_op_seconds", "op" => op)
         .record(started.elapsed().as_secs_f64());
-    r.map_err(|e| Error::Docker {
-        op,
-        message: e.to_string(),
-    })
+    let unavailable = |message: String| {
+        metrics::counter!("clawdeploy_agent_docker_unavailable_total", "op" => op).increment(1);
+        Error::DockerUnavailable { op, message }
+    };
+    match r {
+        Err(_) => Err(unavailable(format!(
+            "no answer within {:?}",
+            op_timeout(op)
+        ))),
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(
+            e @ (B::RequestTimeoutError
+            | B::IOError { .. }
+            | B::HyperResponseError { .. }
+            | B::HyperLegacyError { .. }
+            | B::SocketNotFoundError(_)),
+        )) => Err(unavailable(e.to_string())),
+        Ok(Err(e)) => Err(Error::Docker {
+            op,
+            message: e.to_string(),
+        }),
+    }
 }
 
 fn is_not_found(e: &Error) -> bool {

@@ -12,3 +12,11 @@ CREATE TABLE join_tokens (
 CREATE INDEX join_tokens_node ON join_tokens (node_id);
 
 ALTER TABLE nodes ADD COLUMN cert_not_after timestamptz;
+
+-- What the node's last heartbeat said about the host.
+ALTER TABLE nodes
+    ADD COLUMN cpu_busy_permille      integer NOT NULL DEFAULT 0,
+    ADD COLUMN memory_available_bytes bigint  NOT NULL DEFAULT 0,
+    ADD COLUMN disk_available_bytes   bigint  NOT NULL DEFAULT 0,
+    ADD COLUMN disk_total_bytes       bigint  NOT NULL DEFAULT 0,
+    ADD COLUMN containers_running     integer NOT NULL DEFAULT 0;

@@ -67,28 +67,44 @@ pub async fn create_join_token(
 }
 
 pub async fn list_nodes(_: Operator, State(app): State<AppRef>) -> Result<axum::Json<Value>> {
-    type Row = (
-        String,
-        String,
-        i64,
-        Option<chrono::DateTime<chrono::Utc>>,
-        Option<chrono::DateTime<chrono::Utc>>,
-        i64,
-    );
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        id: String,
+        state: String,
+        generation: i64,
+        last_heartbeat: Option<chrono::DateTime<chrono::Utc>>,
+        cert_not_after: Option<chrono::DateTime<chrono::Utc>>,
+        containers: i64,
+        cpu_busy_permille: i32,
+        memory_available_bytes: i64,
+        disk_available_bytes: i64,
+        disk_total_bytes: i64,
+        containers_running: i32,
+    }
     let rows: Vec<Row> = sqlx::query_as(
         "SELECT n.id, n.state, n.generation, n.last_heartbeat, n.cert_not_after,
-                (SELECT count(*) FROM containers c WHERE c.node_id = n.id AND c.state NOT IN ('destroyed'))
+                (SELECT count(*) FROM containers c WHERE c.node_id = n.id AND c.state <> 'destroyed') AS containers,
+                n.cpu_busy_permille, n.memory_available_bytes, n.disk_available_bytes,
+                n.disk_total_bytes, n.containers_running
            FROM nodes n ORDER BY n.id",
     )
     .fetch_all(&app.db)
     .await?;
     let nodes: Vec<Value> = rows
         .into_iter()
-        .map(|(id, state, generation, hb, cert, containers)| {
+        .map(|r| {
             json!({
-                "id": id, "state": state, "generation": generation, "lastHeartbeat": hb,
-                "certNotAfter": cert, "containers": containers,
-                "connected": app.sessions.sender(&id).is_some(),
+                "id": r.id, "state": r.state, "generation": r.generation,
+                "lastHeartbeat": r.last_heartbeat, "certNotAfter": r.cert_not_after,
+                "containers": r.containers,
+                "connected": app.sessions.sender(&r.id).is_some(),
+                "usage": {
+                    "cpuBusy": f64::from(r.cpu_busy_permille) / 1000.0,
+                    "memoryAvailableBytes": r.memory_available_bytes,
+                    "diskAvailableBytes": r.disk_available_bytes,
+                    "diskTotalBytes": r.disk_total_bytes,
+                    "containersRunning": r.containers_running,
+                },
             })
         })
         .collect();

@@ -161,11 +161,19 @@ impl AgentSessionState {
     }
 
     async fn heartbeat(&mut self, hb: Heartbeat) -> Result<()> {
+        let usage = hb.usage.unwrap_or_default();
         let (generation, state): (i64, String) = sqlx::query_as(
-            "UPDATE nodes SET last_heartbeat = now(), state = CASE WHEN state = 'unreachable' THEN 'active' ELSE state END
+            "UPDATE nodes SET last_heartbeat = now(), state = CASE WHEN state = 'unreachable' THEN 'active' ELSE state END,
+                    cpu_busy_permille = $2, memory_available_bytes = $3, disk_available_bytes = $4,
+                    disk_total_bytes = $5, containers_running = $6
               WHERE id = $1 RETURNING generation, state",
         )
         .bind(&self.node_id)
+        .bind(usage.cpu_busy_permille.min(1000) as i32)
+        .bind(usage.memory_available_bytes.min(i64::MAX as u64) as i64)
+        .bind(usage.disk_available_bytes.min(i64::MAX as u64) as i64)
+        .bind(usage.disk_total_bytes.min(i64::MAX as u64) as i64)
+        .bind(usage.containers_running as i32)
         .fetch_one(&self.app.db)
         .await?;
         if state == "removed" {

@@ -84,6 +84,21 @@ async fn a_joined_node_rotates_its_certificate_under_a_live_session() -> Result<
         "rotation must not drop the session"
     );
     assert_ne!(std::fs::read_to_string(&cert_file)?, first_cert);
+    // Heartbeats carry the host's facts to the scheduler.
+    let (_, nodes) = c
+        .admin(Method::GET, "/admin/nodes", None, Some(ADMIN_TOKEN))
+        .await?;
+    let node = &nodes["nodes"][0];
+    assert_eq!(node["connected"], true, "{nodes}");
+    assert!(node["certNotAfter"].is_string(), "{nodes}");
+    let usage = &node["usage"];
+    assert!(usage["memoryAvailableBytes"].as_i64() > Some(0), "{nodes}");
+    assert!(
+        usage["diskTotalBytes"].as_i64() >= usage["diskAvailableBytes"].as_i64(),
+        "{nodes}"
+    );
+    assert!(usage["diskAvailableBytes"].as_i64() > Some(0), "{nodes}");
+    assert_eq!(usage["containersRunning"], 1, "{nodes}");
     // The first certificate has expired, and the session still carries a
     // claim end to end.
     let (_, gw) = c

@@ -85,9 +85,45 @@ pub async fn install(blocked: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// Whether the jumps and both chains are as `chains()` would write them.
+/// Read without the lock: many agents starting at once must not queue
+/// behind each other to find the rules already there.
+async fn in_place(blocked: &[String]) -> bool {
+    let script = format!(
+        "iptables -w -C DOCKER-USER -i {p}+ -j CLAWDEPLOY-TENANTS 2>/dev/null && \
+         iptables -w -C INPUT -i {p}+ -j CLAWDEPLOY-HOST 2>/dev/null && \
+         iptables -w -S CLAWDEPLOY-TENANTS 2>/dev/null && iptables -w -S CLAWDEPLOY-HOST 2>/dev/null",
+        p = BRIDGE_PREFIX
+    );
+    let Ok(out) = tokio::process::Command::new("sh")
+        .args(["-c", &script])
+        .output()
+        .await
+    else {
+        return false;
+    };
+    if !out.status.success() {
+        return false;
+    }
+    let have = String::from_utf8_lossy(&out.stdout);
+    let want = chains(blocked);
+    let count = |text: &str, chain: &str| {
+        text.lines()
+            .filter(|l| l.starts_with(&format!("-A {chain} ")))
+            .count()
+    };
+    ["CLAWDEPLOY-TENANTS", "CLAWDEPLOY-HOST"]
+        .iter()
+        .all(|chain| count(&have, chain) == count(&want, chain))
+        && blocked.iter().all(|c| have.contains(&format!("-d {c} ")))
+}
+
 async fn run_install(blocked: &[String]) -> Result<()> {
     if let Some(bad) = blocked.iter().find(|c| !valid_cidr(c)) {
         return Err(Error::Firewall(format!("not an IPv4 CIDR: {bad:?}")));
+    }
+    if in_place(blocked).await {
+        return Ok(());
     }
     let script = format!(
         r#"set -e
@@ -104,7 +140,13 @@ iptables -w -C INPUT -i {p}+ -j CLAWDEPLOY-HOST 2>/dev/null || iptables -w -I IN
     );
     std::fs::create_dir_all("/run/lock")?;
     let out = tokio::process::Command::new("flock")
-        .args(["-w", "30", "/run/lock/clawdeploy-firewall.lock", "sh", "-c"])
+        .args([
+            "-w",
+            "120",
+            "/run/lock/clawdeploy-firewall.lock",
+            "sh",
+            "-c",
+        ])
         .arg(&script)
         .output()
         .await

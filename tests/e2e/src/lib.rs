@@ -101,6 +101,8 @@ pub struct Cluster {
     agents: Vec<Option<Child>>,
     edge_proc: Option<Child>,
     pub client: reqwest::Client,
+    /// Set when start-up failed: the logs are kept for the post-mortem.
+    keep_logs: bool,
 }
 
 impl Cluster {
@@ -156,7 +158,18 @@ impl Cluster {
                 .timeout(Duration::from_secs(60))
                 .pool_max_idle_per_host(256)
                 .build()?,
+            keep_logs: false,
         };
+        if let Err(e) = c.boot().await {
+            c.keep_logs = true;
+            return Err(e);
+        }
+        Ok(c)
+    }
+
+    /// Certificates, scheduler, agents (joining or not) and edge.
+    async fn boot(&mut self) -> Result<()> {
+        let c = self;
         c.issue_certs()?;
         c.start_scheduler()?;
         c.wait_http_up().await?;
@@ -177,8 +190,7 @@ impl Cluster {
             }
         }
         c.start_edge()?;
-        c.wait_nodes_connected(Duration::from_secs(60)).await?;
-        Ok(c)
+        c.wait_nodes_connected(Duration::from_secs(60)).await
     }
 
     /// A one-node system whose pool already holds `min_idle` idle containers.
@@ -732,7 +744,10 @@ impl Drop for Cluster {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
-        if !std::thread::panicking() && std::env::var_os("CLAWDEPLOY_KEEP_LOGS").is_none() {
+        if !std::thread::panicking()
+            && !self.keep_logs
+            && std::env::var_os("CLAWDEPLOY_KEEP_LOGS").is_none()
+        {
             let _ = std::fs::remove_dir_all(&self.dir);
         } else {
             eprintln!(

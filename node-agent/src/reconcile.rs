@@ -274,14 +274,11 @@ fn limits_of(d: &DesiredContainer) -> Limits {
 }
 
 fn spec_of(d: &DesiredContainer, generation: u64) -> ContainerSpec {
-    let r = d.resources.unwrap_or_default();
     ContainerSpec {
         container_id: d.container_id.clone(),
         image: d.image.clone(),
         gateway_token: d.gateway_token.clone(),
-        cpu_millis: r.cpu_millis,
-        memory_bytes: r.memory_bytes,
-        pids: r.pids,
+        limits: limits_of(d),
         generation,
     }
 }

@@ -36,9 +36,7 @@ pub struct ContainerSpec {
     pub container_id: String,
     pub image: String,
     pub gateway_token: String,
-    pub cpu_millis: u32,
-    pub memory_bytes: u64,
-    pub pids: u32,
+    pub limits: Limits,
     pub generation: u64,
 }
 
@@ -491,7 +489,7 @@ impl ContainerRuntime for DockerRuntime {
             }),
         )
         .await?;
-        let memory = spec.memory_bytes as i64;
+        let memory = spec.limits.memory_bytes as i64;
         let host_config = HostConfig {
             binds: Some(vec![format!("{volume}:/home/node/.openclaw")]),
             network_mode: Some(self.network.clone()),
@@ -505,8 +503,8 @@ impl ContainerRuntime for DockerRuntime {
             memory: Some(memory),
             // Memory = swap: no swap beyond the memory limit.
             memory_swap: Some(memory),
-            nano_cpus: Some(i64::from(spec.cpu_millis) * 1_000_000),
-            pids_limit: Some(i64::from(spec.pids)),
+            nano_cpus: Some(i64::from(spec.limits.cpu_millis) * 1_000_000),
+            pids_limit: Some(i64::from(spec.limits.pids)),
             restart_policy: Some(RestartPolicy {
                 name: Some(RestartPolicyNameEnum::ON_FAILURE),
                 maximum_retry_count: Some(5),

@@ -6,7 +6,9 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use clawdeploy_agent::probe::Prober;
-use clawdeploy_agent::runtime::{ContainerRuntime, ContainerSpec, DockerRuntime, GATEWAY_PORT};
+use clawdeploy_agent::runtime::{
+    ContainerRuntime, ContainerSpec, DockerRuntime, Limits, GATEWAY_PORT,
+};
 
 fn hex8() -> String {
     let nanos = std::time::SystemTime::now()
@@ -24,9 +26,11 @@ fn spec(id: &str) -> ContainerSpec {
         container_id: id.into(),
         image: "clawdeploy/openclaw-standin:dev".into(),
         gateway_token: "tok-volume".into(),
-        cpu_millis: 500,
-        memory_bytes: 256 << 20,
-        pids: 256,
+        limits: Limits {
+            cpu_millis: 500,
+            memory_bytes: 256 << 20,
+            pids: 256,
+        },
         generation: 1,
     }
 }

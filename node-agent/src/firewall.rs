@@ -11,10 +11,10 @@
 //!   Docker API on TCP, sshd) jumps to `CLAWDEPLOY-HOST`, which lets replies
 //!   through and rejects everything else.
 //!
-//! The rules are installed idempotently at start-up, and checked again every
-//! 30 s (a Docker restart or a flush must not leave them gone), under a
-//! host-wide lock (`flock`), the chains rewritten atomically with
-//! `iptables-restore`.
+//! The rules are checked at start-up and every 30 s (a Docker restart or a
+//! flush must not leave them gone). The check takes no lock; only when
+//! something is missing are they rewritten, under a host-wide lock
+//! (`flock`), the chains atomically with `iptables-restore`.
 
 use crate::error::{Error, Result};
 

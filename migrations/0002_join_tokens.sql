@@ -20,3 +20,6 @@ ALTER TABLE nodes
     ADD COLUMN disk_available_bytes   bigint  NOT NULL DEFAULT 0,
     ADD COLUMN disk_total_bytes       bigint  NOT NULL DEFAULT 0,
     ADD COLUMN containers_running     integer NOT NULL DEFAULT 0;
+
+-- A container's address can change (Docker restarted it); its routes follow.
+CREATE INDEX routes_container ON routes (container_id);

@@ -330,7 +330,12 @@ impl<R: ContainerRuntime> Worker<R> {
             }
             if !running {
                 match self.ensure_running(&desired, &mut status).await {
-                    Ok(seen) => limits = seen,
+                    Ok(seen) => {
+                        limits = seen;
+                        // A container Docker restarted may have a new
+                        // address: report it, so its route follows.
+                        self.board.set(status.clone());
+                    }
                     Err(setback) => {
                         self.setback(&mut status, setback, &mut backoff).await;
                         continue;

@@ -284,6 +284,9 @@ impl AgentSessionState {
             }
             _ => {}
         }
+        if phase == ContainerPhase::Healthy && !s.upstream.is_empty() {
+            crate::routes::repoint(&self.app, id, &s.upstream).await?;
+        }
         if s.config_version > 0 {
             assign::complete(&self.app, &self.node_id, id, s.config_version).await?;
         }

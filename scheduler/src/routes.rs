@@ -41,6 +41,39 @@ pub async fn upsert(tx: &mut Transaction<'_, Postgres>, route: Route) -> Result<
     })
 }
 
+/// Points the routes of `container_id` at its new address (Docker gave a
+/// restarted container another one) and broadcasts the change. A no-op when
+/// the address is unchanged.
+pub async fn repoint(app: &App, container_id: Uuid, upstream: &str) -> Result<()> {
+    let rows: Vec<(String, Uuid, i64)> = sqlx::query_as(
+        "UPDATE routes SET upstream = $2, version = nextval('route_version')
+          WHERE container_id = $1 AND upstream <> $2
+          RETURNING hostname, instance_id, version",
+    )
+    .bind(container_id)
+    .bind(upstream)
+    .fetch_all(&app.db)
+    .await?;
+    for (hostname, _, _) in &rows {
+        tracing::info!(hostname, %container_id, upstream, "route follows the container to its new address");
+    }
+    broadcast(
+        app,
+        rows.into_iter()
+            .map(|(hostname, instance_id, version)| RouteDelta {
+                version: version as u64,
+                upsert: Some(Route {
+                    hostname,
+                    upstream: upstream.to_owned(),
+                    instance_id: instance_id.to_string(),
+                    container_id: container_id.to_string(),
+                }),
+                removed_hostname: String::new(),
+            }),
+    );
+    Ok(())
+}
+
 /// Sends committed deltas to every connected edge watcher.
 pub fn broadcast(app: &App, deltas: impl IntoIterator<Item = RouteDelta>) {
     for d in deltas {

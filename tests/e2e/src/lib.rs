@@ -40,10 +40,23 @@ fn workspace_root() -> PathBuf {
         .expect("workspace root")
 }
 
+/// A loopback port for a test process to listen on. Taken from below the
+/// kernel's ephemeral range (32768+), where port 0 would pick: there, any
+/// outgoing connection of a parallel test could take the port between this
+/// check and the process's bind. Never handed out twice per test binary.
 fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = 10_000 + (uuid::Uuid::new_v4().as_u128() % 22_000) as u16;
+        let mut used = HANDED_OUT.lock().unwrap();
+        if used.contains(&port) {
+            continue;
+        }
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            used.push(port);
+            return SocketAddr::from(([127, 0, 0, 1], port));
+        }
+    }
 }
 
 fn short_id() -> String {

@@ -710,6 +710,18 @@ impl Cluster {
             .collect()
     }
 
+    /// Waits until Docker runs exactly as many of this cluster's containers
+    /// as the database holds idle or assigned.
+    pub async fn wait_docker_matches_db(&self, within: Duration) -> Result<()> {
+        wait_for(within, "Docker to run what the database wants", || async {
+            let want = self
+                .count("SELECT count(*) FROM containers WHERE state IN ('idle', 'assigned')")
+                .await?;
+            Ok(self.docker_running().len() as i64 == want)
+        })
+        .await
+    }
+
     pub fn docker_inspect(&self, docker_id: &str) -> Result<Value> {
         let out = Command::new("docker")
             .args(["inspect", docker_id])

@@ -101,17 +101,7 @@ async fn tenants_and_agent_survive_a_docker_daemon_restart() -> Result<()> {
         "the agent kept its session"
     );
     c.wait_idle(2, false, Duration::from_secs(90)).await?;
-    wait_for(
-        Duration::from_secs(60),
-        "docker matches the database",
-        || async {
-            let want = c
-                .count("SELECT count(*) FROM containers WHERE state IN ('idle', 'assigned')")
-                .await?;
-            Ok(c.docker_running().len() as i64 == want)
-        },
-    )
-    .await?;
+    c.wait_docker_matches_db(Duration::from_secs(60)).await?;
     // The tenant firewall is still in place.
     let rules = Command::new("iptables")
         .args(["-S", "DOCKER-USER"])

@@ -37,6 +37,28 @@ fn log_of(c: &Cluster, name: &str) -> String {
     std::fs::read_to_string(c.dir.join("logs").join(format!("{name}.log"))).unwrap_or_default()
 }
 
+/// Moves a container and its instance to new states (what the tier and
+/// suspension APIs will do) and tells the agent.
+async fn set_states(
+    c: &Cluster,
+    node: &str,
+    container: &str,
+    container_state: &str,
+    instance_status: &str,
+) -> Result<()> {
+    sqlx::query("UPDATE containers SET state = $2 WHERE id = $1::uuid")
+        .bind(container)
+        .bind(container_state)
+        .execute(&c.db)
+        .await?;
+    sqlx::query("UPDATE instances SET status = $2 WHERE container_id = $1::uuid")
+        .bind(container)
+        .bind(instance_status)
+        .execute(&c.db)
+        .await?;
+    bump(c, node).await
+}
+
 /// Tells the node's agent its desired state changed: the next heartbeat
 /// sees the agent behind and the scheduler pushes the new state.
 async fn bump(c: &Cluster, node: &str) -> Result<()> {
@@ -386,17 +408,7 @@ async fn claim_survives_agent_kill_at(point: &str) -> Result<()> {
     // Converged: Docker runs exactly the containers the database wants, the
     // claimed one once, and the pool is back.
     c.wait_idle(2, false, Duration::from_secs(60)).await?;
-    wait_for(
-        Duration::from_secs(30),
-        "docker matches the database",
-        || async {
-            let want = c
-                .count("SELECT count(*) FROM containers WHERE state IN ('idle', 'assigned')")
-                .await?;
-            Ok(c.docker_running().len() as i64 == want)
-        },
-    )
-    .await?;
+    c.wait_docker_matches_db(Duration::from_secs(30)).await?;
     let (container, _) = container_of(&c, &sub).await?;
     let named = Command::new("docker")
         .args([
@@ -612,14 +624,7 @@ async fn resize_suspend_resume_and_destroy_through_desired_state() -> Result<()>
     assert_eq!(models_through_edge(&c, host, &gw).await?.0, 200);
 
     // Suspend: stopped, volume kept.
-    sqlx::query("UPDATE containers SET state = 'suspended' WHERE id = $1::uuid")
-        .bind(&container)
-        .execute(&c.db)
-        .await?;
-    sqlx::query("UPDATE instances SET status = 'suspended' WHERE subdomain = 'life'")
-        .execute(&c.db)
-        .await?;
-    bump(&c, &node).await?;
+    set_states(&c, &node, &container, "suspended", "suspended").await?;
     wait_for(Duration::from_secs(30), "container stopped", || async {
         Ok(c.docker_inspect(&docker_id)?["State"]["Running"] == false)
     })
@@ -636,14 +641,7 @@ async fn resize_suspend_resume_and_destroy_through_desired_state() -> Result<()>
     assert_eq!(c.docker_inspect(&docker_id)?["State"]["Running"], false);
 
     // Resume: the same container starts with its state and keys.
-    sqlx::query("UPDATE containers SET state = 'assigned' WHERE id = $1::uuid")
-        .bind(&container)
-        .execute(&c.db)
-        .await?;
-    sqlx::query("UPDATE instances SET status = 'ready' WHERE subdomain = 'life'")
-        .execute(&c.db)
-        .await?;
-    bump(&c, &node).await?;
+    set_states(&c, &node, &container, "assigned", "ready").await?;
     wait_for(Duration::from_secs(30), "resumed and answering", || async {
         let (status, body) = models_through_edge(&c, host, &gw).await?;
         Ok(status == 200 && body.contains("openai"))

@@ -73,6 +73,16 @@ impl AgentSession for AgentService {
                             let status: Status = e.into();
                             if fatal {
                                 let _ = tx.send(Err(status.clone())).await;
+                                // Keep the request side open until the agent,
+                                // having read the status, closes it: dropping
+                                // it now can reset the stream before the
+                                // status is flushed, and the agent would see
+                                // a clean close instead of the reason.
+                                let drain =
+                                    async { while let Ok(Some(_)) = inbound.message().await {} };
+                                let _ =
+                                    tokio::time::timeout(std::time::Duration::from_secs(5), drain)
+                                        .await;
                                 break format!("refused: {}", status.message());
                             }
                             tracing::warn!(node_id, error = %status.message(), "agent message not applied");

@@ -304,7 +304,7 @@ async fn join_refuses_bad_tokens_and_wrong_pins_and_removed_nodes() -> Result<()
         )
         .await?;
     assert_eq!(status, 200, "{body}");
-    wait_for(Duration::from_secs(15), "removed node refused", || async {
+    wait_for(Duration::from_secs(20), "removed node refused", || async {
         let log = std::fs::read_to_string(&log_path).unwrap_or_default();
         Ok(log.matches("has been removed").count() >= 2)
     })

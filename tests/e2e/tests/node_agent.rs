@@ -33,6 +33,21 @@ fn started_at(c: &Cluster, docker_id: &str) -> Result<String> {
         .to_owned())
 }
 
+/// Every running container of the cluster with its start time, sorted: equal
+/// before and after means nothing was restarted.
+fn start_times(c: &Cluster) -> Vec<(String, String)> {
+    let mut v: Vec<(String, String)> = c
+        .docker_running()
+        .into_iter()
+        .map(|id| {
+            let at = started_at(c, &id).unwrap_or_default();
+            (id, at)
+        })
+        .collect();
+    v.sort();
+    v
+}
+
 fn log_of(c: &Cluster, name: &str) -> String {
     std::fs::read_to_string(c.dir.join("logs").join(format!("{name}.log"))).unwrap_or_default()
 }
@@ -355,14 +370,7 @@ async fn claim_survives_agent_kill_at(point: &str) -> Result<()> {
     })
     .await?;
     c.wait_idle(2, false, Duration::from_secs(120)).await?;
-    let running_before: Vec<(String, String)> = c
-        .docker_running()
-        .into_iter()
-        .map(|id| {
-            let at = started_at(&c, &id).unwrap_or_default();
-            (id, at)
-        })
-        .collect();
+    let running_before = start_times(&c);
     c.kill_agent(0);
     c.start_agent_env(0, &[("CLAWDEPLOY_AGENT_CRASH_AT", point)])?;
     c.wait_nodes_connected(Duration::from_secs(30)).await?;
@@ -457,14 +465,7 @@ async fn tenants_keep_serving_for_30s_without_the_scheduler() -> Result<()> {
         .await?;
     c.wait_idle(1, false, Duration::from_secs(60)).await?;
     let host = "away.clawdeploy.localhost";
-    let before: Vec<(String, String)> = c
-        .docker_running()
-        .into_iter()
-        .map(|id| {
-            let at = started_at(&c, &id).unwrap_or_default();
-            (id, at)
-        })
-        .collect();
+    let before = start_times(&c);
 
     c.kill_scheduler();
     let started = std::time::Instant::now();
@@ -487,18 +488,7 @@ async fn tenants_keep_serving_for_30s_without_the_scheduler() -> Result<()> {
     .await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     // No churn: the same containers, never restarted.
-    let mut after: Vec<(String, String)> = c
-        .docker_running()
-        .into_iter()
-        .map(|id| {
-            let at = started_at(&c, &id).unwrap_or_default();
-            (id, at)
-        })
-        .collect();
-    let mut before = before;
-    before.sort();
-    after.sort();
-    assert_eq!(before, after);
+    assert_eq!(before, start_times(&c));
     let (status, _) = models_through_edge(&c, host, &gw).await?;
     assert_eq!(status, 200);
     Ok(())

@@ -21,12 +21,15 @@ struct Args {
         default_value = "127.0.0.1:9102"
     )]
     admin_listen: SocketAddr,
+    /// Scheduler gRPC addresses, comma-separated: the edge fails over
+    /// down the list when the one it watches stops answering.
     #[arg(
         long,
         env = "CLAWDEPLOY_SCHEDULER_URL",
+        value_delimiter = ',',
         default_value = "https://127.0.0.1:7443"
     )]
-    scheduler_url: String,
+    scheduler_url: Vec<String>,
     #[arg(long, env = "CLAWDEPLOY_SCHEDULER_NAME", default_value = "localhost")]
     scheduler_name: String,
     /// Directory with ca.crt.pem, <edge-id>.crt.pem and <edge-id>.key.pem.
@@ -54,7 +57,8 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(listen = %listener.local_addr()?, admin = %admin.local_addr()?, "edge listening");
     let cfg = EdgeConfig {
         watch: WatchConfig {
-            url: a.scheduler_url,
+            urls: a.scheduler_url,
+            current: Default::default(),
             server_name: a.scheduler_name,
             ca_file: a.tls_dir.join("ca.crt.pem"),
             cert_file: a.tls_dir.join(format!("{}.crt.pem", a.edge_id)),

@@ -183,9 +183,24 @@ impl ServerCertVerifier for PinnedCa {
 /// Opens one TLS connection to the scheduler and returns its CA (PEM), but
 /// only if that CA's hash is `pin` and the server's certificate verifies
 /// under it. Nothing is sent over the connection.
+/// Tries each scheduler address in turn.
 pub async fn fetch_pinned_ca(scheduler: &SchedulerEndpoint, pin: &str) -> Result<String> {
-    let uri: http::Uri = scheduler
-        .url
+    let mut last = Error::Tls("no scheduler address configured".into());
+    for url in &scheduler.urls {
+        match fetch_pinned_ca_from(url, scheduler, pin).await {
+            Ok(ca) => return Ok(ca),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+async fn fetch_pinned_ca_from(
+    url: &str,
+    scheduler: &SchedulerEndpoint,
+    pin: &str,
+) -> Result<String> {
+    let uri: http::Uri = url
         .parse()
         .map_err(|e| Error::Tls(format!("scheduler url: {e}")))?;
     let authority = uri

@@ -19,12 +19,15 @@ struct Args {
     /// This node's id; must match the id in its certificate.
     #[arg(long, env = "CLAWDEPLOY_NODE_ID")]
     node_id: String,
+    /// Scheduler gRPC addresses, comma-separated: the agent fails over
+    /// down the list when the one it uses stops answering.
     #[arg(
         long,
         env = "CLAWDEPLOY_SCHEDULER_URL",
+        value_delimiter = ',',
         default_value = "https://127.0.0.1:7443"
     )]
-    scheduler_url: String,
+    scheduler_url: Vec<String>,
     /// Name the scheduler's certificate must carry.
     #[arg(long, env = "CLAWDEPLOY_SCHEDULER_NAME", default_value = "localhost")]
     scheduler_name: String,
@@ -89,7 +92,8 @@ async fn main() -> anyhow::Result<()> {
         node_id: a.node_id.clone(),
     };
     let scheduler = SchedulerEndpoint {
-        url: a.scheduler_url.clone(),
+        urls: a.scheduler_url.clone(),
+        current: Default::default(),
         server_name: a.scheduler_name.clone(),
         ca_file: tls.ca(),
         cert_file: tls.cert(),

@@ -133,7 +133,7 @@ impl Session {
         // learns what runs here at once.
         let _ = tx.send(self.heartbeat().await).await;
         let mut inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
-        tracing::info!(scheduler = self.cfg.scheduler.url, "session open");
+        tracing::info!(scheduler = self.cfg.scheduler.url(), "session open");
         metrics::gauge!("clawdeploy_agent_connected").set(1.0);
         metrics::counter!("clawdeploy_agent_sessions_opened_total").increment(1);
         let mut tick = tokio::time::interval(self.cfg.heartbeat_every);

@@ -139,3 +139,93 @@ pub async fn remove_node(
     tracing::warn!(node_id, "node removed by operator");
     Ok(axum::Json(json!({"id": node_id, "state": "removed"})))
 }
+
+/// The pool's settings and what it holds now, per state and generation.
+pub async fn pool(_: Operator, State(app): State<AppRef>) -> Result<axum::Json<Value>> {
+    let settings = crate::settings::load(&app.db).await?;
+    let rows: Vec<(String, String, i32, i64)> = sqlx::query_as(
+        "SELECT state, image, pool_generation, count(*) FROM containers
+          WHERE state IN ('creating', 'warming', 'idle') GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+    )
+    .fetch_all(&app.db)
+    .await?;
+    let containers: Vec<Value> = rows
+        .into_iter()
+        .map(|(state, image, generation, count)| {
+            json!({"state": state, "image": image, "generation": generation, "count": count})
+        })
+        .collect();
+    Ok(axum::Json(
+        json!({"settings": settings, "containers": containers}),
+    ))
+}
+
+/// Changes the pool's settings; a new image or generation rolls the pool.
+pub async fn set_pool(
+    _: Operator,
+    State(app): State<AppRef>,
+    ApiJson(change): ApiJson<crate::settings::PoolChange>,
+) -> Result<axum::Json<Value>> {
+    let next = crate::settings::update(&app, "operator", change).await?;
+    Ok(axum::Json(json!({ "settings": next })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeStateChange {
+    state: String,
+}
+
+/// Drains a node (no new containers, its idle ones stop counting; tenants
+/// stay) or makes it active again.
+pub async fn set_node_state(
+    _: Operator,
+    State(app): State<AppRef>,
+    Path(node_id): Path<String>,
+    ApiJson(body): ApiJson<NodeStateChange>,
+) -> Result<axum::Json<Value>> {
+    if !matches!(body.state.as_str(), "draining" | "active") {
+        return Err(Error::Invalid {
+            field: "state",
+            message: "must be \"draining\" or \"active\"".into(),
+        });
+    }
+    let from: Option<String> = sqlx::query_scalar(
+        "UPDATE nodes n SET state = $2 FROM (SELECT id, state FROM nodes WHERE id = $1 FOR UPDATE) old
+          WHERE n.id = old.id AND old.state IN ('active', 'draining', 'unreachable')
+          RETURNING old.state",
+    )
+    .bind(&node_id)
+    .bind(&body.state)
+    .fetch_optional(&app.db)
+    .await?;
+    let Some(from) = from else {
+        let exists: Option<String> = sqlx::query_scalar("SELECT state FROM nodes WHERE id = $1")
+            .bind(&node_id)
+            .fetch_optional(&app.db)
+            .await?;
+        return Err(match exists {
+            None => Error::NotFound("node"),
+            Some(_) => Error::Conflict {
+                code: "node_removed",
+                message: "a removed node cannot change state".into(),
+            },
+        });
+    };
+    crate::audit(
+        &app.db,
+        "operator",
+        "node.state",
+        &node_id,
+        json!({"from": from, "to": body.state}),
+    )
+    .await;
+    app.pool_wake.notify_one();
+    tracing::info!(
+        node_id,
+        from,
+        to = body.state,
+        "node state changed by operator"
+    );
+    Ok(axum::Json(json!({"id": node_id, "state": body.state})))
+}

@@ -28,8 +28,12 @@ pub struct Config {
     /// A node silent for this long is `unreachable`.
     pub heartbeat_ttl: Duration,
     /// How long a signup waits for the agent to confirm the config is live
-    /// before answering 202 (the instance still becomes ready).
+    /// before answering 202 with a status URL (the instance still becomes
+    /// ready).
     pub claim_wait: Duration,
+    /// A claim the agent has not confirmed after this long is moved to a
+    /// fresh container (once); a second miss fails the instance.
+    pub claim_timeout: Duration,
     /// Containers stuck in creating/warming longer than this are replaced.
     pub warm_timeout: Duration,
     /// Lifetime of node certificates (nodes renew at about two thirds).
@@ -49,7 +53,8 @@ impl Default for Config {
             min_idle: 5,
             max_idle: 20,
             heartbeat_ttl: Duration::from_secs(10),
-            claim_wait: Duration::from_secs(20),
+            claim_wait: Duration::from_secs(10),
+            claim_timeout: Duration::from_secs(20),
             warm_timeout: Duration::from_secs(120),
             node_cert_lifetime: Duration::from_secs(24 * 3600),
             join_token_ttl: Duration::from_secs(24 * 3600),
@@ -100,6 +105,10 @@ pub struct App {
     pub ca: crate::pki::Ca,
     /// SHA-256 of the operator's admin token; `None` switches `/admin` off.
     pub admin_token_hash: Option<[u8; 32]>,
+    /// Names this process in events to the other schedulers.
+    pub origin: String,
+    /// Highest route version broadcast to this scheduler's edges.
+    pub route_watermark: std::sync::atomic::AtomicU64,
 }
 
 pub type AppRef = Arc<App>;
@@ -126,6 +135,8 @@ impl App {
             admin_token_hash: admin_token
                 .filter(|t| !t.is_empty())
                 .map(|t| sha2::Sha256::digest(t.as_bytes()).into()),
+            origin: Uuid::new_v4().simple().to_string(),
+            route_watermark: Default::default(),
         })
     }
 

@@ -8,7 +8,10 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
+use std::collections::HashSet;
+
 use clawdeploy_proto::Route;
+use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
 use crate::app::{App, AppRef};
@@ -60,23 +63,12 @@ pub async fn claim(app: &AppRef, req: ClaimRequest) -> Result<Claimed> {
         ),
     })?;
 
-    let claimed: Option<(Uuid, String, Vec<u8>)> = sqlx::query_as(
-        "SELECT c.id, c.node_id, c.gateway_token_enc FROM containers c
-           JOIN nodes n ON n.id = c.node_id
-          WHERE c.state = 'idle' AND n.state = 'active'
-            AND n.last_heartbeat > now() - make_interval(secs => $1)
-          ORDER BY c.created_at
-          LIMIT 1
-          FOR UPDATE OF c SKIP LOCKED",
-    )
-    .bind(app.cfg.heartbeat_ttl.as_secs_f64())
-    .fetch_optional(&mut *tx)
-    .await?;
+    let claimed = take_idle(app, &mut tx, None).await?;
     let (container_id, node_id, token_enc, fallback) = match claimed {
         Some((id, node, token)) => (id, node, token, false),
         None => {
             // Empty pool: create a container on demand for this customer.
-            let (id, node, token) = pool::create_on_demand(app, &mut tx).await?;
+            let (id, node, token) = pool::create_on_demand(app, &mut tx, None).await?;
             (id, node, token, true)
         }
     };
@@ -126,9 +118,43 @@ pub async fn claim(app: &AppRef, req: ClaimRequest) -> Result<Claimed> {
     })
 }
 
-/// Waits until the instance is ready, up to the configured claim wait.
-/// Returns whether it became ready in time.
-pub async fn wait_ready(app: &App, instance_id: Uuid) -> Result<bool> {
+/// Locks the idle container a claim should take: the current pool
+/// generation first (stale ones serve while the pool rolls), then the
+/// oldest, on a live node, on another node than `avoid` when possible.
+async fn take_idle(
+    app: &App,
+    tx: &mut Transaction<'_, Postgres>,
+    avoid: Option<&str>,
+) -> Result<Option<(Uuid, String, Vec<u8>)>> {
+    Ok(sqlx::query_as(
+        "SELECT c.id, c.node_id, c.gateway_token_enc FROM containers c
+           JOIN nodes n ON n.id = c.node_id
+           CROSS JOIN pool_settings s
+          WHERE c.state = 'idle' AND n.state = 'active'
+            AND n.last_heartbeat > now() - make_interval(secs => $1)
+          ORDER BY c.node_id = $2, (c.image = s.image AND c.pool_generation = s.generation) DESC, c.created_at
+          LIMIT 1
+          FOR UPDATE OF c SKIP LOCKED",
+    )
+    .bind(app.cfg.heartbeat_ttl.as_secs_f64())
+    .bind(avoid.unwrap_or_default())
+    .fetch_optional(&mut **tx)
+    .await?)
+}
+
+/// What a waiting signup learned about its instance.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Ready,
+    /// Still being assigned when the wait ran out.
+    Pending,
+    /// No node confirmed it twice; the instance is `failed`.
+    Failed,
+}
+
+/// Waits until the instance is ready (or failed), up to the configured
+/// claim wait.
+pub async fn wait_ready(app: &App, instance_id: Uuid) -> Result<Outcome> {
     let mut ready = app.instance_ready.subscribe();
     let deadline = tokio::time::Instant::now() + app.cfg.claim_wait;
     loop {
@@ -139,22 +165,25 @@ pub async fn wait_ready(app: &App, instance_id: Uuid) -> Result<bool> {
                 .bind(instance_id)
                 .fetch_optional(&app.db)
                 .await?;
-        if status.as_deref() == Some("ready") {
-            return Ok(true);
+        match status.as_deref() {
+            Some("ready") => return Ok(Outcome::Ready),
+            Some("failed") => return Ok(Outcome::Failed),
+            _ => {}
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Ok(Outcome::Pending);
         }
         let recheck = tokio::time::Instant::now() + std::time::Duration::from_millis(250);
         loop {
             tokio::select! {
                 got = ready.recv() => match got {
-                    Ok(id) if id == instance_id => return Ok(true),
+                    // Ready or failed: the database says which.
+                    Ok(id) if id == instance_id => break,
                     Ok(_) => continue,
                     Err(_) => break,
                 },
                 _ = tokio::time::sleep_until(recheck.min(deadline)) => break,
             }
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return Ok(false);
         }
     }
 }
@@ -226,8 +255,8 @@ pub async fn complete(
     )
     .await;
     tx.commit().await?;
-    routes::broadcast(app, [delta]);
     let _ = app.instance_ready.send(instance_id);
+    routes::broadcast(app, vec![delta], Some(instance_id)).await;
     let took = (chrono::Utc::now() - created_at)
         .num_microseconds()
         .unwrap_or(0) as f64
@@ -236,4 +265,130 @@ pub async fn complete(
     metrics::counter!("clawdeploy_assignments_total", "result" => "ready").increment(1);
     tracing::info!(%instance_id, subdomain, %container_id, node_id, took_ms = took * 1e3, "instance ready");
     Ok(())
+}
+
+/// Claims the agent has not confirmed in time: each one's container is
+/// destroyed and the instance moves to a fresh container, preferably on
+/// another node (once; a second miss fails the instance). The claim timeout
+/// runs from the later of the claim and the container first running: a
+/// container created on demand may wait in a busy node's create queue, and
+/// that node is working, not silent. Such a container gets the warm
+/// timeout, unless its node stops heartbeating. Returns the nodes whose
+/// desired state changed.
+pub async fn retry_unconfirmed(app: &AppRef) -> Result<HashSet<String>> {
+    let expired: Vec<(Uuid, Uuid, String, i32)> = sqlx::query_as(
+        "SELECT i.id, c.id, c.node_id, i.claim_attempts FROM containers c
+           JOIN instances i ON i.container_id = c.id AND i.status = 'pending'
+          WHERE c.state = 'assigning' AND c.claimed_at < now() - make_interval(secs => $1)
+            AND ((c.warm_at IS NOT NULL AND GREATEST(c.claimed_at, c.warm_at) < now() - make_interval(secs => $1))
+                 OR c.claimed_at < now() - make_interval(secs => $2)
+                 OR NOT EXISTS (SELECT 1 FROM nodes n WHERE n.id = c.node_id AND n.state = 'active'
+                                   AND n.last_heartbeat > now() - make_interval(secs => $3)))
+          ORDER BY c.claimed_at LIMIT 100",
+    )
+    .bind(app.cfg.claim_timeout.as_secs_f64())
+    .bind(app.cfg.warm_timeout.as_secs_f64())
+    .bind(app.cfg.heartbeat_ttl.as_secs_f64())
+    .fetch_all(&app.db)
+    .await?;
+    let mut touched = HashSet::new();
+    for (instance_id, container_id, node_id, attempts) in expired {
+        match retry_one(app, instance_id, container_id, &node_id, attempts).await {
+            Ok(Some(new_node)) => {
+                touched.insert(node_id);
+                touched.extend(new_node);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(%instance_id, %container_id, error = %e, "unconfirmed claim not retried yet")
+            }
+        }
+    }
+    Ok(touched)
+}
+
+/// One unconfirmed claim, in one transaction. `Ok(None)`: it completed (or
+/// was handled) meanwhile; `Ok(Some(node))`: the old container is being
+/// destroyed and `node`, if any, has the new one.
+async fn retry_one(
+    app: &App,
+    instance_id: Uuid,
+    container_id: Uuid,
+    node_id: &str,
+    attempts: i32,
+) -> Result<Option<Option<String>>> {
+    let mut tx = app.db.begin().await?;
+    let still: Option<String> = sqlx::query_scalar(
+        "SELECT i.status FROM instances i JOIN containers c ON c.id = i.container_id
+          WHERE i.id = $1 AND c.id = $2 AND c.state = 'assigning' AND i.status = 'pending'
+          FOR UPDATE OF i, c SKIP LOCKED",
+    )
+    .bind(instance_id)
+    .bind(container_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if still.is_none() {
+        return Ok(None);
+    }
+    sqlx::query(
+        "UPDATE containers SET state = 'destroying', message = 'claim not confirmed in time', updated_at = now() WHERE id = $1",
+    )
+    .bind(container_id)
+    .execute(&mut *tx)
+    .await?;
+    if attempts >= 2 {
+        sqlx::query(
+            "UPDATE instances SET status = 'failed', message = 'no node confirmed the instance in time' WHERE id = $1",
+        )
+        .bind(instance_id)
+        .execute(&mut *tx)
+        .await?;
+        crate::audit(
+            &mut *tx,
+            "scheduler",
+            "instance.failed",
+            &instance_id.to_string(),
+            serde_json::json!({"container": container_id, "node": node_id, "attempts": attempts}),
+        )
+        .await;
+        tx.commit().await?;
+        metrics::counter!("clawdeploy_assignments_total", "result" => "failed").increment(1);
+        tracing::error!(%instance_id, %container_id, node_id, "claim unconfirmed twice: instance failed");
+        let _ = app.instance_ready.send(instance_id);
+        return Ok(Some(None));
+    }
+    let (new_id, new_node, on_demand) = match take_idle(app, &mut tx, Some(node_id)).await? {
+        Some((id, node, _)) => (id, node, false),
+        None => {
+            let (id, node, _) = pool::create_on_demand(app, &mut tx, Some(node_id)).await?;
+            (id, node, true)
+        }
+    };
+    sqlx::query("UPDATE containers SET state = 'assigning', claimed_at = now(), updated_at = now() WHERE id = $1")
+        .bind(new_id)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "UPDATE instances SET container_id = $2, claim_attempts = claim_attempts + 1 WHERE id = $1",
+    )
+    .bind(instance_id)
+    .bind(new_id)
+    .execute(&mut *tx)
+    .await?;
+    crate::audit(
+        &mut *tx,
+        "scheduler",
+        "instance.claim_retry",
+        &instance_id.to_string(),
+        serde_json::json!({"from": container_id, "fromNode": node_id, "to": new_id, "toNode": new_node, "onDemand": on_demand}),
+    )
+    .await;
+    tx.commit().await?;
+    metrics::counter!("clawdeploy_assignments_total", "result" => "retried").increment(1);
+    if on_demand {
+        metrics::counter!("clawdeploy_claim_fallbacks_total").increment(1);
+    }
+    tracing::warn!(%instance_id, from = %container_id, from_node = node_id, to = %new_id, to_node = new_node, "claim not confirmed in time: moved to a fresh container");
+    app.pool_wake.notify_one();
+    Ok(Some(Some(new_node)))
 }

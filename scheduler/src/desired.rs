@@ -117,14 +117,13 @@ pub async fn bump_past_and_push(app: &AppRef, node_id: &str, floor: u64) -> Resu
     push(app, node_id).await
 }
 
-/// Sends the node its current desired state if it has an open session here.
-/// A node without a session gets it on its next hello.
+/// Sends the node its current desired state if it has an open session here;
+/// otherwise tells the other schedulers (one of them may hold the session).
+/// A node without any session gets it on its next hello.
 pub async fn push(app: &AppRef, node_id: &str) -> Result<()> {
     let Some(tx) = app.sessions.sender(node_id) else {
-        tracing::debug!(
-            node_id,
-            "no open session; desired state waits for the next hello"
-        );
+        tracing::debug!(node_id, "no open session here; announcing the change");
+        crate::events::publish(app, &[crate::events::Event::Node(node_id.to_owned())]).await;
         return Ok(());
     };
     let desired = load(app, node_id).await?;

@@ -27,6 +27,8 @@ pub enum Error {
     NotFound(&'static str),
     #[error("conflict ({code}): {message}")]
     Conflict { code: &'static str, message: String },
+    #[error("unprocessable ({code}): {message}")]
+    Unprocessable { code: &'static str, message: String },
     #[error("busy: {0}")]
     Busy(String),
     #[error("no capacity: {0}")]
@@ -77,6 +79,9 @@ impl Error {
                 format!("{what} not found"),
             ),
             Error::Conflict { code, message } => (StatusCode::CONFLICT, code, message.clone()),
+            Error::Unprocessable { code, message } => {
+                (StatusCode::UNPROCESSABLE_ENTITY, code, message.clone())
+            }
             Error::Busy(m) => (StatusCode::SERVICE_UNAVAILABLE, "busy", m.clone()),
             Error::NoCapacity(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -109,19 +114,23 @@ impl Error {
     }
 }
 
+impl Error {
+    /// The status and JSON body a client gets for this error.
+    pub fn answer(&self) -> (StatusCode, serde_json::Value) {
+        let (status, code, message) = self.public();
+        (status, json!({"error": {"code": code, "message": message}}))
+    }
+}
+
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
-        let (status, code, message) = self.public();
+        let (status, body) = self.answer();
         if status.is_server_error() {
-            tracing::error!(error = %self, code, "request failed");
+            tracing::error!(error = %self, "request failed");
         } else {
-            tracing::debug!(error = %self, code, "request refused");
+            tracing::debug!(error = %self, "request refused");
         }
-        (
-            status,
-            axum::Json(json!({"error": {"code": code, "message": message}})),
-        )
-            .into_response()
+        (status, axum::Json(body)).into_response()
     }
 }
 

@@ -256,6 +256,7 @@ impl AgentSessionState {
         let new_state: Option<String> = match phase {
             ContainerPhase::Healthy => sqlx::query_scalar(
                 "UPDATE containers SET state = CASE WHEN state IN ('creating', 'warming') THEN 'idle' ELSE state END,
+                        warm_at = COALESCE(warm_at, now()),
                         docker_id = $3, upstream = $4, message = '', updated_at = now()
                   WHERE id = $1 AND node_id = $2 RETURNING state",
             ),

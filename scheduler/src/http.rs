@@ -4,7 +4,7 @@
 use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::de::DeserializeOwned;
@@ -39,9 +39,12 @@ pub fn router(app: AppRef, metrics: PrometheusHandle) -> Router {
         .route("/api/auth/login", post(auth::login))
         .route("/api/instances", post(instances::create))
         .route("/api/instances/me", get(instances::me))
+        .route("/api/instances/{id}", get(instances::get))
+        .route("/admin/pool", get(admin::pool).put(admin::set_pool))
         .route("/admin/join-tokens", post(admin::create_join_token))
         .route("/admin/nodes", get(admin::list_nodes))
         .route("/admin/nodes/{id}", delete(admin::remove_node))
+        .route("/admin/nodes/{id}/state", put(admin::set_node_state))
         .route("/healthz", get(healthz))
         .route(
             "/metrics",

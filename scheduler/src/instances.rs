@@ -2,18 +2,20 @@
 
 use std::collections::BTreeMap;
 
-use axum::extract::State;
-use axum::http::StatusCode;
-use serde::Deserialize;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
 use crate::app::{App, AppRef};
-use crate::assign::{self, ClaimRequest};
+use crate::assign::{self, ClaimRequest, Outcome};
 use crate::auth::AuthUser;
 use crate::crypto::random_token;
 use crate::error::{Error, Result};
 use crate::http::ApiJson;
+use crate::idempotency::{self, Begin};
 
 /// How long a signup waits for the edges to apply its route.
 const EDGE_ACK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -126,7 +128,7 @@ fn default_model_for(keys: &BTreeMap<String, String>) -> String {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct CreateInstance {
     subdomain: Option<String>,
@@ -134,7 +136,18 @@ pub struct CreateInstance {
     api_keys: BTreeMap<String, String>,
 }
 
-fn view(app: &App, id: Uuid, subdomain: &str, token: &str, status: &str, tier: &str) -> Value {
+/// An instance as its owner sees it. The gateway token is shown once the
+/// instance is live: until then a retried claim may still move it to
+/// another container with another token.
+fn view(
+    app: &App,
+    id: Uuid,
+    subdomain: &str,
+    token: Option<&str>,
+    status: &str,
+    tier: &str,
+) -> Value {
+    let token = token.filter(|_| matches!(status, "ready" | "suspended"));
     json!({"instance": {
         "id": id,
         "subdomain": subdomain,
@@ -143,14 +156,62 @@ fn view(app: &App, id: Uuid, subdomain: &str, token: &str, status: &str, tier: &
         "gatewayToken": token,
         "status": status,
         "tier": tier,
+        "statusUrl": status_url(id),
     }})
+}
+
+fn status_url(id: Uuid) -> String {
+    format!("/api/instances/{id}")
+}
+
+/// A JSON answer; created and accepted instances carry their status URL in
+/// `Location` too.
+fn answer(status: StatusCode, body: Value) -> Response {
+    let location = body["instance"]["statusUrl"].as_str().map(str::to_owned);
+    let mut resp = (status, axum::Json(body)).into_response();
+    if let Some(loc) = location.filter(|_| status.is_success()) {
+        if let Ok(v) = HeaderValue::from_str(&loc) {
+            resp.headers_mut().insert(header::LOCATION, v);
+        }
+    }
+    resp
 }
 
 pub async fn create(
     State(app): State<AppRef>,
     user: AuthUser,
+    headers: HeaderMap,
     ApiJson(body): ApiJson<CreateInstance>,
-) -> Result<(StatusCode, axum::Json<Value>)> {
+) -> Result<Response> {
+    let Some(key) = idempotency::key_from(&headers)? else {
+        let (status, body) = sign_up(&app, &user, body).await?;
+        return Ok(answer(status, body));
+    };
+    match idempotency::begin(&app, user.id, &key, &idempotency::fingerprint(&body)).await? {
+        Begin::Replay(status, body) => {
+            let mut resp = answer(status, body);
+            resp.headers_mut()
+                .insert("idempotent-replayed", HeaderValue::from_static("true"));
+            Ok(resp)
+        }
+        Begin::First => {
+            let (status, body) = match sign_up(&app, &user, body).await {
+                Ok(done) => done,
+                Err(e) => e.answer(),
+            };
+            idempotency::finish(&app, user.id, &key, status, &body).await;
+            Ok(answer(status, body))
+        }
+    }
+}
+
+/// Claims a container for the user and waits, up to the claim wait, for
+/// it to go live: 201 when ready, 202 with a status URL when not yet.
+async fn sign_up(
+    app: &AppRef,
+    user: &AuthUser,
+    body: CreateInstance,
+) -> Result<(StatusCode, Value)> {
     let subdomain = match body.subdomain {
         Some(s) => validate_subdomain(&s)?,
         None => format!("claw-{}", random_token(4)),
@@ -158,7 +219,7 @@ pub async fn create(
     let provider_keys = validate_keys(body.api_keys)?;
     let default_model = default_model_for(&provider_keys);
     let claimed = assign::claim(
-        &app,
+        app,
         ClaimRequest {
             user_id: user.id,
             subdomain: subdomain.clone(),
@@ -166,9 +227,17 @@ pub async fn create(
             default_model,
         },
     )
-    .await?;
-    let ready = assign::wait_ready(&app, claimed.instance_id).await?;
-    if ready {
+    .await
+    .inspect_err(|e| {
+        let result = if matches!(e, Error::Conflict { .. }) {
+            "conflict"
+        } else {
+            "error"
+        };
+        metrics::counter!("clawdeploy_assignments_total", "result" => result).increment(1);
+    })?;
+    let outcome = assign::wait_ready(app, claimed.instance_id).await?;
+    if outcome == Outcome::Ready {
         // The route is committed; answer once the edges route it too.
         let version: Option<i64> =
             sqlx::query_scalar("SELECT version FROM routes WHERE instance_id = $1")
@@ -184,48 +253,86 @@ pub async fn create(
         metrics::histogram!("clawdeploy_route_propagation_seconds")
             .record(started.elapsed().as_secs_f64());
     }
-    let (status, code) = if ready {
-        ("ready", StatusCode::CREATED)
-    } else {
-        ("pending", StatusCode::ACCEPTED)
+    let (status, code) = match outcome {
+        Outcome::Ready => ("ready", StatusCode::CREATED),
+        Outcome::Pending => {
+            metrics::counter!("clawdeploy_assignments_total", "result" => "deadline").increment(1);
+            tracing::warn!(instance_id = %claimed.instance_id, container_id = %claimed.container_id, node_id = claimed.node_id, "claim not confirmed within the request deadline; answering 202");
+            ("pending", StatusCode::ACCEPTED)
+        }
+        Outcome::Failed => ("failed", StatusCode::ACCEPTED),
     };
-    if !ready {
-        metrics::counter!("clawdeploy_assignments_total", "result" => "accepted").increment(1);
-        tracing::warn!(instance_id = %claimed.instance_id, container_id = %claimed.container_id, node_id = claimed.node_id, "claim not confirmed within the wait; answering 202");
-    }
+    // A retried claim moved the instance to another container: its token.
+    let token = instance_token(app, claimed.instance_id).await?;
     Ok((
         code,
-        axum::Json(view(
-            &app,
+        view(
+            app,
             claimed.instance_id,
             &subdomain,
-            &claimed.gateway_token,
+            token.as_deref(),
             status,
             "free",
-        )),
+        ),
     ))
 }
 
-/// id, subdomain, status, tier, container id, sealed gateway token.
-type MeRow = (Uuid, String, String, String, Option<Uuid>, Option<Vec<u8>>);
+/// The gateway token of the instance's current container.
+async fn instance_token(app: &App, instance_id: Uuid) -> Result<Option<String>> {
+    let row: Option<(Uuid, Vec<u8>)> = sqlx::query_as(
+        "SELECT c.id, c.gateway_token_enc FROM instances i JOIN containers c ON c.id = i.container_id WHERE i.id = $1",
+    )
+    .bind(instance_id)
+    .fetch_optional(&app.db)
+    .await?;
+    row.map(|(c, t)| app.secrets.open_string(&App::gateway_token_aad(c), &t))
+        .transpose()
+}
 
+/// id, subdomain, status, tier.
+type InstanceRow = (Uuid, String, String, String);
+
+async fn render(app: &App, row: InstanceRow) -> Result<axum::Json<Value>> {
+    let (id, subdomain, status, tier) = row;
+    let token = instance_token(app, id).await?;
+    Ok(axum::Json(view(
+        app,
+        id,
+        &subdomain,
+        token.as_deref(),
+        &status,
+        &tier,
+    )))
+}
+
+/// The caller's live instance (the newest, when an earlier one failed).
 pub async fn me(State(app): State<AppRef>, user: AuthUser) -> Result<axum::Json<Value>> {
-    let row: Option<MeRow> = sqlx::query_as(
-        "SELECT i.id, i.subdomain, i.status, i.tier, c.id, c.gateway_token_enc
-           FROM instances i LEFT JOIN containers c ON c.id = i.container_id
-          WHERE i.user_id = $1 AND i.status <> 'deleted'",
+    let row: Option<InstanceRow> = sqlx::query_as(
+        "SELECT id, subdomain, status, tier FROM instances
+          WHERE user_id = $1 AND status <> 'deleted' ORDER BY created_at DESC LIMIT 1",
     )
     .bind(user.id)
     .fetch_optional(&app.db)
     .await?;
-    let (id, subdomain, status, tier, container, token) = row.ok_or(Error::NotFound("instance"))?;
-    let token = match (container, token) {
-        (Some(c), Some(t)) => app.secrets.open_string(&App::gateway_token_aad(c), &t)?,
-        _ => String::new(),
-    };
-    Ok(axum::Json(view(
-        &app, id, &subdomain, &token, &status, &tier,
-    )))
+    render(&app, row.ok_or(Error::NotFound("instance"))?).await
+}
+
+/// One of the caller's instances: the status URL of a signup.
+pub async fn get(
+    State(app): State<AppRef>,
+    user: AuthUser,
+    Path(id): Path<String>,
+) -> Result<axum::Json<Value>> {
+    // Another user's instance is as unknown as a missing one.
+    let id: Uuid = id.parse().map_err(|_| Error::NotFound("instance"))?;
+    let row: Option<InstanceRow> = sqlx::query_as(
+        "SELECT id, subdomain, status, tier FROM instances WHERE id = $1 AND user_id = $2",
+    )
+    .bind(id)
+    .bind(user.id)
+    .fetch_optional(&app.db)
+    .await?;
+    render(&app, row.ok_or(Error::NotFound("instance"))?).await
 }
 
 #[cfg(test)]

@@ -7,18 +7,23 @@ pub mod app;
 pub mod assign;
 pub mod auth;
 pub mod crypto;
+pub mod demand;
 pub mod desired;
 pub mod edges;
 pub mod enroll;
 pub mod error;
+pub mod events;
 pub mod grpc;
 pub mod http;
+pub mod idempotency;
 pub mod instances;
 pub mod password;
 pub mod pki;
+pub mod placement;
 pub mod pool;
 pub mod routes;
 pub mod sessions;
+pub mod settings;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -158,7 +163,11 @@ pub async fn serve(
         let _ = stop_tx.send(true);
     });
 
+    settings::seed(&app)
+        .await
+        .context("seeding the pool settings")?;
     let pool_task = tokio::spawn(pool::run(app.clone(), stop_rx.clone()));
+    tokio::spawn(events::listen(app.clone(), stop_rx.clone()));
     let grpc_server = tonic::transport::Server::builder()
         .tls_config(tls)?
         .http2_keepalive_interval(Some(Duration::from_secs(10)))

@@ -78,9 +78,13 @@ struct ServeArgs {
     /// Seconds without a heartbeat before a node is unreachable.
     #[arg(long, env = "CLAWDEPLOY_HEARTBEAT_TTL_SECS", default_value_t = 10)]
     heartbeat_ttl_secs: u64,
-    /// Seconds a signup waits for the instance before answering 202.
-    #[arg(long, env = "CLAWDEPLOY_CLAIM_WAIT_SECS", default_value_t = 20)]
+    /// Seconds a signup waits for the instance before answering 202 with a
+    /// status URL.
+    #[arg(long, env = "CLAWDEPLOY_CLAIM_WAIT_SECS", default_value_t = 10)]
     claim_wait_secs: u64,
+    /// Seconds before an unconfirmed claim moves to a fresh container.
+    #[arg(long, env = "CLAWDEPLOY_CLAIM_TIMEOUT_SECS", default_value_t = 20)]
+    claim_timeout_secs: u64,
     /// Bearer token for the operator API under /admin (off when unset).
     #[arg(long, env = "CLAWDEPLOY_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
@@ -149,6 +153,7 @@ async fn main() -> anyhow::Result<()> {
                     max_idle: a.max_idle,
                     heartbeat_ttl: Duration::from_secs(a.heartbeat_ttl_secs),
                     claim_wait: Duration::from_secs(a.claim_wait_secs),
+                    claim_timeout: Duration::from_secs(a.claim_timeout_secs.max(1)),
                     node_cert_lifetime: Duration::from_secs(a.node_cert_ttl_secs.max(3)),
                     join_token_ttl: Duration::from_secs(a.join_token_ttl_secs.max(1)),
                     ..Config::default()

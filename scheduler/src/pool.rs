@@ -1,7 +1,10 @@
 //! The pool manager keeps `min_idle ≤ idle + warming ≤ max_idle` warm
-//! containers spread over healthy nodes. Exactly one scheduler runs it: the
-//! one holding a PostgreSQL advisory lock on a dedicated connection. It runs
-//! on every wake (claim, container idle, node hello) and on a timer.
+//! containers of the current generation spread over healthy nodes, marks
+//! silent nodes unreachable, replaces containers that never warmed, retries
+//! unconfirmed claims and rolls the pool to a new image or generation.
+//! Exactly one scheduler runs it: the one holding a PostgreSQL advisory lock
+//! on a dedicated connection. It runs on every wake (claim, container idle,
+//! node hello) and at least once a second.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -12,8 +15,11 @@ use uuid::Uuid;
 
 use crate::app::{App, AppRef};
 use crate::crypto::random_token;
-use crate::desired;
+use crate::demand::{self, SignupRate};
 use crate::error::{Error, Result};
+use crate::placement::{self, NodeLoad, Step};
+use crate::settings::{self, PoolSettings};
+use crate::{assign, desired};
 
 /// Arbitrary but fixed: the advisory lock that elects the pool manager.
 const POOL_LOCK_KEY: i64 = 0x0C1A_D3E9;
@@ -27,6 +33,8 @@ pub async fn run(app: AppRef, mut shutdown: watch::Receiver<bool>) {
     // The lock lives as long as this dedicated connection (taken out of the
     // pool so it is never shared); losing the connection loses the lock.
     let mut lock: Option<PgConnection> = None;
+    let mut rate = SignupRate::default();
+    let mut passes: u64 = 0;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -52,8 +60,12 @@ pub async fn run(app: AppRef, mut shutdown: watch::Receiver<bool>) {
         if lock.is_none() {
             continue;
         }
-        if let Err(e) = reconcile(&app).await {
+        if let Err(e) = reconcile(&app, &mut rate).await {
             tracing::warn!(error = %e, "pool reconcile failed");
+        }
+        passes += 1;
+        if passes % 300 == 1 {
+            crate::idempotency::purge_expired(&app).await;
         }
     }
     if let Some(conn) = lock {
@@ -62,7 +74,13 @@ pub async fn run(app: AppRef, mut shutdown: watch::Receiver<bool>) {
 }
 
 async fn try_lock(app: &App) -> Option<PgConnection> {
-    let mut conn = app.db.acquire().await.ok()?.detach();
+    let mut conn = match app.db.acquire().await {
+        Ok(c) => c.detach(),
+        Err(e) => {
+            tracing::warn!(error = %e, "no database connection for the pool manager lock");
+            return None;
+        }
+    };
     let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
         .bind(POOL_LOCK_KEY)
         .fetch_one(&mut conn)
@@ -77,56 +95,56 @@ async fn try_lock(app: &App) -> Option<PgConnection> {
     }
 }
 
-#[derive(Debug)]
-struct NodeLoad {
-    id: String,
-    max: i64,
-    pool: i64,
-    total: i64,
-}
+type NodeRow = (String, i32, i64, i64, i32, i64, i64);
 
-async fn schedulable_nodes(app: &App, tx: &mut Transaction<'_, Postgres>) -> Result<Vec<NodeLoad>> {
-    let rows: Vec<(String, i32, i64, i64)> = sqlx::query_as(
+/// Active nodes with a fresh heartbeat, with their load. `pool` counts only
+/// containers of the current generation: stale ones are on their way out.
+async fn schedulable_nodes<'e>(
+    app: &App,
+    db: impl sqlx::PgExecutor<'e>,
+    s: &PoolSettings,
+) -> Result<Vec<NodeLoad>> {
+    let rows: Vec<NodeRow> = sqlx::query_as(
         // No row locks: claims bump node generations concurrently, and one
         // pool manager places containers. A rare on-demand claim racing a
         // refill may put one container more on a node than planned.
-        "SELECT n.id, n.max_containers, c.pool, c.total
+        "SELECT n.id, n.max_containers, n.memory_bytes, n.memory_available_bytes, n.cpu_busy_permille,
+                count(c.id) FILTER (WHERE c.state IN ('creating', 'warming', 'idle')
+                                      AND c.image = $2 AND c.pool_generation = $3),
+                count(c.id)
            FROM nodes n
-           CROSS JOIN LATERAL (
-                SELECT count(*) FILTER (WHERE state IN ('creating', 'warming', 'idle')) AS pool,
-                       count(*) FILTER (WHERE state IN ('creating', 'warming', 'idle', 'assigning', 'assigned', 'suspended', 'destroying')) AS total
-                  FROM containers WHERE node_id = n.id) c
+           LEFT JOIN containers c ON c.node_id = n.id
+                AND c.state IN ('creating', 'warming', 'idle', 'assigning', 'assigned', 'suspended', 'destroying')
           WHERE n.state = 'active' AND n.last_heartbeat > now() - make_interval(secs => $1)
+          GROUP BY n.id
           ORDER BY n.id",
     )
     .bind(app.cfg.heartbeat_ttl.as_secs_f64())
-    .fetch_all(&mut **tx)
+    .bind(&s.image)
+    .bind(s.generation)
+    .fetch_all(db)
     .await?;
     Ok(rows
         .into_iter()
-        .map(|(id, max, pool, total)| NodeLoad {
-            id,
-            max: i64::from(max),
-            pool,
-            total,
-        })
+        .map(
+            |(id, max, mem_total, mem_avail, cpu, pool, total)| NodeLoad {
+                id,
+                max: i64::from(max),
+                pool,
+                total,
+                memory_available: mem_avail,
+                memory_total: mem_total,
+                cpu_busy_permille: i64::from(cpu),
+            },
+        )
         .collect())
-}
-
-/// Picks the node for one more container: fewest pool containers, then
-/// fewest containers overall, among nodes with room.
-fn pick(nodes: &mut [NodeLoad]) -> Option<&mut NodeLoad> {
-    nodes
-        .iter_mut()
-        .filter(|n| n.total < n.max)
-        .min_by_key(|n| (n.pool, n.total))
 }
 
 async fn insert_container(
     app: &App,
     tx: &mut Transaction<'_, Postgres>,
+    s: &PoolSettings,
     node_id: &str,
-    state: &str,
 ) -> Result<(Uuid, Vec<u8>)> {
     let id = Uuid::new_v4();
     let token = app
@@ -134,14 +152,13 @@ async fn insert_container(
         .seal(&App::gateway_token_aad(id), random_token(32).as_bytes())?;
     sqlx::query(
         "INSERT INTO containers (id, node_id, image, pool_generation, gateway_token_enc, state, cpu_millis, memory_bytes, pids)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+         VALUES ($1, $2, $3, $4, $5, 'creating', $6, $7, $8)",
     )
     .bind(id)
     .bind(node_id)
-    .bind(&app.cfg.image)
-    .bind(app.cfg.pool_generation)
+    .bind(&s.image)
+    .bind(s.generation)
     .bind(&token)
-    .bind(state)
     .bind(POOL_CPU_MILLIS)
     .bind(POOL_MEMORY_BYTES)
     .bind(POOL_PIDS)
@@ -151,83 +168,175 @@ async fn insert_container(
 }
 
 /// Empty pool: a container created for one customer inside the claim's
-/// transaction. The caller marks it `assigning` and bumps the node.
+/// transaction, on another node than `avoid` when one has room. The caller
+/// marks it `assigning` and bumps the node.
 pub async fn create_on_demand(
     app: &App,
     tx: &mut Transaction<'_, Postgres>,
+    avoid: Option<&str>,
 ) -> Result<(Uuid, String, Vec<u8>)> {
-    let mut nodes = schedulable_nodes(app, tx).await?;
-    let node =
-        pick(&mut nodes).ok_or_else(|| Error::NoCapacity("no schedulable node has room".into()))?;
+    let s = settings::load(&mut **tx).await?;
+    let mut nodes = schedulable_nodes(app, &mut **tx, &s).await?;
+    let node = match avoid {
+        Some(avoid) => placement::pick_avoiding(&mut nodes, POOL_MEMORY_BYTES, avoid),
+        None => placement::pick(&mut nodes, POOL_MEMORY_BYTES),
+    }
+    .ok_or_else(|| Error::NoCapacity("no schedulable node has room".into()))?;
     let node_id = node.id.clone();
-    let (id, token) = insert_container(app, tx, &node_id, "creating").await?;
+    let (id, token) = insert_container(app, tx, &s, &node_id).await?;
     tracing::info!(container_id = %id, node_id, "pool empty: creating a container on demand");
     Ok((id, node_id, token))
 }
 
-async fn reconcile(app: &AppRef) -> Result<()> {
-    let mut tx = app.db.begin().await?;
-    // Silent nodes stop counting; their tenants are left alone.
+/// Marks nodes silent for the TTL unreachable (their idle containers stop
+/// counting; their tenants are left alone) and exports nodes by state.
+async fn mark_unreachable(app: &App) -> Result<()> {
     let lost: Vec<String> = sqlx::query_scalar(
         "UPDATE nodes SET state = 'unreachable'
           WHERE state = 'active' AND (last_heartbeat IS NULL OR last_heartbeat < now() - make_interval(secs => $1))
           RETURNING id",
     )
     .bind(app.cfg.heartbeat_ttl.as_secs_f64())
-    .fetch_all(&mut *tx)
+    .fetch_all(&app.db)
     .await?;
     for node in &lost {
-        tracing::warn!(node_id = node, "node missed heartbeats: unreachable");
+        tracing::warn!(
+            node_id = node,
+            "node missed heartbeats: unreachable; its idle containers no longer count"
+        );
         crate::audit(
-            &mut *tx,
+            &app.db,
             "scheduler",
             "node.unreachable",
             node,
-            serde_json::json!({}),
+            serde_json::json!({"ttlSecs": app.cfg.heartbeat_ttl.as_secs_f64()}),
         )
         .await;
     }
-    // Pool containers that never became healthy are replaced.
-    let stuck: Vec<String> = sqlx::query_scalar(
+    let by_state: Vec<(String, i64)> =
+        sqlx::query_as("SELECT state, count(*) FROM nodes GROUP BY state")
+            .fetch_all(&app.db)
+            .await?;
+    for state in ["active", "draining", "unreachable", "removed"] {
+        let n = by_state
+            .iter()
+            .find(|(s, _)| s == state)
+            .map_or(0, |(_, n)| *n);
+        metrics::gauge!("clawdeploy_nodes", "state" => state).set(n as f64);
+    }
+    Ok(())
+}
+
+/// Pool containers that never became healthy are replaced.
+async fn replace_stuck(app: &App) -> Result<Vec<String>> {
+    Ok(sqlx::query_scalar(
         "UPDATE containers SET state = 'destroying', message = 'did not become healthy in time', updated_at = now()
           WHERE state IN ('creating', 'warming') AND created_at < now() - make_interval(secs => $1)
             AND NOT EXISTS (SELECT 1 FROM instances i WHERE i.container_id = containers.id)
           RETURNING node_id",
     )
     .bind(app.cfg.warm_timeout.as_secs_f64())
-    .fetch_all(&mut *tx)
-    .await?;
-    let mut touched: HashSet<String> = stuck.into_iter().collect();
+    .fetch_all(&app.db)
+    .await?)
+}
 
-    let mut nodes = schedulable_nodes(app, &mut tx).await?;
-    let warm: i64 = nodes.iter().map(|n| n.pool).sum();
-    let idle: i64 = sqlx::query_scalar("SELECT count(*) FROM containers WHERE state = 'idle'")
-        .fetch_one(&mut *tx)
-        .await?;
-    metrics::gauge!("clawdeploy_pool_idle").set(idle as f64);
-    metrics::gauge!("clawdeploy_pool_warm").set(warm as f64);
-    let target = i64::from(app.cfg.min_idle.min(app.cfg.max_idle));
+/// The warm pool on schedulable nodes: (idle, idle of the current
+/// generation, warming, stale warm, stale idle).
+async fn pool_counts(app: &App, s: &PoolSettings) -> Result<(i64, i64, i64, i64, i64)> {
+    Ok(sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE c.state = 'idle'),
+                count(*) FILTER (WHERE c.state = 'idle' AND c.image = $2 AND c.pool_generation = $3),
+                count(*) FILTER (WHERE c.state IN ('creating', 'warming')),
+                count(*) FILTER (WHERE NOT (c.image = $2 AND c.pool_generation = $3)),
+                count(*) FILTER (WHERE c.state = 'idle' AND NOT (c.image = $2 AND c.pool_generation = $3))
+           FROM containers c JOIN nodes n ON n.id = c.node_id
+          WHERE c.state IN ('creating', 'warming', 'idle')
+            AND n.state = 'active' AND n.last_heartbeat > now() - make_interval(secs => $1)",
+    )
+    .bind(app.cfg.heartbeat_ttl.as_secs_f64())
+    .bind(&s.image)
+    .bind(s.generation)
+    .fetch_one(&app.db)
+    .await?)
+}
+
+async fn reconcile(app: &AppRef, rate: &mut SignupRate) -> Result<()> {
+    mark_unreachable(app).await?;
+    let mut touched: HashSet<String> = replace_stuck(app).await?.into_iter().collect();
+    touched.extend(assign::retry_unconfirmed(app).await?);
+
+    let s = settings::load(&app.db).await?;
+    let signups_per_sec = rate.update(app).await?;
+    let warm_secs = demand::warm_secs(app).await?;
+    let target = demand::target(
+        i64::from(s.min_idle),
+        i64::from(s.max_idle),
+        signups_per_sec,
+        warm_secs,
+    );
+    let (idle, _idle_current, warming, stale, stale_idle) = pool_counts(app, &s).await?;
+
+    let mut tx = app.db.begin().await?;
+    let mut nodes = schedulable_nodes(app, &mut *tx, &s).await?;
+    let warm_current: i64 = nodes.iter().map(|n| n.pool).sum();
+    // While rolling, fresh containers may exceed max_idle by a quarter of
+    // the target (at least one) so the roll always moves forward.
+    let surge = if stale > 0 { (target / 4).max(1) } else { 0 };
+    let cap = i64::from(s.max_idle) + surge;
     let mut created = 0;
-    while warm + created < target {
-        let Some(node) = pick(&mut nodes) else {
-            tracing::warn!(warm, target, "pool below target and no node has room");
+    while warm_current + created < target && warm_current + stale + created < cap {
+        let Some(node) = placement::pick(&mut nodes, POOL_MEMORY_BYTES) else {
+            tracing::warn!(
+                warm_current,
+                target,
+                "pool below target and no node has room"
+            );
             break;
         };
-        node.pool += 1;
-        node.total += 1;
+        node.place(POOL_MEMORY_BYTES);
         let node_id = node.id.clone();
-        insert_container(app, &mut tx, &node_id, "creating").await?;
+        insert_container(app, &mut tx, &s, &node_id).await?;
         touched.insert(node_id);
         created += 1;
     }
-    if created == 0 {
-        if let Some(node) = rebalance(app, &mut tx, &mut nodes, warm, idle, target).await? {
+    // Roll: retire stale idle containers only while the idle pool stays at
+    // or above the target, so no signup finds it empty.
+    let retire = stale_idle.min(idle - target);
+    if retire > 0 {
+        let nodes_retired: Vec<String> = sqlx::query_scalar(
+            "UPDATE containers SET state = 'destroying', message = 'rolled to a new pool generation', updated_at = now()
+              WHERE id IN (SELECT id FROM containers WHERE state = 'idle' AND NOT (image = $1 AND pool_generation = $2)
+                            ORDER BY created_at LIMIT $3 FOR UPDATE SKIP LOCKED)
+              RETURNING node_id",
+        )
+        .bind(&s.image)
+        .bind(s.generation)
+        .bind(retire)
+        .fetch_all(&mut *tx)
+        .await?;
+        tracing::info!(
+            retired = nodes_retired.len(),
+            generation = s.generation,
+            "rolling the pool"
+        );
+        touched.extend(nodes_retired);
+    }
+    if created == 0 && stale == 0 {
+        if let Some(node) =
+            rebalance(app, &mut tx, &s, &mut nodes, warm_current, idle, target).await?
+        {
             touched.insert(node);
         }
     }
     tx.commit().await?;
+    metrics::gauge!("clawdeploy_pool_idle").set(idle as f64);
+    metrics::gauge!("clawdeploy_pool_warming").set((warming + created) as f64);
+    metrics::gauge!("clawdeploy_pool_target").set(target as f64);
+    metrics::gauge!("clawdeploy_pool_stale").set(stale as f64);
+    metrics::gauge!("clawdeploy_pool_signup_rate").set(signups_per_sec);
+    metrics::gauge!("clawdeploy_pool_warm_seconds").set(warm_secs);
     if created > 0 {
-        tracing::info!(created, warm, target, "pool refill");
+        tracing::info!(created, warm_current, target, "pool refill");
     }
     for node in touched {
         desired::bump_and_push(app, &node).await?;
@@ -235,58 +344,27 @@ async fn reconcile(app: &AppRef) -> Result<()> {
     Ok(())
 }
 
-/// What one rebalancing step should do, if anything.
-#[derive(Debug, PartialEq, Eq)]
-enum Step {
-    /// Create one more container on this node (a brief overshoot by one).
-    Grow(usize),
-    /// Retire one idle container from this node.
-    Retire(usize),
-}
-
-/// Spreads the warm pool: when one node holds at least two more pool
-/// containers than another, first add one on the emptier node, then (once
-/// the pool is over target with idle to spare) retire one from the fuller
-/// node. Also trims a pool above `max_idle`. One step per pass, so the idle
-/// count never dips below the target while it converges.
-fn rebalance_step(
-    nodes: &[NodeLoad],
-    warm: i64,
-    idle: i64,
-    target: i64,
-    max_idle: i64,
-) -> Option<Step> {
-    let fullest = (0..nodes.len()).max_by_key(|&i| (nodes[i].pool, std::cmp::Reverse(i)))?;
-    if warm > max_idle && idle > target {
-        return Some(Step::Retire(fullest));
-    }
-    let emptiest = (0..nodes.len())
-        .filter(|&i| nodes[i].total < nodes[i].max)
-        .min_by_key(|&i| (nodes[i].pool, nodes[i].total))?;
-    if nodes[fullest].pool - nodes[emptiest].pool < 2 {
-        return None;
-    }
-    if warm <= target && warm < max_idle {
-        Some(Step::Grow(emptiest))
-    } else if warm > target && idle > target {
-        Some(Step::Retire(fullest))
-    } else {
-        None
-    }
-}
-
 async fn rebalance(
     app: &App,
     tx: &mut Transaction<'_, Postgres>,
+    s: &PoolSettings,
     nodes: &mut [NodeLoad],
     warm: i64,
     idle: i64,
     target: i64,
 ) -> Result<Option<String>> {
-    match rebalance_step(nodes, warm, idle, target, i64::from(app.cfg.max_idle)) {
+    let step = placement::rebalance_step(
+        nodes,
+        warm,
+        idle,
+        target,
+        i64::from(s.max_idle),
+        POOL_MEMORY_BYTES,
+    );
+    match step {
         Some(Step::Grow(i)) => {
             let node_id = nodes[i].id.clone();
-            insert_container(app, tx, &node_id, "creating").await?;
+            insert_container(app, tx, s, &node_id).await?;
             tracing::info!(node_id, "rebalancing the pool: one more container here");
             Ok(Some(node_id))
         }
@@ -307,72 +385,5 @@ async fn rebalance(
             Ok(retired.map(|_| node_id))
         }
         None => Ok(None),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pick_spreads_and_respects_capacity() {
-        let mut nodes = vec![
-            NodeLoad {
-                id: "a".into(),
-                max: 3,
-                pool: 0,
-                total: 0,
-            },
-            NodeLoad {
-                id: "b".into(),
-                max: 3,
-                pool: 0,
-                total: 0,
-            },
-        ];
-        let mut placed = Vec::new();
-        while let Some(n) = pick(&mut nodes) {
-            n.pool += 1;
-            n.total += 1;
-            placed.push(n.id.clone());
-        }
-        assert_eq!(placed, ["a", "b", "a", "b", "a", "b"]);
-    }
-
-    #[test]
-    fn rebalancing_converges_without_dropping_idle_below_target() {
-        // Node a filled the pool alone before b connected.
-        let mut nodes = vec![
-            NodeLoad {
-                id: "a".into(),
-                max: 20,
-                pool: 5,
-                total: 5,
-            },
-            NodeLoad {
-                id: "b".into(),
-                max: 20,
-                pool: 0,
-                total: 0,
-            },
-        ];
-        let mut steps = 0;
-        while let Some(step) = rebalance_step(
-            &nodes,
-            nodes.iter().map(|n| n.pool).sum(),
-            nodes.iter().map(|n| n.pool).sum(),
-            5,
-            20,
-        ) {
-            match step {
-                Step::Grow(i) => nodes[i].pool += 1,
-                Step::Retire(i) => nodes[i].pool -= 1,
-            }
-            let total: i64 = nodes.iter().map(|n| n.pool).sum();
-            assert!(total >= 5, "idle dipped below target");
-            steps += 1;
-            assert!(steps < 20);
-        }
-        assert_eq!((nodes[0].pool, nodes[1].pool), (3, 2));
     }
 }

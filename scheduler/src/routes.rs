@@ -6,8 +6,11 @@ use clawdeploy_proto::{Route, RouteDelta, RouteSnapshot};
 use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
+use std::sync::atomic::Ordering;
+
 use crate::app::App;
 use crate::error::Result;
+use crate::events::{self, Event};
 
 /// Upserts a route inside the caller's transaction; the caller broadcasts
 /// the returned delta after committing.
@@ -57,27 +60,40 @@ pub async fn repoint(app: &App, container_id: Uuid, upstream: &str) -> Result<()
     for (hostname, _, _) in &rows {
         tracing::info!(hostname, %container_id, upstream, "route follows the container to its new address");
     }
-    broadcast(
-        app,
-        rows.into_iter()
-            .map(|(hostname, instance_id, version)| RouteDelta {
-                version: version as u64,
-                upsert: Some(Route {
-                    hostname,
-                    upstream: upstream.to_owned(),
-                    instance_id: instance_id.to_string(),
-                    container_id: container_id.to_string(),
-                }),
-                removed_hostname: String::new(),
+    let deltas: Vec<RouteDelta> = rows
+        .into_iter()
+        .map(|(hostname, instance_id, version)| RouteDelta {
+            version: version as u64,
+            upsert: Some(Route {
+                hostname,
+                upstream: upstream.to_owned(),
+                instance_id: instance_id.to_string(),
+                container_id: container_id.to_string(),
             }),
-    );
+            removed_hostname: String::new(),
+        })
+        .collect();
+    broadcast(app, deltas, None).await;
     Ok(())
 }
 
-/// Sends committed deltas to every connected edge watcher.
-pub fn broadcast(app: &App, deltas: impl IntoIterator<Item = RouteDelta>) {
+/// Sends committed deltas to this scheduler's edge watchers and announces
+/// them (and the instance that became ready with them) to the others.
+pub async fn broadcast(app: &App, deltas: Vec<RouteDelta>, ready: Option<Uuid>) {
+    let mut events = Vec::new();
+    if !deltas.is_empty() {
+        events.push(Event::Routes(deltas.iter().map(|d| d.version).collect()));
+    }
+    events.extend(ready.map(Event::Ready));
+    broadcast_local(app, deltas);
+    events::publish(app, &events).await;
+}
+
+/// Sends committed deltas to this scheduler's edge watchers only.
+pub fn broadcast_local(app: &App, deltas: impl IntoIterator<Item = RouteDelta>) {
     for d in deltas {
         metrics::counter!("clawdeploy_route_changes_total").increment(1);
+        app.route_watermark.fetch_max(d.version, Ordering::Relaxed);
         // No receivers is fine: edges get a snapshot when they connect.
         let _ = app.route_events.send(d);
     }

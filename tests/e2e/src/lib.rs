@@ -76,6 +76,11 @@ pub struct ClusterOptions {
     pub node_cert_ttl_secs: Option<u64>,
     /// Address agents bind their metrics port on.
     pub agent_metrics_ip: std::net::IpAddr,
+    /// Scheduler processes sharing the database (agents and the edge get
+    /// all their addresses).
+    pub schedulers: usize,
+    /// Seconds before an unconfirmed claim moves to a fresh container.
+    pub claim_timeout_secs: Option<u64>,
 }
 
 /// The operator token every test scheduler accepts on `/admin`.
@@ -92,6 +97,8 @@ impl Default for ClusterOptions {
             join: false,
             node_cert_ttl_secs: None,
             agent_metrics_ip: std::net::Ipv4Addr::LOCALHOST.into(),
+            schedulers: 1,
+            claim_timeout_secs: None,
         }
     }
 }
@@ -104,13 +111,18 @@ pub struct Cluster {
     admin_db_url: String,
     db_name: String,
     pub db: PgPool,
+    /// The scheduler API the helpers call (scheduler 0's unless a test
+    /// points it at another).
     pub http: SocketAddr,
     pub grpc: SocketAddr,
+    /// Every scheduler's HTTP and gRPC address.
+    pub https: Vec<SocketAddr>,
+    pub grpcs: Vec<SocketAddr>,
     pub edge: SocketAddr,
     pub edge_admin: SocketAddr,
     pub node_ids: Vec<String>,
     pub agent_metrics: Vec<SocketAddr>,
-    scheduler: Option<Child>,
+    schedulers: Vec<Option<Child>>,
     agents: Vec<Option<Child>>,
     edge_proc: Option<Child>,
     pub client: reqwest::Client,
@@ -147,6 +159,8 @@ impl Cluster {
             .map(|i| format!("{name}-{}", (b'a' + i as u8) as char))
             .collect();
         let metrics_ip = opts.agent_metrics_ip;
+        let https: Vec<SocketAddr> = (0..opts.schedulers.max(1)).map(|_| free_addr()).collect();
+        let grpcs: Vec<SocketAddr> = (0..opts.schedulers.max(1)).map(|_| free_addr()).collect();
         let mut c = Cluster {
             agent_metrics: node_ids
                 .iter()
@@ -160,12 +174,14 @@ impl Cluster {
             admin_db_url,
             db_name,
             db,
-            http: free_addr(),
-            grpc: free_addr(),
+            http: https[0],
+            grpc: grpcs[0],
+            schedulers: https.iter().map(|_| None).collect(),
+            https,
+            grpcs,
             edge: free_addr(),
             edge_admin: free_addr(),
             node_ids,
-            scheduler: None,
             edge_proc: None,
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(60))
@@ -184,8 +200,11 @@ impl Cluster {
     async fn boot(&mut self) -> Result<()> {
         let c = self;
         c.issue_certs()?;
-        c.start_scheduler()?;
-        c.wait_http_up().await?;
+        // One after the other: the first creates the shared secret key.
+        for i in 0..c.https.len() {
+            c.start_scheduler_n(i)?;
+            c.wait_http_up_on(c.https[i]).await?;
+        }
         for i in 0..c.node_ids.len() {
             if c.opts.join {
                 let node = c.node_ids[i].clone();
@@ -254,18 +273,37 @@ impl Cluster {
         Ok(Stdio::from(f))
     }
 
+    /// (Re)starts scheduler 0.
     pub fn start_scheduler(&mut self) -> Result<()> {
+        self.start_scheduler_n(0)
+    }
+
+    /// All schedulers' gRPC URLs, comma-separated, for agents and edges.
+    fn scheduler_urls(&self) -> String {
+        let urls: Vec<String> = self.grpcs.iter().map(|a| format!("https://{a}")).collect();
+        urls.join(",")
+    }
+
+    pub fn start_scheduler_n(&mut self, i: usize) -> Result<()> {
         let mut cmd = Command::new(self.scheduler_bin());
         cmd.arg("serve").args(["--admin-token", ADMIN_TOKEN]);
         if let Some(ttl) = self.opts.node_cert_ttl_secs {
             cmd.args(["--node-cert-ttl-secs", &ttl.to_string()]);
         }
+        if let Some(t) = self.opts.claim_timeout_secs {
+            cmd.args(["--claim-timeout-secs", &t.to_string()]);
+        }
+        let log = if i == 0 {
+            "scheduler".to_owned()
+        } else {
+            format!("scheduler{i}")
+        };
         let child = cmd
             .args([
                 "--http-listen",
-                &self.http.to_string(),
+                &self.https[i].to_string(),
                 "--grpc-listen",
-                &self.grpc.to_string(),
+                &self.grpcs[i].to_string(),
             ])
             .args(["--database-url", &self.db_url, "--db-max-connections", "40"])
             .arg("--data-dir")
@@ -284,11 +322,11 @@ impl Cluster {
             ])
             .args(["--claim-wait-secs", &self.opts.claim_wait_secs.to_string()])
             .env("RUST_LOG", "info,sqlx=warn")
-            .stdout(self.log_file("scheduler")?)
-            .stderr(self.log_file("scheduler")?)
+            .stdout(self.log_file(&log)?)
+            .stderr(self.log_file(&log)?)
             .spawn()
             .context("starting the scheduler")?;
-        self.scheduler = Some(child);
+        self.schedulers[i] = Some(child);
         Ok(())
     }
 
@@ -308,7 +346,7 @@ impl Cluster {
                 "--node-id",
                 node_id,
                 "--scheduler-url",
-                &format!("https://{}", self.grpc),
+                &self.scheduler_urls(),
                 "--scheduler-name",
                 "localhost",
             ])
@@ -445,11 +483,7 @@ impl Cluster {
             .await?
             .text()
             .await?;
-        Ok(text
-            .lines()
-            .find(|l| l.split([' ', '{']).next() == Some(name))
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-            .unwrap_or(0.0))
+        Ok(metric_value(&text, name).unwrap_or(0.0))
     }
 
     /// Issues a certificate from a CA the scheduler does not trust.
@@ -483,7 +517,7 @@ impl Cluster {
             ])
             .args([
                 "--scheduler-url",
-                &format!("https://{}", self.grpc),
+                &self.scheduler_urls(),
                 "--scheduler-name",
                 "localhost",
             ])
@@ -503,18 +537,53 @@ impl Cluster {
         Ok(())
     }
 
-    /// SIGKILL: the process gets no chance to clean up.
+    /// SIGKILLs scheduler 0: the process gets no chance to clean up.
     pub fn kill_scheduler(&mut self) {
-        if let Some(mut c) = self.scheduler.take() {
+        self.kill_scheduler_n(0)
+    }
+
+    pub fn kill_scheduler_n(&mut self, i: usize) {
+        if let Some(mut c) = self.schedulers[i].take() {
             let _ = c.kill();
             let _ = c.wait();
         }
     }
 
+    /// SIGSTOPs (`stop`) or SIGCONTs node `i`'s agent: a hung agent that
+    /// keeps its connections but answers nothing.
+    pub fn pause_agent(&self, i: usize, stop: bool) -> Result<()> {
+        let pid = self.agents[i].as_ref().context("agent not running")?.id();
+        let sig = if stop { "-STOP" } else { "-CONT" };
+        let st = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()?;
+        anyhow::ensure!(st.success(), "kill {sig} {pid} failed");
+        Ok(())
+    }
+
+    /// A scheduler's Prometheus value for `name` (first matching line).
+    pub async fn scheduler_metric(&self, i: usize, name: &str) -> Result<f64> {
+        let text = self
+            .client
+            .get(format!("http://{}/metrics", self.https[i]))
+            .send()
+            .await?
+            .text()
+            .await?;
+        Ok(metric_value(&text, name).unwrap_or(0.0))
+    }
+
     pub fn pids(&self) -> Vec<(String, u32)> {
         let mut v = Vec::new();
-        if let Some(c) = &self.scheduler {
-            v.push(("scheduler".into(), c.id()));
+        for (i, c) in self.schedulers.iter().enumerate() {
+            if let Some(c) = c {
+                let name = if i == 0 {
+                    "scheduler".to_owned()
+                } else {
+                    format!("scheduler{i}")
+                };
+                v.push((name, c.id()));
+            }
         }
         for (i, a) in self.agents.iter().enumerate() {
             if let Some(c) = a {
@@ -532,10 +601,14 @@ impl Cluster {
     }
 
     pub async fn wait_http_up(&self) -> Result<()> {
+        self.wait_http_up_on(self.http).await
+    }
+
+    pub async fn wait_http_up_on(&self, addr: SocketAddr) -> Result<()> {
         wait_for(Duration::from_secs(60), "scheduler HTTP up", || async {
             Ok(self
                 .client
-                .get(self.api("/healthz"))
+                .get(format!("http://{addr}/healthz"))
                 .send()
                 .await
                 .map(|r| r.status().is_success())
@@ -608,6 +681,16 @@ impl Cluster {
         let body: Value = r.json().await?;
         anyhow::ensure!(status == 201, "register answered {status}: {body}");
         Ok(body["token"].as_str().context("token")?.to_owned())
+    }
+
+    /// Registers `<prefix><i>@example.com` for i in 0..n, concurrently;
+    /// returns their account tokens in order.
+    pub async fn register_many(&self, prefix: &str, n: usize) -> Result<Vec<String>> {
+        let emails: Vec<String> = (0..n).map(|i| format!("{prefix}{i}@example.com")).collect();
+        futures::future::join_all(emails.iter().map(|e| self.register(e)))
+            .await
+            .into_iter()
+            .collect()
     }
 
     pub async fn create_instance(&self, token: &str, body: &Value) -> Result<(u16, Value)> {
@@ -739,9 +822,9 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         let mut children: Vec<Child> = self
-            .scheduler
-            .take()
-            .into_iter()
+            .schedulers
+            .iter_mut()
+            .filter_map(Option::take)
             .chain(self.edge_proc.take())
             .collect();
         children.extend(self.agents.iter_mut().filter_map(Option::take));
@@ -782,6 +865,21 @@ impl Drop for Cluster {
             );
         }
     }
+}
+
+/// The value of the first Prometheus sample named `name`: a bare name
+/// matches any labels, a name with `{labels}` matches them exactly.
+pub fn metric_value(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| {
+            if name.contains('{') {
+                l.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with(' '))
+            } else {
+                l.split([' ', '{']).next() == Some(name)
+            }
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
 /// Removes the containers, volumes and networks an agent with this node id made.

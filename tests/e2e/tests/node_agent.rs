@@ -383,11 +383,14 @@ async fn claim_survives_agent_kill_at(point: &str) -> Result<()> {
             &json!({"subdomain": sub, "apiKeys": {"anthropic": "sk-ant-crash"}}),
         )
         .await?;
-    // The agent died before confirming: the customer is told to wait.
-    assert!(status == 202 || status == 201, "{status}: {body}");
-    let gw = body["instance"]["gatewayToken"]
+    // The agent died before confirming: the customer is told to wait, and
+    // gets the gateway token from the status URL once the instance is live.
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["instance"]["status"], "pending");
+    assert!(body["instance"]["gatewayToken"].is_null(), "{body}");
+    let status_url = body["instance"]["statusUrl"]
         .as_str()
-        .context("gateway token")?
+        .context("status URL")?
         .to_owned();
     let st = c.wait_agent_exit(0, Duration::from_secs(30)).await?;
     assert!(
@@ -400,7 +403,7 @@ async fn claim_survives_agent_kill_at(point: &str) -> Result<()> {
     wait_for(Duration::from_secs(60), "instance ready", || async {
         let r = c
             .client
-            .get(c.api("/api/instances/me"))
+            .get(c.api(&status_url))
             .bearer_auth(&account)
             .send()
             .await?;
@@ -408,6 +411,18 @@ async fn claim_survives_agent_kill_at(point: &str) -> Result<()> {
         Ok(v["instance"]["status"] == "ready")
     })
     .await?;
+    let me: Value = c
+        .client
+        .get(c.api(&status_url))
+        .bearer_auth(&account)
+        .send()
+        .await?
+        .json()
+        .await?;
+    let gw = me["instance"]["gatewayToken"]
+        .as_str()
+        .context("gateway token once ready")?
+        .to_owned();
     let host = format!("{sub}.clawdeploy.localhost");
     let (status, models) = models_through_edge(&c, &host, &gw).await?;
     assert_eq!(status, 200, "{models}");

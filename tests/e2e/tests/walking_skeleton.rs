@@ -147,29 +147,33 @@ async fn signup_goes_live_through_the_edge_on_a_hardened_container() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_concurrent_claims_for_one_subdomain_one_wins() {
+async fn ten_concurrent_claims_for_one_subdomain_one_wins() {
     let c = Cluster::start(ClusterOptions::default()).await.unwrap();
     c.wait_idle(5, false, Duration::from_secs(120))
         .await
         .unwrap();
-    let t1 = c.register("one@example.com").await.unwrap();
-    let t2 = c.register("two@example.com").await.unwrap();
+    let accounts = c.register_many("contender", 10).await.unwrap();
     let body = json!({"subdomain": "contested", "apiKeys": {"anthropic": "sk-ant-test"}});
-    let (a, b) = tokio::join!(c.create_instance(&t1, &body), c.create_instance(&t2, &body));
-    let (a, b) = (a.unwrap(), b.unwrap());
-    let mut statuses = [a.0, b.0];
-    statuses.sort();
-    assert_eq!(statuses, [201, 409], "{a:?} {b:?}");
-    let loser = if a.0 == 409 { &a.1 } else { &b.1 };
-    assert_eq!(loser["error"]["code"], "subdomain_taken");
-    assert!(loser["error"]["message"].is_string());
+    let answers: Vec<(u16, serde_json::Value)> =
+        futures::future::join_all(accounts.iter().map(|t| c.create_instance(t, &body)))
+            .await
+            .into_iter()
+            .collect::<anyhow::Result<_>>()
+            .unwrap();
+    let won: Vec<_> = answers.iter().filter(|(s, _)| *s == 201).collect();
+    assert_eq!(won.len(), 1, "{answers:?}");
+    for (status, loser) in answers.iter().filter(|(s, _)| *s != 201) {
+        assert_eq!(*status, 409, "{loser}");
+        assert_eq!(loser["error"]["code"], "subdomain_taken");
+        assert!(loser["error"]["message"].is_string());
+    }
     assert_eq!(
         c.count("SELECT count(*) FROM instances WHERE subdomain = 'contested'")
             .await
             .unwrap(),
         1
     );
-    // The loser's claim was rolled back: exactly one container left the pool.
+    // The losers' claims were rolled back: exactly one container left the pool.
     assert_eq!(
         c.count("SELECT count(*) FROM containers WHERE state IN ('assigning', 'assigned')")
             .await

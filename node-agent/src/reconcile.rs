@@ -490,7 +490,13 @@ impl<R: ContainerRuntime> Worker<R> {
             Ok(None) => {
                 status.phase = ContainerPhase::Creating as i32;
                 self.board.set(status.clone());
-                let _permit = self.creates.acquire().await;
+                // A customer waits on a container claimed before it existed
+                // (the pool was empty): it goes ahead of the pool's refills
+                // instead of queueing behind them.
+                let _permit = match desired.tenant {
+                    Some(_) => None,
+                    None => Some(self.creates.acquire().await),
+                };
                 self.runtime
                     .create_and_start(&spec_of(desired, self.generation))
                     .await

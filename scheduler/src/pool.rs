@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 use crate::app::{App, AppRef};
 use crate::crypto::random_token;
-use crate::demand::{self, SignupRate};
+use crate::demand;
 use crate::error::{Error, Result};
 use crate::placement::{self, NodeLoad, Step};
 use crate::settings::{self, PoolSettings};
@@ -33,7 +33,6 @@ pub async fn run(app: AppRef, mut shutdown: watch::Receiver<bool>) {
     // The lock lives as long as this dedicated connection (taken out of the
     // pool so it is never shared); losing the connection loses the lock.
     let mut lock: Option<PgConnection> = None;
-    let mut rate = SignupRate::default();
     let mut passes: u64 = 0;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -60,7 +59,7 @@ pub async fn run(app: AppRef, mut shutdown: watch::Receiver<bool>) {
         if lock.is_none() {
             continue;
         }
-        if let Err(e) = reconcile(&app, &mut rate).await {
+        if let Err(e) = reconcile(&app).await {
             tracing::warn!(error = %e, "pool reconcile failed");
         }
         passes += 1;
@@ -260,13 +259,13 @@ async fn pool_counts(app: &App, s: &PoolSettings) -> Result<(i64, i64, i64, i64,
     .await?)
 }
 
-async fn reconcile(app: &AppRef, rate: &mut SignupRate) -> Result<()> {
+async fn reconcile(app: &AppRef) -> Result<()> {
     mark_unreachable(app).await?;
     let mut touched: HashSet<String> = replace_stuck(app).await?.into_iter().collect();
     touched.extend(assign::retry_unconfirmed(app).await?);
 
     let s = settings::load(&app.db).await?;
-    let signups_per_sec = rate.update(app).await?;
+    let signups_per_sec = demand::signup_rate(app).await?;
     let warm_secs = demand::warm_secs(app).await?;
     let target = demand::target(
         i64::from(s.min_idle),

@@ -643,6 +643,14 @@ impl Cluster {
         Ok(sqlx::query_scalar(sql).fetch_one(&self.db).await?)
     }
 
+    /// Waits until at least `n` containers are idle.
+    pub async fn wait_idle_at_least(&self, n: i64, within: Duration) -> Result<()> {
+        wait_for(within, &format!("at least {n} idle containers"), || async {
+            Ok(self.idle_by_node().await?.values().sum::<i64>() >= n)
+        })
+        .await
+    }
+
     /// Waits until exactly `n` containers are idle; with `spread`, on every node.
     pub async fn wait_idle(
         &self,

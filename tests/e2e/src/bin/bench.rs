@@ -1,7 +1,11 @@
-//! Signup benchmark: `POST /api/instances` → first authenticated 200 through
-//! the edge, on the real system (processes, PostgreSQL, Docker, mTLS, edge).
-//! Prints p50/p99 for a sequential run and a concurrent burst, with the pool
-//! large enough for the burst, and the processes' resident memory.
+//! Signup benchmarks: `POST /api/instances` → first authenticated 200
+//! through the edge, on the real system (processes, PostgreSQL, Docker,
+//! mTLS, edge). Scenarios:
+//! - `burst`: a sequential run and a concurrent burst with the pool as large
+//!   as the burst; CPU by process and resident memory;
+//! - `empty`: signups with an empty pool (every container made on demand);
+//! - `trickle`: signups at a steady rate against `min_idle` 5, sampling the
+//!   idle count throughout and timing the refill after the last one.
 //!
 //! Run with `scripts/bench` (it sets up PostgreSQL and the image).
 
@@ -16,10 +20,23 @@ use serde_json::json;
 
 #[derive(Parser)]
 struct Args {
+    /// burst, empty, trickle or all.
+    #[arg(long, default_value = "all")]
+    scenario: String,
     #[arg(long, default_value_t = 20)]
     sequential: usize,
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 100)]
     concurrent: usize,
+    /// Signups with an empty pool: this many one after the other, then
+    /// half as many at once.
+    #[arg(long, default_value_t = 20)]
+    empty: usize,
+    /// Trickle: this many signups…
+    #[arg(long, default_value_t = 50)]
+    trickle: usize,
+    /// …at this many per second.
+    #[arg(long, default_value_t = 5.0)]
+    rate: f64,
 }
 
 /// One signup, timed from the POST until the gateway answers an
@@ -104,6 +121,121 @@ async fn users(c: &Cluster, prefix: &str, n: usize) -> Result<Vec<String>> {
 #[tokio::main]
 async fn main() -> Result<()> {
     let a = Args::parse();
+    let all = a.scenario == "all";
+    ensure!(
+        all || ["burst", "empty", "trickle"].contains(&a.scenario.as_str()),
+        "unknown scenario {:?} (burst, empty, trickle, all)",
+        a.scenario
+    );
+    if all || a.scenario == "burst" {
+        burst(&a).await?;
+    }
+    if all || a.scenario == "empty" {
+        empty_pool(&a).await?;
+    }
+    if all || a.scenario == "trickle" {
+        trickle(&a).await?;
+    }
+    Ok(())
+}
+
+/// Signups with no pool at all: each waits for a container made for it.
+async fn empty_pool(a: &Args) -> Result<()> {
+    let c = Cluster::start(ClusterOptions {
+        nodes: 2,
+        min_idle: 0,
+        max_idle: 0,
+        max_containers: (a.empty * 2) as u32,
+        claim_wait_secs: 30,
+        ..Default::default()
+    })
+    .await?;
+    let seq_users = users(&c, "empty", a.empty).await?;
+    let mut samples = Vec::new();
+    let t = Instant::now();
+    for (i, token) in seq_users.iter().enumerate() {
+        samples.push(signup(&c, token, &format!("empty-{i}")).await?);
+    }
+    report("empty pool, sequential", samples, t.elapsed());
+    let n = (a.empty / 2).max(1);
+    let burst_users = users(&c, "emptyburst", n).await?;
+    let t = Instant::now();
+    let results = futures::future::join_all(burst_users.iter().enumerate().map(|(i, token)| {
+        let c = &c;
+        async move { signup(c, token, &format!("emptyburst-{i}")).await }
+    }))
+    .await;
+    let wall = t.elapsed();
+    report(
+        &format!("empty pool, {n} at once"),
+        results.into_iter().collect::<Result<Vec<_>>>()?,
+        wall,
+    );
+    Ok(())
+}
+
+/// Signups at a steady rate against min_idle 5: the lowest idle count seen
+/// while they run, and how long the pool takes to get back to 5.
+async fn trickle(a: &Args) -> Result<()> {
+    let c = Cluster::start(ClusterOptions {
+        nodes: 2,
+        min_idle: 5,
+        max_idle: 20,
+        max_containers: (a.trickle + 30) as u32,
+        ..Default::default()
+    })
+    .await?;
+    c.wait_idle(5, false, Duration::from_secs(300)).await?;
+    let accounts = users(&c, "trickle", a.trickle).await?;
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let sampler = async {
+        let mut lowest = i64::MAX;
+        let mut samples = 0;
+        while !done.load(std::sync::atomic::Ordering::Relaxed) {
+            let idle = c
+                .count("SELECT count(*) FROM containers WHERE state = 'idle'")
+                .await?;
+            lowest = lowest.min(idle);
+            samples += 1;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        anyhow::Ok((lowest, samples))
+    };
+    let gap = Duration::from_secs_f64(1.0 / a.rate.max(0.01));
+    let t = Instant::now();
+    let signups = async {
+        let results = futures::future::join_all(accounts.iter().enumerate().map(|(i, token)| {
+            let c = &c;
+            async move {
+                tokio::time::sleep(gap * i as u32).await;
+                signup(c, token, &format!("trickle-{i}")).await
+            }
+        }))
+        .await;
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        results
+    };
+    let (results, lowest) = tokio::join!(signups, sampler);
+    let wall = t.elapsed();
+    let (lowest, n_samples) = lowest?;
+    report(
+        &format!("trickle {} at {}/s", a.trickle, a.rate),
+        results.into_iter().collect::<Result<Vec<_>>>()?,
+        wall,
+    );
+    let t = Instant::now();
+    c.wait_idle_at_least(5, Duration::from_secs(60)).await?;
+    println!(
+        "trickle pool: lowest idle {lowest} ({n_samples} samples every 20 ms); back to 5 idle {:.1} s after the last signup; target at the end {}",
+        t.elapsed().as_secs_f64(),
+        c.scheduler_metric(0, "clawdeploy_pool_target").await?
+    );
+    Ok(())
+}
+
+/// Sequential signups, then a concurrent burst, with the pool as large as
+/// the burst.
+async fn burst(a: &Args) -> Result<()> {
     let pool = a.sequential.max(a.concurrent) as u32;
     let opts = ClusterOptions {
         nodes: 2,

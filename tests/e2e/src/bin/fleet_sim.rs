@@ -1,0 +1,489 @@
+//! Fleet simulation: many lightweight SIMULATED agents against one real
+//! scheduler (PostgreSQL, mTLS gRPC, the real edge watching routes). Each
+//! simulated agent holds its own mTLS connection with its own certificate
+//! and speaks the real session protocol (hello, heartbeats, desired state);
+//! only its container runtime is simulated: a container is "healthy" as soon
+//! as it is desired, and a tenant config is "live" as soon as it arrives.
+//!
+//! Measures the scheduler's CPU and memory under steady heartbeats, then the
+//! claim throughput (signups answered 201 by the API while the simulated
+//! agents confirm). Run with `scripts/bench-fleet`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use clap::Parser;
+use clawdeploy_e2e::{cpu_secs, rss_kib, Cluster, ClusterOptions};
+use clawdeploy_proto::agent_session_client::AgentSessionClient;
+use clawdeploy_proto::client::SchedulerEndpoint;
+use clawdeploy_proto::{
+    agent_message, scheduler_message, AgentMessage, ContainerPhase, ContainerStatus, DesiredState,
+    Heartbeat, Hello, NodeCapacity, NodeUsage,
+};
+use clawdeploy_scheduler::crypto::SecretBox;
+use clawdeploy_scheduler::pki::{Ca, Identity};
+use clawdeploy_scheduler::App;
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use uuid::Uuid;
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, default_value_t = 1000)]
+    nodes: usize,
+    /// Tenant containers already running on each node.
+    #[arg(long, default_value_t = 20)]
+    containers_per_node: usize,
+    #[arg(long, default_value_t = 2000)]
+    heartbeat_ms: u64,
+    /// Seconds of steady heartbeats measured.
+    #[arg(long, default_value_t = 30)]
+    steady_secs: u64,
+    /// Signups made at once after the steady phase.
+    #[arg(long, default_value_t = 200)]
+    signups: usize,
+}
+
+/// Counters shared by the simulated agents.
+#[derive(Default)]
+struct Stats {
+    sessions: AtomicU64,
+    heartbeats: AtomicU64,
+    desired: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// One simulated node: its container statuses as a real agent would
+/// report them, driven by the desired states it receives.
+struct SimNode {
+    id: String,
+    index: usize,
+    applied: u64,
+    containers: HashMap<String, ContainerStatus>,
+}
+
+impl SimNode {
+    fn upstream(&self, n: usize) -> String {
+        format!(
+            "10.{}.{}.{}:18789",
+            self.index / 250,
+            self.index % 250,
+            n % 250 + 2
+        )
+    }
+
+    /// The simulated runtime: every desired container runs and is healthy
+    /// at once, and its tenant config is live at once.
+    fn apply(&mut self, d: DesiredState) {
+        if d.generation <= self.applied {
+            return;
+        }
+        self.applied = d.generation;
+        let mut next = HashMap::new();
+        for (n, c) in d.containers.into_iter().enumerate() {
+            let mut status =
+                self.containers
+                    .remove(&c.container_id)
+                    .unwrap_or_else(|| ContainerStatus {
+                        container_id: c.container_id.clone(),
+                        docker_id: format!("sim-{}", c.container_id),
+                        upstream: self.upstream(n),
+                        ..Default::default()
+                    });
+            status.phase = if c.stopped {
+                ContainerPhase::Stopped
+            } else {
+                ContainerPhase::Healthy
+            } as i32;
+            if let Some(t) = c.tenant {
+                status.config_version = t.config_version;
+            }
+            next.insert(c.container_id, status);
+        }
+        self.containers = next;
+    }
+
+    fn heartbeat(&self) -> AgentMessage {
+        AgentMessage {
+            msg: Some(agent_message::Msg::Heartbeat(Heartbeat {
+                applied_generation: self.applied,
+                containers: self.containers.values().cloned().collect(),
+                usage: Some(NodeUsage {
+                    containers: self.containers.len() as u32,
+                    containers_running: self.containers.len() as u32,
+                    cpu_busy_permille: 300,
+                    memory_available_bytes: 24 << 30,
+                    disk_available_bytes: 200 << 30,
+                    disk_total_bytes: 400 << 30,
+                    ..Default::default()
+                }),
+            })),
+        }
+    }
+}
+
+async fn run_node(
+    endpoint: SchedulerEndpoint,
+    mut node: SimNode,
+    every: Duration,
+    stats: Arc<Stats>,
+) {
+    loop {
+        if let Err(e) = session(&endpoint, &mut node, every, &stats).await {
+            stats.errors.fetch_add(1, Ordering::Relaxed);
+            tracing_like(&format!("{}: session ended: {e}", node.id));
+        }
+        tokio::time::sleep(Duration::from_millis(500 + (node.index as u64 * 7) % 1000)).await;
+    }
+}
+
+fn tracing_like(msg: &str) {
+    if std::env::var_os("FLEET_SIM_VERBOSE").is_some() {
+        eprintln!("{msg}");
+    }
+}
+
+async fn session(
+    endpoint: &SchedulerEndpoint,
+    node: &mut SimNode,
+    every: Duration,
+    stats: &Stats,
+) -> Result<()> {
+    let channel = endpoint.connect().await.map_err(|e| anyhow::anyhow!(e))?;
+    let mut client = AgentSessionClient::new(channel);
+    let (tx, rx) = mpsc::channel(16);
+    tx.send(AgentMessage {
+        msg: Some(agent_message::Msg::Hello(Hello {
+            node_id: node.id.clone(),
+            agent_version: "fleet-sim".into(),
+            capacity: Some(NodeCapacity {
+                cpu_millis: 16_000,
+                memory_bytes: 64 << 30,
+                max_containers: 30,
+            }),
+            applied_generation: node.applied,
+            private_address: String::new(),
+        })),
+    })
+    .await?;
+    tx.send(node.heartbeat()).await?;
+    let mut inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
+    stats.sessions.fetch_add(1, Ordering::Relaxed);
+    // Spread the fleet's heartbeats over the interval, as real agents started
+    // at different times would be.
+    let offset = every.mul_f64((node.index % 100) as f64 / 100.0);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + offset, every);
+    loop {
+        tokio::select! {
+            msg = inbound.message() => {
+                let Some(msg) = msg? else { return Ok(()) };
+                if let Some(scheduler_message::Msg::Desired(d)) = msg.msg {
+                    stats.desired.fetch_add(1, Ordering::Relaxed);
+                    let before = node.applied;
+                    node.apply(d);
+                    if node.applied != before {
+                        tx.send(node.heartbeat()).await?;
+                        stats.heartbeats.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            _ = tick.tick() => {
+                tx.send(node.heartbeat()).await?;
+                stats.heartbeats.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Writes the fleet's existing tenants straight into the database (users,
+/// instances, assigned containers, routes), as if they had signed up
+/// earlier; returns each node's container ids in order.
+async fn seed_tenants(
+    c: &Cluster,
+    secrets: &SecretBox,
+    nodes: &[String],
+    per_node: usize,
+) -> Result<HashMap<String, Vec<Uuid>>> {
+    let mut by_node = HashMap::new();
+    for chunk in nodes.chunks(100) {
+        let mut tx = c.db.begin().await?;
+        sqlx::query(
+            "INSERT INTO nodes (id, name, max_containers, state, last_heartbeat, memory_bytes)
+             SELECT id, id, 30, 'active', now(), 68719476736 FROM UNNEST($1::text[]) AS t(id)",
+        )
+        .bind(chunk)
+        .execute(&mut *tx)
+        .await?;
+        let (
+            mut users,
+            mut emails,
+            mut instances,
+            mut subs,
+            mut containers,
+            mut node_ids,
+            mut tokens,
+            mut upstreams,
+        ) = (
+            vec![],
+            vec![],
+            vec![],
+            vec![],
+            vec![],
+            vec![],
+            vec![],
+            vec![],
+        );
+        for node in chunk {
+            let index: usize = node
+                .rsplit('-')
+                .next()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            let sim = SimNode {
+                id: node.clone(),
+                index,
+                applied: 0,
+                containers: HashMap::new(),
+            };
+            let mut ids = Vec::new();
+            for n in 0..per_node {
+                let (u, i, cid) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+                users.push(u);
+                emails.push(format!("{u}@fleet.example.com"));
+                instances.push(i);
+                subs.push(format!("t{}", &i.simple().to_string()[..16]));
+                containers.push(cid);
+                node_ids.push(node.clone());
+                tokens
+                    .push(secrets.seal(&App::gateway_token_aad(cid), b"fleet-sim-gateway-token")?);
+                upstreams.push(sim.upstream(n));
+                ids.push(cid);
+            }
+            by_node.insert(node.clone(), ids);
+        }
+        sqlx::query("INSERT INTO users (id, email, password_hash) SELECT u, e, '!' FROM UNNEST($1::uuid[], $2::text[]) AS t(u, e)")
+            .bind(&users)
+            .bind(&emails)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO containers (id, node_id, image, gateway_token_enc, state, cpu_millis, memory_bytes, pids, upstream, docker_id)
+             SELECT c, n, 'clawdeploy/openclaw-standin:dev', t, 'assigned', 500, 536870912, 256, up, 'sim-' || c
+               FROM UNNEST($1::uuid[], $2::text[], $3::bytea[], $4::text[]) AS x(c, n, t, up)",
+        )
+        .bind(&containers)
+        .bind(&node_ids)
+        .bind(&tokens)
+        .bind(&upstreams)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO instances (id, user_id, subdomain, container_id, status, config_version, ready_at)
+             SELECT i, u, s, c, 'ready', 1, now() FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::uuid[]) AS x(i, u, s, c)",
+        )
+        .bind(&instances)
+        .bind(&users)
+        .bind(&subs)
+        .bind(&containers)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO routes (hostname, instance_id, container_id, upstream, version)
+             SELECT s || '.clawdeploy.localhost', i, c, up, nextval('route_version')
+               FROM UNNEST($1::text[], $2::uuid[], $3::uuid[], $4::text[]) AS x(s, i, c, up)",
+        )
+        .bind(&subs)
+        .bind(&instances)
+        .bind(&containers)
+        .bind(&upstreams)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+    }
+    Ok(by_node)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i]
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let a = Args::parse();
+    let c = Cluster::start(ClusterOptions {
+        nodes: 0,
+        min_idle: 5,
+        max_idle: 20,
+        ..Default::default()
+    })
+    .await?;
+    let scheduler_pid = c
+        .pids()
+        .into_iter()
+        .find(|(n, _)| n == "scheduler")
+        .map(|(_, p)| p)
+        .context("scheduler pid")?;
+    let data = c.dir.join("scheduler");
+    let secrets = SecretBox::from_hex(std::fs::read_to_string(data.join("secret.key"))?.trim())?;
+    let ca = Ca::load_or_create(&data)?;
+
+    let t = Instant::now();
+    let node_ids: Vec<String> = (0..a.nodes).map(|i| format!("sim-{i}")).collect();
+    let tls = c.dir.join("sim-tls");
+    for id in &node_ids {
+        let issued = ca.issue(
+            &Identity::Node(id.clone()),
+            &[],
+            Duration::from_secs(24 * 3600),
+        )?;
+        ca.write_bundle(&tls, id, &issued)?;
+    }
+    let seeded = seed_tenants(&c, &secrets, &node_ids, a.containers_per_node).await?;
+    eprintln!(
+        "{} simulated nodes with {} tenants each: certificates and database ready in {:.1} s",
+        a.nodes,
+        a.containers_per_node,
+        t.elapsed().as_secs_f64()
+    );
+
+    let stats = Arc::new(Stats::default());
+    let every = Duration::from_millis(a.heartbeat_ms);
+    let t = Instant::now();
+    for (index, id) in node_ids.iter().enumerate() {
+        let endpoint = SchedulerEndpoint {
+            urls: vec![format!("https://{}", c.grpc)],
+            current: Default::default(),
+            server_name: "localhost".into(),
+            ca_file: tls.join("ca.crt.pem"),
+            cert_file: tls.join(format!("{id}.crt.pem")),
+            key_file: tls.join(format!("{id}.key.pem")),
+        };
+        // The node starts out running the tenants the database says it has.
+        let mut node = SimNode {
+            id: id.clone(),
+            index,
+            applied: 0,
+            containers: HashMap::new(),
+        };
+        for (n, cid) in seeded[id].iter().enumerate() {
+            node.containers.insert(
+                cid.to_string(),
+                ContainerStatus {
+                    container_id: cid.to_string(),
+                    docker_id: format!("sim-{cid}"),
+                    upstream: node.upstream(n),
+                    phase: ContainerPhase::Healthy as i32,
+                    config_version: 1,
+                    message: String::new(),
+                },
+            );
+        }
+        tokio::spawn(run_node(endpoint, node, every, stats.clone()));
+        if index % 50 == 49 {
+            // Do not open a thousand TLS handshakes in the same millisecond.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let connected = loop {
+        let live: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM nodes WHERE state = 'active' AND last_heartbeat > now() - interval '5 seconds' AND id LIKE 'sim-%'",
+        )
+        .fetch_one(&c.db)
+        .await?;
+        if live as usize >= a.nodes {
+            break t.elapsed();
+        }
+        ensure!(
+            t.elapsed() < Duration::from_secs(300),
+            "only {live} of {} nodes connected",
+            a.nodes
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    eprintln!(
+        "all {} simulated agents connected in {:.1} s",
+        a.nodes,
+        connected.as_secs_f64()
+    );
+    c.wait_idle_at_least(5, Duration::from_secs(60)).await?;
+    // Let the connection burst settle before measuring.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+
+    let cpu0 = cpu_secs(scheduler_pid).unwrap_or(0.0);
+    let hb0 = stats.heartbeats.load(Ordering::Relaxed);
+    let t = Instant::now();
+    tokio::time::sleep(Duration::from_secs(a.steady_secs)).await;
+    let wall = t.elapsed().as_secs_f64();
+    let cpu = cpu_secs(scheduler_pid).unwrap_or(0.0) - cpu0;
+    let beats = stats.heartbeats.load(Ordering::Relaxed) - hb0;
+    let unreachable: i64 = sqlx::query_scalar("SELECT count(*) FROM nodes WHERE state <> 'active'")
+        .fetch_one(&c.db)
+        .await?;
+    println!(
+        "fleet (SIMULATED agents, real scheduler/PostgreSQL/mTLS): {} nodes x {} containers, heartbeat every {} ms",
+        a.nodes, a.containers_per_node, a.heartbeat_ms
+    );
+    println!(
+        "steady: {:.0} heartbeats/s for {wall:.0} s; scheduler CPU {:.1}% of one core; RSS {} KiB; nodes not active: {unreachable}; session errors: {}",
+        beats as f64 / wall,
+        100.0 * cpu / wall,
+        rss_kib(scheduler_pid).unwrap_or(0),
+        stats.errors.load(Ordering::Relaxed)
+    );
+
+    // Claim throughput: register first (not timed), then sign up at once.
+    let accounts = {
+        let mut v = Vec::new();
+        for chunk in (0..a.signups).collect::<Vec<_>>().chunks(50) {
+            let emails: Vec<String> = chunk
+                .iter()
+                .map(|i| format!("claim{i}@fleet.example.com"))
+                .collect();
+            let got = futures::future::join_all(emails.iter().map(|e| c.register(e))).await;
+            for t in got {
+                v.push(t?);
+            }
+        }
+        v
+    };
+    let cpu0 = cpu_secs(scheduler_pid).unwrap_or(0.0);
+    let bodies: Vec<serde_json::Value> = (0..a.signups)
+        .map(|i| json!({"subdomain": format!("claim-{i}"), "apiKeys": {"openai": "sk-fleet"}}))
+        .collect();
+    let t = Instant::now();
+    let results = futures::future::join_all(accounts.iter().zip(&bodies).map(|(tok, body)| {
+        let c = &c;
+        async move {
+            let started = Instant::now();
+            let (status, answer) = c.create_instance(tok, body).await?;
+            ensure!(status == 201, "signup answered {status}: {answer}");
+            anyhow::Ok(started.elapsed())
+        }
+    }))
+    .await;
+    let wall = t.elapsed().as_secs_f64();
+    let cpu = cpu_secs(scheduler_pid).unwrap_or(0.0) - cpu0;
+    let mut samples = results.into_iter().collect::<Result<Vec<_>>>()?;
+    samples.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!(
+        "claims: {} signups at once answered 201 in {wall:.2} s: {:.0} signups/s, p50 {:.0} ms, p99 {:.0} ms; scheduler CPU {:.2} s; fallbacks (on-demand) {}",
+        samples.len(),
+        samples.len() as f64 / wall,
+        ms(percentile(&samples, 0.5)),
+        ms(percentile(&samples, 0.99)),
+        cpu,
+        c.scheduler_metric(0, "clawdeploy_claim_fallbacks_total").await?
+    );
+    println!(
+        "scheduler RSS after claims: {} KiB; desired states pushed to simulated agents: {}",
+        rss_kib(scheduler_pid).unwrap_or(0),
+        stats.desired.load(Ordering::Relaxed)
+    );
+    Ok(())
+}

@@ -96,31 +96,45 @@ async fn try_lock(app: &App) -> Option<PgConnection> {
 
 type NodeRow = (String, i32, i64, i64, i32, i64, i64);
 
-/// Active nodes with a fresh heartbeat, with their load. `pool` counts only
-/// containers of the current generation: stale ones are on their way out.
+/// Nodes an on-demand claim considers: the ones whose heartbeats report
+/// the most room, counted exactly. Counting every node's containers on
+/// every claim would make claims cost O(fleet).
+const ON_DEMAND_CANDIDATES: i64 = 16;
+
+/// Active nodes with a fresh heartbeat, with their load: all of them, or
+/// the `candidates` with the most room by their last heartbeat. `pool`
+/// counts only containers of the current generation: stale ones are on
+/// their way out.
 async fn schedulable_nodes<'e>(
     app: &App,
     db: impl sqlx::PgExecutor<'e>,
     s: &PoolSettings,
+    candidates: Option<i64>,
 ) -> Result<Vec<NodeLoad>> {
     let rows: Vec<NodeRow> = sqlx::query_as(
         // No row locks: claims bump node generations concurrently, and one
         // pool manager places containers. A rare on-demand claim racing a
         // refill may put one container more on a node than planned.
-        "SELECT n.id, n.max_containers, n.memory_bytes, n.memory_available_bytes, n.cpu_busy_permille,
+        "WITH live AS (
+            SELECT id FROM nodes
+             WHERE state = 'active' AND last_heartbeat > now() - make_interval(secs => $1)
+             ORDER BY containers_running::float8 / GREATEST(max_containers, 1), memory_available_bytes DESC
+             LIMIT $4)
+         SELECT n.id, n.max_containers, n.memory_bytes, n.memory_available_bytes, n.cpu_busy_permille,
                 count(c.id) FILTER (WHERE c.state IN ('creating', 'warming', 'idle')
                                       AND c.image = $2 AND c.pool_generation = $3),
                 count(c.id)
            FROM nodes n
+           JOIN live USING (id)
            LEFT JOIN containers c ON c.node_id = n.id
                 AND c.state IN ('creating', 'warming', 'idle', 'assigning', 'assigned', 'suspended', 'destroying')
-          WHERE n.state = 'active' AND n.last_heartbeat > now() - make_interval(secs => $1)
           GROUP BY n.id
           ORDER BY n.id",
     )
     .bind(app.cfg.heartbeat_ttl.as_secs_f64())
     .bind(&s.image)
     .bind(s.generation)
+    .bind(candidates)
     .fetch_all(db)
     .await?;
     Ok(rows
@@ -175,7 +189,7 @@ pub async fn create_on_demand(
     avoid: Option<&str>,
 ) -> Result<(Uuid, String, Vec<u8>)> {
     let s = settings::load(&mut **tx).await?;
-    let mut nodes = schedulable_nodes(app, &mut **tx, &s).await?;
+    let mut nodes = schedulable_nodes(app, &mut **tx, &s, Some(ON_DEMAND_CANDIDATES)).await?;
     let node = match avoid {
         Some(avoid) => placement::pick_avoiding(&mut nodes, POOL_MEMORY_BYTES, avoid),
         None => placement::pick(&mut nodes, POOL_MEMORY_BYTES),
@@ -276,7 +290,7 @@ async fn reconcile(app: &AppRef) -> Result<()> {
     let (idle, _idle_current, warming, stale, stale_idle) = pool_counts(app, &s).await?;
 
     let mut tx = app.db.begin().await?;
-    let mut nodes = schedulable_nodes(app, &mut *tx, &s).await?;
+    let mut nodes = schedulable_nodes(app, &mut *tx, &s, None).await?;
     let warm_current: i64 = nodes.iter().map(|n| n.pool).sum();
     // While rolling, fresh containers may exceed max_idle by a quarter of
     // the target (at least one) so the roll always moves forward.

@@ -13,10 +13,12 @@ pub struct HostUsage {
     pub disk_total_bytes: u64,
 }
 
-/// Samples host usage; remembers the previous CPU counters.
+/// Samples host usage; remembers the previous CPU counters and the last
+/// sample.
 pub struct HostSampler {
     state_dir: PathBuf,
     last_cpu: Mutex<Option<(u64, u64)>>,
+    last: Mutex<Option<(std::time::Instant, HostUsage)>>,
 }
 
 impl HostSampler {
@@ -24,7 +26,20 @@ impl HostSampler {
         Self {
             state_dir,
             last_cpu: Mutex::new(None),
+            last: Mutex::new(None),
         }
+    }
+
+    /// The last sample if it is younger than `max_age`, else a new one.
+    /// Heartbeats sent at once on a container change (the claim path) must
+    /// not wait for `df`.
+    pub async fn recent(&self, max_age: std::time::Duration) -> HostUsage {
+        if let Some((at, usage)) = *self.last.lock().unwrap() {
+            if at.elapsed() < max_age {
+                return usage;
+            }
+        }
+        self.sample().await
     }
 
     pub async fn sample(&self) -> HostUsage {
@@ -40,12 +55,14 @@ impl HostSampler {
             busy
         });
         let (disk_available_bytes, disk_total_bytes) = disk_space(&self.state_dir).await;
-        HostUsage {
+        let usage = HostUsage {
             cpu_busy_permille: cpu.unwrap_or(0),
             memory_available_bytes: meminfo("MemAvailable:").unwrap_or(0),
             disk_available_bytes,
             disk_total_bytes,
-        }
+        };
+        *self.last.lock().unwrap() = Some((std::time::Instant::now(), usage));
+        usage
     }
 }
 

@@ -12,6 +12,7 @@ use clawdeploy_proto::{
     agent_message, scheduler_message, AgentMessage, ContainerPhase, DesiredState, Heartbeat, Hello,
     NodeCapacity, NodeUsage,
 };
+use futures::FutureExt;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -76,7 +77,9 @@ impl Session {
     async fn heartbeat(&self) -> AgentMessage {
         let containers = self.board.snapshot();
         let applied_generation = self.ledger.lock().unwrap().current().generation;
-        let host = self.host.sample().await;
+        // Sampled at most about once per interval (the periodic beats);
+        // beats sent at once on a change reuse the last sample.
+        let host = self.host.recent(self.cfg.heartbeat_every / 2).await;
         metrics::gauge!("clawdeploy_agent_host_cpu_busy_ratio")
             .set(f64::from(host.cpu_busy_permille) / 1000.0);
         metrics::gauge!("clawdeploy_agent_host_memory_available_bytes")
@@ -143,9 +146,28 @@ impl Session {
             tokio::select! {
                 msg = inbound.message() => {
                     let Some(msg) = msg? else { return Ok(()) };
+                    let mut newest = None;
                     if let Some(scheduler_message::Msg::Desired(state)) = msg.msg {
-                        self.accept(state)?;
+                        newest = Some(state);
                     }
+                    // A burst of claims sends one full state per claim: only
+                    // the newest of those already here is persisted (one
+                    // fsync instead of one per claim).
+                    let mut closed = false;
+                    while let Some(next) = inbound.message().now_or_never() {
+                        match next? {
+                            Some(m) => if let Some(scheduler_message::Msg::Desired(state)) = m.msg {
+                                if newest.as_ref().is_none_or(|n| state.generation > n.generation) {
+                                    newest = Some(state);
+                                }
+                            },
+                            None => { closed = true; break }
+                        }
+                    }
+                    if let Some(state) = newest {
+                        self.accept(state).await?;
+                    }
+                    if closed { return Ok(()) }
                 }
                 _ = self.board.changed.notified() => {
                     if tx.send(self.heartbeat().await).await.is_err() { return Ok(()) }
@@ -184,9 +206,15 @@ impl Session {
         }
     }
 
-    fn accept(&self, state: DesiredState) -> Result<()> {
+    async fn accept(&self, state: DesiredState) -> Result<()> {
         let generation = state.generation;
-        let accepted = self.ledger.lock().unwrap().accept(state.clone())?;
+        // The ledger fsyncs: off the async threads, so heartbeats and
+        // probes do not wait on the disk.
+        let ledger = self.ledger.clone();
+        let copy = state.clone();
+        let accepted = tokio::task::spawn_blocking(move || ledger.lock().unwrap().accept(copy))
+            .await
+            .map_err(|e| Error::Ledger(format!("ledger task: {e}")))??;
         match accepted {
             Accepted::Newer => {
                 if state.containers.iter().any(|c| c.tenant.is_some()) {

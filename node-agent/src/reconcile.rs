@@ -55,7 +55,7 @@ pub struct Reconciler<R: ContainerRuntime> {
     runtime: Arc<R>,
     /// Bounds concurrent `docker create`/`start`: a pool refill must not
     /// starve claims (config write + probe) of CPU on a busy node.
-    creates: Arc<tokio::sync::Semaphore>,
+    creates: Arc<CreateSlots>,
     prober: Prober,
     board: Arc<StatusBoard>,
     workers: HashMap<String, (watch::Sender<DesiredContainer>, JoinHandle<()>)>,
@@ -89,7 +89,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
     pub fn new(runtime: Arc<R>, board: Arc<StatusBoard>, max_parallel_creates: usize) -> Self {
         Self {
             runtime,
-            creates: Arc::new(tokio::sync::Semaphore::new(max_parallel_creates.max(1))),
+            creates: Arc::new(CreateSlots::new(max_parallel_creates)),
             prober: Prober::default(),
             board,
             workers: HashMap::new(),
@@ -256,9 +256,39 @@ impl<R: ContainerRuntime> Remover<R> {
     }
 }
 
+/// Bounds the containers Docker creates at once. A container a customer
+/// waits on (claimed on demand, the pool being empty) may also take the
+/// one slot reserved for tenants, so it does not queue behind the pool's
+/// refills, while the total stays bounded (unbounded parallel creates made
+/// each one slower on a small host).
+pub struct CreateSlots {
+    shared: tokio::sync::Semaphore,
+    tenant_lane: tokio::sync::Semaphore,
+}
+
+impl CreateSlots {
+    fn new(max_parallel: usize) -> Self {
+        Self {
+            shared: tokio::sync::Semaphore::new(max_parallel.max(1)),
+            tenant_lane: tokio::sync::Semaphore::new(1),
+        }
+    }
+
+    async fn acquire(&self, for_tenant: bool) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        if for_tenant {
+            tokio::select! {
+                p = self.shared.acquire() => p.ok(),
+                p = self.tenant_lane.acquire() => p.ok(),
+            }
+        } else {
+            self.shared.acquire().await.ok()
+        }
+    }
+}
+
 struct Worker<R> {
     runtime: Arc<R>,
-    creates: Arc<tokio::sync::Semaphore>,
+    creates: Arc<CreateSlots>,
     prober: Prober,
     board: Arc<StatusBoard>,
     generation: u64,
@@ -490,13 +520,7 @@ impl<R: ContainerRuntime> Worker<R> {
             Ok(None) => {
                 status.phase = ContainerPhase::Creating as i32;
                 self.board.set(status.clone());
-                // A customer waits on a container claimed before it existed
-                // (the pool was empty): it goes ahead of the pool's refills
-                // instead of queueing behind them.
-                let _permit = match desired.tenant {
-                    Some(_) => None,
-                    None => Some(self.creates.acquire().await),
-                };
+                let _permit = self.creates.acquire(desired.tenant.is_some()).await;
                 self.runtime
                     .create_and_start(&spec_of(desired, self.generation))
                     .await

@@ -170,38 +170,38 @@ pub async fn set_pool(
     Ok(axum::Json(json!({ "settings": next })))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NodeStateChange {
-    state: String,
-}
-
-/// Drains a node (no new containers, its idle ones stop counting; tenants
-/// stay) or makes it active again.
-pub async fn set_node_state(
+/// `POST /admin/nodes/{id}/drain`: no new containers on the node and its
+/// idle ones stop counting; its tenants stay.
+pub async fn drain_node(
     _: Operator,
     State(app): State<AppRef>,
     Path(node_id): Path<String>,
-    ApiJson(body): ApiJson<NodeStateChange>,
 ) -> Result<axum::Json<Value>> {
-    if !matches!(body.state.as_str(), "draining" | "active") {
-        return Err(Error::Invalid {
-            field: "state",
-            message: "must be \"draining\" or \"active\"".into(),
-        });
-    }
+    set_node_state(&app, &node_id, "draining").await
+}
+
+/// `POST /admin/nodes/{id}/activate`: the node takes containers again.
+pub async fn activate_node(
+    _: Operator,
+    State(app): State<AppRef>,
+    Path(node_id): Path<String>,
+) -> Result<axum::Json<Value>> {
+    set_node_state(&app, &node_id, "active").await
+}
+
+async fn set_node_state(app: &AppRef, node_id: &str, state: &str) -> Result<axum::Json<Value>> {
     let from: Option<String> = sqlx::query_scalar(
         "UPDATE nodes n SET state = $2 FROM (SELECT id, state FROM nodes WHERE id = $1 FOR UPDATE) old
           WHERE n.id = old.id AND old.state IN ('active', 'draining', 'unreachable')
           RETURNING old.state",
     )
-    .bind(&node_id)
-    .bind(&body.state)
+    .bind(node_id)
+    .bind(state)
     .fetch_optional(&app.db)
     .await?;
     let Some(from) = from else {
         let exists: Option<String> = sqlx::query_scalar("SELECT state FROM nodes WHERE id = $1")
-            .bind(&node_id)
+            .bind(node_id)
             .fetch_optional(&app.db)
             .await?;
         return Err(match exists {
@@ -216,16 +216,11 @@ pub async fn set_node_state(
         &app.db,
         "operator",
         "node.state",
-        &node_id,
-        json!({"from": from, "to": body.state}),
+        node_id,
+        json!({"from": from, "to": state}),
     )
     .await;
     app.pool_wake.notify_one();
-    tracing::info!(
-        node_id,
-        from,
-        to = body.state,
-        "node state changed by operator"
-    );
-    Ok(axum::Json(json!({"id": node_id, "state": body.state})))
+    tracing::info!(node_id, from, to = state, "node state changed by operator");
+    Ok(axum::Json(json!({"id": node_id, "state": state})))
 }

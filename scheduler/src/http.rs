@@ -4,7 +4,7 @@
 use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::{delete, get, post, put};
+use axum::routing::{delete, get, post};
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::de::DeserializeOwned;
@@ -44,7 +44,8 @@ pub fn router(app: AppRef, metrics: PrometheusHandle) -> Router {
         .route("/admin/join-tokens", post(admin::create_join_token))
         .route("/admin/nodes", get(admin::list_nodes))
         .route("/admin/nodes/{id}", delete(admin::remove_node))
-        .route("/admin/nodes/{id}/state", put(admin::set_node_state))
+        .route("/admin/nodes/{id}/drain", post(admin::drain_node))
+        .route("/admin/nodes/{id}/activate", post(admin::activate_node))
         .route("/healthz", get(healthz))
         .route(
             "/metrics",

@@ -470,9 +470,9 @@ async fn a_lost_node_is_marked_unreachable_and_the_pool_refills_elsewhere() -> R
     // Draining the other node: no new containers there, the pool moves.
     let (status, body) = c
         .admin(
-            reqwest::Method::PUT,
-            &format!("/admin/nodes/{other}/state"),
-            Some(json!({"state": "draining"})),
+            reqwest::Method::POST,
+            &format!("/admin/nodes/{other}/drain"),
+            None,
             Some(ADMIN_TOKEN),
         )
         .await?;
@@ -499,15 +499,24 @@ async fn a_lost_node_is_marked_unreachable_and_the_pool_refills_elsewhere() -> R
         before_drain,
         "nothing new on a draining node"
     );
-    let (status, _) = c
+    let (status, body) = c
         .admin(
-            reqwest::Method::PUT,
-            &format!("/admin/nodes/{other}/state"),
-            Some(json!({"state": "sleeping"})),
+            reqwest::Method::POST,
+            "/admin/nodes/no-such-node/drain",
+            None,
             Some(ADMIN_TOKEN),
         )
         .await?;
-    assert_eq!(status, 422);
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = c
+        .admin(
+            reqwest::Method::POST,
+            &format!("/admin/nodes/{other}/activate"),
+            None,
+            Some(ADMIN_TOKEN),
+        )
+        .await?;
+    assert_eq!((status, body["state"].as_str()), (200, Some("active")));
     Ok(())
 }
 

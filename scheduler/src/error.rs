@@ -122,14 +122,22 @@ impl Error {
     }
 }
 
-impl IntoResponse for Error {
-    fn into_response(self) -> Response {
+impl Error {
+    /// `answer`, with the detail logged (server errors as errors).
+    pub fn answer_logged(&self) -> (StatusCode, serde_json::Value) {
         let (status, body) = self.answer();
         if status.is_server_error() {
             tracing::error!(error = %self, "request failed");
         } else {
             tracing::debug!(error = %self, "request refused");
         }
+        (status, body)
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let (status, body) = self.answer_logged();
         (status, axum::Json(body)).into_response()
     }
 }

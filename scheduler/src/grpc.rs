@@ -36,6 +36,10 @@ pub(crate) fn caller<T>(req: &Request<T>) -> Result<Identity, Status> {
         .ok_or_else(|| Status::permission_denied("certificate names no clawdeploy identity"))
 }
 
+/// The longest a destroyed container stays `destroying` in the database
+/// when the agent's reported set does not change.
+const SWEEP_AT_LEAST_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
 pub struct AgentService {
     pub app: AppRef,
 }
@@ -64,6 +68,7 @@ impl AgentSession for AgentService {
                 seen: HashMap::new(),
                 tx: tx.clone(),
                 session_id: None,
+                swept: None,
             };
             let end = loop {
                 match inbound.message().await {
@@ -108,6 +113,8 @@ struct AgentSessionState {
     app: AppRef,
     node_id: String,
     seen: HashMap<String, (i32, u64, String)>,
+    /// The containers the last destroyed-sweep saw reported, and when.
+    swept: Option<(Vec<Uuid>, std::time::Instant)>,
     tx: crate::sessions::Outbound,
     /// Set once a valid hello registered this session as the node's; until
     /// then the stream cannot receive desired state nor report.
@@ -165,6 +172,7 @@ impl AgentSessionState {
             metrics::gauge!("clawdeploy_agent_sessions").set(self.app.sessions.connected() as f64);
         }
         self.seen.clear();
+        self.swept = None;
         desired::bump_past_and_push(&self.app, &self.node_id, hello.applied_generation).await?;
         self.app.pool_wake.notify_one();
         Ok(())
@@ -222,17 +230,29 @@ impl AgentSessionState {
                 }
             }
         }
-        // Containers being destroyed are gone once the agent stops reporting them.
-        let reported: Vec<Uuid> = hb
+        // Containers being destroyed are gone once the agent stops reporting
+        // them. Swept when the reported set changes (a removal shows there)
+        // and at least every 30 s (one marked destroying that never existed),
+        // not on every heartbeat: at a thousand nodes that is 500 statements
+        // a second for nothing.
+        let mut reported: Vec<Uuid> = hb
             .containers
             .iter()
             .filter_map(|c| c.container_id.parse().ok())
             .collect();
-        sqlx::query("UPDATE containers SET state = 'destroyed', updated_at = now() WHERE node_id = $1 AND state = 'destroying' AND id <> ALL($2)")
-            .bind(&self.node_id)
-            .bind(&reported)
-            .execute(&self.app.db)
-            .await?;
+        reported.sort_unstable();
+        let due = match &self.swept {
+            Some((ids, at)) => *ids != reported || at.elapsed() > SWEEP_AT_LEAST_EVERY,
+            None => true,
+        };
+        if due || changed_node {
+            sqlx::query("UPDATE containers SET state = 'destroyed', updated_at = now() WHERE node_id = $1 AND state = 'destroying' AND id <> ALL($2)")
+                .bind(&self.node_id)
+                .bind(&reported)
+                .execute(&self.app.db)
+                .await?;
+            self.swept = Some((reported, std::time::Instant::now()));
+        }
         if changed_node || hb.applied_generation > generation as u64 {
             // A ledger ahead of the database (restored from a backup) is
             // overtaken, or the agent would refuse every push.

@@ -197,7 +197,8 @@ pub async fn create(
         Begin::First => {
             let (status, body) = match sign_up(&app, &user, body).await {
                 Ok(done) => done,
-                Err(e) => e.answer(),
+                // The first answer is stored, errors included.
+                Err(e) => e.answer_logged(),
             };
             idempotency::finish(&app, user.id, &key, status, &body).await;
             Ok(answer(status, body))

@@ -28,11 +28,14 @@ type ContainerRow = (
     bool,
 );
 
-pub async fn load(app: &App, node_id: &str) -> Result<DesiredState> {
+/// Reads the node's desired state in one snapshot; `on_snapshot` runs just
+/// before the snapshot is taken (the first read).
+pub async fn load(app: &App, node_id: &str, on_snapshot: impl FnOnce()) -> Result<DesiredState> {
     let mut tx = app.db.begin().await?;
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .execute(&mut *tx)
         .await?;
+    on_snapshot();
     let generation: i64 = sqlx::query_scalar("SELECT generation FROM nodes WHERE id = $1")
         .bind(node_id)
         .fetch_optional(&mut *tx)
@@ -126,7 +129,16 @@ pub async fn push(app: &AppRef, node_id: &str) -> Result<()> {
         crate::events::publish(app, &[crate::events::Event::Node(node_id.to_owned())]).await;
         return Ok(());
     };
-    let desired = load(app, node_id).await?;
+    // A burst of claims on one node becomes a few pushes, not one each:
+    // a push still waiting for a connection covers the changes committed
+    // meanwhile, since its snapshot comes after them.
+    // (A push that fails or is cancelled before its snapshot leaves the
+    // changes it covered to the next heartbeat, which pushes again.)
+    let Some(ticket) = app.sessions.begin_push(node_id) else {
+        return Ok(());
+    };
+    let desired = load(app, node_id, || ticket.reading()).await?;
+    drop(ticket);
     let generation = desired.generation;
     let msg = SchedulerMessage {
         msg: Some(scheduler_message::Msg::Desired(desired)),

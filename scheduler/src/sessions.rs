@@ -14,6 +14,57 @@ pub type Outbound = mpsc::Sender<Result<SchedulerMessage, tonic::Status>>;
 pub struct Sessions {
     next_id: AtomicU64,
     open: Mutex<HashMap<String, (u64, Outbound)>>,
+    /// Nodes with a push that has not read the database yet.
+    pending_pushes: Mutex<std::collections::HashSet<String>>,
+}
+
+impl Sessions {
+    /// A ticket to push to `node_id`, or `None` when a push that has not
+    /// yet read the database is already under way: it will see the
+    /// caller's (committed) change too.
+    pub fn begin_push<'a>(&'a self, node_id: &'a str) -> Option<PushTicket<'a>> {
+        let fresh = self
+            .pending_pushes
+            .lock()
+            .unwrap()
+            .insert(node_id.to_owned());
+        fresh.then(|| PushTicket {
+            sessions: self,
+            node_id,
+            pending: std::sync::atomic::AtomicBool::new(true),
+        })
+    }
+}
+
+/// A push that has not read the database yet. `reading` (or dropping it,
+/// should the push fail or be cancelled) lets the next change push again.
+pub struct PushTicket<'a> {
+    sessions: &'a Sessions,
+    node_id: &'a str,
+    pending: std::sync::atomic::AtomicBool,
+}
+
+impl PushTicket<'_> {
+    /// The push is about to take its snapshot: changes from now on need a
+    /// push of their own.
+    pub fn reading(&self) {
+        if self
+            .pending
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            self.sessions
+                .pending_pushes
+                .lock()
+                .unwrap()
+                .remove(self.node_id);
+        }
+    }
+}
+
+impl Drop for PushTicket<'_> {
+    fn drop(&mut self) {
+        self.reading();
+    }
 }
 
 impl Sessions {
@@ -54,5 +105,27 @@ impl Sessions {
 
     pub fn connected(&self) -> usize {
         self.open.lock().unwrap().len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pushes_coalesce_until_the_pending_one_reads() {
+        let s = Sessions::default();
+        let first = s.begin_push("a").expect("first push goes ahead");
+        // Committed meanwhile: covered by the pending push.
+        assert!(s.begin_push("a").is_none());
+        // Another node is independent.
+        assert!(s.begin_push("b").is_some());
+        first.reading();
+        // After the snapshot, a change needs its own push.
+        let second = s.begin_push("a").expect("a new push after the read");
+        // A push dropped before reading (failed, cancelled) frees the node.
+        drop(second);
+        drop(first);
+        assert!(s.begin_push("a").is_some());
     }
 }

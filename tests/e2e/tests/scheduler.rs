@@ -396,6 +396,83 @@ async fn an_unconfirmed_claim_moves_to_a_fresh_container_and_the_first_is_destro
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_unconfirmed_twice_fails_and_frees_its_subdomain() -> Result<()> {
+    let c = Cluster::start(ClusterOptions {
+        min_idle: 4,
+        claim_wait_secs: 1,
+        claim_timeout_secs: Some(2),
+        ..Default::default()
+    })
+    .await?;
+    c.wait_idle(4, true, Duration::from_secs(120)).await?;
+    let account = c.register("twice@example.com").await?;
+    // Both agents hang: the claim and its retry both go unanswered.
+    c.pause_agent(0, true)?;
+    c.pause_agent(1, true)?;
+    let (status, body) = c
+        .create_instance(
+            &account,
+            &json!({"subdomain": "twice", "apiKeys": {"openai": "sk"}}),
+        )
+        .await?;
+    assert_eq!(status, 202, "{body}");
+    let url = body["instance"]["statusUrl"]
+        .as_str()
+        .context("status URL")?;
+    let mut view = Value::Null;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        view = get_json(&c, url, &account).await?;
+        if view["instance"]["status"] == "failed" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(view["instance"]["status"], "failed", "{view}");
+    assert!(view["instance"]["gatewayToken"].is_null());
+    assert_eq!(audit_count(&c, "instance.claim_retry").await?, 1);
+    assert_eq!(audit_count(&c, "instance.failed").await?, 1);
+    assert_eq!(
+        c.count("SELECT count(*) FROM containers WHERE state = 'destroying'")
+            .await?,
+        2,
+        "both unconfirmed containers are being destroyed"
+    );
+    // The agents wake up: both containers go, and the customer can try
+    // again with the same subdomain.
+    c.pause_agent(0, false)?;
+    c.pause_agent(1, false)?;
+    c.wait_nodes_connected(Duration::from_secs(30)).await?;
+    wait_for(
+        Duration::from_secs(60),
+        "unconfirmed containers destroyed",
+        || async {
+            Ok(
+                c.count("SELECT count(*) FROM containers WHERE state = 'destroying'")
+                    .await?
+                    == 0,
+            )
+        },
+    )
+    .await?;
+    let (status, body) = c
+        .create_instance(
+            &account,
+            &json!({"subdomain": "twice", "apiKeys": {"openai": "sk"}}),
+        )
+        .await?;
+    assert!(status == 201 || status == 202, "{status}: {body}");
+    let url = body["instance"]["statusUrl"]
+        .as_str()
+        .context("status URL")?;
+    let view = wait_ready(&c, &account, url, Duration::from_secs(60)).await?;
+    let gw = view["instance"]["gatewayToken"].as_str().context("token")?;
+    models_ok(&c, "twice", gw).await?;
+    c.wait_docker_matches_db(Duration::from_secs(30)).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_node_is_marked_unreachable_and_the_pool_refills_elsewhere() -> Result<()> {
     let mut c = Cluster::start(ClusterOptions {
         min_idle: 4,

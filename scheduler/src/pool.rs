@@ -253,12 +253,11 @@ async fn replace_stuck(app: &App) -> Result<Vec<String>> {
     .await?)
 }
 
-/// The warm pool on schedulable nodes: (idle, idle of the current
-/// generation, warming, stale warm, stale idle).
-async fn pool_counts(app: &App, s: &PoolSettings) -> Result<(i64, i64, i64, i64, i64)> {
+/// The warm pool on schedulable nodes: (idle, warming, stale warm, stale
+/// idle), where stale means not of the current image and generation.
+async fn pool_counts(app: &App, s: &PoolSettings) -> Result<(i64, i64, i64, i64)> {
     Ok(sqlx::query_as(
         "SELECT count(*) FILTER (WHERE c.state = 'idle'),
-                count(*) FILTER (WHERE c.state = 'idle' AND c.image = $2 AND c.pool_generation = $3),
                 count(*) FILTER (WHERE c.state IN ('creating', 'warming')),
                 count(*) FILTER (WHERE NOT (c.image = $2 AND c.pool_generation = $3)),
                 count(*) FILTER (WHERE c.state = 'idle' AND NOT (c.image = $2 AND c.pool_generation = $3))
@@ -287,7 +286,7 @@ async fn reconcile(app: &AppRef) -> Result<()> {
         signups_per_sec,
         warm_secs,
     );
-    let (idle, _idle_current, warming, stale, stale_idle) = pool_counts(app, &s).await?;
+    let (idle, warming, stale, stale_idle) = pool_counts(app, &s).await?;
 
     let mut tx = app.db.begin().await?;
     let mut nodes = schedulable_nodes(app, &mut *tx, &s, None).await?;

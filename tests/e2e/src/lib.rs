@@ -476,9 +476,15 @@ impl Cluster {
 
     /// One Prometheus sample from node `i`'s agent (0 when absent).
     pub async fn agent_metric(&self, i: usize, name: &str) -> Result<f64> {
+        self.metric_at(self.agent_metrics[i], name).await
+    }
+
+    /// One Prometheus sample from the process serving `/metrics` at `addr`
+    /// (0 when absent).
+    async fn metric_at(&self, addr: SocketAddr, name: &str) -> Result<f64> {
         let text = self
             .client
-            .get(format!("http://{}/metrics", self.agent_metrics[i]))
+            .get(format!("http://{addr}/metrics"))
             .send()
             .await?
             .text()
@@ -561,16 +567,9 @@ impl Cluster {
         Ok(())
     }
 
-    /// A scheduler's Prometheus value for `name` (first matching line).
+    /// One Prometheus sample from scheduler `i` (0 when absent).
     pub async fn scheduler_metric(&self, i: usize, name: &str) -> Result<f64> {
-        let text = self
-            .client
-            .get(format!("http://{}/metrics", self.https[i]))
-            .send()
-            .await?
-            .text()
-            .await?;
-        Ok(metric_value(&text, name).unwrap_or(0.0))
+        self.metric_at(self.https[i], name).await
     }
 
     pub fn pids(&self) -> Vec<(String, u32)> {

@@ -75,6 +75,9 @@ pub async fn list_nodes(_: Operator, State(app): State<AppRef>) -> Result<axum::
         last_heartbeat: Option<chrono::DateTime<chrono::Utc>>,
         cert_not_after: Option<chrono::DateTime<chrono::Utc>>,
         containers: i64,
+        idle: i64,
+        assigned: i64,
+        heartbeat_fresh: bool,
         cpu_busy_permille: i32,
         memory_available_bytes: i64,
         disk_available_bytes: i64,
@@ -83,11 +86,19 @@ pub async fn list_nodes(_: Operator, State(app): State<AppRef>) -> Result<axum::
     }
     let rows: Vec<Row> = sqlx::query_as(
         "SELECT n.id, n.state, n.generation, n.last_heartbeat, n.cert_not_after,
-                (SELECT count(*) FROM containers c WHERE c.node_id = n.id AND c.state <> 'destroyed') AS containers,
+                c.containers, c.idle, c.assigned,
+                COALESCE(n.last_heartbeat > now() - make_interval(secs => $1), false) AS heartbeat_fresh,
                 n.cpu_busy_permille, n.memory_available_bytes, n.disk_available_bytes,
                 n.disk_total_bytes, n.containers_running
-           FROM nodes n ORDER BY n.id",
+           FROM nodes n
+           CROSS JOIN LATERAL (
+                SELECT count(*) FILTER (WHERE state NOT IN ('destroyed', 'failed')) AS containers,
+                       count(*) FILTER (WHERE state = 'idle') AS idle,
+                       count(*) FILTER (WHERE state = 'assigned') AS assigned
+                  FROM containers WHERE node_id = n.id) c
+          ORDER BY n.id",
     )
+    .bind(app.cfg.heartbeat_ttl.as_secs_f64())
     .fetch_all(&app.db)
     .await?;
     let nodes: Vec<Value> = rows
@@ -96,8 +107,13 @@ pub async fn list_nodes(_: Operator, State(app): State<AppRef>) -> Result<axum::
             json!({
                 "id": r.id, "state": r.state, "generation": r.generation,
                 "lastHeartbeat": r.last_heartbeat, "certNotAfter": r.cert_not_after,
-                "containers": r.containers,
+                "containers": r.containers, "idle": r.idle, "assigned": r.assigned,
+                // A session with this scheduler; with two schedulers the
+                // node may hold its session with the other one, which
+                // `heartbeatFresh` (any scheduler heard it within the TTL)
+                // tells.
                 "connected": app.sessions.sender(&r.id).is_some(),
+                "heartbeatFresh": r.heartbeat_fresh,
                 "usage": {
                     "cpuBusy": f64::from(r.cpu_busy_permille) / 1000.0,
                     "memoryAvailableBytes": r.memory_available_bytes,

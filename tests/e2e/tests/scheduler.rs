@@ -522,6 +522,23 @@ async fn a_lost_node_is_marked_unreachable_and_the_pool_refills_elsewhere() -> R
     assert_eq!(state, "assigned");
     models_ok(&c, "survivor", &gw).await?;
     assert_eq!(audit_count(&c, "node.unreachable").await?, 1);
+    let (_, nodes) = c
+        .admin(
+            reqwest::Method::GET,
+            "/admin/nodes",
+            None,
+            Some(ADMIN_TOKEN),
+        )
+        .await?;
+    let listed = nodes["nodes"]
+        .as_array()
+        .context("nodes")?
+        .iter()
+        .find(|n| n["id"] == lost.as_str())
+        .context("lost node listed")?;
+    assert_eq!(listed["state"], "unreachable", "{listed}");
+    assert_eq!(listed["heartbeatFresh"], false, "{listed}");
+    assert!(listed["assigned"].as_i64() >= Some(1), "{listed}");
     assert_eq!(
         c.scheduler_metric(0, "clawdeploy_nodes{state=\"unreachable\"}")
             .await?,

@@ -107,15 +107,37 @@ fn histogram_means(text: &str) -> Vec<(String, f64, f64)> {
         .collect()
 }
 
-async fn users(c: &Cluster, prefix: &str, n: usize) -> Result<Vec<String>> {
-    let mut v = Vec::new();
-    for i in 0..n {
-        v.push(
-            c.register(&format!("{prefix}{i}@bench.example.com"))
-                .await?,
-        );
+/// Signs each account up for `<prefix>-<i>`, one after the other; returns
+/// the timings and the wall time.
+async fn run_sequential(
+    c: &Cluster,
+    prefix: &str,
+    tokens: &[String],
+) -> Result<(Vec<Duration>, Duration)> {
+    let t = Instant::now();
+    let mut samples = Vec::new();
+    for (i, token) in tokens.iter().enumerate() {
+        samples.push(signup(c, token, &format!("{prefix}-{i}")).await?);
     }
-    Ok(v)
+    Ok((samples, t.elapsed()))
+}
+
+/// Signs every account up at once; returns the timings and the wall time.
+async fn run_concurrent(
+    c: &Cluster,
+    prefix: &str,
+    tokens: &[String],
+) -> Result<(Vec<Duration>, Duration)> {
+    let t = Instant::now();
+    let results = futures::future::join_all(
+        tokens
+            .iter()
+            .enumerate()
+            .map(|(i, token)| async move { signup(c, token, &format!("{prefix}-{i}")).await }),
+    )
+    .await;
+    let wall = t.elapsed();
+    Ok((results.into_iter().collect::<Result<Vec<_>>>()?, wall))
 }
 
 #[tokio::main]
@@ -150,27 +172,13 @@ async fn empty_pool(a: &Args) -> Result<()> {
         ..Default::default()
     })
     .await?;
-    let seq_users = users(&c, "empty", a.empty).await?;
-    let mut samples = Vec::new();
-    let t = Instant::now();
-    for (i, token) in seq_users.iter().enumerate() {
-        samples.push(signup(&c, token, &format!("empty-{i}")).await?);
-    }
-    report("empty pool, sequential", samples, t.elapsed());
+    let seq_users = c.register_many("empty", a.empty).await?;
+    let (samples, wall) = run_sequential(&c, "empty", &seq_users).await?;
+    report("empty pool, sequential", samples, wall);
     let n = (a.empty / 2).max(1);
-    let burst_users = users(&c, "emptyburst", n).await?;
-    let t = Instant::now();
-    let results = futures::future::join_all(burst_users.iter().enumerate().map(|(i, token)| {
-        let c = &c;
-        async move { signup(c, token, &format!("emptyburst-{i}")).await }
-    }))
-    .await;
-    let wall = t.elapsed();
-    report(
-        &format!("empty pool, {n} at once"),
-        results.into_iter().collect::<Result<Vec<_>>>()?,
-        wall,
-    );
+    let burst_users = c.register_many("emptyburst", n).await?;
+    let (samples, wall) = run_concurrent(&c, "emptyburst", &burst_users).await?;
+    report(&format!("empty pool, {n} at once"), samples, wall);
     Ok(())
 }
 
@@ -186,7 +194,7 @@ async fn trickle(a: &Args) -> Result<()> {
     })
     .await?;
     c.wait_idle(5, false, Duration::from_secs(300)).await?;
-    let accounts = users(&c, "trickle", a.trickle).await?;
+    let accounts = c.register_many("trickle", a.trickle).await?;
     let done = std::sync::atomic::AtomicBool::new(false);
     let sampler = async {
         let mut lowest = i64::MAX;
@@ -265,19 +273,15 @@ async fn burst(a: &Args) -> Result<()> {
         eprintln!("scheduler rss {label}: {} KiB", rss_kib(pid).unwrap_or(0));
     };
     rss("after the pool filled");
-    let seq_users = users(&c, "seq", a.sequential).await?;
+    let seq_users = c.register_many("seq", a.sequential).await?;
     rss("after registrations");
-    let mut samples = Vec::new();
-    let t = Instant::now();
-    for (i, token) in seq_users.iter().enumerate() {
-        samples.push(signup(&c, token, &format!("seq-{i}")).await?);
-    }
-    report("sequential", samples, t.elapsed());
+    let (samples, wall) = run_sequential(&c, "seq", &seq_users).await?;
+    report("sequential", samples, wall);
     rss("after sequential signups");
 
     c.wait_idle(i64::from(pool), false, Duration::from_secs(600))
         .await?;
-    let burst_users = users(&c, "burst", a.concurrent).await?;
+    let burst_users = c.register_many("burst", a.concurrent).await?;
     let cpu_before: Vec<(String, f64)> = c
         .pids()
         .into_iter()
@@ -285,14 +289,7 @@ async fn burst(a: &Args) -> Result<()> {
         .collect();
     let machine_before = machine_cpu();
     let by_command_before = cpu_by_command();
-    let t = Instant::now();
-    let results = futures::future::join_all(burst_users.iter().enumerate().map(|(i, token)| {
-        let c = &c;
-        async move { signup(c, token, &format!("burst-{i}")).await }
-    }))
-    .await;
-    let wall = t.elapsed();
-    let samples = results.into_iter().collect::<Result<Vec<_>>>()?;
+    let (samples, wall) = run_concurrent(&c, "burst", &burst_users).await?;
     report(&format!("concurrent ({})", a.concurrent), samples, wall);
     let machine_after = machine_cpu();
     let (busy, total) = (

@@ -442,20 +442,7 @@ async fn main() -> Result<()> {
     );
 
     // Claim throughput: register first (not timed), then sign up at once.
-    let accounts = {
-        let mut v = Vec::new();
-        for chunk in (0..a.signups).collect::<Vec<_>>().chunks(50) {
-            let emails: Vec<String> = chunk
-                .iter()
-                .map(|i| format!("claim{i}@fleet.example.com"))
-                .collect();
-            let got = futures::future::join_all(emails.iter().map(|e| c.register(e))).await;
-            for t in got {
-                v.push(t?);
-            }
-        }
-        v
-    };
+    let accounts = c.register_many("claim", a.signups).await?;
     let cpu0 = cpu_secs(scheduler_pid).unwrap_or(0.0);
     let bodies: Vec<serde_json::Value> = (0..a.signups)
         .map(|i| json!({"subdomain": format!("claim-{i}"), "apiKeys": {"openai": "sk-fleet"}}))

@@ -1,46 +1,112 @@
 //! ClawDeploy edge: the public entry to customers' gateways. It maps
 //! `<sub>.<base_domain>` to the tenant container named by the route table
 //! that the scheduler streams to it, and serves its own 404 for anything
-//! else.
+//! else. With certificates configured it terminates TLS and the plain
+//! listener redirects to HTTPS.
 
+pub mod conn;
 pub mod proxy;
 pub mod routes;
+pub mod server;
+pub mod tls;
+pub mod upstream;
 pub mod watch;
 
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::routing::get;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use tokio::net::TcpListener;
 
+pub use tls::CertFiles;
 pub use watch::WatchConfig;
+
+/// Bounds on what one client may ask of the edge.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Request head (line and headers) and HTTP/2 header list, in bytes.
+    pub max_header_bytes: usize,
+    /// Request body, in bytes (declared or streamed).
+    pub max_body_bytes: u64,
+    pub max_conns_per_ip: u32,
+    pub connect_timeout: Duration,
+    /// For the TLS handshake and for a request head to arrive.
+    pub header_timeout: Duration,
+    /// No bytes either way for this long closes a connection.
+    pub idle_timeout: Duration,
+    /// The same for a spliced WebSocket.
+    pub ws_idle_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_header_bytes: 32 * 1024,
+            max_body_bytes: 256 * 1024 * 1024,
+            max_conns_per_ip: 1024,
+            connect_timeout: Duration::from_secs(3),
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(120),
+            ws_idle_timeout: Duration::from_secs(3600),
+        }
+    }
+}
 
 pub struct EdgeConfig {
     pub watch: WatchConfig,
     pub cache_file: Option<PathBuf>,
+    /// Certificate and key files; empty: no TLS.
+    pub certs: Vec<CertFiles>,
+    /// How often the certificate files are checked for changes.
+    pub cert_check_every: Duration,
+    /// The HTTPS port redirects name (the public one: 443 behind a plain
+    /// port mapping); the TLS listener's own port when unset.
+    pub public_https_port: Option<u16>,
+    pub limits: Limits,
 }
 
-/// Runs the edge on `listener` (public) and `admin` (metrics, health) until
-/// `shutdown` resolves.
+/// The sockets the edge serves on.
+pub struct Listeners {
+    /// Plain HTTP: the proxy itself, or a redirect to HTTPS when TLS is on.
+    pub http: TcpListener,
+    /// TLS; required when certificates are configured.
+    pub https: Option<TcpListener>,
+    /// Metrics, health and the route table's status.
+    pub admin: TcpListener,
+}
+
+/// Runs the edge until `shutdown` resolves.
 pub async fn serve(
     cfg: EdgeConfig,
-    listener: TcpListener,
-    admin: TcpListener,
+    listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let tls = match (cfg.certs.is_empty(), &listeners.https) {
+        (true, None) => None,
+        (false, Some(l)) => {
+            let store = tls::CertStore::load(cfg.certs.clone())?;
+            let port = cfg.public_https_port.unwrap_or(l.local_addr()?.port());
+            Some((store, port))
+        }
+        (true, Some(_)) => anyhow::bail!("an HTTPS listener needs a certificate and key"),
+        (false, None) => anyhow::bail!("certificates are configured but no HTTPS listener"),
+    };
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(
             Matcher::Suffix("_seconds".into()),
             &[
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
             ],
         )?
         .install_recorder()?;
     let table = Arc::new(routes::RouteTable::load(cfg.cache_file));
-    let watcher = tokio::spawn(watch::run(cfg.watch, table.clone()));
-    let persister = tokio::spawn(table.clone().persist_changes());
+    let mut background = vec![
+        tokio::spawn(watch::run(cfg.watch, table.clone())),
+        tokio::spawn(table.clone().persist_changes()),
+    ];
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let status_table = table.clone();
     let admin_app =
@@ -57,26 +123,58 @@ pub async fn serve(
                 }),
             );
     let mut admin_stop = stop_rx.clone();
-    let admin_task = tokio::spawn(async move {
-        axum::serve(admin, admin_app)
+    let admin = listeners.admin;
+    let mut tasks = vec![tokio::spawn(async move {
+        let r = axum::serve(admin, admin_app)
             .with_graceful_shutdown(async move {
                 let _ = admin_stop.changed().await;
             })
-            .await
-    });
-    let proxy_task = tokio::spawn(proxy::serve(
-        Arc::new(proxy::Proxy::new(table.clone())),
-        listener,
-        stop_rx,
-    ));
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "admin listener failed");
+        }
+    })];
+    let front = server::Front::new(
+        Arc::new(proxy::Proxy::new(table.clone(), cfg.limits.clone())),
+        cfg.limits,
+    );
+    match (tls, listeners.https) {
+        (Some((store, https_port)), Some(https)) => {
+            let acceptor = tokio_rustls::TlsAcceptor::from(store.server_config()?);
+            background.push(tokio::spawn(store.watch(cfg.cert_check_every)));
+            tasks.push(tokio::spawn(server::serve(
+                front.clone(),
+                https,
+                Some(acceptor),
+                server::Mode::Proxy,
+                stop_rx.clone(),
+            )));
+            tasks.push(tokio::spawn(server::serve(
+                front,
+                listeners.http,
+                None,
+                server::Mode::RedirectTo { https_port },
+                stop_rx,
+            )));
+        }
+        _ => tasks.push(tokio::spawn(server::serve(
+            front,
+            listeners.http,
+            None,
+            server::Mode::Proxy,
+            stop_rx,
+        ))),
+    }
     shutdown.await;
     let _ = stop_tx.send(true);
-    watcher.abort();
-    persister.abort();
+    for t in &background {
+        t.abort();
+    }
     if let Err(e) = table.save() {
         tracing::warn!(error = %e, "route cache not written at shutdown");
     }
-    let _ = proxy_task.await;
-    let _ = admin_task.await;
+    for t in tasks {
+        let _ = t.await;
+    }
     Ok(())
 }

@@ -1,29 +1,35 @@
-//! The public reverse proxy: `Host: <sub>.<base_domain>` → the container the
-//! route names. HTTP/1.1 and HTTP/2 (h2c here; TLS comes with the edge
-//! issue), WebSocket upgrades spliced end to end, bodies streamed both ways,
-//! upstream connections pooled. Unknown hosts get the edge's own 404.
+//! One request through the edge: `Host: <sub>.<base_domain>` (or the
+//! HTTP/2 `:authority`) → the container the route names, over a pooled
+//! HTTP/1.1 connection. Bodies stream both ways under a size cap, WebSocket
+//! upgrades are spliced end to end, and unknown hosts get the edge's own 404.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
-use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use http_body_util::{combinators::BoxBody, BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpListener;
 
-use crate::routes::{normalize_host, RouteTable};
+use crate::conn::{Activity, Tracked};
+use crate::routes::{normalize_host, RouteTable, Target};
+use crate::upstream::{self, BoxError, UpstreamConnector};
+use crate::Limits;
 
+/// What the edge answers with.
 pub type Body = BoxBody<Bytes, hyper::Error>;
+/// What the edge sends upstream: the client's body, capped.
+type UpBody = BoxBody<Bytes, BoxError>;
 
 pub struct Proxy {
     pub routes: Arc<RouteTable>,
-    client: Client<HttpConnector, Incoming>,
+    client: Client<UpstreamConnector, UpBody>,
+    limits: Limits,
 }
 
 /// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1).
@@ -40,46 +46,72 @@ const HOP_BY_HOP: &[&str] = &[
 ];
 
 impl Proxy {
-    pub fn new(routes: Arc<RouteTable>) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(3)));
+    pub fn new(routes: Arc<RouteTable>, limits: Limits) -> Self {
         let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_idle_timeout(std::time::Duration::from_secs(60))
             .pool_max_idle_per_host(64)
             .timer(TokioTimer::new())
-            .build(connector);
-        Self { routes, client }
+            .build(UpstreamConnector::new(
+                routes.clone(),
+                limits.connect_timeout,
+            ));
+        Self {
+            routes,
+            client,
+            limits,
+        }
     }
 }
 
-fn full(status: StatusCode, body: &'static str) -> Response<Body> {
-    let mut r = Response::new(
-        Full::new(Bytes::from_static(body.as_bytes()))
-            .map_err(|never| match never {})
-            .boxed(),
-    );
+fn respond(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed());
     *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     r.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     r
 }
 
-fn not_found() -> Response<Body> {
-    full(
-        StatusCode::NOT_FOUND,
-        r#"{"error":{"code":"unknown_host","message":"no ClawDeploy instance lives at this address"}}"#,
-    )
+/// The edge's own answer: JSON `{error: {code, message}}`, or a small HTML
+/// page for a browser.
+pub fn error_page(
+    headers: &HeaderMap,
+    status: StatusCode,
+    code: &str,
+    message: &str,
+) -> Response<Body> {
+    let wants_html = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/html"));
+    if wants_html {
+        let title = status.canonical_reason().unwrap_or("Error");
+        respond(
+            status,
+            "text/html; charset=utf-8",
+            format!(
+                "<!doctype html><html><head><meta charset=\"utf-8\"><title>{} {title} · ClawDeploy</title></head>\
+                 <body style=\"font-family:system-ui,sans-serif;max-width:36rem;margin:4rem auto\">\
+                 <h1>{title}</h1><p>{message}</p><p><small>{code} · ClawDeploy edge</small></p></body></html>",
+                status.as_u16()
+            ),
+        )
+    } else {
+        respond(
+            status,
+            "application/json",
+            serde_json::json!({"error": {"code": code, "message": message}}).to_string(),
+        )
+    }
 }
 
-fn bad_gateway() -> Response<Body> {
-    full(
-        StatusCode::BAD_GATEWAY,
-        r#"{"error":{"code":"upstream_unavailable","message":"the instance did not answer"}}"#,
+fn not_found(headers: &HeaderMap) -> Response<Body> {
+    error_page(
+        headers,
+        StatusCode::NOT_FOUND,
+        "unknown_host",
+        "No ClawDeploy instance lives at this address.",
     )
 }
 
@@ -117,6 +149,7 @@ fn set_forwarded(headers: &mut HeaderMap, client: SocketAddr, host: &str, proto:
         "x-forwarded-for",
         "x-forwarded-host",
         "x-forwarded-proto",
+        "x-forwarded-port",
         "x-real-ip",
         "forwarded",
     ] {
@@ -132,7 +165,7 @@ fn set_forwarded(headers: &mut HeaderMap, client: SocketAddr, host: &str, proto:
     headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
 }
 
-fn status_class(s: StatusCode) -> &'static str {
+pub fn status_class(s: StatusCode) -> &'static str {
     match s.as_u16() {
         100..=199 => "1xx",
         200..=299 => "2xx",
@@ -142,121 +175,204 @@ fn status_class(s: StatusCode) -> &'static str {
     }
 }
 
+pub fn count(status: StatusCode, route: &'static str) {
+    metrics::counter!("clawdeploy_edge_requests_total", "class" => status_class(status), "route" => route)
+        .increment(1);
+}
+
+/// The host a request is for: `Host`, or the HTTP/2 `:authority`.
+pub fn request_host<B>(req: &Request<B>) -> Option<String> {
+    req.headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+}
+
+/// Whether `e` (or what caused it) is the body cap tripping.
+fn body_too_large(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err.is::<LengthLimitError>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
 impl Proxy {
     pub async fn handle(
         self: Arc<Self>,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
         client: SocketAddr,
+        proto: &'static str,
     ) -> Result<Response<Body>, Infallible> {
-        let raw_host = req
-            .headers()
-            .get(header::HOST)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-            .or_else(|| req.uri().authority().map(|a| a.to_string()));
+        let raw_host = request_host(&req);
         let host = raw_host.as_deref().and_then(normalize_host);
         let Some((host, target)) = host.and_then(|h| self.routes.lookup(&h).map(|t| (h, t))) else {
-            metrics::counter!("clawdeploy_edge_requests_total", "class" => "4xx", "route" => "unknown").increment(1);
-            return Ok(not_found());
+            count(StatusCode::NOT_FOUND, "unknown");
+            return Ok(not_found(req.headers()));
         };
-        let upgrade = is_upgrade(req.headers());
+        let resp = self.forward(req, client, proto, &host, target).await;
+        count(resp.status(), "known");
+        Ok(resp)
+    }
+
+    async fn forward(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        client: SocketAddr,
+        proto: &'static str,
+        host: &str,
+        target: Target,
+    ) -> Response<Body> {
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > self.limits.max_body_bytes) {
+            return error_page(
+                req.headers(),
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                &format!(
+                    "Request bodies are limited to {} bytes.",
+                    self.limits.max_body_bytes
+                ),
+            );
+        }
         let path = req
             .uri()
             .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/");
-        let Ok(uri) = format!("http://{}{path}", target.upstream).parse() else {
-            return Ok(bad_gateway());
+            .map_or("/", |p| p.as_str())
+            .to_owned();
+        let Some(uri) = upstream::uri_for(&target.container_id, &path) else {
+            return error_page(
+                req.headers(),
+                StatusCode::BAD_REQUEST,
+                "bad_path",
+                "The request path is not valid.",
+            );
         };
-        *req.uri_mut() = uri;
-        *req.version_mut() = http::Version::HTTP_11;
+        let upgrade = is_upgrade(req.headers());
+        let mut req = req;
+        // The client's half of an upgrade lives in the request's extensions.
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        let upgrade_proto = req.headers().get(header::UPGRADE).cloned();
-        strip_hop_by_hop(req.headers_mut());
+        let (mut parts, body) = req.into_parts();
+        let upgrade_proto = parts.headers.get(header::UPGRADE).cloned();
+        let original_host = parts.headers.get(header::HOST).cloned();
+        strip_hop_by_hop(&mut parts.headers);
         if let Some(proto) = upgrade_proto.filter(|_| upgrade) {
-            req.headers_mut()
+            parts
+                .headers
                 .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            req.headers_mut().insert(header::UPGRADE, proto);
+            parts.headers.insert(header::UPGRADE, proto);
         }
-        set_forwarded(req.headers_mut(), client, &host, "http");
+        // The container sees the customer's host, whatever the client spoke.
+        let forwarded_host = original_host.or_else(|| HeaderValue::from_str(host).ok());
+        if let Some(h) = forwarded_host {
+            parts.headers.insert(header::HOST, h);
+        }
+        set_forwarded(&mut parts.headers, client, host, proto);
+        parts.uri = uri;
+        parts.version = http::Version::HTTP_11;
+        let headers_for_errors = parts.headers.clone();
+        let body = Limited::new(body, self.limits.max_body_bytes as usize).boxed();
+        let upstream_req = Request::from_parts(parts, body);
 
         let started = Instant::now();
-        let mut resp = match self.client.request(req).await {
+        let mut resp = match self.client.request(upstream_req).await {
             Ok(r) => r,
+            Err(e) if body_too_large(&e) => {
+                return error_page(
+                    &headers_for_errors,
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body_too_large",
+                    &format!(
+                        "Request bodies are limited to {} bytes.",
+                        self.limits.max_body_bytes
+                    ),
+                );
+            }
             Err(e) => {
-                tracing::debug!(host, upstream = target.upstream, error = %e, "upstream request failed");
-                metrics::counter!("clawdeploy_edge_requests_total", "class" => "5xx", "route" => "known").increment(1);
-                return Ok(bad_gateway());
+                tracing::debug!(host, container = target.container_id, error = %e, "upstream request failed");
+                return error_page(
+                    &headers_for_errors,
+                    StatusCode::BAD_GATEWAY,
+                    "upstream_unavailable",
+                    "The instance did not answer.",
+                );
             }
         };
         metrics::histogram!("clawdeploy_edge_upstream_seconds")
             .record(started.elapsed().as_secs_f64());
-        metrics::counter!("clawdeploy_edge_requests_total", "class" => status_class(resp.status()), "route" => "known").increment(1);
 
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             let Some(client_upgrade) = client_upgrade else {
-                return Ok(bad_gateway());
+                return error_page(
+                    &headers_for_errors,
+                    StatusCode::BAD_GATEWAY,
+                    "bad_upgrade",
+                    "The instance switched protocols unasked.",
+                );
             };
             let upstream_upgrade = hyper::upgrade::on(&mut resp);
+            let (routes, idle) = (self.routes.clone(), self.limits.ws_idle_timeout);
+            let host = host.to_owned();
             tokio::spawn(async move {
                 let (c, u) = match tokio::try_join!(client_upgrade, upstream_upgrade) {
                     Ok(pair) => pair,
                     Err(e) => return tracing::debug!(error = %e, "upgrade failed"),
                 };
-                metrics::gauge!("clawdeploy_edge_websockets").increment(1.0);
-                let _ =
-                    tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(u)).await;
-                metrics::gauge!("clawdeploy_edge_websockets").decrement(1.0);
+                splice(TokioIo::new(c), TokioIo::new(u), &routes, &host, &target, idle).await;
             });
             let (parts, _) = resp.into_parts();
-            return Ok(Response::from_parts(
+            return Response::from_parts(
                 parts,
                 http_body_util::Empty::new()
                     .map_err(|never| match never {})
                     .boxed(),
-            ));
+            );
         }
         strip_hop_by_hop(resp.headers_mut());
-        Ok(resp.map(|b| b.boxed()))
+        resp.map(|b| b.boxed())
     }
 }
 
-/// Accepts connections until `shutdown` resolves.
-pub async fn serve(
-    proxy: Arc<Proxy>,
-    listener: TcpListener,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
-) {
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(10));
-    let builder = Arc::new(builder);
-    loop {
-        let (stream, client) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => return,
-        };
-        let _ = stream.set_nodelay(true);
-        let (proxy, builder) = (proxy.clone(), builder.clone());
-        tokio::spawn(async move {
-            metrics::gauge!("clawdeploy_edge_connections").increment(1.0);
-            let service = hyper::service::service_fn(move |req| proxy.clone().handle(req, client));
-            if let Err(e) = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                .await
-            {
-                tracing::debug!(error = %e, "connection ended with an error");
+/// Copies bytes both ways until either side closes, the tunnel idles out,
+/// or the route stops naming this container (a released host loses its
+/// live WebSockets too).
+async fn splice<C, U>(
+    client: C,
+    upstream: U,
+    routes: &RouteTable,
+    host: &str,
+    target: &Target,
+    idle: std::time::Duration,
+) where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let activity = Activity::default();
+    let mut client = Tracked::new(client, activity.clone());
+    let mut upstream = upstream;
+    let mut changes = routes.subscribe();
+    let route_gone = async {
+        while changes.changed().await.is_ok() {
+            if routes.lookup(host).is_none_or(|t| t.container_id != target.container_id) {
+                return;
             }
-            metrics::gauge!("clawdeploy_edge_connections").decrement(1.0);
-        });
-    }
+        }
+        std::future::pending::<()>().await
+    };
+    metrics::gauge!("clawdeploy_edge_websockets").increment(1.0);
+    let ended = tokio::select! {
+        _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => "closed",
+        _ = activity.idle_for(idle) => "idle",
+        _ = route_gone => "route_changed",
+    };
+    metrics::gauge!("clawdeploy_edge_websockets").decrement(1.0);
+    metrics::counter!("clawdeploy_edge_websockets_ended_total", "reason" => ended).increment(1);
 }

@@ -29,12 +29,28 @@ struct Entry {
 struct Table {
     version: u64,
     hosts: HashMap<String, Entry>,
+    /// container id → upstream address, for the connector (rebuilt on load).
+    #[serde(skip)]
+    containers: HashMap<String, String>,
+}
+
+impl Table {
+    fn index(&mut self) {
+        self.containers = self
+            .hosts
+            .values()
+            .filter_map(|e| e.target.as_ref())
+            .map(|t| (t.container_id.clone(), t.upstream.clone()))
+            .collect();
+    }
 }
 
 pub struct RouteTable {
     table: RwLock<Table>,
     cache_file: Option<PathBuf>,
     dirty: tokio::sync::Notify,
+    /// Bumped on every change, so spliced WebSockets can check their route.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 /// Lower-cases, drops a port and a trailing dot: `Alice.Example.com.:443`
@@ -69,11 +85,12 @@ fn target_of(r: Route) -> Option<(String, Target)> {
 impl RouteTable {
     /// A table loaded from `cache_file` when one exists.
     pub fn load(cache_file: Option<PathBuf>) -> Self {
-        let table = cache_file
+        let mut table = cache_file
             .as_ref()
             .and_then(|p| std::fs::read(p).ok())
             .and_then(|b| serde_json::from_slice::<Table>(&b).ok())
             .unwrap_or_default();
+        table.index();
         if !table.hosts.is_empty() {
             tracing::info!(
                 routes = table.hosts.len(),
@@ -85,6 +102,7 @@ impl RouteTable {
             table: RwLock::new(table),
             cache_file,
             dirty: tokio::sync::Notify::new(),
+            changes: tokio::sync::watch::Sender::new(0),
         };
         t.record_metrics();
         t
@@ -97,6 +115,21 @@ impl RouteTable {
             .hosts
             .get(host)
             .and_then(|e| e.target.clone())
+    }
+
+    /// The address of `container_id`, when a route names it.
+    pub fn upstream_of(&self, container_id: &str) -> Option<String> {
+        self.table
+            .read()
+            .unwrap()
+            .containers
+            .get(container_id)
+            .cloned()
+    }
+
+    /// Wakes on every change to the table.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     pub fn version(&self) -> u64 {
@@ -132,10 +165,13 @@ impl RouteTable {
                 )
             })
             .collect();
-        *self.table.write().unwrap() = Table {
+        let mut table = Table {
             version: snap.version,
             hosts,
+            containers: HashMap::new(),
         };
+        table.index();
+        *self.table.write().unwrap() = table;
         self.changed();
     }
 
@@ -157,13 +193,21 @@ impl RouteTable {
                 return;
             }
             t.version = t.version.max(d.version);
-            t.hosts.insert(
+            if let Some(new) = &target {
+                t.containers
+                    .insert(new.container_id.clone(), new.upstream.clone());
+            }
+            let old = t.hosts.insert(
                 host,
                 Entry {
                     version: d.version,
-                    target,
+                    target: target.clone(),
                 },
             );
+            let old_container = old.and_then(|e| e.target).map(|o| o.container_id);
+            if let Some(c) = old_container.filter(|c| target.as_ref().is_none_or(|n| &n.container_id != c)) {
+                t.containers.remove(&c);
+            }
         }
         self.changed();
     }
@@ -174,6 +218,7 @@ impl RouteTable {
     }
 
     fn changed(&self) {
+        self.changes.send_modify(|n| *n += 1);
         self.record_metrics();
         self.dirty.notify_one();
     }
@@ -240,17 +285,20 @@ mod tests {
             version: 5,
             upsert: None,
             removed_hostname: "a.x.test".into(),
+            published_unix_ms: 0,
         });
         t.apply_delta(RouteDelta {
             version: 4,
             upsert: Some(route("a.x.test", "10.0.0.2:1")),
             removed_hostname: String::new(),
+            published_unix_ms: 0,
         });
         assert_eq!(t.lookup("a.x.test"), None);
         t.apply_delta(RouteDelta {
             version: 6,
             upsert: Some(route("A.x.test", "10.0.0.3:1")),
             removed_hostname: String::new(),
+            published_unix_ms: 0,
         });
         assert_eq!(t.lookup("a.x.test").unwrap().upstream, "10.0.0.3:1");
         assert_eq!(t.version(), 6);
@@ -266,6 +314,7 @@ mod tests {
                 version: v,
                 upsert: Some(route(&format!("h{v}.x.test"), "10.0.0.9:1")),
                 removed_hostname: String::new(),
+                published_unix_ms: 0,
             });
         }
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);

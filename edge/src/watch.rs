@@ -65,8 +65,9 @@ async fn once(cfg: &WatchConfig, table: &RouteTable) -> anyhow::Result<()> {
             }
             Some(route_event::Event::Delta(d)) => {
                 tracing::debug!(version = d.version, "route delta");
-                let v = d.version;
+                let (v, published) = (d.version, d.published_unix_ms);
                 table.apply_delta(d);
+                record_lag(published);
                 v
             }
             None => continue,
@@ -78,6 +79,19 @@ async fn once(cfg: &WatchConfig, table: &RouteTable) -> anyhow::Result<()> {
         });
     }
     Ok(())
+}
+
+/// How long a delta took from the scheduler sending it to the edge
+/// applying it (wall clocks: across hosts this includes their skew).
+fn record_lag(published_unix_ms: u64) {
+    if published_unix_ms == 0 {
+        return;
+    }
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let lag = now_ms.saturating_sub(published_unix_ms) as f64 / 1000.0;
+    metrics::histogram!("clawdeploy_edge_route_update_lag_seconds").record(lag);
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

@@ -45,7 +45,7 @@ pub async fn load(app: &App, node_id: &str, on_snapshot: impl FnOnce()) -> Resul
         "SELECT c.id, c.image, c.gateway_token_enc, c.cpu_millis, c.memory_bytes, c.pids,
                 i.id, i.config_version, i.default_model, c.state = 'suspended'
            FROM containers c
-           LEFT JOIN instances i ON i.container_id = c.id AND i.status IN ('pending', 'ready', 'suspended')
+           LEFT JOIN instances i ON i.container_id = c.id AND i.status IN ('pending', 'ready', 'suspended', 'deleting')
           WHERE c.node_id = $1 AND (c.state IN {RUNNING_STATES} OR c.state = 'suspended')
           ORDER BY c.created_at"
     ))

@@ -7,7 +7,6 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use clawdeploy_proto::{Route, RouteDelta};
 use sqlx::postgres::PgListener;
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -158,26 +157,8 @@ async fn broadcast_rows<T>(app: &App, filter: &str, arg: T) -> Result<()>
 where
     T: for<'q> sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Send,
 {
-    let rows: Vec<(String, String, Uuid, Uuid, i64)> = sqlx::query_as(&format!(
-        "SELECT hostname, upstream, instance_id, container_id, version FROM routes {filter} ORDER BY version"
-    ))
-    .bind(arg)
-    .fetch_all(&app.db)
-    .await?;
-    crate::routes::broadcast_local(
-        app,
-        rows.into_iter()
-            .map(|(hostname, upstream, iid, cid, v)| RouteDelta {
-                version: v as u64,
-                upsert: Some(Route {
-                    hostname,
-                    upstream,
-                    instance_id: iid.to_string(),
-                    container_id: cid.to_string(),
-                }),
-                removed_hostname: String::new(),
-            }),
-    );
+    let deltas = crate::routes::deltas_where(app, filter, arg).await?;
+    crate::routes::broadcast_local(app, deltas);
     Ok(())
 }
 

@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 
 use crate::app::AppRef;
 use crate::error::Error;
-use crate::{admin, auth, instances};
+use crate::{admin, auth, instances, release};
 
 /// JSON bodies are small; anything larger is refused before parsing.
 const BODY_LIMIT: usize = 64 * 1024;
@@ -38,7 +38,10 @@ pub fn router(app: AppRef, metrics: PrometheusHandle) -> Router {
         .route("/api/auth/register", post(auth::register))
         .route("/api/auth/login", post(auth::login))
         .route("/api/instances", post(instances::create))
-        .route("/api/instances/me", get(instances::me))
+        .route(
+            "/api/instances/me",
+            get(instances::me).delete(release::release),
+        )
         .route("/api/instances/{id}", get(instances::get))
         .route("/admin/pool", get(admin::pool).put(admin::set_pool))
         .route("/admin/join-tokens", post(admin::create_join_token))

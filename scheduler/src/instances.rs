@@ -17,9 +17,6 @@ use crate::error::{Error, Result};
 use crate::http::ApiJson;
 use crate::idempotency::{self, Begin};
 
-/// How long a signup waits for the edges to apply its route.
-const EDGE_ACK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
-
 /// Names that never become customer subdomains.
 const RESERVED: &[&str] = &[
     "www",
@@ -240,19 +237,15 @@ async fn sign_up(
     let outcome = assign::wait_ready(app, claimed.instance_id).await?;
     if outcome == Outcome::Ready {
         // The route is committed; answer once the edges route it too.
-        let version: Option<i64> =
-            sqlx::query_scalar("SELECT version FROM routes WHERE instance_id = $1")
-                .bind(claimed.instance_id)
-                .fetch_optional(&app.db)
-                .await?;
-        let started = std::time::Instant::now();
+        let version: Option<i64> = sqlx::query_scalar(
+            "SELECT version FROM routes WHERE instance_id = $1 AND removed_at IS NULL",
+        )
+        .bind(claimed.instance_id)
+        .fetch_optional(&app.db)
+        .await?;
         if let Some(v) = version {
-            if !app.edge_acks.wait_all(v as u64, EDGE_ACK_WAIT).await {
-                tracing::warn!(instance_id = %claimed.instance_id, version = v, "an edge did not confirm the route in time");
-            }
+            crate::routes::wait_edges(app, claimed.instance_id, v as u64).await;
         }
-        metrics::histogram!("clawdeploy_route_propagation_seconds")
-            .record(started.elapsed().as_secs_f64());
     }
     let (status, code) = match outcome {
         Outcome::Ready => ("ready", StatusCode::CREATED),

@@ -20,6 +20,7 @@ pub mod instances;
 pub mod password;
 pub mod pki;
 pub mod placement;
+pub mod release;
 pub mod pool;
 pub mod routes;
 pub mod sessions;

@@ -12,6 +12,9 @@ use crate::app::App;
 use crate::error::Result;
 use crate::events::{self, Event};
 
+/// How long a route change waits for the edges to apply it.
+const EDGE_ACK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Upserts a route inside the caller's transaction; the caller broadcasts
 /// the returned delta after committing.
 pub async fn upsert(tx: &mut Transaction<'_, Postgres>, route: Route) -> Result<RouteDelta> {
@@ -28,7 +31,8 @@ pub async fn upsert(tx: &mut Transaction<'_, Postgres>, route: Route) -> Result<
          VALUES ($1, $2, $3, $4, nextval('route_version'))
          ON CONFLICT (hostname) DO UPDATE
             SET instance_id = EXCLUDED.instance_id, container_id = EXCLUDED.container_id,
-                upstream = EXCLUDED.upstream, version = EXCLUDED.version
+                upstream = EXCLUDED.upstream, version = EXCLUDED.version,
+                removed_at = NULL
          RETURNING version",
     )
     .bind(&route.hostname)
@@ -41,6 +45,7 @@ pub async fn upsert(tx: &mut Transaction<'_, Postgres>, route: Route) -> Result<
         version: version as u64,
         upsert: Some(route),
         removed_hostname: String::new(),
+        published_unix_ms: 0,
     })
 }
 
@@ -50,7 +55,7 @@ pub async fn upsert(tx: &mut Transaction<'_, Postgres>, route: Route) -> Result<
 pub async fn repoint(app: &App, container_id: Uuid, upstream: &str) -> Result<()> {
     let rows: Vec<(String, Uuid, i64)> = sqlx::query_as(
         "UPDATE routes SET upstream = $2, version = nextval('route_version')
-          WHERE container_id = $1 AND upstream <> $2
+          WHERE container_id = $1 AND upstream <> $2 AND removed_at IS NULL
           RETURNING hostname, instance_id, version",
     )
     .bind(container_id)
@@ -71,6 +76,7 @@ pub async fn repoint(app: &App, container_id: Uuid, upstream: &str) -> Result<()
                 container_id: container_id.to_string(),
             }),
             removed_hostname: String::new(),
+            published_unix_ms: 0,
         })
         .collect();
     broadcast(app, deltas, None).await;
@@ -91,7 +97,12 @@ pub async fn broadcast(app: &App, deltas: Vec<RouteDelta>, ready: Option<Uuid>) 
 
 /// Sends committed deltas to this scheduler's edge watchers only.
 pub fn broadcast_local(app: &App, deltas: impl IntoIterator<Item = RouteDelta>) {
-    for d in deltas {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    for mut d in deltas {
+        // Edges measure their update lag from this stamp.
+        d.published_unix_ms = now_ms;
         metrics::counter!("clawdeploy_route_changes_total").increment(1);
         app.route_watermark.fetch_max(d.version, Ordering::Relaxed);
         // No receivers is fine: edges get a snapshot when they connect.
@@ -100,19 +111,93 @@ pub fn broadcast_local(app: &App, deltas: impl IntoIterator<Item = RouteDelta>) 
 }
 
 pub async fn snapshot(app: &App) -> Result<RouteSnapshot> {
-    let rows: Vec<(String, String, Uuid, Uuid, i64)> =
-        sqlx::query_as("SELECT hostname, upstream, instance_id, container_id, version FROM routes ORDER BY hostname")
-            .fetch_all(&app.db)
-            .await?;
-    let version = rows.iter().map(|r| r.4).max().unwrap_or(0) as u64;
+    let rows: Vec<(String, String, Uuid, Uuid)> = sqlx::query_as(
+        "SELECT hostname, upstream, instance_id, container_id FROM routes
+          WHERE removed_at IS NULL ORDER BY hostname",
+    )
+    .fetch_all(&app.db)
+    .await?;
+    // Tombstones count: an edge at this version has seen every removal.
+    let version: i64 = sqlx::query_scalar("SELECT COALESCE(max(version), 0) FROM routes")
+        .fetch_one(&app.db)
+        .await?;
     let routes = rows
         .into_iter()
-        .map(|(hostname, upstream, iid, cid, _)| Route {
+        .map(|(hostname, upstream, iid, cid)| Route {
             hostname,
             upstream,
             instance_id: iid.to_string(),
             container_id: cid.to_string(),
         })
         .collect();
-    Ok(RouteSnapshot { version, routes })
+    Ok(RouteSnapshot {
+        version: version as u64,
+        routes,
+    })
+}
+
+/// Removes the instance's routes inside the caller's transaction, leaving
+/// versioned tombstones; the caller broadcasts the returned deltas after
+/// committing.
+pub async fn remove_for_instance(
+    tx: &mut Transaction<'_, Postgres>,
+    instance_id: Uuid,
+) -> Result<Vec<RouteDelta>> {
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "UPDATE routes SET removed_at = now(), version = nextval('route_version')
+          WHERE instance_id = $1 AND removed_at IS NULL
+          RETURNING hostname, version",
+    )
+    .bind(instance_id)
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(hostname, version)| RouteDelta {
+            version: version as u64,
+            upsert: None,
+            removed_hostname: hostname,
+            published_unix_ms: 0,
+        })
+        .collect())
+}
+
+/// The committed route changes `filter` selects (over `arg`), as deltas in
+/// version order: tombstones become removals.
+pub async fn deltas_where<T>(app: &App, filter: &str, arg: T) -> Result<Vec<RouteDelta>>
+where
+    T: for<'q> sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Send,
+{
+    let rows: Vec<(String, String, Uuid, Uuid, i64, bool)> = sqlx::query_as(&format!(
+        "SELECT hostname, upstream, instance_id, container_id, version, removed_at IS NOT NULL
+           FROM routes {filter} ORDER BY version"
+    ))
+    .bind(arg)
+    .fetch_all(&app.db)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(hostname, upstream, iid, cid, v, removed)| RouteDelta {
+            version: v as u64,
+            upsert: (!removed).then(|| Route {
+                hostname: hostname.clone(),
+                upstream,
+                instance_id: iid.to_string(),
+                container_id: cid.to_string(),
+            }),
+            removed_hostname: if removed { hostname } else { String::new() },
+            published_unix_ms: 0,
+        })
+        .collect())
+}
+
+/// Waits (bounded) until every edge watching this scheduler has applied
+/// `version`, so the customer's next request sees the change.
+pub async fn wait_edges(app: &App, instance_id: Uuid, version: u64) {
+    let started = std::time::Instant::now();
+    if !app.edge_acks.wait_all(version, EDGE_ACK_WAIT).await {
+        tracing::warn!(%instance_id, version, "an edge did not confirm the route change in time");
+    }
+    metrics::histogram!("clawdeploy_route_propagation_seconds")
+        .record(started.elapsed().as_secs_f64());
 }

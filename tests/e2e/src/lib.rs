@@ -6,6 +6,8 @@
 //! Needs what `scripts/test` sets up: the binaries built, the stand-in image,
 //! and `CLAWDEPLOY_TEST_PG` pointing at a local PostgreSQL server.
 
+pub mod edge_client;
+
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -81,6 +83,11 @@ pub struct ClusterOptions {
     pub schedulers: usize,
     /// Seconds before an unconfirmed claim moves to a fresh container.
     pub claim_timeout_secs: Option<u64>,
+    /// The edge terminates TLS with a wildcard certificate for
+    /// `*.<BASE_DOMAIN>` from the test's own public CA.
+    pub edge_tls: bool,
+    /// More flags for the edge (limits, timeouts).
+    pub edge_args: Vec<String>,
 }
 
 /// The operator token every test scheduler accepts on `/admin`.
@@ -99,6 +106,8 @@ impl Default for ClusterOptions {
             agent_metrics_ip: std::net::Ipv4Addr::LOCALHOST.into(),
             schedulers: 1,
             claim_timeout_secs: None,
+            edge_tls: false,
+            edge_args: Vec::new(),
         }
     }
 }
@@ -119,6 +128,8 @@ pub struct Cluster {
     pub https: Vec<SocketAddr>,
     pub grpcs: Vec<SocketAddr>,
     pub edge: SocketAddr,
+    /// The edge's HTTPS listener (with `edge_tls`).
+    pub edge_tls: SocketAddr,
     pub edge_admin: SocketAddr,
     pub node_ids: Vec<String>,
     pub agent_metrics: Vec<SocketAddr>,
@@ -180,6 +191,7 @@ impl Cluster {
             https,
             grpcs,
             edge: free_addr(),
+            edge_tls: free_addr(),
             edge_admin: free_addr(),
             node_ids,
             edge_proc: None,
@@ -200,6 +212,9 @@ impl Cluster {
     async fn boot(&mut self) -> Result<()> {
         let c = self;
         c.issue_certs()?;
+        if c.opts.edge_tls {
+            edge_client::PublicPki::create(&c.public_tls_dir())?.issue_wildcard(BASE_DOMAIN, 1)?;
+        }
         // One after the other: the first creates the shared secret key.
         for i in 0..c.https.len() {
             c.start_scheduler_n(i)?;
@@ -308,11 +323,16 @@ impl Cluster {
             .args(["--database-url", &self.db_url, "--db-max-connections", "40"])
             .arg("--data-dir")
             .arg(self.dir.join("scheduler"))
+            .args(if self.opts.edge_tls {
+                ["--public-scheme", "https"].map(String::from).to_vec()
+            } else {
+                ["--public-scheme", "http"].map(String::from).to_vec()
+            })
             .args([
-                "--public-scheme",
-                "http",
                 "--public-port",
-                &self.edge.port().to_string(),
+                &if self.opts.edge_tls { self.edge_tls } else { self.edge }
+                    .port()
+                    .to_string(),
             ])
             .args([
                 "--min-idle",
@@ -481,7 +501,7 @@ impl Cluster {
 
     /// One Prometheus sample from the process serving `/metrics` at `addr`
     /// (0 when absent).
-    async fn metric_at(&self, addr: SocketAddr, name: &str) -> Result<f64> {
+    pub async fn metric_at(&self, addr: SocketAddr, name: &str) -> Result<f64> {
         let text = self
             .client
             .get(format!("http://{addr}/metrics"))
@@ -511,6 +531,28 @@ impl Cluster {
         self.dir.join("tls")
     }
 
+    /// The edge's public certificate, key and the CA that signed them.
+    pub fn public_tls_dir(&self) -> PathBuf {
+        self.dir.join("public-tls")
+    }
+
+    /// The edge's process id.
+    pub fn edge_pid(&self) -> Option<u32> {
+        self.edge_proc.as_ref().map(Child::id)
+    }
+
+    /// SIGKILLs the edge.
+    pub fn kill_edge(&mut self) {
+        if let Some(mut c) = self.edge_proc.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub async fn edge_metric(&self, name: &str) -> Result<f64> {
+        self.metric_at(self.edge_admin, name).await
+    }
+
     pub fn start_edge(&mut self) -> Result<()> {
         let child = Command::new(bin_dir().join("clawdeploy-edge"))
             .args([
@@ -531,6 +573,22 @@ impl Cluster {
             .arg(self.dir.join("tls"))
             .arg("--route-cache")
             .arg(self.dir.join("edge-routes.json"))
+            .args(if self.opts.edge_tls {
+                let pki = self.public_tls_dir();
+                vec![
+                    "--tls-listen".to_owned(),
+                    self.edge_tls.to_string(),
+                    "--tls-cert".to_owned(),
+                    pki.join("edge.crt.pem").display().to_string(),
+                    "--tls-key".to_owned(),
+                    pki.join("edge.key.pem").display().to_string(),
+                    "--cert-check-secs".to_owned(),
+                    "1".to_owned(),
+                ]
+            } else {
+                Vec::new()
+            })
+            .args(&self.opts.edge_args)
             .env(
                 "RUST_LOG",
                 std::env::var("CLAWDEPLOY_E2E_LOG").unwrap_or_else(|_| "info".into()),

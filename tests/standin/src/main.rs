@@ -2,7 +2,8 @@
 //! (port 18789, `/healthz`, `/readyz`, token-authenticated `/v1/models` that
 //! reflects the live `openclaw.json`, a token-gated echo WebSocket, and config
 //! hot reload) with nothing but std, so it links statically into a `FROM
-//! scratch` image.
+//! scratch` image. For proxy tests it also streams server-sent events
+//! (`/v1/events`) and reports what a request carried (`POST /v1/echo`).
 //!
 //! One thread per connection keeps it simple; the stand-in serves tests and
 //! benchmarks, not customers.
@@ -216,6 +217,8 @@ struct Request {
     method: String,
     path: String,
     headers: Vec<(String, String)>,
+    /// How many body bytes arrived (the body itself is read and dropped).
+    body_bytes: u64,
 }
 
 impl Request {
@@ -249,19 +252,79 @@ fn read_request(reader: &mut BufReader<TcpStream>) -> std::io::Result<Option<Req
             headers.push((k.trim().to_owned(), v.trim().to_owned()));
         }
     }
-    let req = Request {
+    let mut req = Request {
         method,
         path,
         headers,
+        body_bytes: 0,
     };
     // Drain any request body so keep-alive stays in step.
-    if let Some(len) = req
+    if req
+        .header("transfer-encoding")
+        .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
+    {
+        req.body_bytes = drain_chunked(reader)?;
+    } else if let Some(len) = req
         .header("content-length")
         .and_then(|v| v.parse::<u64>().ok())
     {
-        std::io::copy(&mut reader.by_ref().take(len), &mut std::io::sink())?;
+        req.body_bytes = std::io::copy(&mut reader.by_ref().take(len), &mut std::io::sink())?;
     }
     Ok(Some(req))
+}
+
+/// Reads a chunked body (RFC 9112 §7.1) to its end; returns its length.
+fn drain_chunked(reader: &mut BufReader<TcpStream>) -> std::io::Result<u64> {
+    let mut total = 0;
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        let size = line.trim().split(';').next().unwrap_or_default();
+        let size = u64::from_str_radix(size, 16)
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "bad chunk size"))?;
+        if size == 0 {
+            // Trailers, then the empty line.
+            loop {
+                let mut t = String::new();
+                if reader.read_line(&mut t)? == 0 || t.trim_end().is_empty() {
+                    return Ok(total);
+                }
+            }
+        }
+        total += std::io::copy(&mut reader.by_ref().take(size), &mut std::io::sink())?;
+        let mut crlf = String::new();
+        reader.read_line(&mut crlf)?;
+    }
+}
+
+/// `GET /v1/events?n=&interval_ms=`: server-sent events, one chunk each,
+/// spaced out, so a test sees whether a proxy passes them on as they come.
+fn serve_events(req: &Request, writer: &mut TcpStream) -> std::io::Result<()> {
+    let query = req.path.split_once('?').map_or("", |(_, q)| q);
+    let param = |name: &str, default: u64| {
+        query
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .find(|(k, _)| *k == name)
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let (n, interval) = (param("n", 3), param("interval_ms", 200));
+    write!(
+        writer,
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n"
+    )?;
+    writer.flush()?;
+    for i in 0..n {
+        if i > 0 {
+            std::thread::sleep(Duration::from_millis(interval));
+        }
+        let event = format!("id: {i}\ndata: {{\"seq\":{i}}}\n\n");
+        write!(writer, "{:x}\r\n{event}\r\n", event.len())?;
+        writer.flush()?;
+    }
+    writer.write_all(b"0\r\n\r\n")?;
+    writer.flush()
 }
 
 fn serve_connection(gateway: &Gateway, stream: TcpStream) -> std::io::Result<()> {
@@ -277,6 +340,10 @@ fn serve_connection(gateway: &Gateway, stream: TcpStream) -> std::io::Result<()>
             .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
         {
             return serve_websocket(gateway, &req, reader, writer);
+        }
+        if req.path.starts_with("/v1/events") && authorized(gateway, &req) {
+            serve_events(&req, &mut writer)?;
+            continue;
         }
         let (status, body) = route(gateway, &req);
         let body = body.to_string();
@@ -331,6 +398,18 @@ fn route(gateway: &Gateway, req: &Request) -> (&'static str, Value) {
                     "defaultModel": applied.default_model,
                     "configReloads": applied.reloads,
                 }),
+            )
+        }
+        // What arrived: the body's length and the headers, for proxy tests.
+        ("POST", "/v1/echo") if authorized(gateway, req) => {
+            let headers: serde_json::Map<String, Value> = req
+                .headers
+                .iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), Value::from(v.as_str())))
+                .collect();
+            (
+                "200 OK",
+                json!({"bodyBytes": req.body_bytes, "headers": headers}),
             )
         }
         _ => (

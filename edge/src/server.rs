@@ -1,0 +1,186 @@
+//! Accept loops for the public listeners: per-address connection limits,
+//! the TLS handshake (bounded by the header timeout), HTTP/1.1 and HTTP/2 on
+//! one socket, the idle timeout, and, on the plain listener when TLS is on,
+//! the redirect to HTTPS.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use crate::conn::{Activity, PerIpLimit, Tracked};
+use crate::proxy::{count, error_page, request_host, Body, Proxy};
+use crate::routes::normalize_host;
+use crate::Limits;
+
+/// What a listener does with requests.
+#[derive(Clone, Copy, Debug)]
+pub enum Mode {
+    /// Route them to tenants.
+    Proxy,
+    /// Send them to the same URL over HTTPS on this port.
+    RedirectTo { https_port: u16 },
+}
+
+/// What every connection of the edge shares.
+pub struct Front {
+    pub proxy: Arc<Proxy>,
+    pub limits: Limits,
+    pub per_ip: Arc<PerIpLimit>,
+    builder: auto::Builder<TokioExecutor>,
+}
+
+impl Front {
+    pub fn new(proxy: Arc<Proxy>, limits: Limits) -> Arc<Self> {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_timeout)
+            // hyper answers 431 when the request head outgrows this.
+            .max_buf_size(limits.max_header_bytes.max(8192));
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(limits.max_header_bytes as u32)
+            .max_concurrent_streams(256)
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .keep_alive_timeout(Duration::from_secs(20));
+        Arc::new(Self {
+            per_ip: PerIpLimit::new(limits.max_conns_per_ip),
+            proxy,
+            limits,
+            builder,
+        })
+    }
+}
+
+/// `308` to the same host and path over HTTPS.
+fn redirect<B>(req: &Request<B>, https_port: u16) -> Response<Body> {
+    let Some(host) = request_host(req).as_deref().and_then(normalize_host) else {
+        count(StatusCode::BAD_REQUEST, "redirect");
+        return error_page(
+            req.headers(),
+            StatusCode::BAD_REQUEST,
+            "bad_host",
+            "The request names no valid host.",
+        );
+    };
+    let port = if https_port == 443 {
+        String::new()
+    } else {
+        format!(":{https_port}")
+    };
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let mut resp = error_page(
+        req.headers(),
+        StatusCode::PERMANENT_REDIRECT,
+        "https_required",
+        "This address is served over HTTPS.",
+    );
+    if let Ok(v) = HeaderValue::from_str(&format!("https://{host}{port}{path}")) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    count(StatusCode::PERMANENT_REDIRECT, "redirect");
+    resp
+}
+
+/// Accepts connections on `listener` until `shutdown` flips.
+pub async fn serve(
+    front: Arc<Front>,
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    mode: Mode,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let (stream, client) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of descriptors, usually: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let Some(slot) = front.per_ip.acquire(client.ip()) else {
+            metrics::counter!("clawdeploy_edge_connections_refused_total", "reason" => "per_address_limit").increment(1);
+            tracing::debug!(%client, "connection refused: per-address limit");
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let (front, tls) = (front.clone(), tls.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            let activity = Activity::default();
+            metrics::gauge!("clawdeploy_edge_connections").increment(1.0);
+            match tls {
+                Some(acceptor) => {
+                    let handshake = acceptor.accept(stream);
+                    match tokio::time::timeout(front.limits.header_timeout, handshake).await {
+                        Ok(Ok(s)) => {
+                            let io = Tracked::new(s, activity.clone());
+                            serve_connection(&front, io, activity, client, "https", mode).await
+                        }
+                        Ok(Err(e)) => {
+                            metrics::counter!("clawdeploy_edge_tls_handshake_failures_total")
+                                .increment(1);
+                            tracing::debug!(%client, error = %e, "TLS handshake failed");
+                        }
+                        Err(_) => {
+                            metrics::counter!("clawdeploy_edge_timeouts_total", "kind" => "handshake").increment(1);
+                        }
+                    }
+                }
+                None => {
+                    let io = Tracked::new(stream, activity.clone());
+                    serve_connection(&front, io, activity, client, "http", mode).await
+                }
+            }
+            metrics::gauge!("clawdeploy_edge_connections").decrement(1.0);
+        });
+    }
+}
+
+async fn serve_connection<I>(
+    front: &Arc<Front>,
+    io: I,
+    activity: Activity,
+    client: SocketAddr,
+    proto: &'static str,
+    mode: Mode,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let proxy = front.proxy.clone();
+    let service = hyper::service::service_fn(move |req| {
+        let proxy = proxy.clone();
+        async move {
+            match mode {
+                Mode::Proxy => proxy.handle(req, client, proto).await,
+                Mode::RedirectTo { https_port } => Ok(redirect(&req, https_port)),
+            }
+        }
+    });
+    let conn = front
+        .builder
+        .serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => if let Err(e) = r {
+            tracing::debug!(%client, error = %e, "connection ended with an error");
+        },
+        _ = activity.idle_for(front.limits.idle_timeout) => {
+            metrics::counter!("clawdeploy_edge_timeouts_total", "kind" => "idle").increment(1);
+        }
+    }
+}

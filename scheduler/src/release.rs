@@ -1,0 +1,67 @@
+//! `DELETE /api/instances/me`: a customer releases their gateway. The route
+//! goes first (the edges 404 the host before the answer leaves), then the
+//! container is stopped with its volume kept; the instance stays `deleting`
+//! and keeps its subdomain for the grace period (DESIGN.md, "Release").
+
+use axum::extract::State;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::app::AppRef;
+use crate::auth::AuthUser;
+use crate::error::{Error, Result};
+use crate::routes;
+
+pub async fn release(State(app): State<AppRef>, user: AuthUser) -> Result<axum::Json<Value>> {
+    let mut tx = app.db.begin().await?;
+    let row: Option<(Uuid, String, Option<Uuid>, Option<String>)> = sqlx::query_as(
+        "SELECT i.id, i.subdomain, i.container_id, c.node_id
+           FROM instances i LEFT JOIN containers c ON c.id = i.container_id
+          WHERE i.user_id = $1 AND i.status IN ('pending', 'ready', 'suspended')
+          ORDER BY i.created_at DESC LIMIT 1
+          FOR UPDATE OF i",
+    )
+    .bind(user.id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let (instance_id, subdomain, container_id, node_id) =
+        row.ok_or(Error::NotFound("instance"))?;
+    let removed = routes::remove_for_instance(&mut tx, instance_id).await?;
+    sqlx::query("UPDATE instances SET status = 'deleting', released_at = now() WHERE id = $1")
+        .bind(instance_id)
+        .execute(&mut *tx)
+        .await?;
+    if let Some(c) = container_id {
+        sqlx::query(
+            "UPDATE containers SET state = 'suspended' WHERE id = $1 AND state NOT IN ('destroying', 'destroyed', 'failed')",
+        )
+        .bind(c)
+        .execute(&mut *tx)
+        .await?;
+    }
+    crate::audit(
+        &mut *tx,
+        &format!("user:{}", user.id),
+        "instance.released",
+        &instance_id.to_string(),
+        json!({"subdomain": subdomain, "container": container_id}),
+    )
+    .await;
+    tx.commit().await?;
+
+    let version = removed.iter().map(|d| d.version).max();
+    routes::broadcast(&app, removed, None).await;
+    if let Some(v) = version {
+        routes::wait_edges(&app, instance_id, v).await;
+    }
+    if let Some(node) = node_id {
+        // The route is gone everywhere; now the container may stop.
+        crate::desired::bump_and_push(&app, &node).await?;
+    }
+    tracing::info!(%instance_id, subdomain, "instance released");
+    Ok(axum::Json(json!({
+        "id": instance_id,
+        "subdomain": subdomain,
+        "status": "deleting",
+    })))
+}

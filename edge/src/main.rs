@@ -44,7 +44,12 @@ struct Args {
     tls_listen: Option<SocketAddr>,
     /// PEM certificate chains (comma-separated; the first is the default
     /// when SNI names none), e.g. the `*.<base_domain>` wildcard.
-    #[arg(long, env = "CLAWDEPLOY_EDGE_TLS_CERT", value_delimiter = ',', requires = "tls_key")]
+    #[arg(
+        long,
+        env = "CLAWDEPLOY_EDGE_TLS_CERT",
+        value_delimiter = ',',
+        requires = "tls_key"
+    )]
     tls_cert: Vec<PathBuf>,
     /// PEM private keys, one per certificate, in the same order.
     #[arg(long, env = "CLAWDEPLOY_EDGE_TLS_KEY", value_delimiter = ',')]
@@ -61,14 +66,26 @@ struct Args {
     max_body_bytes: u64,
     #[arg(long, env = "CLAWDEPLOY_EDGE_MAX_CONNS_PER_IP", default_value_t = 1024)]
     max_conns_per_ip: u32,
-    #[arg(long, env = "CLAWDEPLOY_EDGE_CONNECT_TIMEOUT_MS", default_value_t = 3000)]
+    #[arg(
+        long,
+        env = "CLAWDEPLOY_EDGE_CONNECT_TIMEOUT_MS",
+        default_value_t = 3000
+    )]
     connect_timeout_ms: u64,
     /// For the TLS handshake and for each request head.
-    #[arg(long, env = "CLAWDEPLOY_EDGE_HEADER_TIMEOUT_SECS", default_value_t = 10)]
+    #[arg(
+        long,
+        env = "CLAWDEPLOY_EDGE_HEADER_TIMEOUT_SECS",
+        default_value_t = 10
+    )]
     header_timeout_secs: u64,
     #[arg(long, env = "CLAWDEPLOY_EDGE_IDLE_TIMEOUT_SECS", default_value_t = 120)]
     idle_timeout_secs: u64,
-    #[arg(long, env = "CLAWDEPLOY_EDGE_WS_IDLE_TIMEOUT_SECS", default_value_t = 3600)]
+    #[arg(
+        long,
+        env = "CLAWDEPLOY_EDGE_WS_IDLE_TIMEOUT_SECS",
+        default_value_t = 3600
+    )]
     ws_idle_timeout_secs: u64,
 }
 

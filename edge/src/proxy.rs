@@ -64,7 +64,11 @@ impl Proxy {
 }
 
 fn respond(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed());
+    let mut r = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
     *r.status_mut() = status;
     r.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
@@ -326,7 +330,15 @@ impl Proxy {
                     Ok(pair) => pair,
                     Err(e) => return tracing::debug!(error = %e, "upgrade failed"),
                 };
-                splice(TokioIo::new(c), TokioIo::new(u), &routes, &host, &target, idle).await;
+                splice(
+                    TokioIo::new(c),
+                    TokioIo::new(u),
+                    &routes,
+                    &host,
+                    &target,
+                    idle,
+                )
+                .await;
             });
             let (parts, _) = resp.into_parts();
             return Response::from_parts(
@@ -361,7 +373,10 @@ async fn splice<C, U>(
     let mut changes = routes.subscribe();
     let route_gone = async {
         while changes.changed().await.is_ok() {
-            if routes.lookup(host).is_none_or(|t| t.container_id != target.container_id) {
+            if routes
+                .lookup(host)
+                .is_none_or(|t| t.container_id != target.container_id)
+            {
                 return;
             }
         }

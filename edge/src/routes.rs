@@ -205,7 +205,9 @@ impl RouteTable {
                 },
             );
             let old_container = old.and_then(|e| e.target).map(|o| o.container_id);
-            if let Some(c) = old_container.filter(|c| target.as_ref().is_none_or(|n| &n.container_id != c)) {
+            if let Some(c) =
+                old_container.filter(|c| target.as_ref().is_none_or(|n| &n.container_id != c))
+            {
                 t.containers.remove(&c);
             }
         }
@@ -234,15 +236,17 @@ impl RouteTable {
         std::fs::rename(&tmp, path)
     }
 
-    /// Saves the table after changes, at most every 200 ms: a burst of
-    /// deltas costs one write, not one per delta.
+    /// Saves the table as soon as it changes, then at most every 200 ms: a
+    /// burst of deltas costs a few writes, not one per delta.
     pub async fn persist_changes(self: std::sync::Arc<Self>) {
         loop {
             self.dirty.notified().await;
-            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-            if let Err(e) = self.save() {
+            let table = self.clone();
+            let saved = tokio::task::spawn_blocking(move || table.save()).await;
+            if let Ok(Err(e)) = saved {
                 tracing::warn!(error = %e, "route cache not written");
             }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         }
     }
 }
@@ -302,6 +306,37 @@ mod tests {
         });
         assert_eq!(t.lookup("a.x.test").unwrap().upstream, "10.0.0.3:1");
         assert_eq!(t.version(), 6);
+    }
+
+    #[test]
+    fn a_replaced_container_is_no_longer_reachable_by_its_id() {
+        let t = RouteTable::load(None);
+        let mut a = route("a.x.test", "10.0.0.1:1");
+        a.container_id = "ca".into();
+        t.apply_snapshot(RouteSnapshot {
+            version: 1,
+            routes: vec![a],
+        });
+        assert_eq!(t.upstream_of("ca").as_deref(), Some("10.0.0.1:1"));
+        let mut b = route("a.x.test", "10.0.0.1:1");
+        b.container_id = "cb".into();
+        t.apply_delta(RouteDelta {
+            version: 2,
+            upsert: Some(b),
+            removed_hostname: String::new(),
+            published_unix_ms: 0,
+        });
+        // Same address, new container: the old id resolves to nothing.
+        assert_eq!(t.upstream_of("ca"), None);
+        assert_eq!(t.upstream_of("cb").as_deref(), Some("10.0.0.1:1"));
+        t.apply_delta(RouteDelta {
+            version: 3,
+            upsert: None,
+            removed_hostname: "a.x.test".into(),
+            published_unix_ms: 0,
+        });
+        assert_eq!(t.upstream_of("cb"), None);
+        assert_eq!(t.lookup("a.x.test"), None);
     }
 
     #[tokio::test]

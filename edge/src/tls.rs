@@ -3,7 +3,7 @@
 //! reloaded when the files change. A reload swaps what new handshakes get;
 //! connections already up keep the certificate they started with.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -52,21 +52,21 @@ impl std::fmt::Debug for CertStore {
     }
 }
 
-fn stamp(path: &PathBuf) -> Stamp {
+fn stamp(path: &Path) -> Stamp {
     let m = std::fs::metadata(path).ok()?;
     Some((m.len(), m.modified().ok()?))
 }
 
-fn read(path: &PathBuf) -> Result<Vec<u8>, TlsError> {
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|source| TlsError::Read {
-        path: path.clone(),
+        path: path.to_owned(),
         source,
     })
 }
 
-fn invalid(path: &PathBuf, what: impl std::fmt::Display) -> TlsError {
+fn invalid(path: &Path, what: impl std::fmt::Display) -> TlsError {
     TlsError::Invalid {
-        path: path.clone(),
+        path: path.to_owned(),
         what: what.to_string(),
     }
 }
@@ -80,8 +80,8 @@ fn load_pair(files: &CertFiles) -> Result<Loaded, TlsError> {
     let leaf = chain
         .first()
         .ok_or_else(|| invalid(&files.cert, "no certificate in the file"))?;
-    let key_der = PrivateKeyDer::from_pem_slice(&read(&files.key)?)
-        .map_err(|e| invalid(&files.key, e))?;
+    let key_der =
+        PrivateKeyDer::from_pem_slice(&read(&files.key)?).map_err(|e| invalid(&files.key, e))?;
     let signer = rustls::crypto::ring::sign::any_supported_type(&key_der)
         .map_err(|e| invalid(&files.key, e))?;
     let (_, parsed) =
@@ -133,7 +133,10 @@ fn covers(pattern: &str, host: &str) -> bool {
 impl CertStore {
     /// Loads every pair; fails when any of them is unusable.
     pub fn load(files: Vec<CertFiles>) -> Result<Arc<Self>, TlsError> {
-        let stamps = files.iter().map(|f| (stamp(&f.cert), stamp(&f.key))).collect();
+        let stamps = files
+            .iter()
+            .map(|f| (stamp(&f.cert), stamp(&f.key)))
+            .collect();
         let loaded = files.iter().map(load_pair).collect::<Result<Vec<_>, _>>()?;
         if loaded.is_empty() {
             return Err(TlsError::Invalid {

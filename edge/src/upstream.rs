@@ -37,7 +37,9 @@ impl UpstreamConnector {
 
 /// The URI a request for `container_id` is sent to (the pool's key).
 pub fn uri_for(container_id: &str, path_and_query: &str) -> Option<Uri> {
-    format!("http://{container_id}{path_and_query}").parse().ok()
+    format!("http://{container_id}{path_and_query}")
+        .parse()
+        .ok()
 }
 
 impl Service<Uri> for UpstreamConnector {

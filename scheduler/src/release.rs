@@ -24,8 +24,7 @@ pub async fn release(State(app): State<AppRef>, user: AuthUser) -> Result<axum::
     .bind(user.id)
     .fetch_optional(&mut *tx)
     .await?;
-    let (instance_id, subdomain, container_id, node_id) =
-        row.ok_or(Error::NotFound("instance"))?;
+    let (instance_id, subdomain, container_id, node_id) = row.ok_or(Error::NotFound("instance"))?;
     let removed = routes::remove_for_instance(&mut tx, instance_id).await?;
     sqlx::query("UPDATE instances SET status = 'deleting', released_at = now() WHERE id = $1")
         .bind(instance_id)

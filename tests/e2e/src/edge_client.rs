@@ -114,6 +114,12 @@ impl EdgeConn {
         Self::handshake(TokioIo::new(tcp), false, None, None).await
     }
 
+    /// Plain HTTP/2 (prior knowledge, "h2c").
+    pub async fn plain_h2(addr: std::net::SocketAddr) -> Result<Self> {
+        let tcp = TcpStream::connect(addr).await?;
+        Self::handshake(TokioIo::new(tcp), true, None, None).await
+    }
+
     /// TLS to `addr` with SNI `host`, trusting only `ca_pem`, offering `alpn`.
     /// Speaks HTTP/2 when the edge picks `h2`.
     pub async fn tls(
@@ -158,8 +164,7 @@ impl EdgeConn {
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let sender = if h2 {
-            let (s, conn) =
-                hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
+            let (s, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
             tokio::spawn(conn);
             Sender::H2(s)
         } else {
@@ -196,8 +201,9 @@ impl EdgeConn {
         token: Option<&str>,
     ) -> Result<(u16, String)> {
         let h2 = matches!(self.sender, Sender::H2(_));
+        let scheme = if self.alpn.is_some() { "https" } else { "http" };
         let mut b = Request::get(if h2 {
-            format!("https://{host}{path}")
+            format!("{scheme}://{host}{path}")
         } else {
             path.to_owned()
         });

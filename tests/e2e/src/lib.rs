@@ -330,9 +330,13 @@ impl Cluster {
             })
             .args([
                 "--public-port",
-                &if self.opts.edge_tls { self.edge_tls } else { self.edge }
-                    .port()
-                    .to_string(),
+                &if self.opts.edge_tls {
+                    self.edge_tls
+                } else {
+                    self.edge
+                }
+                .port()
+                .to_string(),
             ])
             .args([
                 "--min-idle",
@@ -541,12 +545,19 @@ impl Cluster {
         self.edge_proc.as_ref().map(Child::id)
     }
 
-    /// SIGKILLs the edge.
-    pub fn kill_edge(&mut self) {
+    /// Stops the edge with SIGTERM, as a service manager does, and waits.
+    pub async fn stop_edge(&mut self) -> Result<()> {
         if let Some(mut c) = self.edge_proc.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+            Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status()?;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while c.try_wait()?.is_none() {
+                anyhow::ensure!(Instant::now() < deadline, "the edge ignored SIGTERM");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
+        Ok(())
     }
 
     pub async fn edge_metric(&self, name: &str) -> Result<f64> {

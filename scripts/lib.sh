@@ -37,6 +37,23 @@ ensure_tools() {
   docker info >/dev/null 2>&1 || { echo "the Docker engine is not reachable" >&2; exit 1; }
 }
 
+# The proxies the edge benchmark compares against, and its load tools, all
+# from Debian's packages.
+ensure_bench_peers() {
+  local missing=()
+  command -v nginx >/dev/null || missing+=(nginx-light)
+  command -v caddy >/dev/null || missing+=(caddy)
+  command -v wrk >/dev/null || missing+=(wrk)
+  command -v h2load >/dev/null || missing+=(nghttp2-client)
+  if [ ${#missing[@]} -gt 0 ]; then
+    log "installing ${missing[*]}"
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+  # The packages start their own services; the benchmark runs its own.
+  as_root systemctl disable --now nginx caddy >/dev/null 2>&1 || true
+}
+
 # PostgreSQL runs from the system's binaries as the unprivileged `postgres`
 # user, in a cluster under .local/pg, on 127.0.0.1:$PG_PORT. Tuned for
 # development and tests (no fsync): not a production configuration.

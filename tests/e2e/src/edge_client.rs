@@ -84,6 +84,22 @@ impl PublicPki {
     }
 }
 
+/// A TLS client that trusts only `ca_pem` and offers `alpn`.
+pub fn tls_connector(ca_pem: &Path, alpn: &[&str]) -> Result<tokio_rustls::TlsConnector> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca_pem)? {
+        roots.add(c?)?;
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
+}
+
 pub type ReqBody = BoxBody<Bytes, std::io::Error>;
 
 /// An empty or whole request body.
@@ -128,19 +144,8 @@ impl EdgeConn {
         ca_pem: &Path,
         alpn: &[&str],
     ) -> Result<Self> {
-        let mut roots = rustls::RootCertStore::empty();
-        for c in CertificateDer::pem_file_iter(ca_pem)? {
-            roots.add(c?)?;
-        }
-        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        cfg.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
         let tcp = TcpStream::connect(addr).await?;
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        let tls = tls_connector(ca_pem, alpn)?
             .connect(ServerName::try_from(host.to_owned())?, tcp)
             .await
             .context("TLS handshake with the edge")?;

@@ -46,7 +46,7 @@ fn workspace_root() -> PathBuf {
 /// kernel's ephemeral range (32768+), where port 0 would pick: there, any
 /// outgoing connection of a parallel test could take the port between this
 /// check and the process's bind. Never handed out twice per test binary.
-fn free_addr() -> SocketAddr {
+pub fn free_addr() -> SocketAddr {
     static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     loop {
         let port = 10_000 + (uuid::Uuid::new_v4().as_u128() % 22_000) as u16;
@@ -1011,10 +1011,19 @@ where
 
 /// Resident memory of a process, from /proc.
 pub fn rss_kib(pid: u32) -> Option<u64> {
+    status_kib(pid, "VmRSS:")
+}
+
+/// Peak resident memory of a process, from /proc.
+pub fn peak_rss_kib(pid: u32) -> Option<u64> {
+    status_kib(pid, "VmHWM:")
+}
+
+fn status_kib(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
+        .find(|l| l.starts_with(field))?
         .split_whitespace()
         .nth(1)?
         .parse()

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use clawdeploy_e2e::edge_client::{body, EdgeConn, PublicPki, ReqBody};
-use clawdeploy_e2e::{wait_for, Cluster, ClusterOptions, BASE_DOMAIN};
+use clawdeploy_e2e::{peak_rss_kib, wait_for, Cluster, ClusterOptions, BASE_DOMAIN};
 use futures::{SinkExt, StreamExt};
 use http::Request;
 use http_body_util::{BodyExt, StreamBody};
@@ -41,20 +41,6 @@ async fn time_until_closed(s: &mut tokio::net::TcpStream, within: Duration) -> R
             Ok(Ok(_)) => continue,
         }
     }
-}
-
-/// Peak resident memory of a process, in bytes.
-fn peak_rss(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .context("VmHWM")?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()?;
-    Ok(kb * 1024)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -214,11 +200,11 @@ async fn websockets_events_and_large_uploads_stream_through_a_pooled_upstream() 
     let echo: Value = serde_json::from_slice(&resp.into_body().collect().await?.to_bytes())?;
     assert_eq!(echo["bodyBytes"], 192 * 1024 * 1024, "{echo}");
     assert_eq!(echo["headers"]["transfer-encoding"], "chunked");
-    let peak = peak_rss(c.edge_pid().context("edge pid")?)?;
+    let peak_kib = peak_rss_kib(c.edge_pid().context("edge pid")?).context("edge VmHWM")?;
     assert!(
-        peak < 96 * 1024 * 1024,
+        peak_kib < 96 * 1024,
         "edge peak RSS {} MiB after a 192 MiB upload",
-        peak >> 20
+        peak_kib >> 10
     );
 
     // Keep-alive upstream: 30 requests over one client connection open at

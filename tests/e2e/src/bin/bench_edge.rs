@@ -1,0 +1,556 @@
+//! Edge benchmark on the real system: one tenant container (the stand-in),
+//! reached through the ClawDeploy edge, through nginx and through Caddy
+//! (Debian's packages, plain reverse proxies with the same certificate),
+//! all over TLS, in the same run and in alternating rounds:
+//! - `wrk` (HTTP/1.1) and `h2load` (HTTP/2): requests per second, p99;
+//! - route update lag: signups and releases, as the edge measured them;
+//! - concurrent WebSockets through the edge: how many, memory per connection.
+//!
+//! Run with `scripts/bench-edge` (it installs the tools and raises the
+//! descriptor limit).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use clap::Parser;
+use clawdeploy_e2e::{free_addr, rss_kib, wait_for, Cluster, ClusterOptions, BASE_DOMAIN};
+use futures::{SinkExt, StreamExt};
+use serde_json::json;
+
+#[derive(Parser)]
+struct Args {
+    /// Seconds per load run.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Concurrent requests per run (wrk connections; h2load streams).
+    #[arg(long, default_value_t = 64)]
+    concurrency: u32,
+    /// Rounds of (edge, nginx, Caddy); each figure is the median.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Concurrent WebSockets to hold through the edge.
+    #[arg(long, default_value_t = 10_000)]
+    websockets: usize,
+    /// Signup + release pairs for the route update lag.
+    #[arg(long, default_value_t = 20)]
+    route_changes: usize,
+}
+
+const PROXIES: [&str; 3] = ["edge", "nginx", "caddy"];
+
+struct Peer {
+    name: &'static str,
+    addr: SocketAddr,
+    child: Option<Child>,
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn nginx(dir: &Path, upstream: &str, tls: &Path) -> Result<Peer> {
+    let addr = free_addr();
+    let conf = format!(
+        r#"worker_processes 2;
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log warn;
+events {{ worker_connections 16384; }}
+http {{
+  access_log off;
+  upstream tenant {{ server {upstream}; keepalive 64; }}
+  server {{
+    listen {addr} ssl http2;
+    ssl_certificate {crt};
+    ssl_certificate_key {key};
+    location / {{
+      proxy_pass http://tenant;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host $host;
+      proxy_set_header X-Forwarded-For $remote_addr;
+    }}
+  }}
+}}
+"#,
+        dir = dir.display(),
+        crt = tls.join("edge.crt.pem").display(),
+        key = tls.join("edge.key.pem").display(),
+    );
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, conf)?;
+    let child = Command::new("nginx")
+        .arg("-c")
+        .arg(&path)
+        .arg("-e")
+        .arg(dir.join("nginx-error.log"))
+        .args(["-g", "daemon off;"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting nginx (apt-get install nginx-light)")?;
+    Ok(Peer {
+        name: "nginx",
+        addr,
+        child: Some(child),
+    })
+}
+
+fn caddy(dir: &Path, upstream: &str, tls: &Path) -> Result<Peer> {
+    let addr = free_addr();
+    let conf = format!(
+        r#"{{
+  admin off
+  auto_https off
+  default_sni alice.{BASE_DOMAIN}
+  storage file_system {data}
+}}
+https://:{port} {{
+  bind 127.0.0.1
+  tls {crt} {key}
+  reverse_proxy {upstream}
+}}
+"#,
+        port = addr.port(),
+        data = dir.join("caddy-data").display(),
+        crt = tls.join("edge.crt.pem").display(),
+        key = tls.join("edge.key.pem").display(),
+    );
+    let path = dir.join("Caddyfile");
+    std::fs::write(&path, conf)?;
+    let child = Command::new("caddy")
+        .args(["run", "--adapter", "caddyfile", "--config"])
+        .arg(&path)
+        .env("XDG_DATA_HOME", dir.join("caddy-data"))
+        .env("XDG_CONFIG_HOME", dir.join("caddy-config"))
+        .stdout(std::fs::File::create(dir.join("caddy.log"))?)
+        .stderr(std::fs::File::create(dir.join("caddy.err.log"))?)
+        .spawn()
+        .context("starting Caddy (apt-get install caddy)")?;
+    Ok(Peer {
+        name: "caddy",
+        addr,
+        child: Some(child),
+    })
+}
+
+/// A duration in wrk's notation (`950.00us`, `1.23ms`, `2.00s`), in ms.
+fn wrk_ms(s: &str) -> Option<f64> {
+    let s = s.trim();
+    let (num, scale) = if let Some(v) = s.strip_suffix("us") {
+        (v, 0.001)
+    } else if let Some(v) = s.strip_suffix("ms") {
+        (v, 1.0)
+    } else if let Some(v) = s.strip_suffix('s') {
+        (v, 1000.0)
+    } else {
+        return None;
+    };
+    num.parse::<f64>().ok().map(|n| n * scale)
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Run {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    errors: u64,
+}
+
+fn wrk(addr: SocketAddr, gw: &str, a: &Args) -> Result<Run> {
+    let out = Command::new("wrk")
+        .args(["-t2", &format!("-c{}", a.concurrency)])
+        .arg(format!("-d{}s", a.duration))
+        .arg("--latency")
+        .args(["-H", &format!("Host: alice.{BASE_DOMAIN}")])
+        .args(["-H", &format!("Authorization: Bearer {gw}")])
+        .arg(format!("https://{addr}/v1/models"))
+        .output()
+        .context("running wrk")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line_value = |prefix: &str| {
+        text.lines()
+            .map(str::trim)
+            .find_map(|l| l.strip_prefix(prefix))
+            .map(str::trim)
+    };
+    let rps = line_value("Requests/sec:")
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("wrk output: {text}"))?;
+    let p50_ms = line_value("50%").and_then(wrk_ms).context("wrk p50")?;
+    let p99_ms = line_value("99%").and_then(wrk_ms).context("wrk p99")?;
+    let non_2xx = line_value("Non-2xx or 3xx responses:")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let socket_errors = text.lines().any(|l| l.contains("Socket errors"));
+    Ok(Run {
+        rps,
+        p50_ms,
+        p99_ms,
+        errors: non_2xx + u64::from(socket_errors),
+    })
+}
+
+fn h2load(addr: SocketAddr, gw: &str, a: &Args, log: &Path) -> Result<Run> {
+    let streams = 4;
+    let conns = (a.concurrency / streams).max(1);
+    let out = Command::new("h2load")
+        .args(["-t2", &format!("-c{conns}"), &format!("-m{streams}")])
+        .args(["-D", &a.duration.to_string()])
+        .args(["-H", &format!(":authority: alice.{BASE_DOMAIN}")])
+        .args(["-H", &format!("authorization: Bearer {gw}")])
+        .arg("--log-file")
+        .arg(log)
+        .arg(format!("https://{addr}/v1/models"))
+        .output()
+        .context("running h2load (apt-get install nghttp2-client)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rps = text
+        .lines()
+        .find(|l| l.starts_with("finished in"))
+        .and_then(|l| l.split(", ").nth(1))
+        .and_then(|v| v.strip_suffix(" req/s"))
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("h2load output: {text}"))?;
+    // status\tduration per request: percentiles from the log.
+    let mut durations = Vec::new();
+    let mut errors = 0;
+    for line in std::fs::read_to_string(log)?.lines() {
+        let cols: Vec<&str> = line.split('\t').collect();
+        if cols.len() < 3 {
+            continue;
+        }
+        if cols[1] != "200" {
+            errors += 1;
+        }
+        if let Ok(us) = cols[2].parse::<f64>() {
+            durations.push(us / 1000.0);
+        }
+    }
+    ensure!(!durations.is_empty(), "h2load logged no requests: {text}");
+    durations.sort_by(f64::total_cmp);
+    let pick = |p: f64| durations[((durations.len() as f64 * p) as usize).min(durations.len() - 1)];
+    Ok(Run {
+        rps,
+        p50_ms: pick(0.50),
+        p99_ms: pick(0.99),
+        errors,
+    })
+}
+
+fn median(mut v: Vec<Run>) -> Run {
+    v.sort_by(|a, b| a.rps.total_cmp(&b.rps));
+    let mut m = v[v.len() / 2];
+    let mut p99: Vec<f64> = v.iter().map(|r| r.p99_ms).collect();
+    p99.sort_by(f64::total_cmp);
+    m.p99_ms = p99[p99.len() / 2];
+    m.errors = v.iter().map(|r| r.errors).sum();
+    m
+}
+
+/// Resident memory of a process and its children (nginx's workers).
+fn tree_rss_kib(root: u32) -> u64 {
+    let mut total = rss_kib(root).unwrap_or(0);
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            if ppid == Some(root) {
+                total += rss_kib(pid).unwrap_or(0);
+            }
+        }
+    }
+    total
+}
+
+async fn route_lag(c: &Cluster, n: usize) -> Result<()> {
+    for i in 0..n {
+        let token = c.register(&format!("lag{i}@example.com")).await?;
+        let (status, body) = c
+            .create_instance(&token, &json!({"subdomain": format!("lag{i}")}))
+            .await?;
+        ensure!(status == 201, "signup answered {status}: {body}");
+        let r = c
+            .client
+            .delete(c.api("/api/instances/me"))
+            .bearer_auth(&token)
+            .send()
+            .await?;
+        ensure!(r.status() == 200, "release answered {}", r.status());
+    }
+    let text = c
+        .client
+        .get(format!("http://{}/metrics", c.edge_admin))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let name = "clawdeploy_edge_route_update_lag_seconds";
+    let value = |suffix: &str| clawdeploy_e2e::metric_value(&text, &format!("{name}{suffix}"));
+    let (sum, count) = (
+        value("_sum").unwrap_or(0.0),
+        value("_count").unwrap_or(0.0),
+    );
+    let buckets: Vec<(f64, f64)> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix(&format!("{name}_bucket{{le=\"")))
+        .filter_map(|rest| {
+            let (le, v) = rest.split_once("\"} ")?;
+            Some((le.parse().ok()?, v.parse().ok()?))
+        })
+        .collect();
+    let bound = |q: f64| {
+        buckets
+            .iter()
+            .find(|(_, c)| *c >= q * count)
+            .map_or(f64::INFINITY, |(le, _)| *le)
+    };
+    println!(
+        "\nroute update lag (scheduler sends → edge applied), {count} changes: mean {:.2} ms, p50 ≤ {} ms, p99 ≤ {} ms",
+        sum / count.max(1.0) * 1000.0,
+        bound(0.5) * 1000.0,
+        bound(0.99) * 1000.0
+    );
+    Ok(())
+}
+
+/// Gives the tenant container room for many connections: the stand-in
+/// spends a thread on each. Through the desired state, as a resize.
+async fn make_room(c: &Cluster, container: uuid::Uuid, pids: i32) -> Result<()> {
+    sqlx::query("UPDATE containers SET pids = $2, memory_bytes = $3 WHERE id = $1")
+        .bind(container)
+        .bind(pids)
+        .bind(4_i64 << 30)
+        .execute(&c.db)
+        .await?;
+    sqlx::query("UPDATE nodes SET generation = generation + 1")
+        .execute(&c.db)
+        .await?;
+    // The scheduler pushes a node's desired state on this event.
+    sqlx::query("SELECT pg_notify('clawdeploy_events', $1)")
+        .bind(format!("bench\nn {}", c.node_ids[0]))
+        .execute(&c.db)
+        .await?;
+    let docker_id: String = sqlx::query_scalar("SELECT docker_id FROM containers WHERE id = $1")
+        .bind(container)
+        .fetch_one(&c.db)
+        .await?;
+    wait_for(Duration::from_secs(30), "the container resized", || async {
+        Ok(c.docker_inspect(&docker_id)?["HostConfig"]["PidsLimit"] == i64::from(pids))
+    })
+    .await
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+
+/// A WebSocket over TLS (`wss://`), as customers open them.
+async fn open_ws(
+    edge: SocketAddr,
+    source: std::net::IpAddr,
+    gw: &str,
+    tls: &tokio_rustls::TlsConnector,
+) -> Result<Ws> {
+    use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(source, 0))?;
+    let tcp = socket.connect(edge).await?;
+    let name = rustls::pki_types::ServerName::try_from(format!("alice.{BASE_DOMAIN}"))?;
+    let stream = tls.connect(name, tcp).await?;
+    let mut req = format!("wss://alice.{BASE_DOMAIN}/ws").into_client_request()?;
+    req.headers_mut()
+        .insert("host", format!("alice.{BASE_DOMAIN}").parse()?);
+    let (mut ws, _) = tokio_tungstenite::client_async(req, stream).await?;
+    ws.send(Message::text(gw)).await?;
+    let hello = ws.next().await.context("no hello")??;
+    ensure!(hello.to_text()?.contains("\"ok\":true"), "refused: {hello}");
+    Ok(ws)
+}
+
+async fn websockets(c: &Cluster, gw: &str, n: usize) -> Result<()> {
+    let pid = c.edge_pid().context("edge pid")?;
+    let tls = clawdeploy_e2e::edge_client::tls_connector(
+        &c.public_tls_dir().join("ca.crt.pem"),
+        &["http/1.1"],
+    )?;
+    let before = rss_kib(pid).unwrap_or(0);
+    let started = Instant::now();
+    // 500 per source address keeps each under the per-address limit.
+    let opened: Vec<Result<Ws>> = futures::stream::iter(0..n)
+        .map(|i| {
+            let source = std::net::Ipv4Addr::new(127, 0, 1, 10 + (i / 500) as u8).into();
+            open_ws(c.edge_tls, source, gw, &tls)
+        })
+        .buffer_unordered(256)
+        .collect()
+        .await;
+    let took = started.elapsed();
+    let failures: Vec<String> = opened
+        .iter()
+        .filter_map(|r| r.as_ref().err().map(|e| e.to_string()))
+        .take(3)
+        .collect();
+    let mut live: Vec<Ws> = opened.into_iter().filter_map(Result::ok).collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = rss_kib(pid).unwrap_or(0);
+    let gauge = c.edge_metric("clawdeploy_edge_websockets").await?;
+    // They are live: a sample echoes.
+    let mut echoed = 0;
+    for ws in live.iter_mut().step_by((n / 100).max(1)) {
+        use tokio_tungstenite::tungstenite::Message;
+        ws.send(Message::text("still there?")).await?;
+        if let Some(Ok(m)) = ws.next().await {
+            echoed += usize::from(m.to_text().unwrap_or_default() == "still there?");
+        }
+    }
+    let held = live.len();
+    println!(
+        "\nWebSockets through the edge: {held}/{n} open (edge gauge {gauge}) in {:.1} s; \
+         sample echo {echoed}/{}; edge RSS {} → {} MiB: {:.1} KiB per connection{}",
+        took.as_secs_f64(),
+        live.iter().step_by((n / 100).max(1)).count(),
+        before / 1024,
+        after / 1024,
+        (after.saturating_sub(before)) as f64 / held.max(1) as f64,
+        if failures.is_empty() {
+            String::new()
+        } else {
+            format!("; first failures: {failures:?}")
+        }
+    );
+    drop(live);
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let a = Args::parse();
+    let c = Cluster::start(ClusterOptions {
+        nodes: 1,
+        min_idle: 3,
+        max_idle: 3,
+        edge_tls: true,
+        ..Default::default()
+    })
+    .await?;
+    c.wait_idle_at_least(3, Duration::from_secs(120)).await?;
+    route_lag(&c, a.route_changes).await?;
+
+    let token = c.register("alice@example.com").await?;
+    let (status, body) = c
+        .create_instance(
+            &token,
+            &json!({"subdomain": "alice", "apiKeys": {"openai": "sk-bench"}}),
+        )
+        .await?;
+    ensure!(status == 201, "signup answered {status}: {body}");
+    let gw = body["instance"]["gatewayToken"]
+        .as_str()
+        .context("gateway token")?
+        .to_owned();
+    let (container, upstream): (uuid::Uuid, String) = sqlx::query_as(
+        "SELECT container_id, upstream FROM routes WHERE hostname = $1 AND removed_at IS NULL",
+    )
+    .bind(format!("alice.{BASE_DOMAIN}"))
+    .fetch_one(&c.db)
+    .await?;
+    let tls = c.public_tls_dir();
+    let peers = [
+        Peer {
+            name: "edge",
+            addr: c.edge_tls,
+            child: None,
+        },
+        nginx(&c.dir, &upstream, &tls)?,
+        caddy(&c.dir, &upstream, &tls)?,
+    ];
+    for p in &peers {
+        wait_for(Duration::from_secs(20), &format!("{} answering", p.name), || async {
+            Ok(answers(p.addr, &gw))
+        })
+        .await?;
+    }
+    println!(
+        "upstream: one stand-in container at {upstream}; {}s runs, {} concurrent, {} rounds; TLS everywhere",
+        a.duration, a.concurrency, a.rounds
+    );
+    let mut h1: Vec<Vec<Run>> = vec![Vec::new(); 3];
+    let mut h2: Vec<Vec<Run>> = vec![Vec::new(); 3];
+    for round in 0..a.rounds {
+        for (i, p) in peers.iter().enumerate() {
+            let r1 = wrk(p.addr, &gw, &a)?;
+            let r2 = h2load(p.addr, &gw, &a, &c.dir.join(format!("h2load-{}.log", p.name)))?;
+            println!(
+                "round {round} {:<6} wrk {:>8.0} req/s p99 {:>6.2} ms | h2load {:>8.0} req/s p99 {:>6.2} ms",
+                p.name, r1.rps, r1.p99_ms, r2.rps, r2.p99_ms
+            );
+            h1[i].push(r1);
+            h2[i].push(r2);
+        }
+    }
+    let memory: Vec<u64> = peers
+        .iter()
+        .map(|p| match &p.child {
+            Some(child) => tree_rss_kib(child.id()),
+            None => c.edge_pid().and_then(rss_kib).unwrap_or(0),
+        })
+        .collect();
+    for (label, runs) in [("HTTP/1.1 (wrk)", &h1), ("HTTP/2 (h2load)", &h2)] {
+        let m: Vec<Run> = runs.iter().map(|r| median(r.clone())).collect();
+        println!("\n{label}, medians of {} rounds:", a.rounds);
+        println!(
+            "| proxy | req/s | p50 ms | p99 ms | errors | RSS MiB |\n|---|---|---|---|---|---|"
+        );
+        for (i, name) in PROXIES.iter().enumerate() {
+            println!(
+                "| {name} | {:.0} | {:.2} | {:.2} | {} | {} |",
+                m[i].rps,
+                m[i].p50_ms,
+                m[i].p99_ms,
+                m[i].errors,
+                memory[i] / 1024
+            );
+        }
+        println!(
+            "edge/nginx throughput {:.2}×, p99 {:.2}×; edge/Caddy throughput {:.2}×, p99 {:.2}×",
+            m[0].rps / m[1].rps,
+            m[0].p99_ms / m[1].p99_ms,
+            m[0].rps / m[2].rps,
+            m[0].p99_ms / m[2].p99_ms
+        );
+    }
+    drop(peers);
+
+    if a.websockets > 0 {
+        make_room(&c, container, (a.websockets as i32) * 2 + 256).await?;
+        websockets(&c, &gw, a.websockets).await?;
+    }
+    Ok(())
+}
+
+/// One request through `addr`; whether it answered 200.
+fn answers(addr: SocketAddr, gw: &str) -> bool {
+    Command::new("curl")
+        .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}"])
+        .args(["-H", &format!("authorization: Bearer {gw}")])
+        .args([
+            "--resolve",
+            &format!("alice.{BASE_DOMAIN}:{}:{}", addr.port(), addr.ip()),
+        ])
+        .arg(format!("https://alice.{BASE_DOMAIN}:{}/v1/models", addr.port()))
+        .output()
+        .map(|o| o.stdout == b"200")
+        .unwrap_or(false)
+}

@@ -30,6 +30,33 @@ pub struct Proxy {
     pub routes: Arc<RouteTable>,
     client: Client<UpstreamConnector, UpBody>,
     limits: Limits,
+    meters: Meters,
+}
+
+/// Per-request metric handles, looked up once rather than on every request.
+struct Meters {
+    /// Routed requests by status class: 1xx … 5xx.
+    known: [metrics::Counter; 5],
+    unknown: metrics::Counter,
+    upstream_seconds: metrics::Histogram,
+}
+
+impl Meters {
+    fn new() -> Self {
+        let known = ["1xx", "2xx", "3xx", "4xx", "5xx"].map(|class| {
+            metrics::counter!("clawdeploy_edge_requests_total", "class" => class, "route" => "known")
+        });
+        Self {
+            known,
+            unknown: metrics::counter!("clawdeploy_edge_requests_total", "class" => "4xx", "route" => "unknown"),
+            upstream_seconds: metrics::histogram!("clawdeploy_edge_upstream_seconds"),
+        }
+    }
+
+    fn known(&self, status: StatusCode) -> &metrics::Counter {
+        let i = (status.as_u16() / 100).clamp(1, 5) - 1;
+        &self.known[usize::from(i)]
+    }
 }
 
 /// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1).
@@ -59,6 +86,7 @@ impl Proxy {
             routes,
             client,
             limits,
+            meters: Meters::new(),
         }
     }
 }
@@ -75,6 +103,15 @@ fn respond(status: StatusCode, content_type: &'static str, body: String) -> Resp
     r.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     r
+}
+
+/// Just the `Accept` header of `headers`, which is all an error page reads.
+fn accept_only(headers: &HeaderMap) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    if let Some(v) = headers.get(header::ACCEPT) {
+        h.insert(header::ACCEPT, v.clone());
+    }
+    h
 }
 
 /// The edge's own answer: JSON `{error: {code, message}}`, or a small HTML
@@ -215,11 +252,12 @@ impl Proxy {
         let raw_host = request_host(&req);
         let host = raw_host.as_deref().and_then(normalize_host);
         let Some((host, target)) = host.and_then(|h| self.routes.lookup(&h).map(|t| (h, t))) else {
-            count(StatusCode::NOT_FOUND, "unknown");
+            self.meters.unknown.increment(1);
             return Ok(not_found(req.headers()));
         };
-        let resp = self.forward(req, client, proto, &host, target).await;
-        count(resp.status(), "known");
+        let proxy = self.clone();
+        let resp = proxy.forward(req, client, proto, &host, target).await;
+        self.meters.known(resp.status()).increment(1);
         Ok(resp)
     }
 
@@ -282,7 +320,8 @@ impl Proxy {
         set_forwarded(&mut parts.headers, client, host, proto);
         parts.uri = uri;
         parts.version = http::Version::HTTP_11;
-        let headers_for_errors = parts.headers.clone();
+        // Error pages need only this of the request's headers (no copy of them all).
+        let headers_for_errors = accept_only(&parts.headers);
         let body = Limited::new(body, self.limits.max_body_bytes as usize).boxed();
         let upstream_req = Request::from_parts(parts, body);
 
@@ -310,7 +349,8 @@ impl Proxy {
                 );
             }
         };
-        metrics::histogram!("clawdeploy_edge_upstream_seconds")
+        self.meters
+            .upstream_seconds
             .record(started.elapsed().as_secs_f64());
 
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {

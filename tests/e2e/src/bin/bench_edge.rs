@@ -65,6 +65,9 @@ error_log {dir}/nginx-error.log warn;
 events {{ worker_connections 16384; }}
 http {{
   access_log off;
+  # nginx closes a connection after 1000 requests by default (HTTP/2
+  # included), which h2load does not reopen: lift it, as for a proxy.
+  keepalive_requests 1000000;
   upstream tenant {{ server {upstream}; keepalive 64; }}
   server {{
     listen {addr} ssl http2;
@@ -300,10 +303,7 @@ async fn route_lag(c: &Cluster, n: usize) -> Result<()> {
         .await?;
     let name = "clawdeploy_edge_route_update_lag_seconds";
     let value = |suffix: &str| clawdeploy_e2e::metric_value(&text, &format!("{name}{suffix}"));
-    let (sum, count) = (
-        value("_sum").unwrap_or(0.0),
-        value("_count").unwrap_or(0.0),
-    );
+    let (sum, count) = (value("_sum").unwrap_or(0.0), value("_count").unwrap_or(0.0));
     let buckets: Vec<(f64, f64)> = text
         .lines()
         .filter_map(|l| l.strip_prefix(&format!("{name}_bucket{{le=\"")))
@@ -354,7 +354,8 @@ async fn make_room(c: &Cluster, container: uuid::Uuid, pids: i32) -> Result<()> 
     .await
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
 
 /// A WebSocket over TLS (`wss://`), as customers open them.
 async fn open_ws(
@@ -391,9 +392,17 @@ async fn websockets(c: &Cluster, gw: &str, n: usize) -> Result<()> {
     let opened: Vec<Result<Ws>> = futures::stream::iter(0..n)
         .map(|i| {
             let source = std::net::Ipv4Addr::new(127, 0, 1, 10 + (i / 500) as u8).into();
-            open_ws(c.edge_tls, source, gw, &tls)
+            let tls = &tls;
+            async move {
+                // A client retries once, as browsers' reconnect logic does:
+                // the stand-in's accept backlog is small.
+                match open_ws(c.edge_tls, source, gw, tls).await {
+                    Ok(ws) => Ok(ws),
+                    Err(_) => open_ws(c.edge_tls, source, gw, tls).await,
+                }
+            }
         })
-        .buffer_unordered(256)
+        .buffer_unordered(128)
         .collect()
         .await;
     let took = started.elapsed();
@@ -441,6 +450,8 @@ async fn main() -> Result<()> {
         nodes: 1,
         min_idle: 3,
         max_idle: 3,
+        // Released containers keep their slot (stopped, for the grace period).
+        max_containers: a.route_changes as u32 + 10,
         edge_tls: true,
         ..Default::default()
     })
@@ -477,9 +488,11 @@ async fn main() -> Result<()> {
         caddy(&c.dir, &upstream, &tls)?,
     ];
     for p in &peers {
-        wait_for(Duration::from_secs(20), &format!("{} answering", p.name), || async {
-            Ok(answers(p.addr, &gw))
-        })
+        wait_for(
+            Duration::from_secs(20),
+            &format!("{} answering", p.name),
+            || async { Ok(answers(p.addr, &gw)) },
+        )
         .await?;
     }
     println!(
@@ -491,7 +504,12 @@ async fn main() -> Result<()> {
     for round in 0..a.rounds {
         for (i, p) in peers.iter().enumerate() {
             let r1 = wrk(p.addr, &gw, &a)?;
-            let r2 = h2load(p.addr, &gw, &a, &c.dir.join(format!("h2load-{}.log", p.name)))?;
+            let r2 = h2load(
+                p.addr,
+                &gw,
+                &a,
+                &c.dir.join(format!("h2load-{}.log", p.name)),
+            )?;
             println!(
                 "round {round} {:<6} wrk {:>8.0} req/s p99 {:>6.2} ms | h2load {:>8.0} req/s p99 {:>6.2} ms",
                 p.name, r1.rps, r1.p99_ms, r2.rps, r2.p99_ms
@@ -549,7 +567,10 @@ fn answers(addr: SocketAddr, gw: &str) -> bool {
             "--resolve",
             &format!("alice.{BASE_DOMAIN}:{}:{}", addr.port(), addr.ip()),
         ])
-        .arg(format!("https://alice.{BASE_DOMAIN}:{}/v1/models", addr.port()))
+        .arg(format!(
+            "https://alice.{BASE_DOMAIN}:{}/v1/models",
+            addr.port()
+        ))
         .output()
         .map(|o| o.stdout == b"200")
         .unwrap_or(false)

@@ -24,6 +24,7 @@ ensure_tools() {
   pg_bin >/dev/null || missing+=(postgresql)
   command -v psql >/dev/null || missing+=(postgresql-client)
   command -v curl >/dev/null || missing+=(curl)
+  command -v openssl >/dev/null || missing+=(openssl)
   # The agent installs tenant firewall rules; tests probe from a busybox image.
   command -v iptables >/dev/null || missing+=(iptables)
   command -v flock >/dev/null || missing+=(util-linux)
@@ -35,6 +36,22 @@ ensure_tools() {
   fi
   command -v docker >/dev/null || { echo "docker is required (the engine must be running)" >&2; exit 1; }
   docker info >/dev/null 2>&1 || { echo "the Docker engine is not reachable" >&2; exit 1; }
+}
+
+# A throwaway CA and a wildcard certificate for *.$2 in $1 (ca.crt.pem,
+# edge.crt.pem, edge.key.pem), for local runs of the edge's HTTPS listener.
+issue_local_wildcard() {
+  local dir=$1 domain=$2
+  mkdir -p "$dir"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 \
+    -keyout "$dir/ca.key.pem" -out "$dir/ca.crt.pem" -subj "/CN=ClawDeploy local CA" \
+    -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+    -keyout "$dir/edge.key.pem" -out "$dir/edge.csr" -subj "/CN=*.$domain" 2>/dev/null
+  printf 'subjectAltName=DNS:*.%s,DNS:%s\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n' "$domain" "$domain" >"$dir/edge.ext"
+  openssl x509 -req -in "$dir/edge.csr" -CA "$dir/ca.crt.pem" -CAkey "$dir/ca.key.pem" -CAcreateserial \
+    -days 30 -out "$dir/edge.crt.pem" -extfile "$dir/edge.ext" 2>/dev/null
+  chmod 600 "$dir/ca.key.pem" "$dir/edge.key.pem"
 }
 
 # The proxies the edge benchmark compares against, and its load tools, all

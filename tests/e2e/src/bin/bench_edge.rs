@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use clap::Parser;
-use clawdeploy_e2e::{free_addr, rss_kib, wait_for, Cluster, ClusterOptions, BASE_DOMAIN};
+use clawdeploy_e2e::{
+    cpu_secs, free_addr, rss_kib, wait_for, Cluster, ClusterOptions, BASE_DOMAIN,
+};
 use futures::{SinkExt, StreamExt};
 use serde_json::json;
 
@@ -165,6 +167,9 @@ struct Run {
     p50_ms: f64,
     p99_ms: f64,
     errors: u64,
+    /// The proxy's own CPU time per request, in microseconds: what it costs
+    /// whatever else shares the machine.
+    cpu_us: f64,
 }
 
 fn wrk(addr: SocketAddr, gw: &str, a: &Args) -> Result<Run> {
@@ -198,6 +203,7 @@ fn wrk(addr: SocketAddr, gw: &str, a: &Args) -> Result<Run> {
         p50_ms,
         p99_ms,
         errors: non_2xx + u64::from(socket_errors),
+        cpu_us: 0.0,
     })
 }
 
@@ -245,6 +251,7 @@ fn h2load(addr: SocketAddr, gw: &str, a: &Args, log: &Path) -> Result<Run> {
         p50_ms: pick(0.50),
         p99_ms: pick(0.99),
         errors,
+        cpu_us: 0.0,
     })
 }
 
@@ -255,12 +262,15 @@ fn median(mut v: Vec<Run>) -> Run {
     p99.sort_by(f64::total_cmp);
     m.p99_ms = p99[p99.len() / 2];
     m.errors = v.iter().map(|r| r.errors).sum();
+    let mut cpu: Vec<f64> = v.iter().map(|r| r.cpu_us).collect();
+    cpu.sort_by(f64::total_cmp);
+    m.cpu_us = cpu[cpu.len() / 2];
     m
 }
 
-/// Resident memory of a process and its children (nginx's workers).
-fn tree_rss_kib(root: u32) -> u64 {
-    let mut total = rss_kib(root).unwrap_or(0);
+/// A process and its children (nginx's workers).
+fn tree(root: u32) -> Vec<u32> {
+    let mut pids = vec![root];
     if let Ok(dir) = std::fs::read_dir("/proc") {
         for e in dir.flatten() {
             let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else {
@@ -272,11 +282,19 @@ fn tree_rss_kib(root: u32) -> u64 {
                 .and_then(|(_, rest)| rest.split_whitespace().nth(1))
                 .and_then(|p| p.parse::<u32>().ok());
             if ppid == Some(root) {
-                total += rss_kib(pid).unwrap_or(0);
+                pids.push(pid);
             }
         }
     }
-    total
+    pids
+}
+
+fn tree_rss_kib(root: u32) -> u64 {
+    tree(root).into_iter().filter_map(rss_kib).sum()
+}
+
+fn tree_cpu_secs(root: u32) -> f64 {
+    tree(root).into_iter().filter_map(cpu_secs).sum()
 }
 
 async fn route_lag(c: &Cluster, n: usize) -> Result<()> {
@@ -327,15 +345,19 @@ async fn route_lag(c: &Cluster, n: usize) -> Result<()> {
     Ok(())
 }
 
-/// Gives the tenant container room for many connections: the stand-in
-/// spends a thread on each. Through the desired state, as a resize.
+/// Gives the tenant container the whole machine (a pool container gets half
+/// a core, which would cap every proxy alike) and room for many connections
+/// (the stand-in spends a thread on each). Through the desired state, as a
+/// resize.
 async fn make_room(c: &Cluster, container: uuid::Uuid, pids: i32) -> Result<()> {
-    sqlx::query("UPDATE containers SET pids = $2, memory_bytes = $3 WHERE id = $1")
-        .bind(container)
-        .bind(pids)
-        .bind(4_i64 << 30)
-        .execute(&c.db)
-        .await?;
+    sqlx::query(
+        "UPDATE containers SET pids = $2, memory_bytes = $3, cpu_millis = 2000 WHERE id = $1",
+    )
+    .bind(container)
+    .bind(pids)
+    .bind(4_i64 << 30)
+    .execute(&c.db)
+    .await?;
     sqlx::query("UPDATE nodes SET generation = generation + 1")
         .execute(&c.db)
         .await?;
@@ -477,6 +499,7 @@ async fn main() -> Result<()> {
     .bind(format!("alice.{BASE_DOMAIN}"))
     .fetch_one(&c.db)
     .await?;
+    make_room(&c, container, (a.websockets as i32) * 2 + 256).await?;
     let tls = c.public_tls_dir();
     let peers = [
         Peer {
@@ -503,16 +526,24 @@ async fn main() -> Result<()> {
     let mut h2: Vec<Vec<Run>> = vec![Vec::new(); 3];
     for round in 0..a.rounds {
         for (i, p) in peers.iter().enumerate() {
-            let r1 = wrk(p.addr, &gw, &a)?;
-            let r2 = h2load(
-                p.addr,
-                &gw,
-                &a,
-                &c.dir.join(format!("h2load-{}.log", p.name)),
-            )?;
+            let pid = p
+                .child
+                .as_ref()
+                .map(Child::id)
+                .or(c.edge_pid())
+                .context("pid")?;
+            let cpu_before = tree_cpu_secs(pid);
+            let mut r1 = wrk(p.addr, &gw, &a)?;
+            let cpu_mid = tree_cpu_secs(pid);
+            let log = c.dir.join(format!("h2load-{}.log", p.name));
+            let mut r2 = h2load(p.addr, &gw, &a, &log)?;
+            let cpu_after = tree_cpu_secs(pid);
+            let per_request = |cpu: f64, r: &Run| cpu * 1e6 / (r.rps * a.duration as f64);
+            r1.cpu_us = per_request(cpu_mid - cpu_before, &r1);
+            r2.cpu_us = per_request(cpu_after - cpu_mid, &r2);
             println!(
-                "round {round} {:<6} wrk {:>8.0} req/s p99 {:>6.2} ms | h2load {:>8.0} req/s p99 {:>6.2} ms",
-                p.name, r1.rps, r1.p99_ms, r2.rps, r2.p99_ms
+                "round {round} {:<6} wrk {:>6.0} req/s p99 {:>6.2} ms {:>4.0} µs CPU/req | h2load {:>6.0} req/s p99 {:>6.2} ms {:>4.0} µs CPU/req",
+                p.name, r1.rps, r1.p99_ms, r1.cpu_us, r2.rps, r2.p99_ms, r2.cpu_us
             );
             h1[i].push(r1);
             h2[i].push(r2);
@@ -529,30 +560,32 @@ async fn main() -> Result<()> {
         let m: Vec<Run> = runs.iter().map(|r| median(r.clone())).collect();
         println!("\n{label}, medians of {} rounds:", a.rounds);
         println!(
-            "| proxy | req/s | p50 ms | p99 ms | errors | RSS MiB |\n|---|---|---|---|---|---|"
+            "| proxy | req/s | p50 ms | p99 ms | CPU µs/req | errors | RSS MiB |\n|---|---|---|---|---|---|---|"
         );
         for (i, name) in PROXIES.iter().enumerate() {
             println!(
-                "| {name} | {:.0} | {:.2} | {:.2} | {} | {} |",
+                "| {name} | {:.0} | {:.2} | {:.2} | {:.0} | {} | {} |",
                 m[i].rps,
                 m[i].p50_ms,
                 m[i].p99_ms,
+                m[i].cpu_us,
                 m[i].errors,
                 memory[i] / 1024
             );
         }
         println!(
-            "edge/nginx throughput {:.2}×, p99 {:.2}×; edge/Caddy throughput {:.2}×, p99 {:.2}×",
+            "edge/nginx throughput {:.2}×, p99 {:.2}×, CPU per request {:.2}×; edge/Caddy throughput {:.2}×, p99 {:.2}×, CPU per request {:.2}×",
             m[0].rps / m[1].rps,
             m[0].p99_ms / m[1].p99_ms,
+            m[0].cpu_us / m[1].cpu_us,
             m[0].rps / m[2].rps,
-            m[0].p99_ms / m[2].p99_ms
+            m[0].p99_ms / m[2].p99_ms,
+            m[0].cpu_us / m[2].cpu_us
         );
     }
     drop(peers);
 
     if a.websockets > 0 {
-        make_room(&c, container, (a.websockets as i32) * 2 + 256).await?;
         websockets(&c, &gw, a.websockets).await?;
     }
     Ok(())

@@ -36,6 +36,10 @@ pub struct Config {
     pub claim_timeout: Duration,
     /// Containers stuck in creating/warming longer than this are replaced.
     pub warm_timeout: Duration,
+    /// A released instance's data is kept this long, then destroyed.
+    pub release_grace: Duration,
+    /// A released subdomain goes to nobody else for this long.
+    pub subdomain_cooldown: Duration,
     /// Lifetime of node certificates (nodes renew at about two thirds).
     pub node_cert_lifetime: Duration,
     /// Default lifetime of a join token.
@@ -56,6 +60,8 @@ impl Default for Config {
             claim_wait: Duration::from_secs(10),
             claim_timeout: Duration::from_secs(20),
             warm_timeout: Duration::from_secs(120),
+            release_grace: Duration::from_secs(7 * 24 * 3600),
+            subdomain_cooldown: Duration::from_secs(30 * 24 * 3600),
             node_cert_lifetime: Duration::from_secs(24 * 3600),
             join_token_ttl: Duration::from_secs(24 * 3600),
         }

@@ -197,7 +197,9 @@ pub async fn complete(
     container_id: Uuid,
     applied_version: u64,
 ) -> Result<()> {
-    let mut tx = app.db.begin().await?;
+    // On its own, not in the transaction below: that one ends early (and
+    // rolls back) for every instance that is not pending, and a live config
+    // change on a ready instance must still be recorded.
     let container: Option<(String, String)> = sqlx::query_as(
         "UPDATE containers SET applied_config = GREATEST(applied_config, $3), updated_at = now()
           WHERE id = $1 AND node_id = $2 RETURNING state, upstream",
@@ -205,8 +207,9 @@ pub async fn complete(
     .bind(container_id)
     .bind(node_id)
     .bind(applied_version as i64)
-    .fetch_optional(&mut *tx)
+    .fetch_optional(&app.db)
     .await?;
+    let mut tx = app.db.begin().await?;
     let Some((state, upstream)) = container else {
         return Err(Error::NotFound("container on this node"));
     };

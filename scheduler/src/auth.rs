@@ -18,6 +18,12 @@ use crate::password;
 
 const TOKEN_LIFETIME_DAYS: i32 = 7;
 
+/// Failed logins allowed per account (normalised email) in an hour; the
+/// next attempt, right password or not, is refused until the window moves.
+pub const MAX_FAILED_PER_ACCOUNT: i64 = 100;
+/// Failed logins allowed per client address in an hour (offices share one).
+pub const MAX_FAILED_PER_ADDRESS: i64 = 1000;
+
 /// A hash to verify against when the email is unknown, so that both cases
 /// cost one argon2 verification.
 static DUMMY_HASH: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
@@ -120,12 +126,65 @@ pub async fn register(
     ))
 }
 
+/// The client's address, when the server knows it.
+pub struct ClientAddr(pub Option<std::net::IpAddr>);
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientAddr {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(ClientAddr(
+            parts
+                .extensions
+                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+                .map(|c| c.0.ip()),
+        ))
+    }
+}
+
+/// Refuses a login when the account or the address used up its failures.
+/// Unknown emails are counted like known ones: the limit says nothing
+/// about whether an account exists.
+async fn check_login_limits(app: &AppRef, email: &str, address: Option<&str>) -> Result<()> {
+    let (by_email, by_address): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE email = $1),
+                count(*) FILTER (WHERE $2::text IS NOT NULL AND address = $2)
+           FROM login_failures
+          WHERE at > now() - interval '1 hour' AND (email = $1 OR address = $2)",
+    )
+    .bind(email)
+    .bind(address)
+    .fetch_one(&app.db)
+    .await?;
+    if by_email >= MAX_FAILED_PER_ACCOUNT || by_address >= MAX_FAILED_PER_ADDRESS {
+        metrics::counter!("clawdeploy_logins_total", "result" => "limited").increment(1);
+        return Err(Error::TooManyAttempts);
+    }
+    Ok(())
+}
+
+async fn record_login_failure(app: &AppRef, email: &str, address: Option<&str>) -> Result<()> {
+    sqlx::query("INSERT INTO login_failures (email, address) VALUES ($1, $2)")
+        .bind(email)
+        .bind(address)
+        .execute(&app.db)
+        .await?;
+    sqlx::query("DELETE FROM login_failures WHERE email = $1 AND at < now() - interval '1 hour'")
+        .bind(email)
+        .execute(&app.db)
+        .await?;
+    Ok(())
+}
+
 pub async fn login(
     State(app): State<AppRef>,
+    ClientAddr(client): ClientAddr,
     ApiJson(c): ApiJson<Credentials>,
 ) -> Result<axum::Json<Value>> {
     // An invalid email cannot match an account: same answer as a wrong password.
     let email = normalize_email(&c.email).unwrap_or_default();
+    let address = client.map(|a| a.to_string());
+    check_login_limits(&app, &email, address.as_deref()).await?;
     let user: Option<(Uuid, String)> =
         sqlx::query_as("SELECT id, password_hash FROM users WHERE email = $1")
             .bind(&email)
@@ -137,17 +196,31 @@ pub async fn login(
     };
     let ok = password::verify(c.password, hash).await?;
     let Some(id) = id.filter(|_| ok) else {
+        record_login_failure(&app, &email, address.as_deref()).await?;
+        metrics::counter!("clawdeploy_logins_total", "result" => "failed").increment(1);
         return Err(Error::BadCredentials);
     };
+    metrics::counter!("clawdeploy_logins_total", "result" => "ok").increment(1);
     let token = issue_token(&app, id).await?;
     Ok(axum::Json(
         json!({"user": {"id": id, "email": email}, "token": token}),
     ))
 }
 
+/// `POST /api/auth/logout`: revokes the token the request carries.
+pub async fn logout(State(app): State<AppRef>, user: AuthUser) -> Result<StatusCode> {
+    sqlx::query("UPDATE sessions SET revoked_at = now() WHERE token_hash = $1")
+        .bind(&user.token_hash)
+        .execute(&app.db)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 /// The authenticated customer behind a request's bearer token.
 pub struct AuthUser {
     pub id: Uuid,
+    /// The SHA-256 of the token that authenticated the request.
+    pub token_hash: Vec<u8>,
 }
 
 impl FromRequestParts<AppRef> for AuthUser {
@@ -160,13 +233,18 @@ impl FromRequestParts<AppRef> for AuthUser {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .ok_or(Error::Unauthenticated)?;
+        let hash = token_hash(token.trim());
         let id: Option<Uuid> = sqlx::query_scalar(
             "SELECT user_id FROM sessions WHERE token_hash = $1 AND expires_at > now() AND revoked_at IS NULL",
         )
-        .bind(token_hash(token.trim()))
+        .bind(&hash)
         .fetch_optional(&app.db)
         .await?;
-        id.map(|id| AuthUser { id }).ok_or(Error::Unauthenticated)
+        id.map(|id| AuthUser {
+            id,
+            token_hash: hash,
+        })
+        .ok_or(Error::Unauthenticated)
     }
 }
 

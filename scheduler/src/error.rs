@@ -21,6 +21,8 @@ pub enum Error {
     Unauthenticated,
     #[error("wrong email or password")]
     BadCredentials,
+    #[error("too many failed logins")]
+    TooManyAttempts,
     #[error("forbidden: {0}")]
     Forbidden(String),
     #[error("not found: {0}")]
@@ -71,6 +73,11 @@ impl Error {
                 StatusCode::UNAUTHORIZED,
                 "bad_credentials",
                 "wrong email or password".into(),
+            ),
+            Error::TooManyAttempts => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_attempts",
+                "too many failed logins; try again later".into(),
             ),
             Error::Forbidden(m) => (StatusCode::FORBIDDEN, "forbidden", m.clone()),
             Error::NotFound(what) => (
@@ -138,7 +145,15 @@ impl Error {
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let (status, body) = self.answer_logged();
-        (status, axum::Json(body)).into_response()
+        let mut resp = (status, axum::Json(body)).into_response();
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            // At most the limits' one-hour window.
+            resp.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("3600"),
+            );
+        }
+        resp
     }
 }
 

@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 
 use crate::app::AppRef;
 use crate::error::Error;
-use crate::{admin, auth, instances, release};
+use crate::{admin, auth, instances, reconfigure, release};
 
 /// JSON bodies are small; anything larger is refused before parsing.
 const BODY_LIMIT: usize = 64 * 1024;
@@ -37,10 +37,13 @@ pub fn router(app: AppRef, metrics: PrometheusHandle) -> Router {
     Router::new()
         .route("/api/auth/register", post(auth::register))
         .route("/api/auth/login", post(auth::login))
+        .route("/api/auth/logout", post(auth::logout))
         .route("/api/instances", post(instances::create))
         .route(
             "/api/instances/me",
-            get(instances::me).delete(release::release),
+            get(instances::me)
+                .patch(reconfigure::update)
+                .delete(release::release),
         )
         .route("/api/instances/{id}", get(instances::get))
         .route("/admin/pool", get(admin::pool).put(admin::set_pool))

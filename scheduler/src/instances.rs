@@ -94,16 +94,22 @@ pub fn validate_subdomain(raw: &str) -> Result<String> {
     Ok(s)
 }
 
-fn validate_keys(keys: BTreeMap<String, String>) -> Result<BTreeMap<String, String>> {
+/// A provider we know how to configure, normalised.
+pub(crate) fn validate_provider(provider: &str) -> Result<String> {
+    let provider = provider.trim().to_ascii_lowercase();
+    if !PROVIDERS.contains(&provider.as_str()) {
+        return Err(Error::Invalid {
+            field: "apiKeys",
+            message: format!("unknown provider (known: {})", PROVIDERS.join(", ")),
+        });
+    }
+    Ok(provider)
+}
+
+pub(crate) fn validate_keys(keys: BTreeMap<String, String>) -> Result<BTreeMap<String, String>> {
     keys.into_iter()
         .map(|(provider, key)| {
-            let provider = provider.trim().to_ascii_lowercase();
-            if !PROVIDERS.contains(&provider.as_str()) {
-                return Err(Error::Invalid {
-                    field: "apiKeys",
-                    message: format!("unknown provider (known: {})", PROVIDERS.join(", ")),
-                });
-            }
+            let provider = validate_provider(&provider)?;
             let key = key.trim().to_owned();
             if key.is_empty() || key.len() > 512 || !key.bytes().all(|b| b.is_ascii_graphic()) {
                 return Err(Error::Invalid {
@@ -116,7 +122,18 @@ fn validate_keys(keys: BTreeMap<String, String>) -> Result<BTreeMap<String, Stri
         .collect()
 }
 
-fn default_model_for(keys: &BTreeMap<String, String>) -> String {
+/// What a response shows of a key: enough to recognise it, not to use it.
+fn mask(key: &str) -> String {
+    let n = key.chars().count();
+    if n < 12 {
+        return "…".into();
+    }
+    let head: String = key.chars().take(3).collect();
+    let tail: String = key.chars().skip(n - 4).collect();
+    format!("{head}…{tail}")
+}
+
+pub(crate) fn default_model_for(keys: &BTreeMap<String, String>) -> String {
     match keys.keys().next().map(String::as_str) {
         Some("openai") => "openai/gpt-4o".into(),
         Some("anthropic") => "anthropic/claude-sonnet-4".into(),
@@ -214,6 +231,12 @@ async fn sign_up(
         Some(s) => validate_subdomain(&s)?,
         None => format!("claw-{}", random_token(4)),
     };
+    if crate::release::cooling_down(app, &subdomain, user.id).await? {
+        return Err(Error::Conflict {
+            code: "subdomain_taken",
+            message: "that subdomain is taken".into(),
+        });
+    }
     let provider_keys = validate_keys(body.api_keys)?;
     let default_model = default_model_for(&provider_keys);
     let claimed = assign::claim(
@@ -286,17 +309,39 @@ async fn instance_token(app: &App, instance_id: Uuid) -> Result<Option<String>> 
 /// id, subdomain, status, tier.
 type InstanceRow = (Uuid, String, String, String);
 
-async fn render(app: &App, row: InstanceRow) -> Result<axum::Json<Value>> {
+/// The instance as its owner sees it, with its provider keys masked.
+async fn render_row(app: &App, row: InstanceRow) -> Result<Value> {
     let (id, subdomain, status, tier) = row;
     let token = instance_token(app, id).await?;
-    Ok(axum::Json(view(
-        app,
-        id,
-        &subdomain,
-        token.as_deref(),
-        &status,
-        &tier,
-    )))
+    let mut body = view(app, id, &subdomain, token.as_deref(), &status, &tier);
+    let sealed: Vec<(String, Vec<u8>)> =
+        sqlx::query_as("SELECT name, ciphertext FROM secrets WHERE instance_id = $1 ORDER BY name")
+            .bind(id)
+            .fetch_all(&app.db)
+            .await?;
+    let mut keys = serde_json::Map::new();
+    for (name, ciphertext) in sealed {
+        let key = app
+            .secrets
+            .open_string(&App::secret_aad(id, &name), &ciphertext)?;
+        keys.insert(name, mask(&key).into());
+    }
+    body["instance"]["apiKeys"] = Value::Object(keys);
+    Ok(body)
+}
+
+async fn render(app: &App, row: InstanceRow) -> Result<axum::Json<Value>> {
+    render_row(app, row).await.map(axum::Json)
+}
+
+/// The instance `id` as its owner sees it.
+pub(crate) async fn render_id(app: &App, id: Uuid) -> Result<Value> {
+    let row: InstanceRow =
+        sqlx::query_as("SELECT id, subdomain, status, tier FROM instances WHERE id = $1")
+            .bind(id)
+            .fetch_one(&app.db)
+            .await?;
+    render_row(app, row).await
 }
 
 /// The caller's live instance (the newest, when an earlier one failed).
@@ -332,6 +377,13 @@ pub async fn get(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keys_are_masked_to_a_recognisable_stub() {
+        assert_eq!(mask("sk-proj-abcdefghijkl1234"), "sk-…1234");
+        assert_eq!(mask("short"), "…");
+        assert!(!mask("sk-ant-0123456789abcdef").contains("0123456789"));
+    }
 
     #[test]
     fn subdomains_are_dns_labels_and_not_reserved() {

@@ -21,6 +21,7 @@ pub mod password;
 pub mod pki;
 pub mod placement;
 pub mod pool;
+pub mod reconfigure;
 pub mod release;
 pub mod routes;
 pub mod sessions;
@@ -190,8 +191,12 @@ pub async fn serve(
             tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
             wait_stop(stop_rx.clone()),
         );
-    let http_server = axum::serve(http, http::router(app.clone(), metrics))
-        .with_graceful_shutdown(wait_stop(stop_rx.clone()));
+    let http_server = axum::serve(
+        http,
+        http::router(app.clone(), metrics)
+            .into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(wait_stop(stop_rx.clone()));
     tracing::info!("scheduler serving");
     // Agent sessions and route watches are endless streams, so graceful
     // shutdown gets a short grace period, then the servers are dropped.

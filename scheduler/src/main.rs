@@ -85,6 +85,13 @@ struct ServeArgs {
     /// Seconds before an unconfirmed claim moves to a fresh container.
     #[arg(long, env = "CLAWDEPLOY_CLAIM_TIMEOUT_SECS", default_value_t = 20)]
     claim_timeout_secs: u64,
+    /// Seconds a released instance's data is kept (stopped) before its
+    /// container and volume are destroyed.
+    #[arg(long, env = "CLAWDEPLOY_RELEASE_GRACE_SECS", default_value_t = 7 * 24 * 3600)]
+    release_grace_secs: u64,
+    /// Seconds after a release before its subdomain may go to anyone else.
+    #[arg(long, env = "CLAWDEPLOY_SUBDOMAIN_COOLDOWN_SECS", default_value_t = 30 * 24 * 3600)]
+    subdomain_cooldown_secs: u64,
     /// Bearer token for the operator API under /admin (off when unset).
     #[arg(long, env = "CLAWDEPLOY_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
@@ -154,6 +161,8 @@ async fn main() -> anyhow::Result<()> {
                     heartbeat_ttl: Duration::from_secs(a.heartbeat_ttl_secs),
                     claim_wait: Duration::from_secs(a.claim_wait_secs),
                     claim_timeout: Duration::from_secs(a.claim_timeout_secs.max(1)),
+                    release_grace: Duration::from_secs(a.release_grace_secs),
+                    subdomain_cooldown: Duration::from_secs(a.subdomain_cooldown_secs),
                     node_cert_lifetime: Duration::from_secs(a.node_cert_ttl_secs.max(3)),
                     join_token_ttl: Duration::from_secs(a.join_token_ttl_secs.max(1)),
                     ..Config::default()

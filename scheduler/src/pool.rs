@@ -276,6 +276,7 @@ async fn reconcile(app: &AppRef) -> Result<()> {
     mark_unreachable(app).await?;
     let mut touched: HashSet<String> = replace_stuck(app).await?.into_iter().collect();
     touched.extend(assign::retry_unconfirmed(app).await?);
+    touched.extend(crate::release::sweep_expired(app).await?);
 
     let s = settings::load(&app.db).await?;
     let signups_per_sec = demand::signup_rate(app).await?;

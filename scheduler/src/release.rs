@@ -2,6 +2,8 @@
 //! goes first (the edges 404 the host before the answer leaves), then the
 //! container is stopped with its volume kept; the instance stays `deleting`
 //! and keeps its subdomain for the grace period (DESIGN.md, "Release").
+//! After it, the pool manager destroys the container and its volume; the
+//! subdomain stays out of reach of other customers for the cool-down.
 
 use axum::extract::State;
 use serde_json::{json, Value};
@@ -63,4 +65,64 @@ pub async fn release(State(app): State<AppRef>, user: AuthUser) -> Result<axum::
         "subdomain": subdomain,
         "status": "deleting",
     })))
+}
+
+/// Destroys what released instances left once their grace period is over:
+/// the instance becomes `deleted`, its container `destroying` (the agent
+/// removes it and its volume). Run by the pool manager.
+pub async fn sweep_expired(app: &AppRef) -> Result<Vec<String>> {
+    let mut tx = app.db.begin().await?;
+    let rows: Vec<(Uuid, Option<Uuid>)> = sqlx::query_as(
+        "UPDATE instances SET status = 'deleted'
+          WHERE status = 'deleting' AND released_at < now() - make_interval(secs => $1)
+          RETURNING id, container_id",
+    )
+    .bind(app.cfg.release_grace.as_secs_f64())
+    .fetch_all(&mut *tx)
+    .await?;
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let containers: Vec<Uuid> = rows.iter().filter_map(|r| r.1).collect();
+    let nodes: Vec<String> = sqlx::query_scalar(
+        "UPDATE containers SET state = 'destroying', updated_at = now()
+          WHERE id = ANY($1) AND state NOT IN ('destroyed', 'failed')
+          RETURNING node_id",
+    )
+    .bind(&containers)
+    .fetch_all(&mut *tx)
+    .await?;
+    for (instance, container) in &rows {
+        crate::audit(
+            &mut *tx,
+            "scheduler",
+            "instance.destroyed",
+            &instance.to_string(),
+            json!({"container": container, "reason": "grace period over"}),
+        )
+        .await;
+    }
+    tx.commit().await?;
+    tracing::info!(
+        instances = rows.len(),
+        "released instances destroyed after their grace period"
+    );
+    Ok(nodes)
+}
+
+/// Whether `subdomain` was released to the cool-down recently (by someone
+/// other than `user_id`, who may take their own name back).
+pub async fn cooling_down(app: &AppRef, subdomain: &str, user_id: Uuid) -> Result<bool> {
+    let hit: Option<i32> = sqlx::query_scalar(
+        "SELECT 1 FROM instances
+          WHERE subdomain = $1 AND user_id <> $2 AND status = 'deleted'
+            AND released_at > now() - make_interval(secs => $3)
+          LIMIT 1",
+    )
+    .bind(subdomain)
+    .bind(user_id)
+    .bind(app.cfg.subdomain_cooldown.as_secs_f64())
+    .fetch_optional(&app.db)
+    .await?;
+    Ok(hit.is_some())
 }

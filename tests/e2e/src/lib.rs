@@ -88,6 +88,8 @@ pub struct ClusterOptions {
     pub edge_tls: bool,
     /// More flags for the edge (limits, timeouts).
     pub edge_args: Vec<String>,
+    /// More flags for every scheduler.
+    pub scheduler_args: Vec<String>,
 }
 
 /// The operator token every test scheduler accepts on `/admin`.
@@ -108,6 +110,7 @@ impl Default for ClusterOptions {
             claim_timeout_secs: None,
             edge_tls: false,
             edge_args: Vec::new(),
+            scheduler_args: Vec::new(),
         }
     }
 }
@@ -345,6 +348,7 @@ impl Cluster {
                 &self.opts.max_idle.to_string(),
             ])
             .args(["--claim-wait-secs", &self.opts.claim_wait_secs.to_string()])
+            .args(&self.opts.scheduler_args)
             .env("RUST_LOG", "info,sqlx=warn")
             .stdout(self.log_file(&log)?)
             .stderr(self.log_file(&log)?)

@@ -1,0 +1,319 @@
+//! The customer's path on the real system: accounts (no enumeration, login
+//! limits, logout), provider keys sealed, masked and never logged, live key
+//! changes through `PATCH`, and releases destroyed after their grace period.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clawdeploy_e2e::{wait_for, Cluster, ClusterOptions, BASE_DOMAIN};
+use serde_json::{json, Value};
+
+const PASSWORD: &str = "correct-horse-battery";
+
+fn host(sub: &str) -> String {
+    format!("{sub}.{BASE_DOMAIN}")
+}
+
+async fn login(c: &Cluster, email: &str, password: &str) -> Result<(u16, Value, Duration)> {
+    let started = Instant::now();
+    let r = c
+        .client
+        .post(c.api("/api/auth/login"))
+        .json(&json!({"email": email, "password": password}))
+        .send()
+        .await?;
+    let took = started.elapsed();
+    let status = r.status().as_u16();
+    let retry_after = r.headers().get("retry-after").cloned();
+    let mut body: Value = r.json().await?;
+    if let Some(v) = retry_after {
+        body["retryAfter"] = v.to_str()?.into();
+    }
+    Ok((status, body, took))
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logins_do_not_enumerate_accounts_are_limited_and_tokens_revoke() -> Result<()> {
+    let c = Cluster::start(ClusterOptions {
+        nodes: 1,
+        min_idle: 0,
+        max_idle: 0,
+        ..Default::default()
+    })
+    .await?;
+    let token = c.register("Alice@Example.com").await?;
+    // The email was normalised: the lower-case form logs in.
+    assert_eq!(login(&c, "alice@example.com", PASSWORD).await?.0, 200);
+
+    // A wrong password and an unknown email: same status, same body, and
+    // about the same time (both verify an argon2id hash).
+    let (mut wrong_t, mut unknown_t) = (Vec::new(), Vec::new());
+    for _ in 0..5 {
+        let (s1, b1, t1) = login(&c, "alice@example.com", "not-the-password").await?;
+        let (s2, b2, t2) = login(&c, "nobody@example.com", "not-the-password").await?;
+        assert_eq!((s1, s2), (401, 401));
+        assert_eq!(b1, b2, "the answers must not tell the cases apart");
+        wrong_t.push(t1);
+        unknown_t.push(t2);
+    }
+    let (w, u) = (median(wrong_t), median(unknown_t));
+    assert!(
+        u * 2 > w && w * 2 > u,
+        "wrong password took {w:?}, unknown email {u:?}"
+    );
+
+    // 100 failed logins in the hour for one account; the 101st attempt is
+    // refused even with the right password, for known and unknown emails.
+    let more = futures::future::join_all(
+        (0..95).map(|_| login(&c, "alice@example.com", "still-not-the-password")),
+    )
+    .await;
+    for r in more {
+        assert_eq!(r?.0, 401);
+    }
+    let (status, body, _) = login(&c, "alice@example.com", PASSWORD).await?;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["error"]["code"], "too_many_attempts");
+    assert_eq!(body["retryAfter"], "3600");
+    let others = futures::future::join_all(
+        (0..95).map(|_| login(&c, "nobody@example.com", "still-not-the-password")),
+    )
+    .await;
+    for r in others {
+        assert_eq!(r?.0, 401);
+    }
+    assert_eq!(login(&c, "nobody@example.com", PASSWORD).await?.0, 429);
+    // Another account is not affected.
+    c.register("bob@example.com").await?;
+    assert_eq!(login(&c, "bob@example.com", PASSWORD).await?.0, 200);
+
+    // Logout revokes the token it is called with, and only that one.
+    let me = |t: String| {
+        let c = &c;
+        async move {
+            Ok::<_, anyhow::Error>(
+                c.client
+                    .get(c.api("/api/instances/me"))
+                    .bearer_auth(t)
+                    .send()
+                    .await?
+                    .status()
+                    .as_u16(),
+            )
+        }
+    };
+    let bob = c.register("carol@example.com").await?;
+    assert_eq!(
+        me(bob.clone()).await?,
+        404,
+        "no instance yet, but authenticated"
+    );
+    let r = c
+        .client
+        .post(c.api("/api/auth/logout"))
+        .bearer_auth(&bob)
+        .send()
+        .await?;
+    assert_eq!(r.status(), 204);
+    assert_eq!(me(bob).await?, 401);
+    assert_eq!(me(token).await?, 404, "alice's first token still works");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_are_sealed_masked_unlogged_and_a_patch_reaches_the_gateway_live() -> Result<()> {
+    let c = Cluster::start(ClusterOptions {
+        nodes: 1,
+        min_idle: 2,
+        ..Default::default()
+    })
+    .await?;
+    c.wait_idle_at_least(2, Duration::from_secs(120)).await?;
+    let openai = "sk-test-OPENAI-7f3a9c1e2d4b";
+    let anthropic = "sk-ant-test-ANTHROPIC-5e8d2c";
+    let (token, gw) = c
+        .sign_up("alice@example.com", "alice", json!({"openai": openai}))
+        .await?;
+    let alice = host("alice");
+    let docker_id: String = sqlx::query_scalar(
+        "SELECT c.docker_id FROM instances i JOIN containers c ON c.id = i.container_id",
+    )
+    .fetch_one(&c.db)
+    .await?;
+    let started_at = c.docker_inspect(&docker_id)?["State"]["StartedAt"].clone();
+
+    // Masked in the API.
+    let me: Value = c
+        .client
+        .get(c.api("/api/instances/me"))
+        .bearer_auth(&token)
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(
+        me["instance"]["apiKeys"],
+        json!({"openai": "sk-…2d4b"}),
+        "{me}"
+    );
+
+    // A live change: Anthropic in, OpenAI out, answered once it is live.
+    let r = c
+        .client
+        .patch(c.api("/api/instances/me"))
+        .bearer_auth(&token)
+        .json(&json!({"apiKeys": {"anthropic": anthropic, "openai": null}}))
+        .send()
+        .await?;
+    assert_eq!(r.status(), 200);
+    let patched: Value = r.json().await?;
+    assert_eq!(patched["instance"]["configApplied"], true, "{patched}");
+    assert_eq!(
+        patched["instance"]["apiKeys"],
+        json!({"anthropic": "sk-…8d2c"})
+    );
+    let (status, models) = c.edge_get(&alice, "/v1/models", Some(&gw)).await?;
+    assert_eq!(status, 200);
+    let models: Value = serde_json::from_str(&models)?;
+    assert_eq!(models["providers"], json!(["anthropic"]), "{models}");
+    assert_eq!(
+        c.docker_inspect(&docker_id)?["State"]["StartedAt"],
+        started_at,
+        "the container was not restarted"
+    );
+    // Bad changes are refused and change nothing.
+    for (body, code) in [
+        (json!({"apiKeys": {"nosuch": "k"}}), 422),
+        (json!({}), 400),
+        (json!({"apiKeys": {"openai": ""}}), 422),
+        (json!({"color": "red"}), 400),
+    ] {
+        let r = c
+            .client
+            .patch(c.api("/api/instances/me"))
+            .bearer_auth(&token)
+            .json(&body)
+            .send()
+            .await?;
+        assert_eq!(r.status().as_u16(), code, "{body}");
+        let err: Value = r.json().await?;
+        assert!(err["error"]["code"].is_string(), "{err}");
+    }
+    let (_, models) = c.edge_get(&alice, "/v1/models", Some(&gw)).await?;
+    assert!(models.contains("anthropic"), "{models}");
+
+    // At rest: no key in plain text anywhere in the database.
+    for key in [openai, anthropic] {
+        let hits: i64 = sqlx::query_scalar(
+            "SELECT (SELECT count(*) FROM secrets WHERE position(convert_to($1, 'UTF8') in ciphertext) > 0)
+                  + (SELECT count(*) FROM audit_log WHERE detail::text LIKE '%' || $1 || '%')
+                  + (SELECT count(*) FROM idempotency_keys
+                      WHERE position(convert_to($1, 'UTF8') in coalesce(response_enc, ''::bytea)) > 0)",
+        )
+        .bind(key)
+        .fetch_one(&c.db)
+        .await?;
+        assert_eq!(hits, 0, "{key} found at rest");
+    }
+    // And in no log of the whole system (scheduler, agent, edge).
+    for entry in std::fs::read_dir(c.dir.join("logs"))? {
+        let path = entry?.path();
+        let text = std::fs::read_to_string(&path)?;
+        for key in [openai, anthropic] {
+            assert!(!text.contains(key), "{key} in {}", path.display());
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_is_destroyed_after_its_grace_period_and_its_name_cools_down() -> Result<()> {
+    let c = Cluster::start(ClusterOptions {
+        nodes: 1,
+        min_idle: 2,
+        scheduler_args: ["--release-grace-secs", "4"].map(String::from).to_vec(),
+        ..Default::default()
+    })
+    .await?;
+    c.wait_idle_at_least(2, Duration::from_secs(120)).await?;
+    let (token, gw) = c
+        .sign_up(
+            "alice@example.com",
+            "alice",
+            json!({"openai": "sk-a-0123456789"}),
+        )
+        .await?;
+    let (container, docker_id): (uuid::Uuid, String) = sqlx::query_as(
+        "SELECT c.id, c.docker_id FROM instances i JOIN containers c ON c.id = i.container_id",
+    )
+    .fetch_one(&c.db)
+    .await?;
+    let volume = c.docker_inspect(&docker_id)?["Mounts"][0]["Name"]
+        .as_str()
+        .context("state volume")?
+        .to_owned();
+
+    let r = c
+        .client
+        .delete(c.api("/api/instances/me"))
+        .bearer_auth(&token)
+        .send()
+        .await?;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        c.edge_get(&host("alice"), "/v1/models", Some(&gw)).await?.0,
+        404
+    );
+
+    // The same customer may start again at once, under another name.
+    let (status, body) = c
+        .create_instance(&token, &json!({"subdomain": "alice-two"}))
+        .await?;
+    assert_eq!(status, 201, "{body}");
+
+    // After the grace period the container and its volume are gone.
+    wait_for(
+        Duration::from_secs(30),
+        "the released container destroyed",
+        || async {
+            let state: String = sqlx::query_scalar("SELECT state FROM containers WHERE id = $1")
+                .bind(container)
+                .fetch_one(&c.db)
+                .await?;
+            Ok(state == "destroyed" && c.docker_inspect(&docker_id).is_err())
+        },
+    )
+    .await?;
+    let volumes = std::process::Command::new("docker")
+        .args(["volume", "ls", "-q"])
+        .output()?;
+    assert!(
+        !String::from_utf8_lossy(&volumes.stdout).contains(&volume),
+        "the state volume outlived the grace period"
+    );
+    let status: String = sqlx::query_scalar(
+        "SELECT status FROM instances WHERE subdomain = 'alice' ORDER BY created_at LIMIT 1",
+    )
+    .fetch_one(&c.db)
+    .await?;
+    assert_eq!(status, "deleted");
+    let audited: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE action = 'instance.destroyed'")
+            .fetch_one(&c.db)
+            .await?;
+    assert_eq!(audited, 1);
+
+    // The name is not reissued to someone else during the cool-down.
+    let mallory = c.register("mallory@example.com").await?;
+    let (status, body) = c
+        .create_instance(&mallory, &json!({"subdomain": "alice"}))
+        .await?;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"]["code"], "subdomain_taken");
+    Ok(())
+}

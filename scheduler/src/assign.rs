@@ -81,10 +81,9 @@ pub async fn claim(app: &AppRef, req: ClaimRequest) -> Result<Claimed> {
         .bind(container_id)
         .execute(&mut *tx)
         .await?;
+    let dek = crate::envelope::create(app, &mut tx, instance_id).await?;
     for (name, value) in &req.provider_keys {
-        let sealed = app
-            .secrets
-            .seal(&App::secret_aad(instance_id, name), value.as_bytes())?;
+        let sealed = dek.seal(&App::secret_aad(instance_id, name), value.as_bytes())?;
         sqlx::query("INSERT INTO secrets (instance_id, name, ciphertext) VALUES ($1, $2, $3)")
             .bind(instance_id)
             .bind(name)

@@ -1,8 +1,8 @@
 //! Secrets at rest: AES-256-GCM with a random nonce, the associated data
 //! binding each ciphertext to its owner and field so a value copied to another
-//! row does not decrypt. The key lives outside the database (a file or an
-//! environment variable). The per-tenant envelope comes with the customer-path
-//! issue; the sealed format (`v1 | nonce | ciphertext`) leaves room for it.
+//! row does not decrypt. Sealed format: `v1 | nonce | ciphertext`. The
+//! key-encryption key lives outside the database (a file or an environment
+//! variable); customers' keys sit under per-tenant data keys (`envelope.rs`).
 
 use aes_gcm::aead::{Aead, KeyInit, OsRng, Payload};
 use aes_gcm::{AeadCore, Aes256Gcm, Key, Nonce};
@@ -14,6 +14,8 @@ const VERSION: u8 = 1;
 #[derive(Clone)]
 pub struct SecretBox {
     cipher: Aes256Gcm,
+    /// Names the key without revealing it: the first 8 bytes of its SHA-256.
+    id: String,
 }
 
 impl std::fmt::Debug for SecretBox {
@@ -27,15 +29,33 @@ impl SecretBox {
     pub fn from_hex(key_hex: &str) -> Result<Self> {
         let key = hex::decode(key_hex.trim())
             .map_err(|_| Error::Internal("secret key is not hex".into()))?;
+        Self::from_bytes(&key)
+    }
+
+    /// A 32-byte key.
+    pub fn from_bytes(key: &[u8]) -> Result<Self> {
         if key.len() != 32 {
             return Err(Error::Internal(format!(
                 "secret key must be 32 bytes, got {}",
                 key.len()
             )));
         }
+        use sha2::Digest;
         Ok(Self {
-            cipher: Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&key)),
+            cipher: Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(key)),
+            id: hex::encode(&sha2::Sha256::digest(key)[..8]),
         })
+    }
+
+    /// A fresh random key: its bytes (to be wrapped) and its box.
+    pub fn generate() -> Result<(Vec<u8>, Self)> {
+        let key = Aes256Gcm::generate_key(OsRng).to_vec();
+        let b = Self::from_bytes(&key)?;
+        Ok((key, b))
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
     }
 
     pub fn generate_key_hex() -> String {

@@ -59,13 +59,15 @@ pub async fn load(app: &App, node_id: &str, on_snapshot: impl FnOnce()) -> Resul
     .bind(&instance_ids)
     .fetch_all(&mut *tx)
     .await?;
+    let deks = crate::envelope::load(app, &mut tx, &instance_ids).await?;
     tx.commit().await?;
 
     let mut keys: HashMap<Uuid, HashMap<String, String>> = HashMap::new();
     for (instance_id, name, sealed) in secret_rows {
-        let value = app
-            .secrets
-            .open_string(&App::secret_aad(instance_id, &name), &sealed)?;
+        let dek = deks.get(&instance_id).ok_or_else(|| {
+            Error::Internal(format!("instance {instance_id} has keys but no data key"))
+        })?;
+        let value = dek.open_string(&App::secret_aad(instance_id, &name), &sealed)?;
         keys.entry(instance_id).or_default().insert(name, value);
     }
     let containers = rows

@@ -127,6 +127,39 @@ pub async fn finish(app: &App, user_id: Uuid, key: &str, status: StatusCode, bod
     }
 }
 
+/// Re-seals every stored answer from `old` to `new` (KEK rotation), inside
+/// the caller's transaction. Answers already under `new` are left alone.
+pub async fn reseal(
+    tx: &mut sqlx::PgConnection,
+    old: &crate::crypto::SecretBox,
+    new: &crate::crypto::SecretBox,
+) -> Result<usize> {
+    let rows: Vec<(Uuid, String, Vec<u8>)> = sqlx::query_as(
+        "SELECT user_id, key, response_enc FROM idempotency_keys
+          WHERE response_enc IS NOT NULL FOR UPDATE",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut n = 0;
+    for (user_id, key, sealed) in rows {
+        let a = aad(user_id, &key);
+        let Ok(plain) = old.open(&a, &sealed) else {
+            new.open(&a, &sealed)?;
+            continue;
+        };
+        sqlx::query(
+            "UPDATE idempotency_keys SET response_enc = $3 WHERE user_id = $1 AND key = $2",
+        )
+        .bind(user_id)
+        .bind(&key)
+        .bind(new.seal(&a, &plain)?)
+        .execute(&mut *tx)
+        .await?;
+        n += 1;
+    }
+    Ok(n)
+}
+
 /// Drops keys older than a day.
 pub async fn purge_expired(app: &App) {
     let r = sqlx::query("DELETE FROM idempotency_keys WHERE created_at < now() - interval '1 day'")

@@ -320,10 +320,17 @@ async fn render_row(app: &App, row: InstanceRow) -> Result<Value> {
             .fetch_all(&app.db)
             .await?;
     let mut keys = serde_json::Map::new();
+    let deks = if sealed.is_empty() {
+        Default::default()
+    } else {
+        let mut conn = app.db.acquire().await?;
+        crate::envelope::load(app, &mut conn, &[id]).await?
+    };
     for (name, ciphertext) in sealed {
-        let key = app
-            .secrets
-            .open_string(&App::secret_aad(id, &name), &ciphertext)?;
+        let dek = deks
+            .get(&id)
+            .ok_or_else(|| Error::Internal(format!("instance {id} has keys but no data key")))?;
+        let key = dek.open_string(&App::secret_aad(id, &name), &ciphertext)?;
         keys.insert(name, mask(&key).into());
     }
     body["instance"]["apiKeys"] = Value::Object(keys);

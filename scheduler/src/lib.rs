@@ -11,6 +11,7 @@ pub mod demand;
 pub mod desired;
 pub mod edges;
 pub mod enroll;
+pub mod envelope;
 pub mod error;
 pub mod events;
 pub mod grpc;
@@ -100,12 +101,22 @@ pub fn metrics_handle() -> PrometheusHandle {
 }
 
 fn load_secret_key(opts: &ServeOptions) -> anyhow::Result<crypto::SecretBox> {
-    let hex_key = match &opts.secret_key {
-        Some(k) => k.clone(),
+    key_from(opts.secret_key.as_deref(), &opts.data_dir)
+}
+
+/// The key-encryption key: given, or `<data_dir>/secret.key` (made when
+/// missing).
+pub fn key_from(
+    given: Option<&str>,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<crypto::SecretBox> {
+    let opts_data_dir = data_dir;
+    let hex_key = match given {
+        Some(k) => k.to_owned(),
         None => {
-            let path = opts.data_dir.join("secret.key");
+            let path = opts_data_dir.join("secret.key");
             if !path.exists() {
-                std::fs::create_dir_all(&opts.data_dir)?;
+                std::fs::create_dir_all(opts_data_dir)?;
                 std::fs::write(&path, crypto::SecretBox::generate_key_hex())?;
                 tracing::warn!(path = %path.display(), "generated a new secret key; keep it safe, secrets are unreadable without it");
             }
@@ -165,6 +176,12 @@ pub async fn serve(
         let _ = stop_tx.send(true);
     });
 
+    let moved = envelope::migrate_legacy(&app)
+        .await
+        .context("moving provider keys into per-instance envelopes")?;
+    if moved > 0 {
+        tracing::info!(instances = moved, "provider keys moved into envelopes");
+    }
     settings::seed(&app)
         .await
         .context("seeding the pool settings")?;

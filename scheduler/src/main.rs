@@ -24,6 +24,29 @@ enum Command {
     /// Certificate authority operations.
     #[command(subcommand)]
     Pki(PkiCommand),
+    /// Key-encryption key operations.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Re-wraps every tenant data key (and re-seals gateway tokens and
+    /// stored answers) under a new key-encryption key, in one transaction,
+    /// then writes the new key to <data-dir>/secret.key (the old one is kept
+    /// as secret.key.old). Restart the schedulers with the new key after.
+    Rotate {
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+        #[arg(long, env = "CLAWDEPLOY_DATA_DIR", default_value = ".local/scheduler")]
+        data_dir: PathBuf,
+        /// The current key (64 hex chars); default: <data-dir>/secret.key.
+        #[arg(long, env = "CLAWDEPLOY_SECRET_KEY", hide_env_values = true)]
+        secret_key: Option<String>,
+        /// The new key (64 hex chars); default: a fresh random one.
+        #[arg(long, env = "CLAWDEPLOY_NEW_SECRET_KEY", hide_env_values = true)]
+        new_secret_key: Option<String>,
+    },
 }
 
 #[derive(Parser)]
@@ -175,6 +198,41 @@ async fn main() -> anyhow::Result<()> {
                 admin_token: a.admin_token,
             };
             serve(opts, http, grpc, shutdown_signal()).await
+        }
+        Command::Keys(KeysCommand::Rotate {
+            database_url,
+            data_dir,
+            secret_key,
+            new_secret_key,
+        }) => {
+            let old = clawdeploy_scheduler::key_from(secret_key.as_deref(), &data_dir)?;
+            let new_hex = new_secret_key
+                .unwrap_or_else(clawdeploy_scheduler::crypto::SecretBox::generate_key_hex);
+            let new = clawdeploy_scheduler::crypto::SecretBox::from_hex(&new_hex)?;
+            anyhow::ensure!(old.id() != new.id(), "the new key is the current key");
+            let db = sqlx::PgPool::connect(&database_url)
+                .await
+                .context("connecting to PostgreSQL")?;
+            let done = clawdeploy_scheduler::envelope::rotate(&db, &old, &new).await?;
+            let path = data_dir.join("secret.key");
+            if path.exists() {
+                std::fs::copy(&path, data_dir.join("secret.key.old"))?;
+            }
+            let tmp = data_dir.join("secret.key.tmp");
+            std::fs::write(&tmp, &new_hex)?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+            std::fs::rename(&tmp, &path)?;
+            println!(
+                "KEK {} → {}: {} data keys re-wrapped, {} gateway tokens and {} stored answers re-sealed; new key in {}",
+                old.id(),
+                new.id(),
+                done.data_keys,
+                done.gateway_tokens,
+                done.idempotent_answers,
+                path.display()
+            );
+            Ok(())
         }
         Command::Pki(PkiCommand::Init { data_dir }) => {
             Ca::load_or_create(&data_dir)?;

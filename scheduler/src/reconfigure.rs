@@ -80,10 +80,9 @@ pub async fn update(
     .fetch_optional(&mut *tx)
     .await?;
     let (instance_id, current_model, node_id) = row.ok_or(Error::NotFound("instance"))?;
+    let dek = crate::envelope::load_one(&app, &mut tx, instance_id).await?;
     for (name, value) in &sets {
-        let sealed = app
-            .secrets
-            .seal(&App::secret_aad(instance_id, name), value.as_bytes())?;
+        let sealed = dek.seal(&App::secret_aad(instance_id, name), value.as_bytes())?;
         sqlx::query(
             "INSERT INTO secrets (instance_id, name, ciphertext) VALUES ($1, $2, $3)
              ON CONFLICT (instance_id, name) DO UPDATE SET ciphertext = EXCLUDED.ciphertext, created_at = now()",

@@ -126,7 +126,7 @@ async fn logins_do_not_enumerate_accounts_are_limited_and_tokens_revoke() -> Res
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn keys_are_sealed_masked_unlogged_and_a_patch_reaches_the_gateway_live() -> Result<()> {
+async fn keys_are_enveloped_masked_unlogged_rotated_and_patched_live() -> Result<()> {
     let c = Cluster::start(ClusterOptions {
         nodes: 1,
         min_idle: 2,
@@ -220,6 +220,71 @@ async fn keys_are_sealed_masked_unlogged_and_a_patch_reaches_the_gateway_live() 
         .await?;
         assert_eq!(hits, 0, "{key} found at rest");
     }
+    // The keys sit in an envelope: a data key per instance, wrapped by the
+    // KEK. Rotating the KEK re-wraps it without touching the keys' ciphertext.
+    let (kek_before, sealed_before): (String, Vec<u8>) = sqlx::query_as(
+        "SELECT k.kek_id, s.ciphertext FROM tenant_keys k JOIN secrets s USING (instance_id)",
+    )
+    .fetch_one(&c.db)
+    .await?;
+    let mut c = c;
+    c.kill_scheduler();
+    let out = std::process::Command::new(clawdeploy_e2e::bin_dir().join("clawdeploy-scheduler"))
+        .args(["keys", "rotate", "--database-url", &c.db_url, "--data-dir"])
+        .arg(c.dir.join("scheduler"))
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("1 data keys re-wrapped"), "{said}");
+    let (kek_after, sealed_after): (String, Vec<u8>) = sqlx::query_as(
+        "SELECT k.kek_id, s.ciphertext FROM tenant_keys k JOIN secrets s USING (instance_id)",
+    )
+    .fetch_one(&c.db)
+    .await?;
+    assert_ne!(kek_before, kek_after);
+    assert_eq!(
+        sealed_before, sealed_after,
+        "provider keys were not re-encrypted"
+    );
+    c.start_scheduler()?;
+    c.wait_http_up().await?;
+    c.wait_nodes_connected(Duration::from_secs(30)).await?;
+    let me: Value = c
+        .client
+        .get(c.api("/api/instances/me"))
+        .bearer_auth(&token)
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(
+        me["instance"]["apiKeys"],
+        json!({"anthropic": "sk-…8d2c"}),
+        "{me}"
+    );
+    assert_eq!(
+        me["instance"]["gatewayToken"],
+        gw.as_str(),
+        "gateway token re-sealed"
+    );
+    let r = c
+        .client
+        .patch(c.api("/api/instances/me"))
+        .bearer_auth(&token)
+        .json(&json!({"apiKeys": {"openai": openai}}))
+        .send()
+        .await?;
+    assert_eq!(r.status(), 200, "the new KEK serves changes");
+    let (_, models) = c.edge_get(&alice, "/v1/models", Some(&gw)).await?;
+    assert!(
+        models.contains("openai") && models.contains("anthropic"),
+        "{models}"
+    );
+
     // And in no log of the whole system (scheduler, agent, edge).
     for entry in std::fs::read_dir(c.dir.join("logs"))? {
         let path = entry?.path();

@@ -46,13 +46,21 @@ impl FromRequestParts<AppRef> for Operator {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct NewJoinToken {
     node_id: String,
     ttl_secs: Option<u64>,
 }
 
+#[utoipa::path(post, path = "/admin/join-tokens", tag = "operator", request_body = NewJoinToken, security(("bearer" = [])),
+    responses(
+        (status = 201, description = "A one-time join token and the CA pin", body = crate::openapi::AnyObject),
+        (status = 400, description = "Malformed JSON", body = crate::openapi::ErrorBody),
+        (status = 401, description = "No or wrong operator token", body = crate::openapi::ErrorBody),
+        (status = 409, description = "The node id was removed", body = crate::openapi::ErrorBody),
+        (status = 422, description = "Invalid node id or lifetime", body = crate::openapi::ErrorBody),
+    ))]
 pub async fn create_join_token(
     _: Operator,
     State(app): State<AppRef>,
@@ -66,6 +74,10 @@ pub async fn create_join_token(
     Ok((StatusCode::CREATED, axum::Json(token)))
 }
 
+#[utoipa::path(get, path = "/admin/nodes", tag = "operator", security(("bearer" = [])),
+    responses((status = 200, description = "Nodes with state, usage and counts", body = crate::openapi::AnyObject),
+        (status = 401, description = "No or wrong operator token", body = crate::openapi::ErrorBody),
+    ))]
 pub async fn list_nodes(_: Operator, State(app): State<AppRef>) -> Result<axum::Json<Value>> {
     #[derive(sqlx::FromRow)]
     struct Row {
@@ -129,6 +141,12 @@ pub async fn list_nodes(_: Operator, State(app): State<AppRef>) -> Result<axum::
 
 /// Removes a node for good: its certificate is refused from its next call
 /// on, its open session is closed now, and the pool stops using it.
+#[utoipa::path(delete, path = "/admin/nodes/{id}", tag = "operator", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Node id")),
+    responses((status = 200, description = "Removed: its session ends, its certificate is refused", body = crate::openapi::AnyObject),
+        (status = 401, description = "No or wrong operator token", body = crate::openapi::ErrorBody),
+        (status = 404, description = "No such node", body = crate::openapi::ErrorBody),
+    ))]
 pub async fn remove_node(
     _: Operator,
     State(app): State<AppRef>,
@@ -157,6 +175,10 @@ pub async fn remove_node(
 }
 
 /// The pool's settings and what it holds now, per state and generation.
+#[utoipa::path(get, path = "/admin/pool", tag = "operator", security(("bearer" = [])),
+    responses((status = 200, description = "Pool settings and counts", body = crate::openapi::AnyObject),
+        (status = 401, description = "No or wrong operator token", body = crate::openapi::ErrorBody),
+    ))]
 pub async fn pool(_: Operator, State(app): State<AppRef>) -> Result<axum::Json<Value>> {
     let settings = crate::settings::load(&app.db).await?;
     let rows: Vec<(String, String, i32, i64)> = sqlx::query_as(
@@ -177,6 +199,12 @@ pub async fn pool(_: Operator, State(app): State<AppRef>) -> Result<axum::Json<V
 }
 
 /// Changes the pool's settings; a new image or generation rolls the pool.
+#[utoipa::path(put, path = "/admin/pool", tag = "operator", request_body = crate::settings::PoolChange, security(("bearer" = [])),
+    responses((status = 200, description = "The new settings (a new image or generation rolls the pool)", body = crate::openapi::AnyObject),
+        (status = 400, description = "Malformed JSON", body = crate::openapi::ErrorBody),
+        (status = 401, description = "No or wrong operator token", body = crate::openapi::ErrorBody),
+        (status = 422, description = "Invalid settings", body = crate::openapi::ErrorBody),
+    ))]
 pub async fn set_pool(
     _: Operator,
     State(app): State<AppRef>,
@@ -188,6 +216,12 @@ pub async fn set_pool(
 
 /// `POST /admin/nodes/{id}/drain`: no new containers on the node and its
 /// idle ones stop counting; its tenants stay.
+#[utoipa::path(post, path = "/admin/nodes/{id}/drain", tag = "operator", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Node id")),
+    responses((status = 200, description = "Draining: nothing new is placed there", body = crate::openapi::AnyObject),
+        (status = 401, description = "No or wrong operator token", body = crate::openapi::ErrorBody),
+        (status = 404, description = "No such node", body = crate::openapi::ErrorBody),
+    ))]
 pub async fn drain_node(
     _: Operator,
     State(app): State<AppRef>,
@@ -197,6 +231,12 @@ pub async fn drain_node(
 }
 
 /// `POST /admin/nodes/{id}/activate`: the node takes containers again.
+#[utoipa::path(post, path = "/admin/nodes/{id}/activate", tag = "operator", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Node id")),
+    responses((status = 200, description = "Active again", body = crate::openapi::AnyObject),
+        (status = 401, description = "No or wrong operator token", body = crate::openapi::ErrorBody),
+        (status = 404, description = "No such node", body = crate::openapi::ErrorBody),
+    ))]
 pub async fn activate_node(
     _: Operator,
     State(app): State<AppRef>,

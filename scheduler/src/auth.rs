@@ -67,7 +67,7 @@ fn check_password(password: &str) -> Result<()> {
     Ok(())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Credentials {
     email: String,
@@ -89,6 +89,13 @@ async fn issue_token(app: &AppRef, user_id: Uuid) -> Result<String> {
     Ok(token)
 }
 
+#[utoipa::path(post, path = "/api/auth/register", tag = "accounts", request_body = Credentials,
+    responses(
+        (status = 201, description = "Account created; a session token", body = crate::openapi::SessionView),
+        (status = 400, description = "Malformed JSON", body = crate::openapi::ErrorBody),
+        (status = 409, description = "Email taken", body = crate::openapi::ErrorBody),
+        (status = 422, description = "Invalid email or password (10 to 256 characters)", body = crate::openapi::ErrorBody),
+    ))]
 pub async fn register(
     State(app): State<AppRef>,
     ApiJson(c): ApiJson<Credentials>,
@@ -176,6 +183,13 @@ async fn record_login_failure(app: &AppRef, email: &str, address: Option<&str>) 
     Ok(())
 }
 
+#[utoipa::path(post, path = "/api/auth/login", tag = "accounts", request_body = Credentials,
+    responses(
+        (status = 200, description = "A session token", body = crate::openapi::SessionView),
+        (status = 400, description = "Malformed JSON", body = crate::openapi::ErrorBody),
+        (status = 401, description = "Wrong email or password (the same answer for both)", body = crate::openapi::ErrorBody),
+        (status = 429, description = "Too many failed logins for this account or address in the last hour", body = crate::openapi::ErrorBody),
+    ))]
 pub async fn login(
     State(app): State<AppRef>,
     ClientAddr(client): ClientAddr,
@@ -208,6 +222,11 @@ pub async fn login(
 }
 
 /// `POST /api/auth/logout`: revokes the token the request carries.
+#[utoipa::path(post, path = "/api/auth/logout", tag = "accounts", security(("bearer" = [])),
+    responses(
+        (status = 204, description = "The token is revoked"),
+        (status = 401, description = "No valid token", body = crate::openapi::ErrorBody),
+    ))]
 pub async fn logout(State(app): State<AppRef>, user: AuthUser) -> Result<StatusCode> {
     sqlx::query("UPDATE sessions SET revoked_at = now() WHERE token_hash = $1")
         .bind(&user.token_hash)

@@ -27,6 +27,8 @@ pub enum Error {
     Forbidden(String),
     #[error("not found: {0}")]
     NotFound(&'static str),
+    #[error("method not allowed")]
+    MethodNotAllowed,
     #[error("conflict ({code}): {message}")]
     Conflict { code: &'static str, message: String },
     #[error("unprocessable ({code}): {message}")]
@@ -84,6 +86,11 @@ impl Error {
                 StatusCode::NOT_FOUND,
                 "not_found",
                 format!("{what} not found"),
+            ),
+            Error::MethodNotAllowed => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this endpoint does not take that method".into(),
             ),
             Error::Conflict { code, message } => (StatusCode::CONFLICT, code, message.clone()),
             Error::Unprocessable { code, message } => {

@@ -4,10 +4,13 @@
 use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::{delete, get, post};
+use axum::Extension;
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::de::DeserializeOwned;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::app::AppRef;
 use crate::error::Error;
@@ -33,35 +36,61 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     }
 }
 
+/// The API as one list of registrations: each gives the router its route
+/// and the OpenAPI document its description, so neither can miss one.
+pub fn api() -> OpenApiRouter<AppRef> {
+    OpenApiRouter::with_openapi(crate::openapi::ApiDoc::openapi())
+        .routes(routes!(auth::register))
+        .routes(routes!(auth::login))
+        .routes(routes!(auth::logout))
+        .routes(routes!(instances::create))
+        .routes(routes!(
+            instances::me,
+            reconfigure::update,
+            release::release
+        ))
+        .routes(routes!(instances::get))
+        .routes(routes!(admin::pool, admin::set_pool))
+        .routes(routes!(admin::create_join_token))
+        .routes(routes!(admin::list_nodes))
+        .routes(routes!(admin::remove_node))
+        .routes(routes!(admin::drain_node))
+        .routes(routes!(admin::activate_node))
+        .routes(routes!(healthz))
+        .routes(routes!(metrics_text))
+        .routes(routes!(openapi_json))
+}
+
+#[utoipa::path(get, path = "/metrics", tag = "service",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String)))]
+async fn metrics_text(Extension(handle): Extension<PrometheusHandle>) -> String {
+    handle.render()
+}
+
+type Document = std::sync::Arc<utoipa::openapi::OpenApi>;
+
+#[utoipa::path(get, path = "/openapi.json", tag = "service",
+    responses((status = 200, description = "This document", body = crate::openapi::AnyObject)))]
+async fn openapi_json(Extension(doc): Extension<Document>) -> axum::Json<Document> {
+    axum::Json(doc)
+}
+
 pub fn router(app: AppRef, metrics: PrometheusHandle) -> Router {
-    Router::new()
-        .route("/api/auth/register", post(auth::register))
-        .route("/api/auth/login", post(auth::login))
-        .route("/api/auth/logout", post(auth::logout))
-        .route("/api/instances", post(instances::create))
-        .route(
-            "/api/instances/me",
-            get(instances::me)
-                .patch(reconfigure::update)
-                .delete(release::release),
-        )
-        .route("/api/instances/{id}", get(instances::get))
-        .route("/admin/pool", get(admin::pool).put(admin::set_pool))
-        .route("/admin/join-tokens", post(admin::create_join_token))
-        .route("/admin/nodes", get(admin::list_nodes))
-        .route("/admin/nodes/{id}", delete(admin::remove_node))
-        .route("/admin/nodes/{id}/drain", post(admin::drain_node))
-        .route("/admin/nodes/{id}/activate", post(admin::activate_node))
-        .route("/healthz", get(healthz))
-        .route(
-            "/metrics",
-            get(move || std::future::ready(metrics.render())),
-        )
-        .fallback(|| async { Error::NotFound("endpoint") })
+    let (api, doc) = api().split_for_parts();
+    let doc: Document = std::sync::Arc::new(doc);
+    api.fallback(|| async { Error::NotFound("endpoint") })
+        .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })
+        .layer(Extension(doc))
+        .layer(Extension(metrics))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(app)
 }
 
+#[utoipa::path(get, path = "/healthz", tag = "service",
+    responses(
+        (status = 200, description = "The scheduler and its database answer", body = crate::openapi::Health),
+        (status = 500, description = "The database does not answer", body = crate::openapi::ErrorBody),
+    ))]
 async fn healthz(State(app): State<AppRef>) -> impl IntoResponse {
     match sqlx::query("SELECT 1").execute(&app.db).await {
         Ok(_) => (StatusCode::OK, axum::Json(serde_json::json!({"ok": true}))).into_response(),

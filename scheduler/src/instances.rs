@@ -142,7 +142,7 @@ pub(crate) fn default_model_for(keys: &BTreeMap<String, String>) -> String {
     }
 }
 
-#[derive(Deserialize, Serialize)]
+#[derive(Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct CreateInstance {
     subdomain: Option<String>,
@@ -191,6 +191,17 @@ fn answer(status: StatusCode, body: Value) -> Response {
     resp
 }
 
+#[utoipa::path(post, path = "/api/instances", tag = "instances", request_body = CreateInstance, security(("bearer" = [])),
+    params(("Idempotency-Key" = Option<String>, Header, description = "Repeats return the first answer")),
+    responses(
+        (status = 201, description = "Live: URL and gateway token", body = crate::openapi::InstanceEnvelope),
+        (status = 202, description = "Not live within the request deadline: poll statusUrl", body = crate::openapi::InstanceEnvelope),
+        (status = 400, description = "Malformed JSON", body = crate::openapi::ErrorBody),
+        (status = 401, description = "No valid token", body = crate::openapi::ErrorBody),
+        (status = 409, description = "Subdomain taken, or the account already has an instance", body = crate::openapi::ErrorBody),
+        (status = 422, description = "Invalid subdomain or key", body = crate::openapi::ErrorBody),
+        (status = 503, description = "No capacity right now", body = crate::openapi::ErrorBody),
+    ))]
 pub async fn create(
     State(app): State<AppRef>,
     user: AuthUser,
@@ -352,6 +363,12 @@ pub(crate) async fn render_id(app: &App, id: Uuid) -> Result<Value> {
 }
 
 /// The caller's live instance (the newest, when an earlier one failed).
+#[utoipa::path(get, path = "/api/instances/me", tag = "instances", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The caller's instance", body = crate::openapi::InstanceEnvelope),
+        (status = 401, description = "No valid token", body = crate::openapi::ErrorBody),
+        (status = 404, description = "No instance", body = crate::openapi::ErrorBody),
+    ))]
 pub async fn me(State(app): State<AppRef>, user: AuthUser) -> Result<axum::Json<Value>> {
     let row: Option<InstanceRow> = sqlx::query_as(
         "SELECT id, subdomain, status, tier FROM instances
@@ -364,6 +381,13 @@ pub async fn me(State(app): State<AppRef>, user: AuthUser) -> Result<axum::Json<
 }
 
 /// One of the caller's instances: the status URL of a signup.
+#[utoipa::path(get, path = "/api/instances/{id}", tag = "instances", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Instance id (the status URL of a signup)")),
+    responses(
+        (status = 200, description = "One of the caller's instances", body = crate::openapi::InstanceEnvelope),
+        (status = 401, description = "No valid token", body = crate::openapi::ErrorBody),
+        (status = 404, description = "No such instance of the caller's", body = crate::openapi::ErrorBody),
+    ))]
 pub async fn get(
     State(app): State<AppRef>,
     user: AuthUser,

@@ -18,6 +18,7 @@ pub mod grpc;
 pub mod http;
 pub mod idempotency;
 pub mod instances;
+pub mod openapi;
 pub mod password;
 pub mod pki;
 pub mod placement;

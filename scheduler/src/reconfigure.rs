@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::http::ApiJson;
 use crate::instances::{default_model_for, render_id, validate_keys, validate_provider};
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct UpdateInstance {
     /// Provider → new key; `null` removes the provider's key.
@@ -39,6 +39,15 @@ fn validate_model(m: &str) -> Result<String> {
     Ok(m.to_owned())
 }
 
+#[utoipa::path(patch, path = "/api/instances/me", tag = "instances", request_body = UpdateInstance, security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Applied: the gateway runs the new keys", body = crate::openapi::InstanceEnvelope),
+        (status = 202, description = "Stored; not yet confirmed live", body = crate::openapi::InstanceEnvelope),
+        (status = 400, description = "Malformed JSON or nothing to change", body = crate::openapi::ErrorBody),
+        (status = 401, description = "No valid token", body = crate::openapi::ErrorBody),
+        (status = 404, description = "No live instance", body = crate::openapi::ErrorBody),
+        (status = 422, description = "Unknown provider or invalid key", body = crate::openapi::ErrorBody),
+    ))]
 pub async fn update(
     State(app): State<AppRef>,
     user: AuthUser,

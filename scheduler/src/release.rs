@@ -14,6 +14,12 @@ use crate::auth::AuthUser;
 use crate::error::{Error, Result};
 use crate::routes;
 
+#[utoipa::path(delete, path = "/api/instances/me", tag = "instances", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Released: the host 404s now; data kept for the grace period", body = crate::openapi::ReleasedView),
+        (status = 401, description = "No valid token", body = crate::openapi::ErrorBody),
+        (status = 404, description = "No instance to release", body = crate::openapi::ErrorBody),
+    ))]
 pub async fn release(State(app): State<AppRef>, user: AuthUser) -> Result<axum::Json<Value>> {
     let mut tx = app.db.begin().await?;
     let row: Option<(Uuid, String, Option<Uuid>, Option<String>)> = sqlx::query_as(

@@ -21,7 +21,7 @@ pub struct PoolSettings {
 }
 
 /// A change requested by an operator; absent fields stay as they are.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PoolChange {
     pub image: Option<String>,

@@ -382,3 +382,95 @@ async fn a_release_is_destroyed_after_its_grace_period_and_its_name_cools_down()
     assert_eq!(body["error"]["code"], "subdomain_taken");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_describes_every_route_and_errors_are_json() -> Result<()> {
+    let c = Cluster::start(ClusterOptions {
+        nodes: 1,
+        min_idle: 0,
+        max_idle: 0,
+        ..Default::default()
+    })
+    .await?;
+    let doc: Value = c
+        .client
+        .get(c.api("/openapi.json"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let mut operations: Vec<(String, String)> = doc["paths"]
+        .as_object()
+        .context("paths")?
+        .iter()
+        .flat_map(|(path, item)| {
+            item.as_object()
+                .into_iter()
+                .flat_map(|m| m.keys())
+                .map(move |method| (method.to_uppercase(), path.clone()))
+        })
+        .collect();
+    operations.sort();
+    let expected: Vec<(String, String)> = [
+        ("DELETE", "/admin/nodes/{id}"),
+        ("DELETE", "/api/instances/me"),
+        ("GET", "/admin/nodes"),
+        ("GET", "/admin/pool"),
+        ("GET", "/api/instances/me"),
+        ("GET", "/api/instances/{id}"),
+        ("GET", "/healthz"),
+        ("GET", "/metrics"),
+        ("GET", "/openapi.json"),
+        ("PATCH", "/api/instances/me"),
+        ("POST", "/admin/join-tokens"),
+        ("POST", "/admin/nodes/{id}/activate"),
+        ("POST", "/admin/nodes/{id}/drain"),
+        ("POST", "/api/auth/login"),
+        ("POST", "/api/auth/logout"),
+        ("POST", "/api/auth/register"),
+        ("POST", "/api/instances"),
+        ("PUT", "/admin/pool"),
+    ]
+    .iter()
+    .map(|(m, p)| (m.to_string(), p.to_string()))
+    .collect();
+    assert_eq!(operations, expected);
+
+    // Every documented operation is served (not the router's fallback), and
+    // every error is {error: {code, message}}.
+    for (method, path) in &operations {
+        let url = c.api(&path.replace("{id}", "x"));
+        let r = c
+            .client
+            .request(method.parse()?, url)
+            .header("content-type", "application/json")
+            .body("{}")
+            .send()
+            .await?;
+        let status = r.status().as_u16();
+        let text = r.text().await?;
+        assert_ne!(status, 405, "{method} {path}: {text}");
+        if status >= 400 {
+            let v: Value =
+                serde_json::from_str(&text).with_context(|| format!("{method} {path}: {text}"))?;
+            assert!(
+                v["error"]["code"].is_string() && v["error"]["message"].is_string(),
+                "{method} {path}: {v}"
+            );
+            assert_ne!(
+                v["error"]["message"], "endpoint not found",
+                "{method} {path} is not routed"
+            );
+        }
+    }
+    // What is not documented is not served.
+    let r = c.client.get(c.api("/api/secret-admin")).send().await?;
+    assert_eq!(r.status(), 404);
+    let v: Value = r.json().await?;
+    assert_eq!(v["error"]["message"], "endpoint not found");
+    let r = c.client.put(c.api("/api/instances/me")).send().await?;
+    assert_eq!(r.status(), 405);
+    let v: Value = r.json().await?;
+    assert_eq!(v["error"]["code"], "method_not_allowed");
+    Ok(())
+}

@@ -29,6 +29,8 @@ ensure_tools() {
   command -v iptables >/dev/null || missing+=(iptables)
   command -v flock >/dev/null || missing+=(util-linux)
   [ -x /bin/busybox ] || missing+=(busybox-static)
+  # The signup page's browser test drives headless Chromium.
+  command -v chromedriver >/dev/null || missing+=(chromium chromium-driver)
   if [ ${#missing[@]} -gt 0 ]; then
     log "installing ${missing[*]}"
     as_root apt-get update -qq

@@ -14,7 +14,7 @@ use utoipa_axum::routes;
 
 use crate::app::AppRef;
 use crate::error::Error;
-use crate::{admin, auth, instances, reconfigure, release};
+use crate::{admin, auth, instances, page, reconfigure, release};
 
 /// JSON bodies are small; anything larger is refused before parsing.
 const BODY_LIMIT: usize = 64 * 1024;
@@ -56,6 +56,8 @@ pub fn api() -> OpenApiRouter<AppRef> {
         .routes(routes!(admin::remove_node))
         .routes(routes!(admin::drain_node))
         .routes(routes!(admin::activate_node))
+        .routes(routes!(page::index))
+        .routes(routes!(page::availability))
         .routes(routes!(healthz))
         .routes(routes!(metrics_text))
         .routes(routes!(openapi_json))

@@ -19,6 +19,7 @@ pub mod http;
 pub mod idempotency;
 pub mod instances;
 pub mod openapi;
+pub mod page;
 pub mod password;
 pub mod pki;
 pub mod placement;

@@ -32,9 +32,10 @@ async fn login(c: &Cluster, email: &str, password: &str) -> Result<(u16, Value, 
     Ok((status, body, took))
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
+/// The fastest of several timings: the cost itself, without what other
+/// work on a shared machine added to some of them.
+fn fastest(v: Vec<Duration>) -> Duration {
+    v.into_iter().min().unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -53,7 +54,7 @@ async fn logins_do_not_enumerate_accounts_are_limited_and_tokens_revoke() -> Res
     // A wrong password and an unknown email: same status, same body, and
     // about the same time (both verify an argon2id hash).
     let (mut wrong_t, mut unknown_t) = (Vec::new(), Vec::new());
-    for _ in 0..5 {
+    for _ in 0..7 {
         let (s1, b1, t1) = login(&c, "alice@example.com", "not-the-password").await?;
         let (s2, b2, t2) = login(&c, "nobody@example.com", "not-the-password").await?;
         assert_eq!((s1, s2), (401, 401));
@@ -61,7 +62,7 @@ async fn logins_do_not_enumerate_accounts_are_limited_and_tokens_revoke() -> Res
         wrong_t.push(t1);
         unknown_t.push(t2);
     }
-    let (w, u) = (median(wrong_t), median(unknown_t));
+    let (w, u) = (fastest(wrong_t), fastest(unknown_t));
     assert!(
         u * 2 > w && w * 2 > u,
         "wrong password took {w:?}, unknown email {u:?}"
@@ -70,7 +71,7 @@ async fn logins_do_not_enumerate_accounts_are_limited_and_tokens_revoke() -> Res
     // 100 failed logins in the hour for one account; the 101st attempt is
     // refused even with the right password, for known and unknown emails.
     let more = futures::future::join_all(
-        (0..95).map(|_| login(&c, "alice@example.com", "still-not-the-password")),
+        (0..93).map(|_| login(&c, "alice@example.com", "still-not-the-password")),
     )
     .await;
     for r in more {
@@ -81,7 +82,7 @@ async fn logins_do_not_enumerate_accounts_are_limited_and_tokens_revoke() -> Res
     assert_eq!(body["error"]["code"], "too_many_attempts");
     assert_eq!(body["retryAfter"], "3600");
     let others = futures::future::join_all(
-        (0..95).map(|_| login(&c, "nobody@example.com", "still-not-the-password")),
+        (0..93).map(|_| login(&c, "nobody@example.com", "still-not-the-password")),
     )
     .await;
     for r in others {
@@ -414,10 +415,12 @@ async fn the_openapi_document_describes_every_route_and_errors_are_json() -> Res
     let expected: Vec<(String, String)> = [
         ("DELETE", "/admin/nodes/{id}"),
         ("DELETE", "/api/instances/me"),
+        ("GET", "/"),
         ("GET", "/admin/nodes"),
         ("GET", "/admin/pool"),
         ("GET", "/api/instances/me"),
         ("GET", "/api/instances/{id}"),
+        ("GET", "/api/subdomains/{name}"),
         ("GET", "/healthz"),
         ("GET", "/metrics"),
         ("GET", "/openapi.json"),
@@ -439,7 +442,7 @@ async fn the_openapi_document_describes_every_route_and_errors_are_json() -> Res
     // Every documented operation is served (not the router's fallback), and
     // every error is {error: {code, message}}.
     for (method, path) in &operations {
-        let url = c.api(&path.replace("{id}", "x"));
+        let url = c.api(&path.replace("{id}", "x").replace("{name}", "some-name"));
         let r = c
             .client
             .request(method.parse()?, url)

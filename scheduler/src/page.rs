@@ -1,0 +1,60 @@
+//! The signup page and dashboard (one HTML file with a little plain
+//! JavaScript, no build step), and the subdomain availability check it
+//! calls as the customer types.
+
+use axum::extract::{Path, State};
+use axum::http::header;
+use axum::response::IntoResponse;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::app::AppRef;
+use crate::error::Result;
+use crate::instances::validate_subdomain;
+
+const PAGE: &str = include_str!("../assets/index.html");
+
+#[utoipa::path(get, path = "/", tag = "service",
+    responses((status = 200, description = "The signup page and dashboard", content_type = "text/html", body = String)))]
+pub async fn index(State(app): State<AppRef>) -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        PAGE.replace("{{BASE_DOMAIN}}", &app.cfg.base_domain),
+    )
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Availability {
+    pub subdomain: String,
+    pub host: String,
+    pub available: bool,
+}
+
+#[utoipa::path(get, path = "/api/subdomains/{name}", tag = "instances",
+    params(("name" = String, Path, description = "A subdomain to check")),
+    responses(
+        (status = 200, description = "Whether the (normalised) name can be taken now", body = Availability),
+        (status = 422, description = "Not a valid or allowed name", body = crate::openapi::ErrorBody),
+    ))]
+pub async fn availability(
+    State(app): State<AppRef>,
+    Path(name): Path<String>,
+) -> Result<axum::Json<Availability>> {
+    let subdomain = validate_subdomain(&name)?;
+    let taken: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM instances
+                         WHERE subdomain = $1 AND status NOT IN ('deleted', 'failed'))",
+    )
+    .bind(&subdomain)
+    .fetch_one(&app.db)
+    .await?;
+    let cooling = crate::release::cooling_down(&app, &subdomain, uuid::Uuid::nil()).await?;
+    Ok(axum::Json(Availability {
+        host: app.cfg.host_of(&subdomain),
+        available: !taken && !cooling,
+        subdomain,
+    }))
+}

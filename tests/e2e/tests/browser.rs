@@ -1,0 +1,149 @@
+//! The signup page in a real browser: headless Chromium (Debian's
+//! `chromium` and `chromium-driver`) driven over WebDriver signs up through
+//! the page, reads the URL and gateway token it shows, and the URL answers
+//! through the edge with that token; the dashboard then shows the instance.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clawdeploy_e2e::{free_addr, wait_for, Cluster, ClusterOptions, BASE_DOMAIN};
+use fantoccini::{Client, ClientBuilder, Locator};
+use hyper_util::client::legacy::connect::HttpConnector;
+use serde_json::json;
+
+struct Driver(Child);
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn browser(dir: &std::path::Path) -> Result<(Driver, Client)> {
+    let port = free_addr().port();
+    let driver = Driver(
+        Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting chromedriver (apt-get install chromium chromium-driver)")?,
+    );
+    let status = format!("http://127.0.0.1:{port}/status");
+    wait_for(Duration::from_secs(20), "chromedriver", || async {
+        Ok(reqwest::get(&status).await?.status().is_success())
+    })
+    .await?;
+    let mut caps = serde_json::Map::new();
+    caps.insert(
+        "goog:chromeOptions".into(),
+        json!({"args": [
+            "--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+            format!("--user-data-dir={}", dir.join("chromium").display()),
+        ]}),
+    );
+    let client = ClientBuilder::new(HttpConnector::new())
+        .capabilities(caps)
+        .connect(&format!("http://127.0.0.1:{port}"))
+        .await
+        .context("opening a Chromium session")?;
+    Ok((driver, client))
+}
+
+/// The text of element `id` once `ready` accepts it.
+async fn text_when(
+    b: &Client,
+    id: &str,
+    within: Duration,
+    ready: impl Fn(&str) -> bool,
+) -> Result<String> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let text = b.find(Locator::Id(id)).await?.text().await?;
+        if ready(&text) {
+            return Ok(text);
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "#{id} still says {text:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_customer_signs_up_in_a_real_browser_and_the_url_answers() -> Result<()> {
+    let c = Cluster::start(ClusterOptions {
+        nodes: 1,
+        min_idle: 2,
+        ..Default::default()
+    })
+    .await?;
+    c.wait_idle_at_least(2, Duration::from_secs(120)).await?;
+    // A name someone already has, to see the availability check say so.
+    c.sign_up("first@example.com", "taken-name", json!({}))
+        .await?;
+    let (_driver, b) = browser(&c.dir).await?;
+    let result = async {
+        b.goto(&format!("http://{}/", c.http)).await?;
+        let field = |id: &'static str| b.find(Locator::Id(id));
+        field("email")
+            .await?
+            .send_keys("browser@example.com")
+            .await?;
+        field("password")
+            .await?
+            .send_keys("a-good-long-password")
+            .await?;
+        field("subdomain").await?.send_keys("taken-name").await?;
+        text_when(&b, "availability", Duration::from_secs(10), |t| {
+            t.contains("is taken")
+        })
+        .await?;
+        field("subdomain").await?.clear().await?;
+        field("subdomain").await?.send_keys("browser").await?;
+        text_when(&b, "availability", Duration::from_secs(10), |t| {
+            t == format!("browser.{BASE_DOMAIN} is available")
+        })
+        .await?;
+        field("key")
+            .await?
+            .send_keys("sk-browser-test-0123456789")
+            .await?;
+        field("create").await?.click().await?;
+
+        let url = text_when(&b, "result-url", Duration::from_secs(30), |t| !t.is_empty()).await?;
+        let token = text_when(&b, "result-token", Duration::from_secs(5), |t| {
+            !t.is_empty()
+        })
+        .await?;
+        assert_eq!(
+            url,
+            format!("http://browser.{BASE_DOMAIN}:{}", c.edge.port())
+        );
+        let (status, models) = c
+            .edge_get(
+                &format!("browser.{BASE_DOMAIN}"),
+                "/v1/models",
+                Some(&token),
+            )
+            .await?;
+        assert_eq!(status, 200, "{models}");
+        assert!(models.contains("openai"), "{models}");
+        // The dashboard shows the instance, its key masked.
+        text_when(&b, "dash-status", Duration::from_secs(10), |t| t == "ready").await?;
+        let keys = text_when(&b, "dash-keys", Duration::from_secs(5), |t| t != "none").await?;
+        assert_eq!(keys, "openai sk-…6789");
+        let page = b.source().await?;
+        assert!(
+            !page.contains("sk-browser-test-0123456789"),
+            "the key is shown in full"
+        );
+        anyhow::Ok(())
+    }
+    .await;
+    b.close().await.ok();
+    result
+}

@@ -56,13 +56,55 @@ pub fn normalize_email(raw: &str) -> Result<String> {
     }
 }
 
-fn check_password(password: &str) -> Result<()> {
+/// Passwords that are long enough and still among the first an attacker tries.
+const COMMON: &[&str] = &[
+    "1234567890",
+    "12345678910",
+    "123456789012",
+    "0123456789",
+    "9876543210",
+    "password12",
+    "password123",
+    "password1234",
+    "passw0rd123",
+    "qwertyuiop",
+    "qwerty1234",
+    "qwerty123456",
+    "1q2w3e4r5t",
+    "1qaz2wsx3edc",
+    "abcdefghij",
+    "iloveyou123",
+    "letmein1234",
+    "welcome123",
+    "changeme123",
+    "administrator",
+];
+
+/// The password policy: 10 to 256 characters, not one character repeated,
+/// not a well-known password, and not built on the email address.
+fn check_password(password: &str, email: &str) -> Result<()> {
+    let invalid = |m: &str| {
+        Err(Error::Invalid {
+            field: "password",
+            message: m.into(),
+        })
+    };
     let n = password.chars().count();
     if !(10..=256).contains(&n) {
-        return Err(Error::Invalid {
-            field: "password",
-            message: "must be 10 to 256 characters".into(),
-        });
+        return invalid("must be 10 to 256 characters");
+    }
+    let mut chars = password.chars();
+    let first = chars.next();
+    if chars.all(|c| Some(c) == first) {
+        return invalid("must not be one character repeated");
+    }
+    let lower = password.to_lowercase();
+    if COMMON.contains(&lower.as_str()) {
+        return invalid("is too common; choose another");
+    }
+    let local = email.split('@').next().unwrap_or_default();
+    if local.chars().count() >= 3 && lower.contains(local) {
+        return invalid("must not contain your email address");
     }
     Ok(())
 }
@@ -101,7 +143,7 @@ pub async fn register(
     ApiJson(c): ApiJson<Credentials>,
 ) -> Result<(StatusCode, axum::Json<Value>)> {
     let email = normalize_email(&c.email)?;
-    check_password(&c.password)?;
+    check_password(&c.password, &email)?;
     let hash = password::hash(c.password).await?;
     let id = Uuid::new_v4();
     sqlx::query("INSERT INTO users (id, email, password_hash) VALUES ($1, $2, $3)")
@@ -270,6 +312,23 @@ impl FromRequestParts<AppRef> for AuthUser {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_password_policy_refuses_weak_ones() {
+        let email = "alice.smith@example.com";
+        assert!(check_password("correct-horse-battery", email).is_ok());
+        for bad in [
+            "short",
+            "aaaaaaaaaaaa",
+            "Password123",
+            "qwertyuiop",
+            "my-alice.smith-pass",
+        ] {
+            assert!(check_password(bad, email).is_err(), "{bad}");
+        }
+        assert!(check_password(&"x".repeat(257), email).is_err());
+        assert!(check_password(&"ab".repeat(128), email).is_ok());
+    }
 
     #[test]
     fn emails_are_normalised_and_checked() {

@@ -785,6 +785,26 @@ impl Cluster {
         Ok((status, r.json().await?))
     }
 
+    /// `GET`, `PATCH` (with `body`) or `DELETE` on the caller's instance
+    /// (`/api/instances/me`): the status and the JSON answer.
+    pub async fn my_instance(
+        &self,
+        method: reqwest::Method,
+        token: &str,
+        body: Option<&Value>,
+    ) -> Result<(u16, Value)> {
+        let mut req = self
+            .client
+            .request(method, self.api("/api/instances/me"))
+            .bearer_auth(token);
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let r = req.send().await?;
+        let status = r.status().as_u16();
+        Ok((status, r.json().await.unwrap_or(Value::Null)))
+    }
+
     /// Registers `email` and signs up for `subdomain` with provider `keys`,
     /// expecting 201. Returns the account token and the gateway token.
     pub async fn sign_up(

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clawdeploy_e2e::{wait_for, Cluster, ClusterOptions, BASE_DOMAIN};
+use reqwest::Method;
 use serde_json::{json, Value};
 
 const PASSWORD: &str = "correct-horse-battery";
@@ -149,14 +150,7 @@ async fn keys_are_enveloped_masked_unlogged_rotated_and_patched_live() -> Result
     let started_at = c.docker_inspect(&docker_id)?["State"]["StartedAt"].clone();
 
     // Masked in the API.
-    let me: Value = c
-        .client
-        .get(c.api("/api/instances/me"))
-        .bearer_auth(&token)
-        .send()
-        .await?
-        .json()
-        .await?;
+    let (_, me) = c.my_instance(Method::GET, &token, None).await?;
     assert_eq!(
         me["instance"]["apiKeys"],
         json!({"openai": "sk-…2d4b"}),
@@ -164,15 +158,9 @@ async fn keys_are_enveloped_masked_unlogged_rotated_and_patched_live() -> Result
     );
 
     // A live change: Anthropic in, OpenAI out, answered once it is live.
-    let r = c
-        .client
-        .patch(c.api("/api/instances/me"))
-        .bearer_auth(&token)
-        .json(&json!({"apiKeys": {"anthropic": anthropic, "openai": null}}))
-        .send()
-        .await?;
-    assert_eq!(r.status(), 200);
-    let patched: Value = r.json().await?;
+    let change = json!({"apiKeys": {"anthropic": anthropic, "openai": null}});
+    let (status, patched) = c.my_instance(Method::PATCH, &token, Some(&change)).await?;
+    assert_eq!(status, 200, "{patched}");
     assert_eq!(patched["instance"]["configApplied"], true, "{patched}");
     assert_eq!(
         patched["instance"]["apiKeys"],
@@ -194,15 +182,8 @@ async fn keys_are_enveloped_masked_unlogged_rotated_and_patched_live() -> Result
         (json!({"apiKeys": {"openai": ""}}), 422),
         (json!({"color": "red"}), 400),
     ] {
-        let r = c
-            .client
-            .patch(c.api("/api/instances/me"))
-            .bearer_auth(&token)
-            .json(&body)
-            .send()
-            .await?;
-        assert_eq!(r.status().as_u16(), code, "{body}");
-        let err: Value = r.json().await?;
+        let (status, err) = c.my_instance(Method::PATCH, &token, Some(&body)).await?;
+        assert_eq!(status, code, "{body}");
         assert!(err["error"]["code"].is_string(), "{err}");
     }
     let (_, models) = c.edge_get(&alice, "/v1/models", Some(&gw)).await?;
@@ -254,14 +235,7 @@ async fn keys_are_enveloped_masked_unlogged_rotated_and_patched_live() -> Result
     c.start_scheduler()?;
     c.wait_http_up().await?;
     c.wait_nodes_connected(Duration::from_secs(30)).await?;
-    let me: Value = c
-        .client
-        .get(c.api("/api/instances/me"))
-        .bearer_auth(&token)
-        .send()
-        .await?
-        .json()
-        .await?;
+    let (_, me) = c.my_instance(Method::GET, &token, None).await?;
     assert_eq!(
         me["instance"]["apiKeys"],
         json!({"anthropic": "sk-…8d2c"}),
@@ -272,14 +246,9 @@ async fn keys_are_enveloped_masked_unlogged_rotated_and_patched_live() -> Result
         gw.as_str(),
         "gateway token re-sealed"
     );
-    let r = c
-        .client
-        .patch(c.api("/api/instances/me"))
-        .bearer_auth(&token)
-        .json(&json!({"apiKeys": {"openai": openai}}))
-        .send()
-        .await?;
-    assert_eq!(r.status(), 200, "the new KEK serves changes");
+    let back = json!({"apiKeys": {"openai": openai}});
+    let (status, _) = c.my_instance(Method::PATCH, &token, Some(&back)).await?;
+    assert_eq!(status, 200, "the new KEK serves changes");
     let (_, models) = c.edge_get(&alice, "/v1/models", Some(&gw)).await?;
     assert!(
         models.contains("openai") && models.contains("anthropic"),
@@ -324,13 +293,7 @@ async fn a_release_is_destroyed_after_its_grace_period_and_its_name_cools_down()
         .context("state volume")?
         .to_owned();
 
-    let r = c
-        .client
-        .delete(c.api("/api/instances/me"))
-        .bearer_auth(&token)
-        .send()
-        .await?;
-    assert_eq!(r.status(), 200);
+    assert_eq!(c.my_instance(Method::DELETE, &token, None).await?.0, 200);
     assert_eq!(
         c.edge_get(&host("alice"), "/v1/models", Some(&gw)).await?.0,
         404

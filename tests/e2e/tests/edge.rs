@@ -12,6 +12,7 @@ use clawdeploy_e2e::{peak_rss_kib, wait_for, Cluster, ClusterOptions, BASE_DOMAI
 use futures::{SinkExt, StreamExt};
 use http::Request;
 use http_body_util::{BodyExt, StreamBody};
+use reqwest::Method;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -419,14 +420,8 @@ async fn a_released_subdomain_404s_at_once_and_its_websockets_close() -> Result<
     ws.next().await.context("hello")??;
     assert_eq!(c.edge_metric("clawdeploy_edge_websockets").await?, 1.0);
 
-    let r = c
-        .client
-        .delete(c.api("/api/instances/me"))
-        .bearer_auth(&token)
-        .send()
-        .await?;
-    assert_eq!(r.status(), 200);
-    let released: Value = r.json().await?;
+    let (status, released) = c.my_instance(Method::DELETE, &token, None).await?;
+    assert_eq!(status, 200, "{released}");
     assert_eq!(released["status"], "deleting");
     // The answer waited for the edge: the very next request is a 404.
     let (status, page) = c.edge_get(&alice, "/v1/models", Some(&gw)).await?;
@@ -461,13 +456,8 @@ async fn a_released_subdomain_404s_at_once_and_its_websockets_close() -> Result<
         Ok(v["State"]["Running"] == false)
     })
     .await?;
-    let again = c
-        .client
-        .delete(c.api("/api/instances/me"))
-        .bearer_auth(&token)
-        .send()
-        .await?;
-    assert_eq!(again.status(), 404, "nothing left to release");
+    let (status, _) = c.my_instance(Method::DELETE, &token, None).await?;
+    assert_eq!(status, 404, "nothing left to release");
     // The subdomain is not reissued while it cools down.
     let other = c.register("mallory@example.com").await?;
     let (status, body) = c

@@ -304,13 +304,8 @@ async fn route_lag(c: &Cluster, n: usize) -> Result<()> {
             .create_instance(&token, &json!({"subdomain": format!("lag{i}")}))
             .await?;
         ensure!(status == 201, "signup answered {status}: {body}");
-        let r = c
-            .client
-            .delete(c.api("/api/instances/me"))
-            .bearer_auth(&token)
-            .send()
-            .await?;
-        ensure!(r.status() == 200, "release answered {}", r.status());
+        let (status, body) = c.my_instance(reqwest::Method::DELETE, &token, None).await?;
+        ensure!(status == 200, "release answered {status}: {body}");
     }
     let text = c
         .client

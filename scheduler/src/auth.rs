@@ -225,6 +225,17 @@ async fn record_login_failure(app: &AppRef, email: &str, address: Option<&str>) 
     Ok(())
 }
 
+/// Drops failed logins that left the one-hour window (run every few
+/// minutes by the pool manager; an account's own are pruned as it fails).
+pub async fn purge_login_failures(app: &crate::app::App) {
+    let r = sqlx::query("DELETE FROM login_failures WHERE at < now() - interval '1 hour'")
+        .execute(&app.db)
+        .await;
+    if let Err(e) = r {
+        tracing::warn!(error = %e, "old failed logins not purged");
+    }
+}
+
 #[utoipa::path(post, path = "/api/auth/login", tag = "accounts", request_body = Credentials,
     responses(
         (status = 200, description = "A session token", body = crate::openapi::SessionView),

@@ -65,6 +65,7 @@ pub async fn run(app: AppRef, mut shutdown: watch::Receiver<bool>) {
         passes += 1;
         if passes % 300 == 1 {
             crate::idempotency::purge_expired(&app).await;
+            crate::auth::purge_login_failures(&app).await;
         }
     }
     if let Some(conn) = lock {

@@ -112,7 +112,9 @@ fn check_password(password: &str, email: &str) -> Result<()> {
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Credentials {
+    #[schema(format = "email", max_length = 254)]
     email: String,
+    #[schema(min_length = 10, max_length = 256)]
     password: String,
 }
 

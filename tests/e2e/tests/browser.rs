@@ -85,6 +85,13 @@ async fn a_customer_signs_up_in_a_real_browser_and_the_url_answers() -> Result<(
     // A name someone already has, to see the availability check say so.
     c.sign_up("first@example.com", "taken-name", json!({}))
         .await?;
+    // The page runs only its own script (by hash): what follows shows it runs.
+    let page = c.client.get(c.api("/")).send().await?;
+    let csp = page.headers()["content-security-policy"]
+        .to_str()?
+        .to_owned();
+    assert!(csp.contains("script-src 'sha256-"), "{csp}");
+    assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
     let (_driver, b) = browser(&c.dir).await?;
     let result = async {
         b.goto(&format!("http://{}/", c.http)).await?;

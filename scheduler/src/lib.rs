@@ -112,14 +112,15 @@ pub fn key_from(
     given: Option<&str>,
     data_dir: &std::path::Path,
 ) -> anyhow::Result<crypto::SecretBox> {
-    let opts_data_dir = data_dir;
     let hex_key = match given {
         Some(k) => k.to_owned(),
         None => {
-            let path = opts_data_dir.join("secret.key");
+            let path = data_dir.join("secret.key");
             if !path.exists() {
-                std::fs::create_dir_all(opts_data_dir)?;
+                std::fs::create_dir_all(data_dir)?;
                 std::fs::write(&path, crypto::SecretBox::generate_key_hex())?;
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
                 tracing::warn!(path = %path.display(), "generated a new secret key; keep it safe, secrets are unreadable without it");
             }
             std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?

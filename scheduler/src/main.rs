@@ -205,6 +205,10 @@ async fn main() -> anyhow::Result<()> {
             secret_key,
             new_secret_key,
         }) => {
+            anyhow::ensure!(
+                secret_key.is_some() || data_dir.join("secret.key").exists(),
+                "no current key: give --secret-key or a --data-dir holding secret.key"
+            );
             let old = clawdeploy_scheduler::key_from(secret_key.as_deref(), &data_dir)?;
             let new_hex = new_secret_key
                 .unwrap_or_else(clawdeploy_scheduler::crypto::SecretBox::generate_key_hex);

@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use clawdeploy_e2e::{free_addr, wait_for, Cluster, ClusterOptions, BASE_DOMAIN};
+use clawdeploy_e2e::{free_addr, wait_for, Cluster, BASE_DOMAIN};
 use fantoccini::{Client, ClientBuilder, Locator};
 use hyper_util::client::legacy::connect::HttpConnector;
 use serde_json::json;
@@ -75,13 +75,7 @@ async fn text_when(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_customer_signs_up_in_a_real_browser_and_the_url_answers() -> Result<()> {
-    let c = Cluster::start(ClusterOptions {
-        nodes: 1,
-        min_idle: 2,
-        ..Default::default()
-    })
-    .await?;
-    c.wait_idle_at_least(2, Duration::from_secs(120)).await?;
+    let c = Cluster::single_node_warm(2).await?;
     // A name someone already has, to see the availability check say so.
     c.sign_up("first@example.com", "taken-name", json!({}))
         .await?;

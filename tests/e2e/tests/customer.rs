@@ -129,13 +129,7 @@ async fn logins_do_not_enumerate_accounts_are_limited_and_tokens_revoke() -> Res
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_are_enveloped_masked_unlogged_rotated_and_patched_live() -> Result<()> {
-    let c = Cluster::start(ClusterOptions {
-        nodes: 1,
-        min_idle: 2,
-        ..Default::default()
-    })
-    .await?;
-    c.wait_idle_at_least(2, Duration::from_secs(120)).await?;
+    let c = Cluster::single_node_warm(2).await?;
     let openai = "sk-test-OPENAI-7f3a9c1e2d4b";
     let anthropic = "sk-ant-test-ANTHROPIC-5e8d2c";
     let (token, gw) = c

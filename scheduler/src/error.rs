@@ -1,10 +1,9 @@
-//! The scheduler's one error type, with its single mapping to an HTTP
-//! response and its single mapping to a `tonic::Status`. Clients see a stable
-//! code and message; the detail goes to the log only.
+//! The scheduler's one error type and what each case means to a client: a
+//! status, a stable code and a message. It is mapped once to an HTTP answer
+//! (`api::error`) and once to a `tonic::Status` (`rpc::status`); the detail
+//! goes to the log only.
 
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use http::StatusCode;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -53,7 +52,7 @@ impl Error {
     }
 
     /// Stable machine-readable code, status and customer-facing message.
-    fn public(&self) -> (StatusCode, &'static str, String) {
+    pub(crate) fn public(&self) -> (StatusCode, &'static str, String) {
         match self {
             Error::BadRequest(m) => (StatusCode::BAD_REQUEST, "bad_request", m.clone()),
             Error::Invalid { field, message } => (
@@ -124,64 +123,6 @@ impl Error {
                 message: message.into(),
             },
             _ => Error::Database(e),
-        }
-    }
-}
-
-impl Error {
-    /// The status and JSON body a client gets for this error.
-    pub fn answer(&self) -> (StatusCode, serde_json::Value) {
-        let (status, code, message) = self.public();
-        (status, json!({"error": {"code": code, "message": message}}))
-    }
-}
-
-impl Error {
-    /// `answer`, with the detail logged (server errors as errors).
-    pub fn answer_logged(&self) -> (StatusCode, serde_json::Value) {
-        let (status, body) = self.answer();
-        if status.is_server_error() {
-            tracing::error!(error = %self, "request failed");
-        } else {
-            tracing::debug!(error = %self, "request refused");
-        }
-        (status, body)
-    }
-}
-
-impl IntoResponse for Error {
-    fn into_response(self) -> Response {
-        let (status, body) = self.answer_logged();
-        let mut resp = (status, axum::Json(body)).into_response();
-        if status == StatusCode::TOO_MANY_REQUESTS {
-            // At most the limits' one-hour window.
-            resp.headers_mut().insert(
-                axum::http::header::RETRY_AFTER,
-                axum::http::HeaderValue::from_static("3600"),
-            );
-        }
-        resp
-    }
-}
-
-impl From<Error> for tonic::Status {
-    fn from(e: Error) -> Self {
-        let (status, code, message) = e.public();
-        if status.is_server_error() {
-            tracing::error!(error = %e, code, "rpc failed");
-        }
-        let message = format!("{code}: {message}");
-        match status {
-            StatusCode::UNAUTHORIZED => tonic::Status::unauthenticated(message),
-            StatusCode::FORBIDDEN => tonic::Status::permission_denied(message),
-            StatusCode::NOT_FOUND => tonic::Status::not_found(message),
-            StatusCode::CONFLICT => tonic::Status::already_exists(message),
-            StatusCode::BAD_REQUEST
-            | StatusCode::UNPROCESSABLE_ENTITY
-            | StatusCode::PAYLOAD_TOO_LARGE => tonic::Status::invalid_argument(message),
-            StatusCode::SERVICE_UNAVAILABLE => tonic::Status::unavailable(message),
-            StatusCode::GATEWAY_TIMEOUT => tonic::Status::deadline_exceeded(message),
-            _ => tonic::Status::internal(message),
         }
     }
 }

@@ -2,17 +2,17 @@
 //! schedulers serve one database; an agent or edge holds its stream with
 //! one of them. A change made on the other (a claim for a node, a route, an
 //! instance becoming ready) is announced here so the holder acts on it in
-//! milliseconds instead of at the next heartbeat.
+//! milliseconds instead of at the next heartbeat. This module is only the
+//! transport; `background::peer_events` acts on what arrives.
 
-use std::sync::atomic::Ordering;
+use std::future::Future;
 use std::time::Duration;
 
 use sqlx::postgres::PgListener;
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use crate::app::{App, AppRef};
-use crate::error::Result;
+use crate::app::App;
 
 const CHANNEL: &str = "clawdeploy_events";
 
@@ -79,8 +79,22 @@ pub async fn publish(app: &App, events: &[Event]) {
     }
 }
 
-/// Listens for the other schedulers' events until shutdown.
-pub async fn listen(app: AppRef, mut shutdown: watch::Receiver<bool>) {
+/// What the listener hands on.
+#[derive(Debug)]
+pub enum Incoming {
+    /// Another scheduler's events.
+    Events(Vec<Event>),
+    /// The connection was lost: notifications sent meanwhile are gone.
+    Gap,
+}
+
+/// Listens for the other schedulers' events until shutdown, handing each
+/// payload (and each lost connection) to `on`.
+pub async fn listen<F, Fut>(app: &App, mut shutdown: watch::Receiver<bool>, mut on: F)
+where
+    F: FnMut(Incoming) -> Fut,
+    Fut: Future<Output = ()>,
+{
     loop {
         let mut listener = match PgListener::connect_with(&app.db).await {
             Ok(l) => l,
@@ -103,21 +117,12 @@ pub async fn listen(app: AppRef, mut shutdown: watch::Receiver<bool>) {
                     Ok(n) => {
                         let (origin, events) = decode(n.payload());
                         if origin != app.origin {
-                            for e in events {
-                                if let Err(err) = apply(&app, e).await {
-                                    tracing::warn!(error = %err, "scheduler event not applied");
-                                }
-                            }
+                            on(Incoming::Events(events)).await;
                         }
                     }
                     Err(e) => {
-                        // Notifications sent while the connection was down
-                        // are gone: resend the recent routes (edges ignore
-                        // versions they have) and wait for heartbeats.
                         tracing::warn!(error = %e, "event listener lost its connection");
-                        if let Err(err) = catch_up_routes(&app).await {
-                            tracing::warn!(error = %err, "route catch-up failed");
-                        }
+                        on(Incoming::Gap).await;
                         tokio::time::sleep(Duration::from_millis(500)).await;
                     }
                 },
@@ -125,41 +130,6 @@ pub async fn listen(app: AppRef, mut shutdown: watch::Receiver<bool>) {
             }
         }
     }
-}
-
-async fn apply(app: &AppRef, e: Event) -> Result<()> {
-    match e {
-        Event::Node(id) => {
-            if app.sessions.sender(&id).is_some() {
-                crate::desired::push(app, &id).await?;
-            }
-        }
-        Event::Routes(versions) => {
-            let versions: Vec<i64> = versions.into_iter().map(|v| v as i64).collect();
-            broadcast_rows(app, "WHERE version = ANY($1)", versions).await?;
-        }
-        Event::Ready(id) => {
-            let _ = app.instance_ready.send(id);
-        }
-    }
-    Ok(())
-}
-
-async fn catch_up_routes(app: &App) -> Result<()> {
-    let since = app
-        .route_watermark
-        .load(Ordering::Relaxed)
-        .saturating_sub(1000);
-    broadcast_rows(app, "WHERE version > $1", since as i64).await
-}
-
-async fn broadcast_rows<T>(app: &App, filter: &str, arg: T) -> Result<()>
-where
-    T: for<'q> sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Send,
-{
-    let deltas = crate::routes::deltas_where(app, filter, arg).await?;
-    crate::routes::broadcast_local(app, deltas);
-    Ok(())
 }
 
 #[cfg(test)]

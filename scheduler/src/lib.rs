@@ -1,41 +1,42 @@
 //! ClawDeploy scheduler: the source of truth (PostgreSQL), the customer API,
 //! the mTLS gRPC server for agents and edges, the pool manager, assignment
 //! and the platform's certificate authority.
+//!
+//! The modules, from the faces inwards (dependencies point down this list,
+//! never up; `scripts/module-cycles` checks):
+//! - `api` (HTTP) and `rpc` (gRPC): parse, call the domain, answer;
+//! - `background`: the pool manager, housekeeping, the other schedulers'
+//!   events;
+//! - `lifecycle` (an instance's life), `accounts`, `agents` (desired state,
+//!   sessions, enrollment), `fleet` (capacity, placement, demand, pool
+//!   settings, nodes), `routes`;
+//! - `events` (the transport between schedulers), `audit`, `app` (shared
+//!   state), `crypto`, `model` (states and generations), `error`.
+//!
+//! This file only wires them together.
 
-pub mod admin;
+pub mod accounts;
+pub mod agents;
+pub mod api;
 pub mod app;
-pub mod assign;
-pub mod auth;
+pub mod audit;
+pub mod background;
 pub mod crypto;
-pub mod demand;
-pub mod desired;
-pub mod edges;
-pub mod enroll;
-pub mod envelope;
 pub mod error;
 pub mod events;
-pub mod grpc;
-pub mod http;
-pub mod idempotency;
-pub mod instances;
-pub mod openapi;
-pub mod page;
-pub mod password;
-pub mod pki;
-pub mod placement;
-pub mod pool;
-pub mod reconfigure;
-pub mod release;
+pub mod fleet;
+pub mod lifecycle;
+pub mod model;
 pub mod routes;
-pub mod sessions;
-pub mod settings;
+pub mod rpc;
+pub mod telemetry;
 
 use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 use sqlx::postgres::PgPoolOptions;
 use tokio::net::TcpListener;
 use tonic::transport::{Certificate, Identity as TlsIdentity, ServerTlsConfig};
@@ -60,74 +61,14 @@ pub struct ServeOptions {
     pub admin_token: Option<String>,
 }
 
-/// Records one state change in the audit log. Auditing never fails the
-/// operation it records; a failure is logged.
-pub async fn audit<'e>(
-    db: impl sqlx::PgExecutor<'e>,
-    actor: &str,
-    action: &str,
-    subject: &str,
-    detail: serde_json::Value,
-) {
-    let r = sqlx::query(
-        "INSERT INTO audit_log (actor, action, subject, detail) VALUES ($1, $2, $3, $4)",
-    )
-    .bind(actor)
-    .bind(action)
-    .bind(subject)
-    .bind(detail)
-    .execute(db)
-    .await;
-    if let Err(e) = r {
-        tracing::warn!(error = %e, action, subject, "audit record not written");
-    }
-}
-
-/// The process-wide Prometheus recorder (installed once).
+/// The process-wide Prometheus recorder (installed once), with every
+/// metric of the scheduler described.
 pub fn metrics_handle() -> PrometheusHandle {
-    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
-    HANDLE
-        .get_or_init(|| {
-            PrometheusBuilder::new()
-                .set_buckets_for_metric(
-                    Matcher::Suffix("_seconds".into()),
-                    &[
-                        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-                    ],
-                )
-                .expect("static buckets")
-                .install_recorder()
-                .expect("one metrics recorder per process")
-        })
-        .clone()
+    clawdeploy_common::metrics::install(telemetry::CATALOG, telemetry::BUCKETS)
+        .expect("one metrics recorder per process")
 }
 
-fn load_secret_key(opts: &ServeOptions) -> anyhow::Result<crypto::SecretBox> {
-    key_from(opts.secret_key.as_deref(), &opts.data_dir)
-}
-
-/// The key-encryption key: given, or `<data_dir>/secret.key` (made when
-/// missing).
-pub fn key_from(
-    given: Option<&str>,
-    data_dir: &std::path::Path,
-) -> anyhow::Result<crypto::SecretBox> {
-    let hex_key = match given {
-        Some(k) => k.to_owned(),
-        None => {
-            let path = data_dir.join("secret.key");
-            if !path.exists() {
-                std::fs::create_dir_all(data_dir)?;
-                std::fs::write(&path, crypto::SecretBox::generate_key_hex())?;
-                use std::os::unix::fs::PermissionsExt;
-                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-                tracing::warn!(path = %path.display(), "generated a new secret key; keep it safe, secrets are unreadable without it");
-            }
-            std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?
-        }
-    };
-    Ok(crypto::SecretBox::from_hex(&hex_key)?)
-}
+pub use crypto::key_from;
 
 /// Runs the scheduler on the given listeners until `shutdown` resolves.
 pub async fn serve(
@@ -146,11 +87,11 @@ pub async fn serve(
         .run(&db)
         .await
         .context("running migrations")?;
-    let secrets = load_secret_key(&opts)?;
+    let secrets = key_from(opts.secret_key.as_deref(), &opts.data_dir)?;
 
-    let ca = pki::Ca::load_or_create(&opts.data_dir)?;
+    let ca = crypto::pki::Ca::load_or_create(&opts.data_dir)?;
     let server_cert = ca.issue(
-        &pki::Identity::Scheduler,
+        &crypto::pki::Identity::Scheduler,
         &opts.grpc_server_names,
         Duration::from_secs(30 * 24 * 3600),
     )?;
@@ -179,33 +120,33 @@ pub async fn serve(
         let _ = stop_tx.send(true);
     });
 
-    let moved = envelope::migrate_legacy(&app)
+    let moved = crypto::envelope::migrate_legacy(&app.db, &app.secrets)
         .await
         .context("moving provider keys into per-instance envelopes")?;
     if moved > 0 {
         tracing::info!(instances = moved, "provider keys moved into envelopes");
     }
-    settings::seed(&app)
+    fleet::settings::seed(&app)
         .await
         .context("seeding the pool settings")?;
-    let pool_task = tokio::spawn(pool::run(app.clone(), stop_rx.clone()));
-    tokio::spawn(events::listen(app.clone(), stop_rx.clone()));
+    let pool_task = tokio::spawn(background::pool_manager::run(app.clone(), stop_rx.clone()));
+    tokio::spawn(background::peer_events::run(app.clone(), stop_rx.clone()));
     let grpc_server = tonic::transport::Server::builder()
         .tls_config(tls)?
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(
-            clawdeploy_proto::agent_session_server::AgentSessionServer::new(grpc::AgentService {
-                app: app.clone(),
-            }),
+            clawdeploy_proto::agent_session_server::AgentSessionServer::new(
+                rpc::agent::AgentService { app: app.clone() },
+            ),
         )
         .add_service(
             clawdeploy_proto::node_enrollment_server::NodeEnrollmentServer::new(
-                enroll::EnrollmentService { app: app.clone() },
+                rpc::enroll::EnrollmentService { app: app.clone() },
             ),
         )
         .add_service(clawdeploy_proto::route_watch_server::RouteWatchServer::new(
-            grpc::RouteService { app: app.clone() },
+            rpc::routes::RouteService { app: app.clone() },
         ))
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
@@ -213,7 +154,7 @@ pub async fn serve(
         );
     let http_server = axum::serve(
         http,
-        http::router(app.clone(), metrics)
+        api::router(app.clone(), metrics)
             .into_make_service_with_connect_info::<std::net::SocketAddr>(),
     )
     .with_graceful_shutdown(wait_stop(stop_rx.clone()));

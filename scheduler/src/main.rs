@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use clawdeploy_scheduler::pki::{Ca, Identity};
+use clawdeploy_scheduler::crypto::pki::{Ca, Identity};
 use clawdeploy_scheduler::{serve, Config, ServeOptions};
 
 #[derive(Parser)]
@@ -157,12 +157,7 @@ enum Kind {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,sqlx=warn".into()),
-        )
-        .init();
+    clawdeploy_common::telemetry::init_tracing("info,sqlx=warn");
     match Cli::parse().command {
         Command::Serve(a) => {
             let http = tokio::net::TcpListener::bind(a.http_listen)
@@ -197,7 +192,7 @@ async fn main() -> anyhow::Result<()> {
                 db_max_connections: a.db_max_connections,
                 admin_token: a.admin_token,
             };
-            serve(opts, http, grpc, shutdown_signal()).await
+            serve(opts, http, grpc, clawdeploy_common::shutdown::signal()).await
         }
         Command::Keys(KeysCommand::Rotate {
             database_url,
@@ -217,7 +212,7 @@ async fn main() -> anyhow::Result<()> {
             let db = sqlx::PgPool::connect(&database_url)
                 .await
                 .context("connecting to PostgreSQL")?;
-            let done = clawdeploy_scheduler::envelope::rotate(&db, &old, &new).await?;
+            let done = clawdeploy_scheduler::crypto::envelope::rotate(&db, &old, &new).await?;
             let path = data_dir.join("secret.key");
             if path.exists() {
                 std::fs::copy(&path, data_dir.join("secret.key.old"))?;
@@ -251,7 +246,7 @@ async fn main() -> anyhow::Result<()> {
             hours,
         }) => {
             anyhow::ensure!(
-                clawdeploy_scheduler::pki::valid_id(&id),
+                clawdeploy_scheduler::crypto::pki::valid_id(&id),
                 "id must be 1-63 letters, digits, '-' or '_'"
             );
             let ca = Ca::load_or_create(&data_dir)?;
@@ -265,14 +260,4 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
-}
-
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    tracing::info!("shutting down");
 }

@@ -23,9 +23,8 @@ use clawdeploy_proto::{
     agent_message, scheduler_message, AgentMessage, ContainerPhase, ContainerStatus, DesiredState,
     Heartbeat, Hello, NodeCapacity, NodeUsage,
 };
+use clawdeploy_scheduler::crypto::pki::{Ca, Identity};
 use clawdeploy_scheduler::crypto::SecretBox;
-use clawdeploy_scheduler::pki::{Ca, Identity};
-use clawdeploy_scheduler::App;
 use serde_json::json;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -258,8 +257,10 @@ async fn seed_tenants(
                 subs.push(format!("t{}", &i.simple().to_string()[..16]));
                 containers.push(cid);
                 node_ids.push(node.clone());
-                tokens
-                    .push(secrets.seal(&App::gateway_token_aad(cid), b"fleet-sim-gateway-token")?);
+                tokens.push(secrets.seal(
+                    &clawdeploy_scheduler::crypto::aad::gateway_token(cid),
+                    b"fleet-sim-gateway-token",
+                )?);
                 upstreams.push(sim.upstream(n));
                 ids.push(cid);
             }

@@ -1,0 +1,160 @@
+//! Builds a node's full desired state from the database and pushes it on the
+//! node's open session. Every push reads the latest committed state, so
+//! pushes may race freely: the agent keeps the highest generation.
+
+use std::collections::HashMap;
+
+use clawdeploy_proto::{
+    scheduler_message, DesiredContainer, DesiredState, Resources, SchedulerMessage, TenantConfig,
+};
+use uuid::Uuid;
+
+use crate::app::sessions::Outgoing;
+use crate::app::{App, AppRef};
+use crate::crypto::{aad, envelope};
+use crate::error::{Error, Result};
+use crate::events::{self, Event};
+use crate::model::Generation;
+
+/// States whose containers should be running on their node.
+pub const RUNNING_STATES: &str = "('creating', 'warming', 'idle', 'assigning', 'assigned')";
+
+/// A container the node should hold, with its tenant if it has one.
+#[derive(sqlx::FromRow)]
+struct ContainerRow {
+    id: Uuid,
+    image: String,
+    gateway_token_enc: Vec<u8>,
+    cpu_millis: i32,
+    memory_bytes: i64,
+    pids: i32,
+    instance_id: Option<Uuid>,
+    config_version: Option<i64>,
+    default_model: Option<String>,
+    stopped: bool,
+}
+
+/// Reads the node's desired state in one snapshot; `on_snapshot` runs just
+/// before the snapshot is taken (the first read).
+pub async fn load(app: &App, node_id: &str, on_snapshot: impl FnOnce()) -> Result<DesiredState> {
+    let mut tx = app.db.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .execute(&mut *tx)
+        .await?;
+    on_snapshot();
+    let generation: Generation = sqlx::query_scalar("SELECT generation FROM nodes WHERE id = $1")
+        .bind(node_id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or(Error::NotFound("node"))?;
+    let rows: Vec<ContainerRow> = sqlx::query_as(&format!(
+        "SELECT c.id, c.image, c.gateway_token_enc, c.cpu_millis, c.memory_bytes, c.pids,
+                i.id AS instance_id, i.config_version, i.default_model, c.state = 'suspended' AS stopped
+           FROM containers c
+           LEFT JOIN instances i ON i.container_id = c.id AND i.status IN ('pending', 'ready', 'suspended', 'deleting')
+          WHERE c.node_id = $1 AND (c.state IN {RUNNING_STATES} OR c.state = 'suspended')
+          ORDER BY c.created_at"
+    ))
+    .bind(node_id)
+    .fetch_all(&mut *tx)
+    .await?;
+    let instance_ids: Vec<Uuid> = rows.iter().filter_map(|r| r.instance_id).collect();
+    let secret_rows: Vec<(Uuid, String, Vec<u8>)> = sqlx::query_as(
+        "SELECT instance_id, name, ciphertext FROM secrets WHERE instance_id = ANY($1)",
+    )
+    .bind(&instance_ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    let deks = envelope::load(&app.secrets, &mut tx, &instance_ids).await?;
+    tx.commit().await?;
+
+    let mut keys: HashMap<Uuid, HashMap<String, String>> = HashMap::new();
+    for (instance_id, name, sealed) in secret_rows {
+        let dek = deks.get(&instance_id).ok_or_else(|| {
+            Error::Internal(format!("instance {instance_id} has keys but no data key"))
+        })?;
+        let value = dek.open_string(&aad::secret(instance_id, &name), &sealed)?;
+        keys.entry(instance_id).or_default().insert(name, value);
+    }
+    // The columns are never negative (CHECKs and constants).
+    let unsigned = |v: i64| u64::try_from(v).unwrap_or(0);
+    let containers = rows
+        .into_iter()
+        .map(|r| {
+            Ok(DesiredContainer {
+                container_id: r.id.to_string(),
+                image: r.image,
+                gateway_token: app
+                    .secrets
+                    .open_string(&aad::gateway_token(r.id), &r.gateway_token_enc)?,
+                resources: Some(Resources {
+                    cpu_millis: u32::try_from(r.cpu_millis).unwrap_or(0),
+                    memory_bytes: unsigned(r.memory_bytes),
+                    pids: u32::try_from(r.pids).unwrap_or(0),
+                }),
+                tenant: r.instance_id.map(|iid| TenantConfig {
+                    instance_id: iid.to_string(),
+                    config_version: unsigned(r.config_version.unwrap_or(1)),
+                    provider_keys: keys.remove(&iid).unwrap_or_default(),
+                    default_model: r.default_model.unwrap_or_default(),
+                }),
+                // A suspended tenant keeps its container and volume.
+                stopped: r.stopped,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(DesiredState {
+        generation: generation.wire(),
+        containers,
+    })
+}
+
+/// Marks the node's desired state as changed (after the change committed,
+/// so that no transaction holds the node row while it works) and pushes it.
+/// Any snapshot that sees the new generation also sees the change.
+pub async fn bump_and_push(app: &AppRef, node_id: &str) -> Result<()> {
+    bump_past_and_push(app, node_id, Generation::default()).await
+}
+
+/// Like `bump_and_push`, and also moves the generation past `floor` (what the
+/// agent reports having applied): an agent whose ledger is ahead of the
+/// database (restored from a backup, say) would otherwise refuse every push.
+pub async fn bump_past_and_push(app: &AppRef, node_id: &str, floor: Generation) -> Result<()> {
+    sqlx::query("UPDATE nodes SET generation = GREATEST(generation, $2) + 1 WHERE id = $1")
+        .bind(node_id)
+        .bind(floor)
+        .execute(&app.db)
+        .await?;
+    push(app, node_id).await
+}
+
+/// Sends the node its current desired state if it has an open session here;
+/// otherwise tells the other schedulers (one of them may hold the session).
+/// A node without any session gets it on its next hello.
+pub async fn push(app: &AppRef, node_id: &str) -> Result<()> {
+    let Some(tx) = app.sessions.sender(node_id) else {
+        tracing::debug!(node_id, "no open session here; announcing the change");
+        events::publish(app, &[Event::Node(node_id.to_owned())]).await;
+        return Ok(());
+    };
+    // A burst of claims on one node becomes a few pushes, not one each:
+    // a push still waiting for a connection covers the changes committed
+    // meanwhile, since its snapshot comes after them.
+    // (A push that fails or is cancelled before its snapshot leaves the
+    // changes it covered to the next heartbeat, which pushes again.)
+    let Some(ticket) = app.sessions.begin_push(node_id) else {
+        return Ok(());
+    };
+    let desired = load(app, node_id, || ticket.reading()).await?;
+    drop(ticket);
+    let generation = desired.generation;
+    let msg = SchedulerMessage {
+        msg: Some(scheduler_message::Msg::Desired(desired)),
+    };
+    if tx.send(Outgoing::Message(msg)).await.is_err() {
+        tracing::debug!(node_id, "session closed before the push");
+    } else {
+        tracing::debug!(node_id, generation, "desired state pushed");
+    }
+    Ok(())
+}

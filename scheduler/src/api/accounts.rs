@@ -1,0 +1,62 @@
+//! `/api/auth`: register, login and logout.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use serde::Deserialize;
+
+use super::extract::{ApiJson, AuthUser, ClientAddr};
+use super::views::{ErrorBody, SessionView};
+use crate::accounts;
+use crate::app::AppRef;
+use crate::error::Result;
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Credentials {
+    #[schema(format = "email", max_length = 254)]
+    email: String,
+    #[schema(min_length = 10, max_length = 256)]
+    password: String,
+}
+
+#[utoipa::path(post, path = "/api/auth/register", tag = "accounts", request_body = Credentials,
+    responses(
+        (status = 201, description = "Account created; a session token", body = SessionView),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 409, description = "Email taken", body = ErrorBody),
+        (status = 422, description = "Invalid email or password (10 to 256 characters)", body = ErrorBody),
+    ))]
+pub async fn register(
+    State(app): State<AppRef>,
+    ApiJson(c): ApiJson<Credentials>,
+) -> Result<(StatusCode, axum::Json<SessionView>)> {
+    let session = accounts::register(&app.db, &c.email, c.password).await?;
+    Ok((StatusCode::CREATED, axum::Json(session.into())))
+}
+
+#[utoipa::path(post, path = "/api/auth/login", tag = "accounts", request_body = Credentials,
+    responses(
+        (status = 200, description = "A session token", body = SessionView),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 401, description = "Wrong email or password (the same answer for both)", body = ErrorBody),
+        (status = 429, description = "Too many failed logins for this account or address in the last hour", body = ErrorBody),
+    ))]
+pub async fn login(
+    State(app): State<AppRef>,
+    ClientAddr(client): ClientAddr,
+    ApiJson(c): ApiJson<Credentials>,
+) -> Result<axum::Json<SessionView>> {
+    let session = accounts::login(&app.db, &c.email, c.password, client).await?;
+    Ok(axum::Json(session.into()))
+}
+
+/// `POST /api/auth/logout`: revokes the token the request carries.
+#[utoipa::path(post, path = "/api/auth/logout", tag = "accounts", security(("bearer" = [])),
+    responses(
+        (status = 204, description = "The token is revoked"),
+        (status = 401, description = "No valid token", body = ErrorBody),
+    ))]
+pub async fn logout(State(app): State<AppRef>, user: AuthUser) -> Result<StatusCode> {
+    accounts::logout(&app.db, &user.token_hash).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

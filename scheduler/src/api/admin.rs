@@ -1,0 +1,176 @@
+//! The operator's HTTP API under `/admin`: join tokens for new nodes, the
+//! node list, drain, activate and removal, and the pool's settings.
+//! Authorised by one bearer token configured at start-up (`--admin-token`);
+//! without it the API is switched off.
+
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use serde::Deserialize;
+
+use super::extract::{ApiJson, Operator};
+use super::views::{
+    ErrorBody, JoinTokenView, NodeList, NodeStateView, NodeUsage, NodeView, PoolSettingsView,
+    PoolView,
+};
+use crate::agents::enroll;
+use crate::app::AppRef;
+use crate::error::Result;
+use crate::fleet::{nodes, settings};
+use crate::model::NodeState;
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct NewJoinToken {
+    node_id: String,
+    ttl_secs: Option<u64>,
+}
+
+#[utoipa::path(post, path = "/admin/join-tokens", tag = "operator", request_body = NewJoinToken, security(("bearer" = [])),
+    responses(
+        (status = 201, description = "A one-time join token and the CA pin", body = JoinTokenView),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 401, description = "No or wrong operator token", body = ErrorBody),
+        (status = 409, description = "The node id was removed", body = ErrorBody),
+        (status = 422, description = "Invalid node id or lifetime", body = ErrorBody),
+    ))]
+pub async fn create_join_token(
+    _: Operator,
+    State(app): State<AppRef>,
+    ApiJson(body): ApiJson<NewJoinToken>,
+) -> Result<(StatusCode, axum::Json<JoinTokenView>)> {
+    let ttl = body
+        .ttl_secs
+        .map(Duration::from_secs)
+        .unwrap_or(app.cfg.join_token_ttl);
+    let t = enroll::create_token(&app, &body.node_id, ttl, "operator").await?;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(JoinTokenView {
+            token: t.token,
+            ca_pin: t.ca_pin,
+            node_id: t.node_id,
+            expires_at: t.expires_at,
+        }),
+    ))
+}
+
+#[utoipa::path(get, path = "/admin/nodes", tag = "operator", security(("bearer" = [])),
+    responses((status = 200, description = "Nodes with state, usage and counts", body = NodeList),
+        (status = 401, description = "No or wrong operator token", body = ErrorBody),
+    ))]
+pub async fn list_nodes(_: Operator, State(app): State<AppRef>) -> Result<axum::Json<NodeList>> {
+    let nodes = nodes::list(&app)
+        .await?
+        .into_iter()
+        .map(|n| NodeView {
+            connected: app.sessions.sender(&n.id).is_some(),
+            id: n.id,
+            state: n.state,
+            generation: n.generation,
+            last_heartbeat: n.last_heartbeat,
+            cert_not_after: n.cert_not_after,
+            containers: n.containers,
+            idle: n.idle,
+            assigned: n.assigned,
+            heartbeat_fresh: n.heartbeat_fresh,
+            usage: NodeUsage {
+                cpu_busy: f64::from(n.cpu_busy_permille) / 1000.0,
+                memory_available_bytes: n.memory_available_bytes,
+                disk_available_bytes: n.disk_available_bytes,
+                disk_total_bytes: n.disk_total_bytes,
+                containers_running: n.containers_running,
+            },
+        })
+        .collect();
+    Ok(axum::Json(NodeList { nodes }))
+}
+
+/// Removes a node for good: its certificate is refused from its next call
+/// on, its open session is closed now, and the pool stops using it.
+#[utoipa::path(delete, path = "/admin/nodes/{id}", tag = "operator", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Node id")),
+    responses((status = 200, description = "Removed: its session ends, its certificate is refused", body = NodeStateView),
+        (status = 401, description = "No or wrong operator token", body = ErrorBody),
+        (status = 404, description = "No such node", body = ErrorBody),
+    ))]
+pub async fn remove_node(
+    _: Operator,
+    State(app): State<AppRef>,
+    Path(node_id): Path<String>,
+) -> Result<axum::Json<NodeStateView>> {
+    nodes::remove(&app, &node_id).await?;
+    Ok(axum::Json(NodeStateView {
+        id: node_id,
+        state: NodeState::Removed,
+    }))
+}
+
+/// The pool's settings and what it holds now, per state and generation.
+#[utoipa::path(get, path = "/admin/pool", tag = "operator", security(("bearer" = [])),
+    responses((status = 200, description = "Pool settings and counts", body = PoolView),
+        (status = 401, description = "No or wrong operator token", body = ErrorBody),
+    ))]
+pub async fn pool(_: Operator, State(app): State<AppRef>) -> Result<axum::Json<PoolView>> {
+    Ok(axum::Json(PoolView {
+        settings: settings::load(&app.db).await?,
+        containers: settings::warm_counts(&app).await?,
+    }))
+}
+
+/// Changes the pool's settings; a new image or generation rolls the pool.
+#[utoipa::path(put, path = "/admin/pool", tag = "operator", request_body = settings::PoolChange, security(("bearer" = [])),
+    responses((status = 200, description = "The new settings (a new image or generation rolls the pool)", body = PoolSettingsView),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 401, description = "No or wrong operator token", body = ErrorBody),
+        (status = 422, description = "Invalid settings", body = ErrorBody),
+    ))]
+pub async fn set_pool(
+    _: Operator,
+    State(app): State<AppRef>,
+    ApiJson(change): ApiJson<settings::PoolChange>,
+) -> Result<axum::Json<PoolSettingsView>> {
+    let settings = settings::update(&app, "operator", change).await?;
+    Ok(axum::Json(PoolSettingsView { settings }))
+}
+
+/// `POST /admin/nodes/{id}/drain`: no new containers on the node and its
+/// idle ones stop counting; its tenants stay.
+#[utoipa::path(post, path = "/admin/nodes/{id}/drain", tag = "operator", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Node id")),
+    responses((status = 200, description = "Draining: nothing new is placed there", body = NodeStateView),
+        (status = 401, description = "No or wrong operator token", body = ErrorBody),
+        (status = 404, description = "No such node", body = ErrorBody),
+    ))]
+pub async fn drain_node(
+    _: Operator,
+    State(app): State<AppRef>,
+    Path(node_id): Path<String>,
+) -> Result<axum::Json<NodeStateView>> {
+    set_node_state(&app, node_id, NodeState::Draining).await
+}
+
+/// `POST /admin/nodes/{id}/activate`: the node takes containers again.
+#[utoipa::path(post, path = "/admin/nodes/{id}/activate", tag = "operator", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Node id")),
+    responses((status = 200, description = "Active again", body = NodeStateView),
+        (status = 401, description = "No or wrong operator token", body = ErrorBody),
+        (status = 404, description = "No such node", body = ErrorBody),
+    ))]
+pub async fn activate_node(
+    _: Operator,
+    State(app): State<AppRef>,
+    Path(node_id): Path<String>,
+) -> Result<axum::Json<NodeStateView>> {
+    set_node_state(&app, node_id, NodeState::Active).await
+}
+
+async fn set_node_state(
+    app: &AppRef,
+    node_id: String,
+    state: NodeState,
+) -> Result<axum::Json<NodeStateView>> {
+    nodes::set_state(app, &node_id, state).await?;
+    Ok(axum::Json(NodeStateView { id: node_id, state }))
+}

@@ -1,0 +1,203 @@
+//! What the API answers, as types: each view both serializes the answer and
+//! describes it in the OpenAPI document, so the two cannot drift apart.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::app::Config;
+use crate::fleet::settings::PoolSettings;
+use crate::model::{InstanceStatus, NodeState};
+
+/// Every error: a stable code and a message for people.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable, machine-readable (`invalid_field`, `subdomain_taken`, …).
+    pub code: String,
+    pub message: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct UserView {
+    pub id: Uuid,
+    pub email: String,
+}
+
+/// A new session: the bearer token lasts 7 days unless revoked.
+#[derive(Serialize, ToSchema)]
+pub struct SessionView {
+    pub user: UserView,
+    pub token: String,
+}
+
+impl From<crate::accounts::Session> for SessionView {
+    fn from(s: crate::accounts::Session) -> Self {
+        SessionView {
+            user: UserView {
+                id: s.user_id,
+                email: s.email,
+            },
+            token: s.token,
+        }
+    }
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct InstanceEnvelope {
+    pub instance: InstanceView,
+}
+
+/// An instance as its owner sees it.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InstanceView {
+    pub id: Uuid,
+    pub subdomain: String,
+    pub url: String,
+    pub gateway_url: String,
+    /// Shown once the instance is live.
+    pub gateway_token: Option<String>,
+    pub status: InstanceStatus,
+    pub tier: String,
+    pub status_url: String,
+    /// Provider → masked key (`sk-…1234`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_keys: Option<BTreeMap<String, String>>,
+    /// After a change: the config version, and whether the gateway runs it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub config_version: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub config_applied: Option<bool>,
+}
+
+impl InstanceView {
+    /// The view of an instance. The gateway token is shown once the
+    /// instance is live: until then a retried claim may still move it to
+    /// another container with another token.
+    pub fn new(cfg: &Config, i: crate::lifecycle::instances::Instance) -> Self {
+        let token = i
+            .gateway_token
+            .filter(|_| matches!(i.status, InstanceStatus::Ready | InstanceStatus::Suspended));
+        InstanceView {
+            url: cfg.url_of(&i.subdomain),
+            gateway_url: cfg.gateway_url_of(&i.subdomain),
+            status_url: status_url(i.id),
+            id: i.id,
+            subdomain: i.subdomain,
+            gateway_token: token,
+            status: i.status,
+            tier: i.tier,
+            api_keys: i.masked_keys,
+            config_version: None,
+            config_applied: None,
+        }
+    }
+}
+
+/// Where a signup's progress can be read.
+pub fn status_url(id: Uuid) -> String {
+    format!("/api/instances/{id}")
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ReleasedView {
+    pub id: Uuid,
+    pub subdomain: String,
+    /// `deleting`: the data is kept for the grace period.
+    pub status: InstanceStatus,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Health {
+    pub ok: bool,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Availability {
+    pub subdomain: String,
+    pub host: String,
+    pub available: bool,
+}
+
+/// What an operator hands to a new node: the token and the CA pin.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JoinTokenView {
+    /// One-time: `<id>.<secret>`.
+    pub token: String,
+    /// SHA-256 of the CA certificate, for the node to pin.
+    pub ca_pin: String,
+    pub node_id: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct NodeList {
+    pub nodes: Vec<NodeView>,
+}
+
+/// A node as the operator sees it.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeView {
+    pub id: String,
+    pub state: NodeState,
+    /// Its desired state's generation.
+    pub generation: i64,
+    pub last_heartbeat: Option<DateTime<Utc>>,
+    pub cert_not_after: Option<DateTime<Utc>>,
+    /// Containers that are not destroyed or failed.
+    pub containers: i64,
+    pub idle: i64,
+    pub assigned: i64,
+    /// The node holds its session with this scheduler.
+    pub connected: bool,
+    /// Some scheduler heard the node within the heartbeat TTL (with two
+    /// schedulers, the node may hold its session with the other one).
+    pub heartbeat_fresh: bool,
+    pub usage: NodeUsage,
+}
+
+/// What the node's last heartbeat reported.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeUsage {
+    /// 0 to 1.
+    pub cpu_busy: f64,
+    pub memory_available_bytes: i64,
+    pub disk_available_bytes: i64,
+    pub disk_total_bytes: i64,
+    pub containers_running: i32,
+}
+
+/// A node after an operator changed its state.
+#[derive(Serialize, ToSchema)]
+pub struct NodeStateView {
+    pub id: String,
+    pub state: NodeState,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct PoolView {
+    pub settings: PoolSettings,
+    /// Warm containers by state, image and generation.
+    pub containers: Vec<crate::fleet::settings::WarmCount>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct PoolSettingsView {
+    pub settings: PoolSettings,
+}
+
+/// A JSON object (this document itself).
+#[derive(Serialize, ToSchema)]
+#[schema(value_type = Object)]
+pub struct AnyObject(serde_json::Value);

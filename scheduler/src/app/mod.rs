@@ -1,0 +1,156 @@
+//! Shared scheduler state: configuration, the database pool, the secret box
+//! and the in-process channels that wake the pool manager, open agent
+//! sessions, edge watchers and waiting signup requests. Everything else
+//! depends on this module; it depends only on `crypto` and its own
+//! registries.
+
+pub mod edge_acks;
+pub mod sessions;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tokio::sync::{broadcast, Notify};
+use uuid::Uuid;
+
+use clawdeploy_proto::RouteDelta;
+
+use crate::crypto::pki::Ca;
+use crate::crypto::SecretBox;
+use edge_acks::EdgeAcks;
+use sessions::Sessions;
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Customer hosts are `<subdomain>.<base_domain>`.
+    pub base_domain: String,
+    /// How customer URLs are printed: scheme and optional port of the edge.
+    pub public_scheme: String,
+    pub public_port: Option<u16>,
+    /// The OpenClaw image pool containers run.
+    pub image: String,
+    pub pool_generation: i32,
+    pub min_idle: u32,
+    pub max_idle: u32,
+    /// A node silent for this long is `unreachable`.
+    pub heartbeat_ttl: Duration,
+    /// How long a signup waits for the agent to confirm the config is live
+    /// before answering 202 with a status URL (the instance still becomes
+    /// ready).
+    pub claim_wait: Duration,
+    /// A claim the agent has not confirmed after this long is moved to a
+    /// fresh container (once); a second miss fails the instance.
+    pub claim_timeout: Duration,
+    /// Containers stuck in creating/warming longer than this are replaced.
+    pub warm_timeout: Duration,
+    /// A released instance's data is kept this long, then destroyed.
+    pub release_grace: Duration,
+    /// A released subdomain goes to nobody else for this long.
+    pub subdomain_cooldown: Duration,
+    /// Lifetime of node certificates (nodes renew at about two thirds).
+    pub node_cert_lifetime: Duration,
+    /// Default lifetime of a join token.
+    pub join_token_ttl: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            base_domain: "clawdeploy.localhost".into(),
+            public_scheme: "https".into(),
+            public_port: None,
+            image: "clawdeploy/openclaw-standin:dev".into(),
+            pool_generation: 1,
+            min_idle: 5,
+            max_idle: 20,
+            heartbeat_ttl: Duration::from_secs(10),
+            claim_wait: Duration::from_secs(10),
+            claim_timeout: Duration::from_secs(20),
+            warm_timeout: Duration::from_secs(120),
+            release_grace: Duration::from_secs(7 * 24 * 3600),
+            subdomain_cooldown: Duration::from_secs(30 * 24 * 3600),
+            node_cert_lifetime: Duration::from_secs(24 * 3600),
+            join_token_ttl: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+impl Config {
+    pub fn host_of(&self, subdomain: &str) -> String {
+        format!("{subdomain}.{}", self.base_domain)
+    }
+
+    fn authority(&self, subdomain: &str) -> String {
+        match self.public_port {
+            Some(p) => format!("{}:{p}", self.host_of(subdomain)),
+            None => self.host_of(subdomain),
+        }
+    }
+
+    pub fn url_of(&self, subdomain: &str) -> String {
+        format!("{}://{}", self.public_scheme, self.authority(subdomain))
+    }
+
+    pub fn gateway_url_of(&self, subdomain: &str) -> String {
+        let ws = if self.public_scheme == "https" {
+            "wss"
+        } else {
+            "ws"
+        };
+        format!("{ws}://{}", self.authority(subdomain))
+    }
+}
+
+pub struct App {
+    pub cfg: Config,
+    pub db: PgPool,
+    pub secrets: SecretBox,
+    pub sessions: Sessions,
+    /// Route changes for edge watchers, sent after their transaction commits.
+    pub route_events: broadcast::Sender<RouteDelta>,
+    /// Wakes the pool manager (claims, containers becoming idle, nodes).
+    pub pool_wake: Notify,
+    /// Route versions the connected edges have applied.
+    pub edge_acks: EdgeAcks,
+    /// Instances that just became ready (wakes waiting signup requests).
+    pub instance_ready: broadcast::Sender<Uuid>,
+    /// Signs node certificates (join and renewal).
+    pub ca: Ca,
+    /// SHA-256 of the operator's admin token; `None` switches `/admin` off.
+    pub admin_token_hash: Option<[u8; 32]>,
+    /// Names this process in events to the other schedulers.
+    pub origin: String,
+    /// Highest route version broadcast to this scheduler's edges.
+    pub route_watermark: std::sync::atomic::AtomicU64,
+}
+
+pub type AppRef = Arc<App>;
+
+impl App {
+    pub fn new(
+        cfg: Config,
+        db: PgPool,
+        secrets: SecretBox,
+        ca: Ca,
+        admin_token: Option<&str>,
+    ) -> AppRef {
+        use sha2::Digest;
+        Arc::new(App {
+            cfg,
+            db,
+            secrets,
+            sessions: Sessions::default(),
+            route_events: broadcast::channel(4096).0,
+            pool_wake: Notify::new(),
+            edge_acks: Default::default(),
+            instance_ready: broadcast::channel(4096).0,
+            ca,
+            admin_token_hash: admin_token
+                .filter(|t| !t.is_empty())
+                .map(|t| sha2::Sha256::digest(t.as_bytes()).into()),
+            origin: Uuid::new_v4().simple().to_string(),
+            route_watermark: Default::default(),
+        })
+    }
+}

@@ -1,0 +1,141 @@
+//! Open agent sessions, one per node: how the scheduler reaches an agent to
+//! push its desired state. The scheduler never dials nodes.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use clawdeploy_proto::SchedulerMessage;
+use tokio::sync::mpsc;
+
+/// What the scheduler sends down an agent's session. The gRPC layer turns
+/// it into the stream's items.
+#[derive(Debug)]
+pub enum Outgoing {
+    Message(SchedulerMessage),
+    /// The session is refused (the node was removed, or spoke out of
+    /// turn); the agent is told why and the stream ends.
+    Refused(String),
+}
+
+pub type Outbound = mpsc::Sender<Outgoing>;
+
+#[derive(Default)]
+pub struct Sessions {
+    next_id: AtomicU64,
+    open: Mutex<HashMap<String, (u64, Outbound)>>,
+    /// Nodes with a push that has not read the database yet.
+    pending_pushes: Mutex<std::collections::HashSet<String>>,
+}
+
+impl Sessions {
+    /// A ticket to push to `node_id`, or `None` when a push that has not
+    /// yet read the database is already under way: it will see the
+    /// caller's (committed) change too.
+    pub fn begin_push<'a>(&'a self, node_id: &'a str) -> Option<PushTicket<'a>> {
+        let fresh = self
+            .pending_pushes
+            .lock()
+            .unwrap()
+            .insert(node_id.to_owned());
+        fresh.then(|| PushTicket {
+            sessions: self,
+            node_id,
+            pending: std::sync::atomic::AtomicBool::new(true),
+        })
+    }
+}
+
+/// A push that has not read the database yet. `reading` (or dropping it,
+/// should the push fail or be cancelled) lets the next change push again.
+pub struct PushTicket<'a> {
+    sessions: &'a Sessions,
+    node_id: &'a str,
+    pending: std::sync::atomic::AtomicBool,
+}
+
+impl PushTicket<'_> {
+    /// The push is about to take its snapshot: changes from now on need a
+    /// push of their own.
+    pub fn reading(&self) {
+        if self
+            .pending
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            self.sessions
+                .pending_pushes
+                .lock()
+                .unwrap()
+                .remove(self.node_id);
+        }
+    }
+}
+
+impl Drop for PushTicket<'_> {
+    fn drop(&mut self) {
+        self.reading();
+    }
+}
+
+impl Sessions {
+    /// Registers a node's new session, replacing (and so closing) any older
+    /// one for the same node. Returns the session's id for `unregister`.
+    pub fn register(&self, node_id: &str, tx: Outbound) -> u64 {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.open
+            .lock()
+            .unwrap()
+            .insert(node_id.to_owned(), (id, tx));
+        id
+    }
+
+    /// Removes the session only if it is still the current one.
+    pub fn unregister(&self, node_id: &str, session_id: u64) {
+        let mut open = self.open.lock().unwrap();
+        if open.get(node_id).is_some_and(|(id, _)| *id == session_id) {
+            open.remove(node_id);
+        }
+    }
+
+    /// Ends a node's session, telling it `reason` (the node was removed).
+    pub fn close(&self, node_id: &str, reason: String) {
+        let removed = self.open.lock().unwrap().remove(node_id);
+        if let Some((_, tx)) = removed {
+            let _ = tx.try_send(Outgoing::Refused(reason));
+        }
+    }
+
+    pub fn sender(&self, node_id: &str) -> Option<Outbound> {
+        self.open
+            .lock()
+            .unwrap()
+            .get(node_id)
+            .map(|(_, tx)| tx.clone())
+    }
+
+    pub fn connected(&self) -> usize {
+        self.open.lock().unwrap().len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pushes_coalesce_until_the_pending_one_reads() {
+        let s = Sessions::default();
+        let first = s.begin_push("a").expect("first push goes ahead");
+        // Committed meanwhile: covered by the pending push.
+        assert!(s.begin_push("a").is_none());
+        // Another node is independent.
+        assert!(s.begin_push("b").is_some());
+        first.reading();
+        // After the snapshot, a change needs its own push.
+        let second = s.begin_push("a").expect("a new push after the read");
+        // A push dropped before reading (failed, cancelled) frees the node.
+        drop(second);
+        drop(first);
+        assert!(s.begin_push("a").is_some());
+    }
+}

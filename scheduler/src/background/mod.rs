@@ -1,0 +1,6 @@
+//! Work no request waits for: the pool manager (one leader across
+//! schedulers), housekeeping, and the other schedulers' events.
+
+pub mod janitor;
+pub mod peer_events;
+pub mod pool_manager;

@@ -1,0 +1,60 @@
+//! Cryptography: the secret box (AES-256-GCM) and the key-encryption key,
+//! per-instance envelopes, password hashing, and the platform's certificate
+//! authority. Nothing here knows about requests or sessions.
+
+pub mod envelope;
+pub mod password;
+pub mod pki;
+mod secret_box;
+
+use std::path::Path;
+
+use anyhow::Context;
+
+pub use secret_box::{random_token, SecretBox};
+
+/// The associated data that binds each sealed value to its owner and field,
+/// so a value copied to another row does not decrypt.
+pub mod aad {
+    use uuid::Uuid;
+
+    /// A container's gateway token (sealed under the KEK).
+    pub fn gateway_token(container_id: Uuid) -> String {
+        format!("container:{container_id}:gateway_token")
+    }
+
+    /// A provider key of an instance (sealed under its data key).
+    pub fn secret(instance_id: Uuid, name: &str) -> String {
+        format!("instance:{instance_id}:{name}")
+    }
+
+    /// A stored idempotent answer (sealed under the KEK).
+    pub fn idempotent_answer(user_id: Uuid, key: &str) -> String {
+        format!("idempotency:{user_id}:{key}")
+    }
+
+    /// An instance's data key (wrapped by the KEK).
+    pub fn data_key(instance_id: Uuid) -> String {
+        format!("dek:{instance_id}")
+    }
+}
+
+/// The key-encryption key: given (64 hex characters), or
+/// `<data_dir>/secret.key`, made (mode 0600) when missing.
+pub fn key_from(given: Option<&str>, data_dir: &Path) -> anyhow::Result<SecretBox> {
+    let hex_key = match given {
+        Some(k) => k.to_owned(),
+        None => {
+            let path = data_dir.join("secret.key");
+            if !path.exists() {
+                std::fs::create_dir_all(data_dir)?;
+                std::fs::write(&path, SecretBox::generate_key_hex())?;
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+                tracing::warn!(path = %path.display(), "generated a new secret key; keep it safe, secrets are unreadable without it");
+            }
+            std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?
+        }
+    };
+    Ok(SecretBox::from_hex(&hex_key)?)
+}

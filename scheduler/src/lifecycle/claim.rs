@@ -1,0 +1,500 @@
+//! Assignment: a customer claims a warm pool container. One transaction
+//! claims the oldest healthy idle container (`FOR UPDATE SKIP LOCKED`),
+//! creates the instance and stores its secrets; the node gets its new desired
+//! state; the agent writes the config, proves it live with an authenticated
+//! probe and reports; `complete` then marks the container assigned and
+//! publishes the route.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Instant;
+
+use clawdeploy_proto::Route;
+use sqlx::{Postgres, Transaction};
+use uuid::Uuid;
+
+use super::instances::{self, Instance};
+use crate::agents::desired;
+use crate::app::{App, AppRef};
+use crate::audit::audit;
+use crate::crypto::{aad, envelope, random_token};
+use crate::error::{Error, Result};
+use crate::fleet::capacity;
+use crate::model::{ContainerState, InstanceStatus};
+use crate::routes;
+
+/// Claims a container for the user and waits, up to the claim wait, for
+/// it to go live (and, once ready, for the edges to route it). The outcome
+/// says whether it did; the instance carries the current token.
+pub async fn sign_up(
+    app: &AppRef,
+    user_id: Uuid,
+    subdomain: Option<String>,
+    api_keys: BTreeMap<String, String>,
+) -> Result<(Outcome, Instance)> {
+    let subdomain = match subdomain {
+        Some(s) => instances::validate_subdomain(&s)?,
+        None => format!("claw-{}", random_token(4)),
+    };
+    if instances::cooling_down(&app.db, app.cfg.subdomain_cooldown, &subdomain, user_id).await? {
+        return Err(Error::Conflict {
+            code: "subdomain_taken",
+            message: "that subdomain is taken".into(),
+        });
+    }
+    let provider_keys = instances::validate_keys(api_keys)?;
+    let default_model = instances::default_model_for(&provider_keys);
+    let claimed = claim(
+        app,
+        ClaimRequest {
+            user_id,
+            subdomain: subdomain.clone(),
+            provider_keys,
+            default_model,
+        },
+    )
+    .await
+    .inspect_err(|e| {
+        let result = if matches!(e, Error::Conflict { .. }) {
+            "conflict"
+        } else {
+            "error"
+        };
+        metrics::counter!("clawdeploy_assignments_total", "result" => result).increment(1);
+    })?;
+    let outcome = wait_ready(app, claimed.instance_id).await?;
+    let status = match outcome {
+        Outcome::Ready => {
+            // The route is committed; answer once the edges route it too.
+            if let Some(v) = routes::live_version(&app.db, claimed.instance_id).await? {
+                routes::wait_edges(app, claimed.instance_id, v).await;
+            }
+            InstanceStatus::Ready
+        }
+        Outcome::Pending => {
+            metrics::counter!("clawdeploy_assignments_total", "result" => "deadline").increment(1);
+            tracing::warn!(instance_id = %claimed.instance_id, container_id = %claimed.container_id, node_id = claimed.node_id, "claim not confirmed within the request deadline; answering 202");
+            InstanceStatus::Pending
+        }
+        Outcome::Failed => InstanceStatus::Failed,
+    };
+    // A retried claim moved the instance to another container: its token.
+    let gateway_token = instances::gateway_token(app, claimed.instance_id).await?;
+    Ok((
+        outcome,
+        Instance {
+            id: claimed.instance_id,
+            subdomain,
+            status,
+            tier: "free".into(),
+            gateway_token,
+            masked_keys: None,
+        },
+    ))
+}
+
+pub struct ClaimRequest {
+    pub user_id: Uuid,
+    pub subdomain: String,
+    pub provider_keys: BTreeMap<String, String>,
+    pub default_model: String,
+}
+
+pub struct Claimed {
+    pub instance_id: Uuid,
+    pub container_id: Uuid,
+    pub node_id: String,
+    pub gateway_token: String,
+}
+
+/// Claims a container and hands the node its new desired state. Returns once
+/// the claim is committed; use `wait_ready` for the agent's confirmation.
+pub async fn claim(app: &AppRef, req: ClaimRequest) -> Result<Claimed> {
+    let started = Instant::now();
+    let instance_id = Uuid::new_v4();
+    let mut tx = app.db.begin().await?;
+    sqlx::query(
+        "INSERT INTO instances (id, user_id, subdomain, status, config_version, default_model)
+         VALUES ($1, $2, $3, 'pending', 1, $4)",
+    )
+    .bind(instance_id)
+    .bind(req.user_id)
+    .bind(&req.subdomain)
+    .bind(&req.default_model)
+    .execute(&mut *tx)
+    .await
+    .map_err(|e| match &e {
+        sqlx::Error::Database(db) if db.constraint() == Some("instances_one_per_user") => {
+            Error::Conflict {
+                code: "instance_exists",
+                message: "this account already has an instance".into(),
+            }
+        }
+        _ => Error::on_unique(
+            e,
+            "instances_subdomain_live",
+            "subdomain_taken",
+            "that subdomain is taken",
+        ),
+    })?;
+
+    let (taken, fallback) = match take_idle(app, &mut tx, None).await? {
+        Some(taken) => (taken, false),
+        // Empty pool: create a container on demand for this customer.
+        None => (capacity::create_on_demand(app, &mut tx, None).await?, true),
+    };
+    let capacity::Taken {
+        id: container_id,
+        node_id,
+        gateway_token_enc: token_enc,
+    } = taken;
+    sqlx::query("UPDATE containers SET state = 'assigning', claimed_at = now(), updated_at = now() WHERE id = $1")
+        .bind(container_id)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("UPDATE instances SET container_id = $2 WHERE id = $1")
+        .bind(instance_id)
+        .bind(container_id)
+        .execute(&mut *tx)
+        .await?;
+    let dek = envelope::create(&app.secrets, &mut tx, instance_id).await?;
+    for (name, value) in &req.provider_keys {
+        let sealed = dek.seal(&aad::secret(instance_id, name), value.as_bytes())?;
+        sqlx::query("INSERT INTO secrets (instance_id, name, ciphertext) VALUES ($1, $2, $3)")
+            .bind(instance_id)
+            .bind(name)
+            .bind(sealed)
+            .execute(&mut *tx)
+            .await?;
+    }
+    audit(
+        &mut *tx,
+        &format!("user:{}", req.user_id),
+        "instance.claim",
+        &instance_id.to_string(),
+        serde_json::json!({"subdomain": req.subdomain, "container": container_id, "node": node_id, "onDemand": fallback}),
+    )
+    .await;
+    tx.commit().await?;
+    if fallback {
+        metrics::counter!("clawdeploy_claim_fallbacks_total").increment(1);
+    }
+    metrics::histogram!("clawdeploy_claim_commit_seconds").record(started.elapsed().as_secs_f64());
+    app.pool_wake.notify_one();
+    desired::bump_and_push(app, &node_id).await?;
+    let gateway_token = app
+        .secrets
+        .open_string(&aad::gateway_token(container_id), &token_enc)?;
+    Ok(Claimed {
+        instance_id,
+        container_id,
+        node_id,
+        gateway_token,
+    })
+}
+
+/// Locks the idle container a claim should take: the current pool
+/// generation first (stale ones serve while the pool rolls), then the
+/// oldest, on a live node, on another node than `avoid` when possible.
+async fn take_idle(
+    app: &App,
+    tx: &mut Transaction<'_, Postgres>,
+    avoid: Option<&str>,
+) -> Result<Option<capacity::Taken>> {
+    Ok(sqlx::query_as(
+        "SELECT c.id, c.node_id, c.gateway_token_enc FROM containers c
+           JOIN nodes n ON n.id = c.node_id
+           CROSS JOIN pool_settings s
+          WHERE c.state = 'idle' AND n.state = 'active'
+            AND n.last_heartbeat > now() - make_interval(secs => $1)
+          ORDER BY c.node_id = $2, (c.image = s.image AND c.pool_generation = s.generation) DESC, c.created_at
+          LIMIT 1
+          FOR UPDATE OF c SKIP LOCKED",
+    )
+    .bind(app.cfg.heartbeat_ttl.as_secs_f64())
+    .bind(avoid.unwrap_or_default())
+    .fetch_optional(&mut **tx)
+    .await?)
+}
+
+/// What a waiting signup learned about its instance.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Ready,
+    /// Still being assigned when the wait ran out.
+    Pending,
+    /// No node confirmed it twice; the instance is `failed`.
+    Failed,
+}
+
+/// Waits until the instance is ready (or failed), up to the configured
+/// claim wait.
+pub async fn wait_ready(app: &App, instance_id: Uuid) -> Result<Outcome> {
+    let mut ready = app.instance_ready.subscribe();
+    let deadline = tokio::time::Instant::now() + app.cfg.claim_wait;
+    loop {
+        // The database is the truth (another scheduler may hold the agent's
+        // session); the broadcast only makes the common case fast.
+        let status: Option<InstanceStatus> =
+            sqlx::query_scalar("SELECT status FROM instances WHERE id = $1")
+                .bind(instance_id)
+                .fetch_optional(&app.db)
+                .await?;
+        match status {
+            Some(InstanceStatus::Ready) => return Ok(Outcome::Ready),
+            Some(InstanceStatus::Failed) => return Ok(Outcome::Failed),
+            _ => {}
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Ok(Outcome::Pending);
+        }
+        let recheck = tokio::time::Instant::now() + std::time::Duration::from_millis(250);
+        loop {
+            tokio::select! {
+                got = ready.recv() => match got {
+                    // Ready or failed: the database says which.
+                    Ok(id) if id == instance_id => break,
+                    Ok(_) => continue,
+                    Err(_) => break,
+                },
+                _ = tokio::time::sleep_until(recheck.min(deadline)) => break,
+            }
+        }
+    }
+}
+
+/// The agent saw tenant config `applied_version` live in `container_id`:
+/// finish the claim (container assigned, instance ready, route published).
+/// Idempotent: repeated reports change nothing.
+pub async fn complete(
+    app: &App,
+    node_id: &str,
+    container_id: Uuid,
+    applied_version: u64,
+) -> Result<()> {
+    // On its own, not in the transaction below: that one ends early (and
+    // rolls back) for every instance that is not pending, and a live config
+    // change on a ready instance must still be recorded.
+    let applied = i64::try_from(applied_version).unwrap_or(i64::MAX);
+    let container: Option<(ContainerState, String)> = sqlx::query_as(
+        "UPDATE containers SET applied_config = GREATEST(applied_config, $3), updated_at = now()
+          WHERE id = $1 AND node_id = $2 RETURNING state, upstream",
+    )
+    .bind(container_id)
+    .bind(node_id)
+    .bind(applied)
+    .fetch_optional(&app.db)
+    .await?;
+    let mut tx = app.db.begin().await?;
+    let Some((state, upstream)) = container else {
+        return Err(Error::NotFound("container on this node"));
+    };
+    #[derive(sqlx::FromRow)]
+    struct Claimed {
+        id: Uuid,
+        subdomain: String,
+        config_version: i64,
+        status: InstanceStatus,
+        created_at: chrono::DateTime<chrono::Utc>,
+    }
+    let instance: Option<Claimed> = sqlx::query_as(
+        "SELECT id, subdomain, config_version, status, created_at FROM instances
+          WHERE container_id = $1 AND status IN ('pending', 'ready') FOR UPDATE",
+    )
+    .bind(container_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(Claimed {
+        id: instance_id,
+        subdomain,
+        config_version: version,
+        status,
+        created_at,
+    }) = instance
+    else {
+        return Ok(());
+    };
+    if status != InstanceStatus::Pending
+        || applied < version
+        || state != ContainerState::Assigning
+        || upstream.is_empty()
+    {
+        return Ok(());
+    }
+    sqlx::query("UPDATE containers SET state = 'assigned', updated_at = now() WHERE id = $1")
+        .bind(container_id)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("UPDATE instances SET status = 'ready', ready_at = now() WHERE id = $1")
+        .bind(instance_id)
+        .execute(&mut *tx)
+        .await?;
+    let delta = routes::upsert(
+        &mut tx,
+        Route {
+            hostname: app.cfg.host_of(&subdomain),
+            upstream,
+            instance_id: instance_id.to_string(),
+            container_id: container_id.to_string(),
+        },
+    )
+    .await?;
+    audit(
+        &mut *tx,
+        &format!("node:{node_id}"),
+        "instance.ready",
+        &instance_id.to_string(),
+        serde_json::json!({"container": container_id}),
+    )
+    .await;
+    tx.commit().await?;
+    let _ = app.instance_ready.send(instance_id);
+    routes::broadcast(app, vec![delta], Some(instance_id)).await;
+    let took = (chrono::Utc::now() - created_at)
+        .num_microseconds()
+        .unwrap_or(0) as f64
+        / 1e6;
+    metrics::histogram!("clawdeploy_assignment_duration_seconds").record(took);
+    metrics::counter!("clawdeploy_assignments_total", "result" => "ready").increment(1);
+    tracing::info!(%instance_id, subdomain, %container_id, node_id, took_ms = took * 1e3, "instance ready");
+    Ok(())
+}
+
+/// Claims the agent has not confirmed in time: each one's container is
+/// destroyed and the instance moves to a fresh container, preferably on
+/// another node (once; a second miss fails the instance). The claim timeout
+/// runs from the later of the claim and the container first running: a
+/// container created on demand may wait in a busy node's create queue, and
+/// that node is working, not silent. Such a container gets the warm
+/// timeout, unless its node stops heartbeating. Returns the nodes whose
+/// desired state changed.
+pub async fn retry_unconfirmed(app: &AppRef) -> Result<HashSet<String>> {
+    #[derive(sqlx::FromRow)]
+    struct Expired {
+        instance_id: Uuid,
+        container_id: Uuid,
+        node_id: String,
+        claim_attempts: i32,
+    }
+    let expired: Vec<Expired> = sqlx::query_as(
+        "SELECT i.id AS instance_id, c.id AS container_id, c.node_id, i.claim_attempts FROM containers c
+           JOIN instances i ON i.container_id = c.id AND i.status = 'pending'
+          WHERE c.state = 'assigning' AND c.claimed_at < now() - make_interval(secs => $1)
+            AND ((c.warm_at IS NOT NULL AND GREATEST(c.claimed_at, c.warm_at) < now() - make_interval(secs => $1))
+                 OR c.claimed_at < now() - make_interval(secs => $2)
+                 OR NOT EXISTS (SELECT 1 FROM nodes n WHERE n.id = c.node_id AND n.state = 'active'
+                                   AND n.last_heartbeat > now() - make_interval(secs => $3)))
+          ORDER BY c.claimed_at LIMIT 100",
+    )
+    .bind(app.cfg.claim_timeout.as_secs_f64())
+    .bind(app.cfg.warm_timeout.as_secs_f64())
+    .bind(app.cfg.heartbeat_ttl.as_secs_f64())
+    .fetch_all(&app.db)
+    .await?;
+    let mut touched = HashSet::new();
+    for Expired {
+        instance_id,
+        container_id,
+        node_id,
+        claim_attempts,
+    } in expired
+    {
+        match retry_one(app, instance_id, container_id, &node_id, claim_attempts).await {
+            Ok(Some(new_node)) => {
+                touched.insert(node_id);
+                touched.extend(new_node);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(%instance_id, %container_id, error = %e, "unconfirmed claim not retried yet")
+            }
+        }
+    }
+    Ok(touched)
+}
+
+/// One unconfirmed claim, in one transaction. `Ok(None)`: it completed (or
+/// was handled) meanwhile; `Ok(Some(node))`: the old container is being
+/// destroyed and `node`, if any, has the new one.
+async fn retry_one(
+    app: &App,
+    instance_id: Uuid,
+    container_id: Uuid,
+    node_id: &str,
+    attempts: i32,
+) -> Result<Option<Option<String>>> {
+    let mut tx = app.db.begin().await?;
+    let still: Option<InstanceStatus> = sqlx::query_scalar(
+        "SELECT i.status FROM instances i JOIN containers c ON c.id = i.container_id
+          WHERE i.id = $1 AND c.id = $2 AND c.state = 'assigning' AND i.status = 'pending'
+          FOR UPDATE OF i, c SKIP LOCKED",
+    )
+    .bind(instance_id)
+    .bind(container_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if still.is_none() {
+        return Ok(None);
+    }
+    sqlx::query(
+        "UPDATE containers SET state = 'destroying', message = 'claim not confirmed in time', updated_at = now() WHERE id = $1",
+    )
+    .bind(container_id)
+    .execute(&mut *tx)
+    .await?;
+    if attempts >= 2 {
+        sqlx::query(
+            "UPDATE instances SET status = 'failed', message = 'no node confirmed the instance in time' WHERE id = $1",
+        )
+        .bind(instance_id)
+        .execute(&mut *tx)
+        .await?;
+        audit(
+            &mut *tx,
+            "scheduler",
+            "instance.failed",
+            &instance_id.to_string(),
+            serde_json::json!({"container": container_id, "node": node_id, "attempts": attempts}),
+        )
+        .await;
+        tx.commit().await?;
+        metrics::counter!("clawdeploy_assignments_total", "result" => "failed").increment(1);
+        tracing::error!(%instance_id, %container_id, node_id, "claim unconfirmed twice: instance failed");
+        let _ = app.instance_ready.send(instance_id);
+        return Ok(Some(None));
+    }
+    let (taken, on_demand) = match take_idle(app, &mut tx, Some(node_id)).await? {
+        Some(taken) => (taken, false),
+        None => (
+            capacity::create_on_demand(app, &mut tx, Some(node_id)).await?,
+            true,
+        ),
+    };
+    let (new_id, new_node) = (taken.id, taken.node_id);
+    sqlx::query("UPDATE containers SET state = 'assigning', claimed_at = now(), updated_at = now() WHERE id = $1")
+        .bind(new_id)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "UPDATE instances SET container_id = $2, claim_attempts = claim_attempts + 1 WHERE id = $1",
+    )
+    .bind(instance_id)
+    .bind(new_id)
+    .execute(&mut *tx)
+    .await?;
+    audit(
+        &mut *tx,
+        "scheduler",
+        "instance.claim_retry",
+        &instance_id.to_string(),
+        serde_json::json!({"from": container_id, "fromNode": node_id, "to": new_id, "toNode": new_node, "onDemand": on_demand}),
+    )
+    .await;
+    tx.commit().await?;
+    metrics::counter!("clawdeploy_assignments_total", "result" => "retried").increment(1);
+    if on_demand {
+        metrics::counter!("clawdeploy_claim_fallbacks_total").increment(1);
+    }
+    tracing::warn!(%instance_id, from = %container_id, from_node = node_id, to = %new_id, to_node = new_node, "claim not confirmed in time: moved to a fresh container");
+    app.pool_wake.notify_one();
+    Ok(Some(Some(new_node)))
+}

@@ -1,0 +1,132 @@
+//! A customer releases their gateway (`DELETE /api/instances/me`). The route
+//! goes first (the edges 404 the host before the answer leaves), then the
+//! container is stopped with its volume kept; the instance stays `deleting`
+//! and keeps its subdomain for the grace period (docs/architecture.md,
+//! "Release").
+//! After it, the pool manager destroys the container and its volume; the
+//! subdomain stays out of reach of other customers for the cool-down.
+
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::agents::desired;
+use crate::app::{App, AppRef};
+use crate::audit::audit;
+use crate::error::{Error, Result};
+use crate::routes;
+
+/// A released instance.
+#[derive(Debug)]
+pub struct Released {
+    pub id: Uuid,
+    pub subdomain: String,
+}
+
+/// Releases the user's live instance: the route goes (and the edges
+/// confirm), then the container stops with its volume kept.
+pub async fn release(app: &AppRef, user_id: Uuid) -> Result<Released> {
+    #[derive(sqlx::FromRow)]
+    struct Live {
+        id: Uuid,
+        subdomain: String,
+        container_id: Option<Uuid>,
+        node_id: Option<String>,
+    }
+    let mut tx = app.db.begin().await?;
+    let row: Option<Live> = sqlx::query_as(
+        "SELECT i.id, i.subdomain, i.container_id, c.node_id
+           FROM instances i LEFT JOIN containers c ON c.id = i.container_id
+          WHERE i.user_id = $1 AND i.status IN ('pending', 'ready', 'suspended')
+          ORDER BY i.created_at DESC LIMIT 1
+          FOR UPDATE OF i",
+    )
+    .bind(user_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Live {
+        id: instance_id,
+        subdomain,
+        container_id,
+        node_id,
+    } = row.ok_or(Error::NotFound("instance"))?;
+    let removed = routes::remove_for_instance(&mut tx, instance_id).await?;
+    sqlx::query("UPDATE instances SET status = 'deleting', released_at = now() WHERE id = $1")
+        .bind(instance_id)
+        .execute(&mut *tx)
+        .await?;
+    if let Some(c) = container_id {
+        sqlx::query(
+            "UPDATE containers SET state = 'suspended' WHERE id = $1 AND state NOT IN ('destroying', 'destroyed', 'failed')",
+        )
+        .bind(c)
+        .execute(&mut *tx)
+        .await?;
+    }
+    audit(
+        &mut *tx,
+        &format!("user:{user_id}"),
+        "instance.released",
+        &instance_id.to_string(),
+        json!({"subdomain": subdomain, "container": container_id}),
+    )
+    .await;
+    tx.commit().await?;
+
+    let version = removed.iter().map(|d| d.version).max();
+    routes::broadcast(app, removed, None).await;
+    if let Some(v) = version {
+        routes::wait_edges(app, instance_id, routes::RouteVersion::from_wire(v)).await;
+    }
+    if let Some(node) = node_id {
+        // The route is gone everywhere; now the container may stop.
+        desired::bump_and_push(app, &node).await?;
+    }
+    tracing::info!(%instance_id, subdomain, "instance released");
+    Ok(Released {
+        id: instance_id,
+        subdomain,
+    })
+}
+
+/// Destroys what released instances left once their grace period is over:
+/// the instance becomes `deleted`, its container `destroying` (the agent
+/// removes it and its volume). Run by the pool manager.
+pub async fn sweep_expired(app: &App) -> Result<Vec<String>> {
+    let mut tx = app.db.begin().await?;
+    let rows: Vec<(Uuid, Option<Uuid>)> = sqlx::query_as(
+        "UPDATE instances SET status = 'deleted'
+          WHERE status = 'deleting' AND released_at < now() - make_interval(secs => $1)
+          RETURNING id, container_id",
+    )
+    .bind(app.cfg.release_grace.as_secs_f64())
+    .fetch_all(&mut *tx)
+    .await?;
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let containers: Vec<Uuid> = rows.iter().filter_map(|r| r.1).collect();
+    let nodes: Vec<String> = sqlx::query_scalar(
+        "UPDATE containers SET state = 'destroying', updated_at = now()
+          WHERE id = ANY($1) AND state NOT IN ('destroyed', 'failed')
+          RETURNING node_id",
+    )
+    .bind(&containers)
+    .fetch_all(&mut *tx)
+    .await?;
+    for (instance, container) in &rows {
+        audit(
+            &mut *tx,
+            "scheduler",
+            "instance.destroyed",
+            &instance.to_string(),
+            json!({"container": container, "reason": "grace period over"}),
+        )
+        .await;
+    }
+    tx.commit().await?;
+    tracing::info!(
+        instances = rows.len(),
+        "released instances destroyed after their grace period"
+    );
+    Ok(nodes)
+}

@@ -1,0 +1,131 @@
+//! The states the database keeps, as types: each enum has exactly the
+//! values of its column's `CHECK` constraint, so a misspelt state cannot
+//! compile. Generations and route versions are newtypes over the `bigint`
+//! columns, converted once to the protocol's `u64`.
+
+use serde::Serialize;
+use utoipa::ToSchema;
+
+/// `nodes.state`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, ToSchema, sqlx::Type)]
+#[sqlx(type_name = "text", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
+pub enum NodeState {
+    /// Takes new containers.
+    Active,
+    /// Keeps its tenants; nothing new is placed there.
+    Draining,
+    /// Missed heartbeats for the TTL; back to active on its next one.
+    Unreachable,
+    /// For good: its certificate is refused.
+    Removed,
+}
+
+impl NodeState {
+    pub const ALL: [NodeState; 4] = [
+        NodeState::Active,
+        NodeState::Draining,
+        NodeState::Unreachable,
+        NodeState::Removed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Active => "active",
+            NodeState::Draining => "draining",
+            NodeState::Unreachable => "unreachable",
+            NodeState::Removed => "removed",
+        }
+    }
+}
+
+/// `containers.state`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, ToSchema, sqlx::Type)]
+#[sqlx(type_name = "text", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
+pub enum ContainerState {
+    Creating,
+    Warming,
+    /// Warm, in the pool.
+    Idle,
+    /// Claimed; the agent has not yet confirmed the tenant's config live.
+    Assigning,
+    Assigned,
+    Failed,
+    /// Stopped with its volume kept (a released instance's grace period).
+    Suspended,
+    Destroying,
+    Destroyed,
+}
+
+/// `instances.status`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, ToSchema, sqlx::Type)]
+#[sqlx(type_name = "text", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
+pub enum InstanceStatus {
+    Pending,
+    Ready,
+    Failed,
+    Suspended,
+    /// Released: the data is kept for the grace period.
+    Deleting,
+    Deleted,
+}
+
+/// A node's desired-state generation (`nodes.generation`): the agent keeps
+/// the highest it has seen.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, sqlx::Type)]
+#[sqlx(transparent)]
+pub struct Generation(i64);
+
+/// A route change's place in the one route order (`routes.version`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, sqlx::Type)]
+#[sqlx(transparent)]
+pub struct RouteVersion(i64);
+
+macro_rules! wire_u64 {
+    ($t:ident) => {
+        impl $t {
+            /// As the protocol carries it.
+            pub fn wire(self) -> u64 {
+                // The columns are never negative.
+                u64::try_from(self.0).unwrap_or(0)
+            }
+
+            /// From the protocol; values past `i64::MAX` saturate.
+            pub fn from_wire(v: u64) -> Self {
+                $t(i64::try_from(v).unwrap_or(i64::MAX))
+            }
+        }
+    };
+}
+wire_u64!(Generation);
+wire_u64!(RouteVersion);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_values_convert_without_wrapping() {
+        assert_eq!(Generation::from_wire(7).wire(), 7);
+        assert_eq!(Generation::from_wire(u64::MAX).wire(), i64::MAX as u64);
+        assert_eq!(RouteVersion(-1).wire(), 0);
+        assert!(Generation::from_wire(3) < Generation::from_wire(4));
+    }
+
+    #[test]
+    fn states_serialize_as_the_database_spells_them() {
+        for s in NodeState::ALL {
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+        }
+        assert_eq!(
+            serde_json::to_value(ContainerState::Assigning).unwrap(),
+            "assigning"
+        );
+        assert_eq!(
+            serde_json::to_value(InstanceStatus::Deleting).unwrap(),
+            "deleting"
+        );
+    }
+}

@@ -1,0 +1,202 @@
+//! Edge routes: `<subdomain>.<base_domain>` → container upstream. Every change
+//! takes a fresh version from one sequence so edges can order changes per
+//! host; deltas are broadcast only after their transaction commits.
+
+use std::sync::atomic::Ordering;
+
+use clawdeploy_proto::{Route, RouteDelta, RouteSnapshot};
+use sqlx::{PgPool, Postgres, Transaction};
+use uuid::Uuid;
+
+use crate::app::App;
+use crate::error::{Error, Result};
+use crate::events::{self, Event};
+pub use crate::model::RouteVersion;
+
+/// A route row: live, or a tombstone (`removed`).
+#[derive(sqlx::FromRow)]
+struct RouteRow {
+    hostname: String,
+    upstream: String,
+    instance_id: Uuid,
+    container_id: Uuid,
+    version: RouteVersion,
+    removed: bool,
+}
+
+impl RouteRow {
+    fn route(&self) -> Route {
+        Route {
+            hostname: self.hostname.clone(),
+            upstream: self.upstream.clone(),
+            instance_id: self.instance_id.to_string(),
+            container_id: self.container_id.to_string(),
+        }
+    }
+
+    fn delta(self) -> RouteDelta {
+        RouteDelta {
+            version: self.version.wire(),
+            upsert: (!self.removed).then(|| self.route()),
+            removed_hostname: if self.removed {
+                self.hostname
+            } else {
+                String::new()
+            },
+            published_unix_ms: 0,
+        }
+    }
+}
+
+const ROUTE_COLUMNS: &str =
+    "hostname, upstream, instance_id, container_id, version, removed_at IS NOT NULL AS removed";
+
+/// How long a route change waits for the edges to apply it.
+const EDGE_ACK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Upserts a route inside the caller's transaction; the caller broadcasts
+/// the returned delta after committing.
+pub async fn upsert(tx: &mut Transaction<'_, Postgres>, route: Route) -> Result<RouteDelta> {
+    let instance_id: Uuid = route.instance_id.parse().map_err(Error::internal)?;
+    let container_id: Uuid = route.container_id.parse().map_err(Error::internal)?;
+    let version: RouteVersion = sqlx::query_scalar(
+        "INSERT INTO routes (hostname, instance_id, container_id, upstream, version)
+         VALUES ($1, $2, $3, $4, nextval('route_version'))
+         ON CONFLICT (hostname) DO UPDATE
+            SET instance_id = EXCLUDED.instance_id, container_id = EXCLUDED.container_id,
+                upstream = EXCLUDED.upstream, version = EXCLUDED.version,
+                removed_at = NULL
+         RETURNING version",
+    )
+    .bind(&route.hostname)
+    .bind(instance_id)
+    .bind(container_id)
+    .bind(&route.upstream)
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok(RouteDelta {
+        version: version.wire(),
+        upsert: Some(route),
+        removed_hostname: String::new(),
+        published_unix_ms: 0,
+    })
+}
+
+/// Points the routes of `container_id` at its new address (Docker gave a
+/// restarted container another one) and broadcasts the change. A no-op when
+/// the address is unchanged.
+pub async fn repoint(app: &App, container_id: Uuid, upstream: &str) -> Result<()> {
+    let rows: Vec<RouteRow> = sqlx::query_as(&format!(
+        "UPDATE routes SET upstream = $2, version = nextval('route_version')
+          WHERE container_id = $1 AND upstream <> $2 AND removed_at IS NULL
+          RETURNING {ROUTE_COLUMNS}"
+    ))
+    .bind(container_id)
+    .bind(upstream)
+    .fetch_all(&app.db)
+    .await?;
+    for r in &rows {
+        tracing::info!(hostname = r.hostname, %container_id, upstream, "route follows the container to its new address");
+    }
+    let deltas: Vec<RouteDelta> = rows.into_iter().map(RouteRow::delta).collect();
+    broadcast(app, deltas, None).await;
+    Ok(())
+}
+
+/// Sends committed deltas to this scheduler's edge watchers and announces
+/// them (and the instance that became ready with them) to the others.
+pub async fn broadcast(app: &App, deltas: Vec<RouteDelta>, ready: Option<Uuid>) {
+    let mut events = Vec::new();
+    if !deltas.is_empty() {
+        events.push(Event::Routes(deltas.iter().map(|d| d.version).collect()));
+    }
+    events.extend(ready.map(Event::Ready));
+    broadcast_local(app, deltas);
+    events::publish(app, &events).await;
+}
+
+/// Sends committed deltas to this scheduler's edge watchers only.
+pub fn broadcast_local(app: &App, deltas: impl IntoIterator<Item = RouteDelta>) {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    for mut d in deltas {
+        // Edges measure their update lag from this stamp.
+        d.published_unix_ms = now_ms;
+        metrics::counter!("clawdeploy_route_changes_total").increment(1);
+        app.route_watermark.fetch_max(d.version, Ordering::Relaxed);
+        // No receivers is fine: edges get a snapshot when they connect.
+        let _ = app.route_events.send(d);
+    }
+}
+
+pub async fn snapshot(app: &App) -> Result<RouteSnapshot> {
+    let rows: Vec<RouteRow> = sqlx::query_as(&format!(
+        "SELECT {ROUTE_COLUMNS} FROM routes WHERE removed_at IS NULL ORDER BY hostname"
+    ))
+    .fetch_all(&app.db)
+    .await?;
+    // Tombstones count: an edge at this version has seen every removal.
+    let version: RouteVersion = sqlx::query_scalar("SELECT COALESCE(max(version), 0) FROM routes")
+        .fetch_one(&app.db)
+        .await?;
+    Ok(RouteSnapshot {
+        version: version.wire(),
+        routes: rows.iter().map(RouteRow::route).collect(),
+    })
+}
+
+/// Removes the instance's routes inside the caller's transaction, leaving
+/// versioned tombstones; the caller broadcasts the returned deltas after
+/// committing.
+pub async fn remove_for_instance(
+    tx: &mut Transaction<'_, Postgres>,
+    instance_id: Uuid,
+) -> Result<Vec<RouteDelta>> {
+    let rows: Vec<RouteRow> = sqlx::query_as(&format!(
+        "UPDATE routes SET removed_at = now(), version = nextval('route_version')
+          WHERE instance_id = $1 AND removed_at IS NULL
+          RETURNING {ROUTE_COLUMNS}"
+    ))
+    .bind(instance_id)
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(rows.into_iter().map(RouteRow::delta).collect())
+}
+
+/// The committed route changes `filter` selects (over `arg`), as deltas in
+/// version order: tombstones become removals.
+pub async fn deltas_where<T>(app: &App, filter: &str, arg: T) -> Result<Vec<RouteDelta>>
+where
+    T: for<'q> sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Send,
+{
+    let rows: Vec<RouteRow> = sqlx::query_as(&format!(
+        "SELECT {ROUTE_COLUMNS} FROM routes {filter} ORDER BY version"
+    ))
+    .bind(arg)
+    .fetch_all(&app.db)
+    .await?;
+    Ok(rows.into_iter().map(RouteRow::delta).collect())
+}
+
+/// Waits (bounded) until every edge watching this scheduler has applied
+/// `version`, so the customer's next request sees the change.
+pub async fn wait_edges(app: &App, instance_id: Uuid, version: RouteVersion) {
+    let started = std::time::Instant::now();
+    let version = version.wire();
+    if !app.edge_acks.wait_all(version, EDGE_ACK_WAIT).await {
+        tracing::warn!(%instance_id, version, "an edge did not confirm the route change in time");
+    }
+    metrics::histogram!("clawdeploy_route_propagation_seconds")
+        .record(started.elapsed().as_secs_f64());
+}
+
+/// The version of the instance's live route, if it has one.
+pub async fn live_version(db: &PgPool, instance_id: Uuid) -> Result<Option<RouteVersion>> {
+    Ok(sqlx::query_scalar(
+        "SELECT version FROM routes WHERE instance_id = $1 AND removed_at IS NULL",
+    )
+    .bind(instance_id)
+    .fetch_optional(db)
+    .await?)
+}

@@ -1,0 +1,283 @@
+//! One agent's session, as the scheduler keeps it: the hello that registers
+//! the node, heartbeats with usage and container reports, and what they
+//! change (containers warm or fail, claims complete, routes follow moved
+//! containers, destroyed containers are swept). No tonic types: the gRPC
+//! stream around it is `rpc::agent`.
+
+use std::collections::HashMap;
+
+use clawdeploy_proto::{
+    agent_message, AgentMessage, ContainerPhase, ContainerStatus, Heartbeat, Hello,
+};
+use uuid::Uuid;
+
+use crate::agents::desired;
+use crate::app::sessions::Outbound;
+use crate::app::AppRef;
+use crate::audit::audit;
+use crate::error::{Error, Result};
+use crate::lifecycle::claim;
+use crate::model::{ContainerState, Generation, NodeState};
+use crate::routes;
+
+/// The longest a destroyed container stays `destroying` in the database
+/// when the agent's reported set does not change.
+const SWEEP_AT_LEAST_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A reported figure as the `integer` column holds it.
+fn clamp_i32(v: u64) -> i32 {
+    i32::try_from(v).unwrap_or(i32::MAX)
+}
+
+/// A reported figure as the `bigint` column holds it.
+fn clamp_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// What one session has already applied, so heartbeats only cost database
+/// work when something changed.
+pub struct AgentSession {
+    app: AppRef,
+    node_id: String,
+    seen: HashMap<String, (i32, u64, String)>,
+    /// The containers the last destroyed-sweep saw reported, and when.
+    swept: Option<(Vec<Uuid>, std::time::Instant)>,
+    tx: Outbound,
+    /// Set once a valid hello registered this session as the node's; until
+    /// then the stream cannot receive desired state nor report.
+    session_id: Option<u64>,
+}
+
+impl AgentSession {
+    /// A session for the node the caller's certificate names; `tx` reaches
+    /// the agent.
+    pub fn new(app: AppRef, node_id: String, tx: Outbound) -> Self {
+        AgentSession {
+            app,
+            node_id,
+            seen: HashMap::new(),
+            swept: None,
+            tx,
+            session_id: None,
+        }
+    }
+
+    /// The session ends: it stops being the node's way in (if a newer one
+    /// has not replaced it already).
+    pub fn end(&self) {
+        if let Some(id) = self.session_id {
+            self.app.sessions.unregister(&self.node_id, id);
+        }
+        metrics::gauge!("clawdeploy_agent_sessions").set(self.app.sessions.connected() as f64);
+    }
+
+    /// Applies one message from the agent. `Error::Forbidden` ends the
+    /// session; any other error is logged and the session goes on.
+    pub async fn handle(&mut self, msg: AgentMessage) -> Result<()> {
+        match msg.msg {
+            Some(agent_message::Msg::Hello(hello)) => self.hello(hello).await,
+            Some(agent_message::Msg::Heartbeat(_)) if self.session_id.is_none() => Err(
+                Error::Forbidden("an agent session starts with a hello".into()),
+            ),
+            Some(agent_message::Msg::Heartbeat(hb)) => self.heartbeat(hb).await,
+            None => Err(Error::BadRequest("empty agent message".into())),
+        }
+    }
+
+    async fn hello(&mut self, hello: Hello) -> Result<()> {
+        // The certificate decides who this is; a hello claiming otherwise is
+        // a misconfigured (or hostile) agent.
+        if !hello.node_id.is_empty() && hello.node_id != self.node_id {
+            return Err(Error::Forbidden(format!(
+                "hello names node {:?} but the certificate is for node {:?}",
+                hello.node_id, self.node_id
+            )));
+        }
+        let cap = hello.capacity.unwrap_or_default();
+        let state: NodeState = sqlx::query_scalar(
+            "INSERT INTO nodes (id, name, private_address, cpu_millis, memory_bytes, max_containers, state, last_heartbeat)
+             VALUES ($1, $1, $2, $3, $4, $5, 'active', now())
+             ON CONFLICT (id) DO UPDATE
+                SET private_address = EXCLUDED.private_address, cpu_millis = EXCLUDED.cpu_millis,
+                    memory_bytes = EXCLUDED.memory_bytes, max_containers = EXCLUDED.max_containers,
+                    last_heartbeat = now(),
+                    state = CASE WHEN nodes.state = 'unreachable' THEN 'active' ELSE nodes.state END
+             RETURNING state",
+        )
+        .bind(&self.node_id)
+        .bind(&hello.private_address)
+        .bind(clamp_i32(cap.cpu_millis.into()))
+        .bind(clamp_i64(cap.memory_bytes))
+        .bind(clamp_i32(cap.max_containers.max(1).into()))
+        .fetch_one(&self.app.db)
+        .await?;
+        if state == NodeState::Removed {
+            return Err(Error::Forbidden(format!(
+                "node {} has been removed",
+                self.node_id
+            )));
+        }
+        audit(&self.app.db, &format!("node:{}", self.node_id), "node.hello", &self.node_id, serde_json::json!({"agentVersion": hello.agent_version, "appliedGeneration": hello.applied_generation})).await;
+        if self.session_id.is_none() {
+            self.session_id = Some(self.app.sessions.register(&self.node_id, self.tx.clone()));
+            metrics::gauge!("clawdeploy_agent_sessions").set(self.app.sessions.connected() as f64);
+        }
+        self.seen.clear();
+        self.swept = None;
+        desired::bump_past_and_push(
+            &self.app,
+            &self.node_id,
+            Generation::from_wire(hello.applied_generation),
+        )
+        .await?;
+        self.app.pool_wake.notify_one();
+        Ok(())
+    }
+
+    async fn heartbeat(&mut self, hb: Heartbeat) -> Result<()> {
+        let usage = hb.usage.unwrap_or_default();
+        let (generation, state): (Generation, NodeState) = sqlx::query_as(
+            "UPDATE nodes SET last_heartbeat = now(), state = CASE WHEN state = 'unreachable' THEN 'active' ELSE state END,
+                    cpu_busy_permille = $2, memory_available_bytes = $3, disk_available_bytes = $4,
+                    disk_total_bytes = $5, containers_running = $6
+              WHERE id = $1 RETURNING generation, state",
+        )
+        .bind(&self.node_id)
+        .bind(clamp_i32(usage.cpu_busy_permille.min(1000).into()))
+        .bind(clamp_i64(usage.memory_available_bytes))
+        .bind(clamp_i64(usage.disk_available_bytes))
+        .bind(clamp_i64(usage.disk_total_bytes))
+        .bind(clamp_i32(usage.containers_running.into()))
+        .fetch_one(&self.app.db)
+        .await?;
+        if state == NodeState::Removed {
+            return Err(Error::Forbidden(format!(
+                "node {} has been removed",
+                self.node_id
+            )));
+        }
+        // Reports touch different rows, so they are applied concurrently:
+        // a burst of claims on one node completes in parallel.
+        let changed: Vec<&ContainerStatus> = hb
+            .containers
+            .iter()
+            .filter(|s| {
+                self.seen.get(&s.container_id)
+                    != Some(&(s.phase, s.config_version, s.upstream.clone()))
+            })
+            .collect();
+        let mut results: Vec<(&ContainerStatus, Result<bool>)> = Vec::with_capacity(changed.len());
+        for chunk in changed.chunks(16) {
+            let done = futures::future::join_all(chunk.iter().map(|s| self.observe(s))).await;
+            results.extend(chunk.iter().copied().zip(done));
+        }
+        let mut changed_node = false;
+        for (status, result) in results {
+            match result {
+                Ok(bumped) => {
+                    changed_node |= bumped;
+                    self.seen.insert(
+                        status.container_id.clone(),
+                        (status.phase, status.config_version, status.upstream.clone()),
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(node_id = self.node_id, container_id = status.container_id, error = %e, "container report not applied")
+                }
+            }
+        }
+        // Containers being destroyed are gone once the agent stops reporting
+        // them. Swept when the reported set changes (a removal shows there)
+        // and at least every 30 s (one marked destroying that never existed),
+        // not on every heartbeat: at a thousand nodes that is 500 statements
+        // a second for nothing.
+        let mut reported: Vec<Uuid> = hb
+            .containers
+            .iter()
+            .filter_map(|c| c.container_id.parse().ok())
+            .collect();
+        reported.sort_unstable();
+        let due = match &self.swept {
+            Some((ids, at)) => *ids != reported || at.elapsed() > SWEEP_AT_LEAST_EVERY,
+            None => true,
+        };
+        if due || changed_node {
+            sqlx::query("UPDATE containers SET state = 'destroyed', updated_at = now() WHERE node_id = $1 AND state = 'destroying' AND id <> ALL($2)")
+                .bind(&self.node_id)
+                .bind(&reported)
+                .execute(&self.app.db)
+                .await?;
+            self.swept = Some((reported, std::time::Instant::now()));
+        }
+        let applied = Generation::from_wire(hb.applied_generation);
+        if changed_node || applied > generation {
+            // A ledger ahead of the database (restored from a backup) is
+            // overtaken, or the agent would refuse every push.
+            desired::bump_past_and_push(&self.app, &self.node_id, applied).await?;
+        } else if applied < generation {
+            // The agent missed a push (or a push raced a bump): resend.
+            desired::push(&self.app, &self.node_id).await?;
+        }
+        Ok(())
+    }
+
+    /// Applies one container's observed state. Returns whether the node's
+    /// desired state changed (a failed pool container was dropped).
+    async fn observe(&self, s: &ContainerStatus) -> Result<bool> {
+        let id: Uuid = s
+            .container_id
+            .parse()
+            .map_err(|_| Error::BadRequest("container id is not a uuid".into()))?;
+        let phase = ContainerPhase::try_from(s.phase).unwrap_or(ContainerPhase::Unspecified);
+        // `node_id = $2` everywhere: an agent only ever speaks for its own node.
+        let new_state: Option<ContainerState> = match phase {
+            ContainerPhase::Healthy => sqlx::query_scalar(
+                "UPDATE containers SET state = CASE WHEN state IN ('creating', 'warming') THEN 'idle' ELSE state END,
+                        warm_at = COALESCE(warm_at, now()),
+                        docker_id = $3, upstream = $4, message = '', updated_at = now()
+                  WHERE id = $1 AND node_id = $2 RETURNING state",
+            ),
+            ContainerPhase::Creating | ContainerPhase::Starting => sqlx::query_scalar(
+                "UPDATE containers SET state = CASE WHEN state = 'creating' THEN 'warming' ELSE state END,
+                        docker_id = $3, upstream = $4, updated_at = now()
+                  WHERE id = $1 AND node_id = $2 RETURNING state",
+            ),
+            ContainerPhase::Failed | ContainerPhase::Unhealthy => sqlx::query_scalar(
+                "UPDATE containers SET state = CASE WHEN state IN ('creating', 'warming', 'idle') THEN 'destroying' ELSE state END,
+                        docker_id = $3, upstream = $4, updated_at = now()
+                  WHERE id = $1 AND node_id = $2 RETURNING state",
+            ),
+            ContainerPhase::Stopped => sqlx::query_scalar(
+                "UPDATE containers SET docker_id = $3, upstream = $4, updated_at = now()
+                  WHERE id = $1 AND node_id = $2 RETURNING state",
+            ),
+            ContainerPhase::Unspecified => return Ok(false),
+        }
+        .bind(id)
+        .bind(&self.node_id)
+        .bind(&s.docker_id)
+        .bind(&s.upstream)
+        .fetch_optional(&self.app.db)
+        .await?;
+        let Some(state) = new_state else {
+            return Err(Error::NotFound("container on this node"));
+        };
+        let mut bumped = false;
+        match state {
+            ContainerState::Idle => self.app.pool_wake.notify_one(),
+            ContainerState::Destroying => {
+                tracing::warn!(node_id = self.node_id, container_id = %id, message = s.message, "pool container failed; replacing it");
+                self.app.pool_wake.notify_one();
+                bumped = true;
+            }
+            _ => {}
+        }
+        if phase == ContainerPhase::Healthy && !s.upstream.is_empty() {
+            routes::repoint(&self.app, id, &s.upstream).await?;
+        }
+        if s.config_version > 0 {
+            claim::complete(&self.app, &self.node_id, id, s.config_version).await?;
+        }
+        Ok(bumped)
+    }
+}

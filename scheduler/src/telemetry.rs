@@ -1,0 +1,47 @@
+//! Every metric the scheduler records, described once: the exporter serves
+//! these descriptions as `# HELP`, `docs/metrics.md` lists them, and a test
+//! checks the code records nothing else.
+
+use clawdeploy_common::metrics::Metric;
+
+/// Histogram buckets (seconds) for the scheduler's `_seconds` histograms.
+pub const BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+pub const CATALOG: &[Metric] = &[
+    Metric::gauge("clawdeploy_pool_idle", &[], "Warm idle pool containers on schedulable nodes (from the pool manager's leader)."),
+    Metric::gauge("clawdeploy_pool_warming", &[], "Pool containers being created or warming."),
+    Metric::gauge("clawdeploy_pool_target", &[], "How many warm containers the pool aims for: min_idle plus the expected signups while one warms."),
+    Metric::gauge("clawdeploy_pool_stale", &[], "Warm containers of an older image or generation (a roll in progress)."),
+    Metric::gauge("clawdeploy_pool_signup_rate", &[], "Signups per second over the last 10 s, across schedulers."),
+    Metric::gauge("clawdeploy_pool_warm_seconds", &[], "Mean create-to-idle time of the last 20 containers."),
+    Metric::gauge("clawdeploy_pool_manager_leader", &[], "1 while this scheduler runs the pool manager."),
+    Metric::gauge("clawdeploy_nodes", &["state"], "Nodes by state (active, draining, unreachable, removed)."),
+    Metric::gauge("clawdeploy_agent_sessions", &[], "Agent sessions open with this scheduler."),
+    Metric::gauge("clawdeploy_edges_connected", &[], "Edges watching routes on this scheduler."),
+    Metric::counter("clawdeploy_assignments_total", &["result"], "Signup claims by outcome: ready, deadline (answered 202), retried, failed, conflict, error."),
+    Metric::histogram("clawdeploy_assignment_duration_seconds", &[], "From a claim to its instance being ready."),
+    Metric::histogram("clawdeploy_claim_commit_seconds", &[], "The claim transaction, start to commit."),
+    Metric::counter("clawdeploy_claim_fallbacks_total", &[], "Claims that found the pool empty and created a container on demand."),
+    Metric::counter("clawdeploy_idempotent_replays_total", &[], "Signups answered from a stored Idempotency-Key answer."),
+    Metric::counter("clawdeploy_route_changes_total", &[], "Route changes sent to this scheduler's edges."),
+    Metric::histogram("clawdeploy_route_propagation_seconds", &[], "From a route change's commit to every connected edge acknowledging it."),
+    Metric::counter("clawdeploy_logins_total", &["result"], "Logins by result: ok, failed, limited."),
+    Metric::counter("clawdeploy_password_queue_full_total", &[], "Password hashes refused because the hashing queue was full (answered 503)."),
+    Metric::counter("clawdeploy_node_joins_total", &["result"], "Node joins by result: ok, refused."),
+    Metric::counter("clawdeploy_node_cert_renewals_total", &[], "Node certificates renewed."),
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_recorded_metric_is_described_and_documented() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let missing = clawdeploy_common::metrics::undescribed(&root.join("src"), CATALOG);
+        assert!(missing.is_empty(), "not in the catalog: {missing:?}");
+        clawdeploy_common::metrics::assert_documented(&root.join("../docs/metrics.md"), CATALOG);
+    }
+}

@@ -46,6 +46,15 @@ impl Backoff {
         tokio::time::sleep(self.next_delay()).await;
     }
 
+    /// Sleeps for the current delay, and lets the next one double up to
+    /// `cap` only: where one loop waits longer after some failures than
+    /// after others.
+    pub async fn wait_capped(&mut self, cap: Duration) {
+        let delay = self.next_delay();
+        self.next = self.next.min(cap.max(self.initial));
+        tokio::time::sleep(delay).await;
+    }
+
     /// After a success: the next failure waits the initial delay again.
     pub fn reset(&mut self) {
         self.next = self.initial;
@@ -64,6 +73,14 @@ mod tests {
         assert_eq!(seen, [ms(100), ms(200), ms(400), ms(500), ms(500)]);
         b.reset();
         assert_eq!(b.next_delay(), ms(100));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_capped_wait_bounds_the_next_delay() {
+        let ms = Duration::from_millis;
+        let mut b = Backoff::new(ms(100), ms(30_000));
+        b.wait_capped(ms(150)).await;
+        assert_eq!(b.next_delay(), ms(150));
     }
 
     #[test]

@@ -5,9 +5,11 @@
 //! listener redirects to HTTPS.
 
 pub mod conn;
+pub mod error;
 pub mod proxy;
 pub mod routes;
 pub mod server;
+pub mod telemetry;
 pub mod tls;
 pub mod upstream;
 pub mod watch;
@@ -18,8 +20,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::routing::get;
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use tokio::net::TcpListener;
+
+pub use error::{Error, Result};
 
 pub use tls::CertFiles;
 pub use watch::WatchConfig;
@@ -83,25 +86,32 @@ pub async fn serve(
     cfg: EdgeConfig,
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
+) -> Result<()> {
     let tls = match (cfg.certs.is_empty(), &listeners.https) {
         (true, None) => None,
         (false, Some(l)) => {
             let store = tls::CertStore::load(cfg.certs.clone())?;
-            let port = cfg.public_https_port.unwrap_or(l.local_addr()?.port());
+            let port = match cfg.public_https_port {
+                Some(p) => p,
+                None => l
+                    .local_addr()
+                    .map_err(Error::io("the HTTPS listener"))?
+                    .port(),
+            };
             Some((store, port))
         }
-        (true, Some(_)) => anyhow::bail!("an HTTPS listener needs a certificate and key"),
-        (false, None) => anyhow::bail!("certificates are configured but no HTTPS listener"),
+        (true, Some(_)) => {
+            return Err(Error::Config(
+                "an HTTPS listener needs a certificate and key",
+            ))
+        }
+        (false, None) => {
+            return Err(Error::Config(
+                "certificates are configured but no HTTPS listener",
+            ))
+        }
     };
-    let handle = PrometheusBuilder::new()
-        .set_buckets_for_metric(
-            Matcher::Suffix("_seconds".into()),
-            &[
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-            ],
-        )?
-        .install_recorder()?;
+    let handle = clawdeploy_common::metrics::install(telemetry::CATALOG, telemetry::BUCKETS)?;
     let table = Arc::new(routes::RouteTable::load(cfg.cache_file));
     let mut background = vec![
         tokio::spawn(watch::run(cfg.watch, table.clone())),

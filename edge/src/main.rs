@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use clawdeploy_edge::{serve, CertFiles, EdgeConfig, Limits, Listeners, WatchConfig};
+use clawdeploy_edge::{serve, CertFiles, EdgeConfig, Limits, Listeners};
 
 #[derive(Parser)]
 #[command(name = "clawdeploy-edge", version, about = "ClawDeploy edge router")]
@@ -22,17 +22,8 @@ struct Args {
         default_value = "127.0.0.1:9102"
     )]
     admin_listen: SocketAddr,
-    /// Scheduler gRPC addresses, comma-separated: the edge fails over
-    /// down the list when the one it watches stops answering.
-    #[arg(
-        long,
-        env = "CLAWDEPLOY_SCHEDULER_URL",
-        value_delimiter = ',',
-        default_value = "https://127.0.0.1:7443"
-    )]
-    scheduler_url: Vec<String>,
-    #[arg(long, env = "CLAWDEPLOY_SCHEDULER_NAME", default_value = "localhost")]
-    scheduler_name: String,
+    #[command(flatten)]
+    scheduler: clawdeploy_common::endpoint::SchedulerArgs,
     /// Directory with ca.crt.pem, <edge-id>.crt.pem and <edge-id>.key.pem.
     #[arg(long, env = "CLAWDEPLOY_TLS_DIR")]
     tls_dir: PathBuf,
@@ -91,11 +82,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    clawdeploy_common::telemetry::init_tracing("info");
     let a = Args::parse();
     let listener = tokio::net::TcpListener::bind(a.listen)
         .await
@@ -121,14 +108,7 @@ async fn main() -> anyhow::Result<()> {
         "edge listening"
     );
     let cfg = EdgeConfig {
-        watch: WatchConfig {
-            urls: a.scheduler_url,
-            current: Default::default(),
-            server_name: a.scheduler_name,
-            ca_file: a.tls_dir.join("ca.crt.pem"),
-            cert_file: a.tls_dir.join(format!("{}.crt.pem", a.edge_id)),
-            key_file: a.tls_dir.join(format!("{}.key.pem", a.edge_id)),
-        },
+        watch: a.scheduler.endpoint(&a.tls_dir, &a.edge_id),
         cache_file: a.route_cache,
         certs: a
             .tls_cert
@@ -153,13 +133,5 @@ async fn main() -> anyhow::Result<()> {
         https,
         admin,
     };
-    serve(cfg, listeners, async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-    })
-    .await
+    Ok(serve(cfg, listeners, clawdeploy_common::shutdown::signal()).await?)
 }

@@ -225,15 +225,24 @@ impl RouteTable {
         self.dirty.notify_one();
     }
 
-    /// Writes the table to the cache file (write, then rename).
+    /// Writes the table to the cache file, whole or not at all (a
+    /// temporary file, fsync, then rename).
     pub fn save(&self) -> std::io::Result<()> {
         let Some(path) = &self.cache_file else {
             return Ok(());
         };
         let bytes = serde_json::to_vec(&*self.table.read().unwrap())?;
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, bytes)?;
-        std::fs::rename(&tmp, path)
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => std::path::Path::new("."),
+        };
+        let name = path.file_name().and_then(|n| n.to_str()).ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "the route cache needs a file name",
+            )
+        })?;
+        clawdeploy_common::fs::write_private_atomically(dir, name, &bytes, None)
     }
 
     /// Saves the table as soon as it changes, then at most every 200 ms: a

@@ -5,15 +5,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use clawdeploy_common::Backoff;
 use clawdeploy_proto::route_watch_client::RouteWatchClient;
 use clawdeploy_proto::{route_event, AckRoutesRequest, WatchRoutesRequest};
 
+use crate::error::{Error, Result};
 use crate::routes::RouteTable;
 
 pub use clawdeploy_proto::client::SchedulerEndpoint as WatchConfig;
 
 pub async fn run(cfg: WatchConfig, table: Arc<RouteTable>) {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         let started = tokio::time::Instant::now();
         match once(&cfg, &table).await {
@@ -22,15 +24,17 @@ pub async fn run(cfg: WatchConfig, table: Arc<RouteTable>) {
         }
         metrics::gauge!("clawdeploy_edge_scheduler_connected").set(0.0);
         if started.elapsed() > Duration::from_secs(30) {
-            backoff = Duration::from_millis(100);
+            backoff.reset();
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        backoff.wait().await;
     }
 }
 
-async fn once(cfg: &WatchConfig, table: &RouteTable) -> anyhow::Result<()> {
-    let channel = cfg.connect().await.map_err(|e| anyhow::anyhow!(e))?;
+async fn once(cfg: &WatchConfig, table: &RouteTable) -> Result<()> {
+    let channel = cfg
+        .connect()
+        .await
+        .map_err(|e| Error::Watch(e.to_string()))?;
     let mut client = RouteWatchClient::new(channel);
     let mut stream = client
         .watch_routes(WatchRoutesRequest {

@@ -18,7 +18,7 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 use sha2::Digest;
 
 use crate::error::{Error, Result};
-use crate::runtime::write_private_atomically;
+use clawdeploy_common::fs::write_private_atomically;
 
 /// Where a node keeps its TLS material: `ca.crt.pem`, `<node>.crt.pem`,
 /// `<node>.key.pem`.

@@ -4,14 +4,23 @@
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The engine answered with an error (`status` is its HTTP status:
+    /// 404 no such container, 304 already stopped, 409 conflict).
     #[error("docker {op}: {message}")]
-    Docker { op: &'static str, message: String },
+    Docker {
+        op: &'static str,
+        status: Option<u16>,
+        message: String,
+    },
     /// The engine did not answer (down, restarting, timed out): says
     /// nothing about the container itself.
     #[error("docker unavailable ({op}): {message}")]
     DockerUnavailable { op: &'static str, message: String },
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    /// Exporting or importing a state volume (tar, chown) failed.
+    #[error("state archive ({op}): {message}")]
+    Archive { op: &'static str, message: String },
     #[error("probe: {0}")]
     Probe(String),
     #[error("tls: {0}")]
@@ -29,6 +38,18 @@ pub enum Error {
 impl Error {
     pub fn docker_unavailable(&self) -> bool {
         matches!(self, Error::DockerUnavailable { .. })
+    }
+
+    /// The engine's HTTP status, when it answered with an error.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Error::Docker { status, .. } => *status,
+            _ => None,
+        }
+    }
+
+    pub fn is_not_found(&self) -> bool {
+        self.status() == Some(404)
     }
 }
 

@@ -57,7 +57,7 @@ impl Ledger {
             .file_name()
             .and_then(|n| n.to_str())
             .unwrap_or("desired-state.pb");
-        crate::runtime::write_private_atomically(dir, name, &state.encode_to_vec(), None)?;
+        clawdeploy_common::fs::write_private_atomically(dir, name, &state.encode_to_vec(), None)?;
         self.current = state;
         Ok(Accepted::Newer)
     }

@@ -12,12 +12,12 @@ pub mod probe;
 pub mod reconcile;
 pub mod runtime;
 pub mod session;
+pub mod telemetry;
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 
 use axum::routing::get;
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use tokio::net::TcpListener;
 
 use crate::reconcile::{Reconciler, StatusBoard};
@@ -49,14 +49,7 @@ pub async fn run<R: ContainerRuntime>(
     metrics_listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let handle = PrometheusBuilder::new()
-        .set_buckets_for_metric(
-            Matcher::Suffix("_seconds".into()),
-            &[
-                0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-            ],
-        )?
-        .install_recorder()?;
+    let handle = clawdeploy_common::metrics::install(telemetry::CATALOG, telemetry::BUCKETS)?;
     runtime.prepare().await?;
     let ledger = ledger::Ledger::open(&state_dir)?;
     let initial = ledger.current().clone();

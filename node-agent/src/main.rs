@@ -10,6 +10,7 @@ use clap::Parser;
 use clawdeploy_agent::enroll::{self, TlsFiles};
 use clawdeploy_agent::runtime::DockerRuntime;
 use clawdeploy_agent::session::SessionConfig;
+use clawdeploy_common::Backoff;
 use clawdeploy_proto::client::SchedulerEndpoint;
 use clawdeploy_proto::NodeCapacity;
 
@@ -19,18 +20,8 @@ struct Args {
     /// This node's id; must match the id in its certificate.
     #[arg(long, env = "CLAWDEPLOY_NODE_ID")]
     node_id: String,
-    /// Scheduler gRPC addresses, comma-separated: the agent fails over
-    /// down the list when the one it uses stops answering.
-    #[arg(
-        long,
-        env = "CLAWDEPLOY_SCHEDULER_URL",
-        value_delimiter = ',',
-        default_value = "https://127.0.0.1:7443"
-    )]
-    scheduler_url: Vec<String>,
-    /// Name the scheduler's certificate must carry.
-    #[arg(long, env = "CLAWDEPLOY_SCHEDULER_NAME", default_value = "localhost")]
-    scheduler_name: String,
+    #[command(flatten)]
+    scheduler: clawdeploy_common::endpoint::SchedulerArgs,
     /// Directory with ca.crt.pem, <node-id>.crt.pem and <node-id>.key.pem
     /// (written by the join when absent).
     #[arg(long, env = "CLAWDEPLOY_TLS_DIR")]
@@ -81,24 +72,13 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    clawdeploy_common::telemetry::init_tracing("info");
     let a = Args::parse();
     let tls = TlsFiles {
         dir: a.tls_dir.clone(),
         node_id: a.node_id.clone(),
     };
-    let scheduler = SchedulerEndpoint {
-        urls: a.scheduler_url.clone(),
-        current: Default::default(),
-        server_name: a.scheduler_name.clone(),
-        ca_file: tls.ca(),
-        cert_file: tls.cert(),
-        key_file: tls.key(),
-    };
+    let scheduler = a.scheduler.endpoint(&a.tls_dir, &a.node_id);
     tls.finish_rotation()
         .context("finishing an interrupted certificate rotation")?;
     if !tls.cert().exists() {
@@ -157,7 +137,7 @@ async fn main() -> anyhow::Result<()> {
         runtime,
         a.max_parallel_creates,
         metrics,
-        shutdown_signal(),
+        clawdeploy_common::shutdown::signal(),
     )
     .await
 }
@@ -170,7 +150,7 @@ async fn join_with_retries(
     token: &str,
     pin: &str,
 ) -> anyhow::Result<()> {
-    let mut wait = Duration::from_millis(200);
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     for attempt in 1.. {
         match enroll::join(scheduler, tls, token, pin).await {
             Ok(()) => return Ok(()),
@@ -179,19 +159,9 @@ async fn join_with_retries(
             }
             Err(e) => {
                 tracing::warn!(error = %e, attempt, "join failed; retrying");
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(5));
+                backoff.wait().await;
             }
         }
     }
     unreachable!("the loop returns")
-}
-
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }

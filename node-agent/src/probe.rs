@@ -2,6 +2,7 @@
 //! authenticated `GET /v1/models` that proves a tenant config is live.
 
 use std::collections::BTreeSet;
+use std::future::Future;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -10,6 +11,20 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 
 use crate::error::{Error, Result};
+
+/// How the reconciler asks a container's gateway whether it answers and
+/// which providers it runs: over HTTP in production (`Prober`), in memory in
+/// tests (`runtime::fake::FakeRuntime`).
+pub trait GatewayProbe: Clone + Send + Sync + 'static {
+    /// `GET /healthz` answers `{"ok":true…}`.
+    fn healthy(&self, upstream: &str) -> impl Future<Output = bool> + Send;
+    /// The providers the gateway reports as configured, seen with its token.
+    fn live_providers(
+        &self,
+        upstream: &str,
+        token: &str,
+    ) -> impl Future<Output = Result<BTreeSet<String>>> + Send;
+}
 
 #[derive(Clone)]
 pub struct Prober {
@@ -57,13 +72,14 @@ impl Prober {
             .await
             .map_err(|_| Error::Probe(format!("{path} timed out")))?
     }
+}
 
-    pub async fn healthy(&self, upstream: &str) -> bool {
+impl GatewayProbe for Prober {
+    async fn healthy(&self, upstream: &str) -> bool {
         matches!(self.get(upstream, "/healthz", None).await, Ok((200, body)) if body.starts_with(b"{\"ok\":true"))
     }
 
-    /// The providers the gateway reports as configured, seen with its token.
-    pub async fn live_providers(&self, upstream: &str, token: &str) -> Result<BTreeSet<String>> {
+    async fn live_providers(&self, upstream: &str, token: &str) -> Result<BTreeSet<String>> {
         let (status, body) = self.get(upstream, "/v1/models", Some(token)).await?;
         if status != 200 {
             return Err(Error::Probe(format!("/v1/models answered {status}")));

@@ -16,8 +16,10 @@ use serde_json::json;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
+use clawdeploy_common::Backoff;
+
 use crate::crash_point;
-use crate::probe::Prober;
+use crate::probe::{GatewayProbe, Prober};
 use crate::runtime::{ContainerRuntime, ContainerSpec, Limits, GATEWAY_PORT};
 
 /// Per-container observed state, read by the heartbeat.
@@ -51,12 +53,12 @@ impl StatusBoard {
     }
 }
 
-pub struct Reconciler<R: ContainerRuntime> {
+pub struct Reconciler<R: ContainerRuntime, P: GatewayProbe = Prober> {
     runtime: Arc<R>,
     /// Bounds concurrent `docker create`/`start`: a pool refill must not
     /// starve claims (config write + probe) of CPU on a busy node.
     creates: Arc<CreateSlots>,
-    prober: Prober,
+    prober: P,
     board: Arc<StatusBoard>,
     workers: HashMap<String, (watch::Sender<DesiredContainer>, JoinHandle<()>)>,
     removing: Arc<Mutex<HashSet<String>>>,
@@ -86,11 +88,23 @@ const CHECK_EVERY: Duration = Duration::from_secs(2);
 const UNHEALTHY_AFTER: u32 = 3;
 
 impl<R: ContainerRuntime> Reconciler<R> {
+    /// A reconciler that probes gateways over HTTP.
     pub fn new(runtime: Arc<R>, board: Arc<StatusBoard>, max_parallel_creates: usize) -> Self {
+        Self::with_probe(runtime, Prober::default(), board, max_parallel_creates)
+    }
+}
+
+impl<R: ContainerRuntime, P: GatewayProbe> Reconciler<R, P> {
+    pub fn with_probe(
+        runtime: Arc<R>,
+        prober: P,
+        board: Arc<StatusBoard>,
+        max_parallel_creates: usize,
+    ) -> Self {
         Self {
             runtime,
             creates: Arc::new(CreateSlots::new(max_parallel_creates)),
-            prober: Prober::default(),
+            prober,
             board,
             workers: HashMap::new(),
             removing: Arc::default(),
@@ -286,10 +300,10 @@ impl CreateSlots {
     }
 }
 
-struct Worker<R> {
+struct Worker<R, P> {
     runtime: Arc<R>,
     creates: Arc<CreateSlots>,
-    prober: Prober,
+    prober: P,
     board: Arc<StatusBoard>,
     generation: u64,
 }
@@ -328,71 +342,75 @@ pub fn tenant_config_json(t: &TenantConfig) -> Vec<u8> {
     serde_json::to_vec_pretty(&doc).unwrap_or_default()
 }
 
-impl<R: ContainerRuntime> Worker<R> {
+/// What a worker knows of its container between passes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Known {
+    /// Not checked since the last change or failure: the next pass asks
+    /// the runtime (adopts, starts or creates it).
+    Unverified,
+    /// Running and answering, under these limits. A spec change that only
+    /// carries tenant config goes straight to the config write.
+    Running(Limits),
+}
+
+/// A worker's progress: what it reported, what it knows and applied, and
+/// how long it waits after a setback.
+struct Progress {
+    status: ContainerStatus,
+    known: Known,
+    /// The tenant config version proven live.
+    applied_config: u64,
+    /// Health probes failed in a row.
+    failed_probes: u32,
+    backoff: Backoff,
+}
+
+const BACKOFF_START: Duration = Duration::from_millis(200);
+/// The longest waits after a failed resize or config write, and while
+/// Docker does not answer; a container that fails waits up to the
+/// backoff's own cap (30 s).
+const RETRY_CAP: Duration = Duration::from_secs(10);
+const DOCKER_DOWN_CAP: Duration = Duration::from_secs(5);
+
+impl<R: ContainerRuntime, P: GatewayProbe> Worker<R, P> {
     async fn run(self, mut rx: watch::Receiver<DesiredContainer>) {
-        let mut status = ContainerStatus {
-            container_id: rx.borrow().container_id.clone(),
-            ..Default::default()
+        let mut p = Progress {
+            status: ContainerStatus {
+                container_id: rx.borrow().container_id.clone(),
+                ..Default::default()
+            },
+            known: Known::Unverified,
+            applied_config: 0,
+            failed_probes: 0,
+            backoff: Backoff::new(BACKOFF_START, Duration::from_secs(30)),
         };
-        let mut applied_config = 0u64;
-        let mut failures = 0u32;
-        let mut backoff = Duration::from_millis(200);
-        // Known to run and answer: a spec change that only carries tenant
-        // config goes straight to the config write, without asking Docker.
-        let mut running = false;
-        // The limits Docker enforces now, as last seen or set.
-        let mut limits = Limits::default();
         loop {
             let desired = rx.borrow_and_update().clone();
             let id = desired.container_id.clone();
             if desired.stopped {
                 // Suspended: stopped, volume kept, no probing until resumed.
-                running = false;
-                if let Err(setback) = self.ensure_stopped(&id, &mut status).await {
-                    self.setback(&mut status, setback, &mut backoff).await;
+                p.known = Known::Unverified;
+                if let Err(setback) = self.ensure_stopped(&id, &mut p.status).await {
+                    self.setback(&mut p, setback).await;
                     continue;
                 }
-                backoff = Duration::from_millis(200);
+                p.backoff.reset();
                 if rx.changed().await.is_err() {
                     return;
                 }
                 continue;
             }
-            if !running {
-                match self.ensure_running(&desired, &mut status).await {
-                    Ok(seen) => {
-                        limits = seen;
-                        // A container Docker restarted may have a new
-                        // address: report it, so its route follows.
-                        self.board.set(status.clone());
-                    }
+            let limits = match p.known {
+                Known::Running(limits) => limits,
+                Known::Unverified => match self.bring_up(&desired, &mut p).await {
+                    Ok(limits) => limits,
                     Err(setback) => {
-                        self.setback(&mut status, setback, &mut backoff).await;
+                        self.setback(&mut p, setback).await;
                         continue;
                     }
-                }
-                if status.phase != ContainerPhase::Healthy as i32 {
-                    status.phase = ContainerPhase::Starting as i32;
-                    self.board.set(status.clone());
-                    if !self
-                        .wait_healthy(&status.upstream, Duration::from_secs(30))
-                        .await
-                    {
-                        self.setback(
-                            &mut status,
-                            Setback::Failed("gateway did not answer /healthz".into()),
-                            &mut backoff,
-                        )
-                        .await;
-                        continue;
-                    }
-                    status.phase = ContainerPhase::Healthy as i32;
-                    status.message.clear();
-                    self.board.set(status.clone());
-                }
-                running = true;
-                backoff = Duration::from_millis(200);
-            }
+                },
+            };
+            p.known = Known::Running(limits);
 
             // A tier change: new limits applied live, no restart.
             let want = limits_of(&desired);
@@ -400,14 +418,13 @@ impl<R: ContainerRuntime> Worker<R> {
                 match self.runtime.update(&id, want).await {
                     Ok(()) => {
                         tracing::info!(container_id = id, ?want, "container resized in place");
-                        limits = want;
+                        p.known = Known::Running(want);
                     }
                     Err(e) => {
                         metrics::counter!("clawdeploy_agent_reconcile_errors_total", "step" => "update").increment(1);
                         tracing::warn!(container_id = id, error = %e, "resize failed; retrying");
-                        running = false;
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                        p.known = Known::Unverified;
+                        p.backoff.wait_capped(RETRY_CAP).await;
                         continue;
                     }
                 }
@@ -418,24 +435,23 @@ impl<R: ContainerRuntime> Worker<R> {
             if let Some(t) = desired
                 .tenant
                 .as_ref()
-                .filter(|t| t.config_version > applied_config)
+                .filter(|t| t.config_version > p.applied_config)
             {
                 match self
-                    .apply_tenant(&id, &status.upstream, &desired.gateway_token, t)
+                    .apply_tenant(&id, &p.status.upstream, &desired.gateway_token, t)
                     .await
                 {
                     Ok(()) => {
                         crash_point("report");
-                        applied_config = t.config_version;
-                        status.config_version = applied_config;
-                        self.board.set(status.clone());
+                        p.applied_config = t.config_version;
+                        p.status.config_version = p.applied_config;
+                        self.board.set(p.status.clone());
                     }
                     Err(e) => {
                         metrics::counter!("clawdeploy_agent_reconcile_errors_total", "step" => "config").increment(1);
                         tracing::warn!(container_id = id, error = %e, "tenant config not confirmed; retrying");
-                        running = false;
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                        p.known = Known::Unverified;
+                        p.backoff.wait_capped(RETRY_CAP).await;
                         continue;
                     }
                 }
@@ -446,31 +462,62 @@ impl<R: ContainerRuntime> Worker<R> {
             // again); repeated failures mark the container unhealthy.
             tokio::select! {
                 changed = rx.changed() => if changed.is_err() { return },
-                _ = tokio::time::sleep(CHECK_EVERY) => {
-                    if self.prober.healthy(&status.upstream).await {
-                        failures = 0;
-                        if status.phase != ContainerPhase::Healthy as i32 {
-                            status.phase = ContainerPhase::Healthy as i32;
-                            status.message.clear();
-                            self.board.set(status.clone());
-                        }
-                    } else {
-                        metrics::counter!("clawdeploy_agent_reconcile_errors_total", "step" => "health").increment(1);
-                        failures += 1;
-                        running = false;
-                        // Unhealthy means running yet not answering: a
-                        // container Docker cannot vouch for (stopped, or the
-                        // engine down) is handled by the next pass instead.
-                        let confirmed = failures >= UNHEALTHY_AFTER
-                            && matches!(self.runtime.inspect(&id).await, Ok(Some(o)) if o.running);
-                        if confirmed {
-                            status.phase = ContainerPhase::Unhealthy as i32;
-                            status.message = format!("/healthz failed {failures} times");
-                            self.board.set(status.clone());
-                        }
-                    }
-                }
+                _ = tokio::time::sleep(CHECK_EVERY) => self.check_health(&id, &mut p).await,
             }
+        }
+    }
+
+    /// Adopts, starts or creates the container and waits until its gateway
+    /// answers; returns the limits Docker enforces.
+    async fn bring_up(
+        &self,
+        desired: &DesiredContainer,
+        p: &mut Progress,
+    ) -> Result<Limits, Setback> {
+        let limits = self.ensure_running(desired, &mut p.status).await?;
+        // A container Docker restarted may have a new address: report it,
+        // so its route follows.
+        self.board.set(p.status.clone());
+        if p.status.phase != ContainerPhase::Healthy as i32 {
+            p.status.phase = ContainerPhase::Starting as i32;
+            self.board.set(p.status.clone());
+            if !self
+                .wait_healthy(&p.status.upstream, Duration::from_secs(30))
+                .await
+            {
+                return Err(Setback::Failed("gateway did not answer /healthz".into()));
+            }
+            p.status.phase = ContainerPhase::Healthy as i32;
+            p.status.message.clear();
+            self.board.set(p.status.clone());
+        }
+        p.backoff.reset();
+        Ok(limits)
+    }
+
+    async fn check_health(&self, id: &str, p: &mut Progress) {
+        if self.prober.healthy(&p.status.upstream).await {
+            p.failed_probes = 0;
+            if p.status.phase != ContainerPhase::Healthy as i32 {
+                p.status.phase = ContainerPhase::Healthy as i32;
+                p.status.message.clear();
+                self.board.set(p.status.clone());
+            }
+            return;
+        }
+        metrics::counter!("clawdeploy_agent_reconcile_errors_total", "step" => "health")
+            .increment(1);
+        p.failed_probes += 1;
+        p.known = Known::Unverified;
+        // Unhealthy means running yet not answering: a container Docker
+        // cannot vouch for (stopped, or the engine down) is handled by the
+        // next pass instead.
+        let confirmed = p.failed_probes >= UNHEALTHY_AFTER
+            && matches!(self.runtime.inspect(id).await, Ok(Some(o)) if o.running);
+        if confirmed {
+            p.status.phase = ContainerPhase::Unhealthy as i32;
+            p.status.message = format!("/healthz failed {} times", p.failed_probes);
+            self.board.set(p.status.clone());
         }
     }
 
@@ -547,37 +594,28 @@ impl<R: ContainerRuntime> Worker<R> {
         }
     }
 
-    async fn setback(
-        &self,
-        status: &mut ContainerStatus,
-        setback: Setback,
-        backoff: &mut Duration,
-    ) {
+    async fn setback(&self, p: &mut Progress, setback: Setback) {
         match setback {
-            Setback::Failed(message) => self.fail(status, message, backoff).await,
+            Setback::Failed(message) => {
+                tracing::warn!(
+                    container_id = p.status.container_id,
+                    message,
+                    "container not running"
+                );
+                p.status.phase = ContainerPhase::Failed as i32;
+                p.status.message = message;
+                self.board.set(p.status.clone());
+                p.backoff.wait().await;
+            }
             Setback::DockerDown(message) => {
                 tracing::warn!(
-                    container_id = status.container_id,
+                    container_id = p.status.container_id,
                     message,
                     "Docker unavailable; keeping the last known state and retrying"
                 );
-                tokio::time::sleep(*backoff).await;
-                *backoff = (*backoff * 2).min(Duration::from_secs(5));
+                p.backoff.wait_capped(DOCKER_DOWN_CAP).await;
             }
         }
-    }
-
-    async fn fail(&self, status: &mut ContainerStatus, message: String, backoff: &mut Duration) {
-        tracing::warn!(
-            container_id = status.container_id,
-            message,
-            "container not running"
-        );
-        status.phase = ContainerPhase::Failed as i32;
-        status.message = message;
-        self.board.set(status.clone());
-        tokio::time::sleep(*backoff).await;
-        *backoff = (*backoff * 2).min(Duration::from_secs(30));
     }
 
     async fn wait_healthy(&self, upstream: &str, within: Duration) -> bool {

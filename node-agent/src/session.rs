@@ -3,6 +3,7 @@
 //! receiving full desired states. Reconnects with capped, jittered backoff;
 //! reconciling goes on from the ledger while disconnected.
 
+use clawdeploy_common::Backoff;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -41,17 +42,10 @@ pub struct Session {
     pub board: Arc<StatusBoard>,
 }
 
-fn jitter(max: Duration) -> Duration {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .subsec_nanos();
-    max.mul_f64(f64::from(nanos % 1000) / 1000.0)
-}
-
 impl Session {
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff =
+            Backoff::new(Duration::from_millis(100), Duration::from_secs(5)).jittered();
         loop {
             let started = tokio::time::Instant::now();
             tokio::select! {
@@ -63,12 +57,10 @@ impl Session {
             }
             metrics::gauge!("clawdeploy_agent_connected").set(0.0);
             if started.elapsed() > Duration::from_secs(30) {
-                backoff = Duration::from_millis(100);
+                backoff.reset();
             }
-            let wait = backoff + jitter(backoff / 2);
-            backoff = (backoff * 2).min(Duration::from_secs(5));
             tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
+                _ = backoff.wait() => {}
                 _ = shutdown.changed() => return,
             }
         }

@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use clawdeploy_agent::probe::Prober;
+use clawdeploy_agent::probe::{GatewayProbe, Prober};
 use clawdeploy_agent::runtime::{
     ContainerRuntime, ContainerSpec, DockerRuntime, Limits, GATEWAY_PORT,
 };

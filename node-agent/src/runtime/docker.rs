@@ -1,11 +1,9 @@
-//! The container runtime the reconciler needs, as one narrow trait, and its
-//! real implementation over the Docker Engine API (bollard). Tests and the
-//! fleet simulation may supply another implementation; the product uses
-//! Docker.
+//! The real container runtime: the Docker Engine API over its unix socket
+//! (bollard), with each call bounded in time and timed.
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use bollard::models::{
@@ -19,95 +17,19 @@ use bollard::query_parameters::{
 };
 use bollard::Docker;
 
+use super::volume::prepare_volume_dir;
+use super::{
+    ContainerRuntime, ContainerSpec, Limits, Observed, LABEL_CONTAINER, LABEL_GENERATION,
+    LABEL_NODE, TENANT_UID,
+};
 use crate::error::{Error, Result};
-
-/// The port every OpenClaw gateway listens on.
-pub const GATEWAY_PORT: u16 = 18789;
-/// The `node` user of the OpenClaw image.
-pub const TENANT_UID: u32 = 1000;
-
-pub const LABEL_CONTAINER: &str = "clawdeploy.container";
-pub const LABEL_NODE: &str = "clawdeploy.node";
-pub const LABEL_GENERATION: &str = "clawdeploy.generation";
-
-/// What to run for one pool slot.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ContainerSpec {
-    pub container_id: String,
-    pub image: String,
-    pub gateway_token: String,
-    pub limits: Limits,
-    pub generation: u64,
-}
-
-/// What the runtime reports about one of our containers.
-#[derive(Clone, Debug, Default)]
-pub struct Observed {
-    pub container_id: String,
-    pub docker_id: String,
-    pub running: bool,
-    /// Address on the node's tenant network.
-    pub ip: Option<String>,
-    pub status: String,
-    /// Limits Docker applies now (from inspect; zero from `list`).
-    pub cpu_millis: u32,
-    pub memory_bytes: u64,
-    pub pids: u32,
-    /// When the container's current process started (RFC 3339).
-    pub started_at: String,
-}
-
-/// Live limits of a container, changed with `docker update`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Limits {
-    pub cpu_millis: u32,
-    pub memory_bytes: u64,
-    pub pids: u32,
-}
-
-impl Observed {
-    pub fn limits(&self) -> Limits {
-        Limits {
-            cpu_millis: self.cpu_millis,
-            memory_bytes: self.memory_bytes,
-            pids: self.pids,
-        }
-    }
-}
-
-pub trait ContainerRuntime: Send + Sync + 'static {
-    /// Sets up what all containers need (the node's network).
-    fn prepare(&self) -> impl Future<Output = Result<()>> + Send;
-    /// Every container carrying this node's label.
-    fn list(&self) -> impl Future<Output = Result<Vec<Observed>>> + Send;
-    fn inspect(&self, container_id: &str) -> impl Future<Output = Result<Option<Observed>>> + Send;
-    /// Creates (with its state volume) and starts the container.
-    fn create_and_start(
-        &self,
-        spec: &ContainerSpec,
-    ) -> impl Future<Output = Result<Observed>> + Send;
-    fn start(&self, container_id: &str) -> impl Future<Output = Result<()>> + Send;
-    /// Stops the container (suspension); its state volume stays.
-    fn stop(&self, container_id: &str) -> impl Future<Output = Result<()>> + Send;
-    /// Changes CPU, memory and pids limits of a running container in place.
-    fn update(&self, container_id: &str, limits: Limits)
-        -> impl Future<Output = Result<()>> + Send;
-    /// Removes the container and its state volume: the tenant's data is gone.
-    fn remove(&self, container_id: &str) -> impl Future<Output = Result<()>> + Send;
-    /// Replaces `openclaw.json` in the container's state atomically.
-    fn write_config(
-        &self,
-        container_id: &str,
-        json: &[u8],
-    ) -> impl Future<Output = Result<()>> + Send;
-}
 
 pub struct DockerRuntime {
     docker: Docker,
     node_id: String,
     network: String,
     subnet: Option<String>,
-    volumes_dir: PathBuf,
+    pub(super) volumes_dir: PathBuf,
 }
 
 fn container_name(container_id: &str) -> String {
@@ -153,15 +75,21 @@ async fn timed<T>(
             | B::HyperLegacyError { .. }
             | B::SocketNotFoundError(_)),
         )) => Err(unavailable(e.to_string())),
+        // The engine answered: keep its status code.
+        Ok(Err(B::DockerResponseServerError {
+            status_code,
+            message,
+        })) => Err(Error::Docker {
+            op,
+            status: Some(status_code),
+            message,
+        }),
         Ok(Err(e)) => Err(Error::Docker {
             op,
+            status: None,
             message: e.to_string(),
         }),
     }
-}
-
-fn is_not_found(e: &Error) -> bool {
-    matches!(e, Error::Docker { message, .. } if message.contains("404") || message.contains("No such"))
 }
 
 impl DockerRuntime {
@@ -177,6 +105,7 @@ impl DockerRuntime {
         let docker = Docker::connect_with_socket(socket, 120, bollard::API_DEFAULT_VERSION)
             .map_err(|e| Error::Docker {
                 op: "connect",
+                status: None,
                 message: e.to_string(),
             })?;
         let docker = docker
@@ -184,6 +113,7 @@ impl DockerRuntime {
             .await
             .map_err(|e| Error::Docker {
                 op: "version",
+                status: None,
                 message: e.to_string(),
             })?;
         std::fs::create_dir_all(&volumes_dir)?;
@@ -196,7 +126,7 @@ impl DockerRuntime {
         })
     }
 
-    fn volume_dir(&self, container_id: &str) -> PathBuf {
+    pub(super) fn volume_dir(&self, container_id: &str) -> PathBuf {
         self.volumes_dir.join(container_id)
     }
 
@@ -227,128 +157,6 @@ impl DockerRuntime {
     }
 }
 
-/// State volume export and import (for migration): a tar stream of the
-/// volume's directory. Only a stopped (or not yet created) container's
-/// volume is copied, so the archive is consistent.
-impl DockerRuntime {
-    async fn refuse_running(&self, container_id: &str, op: &'static str) -> Result<()> {
-        if self.inspect(container_id).await?.is_some_and(|o| o.running) {
-            return Err(Error::Docker {
-                op,
-                message: format!("container {container_id} is running; stop it first"),
-            });
-        }
-        Ok(())
-    }
-
-    /// Writes the state volume of `container_id` as a tar archive to `out`;
-    /// returns the bytes written.
-    pub async fn export_state(
-        &self,
-        container_id: &str,
-        mut out: impl tokio::io::AsyncWrite + Unpin,
-    ) -> Result<u64> {
-        self.refuse_running(container_id, "export").await?;
-        let dir = self.volume_dir(container_id);
-        if !dir.is_dir() {
-            return Err(Error::Docker {
-                op: "export",
-                message: format!("no state volume for {container_id}"),
-            });
-        }
-        let mut child = tokio::process::Command::new("tar")
-            .args(["--numeric-owner", "-C"])
-            .arg(&dir)
-            .args(["-cf", "-", "."])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()?;
-        let mut stdout = child.stdout.take().expect("piped stdout");
-        let n = tokio::io::copy(&mut stdout, &mut out).await?;
-        tokio::io::AsyncWriteExt::flush(&mut out).await?;
-        let done = child.wait_with_output().await?;
-        if !done.status.success() {
-            return Err(Error::Docker {
-                op: "export",
-                message: String::from_utf8_lossy(&done.stderr).into_owned(),
-            });
-        }
-        Ok(n)
-    }
-
-    /// Replaces the state volume of `container_id` with the tar archive read
-    /// from `input`. The container may not exist yet (it is then created on
-    /// top of the imported state); a running one is refused.
-    pub async fn import_state(
-        &self,
-        container_id: &str,
-        mut input: impl tokio::io::AsyncRead + Unpin,
-    ) -> Result<()> {
-        self.refuse_running(container_id, "import").await?;
-        let dir = self.volume_dir(container_id);
-        // Unpacked beside the volume, then swapped in: a broken stream
-        // leaves the old state untouched.
-        let staging = self.volumes_dir.join(format!(".import-{container_id}"));
-        if staging.exists() {
-            std::fs::remove_dir_all(&staging)?;
-        }
-        prepare_volume_dir(&staging)?;
-        let mut child = tokio::process::Command::new("tar")
-            .args(["--numeric-owner", "--no-same-permissions", "-C"])
-            .arg(&staging)
-            .args(["-xf", "-"])
-            .stdin(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()?;
-        let mut stdin = child.stdin.take().expect("piped stdin");
-        let copied = tokio::io::copy(&mut input, &mut stdin).await;
-        drop(stdin);
-        let done = child.wait_with_output().await?;
-        if let Err(e) = copied {
-            std::fs::remove_dir_all(&staging).ok();
-            return Err(e.into());
-        }
-        if !done.status.success() {
-            std::fs::remove_dir_all(&staging).ok();
-            return Err(Error::Docker {
-                op: "import",
-                message: String::from_utf8_lossy(&done.stderr).into_owned(),
-            });
-        }
-        // Everything in a tenant's volume belongs to the tenant user.
-        let chown = tokio::process::Command::new("chown")
-            .args([
-                "-R",
-                "--no-dereference",
-                &format!("{TENANT_UID}:{TENANT_UID}"),
-            ])
-            .arg(&staging)
-            .status()
-            .await?;
-        if !chown.success() {
-            std::fs::remove_dir_all(&staging).ok();
-            return Err(Error::Docker {
-                op: "import",
-                message: "chown of the imported state failed".into(),
-            });
-        }
-        prepare_volume_dir(&staging)?;
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir)?;
-        }
-        std::fs::rename(&staging, &dir)?;
-        Ok(())
-    }
-}
-
-fn prepare_volume_dir(dir: &Path) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::create_dir_all(dir)?;
-    std::os::unix::fs::chown(dir, Some(TENANT_UID), Some(TENANT_UID))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-    Ok(())
-}
-
 impl ContainerRuntime for DockerRuntime {
     async fn prepare(&self) -> Result<()> {
         let bridge = crate::firewall::bridge_name(&self.network);
@@ -368,6 +176,7 @@ impl ContainerRuntime for DockerRuntime {
             if named.as_deref() != Some(bridge.as_str()) {
                 return Err(Error::Docker {
                     op: "prepare",
+                    status: None,
                     message: format!(
                         "network {} uses bridge {named:?}, not {bridge}: remove it so the agent can recreate it isolated",
                         self.network
@@ -412,7 +221,7 @@ impl ContainerRuntime for DockerRuntime {
                 Ok(())
             }
             // Another agent sharing the engine may have raced us.
-            Err(e) if e.to_string().contains("already exists") => Ok(()),
+            Err(e) if e.status() == Some(409) => Ok(()),
             Err(e) => Err(e),
         }
     }
@@ -458,7 +267,7 @@ impl ContainerRuntime for DockerRuntime {
         .await
         {
             Ok(i) => Ok(Some(self.observed(container_id, i))),
-            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) if e.is_not_found() => Ok(None),
             Err(e) => Err(e),
         }
     }
@@ -550,6 +359,7 @@ impl ContainerRuntime for DockerRuntime {
             .await?
             .ok_or_else(|| Error::Docker {
                 op: "inspect",
+                status: None,
                 message: "container vanished after start".into(),
             })
     }
@@ -577,7 +387,7 @@ impl ContainerRuntime for DockerRuntime {
         .await
         {
             // 304: already stopped.
-            Err(e) if e.to_string().contains("304") => Ok(()),
+            Err(e) if e.status() == Some(304) => Ok(()),
             r => r,
         }
     }
@@ -617,7 +427,7 @@ impl ContainerRuntime for DockerRuntime {
         .await
         {
             Ok(()) => {}
-            Err(e) if is_not_found(&e) => {}
+            Err(e) if e.is_not_found() => {}
             Err(e) => return Err(e),
         }
         match timed(
@@ -628,7 +438,7 @@ impl ContainerRuntime for DockerRuntime {
         .await
         {
             Ok(()) => {}
-            Err(e) if is_not_found(&e) => {}
+            Err(e) if e.is_not_found() => {}
             Err(e) => return Err(e),
         }
         let dir = self.volume_dir(container_id);
@@ -642,37 +452,15 @@ impl ContainerRuntime for DockerRuntime {
         let dir = self.volume_dir(container_id);
         let json = json.to_vec();
         tokio::task::spawn_blocking(move || {
-            write_private_atomically(&dir, "openclaw.json", &json, Some(TENANT_UID))
+            clawdeploy_common::fs::write_private_atomically(
+                &dir,
+                "openclaw.json",
+                &json,
+                Some(TENANT_UID),
+            )
         })
         .await
         .map_err(|e| Error::Io(std::io::Error::other(e)))?
+        .map_err(Error::Io)
     }
-}
-
-/// Writes `contents` to `dir/name` as a file only `owner` (or the agent,
-/// when `None`) can read: a temporary file in the same directory, fsync,
-/// chown, then rename. Readers see the old file or the new one, never half of
-/// one. Tenant configs and the ledger both hold secrets.
-pub fn write_private_atomically(
-    dir: &Path,
-    name: &str,
-    contents: &[u8],
-    owner: Option<u32>,
-) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(contents)?;
-    f.sync_all()?;
-    if let Some(uid) = owner {
-        std::os::unix::fs::chown(&tmp, Some(uid), Some(uid))?;
-    }
-    std::fs::rename(&tmp, dir.join(name))?;
-    Ok(())
 }

@@ -29,6 +29,8 @@ ensure_tools() {
   command -v iptables >/dev/null || missing+=(iptables)
   command -v flock >/dev/null || missing+=(util-linux)
   [ -x /bin/busybox ] || missing+=(busybox-static)
+  # An end-to-end test checks every /metrics endpoint with promtool.
+  command -v promtool >/dev/null || missing+=(prometheus)
   # The signup page's browser test drives headless Chromium.
   command -v chromedriver >/dev/null || missing+=(chromium chromium-driver)
   if [ ${#missing[@]} -gt 0 ]; then
@@ -36,6 +38,8 @@ ensure_tools() {
     as_root apt-get update -qq
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${missing[@]}" >/dev/null
   fi
+  # The prometheus package may start its own server; the tests need only promtool.
+  if [[ " ${missing[*]} " == *" prometheus "* ]]; then as_root systemctl disable --now prometheus >/dev/null 2>&1 || true; fi
   command -v docker >/dev/null || { echo "docker is required (the engine must be running)" >&2; exit 1; }
   docker info >/dev/null 2>&1 || { echo "the Docker engine is not reachable" >&2; exit 1; }
 }

@@ -1,0 +1,557 @@
+//! The scheduler against PostgreSQL only: no Docker, no agents, no root.
+//! Each test gets a fresh database (from `CLAWDEPLOY_TEST_PG`, which
+//! `scripts/test` sets) and calls the domain modules directly, or the HTTP
+//! router in-process.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use clawdeploy_proto::Route;
+use clawdeploy_scheduler::app::{App, AppRef, Config};
+use clawdeploy_scheduler::crypto::pki::Ca;
+use clawdeploy_scheduler::crypto::{aad, envelope, SecretBox};
+use clawdeploy_scheduler::error::Error;
+use clawdeploy_scheduler::fleet::{capacity, settings};
+use clawdeploy_scheduler::lifecycle::claim::{self, ClaimRequest};
+use clawdeploy_scheduler::lifecycle::idempotency::{self, Begin};
+use clawdeploy_scheduler::routes;
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+/// A fresh, migrated database and an `App` over it.
+async fn app() -> AppRef {
+    let admin_url = std::env::var("CLAWDEPLOY_TEST_PG")
+        .expect("CLAWDEPLOY_TEST_PG is not set: run the suite with scripts/test");
+    let name = format!("cd_db_{}", Uuid::new_v4().simple());
+    let admin = PgPool::connect(&admin_url).await.unwrap();
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    admin.close().await;
+    let (base, _) = admin_url.rsplit_once('/').unwrap();
+    let db = PgPool::connect(&format!("{base}/{name}")).await.unwrap();
+    sqlx::migrate!("../migrations").run(&db).await.unwrap();
+    let dir = std::env::temp_dir().join(&name);
+    let ca = Ca::load_or_create(&dir).unwrap();
+    let kek = SecretBox::from_hex(&SecretBox::generate_key_hex()).unwrap();
+    let app = App::new(Config::default(), db, kek, ca, Some("admin-token"));
+    settings::seed(&app).await.unwrap();
+    app
+}
+
+/// An active node that heartbeats, with room for 20 containers.
+async fn node(app: &App, id: &str) {
+    sqlx::query(
+        "INSERT INTO nodes (id, name, state, last_heartbeat, max_containers, memory_bytes, memory_available_bytes)
+         VALUES ($1, $1, 'active', now(), 20, 8589934592, 8589934592)",
+    )
+    .bind(id)
+    .execute(&app.db)
+    .await
+    .unwrap();
+}
+
+/// `n` warm idle pool containers on `node_id`.
+async fn idle(app: &App, node_id: &str, n: usize) -> Vec<Uuid> {
+    let s = settings::load(&app.db).await.unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..n {
+        let mut tx = app.db.begin().await.unwrap();
+        let t = capacity::insert_container(app, &mut tx, &s, node_id)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        sqlx::query(
+            "UPDATE containers SET state = 'idle', upstream = '10.0.0.9:18789', warm_at = now() WHERE id = $1",
+        )
+        .bind(t.id)
+        .execute(&app.db)
+        .await
+        .unwrap();
+        ids.push(t.id);
+    }
+    ids
+}
+
+async fn user(app: &App, email: &str) -> Uuid {
+    let id = Uuid::new_v4();
+    sqlx::query("INSERT INTO users (id, email, password_hash) VALUES ($1, $2, 'x')")
+        .bind(id)
+        .bind(email)
+        .execute(&app.db)
+        .await
+        .unwrap();
+    id
+}
+
+fn request(user_id: Uuid, subdomain: &str) -> ClaimRequest {
+    ClaimRequest {
+        user_id,
+        subdomain: subdomain.into(),
+        provider_keys: BTreeMap::from([("openai".to_owned(), format!("sk-{subdomain}-1234567"))]),
+        default_model: "openai/gpt-4o".into(),
+    }
+}
+
+async fn count(app: &App, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(&app.db).await.unwrap()
+}
+
+#[tokio::test]
+async fn concurrent_claims_take_distinct_idle_containers_then_fall_back_on_demand() {
+    let app = app().await;
+    node(&app, "n1").await;
+    let mut pool = idle(&app, "n1", 3).await;
+    let mut users = Vec::new();
+    for i in 0..3 {
+        users.push(user(&app, &format!("u{i}@example.com")).await);
+    }
+    let claims = futures::future::join_all(
+        users
+            .iter()
+            .enumerate()
+            .map(|(i, u)| claim::claim(&app, request(*u, &format!("tenant-{i}")))),
+    )
+    .await;
+    let mut taken: Vec<Uuid> = claims
+        .into_iter()
+        .map(|c| c.unwrap().container_id)
+        .collect();
+    taken.sort();
+    pool.sort();
+    assert_eq!(taken, pool, "each claim took its own idle container");
+    assert_eq!(
+        count(
+            &app,
+            "SELECT count(*) FROM containers WHERE state = 'assigning'"
+        )
+        .await,
+        3
+    );
+    // The keys are stored sealed, never in the clear.
+    let sealed: Vec<Vec<u8>> = sqlx::query_scalar("SELECT ciphertext FROM secrets")
+        .fetch_all(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(sealed.len(), 3);
+    assert!(sealed
+        .iter()
+        .all(|c| !String::from_utf8_lossy(c).contains("sk-tenant")));
+
+    // The pool is empty: the next claim creates a container for itself.
+    let late = user(&app, "late@example.com").await;
+    let c = claim::claim(&app, request(late, "late")).await.unwrap();
+    assert!(!pool.contains(&c.container_id));
+    let state: String = sqlx::query_scalar("SELECT state FROM containers WHERE id = $1")
+        .bind(c.container_id)
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!((state.as_str(), c.node_id.as_str()), ("assigning", "n1"));
+    assert_eq!(c.gateway_token.len(), 64);
+
+    // A taken subdomain and a second instance are conflicts, with nothing
+    // left behind.
+    let other = user(&app, "other@example.com").await;
+    let r = claim::claim(&app, request(other, "late")).await;
+    assert!(
+        matches!(
+            r,
+            Err(Error::Conflict {
+                code: "subdomain_taken",
+                ..
+            })
+        ),
+        "{:?}",
+        r.as_ref().err()
+    );
+    let r = claim::claim(&app, request(late, "late-two")).await;
+    assert!(
+        matches!(
+            r,
+            Err(Error::Conflict {
+                code: "instance_exists",
+                ..
+            })
+        ),
+        "{:?}",
+        r.as_ref().err()
+    );
+    assert_eq!(count(&app, "SELECT count(*) FROM instances").await, 4);
+}
+
+#[tokio::test]
+async fn no_schedulable_node_is_no_capacity_and_leaves_nothing() {
+    let app = app().await;
+    let u = user(&app, "alone@example.com").await;
+    let r = claim::claim(&app, request(u, "alone")).await;
+    assert!(
+        matches!(r, Err(Error::NoCapacity(_))),
+        "{:?}",
+        r.as_ref().err()
+    );
+    assert_eq!(count(&app, "SELECT count(*) FROM instances").await, 0);
+}
+
+#[tokio::test]
+async fn an_idempotency_key_replays_the_first_answer_and_refuses_reuse() {
+    let app = app().await;
+    let u = user(&app, "idem@example.com").await;
+    let hash = idempotency::fingerprint(&json!({"subdomain": "x"}));
+    assert!(matches!(
+        idempotency::begin(&app, u, "k1", &hash).await.unwrap(),
+        Begin::First
+    ));
+    // The first is still running.
+    let r = idempotency::begin(&app, u, "k1", &hash).await;
+    assert!(matches!(
+        r,
+        Err(Error::Conflict {
+            code: "idempotency_in_progress",
+            ..
+        })
+    ));
+    idempotency::finish(&app, u, "k1", 201, br#"{"instance":{"id":"i"}}"#).await;
+    match idempotency::begin(&app, u, "k1", &hash).await.unwrap() {
+        Begin::Replay(status, body) => {
+            assert_eq!(status, 201);
+            assert_eq!(body, br#"{"instance":{"id":"i"}}"#);
+        }
+        Begin::First => panic!("a finished key replays"),
+    }
+    // Stored sealed.
+    let stored: Vec<u8> =
+        sqlx::query_scalar("SELECT response_enc FROM idempotency_keys WHERE key = 'k1'")
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    assert!(!String::from_utf8_lossy(&stored).contains("instance"));
+    let other = idempotency::fingerprint(&json!({"subdomain": "y"}));
+    let r = idempotency::begin(&app, u, "k1", &other).await;
+    assert!(matches!(
+        r,
+        Err(Error::Unprocessable {
+            code: "idempotency_key_reused",
+            ..
+        })
+    ));
+    // A server error is not kept: the retry runs again.
+    assert!(matches!(
+        idempotency::begin(&app, u, "k2", &hash).await.unwrap(),
+        Begin::First
+    ));
+    idempotency::finish(&app, u, "k2", 503, b"{}").await;
+    assert!(matches!(
+        idempotency::begin(&app, u, "k2", &hash).await.unwrap(),
+        Begin::First
+    ));
+}
+
+#[tokio::test]
+async fn route_changes_are_versioned_and_removals_leave_tombstones() {
+    let app = app().await;
+    node(&app, "n1").await;
+    let c = idle(&app, "n1", 1).await[0];
+    let u = user(&app, "r@example.com").await;
+    let instance = Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO instances (id, user_id, subdomain, status, container_id) VALUES ($1, $2, 'r', 'ready', $3)",
+    )
+    .bind(instance)
+    .bind(u)
+    .bind(c)
+    .execute(&app.db)
+    .await
+    .unwrap();
+    let mut tx = app.db.begin().await.unwrap();
+    let up = routes::upsert(
+        &mut tx,
+        Route {
+            hostname: "r.clawdeploy.localhost".into(),
+            upstream: "10.0.0.9:18789".into(),
+            instance_id: instance.to_string(),
+            container_id: c.to_string(),
+        },
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    let snap = routes::snapshot(&app).await.unwrap();
+    assert_eq!((snap.routes.len(), snap.version), (1, up.version));
+    assert_eq!(
+        routes::live_version(&app.db, instance)
+            .await
+            .unwrap()
+            .map(|v| v.wire()),
+        Some(up.version)
+    );
+
+    let mut tx = app.db.begin().await.unwrap();
+    let removed = routes::remove_for_instance(&mut tx, instance)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(removed.len(), 1);
+    assert!(removed[0].version > up.version);
+    assert_eq!(removed[0].removed_hostname, "r.clawdeploy.localhost");
+    assert!(removed[0].upsert.is_none());
+    // The snapshot no longer has the route, and its version counts the
+    // removal: an edge at that version has seen it.
+    let snap = routes::snapshot(&app).await.unwrap();
+    assert!(snap.routes.is_empty());
+    assert_eq!(snap.version, removed[0].version);
+    // An edge catching up from before the route existed learns only its
+    // latest state: the removal.
+    let deltas = routes::deltas_where(&app, "WHERE version > $1", 0i64)
+        .await
+        .unwrap();
+    assert_eq!(deltas.len(), 1);
+    assert_eq!(deltas[0].version, removed[0].version);
+    assert_eq!(deltas[0].removed_hostname, "r.clawdeploy.localhost");
+    assert_eq!(routes::live_version(&app.db, instance).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn a_kek_rotation_rewraps_data_keys_and_leaves_customer_ciphertext_alone() {
+    let app = app().await;
+    let u = user(&app, "kek@example.com").await;
+    let instance = Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO instances (id, user_id, subdomain, status) VALUES ($1, $2, 'kek', 'pending')",
+    )
+    .bind(instance)
+    .bind(u)
+    .execute(&app.db)
+    .await
+    .unwrap();
+    let mut conn = app.db.acquire().await.unwrap();
+    let dek = envelope::create(&app.secrets, &mut conn, instance)
+        .await
+        .unwrap();
+    let sealed = dek
+        .seal(&aad::secret(instance, "openai"), b"sk-secret")
+        .unwrap();
+    drop(conn);
+    let new = SecretBox::from_hex(&SecretBox::generate_key_hex()).unwrap();
+    let done = envelope::rotate(&app.db, &app.secrets, &new).await.unwrap();
+    assert_eq!(done.data_keys, 1);
+    let kek_id: String =
+        sqlx::query_scalar("SELECT kek_id FROM tenant_keys WHERE instance_id = $1")
+            .bind(instance)
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    assert_eq!(kek_id, new.id());
+    let mut conn = app.db.acquire().await.unwrap();
+    // The data key opens under the new KEK only; what it sealed is
+    // unchanged and still opens.
+    let rewrapped = envelope::load_one(&new, &mut conn, instance).await.unwrap();
+    assert_eq!(
+        rewrapped
+            .open(&aad::secret(instance, "openai"), &sealed)
+            .unwrap(),
+        b"sk-secret"
+    );
+    assert!(envelope::load_one(&app.secrets, &mut conn, instance)
+        .await
+        .is_err());
+    drop(conn);
+    // A rerun changes nothing.
+    let again = envelope::rotate(&app.db, &app.secrets, &new).await.unwrap();
+    assert_eq!(again.data_keys, 0);
+}
+
+/// Serves the router on a loopback port; returns its base URL.
+async fn serve(app: AppRef) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let router = clawdeploy_scheduler::api::router(app, clawdeploy_scheduler::metrics_handle());
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .await
+        .unwrap();
+    });
+    format!("http://{addr}")
+}
+
+#[tokio::test]
+async fn bad_requests_get_json_errors_from_the_router_in_process() {
+    let app = app().await;
+    let base = serve(app.clone()).await;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let reg: Value = http
+        .post(format!("{base}/api/auth/register"))
+        .json(&json!({"email": "ok@example.com", "password": "correct-horse-battery"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = reg["token"].as_str().unwrap().to_owned();
+    let post = |path: &str| http.post(format!("{base}{path}"));
+    let get = |path: &str| http.get(format!("{base}{path}"));
+    let pw = "correct-horse-battery";
+    let cases: Vec<(reqwest::RequestBuilder, u16, &str)> = vec![
+        (
+            post("/api/auth/register")
+                .header("content-type", "application/json")
+                .body("{not json"),
+            400,
+            "bad_request",
+        ),
+        (
+            post("/api/auth/register")
+                .json(&json!({"email": "a@b.co", "password": pw, "extra": 1})),
+            400,
+            "bad_request",
+        ),
+        (
+            post("/api/auth/register").json(&json!({"email": "nope", "password": pw})),
+            422,
+            "invalid_field",
+        ),
+        (
+            post("/api/auth/register")
+                .json(&json!({"email": "weak@example.com", "password": "short"})),
+            422,
+            "invalid_field",
+        ),
+        (
+            post("/api/auth/register").json(&json!({"email": "OK@example.com", "password": pw})),
+            409,
+            "email_taken",
+        ),
+        (
+            post("/api/auth/login")
+                .json(&json!({"email": "ok@example.com", "password": "wrong-password-here"})),
+            401,
+            "bad_credentials",
+        ),
+        (
+            post("/api/instances").json(&json!({})),
+            401,
+            "unauthenticated",
+        ),
+        (
+            post("/api/instances")
+                .bearer_auth("cdt_forged")
+                .json(&json!({})),
+            401,
+            "unauthenticated",
+        ),
+        (
+            post("/api/instances")
+                .bearer_auth(&token)
+                .json(&json!({"subdomain": "www"})),
+            422,
+            "invalid_field",
+        ),
+        (
+            post("/api/instances")
+                .bearer_auth(&token)
+                .json(&json!({"subdomain": "ok-name", "apiKeys": {"evil": "x"}})),
+            422,
+            "invalid_field",
+        ),
+        (
+            post("/api/instances")
+                .bearer_auth(&token)
+                .header("Idempotency-Key", "x".repeat(300))
+                .json(&json!({})),
+            422,
+            "invalid_field",
+        ),
+        (
+            post("/api/instances")
+                .bearer_auth(&token)
+                .header("content-type", "application/json")
+                .body("x".repeat(70 * 1024)),
+            413,
+            "too_large",
+        ),
+        (
+            http.patch(format!("{base}/api/instances/me"))
+                .bearer_auth(&token)
+                .json(&json!({})),
+            400,
+            "bad_request",
+        ),
+        (
+            get("/api/instances/me").bearer_auth(&token),
+            404,
+            "not_found",
+        ),
+        (
+            get("/api/instances/not-a-uuid").bearer_auth(&token),
+            404,
+            "not_found",
+        ),
+        (get("/api/subdomains/a_b"), 422, "invalid_field"),
+        (get("/admin/nodes"), 401, "unauthenticated"),
+        (
+            get("/admin/nodes").bearer_auth("wrong"),
+            401,
+            "unauthenticated",
+        ),
+        (
+            post("/admin/nodes/none/drain").bearer_auth("admin-token"),
+            404,
+            "not_found",
+        ),
+        (
+            http.put(format!("{base}/admin/pool"))
+                .bearer_auth("admin-token")
+                .json(&json!({"minIdle": 30, "maxIdle": 2})),
+            422,
+            "invalid_field",
+        ),
+        (get("/no/such/route"), 404, "not_found"),
+        (
+            http.delete(format!("{base}/healthz")),
+            405,
+            "method_not_allowed",
+        ),
+    ];
+    for (i, (req, status, code)) in cases.into_iter().enumerate() {
+        let resp = req.send().await.unwrap();
+        let got = resp.status().as_u16();
+        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        assert_eq!(
+            (got, body["error"]["code"].as_str()),
+            (status, Some(code)),
+            "case {i}: {body}"
+        );
+        assert!(body["error"]["message"].is_string(), "case {i}: {body}");
+    }
+    // Nothing was created by the refused requests.
+    assert_eq!(count(&app, "SELECT count(*) FROM users").await, 1);
+    assert_eq!(count(&app, "SELECT count(*) FROM instances").await, 0);
+    // The operator's answers are their views.
+    let admin = |path: &str| http.get(format!("{base}{path}")).bearer_auth("admin-token");
+    let nodes: Value = admin("/admin/nodes")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(nodes, json!({"nodes": []}));
+    let pool: Value = admin("/admin/pool")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(pool["settings"]["minIdle"], 5);
+    assert_eq!(pool["containers"], json!([]));
+}

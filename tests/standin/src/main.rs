@@ -1,4 +1,4 @@
-//! OpenClaw gateway stand-in: reproduces the container contract of DESIGN.md
+//! OpenClaw gateway stand-in: reproduces the container contract in docs/architecture.md
 //! (port 18789, `/healthz`, `/readyz`, token-authenticated `/v1/models` that
 //! reflects the live `openclaw.json`, a token-gated echo WebSocket, and config
 //! hot reload) with nothing but std, so it links statically into a `FROM

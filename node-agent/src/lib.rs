@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use axum::routing::get;
 use tokio::net::TcpListener;
 
+use crate::probe::GatewayProbe;
 use crate::reconcile::{Reconciler, StatusBoard};
 use crate::runtime::ContainerRuntime;
 use crate::session::{Session, SessionConfig};
@@ -39,8 +40,10 @@ pub fn crash_point(point: &str) {
     }
 }
 
-/// Runs the agent until `shutdown` resolves. Containers keep running after
-/// the agent stops: they belong to tenants, not to this process.
+/// Runs the agent until `shutdown` resolves, with its `/metrics` and
+/// `/healthz` on `metrics_listener`, over Docker and HTTP probes. Containers
+/// keep running after the agent stops: they belong to tenants, not to this
+/// process.
 pub async fn run<R: ContainerRuntime>(
     session: SessionConfig,
     state_dir: std::path::PathBuf,
@@ -50,32 +53,7 @@ pub async fn run<R: ContainerRuntime>(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let handle = clawdeploy_common::metrics::install(telemetry::CATALOG, telemetry::BUCKETS)?;
-    runtime.prepare().await?;
-    let ledger = ledger::Ledger::open(&state_dir)?;
-    let initial = ledger.current().clone();
-    tracing::info!(
-        generation = initial.generation,
-        containers = initial.containers.len(),
-        "desired state loaded from the ledger"
-    );
-    let ledger = Arc::new(Mutex::new(ledger));
-    let (desired_tx, desired_rx) = tokio::sync::watch::channel(initial);
-    let board = Arc::new(StatusBoard::default());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-
-    let reconciler = tokio::spawn(
-        Reconciler::new(Arc::new(runtime), board.clone(), max_parallel_creates).run(desired_rx),
-    );
-    let session = tokio::spawn(
-        Session {
-            host: host::HostSampler::new(state_dir.clone()),
-            cfg: session,
-            ledger,
-            desired: desired_tx,
-            board,
-        }
-        .run(stop_rx.clone()),
-    );
     let app = axum::Router::new()
         .route("/metrics", get(move || std::future::ready(handle.render())))
         .route("/healthz", get(|| async { "ok" }));
@@ -87,11 +65,65 @@ pub async fn run<R: ContainerRuntime>(
             })
             .await
     });
-    shutdown.await;
-    tracing::info!("agent stopping; tenant containers keep running");
-    let _ = stop_tx.send(true);
-    let _ = session.await;
-    reconciler.abort();
+    tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!("agent stopping; tenant containers keep running");
+        let _ = stop_tx.send(true);
+    });
+    let r = run_until(
+        session,
+        state_dir,
+        runtime,
+        probe::Prober::default(),
+        max_parallel_creates,
+        stop_rx,
+    )
+    .await;
     let _ = metrics_server.await;
+    r
+}
+
+/// The agent's work without its metrics endpoint, over any runtime and
+/// probe (the fleet simulation runs many in one process over
+/// `runtime::fake::FakeRuntime`): the ledger, the reconciler and the session
+/// with the scheduler, until `stop` turns true.
+pub async fn run_until<R: ContainerRuntime, P: GatewayProbe>(
+    session: SessionConfig,
+    state_dir: std::path::PathBuf,
+    runtime: R,
+    probe: P,
+    max_parallel_creates: usize,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    runtime.prepare().await?;
+    let ledger = ledger::Ledger::open(&state_dir)?;
+    let initial = ledger.current().clone();
+    tracing::info!(
+        generation = initial.generation,
+        containers = initial.containers.len(),
+        "desired state loaded from the ledger"
+    );
+    let ledger = Arc::new(Mutex::new(ledger));
+    let (desired_tx, desired_rx) = tokio::sync::watch::channel(initial);
+    let board = Arc::new(StatusBoard::default());
+    let reconciler = tokio::spawn(
+        Reconciler::with_probe(
+            Arc::new(runtime),
+            probe,
+            board.clone(),
+            max_parallel_creates,
+        )
+        .run(desired_rx),
+    );
+    Session {
+        host: host::HostSampler::new(state_dir),
+        cfg: session,
+        ledger,
+        desired: desired_tx,
+        board,
+    }
+    .run(stop)
+    .await;
+    reconciler.abort();
     Ok(())
 }

@@ -30,6 +30,8 @@ pub struct FakeContainer {
 struct State {
     containers: BTreeMap<String, FakeContainer>,
     next: u32,
+    /// The node's tenant network: addresses are `10.<a>.<b>.<n>`.
+    net: [u8; 2],
     /// The engine does not answer at all.
     unavailable: bool,
     /// Operation → how many of its next calls fail.
@@ -44,6 +46,21 @@ pub struct FakeRuntime {
 }
 
 impl FakeRuntime {
+    /// A runtime whose containers get addresses in `10.<a>.<b>.0/24`, so
+    /// that nodes simulated side by side do not share addresses (never
+    /// dialled: the fake is its own gateway). The default is `10.0.0.0/24`.
+    pub fn on_network(a: u8, b: u8) -> Self {
+        let rt = Self::default();
+        rt.state.lock().unwrap().net = [a, b];
+        rt
+    }
+
+    /// The address the `n`-th container (from 0) gets, as an upstream.
+    pub fn upstream_of(&self, n: u32) -> String {
+        let [a, b] = self.state.lock().unwrap().net;
+        format!("10.{a}.{b}.{}:{GATEWAY_PORT}", n % 250 + 2)
+    }
+
     fn enter(&self, op: &'static str) -> Result<std::sync::MutexGuard<'_, State>> {
         let mut s = self.state.lock().unwrap();
         *s.calls.entry(op).or_default() += 1;
@@ -122,11 +139,13 @@ impl FakeRuntime {
 }
 
 fn new_container(s: &mut State, spec: ContainerSpec) -> FakeContainer {
+    let n = s.next;
     s.next += 1;
+    let [a, b] = s.net;
     FakeContainer {
-        docker_id: format!("fake{:08x}", s.next),
+        docker_id: format!("fake{n:08x}"),
         running: true,
-        ip: format!("10.200.{}.{}", s.next / 250, s.next % 250 + 2),
+        ip: format!("10.{a}.{b}.{}", n % 250 + 2),
         limits: spec.limits,
         config: None,
         starts: 1,

@@ -1,33 +1,30 @@
-//! Fleet simulation: many lightweight SIMULATED agents against one real
+//! Fleet simulation: many real agents in one process against one real
 //! scheduler (PostgreSQL, mTLS gRPC, the real edge watching routes). Each
-//! simulated agent holds its own mTLS connection with its own certificate
-//! and speaks the real session protocol (hello, heartbeats, desired state);
-//! only its container runtime is simulated: a container is "healthy" as soon
-//! as it is desired, and a tenant config is "live" as soon as it arrives.
+//! agent is the agent library itself (its session, ledger and reconciler)
+//! with its own mTLS certificate; only the container runtime is simulated:
+//! `FakeRuntime`, an in-memory engine that is also its containers' gateway,
+//! so containers start at once and no traffic leaves the process.
 //!
 //! Measures the scheduler's CPU and memory under steady heartbeats, then the
 //! claim throughput (signups answered 201 by the API while the simulated
 //! agents confirm). Run with `scripts/bench-fleet`.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use clap::Parser;
-use clawdeploy_e2e::{cpu_secs, rss_kib, Cluster, ClusterOptions};
-use clawdeploy_proto::agent_session_client::AgentSessionClient;
+use clawdeploy_agent::enroll::TlsFiles;
+use clawdeploy_agent::run_until;
+use clawdeploy_agent::runtime::fake::FakeRuntime;
+use clawdeploy_agent::runtime::{ContainerSpec, Limits};
+use clawdeploy_agent::session::SessionConfig;
+use clawdeploy_e2e::{cpu_secs, metric_value, rss_kib, Cluster, ClusterOptions};
 use clawdeploy_proto::client::SchedulerEndpoint;
-use clawdeploy_proto::{
-    agent_message, scheduler_message, AgentMessage, ContainerPhase, ContainerStatus, DesiredState,
-    Heartbeat, Hello, NodeCapacity, NodeUsage,
-};
+use clawdeploy_proto::NodeCapacity;
 use clawdeploy_scheduler::crypto::pki::{Ca, Identity};
 use clawdeploy_scheduler::crypto::SecretBox;
 use serde_json::json;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use uuid::Uuid;
 
 #[derive(Parser)]
@@ -47,156 +44,18 @@ struct Args {
     signups: usize,
 }
 
-/// Counters shared by the simulated agents.
-#[derive(Default)]
-struct Stats {
-    sessions: AtomicU64,
-    heartbeats: AtomicU64,
-    desired: AtomicU64,
-    errors: AtomicU64,
+/// The upstream of the `n`-th container of node `index`: the address its
+/// `FakeRuntime` gives it (see `runtime_of`).
+fn upstream(index: usize, n: usize) -> String {
+    format!("10.{}.{}.{}:18789", index / 250, index % 250, n % 250 + 2)
 }
 
-/// One simulated node: its container statuses as a real agent would
-/// report them, driven by the desired states it receives.
-struct SimNode {
-    id: String,
-    index: usize,
-    applied: u64,
-    containers: HashMap<String, ContainerStatus>,
+/// Node `index`'s runtime: its own addresses, `10.<index / 250>.<index % 250>.x`.
+fn runtime_of(index: usize) -> FakeRuntime {
+    FakeRuntime::on_network((index / 250) as u8, (index % 250) as u8)
 }
 
-impl SimNode {
-    fn upstream(&self, n: usize) -> String {
-        format!(
-            "10.{}.{}.{}:18789",
-            self.index / 250,
-            self.index % 250,
-            n % 250 + 2
-        )
-    }
-
-    /// The simulated runtime: every desired container runs and is healthy
-    /// at once, and its tenant config is live at once.
-    fn apply(&mut self, d: DesiredState) {
-        if d.generation <= self.applied {
-            return;
-        }
-        self.applied = d.generation;
-        let mut next = HashMap::new();
-        for (n, c) in d.containers.into_iter().enumerate() {
-            let mut status =
-                self.containers
-                    .remove(&c.container_id)
-                    .unwrap_or_else(|| ContainerStatus {
-                        container_id: c.container_id.clone(),
-                        docker_id: format!("sim-{}", c.container_id),
-                        upstream: self.upstream(n),
-                        ..Default::default()
-                    });
-            status.phase = if c.stopped {
-                ContainerPhase::Stopped
-            } else {
-                ContainerPhase::Healthy
-            } as i32;
-            if let Some(t) = c.tenant {
-                status.config_version = t.config_version;
-            }
-            next.insert(c.container_id, status);
-        }
-        self.containers = next;
-    }
-
-    fn heartbeat(&self) -> AgentMessage {
-        AgentMessage {
-            msg: Some(agent_message::Msg::Heartbeat(Heartbeat {
-                applied_generation: self.applied,
-                containers: self.containers.values().cloned().collect(),
-                usage: Some(NodeUsage {
-                    containers: self.containers.len() as u32,
-                    containers_running: self.containers.len() as u32,
-                    cpu_busy_permille: 300,
-                    memory_available_bytes: 24 << 30,
-                    disk_available_bytes: 200 << 30,
-                    disk_total_bytes: 400 << 30,
-                    ..Default::default()
-                }),
-            })),
-        }
-    }
-}
-
-async fn run_node(
-    endpoint: SchedulerEndpoint,
-    mut node: SimNode,
-    every: Duration,
-    stats: Arc<Stats>,
-) {
-    loop {
-        if let Err(e) = session(&endpoint, &mut node, every, &stats).await {
-            stats.errors.fetch_add(1, Ordering::Relaxed);
-            tracing_like(&format!("{}: session ended: {e}", node.id));
-        }
-        tokio::time::sleep(Duration::from_millis(500 + (node.index as u64 * 7) % 1000)).await;
-    }
-}
-
-fn tracing_like(msg: &str) {
-    if std::env::var_os("FLEET_SIM_VERBOSE").is_some() {
-        eprintln!("{msg}");
-    }
-}
-
-async fn session(
-    endpoint: &SchedulerEndpoint,
-    node: &mut SimNode,
-    every: Duration,
-    stats: &Stats,
-) -> Result<()> {
-    let channel = endpoint.connect().await.map_err(|e| anyhow::anyhow!(e))?;
-    let mut client = AgentSessionClient::new(channel);
-    let (tx, rx) = mpsc::channel(16);
-    tx.send(AgentMessage {
-        msg: Some(agent_message::Msg::Hello(Hello {
-            node_id: node.id.clone(),
-            agent_version: "fleet-sim".into(),
-            capacity: Some(NodeCapacity {
-                cpu_millis: 16_000,
-                memory_bytes: 64 << 30,
-                max_containers: 30,
-            }),
-            applied_generation: node.applied,
-            private_address: String::new(),
-        })),
-    })
-    .await?;
-    tx.send(node.heartbeat()).await?;
-    let mut inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
-    stats.sessions.fetch_add(1, Ordering::Relaxed);
-    // Spread the fleet's heartbeats over the interval, as real agents started
-    // at different times would be.
-    let offset = every.mul_f64((node.index % 100) as f64 / 100.0);
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + offset, every);
-    loop {
-        tokio::select! {
-            msg = inbound.message() => {
-                let Some(msg) = msg? else { return Ok(()) };
-                if let Some(scheduler_message::Msg::Desired(d)) = msg.msg {
-                    stats.desired.fetch_add(1, Ordering::Relaxed);
-                    let before = node.applied;
-                    node.apply(d);
-                    if node.applied != before {
-                        tx.send(node.heartbeat()).await?;
-                        stats.heartbeats.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }
-            _ = tick.tick() => {
-                tx.send(node.heartbeat()).await?;
-                stats.heartbeats.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-    }
-}
+const SIM_TOKEN: &[u8] = b"fleet-sim-gateway-token";
 
 /// Writes the fleet's existing tenants straight into the database (users,
 /// instances, assigned containers, routes), as if they had signed up
@@ -242,12 +101,6 @@ async fn seed_tenants(
                 .next()
                 .and_then(|s| s.parse().ok())
                 .unwrap_or(0);
-            let sim = SimNode {
-                id: node.clone(),
-                index,
-                applied: 0,
-                containers: HashMap::new(),
-            };
             let mut ids = Vec::new();
             for n in 0..per_node {
                 let (u, i, cid) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
@@ -259,9 +112,9 @@ async fn seed_tenants(
                 node_ids.push(node.clone());
                 tokens.push(secrets.seal(
                     &clawdeploy_scheduler::crypto::aad::gateway_token(cid),
-                    b"fleet-sim-gateway-token",
+                    SIM_TOKEN,
                 )?);
-                upstreams.push(sim.upstream(n));
+                upstreams.push(upstream(index, n));
                 ids.push(cid);
             }
             by_node.insert(node.clone(), ids);
@@ -352,43 +205,65 @@ async fn main() -> Result<()> {
         t.elapsed().as_secs_f64()
     );
 
-    let stats = Arc::new(Stats::default());
+    // The agents' own metrics, summed over the fleet in this process.
+    let agents_metrics = clawdeploy_common::metrics::install(
+        clawdeploy_agent::telemetry::CATALOG,
+        clawdeploy_agent::telemetry::BUCKETS,
+    )?;
+    let fleet_metric = |name: &str| metric_value(&agents_metrics.render(), name).unwrap_or(0.0);
     let every = Duration::from_millis(a.heartbeat_ms);
     let t = Instant::now();
     // Database time as text: the harness needs no time crate.
     let t0: String = sqlx::query_scalar("SELECT now()::text")
         .fetch_one(&c.db)
         .await?;
+    let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     for (index, id) in node_ids.iter().enumerate() {
-        let endpoint = SchedulerEndpoint {
-            urls: vec![format!("https://{}", c.grpc)],
-            current: Default::default(),
-            server_name: "localhost".into(),
-            ca_file: tls.join("ca.crt.pem"),
-            cert_file: tls.join(format!("{id}.crt.pem")),
-            key_file: tls.join(format!("{id}.key.pem")),
-        };
         // The node starts out running the tenants the database says it has.
-        let mut node = SimNode {
-            id: id.clone(),
-            index,
-            applied: 0,
-            containers: HashMap::new(),
-        };
-        for (n, cid) in seeded[id].iter().enumerate() {
-            node.containers.insert(
-                cid.to_string(),
-                ContainerStatus {
-                    container_id: cid.to_string(),
-                    docker_id: format!("sim-{cid}"),
-                    upstream: node.upstream(n),
-                    phase: ContainerPhase::Healthy as i32,
-                    config_version: 1,
-                    message: String::new(),
+        let runtime = runtime_of(index);
+        for cid in &seeded[id] {
+            runtime.insert_running(ContainerSpec {
+                container_id: cid.to_string(),
+                image: "clawdeploy/openclaw-standin:dev".into(),
+                gateway_token: String::from_utf8_lossy(SIM_TOKEN).into_owned(),
+                limits: Limits {
+                    cpu_millis: 500,
+                    memory_bytes: 512 << 20,
+                    pids: 256,
                 },
-            );
+                generation: 0,
+            });
         }
-        tokio::spawn(run_node(endpoint, node, every, stats.clone()));
+        let session = SessionConfig {
+            node_id: id.clone(),
+            scheduler: SchedulerEndpoint {
+                urls: vec![format!("https://{}", c.grpc)],
+                current: Default::default(),
+                server_name: "localhost".into(),
+                ca_file: tls.join("ca.crt.pem"),
+                cert_file: tls.join(format!("{id}.crt.pem")),
+                key_file: tls.join(format!("{id}.key.pem")),
+            },
+            capacity: NodeCapacity {
+                cpu_millis: 16_000,
+                memory_bytes: 64 << 30,
+                max_containers: 30,
+            },
+            private_address: String::new(),
+            heartbeat_every: every,
+            tls: TlsFiles {
+                dir: tls.clone(),
+                node_id: id.clone(),
+            },
+        };
+        let state_dir = c.dir.join("sim-state").join(id);
+        let stop = stop_rx.clone();
+        let probe = runtime.clone();
+        tokio::spawn(async move {
+            if let Err(e) = run_until(session, state_dir, runtime, probe, 2, stop).await {
+                eprintln!("agent {index} stopped: {e:#}");
+            }
+        });
         if index % 50 == 49 {
             // Do not open a thousand TLS handshakes in the same millisecond.
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -421,25 +296,25 @@ async fn main() -> Result<()> {
     tokio::time::sleep(Duration::from_secs(5)).await;
 
     let cpu0 = cpu_secs(scheduler_pid).unwrap_or(0.0);
-    let hb0 = stats.heartbeats.load(Ordering::Relaxed);
+    let hb0 = fleet_metric("clawdeploy_agent_heartbeats_total");
     let t = Instant::now();
     tokio::time::sleep(Duration::from_secs(a.steady_secs)).await;
     let wall = t.elapsed().as_secs_f64();
     let cpu = cpu_secs(scheduler_pid).unwrap_or(0.0) - cpu0;
-    let beats = stats.heartbeats.load(Ordering::Relaxed) - hb0;
+    let beats = fleet_metric("clawdeploy_agent_heartbeats_total") - hb0;
     let unreachable: i64 = sqlx::query_scalar("SELECT count(*) FROM nodes WHERE state <> 'active'")
         .fetch_one(&c.db)
         .await?;
     println!(
-        "fleet (SIMULATED agents, real scheduler/PostgreSQL/mTLS): {} nodes x {} containers, heartbeat every {} ms",
+        "fleet (real agents over an in-memory runtime, real scheduler/PostgreSQL/mTLS): {} nodes x {} containers, heartbeat every {} ms",
         a.nodes, a.containers_per_node, a.heartbeat_ms
     );
     println!(
-        "steady: {:.0} heartbeats/s for {wall:.0} s; scheduler CPU {:.1}% of one core; RSS {} KiB; nodes not active: {unreachable}; session errors: {}",
-        beats as f64 / wall,
+        "steady: {:.0} heartbeats/s for {wall:.0} s; scheduler CPU {:.1}% of one core; RSS {} KiB; nodes not active: {unreachable}; sessions opened: {}",
+        beats / wall,
         100.0 * cpu / wall,
         rss_kib(scheduler_pid).unwrap_or(0),
-        stats.errors.load(Ordering::Relaxed)
+        fleet_metric("clawdeploy_agent_sessions_opened_total")
     );
 
     // Claim throughput: register first (not timed), then sign up at once.
@@ -474,9 +349,9 @@ async fn main() -> Result<()> {
         c.scheduler_metric(0, "clawdeploy_claim_fallbacks_total").await?
     );
     println!(
-        "scheduler RSS after claims: {} KiB; desired states pushed to simulated agents: {}",
+        "scheduler RSS after claims: {} KiB; tenant configs proven live by the agents: {}",
         rss_kib(scheduler_pid).unwrap_or(0),
-        stats.desired.load(Ordering::Relaxed)
+        fleet_metric("clawdeploy_agent_config_apply_seconds_count")
     );
     Ok(())
 }

@@ -93,8 +93,15 @@ async fn spend_token(app: &App, token: &str, node_id: &str) -> Result<()> {
     let refused = || Error::Unauthenticated;
     let (id, secret) = token.split_once('.').ok_or_else(refused)?;
     let mut tx = app.db.begin().await?;
-    let row: Option<(Vec<u8>, String, bool, bool)> = sqlx::query_as(
-        "SELECT secret_hash, node_id, used_at IS NOT NULL, expires_at <= now()
+    #[derive(sqlx::FromRow)]
+    struct Stored {
+        secret_hash: Vec<u8>,
+        node_id: String,
+        used: bool,
+        expired: bool,
+    }
+    let row: Option<Stored> = sqlx::query_as(
+        "SELECT secret_hash, node_id, used_at IS NOT NULL AS used, expires_at <= now() AS expired
            FROM join_tokens WHERE id = $1 FOR UPDATE",
     )
     .bind(id)
@@ -102,10 +109,10 @@ async fn spend_token(app: &App, token: &str, node_id: &str) -> Result<()> {
     .await?;
     let reason = match &row {
         None => Some("unknown token"),
-        Some((hash, ..)) if !constant_time_eq(hash, &secret_hash(secret)) => Some("wrong secret"),
-        Some((_, _, true, _)) => Some("already used"),
-        Some((_, _, _, true)) => Some("expired"),
-        Some((_, for_node, ..)) if for_node != node_id => Some("made for another node"),
+        Some(t) if !constant_time_eq(&t.secret_hash, &secret_hash(secret)) => Some("wrong secret"),
+        Some(t) if t.used => Some("already used"),
+        Some(t) if t.expired => Some("expired"),
+        Some(t) if t.node_id != node_id => Some("made for another node"),
         Some(_) => None,
     };
     if let Some(reason) = reason {

@@ -15,6 +15,14 @@ use super::aad::{self, data_key as dek_aad};
 use super::SecretBox;
 use crate::error::{Error, Result};
 
+/// A `tenant_keys` row: an instance's data key, wrapped by the KEK `kek_id`.
+#[derive(sqlx::FromRow)]
+struct WrappedKey {
+    instance_id: Uuid,
+    kek_id: String,
+    wrapped_dek: Vec<u8>,
+}
+
 fn unwrap(kek: &SecretBox, instance_id: Uuid, kek_id: &str, wrapped: &[u8]) -> Result<SecretBox> {
     if kek_id != kek.id() {
         return Err(Error::Internal(format!(
@@ -49,14 +57,17 @@ pub async fn load(
     db: &mut PgConnection,
     instance_ids: &[Uuid],
 ) -> Result<HashMap<Uuid, SecretBox>> {
-    let rows: Vec<(Uuid, String, Vec<u8>)> = sqlx::query_as(
+    let rows: Vec<WrappedKey> = sqlx::query_as(
         "SELECT instance_id, kek_id, wrapped_dek FROM tenant_keys WHERE instance_id = ANY($1)",
     )
     .bind(instance_ids)
     .fetch_all(&mut *db)
     .await?;
     rows.into_iter()
-        .map(|(id, kek_id, wrapped)| Ok((id, unwrap(kek, id, &kek_id, &wrapped)?)))
+        .map(|k| {
+            let dek = unwrap(kek, k.instance_id, &k.kek_id, &k.wrapped_dek)?;
+            Ok((k.instance_id, dek))
+        })
         .collect()
 }
 
@@ -86,11 +97,16 @@ pub struct Rotated {
 pub async fn rotate(db: &PgPool, old: &SecretBox, new: &SecretBox) -> Result<Rotated> {
     let mut tx = db.begin().await?;
     let mut done = Rotated::default();
-    let keys: Vec<(Uuid, String, Vec<u8>)> =
+    let keys: Vec<WrappedKey> =
         sqlx::query_as("SELECT instance_id, kek_id, wrapped_dek FROM tenant_keys FOR UPDATE")
             .fetch_all(&mut *tx)
             .await?;
-    for (id, kek_id, wrapped) in keys {
+    for WrappedKey {
+        instance_id: id,
+        kek_id,
+        wrapped_dek: wrapped,
+    } in keys
+    {
         if kek_id == new.id() {
             continue;
         }

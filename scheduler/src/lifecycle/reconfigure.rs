@@ -73,7 +73,13 @@ pub async fn reconfigure(app: &AppRef, user_id: Uuid, change: Change) -> Result<
     }
 
     let mut tx = app.db.begin().await?;
-    let row: Option<(Uuid, String, Option<String>)> = sqlx::query_as(
+    #[derive(sqlx::FromRow)]
+    struct Live {
+        id: Uuid,
+        default_model: String,
+        node_id: Option<String>,
+    }
+    let row: Option<Live> = sqlx::query_as(
         "SELECT i.id, i.default_model, c.node_id
            FROM instances i LEFT JOIN containers c ON c.id = i.container_id
           WHERE i.user_id = $1 AND i.status IN ('pending', 'ready')
@@ -83,7 +89,11 @@ pub async fn reconfigure(app: &AppRef, user_id: Uuid, change: Change) -> Result<
     .bind(user_id)
     .fetch_optional(&mut *tx)
     .await?;
-    let (instance_id, current_model, node_id) = row.ok_or(Error::NotFound("instance"))?;
+    let Live {
+        id: instance_id,
+        default_model: current_model,
+        node_id,
+    } = row.ok_or(Error::NotFound("instance"))?;
     let dek = envelope::load_one(&app.secrets, &mut tx, instance_id).await?;
     for (name, value) in &sets {
         let sealed = dek.seal(&aad::secret(instance_id, name), value.as_bytes())?;

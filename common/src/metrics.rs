@@ -188,6 +188,15 @@ pub fn assert_documented(doc: &Path, catalog: &[Metric]) {
     );
 }
 
+/// The check each crate's tests run on its catalog: the Rust files under
+/// `<crate_dir>/src` record nothing the catalog lacks, and
+/// `<crate_dir>/../docs/metrics.md` lists the catalog as it is.
+pub fn check_catalog(crate_dir: &Path, catalog: &[Metric]) {
+    let missing = undescribed(&crate_dir.join("src"), catalog);
+    assert!(missing.is_empty(), "not in the catalog: {missing:?}");
+    assert_documented(&crate_dir.join("../docs/metrics.md"), catalog);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -86,6 +86,23 @@ async fn user(app: &App, email: &str) -> Uuid {
     id
 }
 
+/// A ready instance of a new user's at `subdomain`, on `container`.
+async fn instance(app: &App, subdomain: &str, container: Option<Uuid>) -> Uuid {
+    let u = user(app, &format!("{subdomain}@example.com")).await;
+    let id = Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO instances (id, user_id, subdomain, status, container_id) VALUES ($1, $2, $3, 'ready', $4)",
+    )
+    .bind(id)
+    .bind(u)
+    .bind(subdomain)
+    .bind(container)
+    .execute(&app.db)
+    .await
+    .unwrap();
+    id
+}
+
 fn request(user_id: Uuid, subdomain: &str) -> ClaimRequest {
     ClaimRequest {
         user_id,
@@ -254,17 +271,7 @@ async fn route_changes_are_versioned_and_removals_leave_tombstones() {
     let app = app().await;
     node(&app, "n1").await;
     let c = idle(&app, "n1", 1).await[0];
-    let u = user(&app, "r@example.com").await;
-    let instance = Uuid::new_v4();
-    sqlx::query(
-        "INSERT INTO instances (id, user_id, subdomain, status, container_id) VALUES ($1, $2, 'r', 'ready', $3)",
-    )
-    .bind(instance)
-    .bind(u)
-    .bind(c)
-    .execute(&app.db)
-    .await
-    .unwrap();
+    let instance = instance(&app, "r", Some(c)).await;
     let mut tx = app.db.begin().await.unwrap();
     let up = routes::upsert(
         &mut tx,
@@ -316,16 +323,7 @@ async fn route_changes_are_versioned_and_removals_leave_tombstones() {
 #[tokio::test]
 async fn a_kek_rotation_rewraps_data_keys_and_leaves_customer_ciphertext_alone() {
     let app = app().await;
-    let u = user(&app, "kek@example.com").await;
-    let instance = Uuid::new_v4();
-    sqlx::query(
-        "INSERT INTO instances (id, user_id, subdomain, status) VALUES ($1, $2, 'kek', 'pending')",
-    )
-    .bind(instance)
-    .bind(u)
-    .execute(&app.db)
-    .await
-    .unwrap();
+    let instance = instance(&app, "kek", None).await;
     let mut conn = app.db.acquire().await.unwrap();
     let dek = envelope::create(&app.secrets, &mut conn, instance)
         .await

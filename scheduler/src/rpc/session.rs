@@ -111,12 +111,7 @@ impl AgentSession {
         .bind(clamp_i32(cap.max_containers.max(1).into()))
         .fetch_one(&self.app.db)
         .await?;
-        if state == NodeState::Removed {
-            return Err(Error::Forbidden(format!(
-                "node {} has been removed",
-                self.node_id
-            )));
-        }
+        self.refuse_if_removed(state)?;
         audit(&self.app.db, &format!("node:{}", self.node_id), "node.hello", &self.node_id, serde_json::json!({"agentVersion": hello.agent_version, "appliedGeneration": hello.applied_generation})).await;
         if self.session_id.is_none() {
             self.session_id = Some(self.app.sessions.register(&self.node_id, self.tx.clone()));
@@ -131,6 +126,17 @@ impl AgentSession {
         )
         .await?;
         self.app.pool_wake.notify_one();
+        Ok(())
+    }
+
+    /// A removed node's session ends at its next message.
+    fn refuse_if_removed(&self, state: NodeState) -> Result<()> {
+        if state == NodeState::Removed {
+            return Err(Error::Forbidden(format!(
+                "node {} has been removed",
+                self.node_id
+            )));
+        }
         Ok(())
     }
 
@@ -150,12 +156,7 @@ impl AgentSession {
         .bind(clamp_i32(usage.containers_running.into()))
         .fetch_one(&self.app.db)
         .await?;
-        if state == NodeState::Removed {
-            return Err(Error::Forbidden(format!(
-                "node {} has been removed",
-                self.node_id
-            )));
-        }
+        self.refuse_if_removed(state)?;
         // Reports touch different rows, so they are applied concurrently:
         // a burst of claims on one node completes in parallel.
         let changed: Vec<&ContainerStatus> = hb

@@ -36,7 +36,7 @@ fn promtool(text: &str) -> (bool, String) {
 #[tokio::test(flavor = "multi_thread")]
 async fn every_metrics_endpoint_passes_promtool() {
     let c = Cluster::start(ClusterOptions::default()).await.unwrap();
-    c.wait_idle(2, false, Duration::from_secs(120))
+    c.wait_idle_at_least(2, Duration::from_secs(120))
         .await
         .unwrap();
     let (_, gw) = c

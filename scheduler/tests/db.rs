@@ -380,6 +380,8 @@ async fn serve(app: AppRef) -> String {
 #[tokio::test]
 async fn bad_requests_get_json_errors_from_the_router_in_process() {
     let app = app().await;
+    node(&app, "n1").await;
+    idle(&app, "n1", 2).await;
     let base = serve(app.clone()).await;
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
@@ -435,6 +437,12 @@ async fn bad_requests_get_json_errors_from_the_router_in_process() {
             "bad_credentials",
         ),
         (
+            post("/api/auth/login")
+                .json(&json!({"email": "nobody@example.com", "password": "wrong-password-here"})),
+            401,
+            "bad_credentials",
+        ),
+        (
             post("/api/instances").json(&json!({})),
             401,
             "unauthenticated",
@@ -450,6 +458,34 @@ async fn bad_requests_get_json_errors_from_the_router_in_process() {
             post("/api/instances")
                 .bearer_auth(&token)
                 .json(&json!({"subdomain": "www"})),
+            422,
+            "invalid_field",
+        ),
+        (
+            post("/api/instances")
+                .bearer_auth(&token)
+                .json(&json!({"subdomain": 7})),
+            400,
+            "bad_request",
+        ),
+        (
+            post("/api/instances")
+                .bearer_auth(&token)
+                .json(&json!({"subdomain": "ok-name", "unexpected": 1})),
+            400,
+            "bad_request",
+        ),
+        (
+            post("/api/instances")
+                .bearer_auth(&token)
+                .json(&json!({"subdomain": "Bad_Name!"})),
+            422,
+            "invalid_field",
+        ),
+        (
+            post("/api/instances")
+                .bearer_auth(&token)
+                .json(&json!({"subdomain": "-abc"})),
             422,
             "invalid_field",
         ),
@@ -530,9 +566,22 @@ async fn bad_requests_get_json_errors_from_the_router_in_process() {
         );
         assert!(body["error"]["message"].is_string(), "case {i}: {body}");
     }
-    // Nothing was created by the refused requests.
+    // Nothing was created by the refused requests, and the pool is whole.
     assert_eq!(count(&app, "SELECT count(*) FROM users").await, 1);
     assert_eq!(count(&app, "SELECT count(*) FROM instances").await, 0);
+    assert_eq!(count(&app, "SELECT count(*) FROM secrets").await, 0);
+    assert_eq!(
+        count(
+            &app,
+            "SELECT count(*) FROM containers WHERE state IN ('assigning', 'assigned')"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        count(&app, "SELECT count(*) FROM containers WHERE state = 'idle'").await,
+        2
+    );
     // The operator's answers are their views.
     let admin = |path: &str| http.get(format!("{base}{path}")).bearer_auth("admin-token");
     let nodes: Value = admin("/admin/nodes")
@@ -542,7 +591,9 @@ async fn bad_requests_get_json_errors_from_the_router_in_process() {
         .json()
         .await
         .unwrap();
-    assert_eq!(nodes, json!({"nodes": []}));
+    assert_eq!(nodes["nodes"][0]["id"], "n1");
+    assert_eq!(nodes["nodes"][0]["idle"], 2);
+    assert_eq!(nodes["nodes"][0]["state"], "active");
     let pool: Value = admin("/admin/pool")
         .send()
         .await
@@ -551,5 +602,6 @@ async fn bad_requests_get_json_errors_from_the_router_in_process() {
         .await
         .unwrap();
     assert_eq!(pool["settings"]["minIdle"], 5);
-    assert_eq!(pool["containers"], json!([]));
+    assert_eq!(pool["containers"][0]["state"], "idle");
+    assert_eq!(pool["containers"][0]["count"], 2);
 }

@@ -44,8 +44,8 @@ async fn app() -> AppRef {
 /// An active node that heartbeats, with room for 20 containers.
 async fn node(app: &App, id: &str) {
     sqlx::query(
-        "INSERT INTO nodes (id, name, state, last_heartbeat, max_containers, memory_bytes, memory_available_bytes)
-         VALUES ($1, $1, 'active', now(), 20, 8589934592, 8589934592)",
+        "INSERT INTO nodes (id, name, state, last_heartbeat, max_containers, memory_bytes, memory_available_bytes, private_address)
+         VALUES ($1, $1, 'active', now(), 20, 8589934592, 8589934592, '10.1.2.3')",
     )
     .bind(id)
     .execute(&app.db)
@@ -591,9 +591,17 @@ async fn bad_requests_get_json_errors_from_the_router_in_process() {
         .json()
         .await
         .unwrap();
-    assert_eq!(nodes["nodes"][0]["id"], "n1");
-    assert_eq!(nodes["nodes"][0]["idle"], 2);
-    assert_eq!(nodes["nodes"][0]["state"], "active");
+    let n = &nodes["nodes"][0];
+    assert_eq!(n["id"], "n1");
+    assert_eq!(n["idle"], 2);
+    assert_eq!(n["state"], "active");
+    // The product spec's shape, next to the richer fields.
+    assert_eq!(n["status"], "healthy");
+    assert_eq!(n["ip"], "10.1.2.3");
+    assert_eq!(
+        n["containers"],
+        json!({"total": 2, "idle": 2, "assigned": 0})
+    );
     let pool: Value = admin("/admin/pool")
         .send()
         .await

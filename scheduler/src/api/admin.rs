@@ -11,8 +11,8 @@ use serde::Deserialize;
 
 use super::extract::{ApiJson, Operator};
 use super::views::{
-    ErrorBody, JoinTokenView, NodeList, NodeStateView, NodeUsage, NodeView, PoolSettingsView,
-    PoolView,
+    ContainerCounts, ErrorBody, JoinTokenView, NodeList, NodeStateView, NodeUsage, NodeView,
+    PoolSettingsView, PoolView,
 };
 use crate::agents::enroll;
 use crate::app::AppRef;
@@ -67,11 +67,17 @@ pub async fn list_nodes(_: Operator, State(app): State<AppRef>) -> Result<axum::
         .map(|n| NodeView {
             connected: app.sessions.sender(&n.id).is_some(),
             id: n.id,
+            ip: n.ip,
+            status: n.state.into(),
             state: n.state,
             generation: n.generation,
             last_heartbeat: n.last_heartbeat,
             cert_not_after: n.cert_not_after,
-            containers: n.containers,
+            containers: ContainerCounts {
+                total: n.containers,
+                idle: n.idle,
+                assigned: n.assigned,
+            },
             idle: n.idle,
             assigned: n.assigned,
             heartbeat_fresh: n.heartbeat_fresh,

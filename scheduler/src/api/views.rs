@@ -144,18 +144,24 @@ pub struct NodeList {
     pub nodes: Vec<NodeView>,
 }
 
-/// A node as the operator sees it.
+/// A node as the operator sees it: the product spec's fields (`ip`,
+/// `status`, `containers`) next to the richer ones.
 #[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeView {
     pub id: String,
+    /// Its public address, or the private one it registered when no public
+    /// address is known.
+    pub ip: String,
+    /// The spec's word for the state: `healthy` (active), `draining`,
+    /// `unreachable` or `removed`.
+    pub status: NodeStatus,
     pub state: NodeState,
     /// Its desired state's generation.
     pub generation: i64,
     pub last_heartbeat: Option<DateTime<Utc>>,
     pub cert_not_after: Option<DateTime<Utc>>,
-    /// Containers that are not destroyed or failed.
-    pub containers: i64,
+    pub containers: ContainerCounts,
     pub idle: i64,
     pub assigned: i64,
     /// The node holds its session with this scheduler.
@@ -164,6 +170,36 @@ pub struct NodeView {
     /// schedulers, the node may hold its session with the other one).
     pub heartbeat_fresh: bool,
     pub usage: NodeUsage,
+}
+
+/// The spec's node status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeStatus {
+    Healthy,
+    Draining,
+    Unreachable,
+    Removed,
+}
+
+impl From<NodeState> for NodeStatus {
+    fn from(s: NodeState) -> Self {
+        match s {
+            NodeState::Active => NodeStatus::Healthy,
+            NodeState::Draining => NodeStatus::Draining,
+            NodeState::Unreachable => NodeStatus::Unreachable,
+            NodeState::Removed => NodeStatus::Removed,
+        }
+    }
+}
+
+/// A node's containers: every one that is not destroyed or failed, and of
+/// those the idle (warm, in the pool) and the assigned (a tenant's).
+#[derive(Serialize, ToSchema)]
+pub struct ContainerCounts {
+    pub total: i64,
+    pub idle: i64,
+    pub assigned: i64,
 }
 
 /// What the node's last heartbeat reported.

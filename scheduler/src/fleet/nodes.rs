@@ -14,6 +14,9 @@ use crate::model::NodeState;
 pub struct NodeSummary {
     pub id: String,
     pub state: NodeState,
+    /// Its public address, or the private one it registered when no
+    /// public address is known.
+    pub ip: String,
     pub generation: i64,
     pub last_heartbeat: Option<DateTime<Utc>>,
     pub cert_not_after: Option<DateTime<Utc>>,
@@ -31,7 +34,8 @@ pub struct NodeSummary {
 
 pub async fn list(app: &App) -> Result<Vec<NodeSummary>> {
     Ok(sqlx::query_as(
-        "SELECT n.id, n.state, n.generation, n.last_heartbeat, n.cert_not_after,
+        "SELECT n.id, n.state, COALESCE(NULLIF(n.public_address, ''), n.private_address) AS ip,
+                n.generation, n.last_heartbeat, n.cert_not_after,
                 c.containers, c.idle, c.assigned,
                 COALESCE(n.last_heartbeat > now() - make_interval(secs => $1), false) AS heartbeat_fresh,
                 n.cpu_busy_permille, n.memory_available_bytes, n.disk_available_bytes,

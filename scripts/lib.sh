@@ -132,3 +132,45 @@ docker_cleanup_node() {
   if [ -n "$nets" ]; then docker network rm $nets >/dev/null 2>&1 || log "could not remove the network of $node"; fi
   return 0
 }
+
+# The S3-compatible object store for state archives: moto's server (PyPI
+# `moto[server]`, in the project's venv under .local/venv), bound to
+# 127.0.0.1:$S3_PORT, with the bucket $S3_BUCKET. A development and test
+# stand-in only: it keeps objects in memory and does not check signatures.
+# Exports CLAWDEPLOY_ARCHIVE_* for the scheduler and the tests.
+S3_PORT=${CLAWDEPLOY_S3_PORT:-54390}
+S3_BUCKET=clawdeploy-archives
+ensure_object_store() {
+  local venv="$LOCAL/venv" dir="$LOCAL/s3"
+  if [ ! -x "$venv/bin/moto_server" ]; then
+    [ -x "$venv/bin/pip" ] || python3 -m venv "$venv"
+    log "installing moto[server] (PyPI) into $venv"
+    "$venv/bin/pip" install -q "moto[server]"
+  fi
+  mkdir -p "$dir"
+  if ! { [ -f "$dir/pid" ] && kill -0 "$(cat "$dir/pid")" 2>/dev/null; }; then
+    while (exec 3<>"/dev/tcp/127.0.0.1/$S3_PORT") 2>/dev/null; do
+      log "port $S3_PORT is taken; trying $((S3_PORT + 1))"
+      S3_PORT=$((S3_PORT + 1))
+    done
+    log "starting the S3-compatible store (moto) on 127.0.0.1:$S3_PORT"
+    nohup "$venv/bin/moto_server" -H 127.0.0.1 -p "$S3_PORT" >"$dir/moto.log" 2>&1 &
+    echo $! >"$dir/pid"
+    echo "$S3_PORT" >"$dir/port"
+    local i
+    for i in $(seq 1 100); do
+      (exec 3<>"/dev/tcp/127.0.0.1/$S3_PORT") 2>/dev/null && break
+      sleep 0.1
+    done
+  else
+    S3_PORT=$(cat "$dir/port")
+  fi
+  curl -sf -X PUT "http://127.0.0.1:$S3_PORT/$S3_BUCKET" -o /dev/null \
+    || curl -sf "http://127.0.0.1:$S3_PORT/$S3_BUCKET" -o /dev/null \
+    || { tail -20 "$dir/moto.log" >&2; echo "the object store did not start" >&2; exit 1; }
+  export CLAWDEPLOY_ARCHIVE_ENDPOINT="http://127.0.0.1:$S3_PORT"
+  export CLAWDEPLOY_ARCHIVE_BUCKET="$S3_BUCKET"
+  export CLAWDEPLOY_ARCHIVE_REGION=us-east-1
+  export CLAWDEPLOY_ARCHIVE_ACCESS_KEY_ID=local
+  export CLAWDEPLOY_ARCHIVE_SECRET_ACCESS_KEY=local-secret
+}

@@ -96,6 +96,16 @@ pub const CATALOG: &[Metric] = &[
         &[],
         "Firewall checks or repairs that failed.",
     ),
+    Metric::counter(
+        "clawdeploy_agent_archive_transfers_total",
+        &["direction", "result"],
+        "State archives moved to or from object storage (upload, download), by result.",
+    ),
+    Metric::counter(
+        "clawdeploy_agent_archive_bytes_total",
+        &["direction"],
+        "Bytes of state archives moved to or from object storage.",
+    ),
 ];
 
 #[cfg(test)]

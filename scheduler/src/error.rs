@@ -40,6 +40,9 @@ pub enum Error {
     Timeout(String),
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
+    /// The object store (state archives) did not answer or refused.
+    #[error("object storage: {0}")]
+    Storage(String),
     #[error("internal: {0}")]
     Internal(String),
 }
@@ -105,6 +108,11 @@ impl Error {
                 StatusCode::GATEWAY_TIMEOUT,
                 "timeout",
                 "the operation did not finish in time".into(),
+            ),
+            Error::Storage(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "storage_unavailable",
+                "the archive store is unavailable; try again shortly".into(),
             ),
             Error::Database(_) | Error::Internal(_) => (
                 StatusCode::INTERNAL_SERVER_ERROR,

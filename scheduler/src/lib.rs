@@ -19,6 +19,7 @@ pub mod accounts;
 pub mod agents;
 pub mod api;
 pub mod app;
+pub mod archives;
 pub mod audit;
 pub mod background;
 pub mod crypto;
@@ -59,6 +60,8 @@ pub struct ServeOptions {
     pub db_max_connections: u32,
     /// Bearer token for `/admin`; `None` turns the admin API off.
     pub admin_token: Option<String>,
+    /// The S3-compatible store for state archives; `None`: not configured.
+    pub archives: Option<archives::ArchiveConfig>,
 }
 
 /// The process-wide Prometheus recorder (installed once), with every
@@ -113,6 +116,17 @@ pub async fn serve(
         secrets,
         ca,
         opts.admin_token.as_deref(),
+        match &opts.archives {
+            Some(cfg) => {
+                tracing::info!(
+                    endpoint = cfg.endpoint,
+                    bucket = cfg.bucket,
+                    "state archives go to object storage"
+                );
+                Some(archives::Archives::new(cfg).context("configuring the archive store")?)
+            }
+            None => None,
+        },
     );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use clawdeploy_scheduler::archives::ArchiveConfig;
 use clawdeploy_scheduler::crypto::pki::{Ca, Identity};
 use clawdeploy_scheduler::{serve, Config, ServeOptions};
 
@@ -118,6 +119,31 @@ struct ServeArgs {
     /// Bearer token for the operator API under /admin (off when unset).
     #[arg(long, env = "CLAWDEPLOY_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+    /// S3-compatible endpoint for state archives (migrations, backups).
+    #[arg(long, env = "CLAWDEPLOY_ARCHIVE_ENDPOINT", requires = "archive_bucket")]
+    archive_endpoint: Option<String>,
+    /// The archives' bucket; without it archives are off.
+    #[arg(long, env = "CLAWDEPLOY_ARCHIVE_BUCKET", requires = "archive_endpoint")]
+    archive_bucket: Option<String>,
+    #[arg(long, env = "CLAWDEPLOY_ARCHIVE_REGION", default_value = "us-east-1")]
+    archive_region: String,
+    #[arg(
+        long,
+        env = "CLAWDEPLOY_ARCHIVE_ACCESS_KEY_ID",
+        hide_env_values = true,
+        default_value = ""
+    )]
+    archive_access_key_id: String,
+    #[arg(
+        long,
+        env = "CLAWDEPLOY_ARCHIVE_SECRET_ACCESS_KEY",
+        hide_env_values = true,
+        default_value = ""
+    )]
+    archive_secret_access_key: String,
+    /// Seconds a presigned archive URL handed to an agent stays valid.
+    #[arg(long, env = "CLAWDEPLOY_ARCHIVE_URL_TTL_SECS", default_value_t = 900)]
+    archive_url_ttl_secs: u64,
     /// Lifetime of node certificates in seconds (nodes renew at about 2/3).
     #[arg(long, env = "CLAWDEPLOY_NODE_CERT_TTL_SECS", default_value_t = 24 * 3600)]
     node_cert_ttl_secs: u64,
@@ -160,6 +186,7 @@ async fn main() -> anyhow::Result<()> {
     clawdeploy_common::telemetry::init_tracing("info,sqlx=warn");
     match Cli::parse().command {
         Command::Serve(a) => {
+            let a = *a;
             let http = tokio::net::TcpListener::bind(a.http_listen)
                 .await
                 .with_context(|| format!("binding {}", a.http_listen))?;
@@ -191,6 +218,14 @@ async fn main() -> anyhow::Result<()> {
                 grpc_server_names: a.grpc_server_names,
                 db_max_connections: a.db_max_connections,
                 admin_token: a.admin_token,
+                archives: a.archive_bucket.map(|bucket| ArchiveConfig {
+                    endpoint: a.archive_endpoint.unwrap_or_default(),
+                    bucket,
+                    region: a.archive_region,
+                    access_key_id: a.archive_access_key_id,
+                    secret_access_key: a.archive_secret_access_key,
+                    url_ttl: Duration::from_secs(a.archive_url_ttl_secs.max(1)),
+                }),
             };
             serve(opts, http, grpc, clawdeploy_common::shutdown::signal()).await
         }

@@ -36,7 +36,7 @@ async fn app() -> AppRef {
     let dir = std::env::temp_dir().join(&name);
     let ca = Ca::load_or_create(&dir).unwrap();
     let kek = SecretBox::from_hex(&SecretBox::generate_key_hex()).unwrap();
-    let app = App::new(Config::default(), db, kek, ca, Some("admin-token"));
+    let app = App::new(Config::default(), db, kek, ca, Some("admin-token"), None);
     settings::seed(&app).await.unwrap();
     app
 }

@@ -1,10 +1,12 @@
 //! The container runtime the reconciler needs, as one narrow trait: the
 //! real implementation over Docker (`docker`, with volume export and import
-//! in `volume`), and an in-memory one (`fake`) for tests without Docker or
+//! in `volume`, and their archives to and from object storage in
+//! `transfer`), and an in-memory one (`fake`) for tests without Docker or
 //! root and for the fleet simulation.
 
 mod docker;
 pub mod fake;
+pub mod transfer;
 mod volume;
 
 use std::future::Future;

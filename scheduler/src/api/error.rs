@@ -42,6 +42,10 @@ impl IntoResponse for Error {
             // At most the limits' one-hour window.
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("3600"));
+        } else if status == StatusCode::SERVICE_UNAVAILABLE {
+            // Busy, no capacity, a dependency away: worth a retry soon.
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
         }
         resp
     }

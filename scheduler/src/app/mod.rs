@@ -123,6 +123,8 @@ pub struct App {
     pub origin: String,
     /// Highest route version broadcast to this scheduler's edges.
     pub route_watermark: std::sync::atomic::AtomicU64,
+    /// The object store for state archives; `None` when not configured.
+    pub archives: Option<crate::archives::Archives>,
 }
 
 pub type AppRef = Arc<App>;
@@ -134,6 +136,7 @@ impl App {
         secrets: SecretBox,
         ca: Ca,
         admin_token: Option<&str>,
+        archives: Option<crate::archives::Archives>,
     ) -> AppRef {
         use sha2::Digest;
         Arc::new(App {
@@ -151,6 +154,7 @@ impl App {
                 .map(|t| sha2::Sha256::digest(t.as_bytes()).into()),
             origin: Uuid::new_v4().simple().to_string(),
             route_watermark: Default::default(),
+            archives,
         })
     }
 }

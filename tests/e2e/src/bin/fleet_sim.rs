@@ -15,13 +15,14 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use clap::Parser;
 use clawdeploy_agent::enroll::TlsFiles;
+use clawdeploy_agent::ledger::Ledger;
 use clawdeploy_agent::run_until;
 use clawdeploy_agent::runtime::fake::FakeRuntime;
 use clawdeploy_agent::runtime::{ContainerSpec, Limits};
 use clawdeploy_agent::session::SessionConfig;
 use clawdeploy_e2e::{cpu_secs, metric_value, rss_kib, Cluster, ClusterOptions};
 use clawdeploy_proto::client::SchedulerEndpoint;
-use clawdeploy_proto::NodeCapacity;
+use clawdeploy_proto::{DesiredContainer, DesiredState, NodeCapacity, Resources};
 use clawdeploy_scheduler::crypto::pki::{Ca, Identity};
 use clawdeploy_scheduler::crypto::SecretBox;
 use serde_json::json;
@@ -219,8 +220,32 @@ async fn main() -> Result<()> {
         .await?;
     let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     for (index, id) in node_ids.iter().enumerate() {
-        // The node starts out running the tenants the database says it has.
+        // The node starts out running the tenants the database says it has,
+        // and its ledger holds them, as after an agent restart: an agent
+        // whose ledger does not name a running container removes it as an
+        // orphan.
         let runtime = runtime_of(index);
+        let state_dir = c.dir.join("sim-state").join(id);
+        let mut ledger = Ledger::open(&state_dir)?;
+        ledger.accept(DesiredState {
+            generation: 1,
+            containers: seeded[id]
+                .iter()
+                .map(|cid| DesiredContainer {
+                    container_id: cid.to_string(),
+                    image: "clawdeploy/openclaw-standin:dev".into(),
+                    gateway_token: String::from_utf8_lossy(SIM_TOKEN).into_owned(),
+                    resources: Some(Resources {
+                        cpu_millis: 500,
+                        memory_bytes: 512 << 20,
+                        pids: 256,
+                    }),
+                    tenant: None,
+                    stopped: false,
+                })
+                .collect(),
+        })?;
+        drop(ledger);
         for cid in &seeded[id] {
             runtime.insert_running(ContainerSpec {
                 container_id: cid.to_string(),
@@ -256,7 +281,6 @@ async fn main() -> Result<()> {
                 node_id: id.clone(),
             },
         };
-        let state_dir = c.dir.join("sim-state").join(id);
         let stop = stop_rx.clone();
         let probe = runtime.clone();
         tokio::spawn(async move {

@@ -230,6 +230,25 @@ pub fn request_host<B>(req: &Request<B>) -> Option<String> {
         .or_else(|| req.uri().authority().map(|a| a.to_string()))
 }
 
+/// The most of a refused body read (and dropped) before answering 413.
+const DISCARD_MAX_BYTES: u64 = 16 * 1024 * 1024;
+/// How long reading a refused body may take before we answer anyway.
+const DISCARD_FOR: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Reads and drops `body` until it ends, `max` bytes have gone by, or `within` has passed.
+async fn discard(mut body: Incoming, max: u64, within: std::time::Duration) {
+    let drain = async {
+        let mut seen = 0u64;
+        while let Some(Ok(frame)) = body.frame().await {
+            seen += frame.data_ref().map_or(0, |d| d.len() as u64);
+            if seen > max {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(within, drain).await;
+}
+
 /// Whether `e` (or what caused it) is the body cap tripping.
 fn body_too_large(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cur = Some(e);
@@ -274,9 +293,16 @@ impl Proxy {
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > self.limits.max_body_bytes) {
+        if let Some(n) = declared.filter(|&n| n > self.limits.max_body_bytes) {
+            let (parts, body) = req.into_parts();
+            // Like nginx's lingering close: a client still writing a modest
+            // body would see a broken pipe instead of our 413 if we closed
+            // under it, so read and drop up to a bound, briefly, first.
+            if n <= DISCARD_MAX_BYTES {
+                discard(body, DISCARD_MAX_BYTES, DISCARD_FOR).await;
+            }
             return error_page(
-                req.headers(),
+                &parts.headers,
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "body_too_large",
                 &format!(

@@ -106,6 +106,7 @@ pub async fn run_until<R: ContainerRuntime, P: GatewayProbe>(
     let ledger = Arc::new(Mutex::new(ledger));
     let (desired_tx, desired_rx) = tokio::sync::watch::channel(initial);
     let board = Arc::new(StatusBoard::default());
+    let transfers = runtime::transfer::Transfers::new(&state_dir.join("archives"))?;
     let reconciler = tokio::spawn(
         Reconciler::with_probe(
             Arc::new(runtime),
@@ -113,6 +114,7 @@ pub async fn run_until<R: ContainerRuntime, P: GatewayProbe>(
             board.clone(),
             max_parallel_creates,
         )
+        .with_transfers(Arc::new(transfers))
         .run(desired_rx),
     );
     Session {

@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clawdeploy_proto::{
-    ContainerPhase, ContainerStatus, DesiredContainer, DesiredState, TenantConfig,
+    ArchiveExport, ArchiveReport, ContainerPhase, ContainerStatus, DesiredContainer, DesiredState,
+    TenantConfig,
 };
 use serde_json::json;
 use tokio::sync::{watch, Notify};
@@ -20,6 +21,7 @@ use clawdeploy_common::Backoff;
 
 use crate::crash_point;
 use crate::probe::{GatewayProbe, Prober};
+use crate::runtime::transfer::{Archive, Transfers};
 use crate::runtime::{ContainerRuntime, ContainerSpec, Limits, GATEWAY_PORT};
 
 /// Per-container observed state, read by the heartbeat.
@@ -62,6 +64,9 @@ pub struct Reconciler<R: ContainerRuntime, P: GatewayProbe = Prober> {
     board: Arc<StatusBoard>,
     workers: HashMap<String, (watch::Sender<DesiredContainer>, JoinHandle<()>)>,
     removing: Arc<Mutex<HashSet<String>>>,
+    /// Moves state archives to and from object storage; without it, export
+    /// and import requests fail with a clear message.
+    transfers: Option<Arc<Transfers>>,
 }
 
 /// Why a pass could not bring a container where it should be.
@@ -108,7 +113,14 @@ impl<R: ContainerRuntime, P: GatewayProbe> Reconciler<R, P> {
             board,
             workers: HashMap::new(),
             removing: Arc::default(),
+            transfers: None,
         }
+    }
+
+    /// Lets the workers export and import state archives.
+    pub fn with_transfers(mut self, transfers: Arc<Transfers>) -> Self {
+        self.transfers = Some(transfers);
+        self
     }
 
     /// Reconciles on every new desired state and every few seconds, until
@@ -174,6 +186,7 @@ impl<R: ContainerRuntime, P: GatewayProbe> Reconciler<R, P> {
                         prober: self.prober.clone(),
                         board: self.board.clone(),
                         generation: state.generation,
+                        transfers: self.transfers.clone(),
                     };
                     let handle = tokio::spawn(worker.run(rx));
                     self.workers.insert((*id).to_owned(), (tx, handle));
@@ -306,6 +319,7 @@ struct Worker<R, P> {
     prober: P,
     board: Arc<StatusBoard>,
     generation: u64,
+    transfers: Option<Arc<Transfers>>,
 }
 
 fn limits_of(d: &DesiredContainer) -> Limits {
@@ -395,6 +409,15 @@ impl<R: ContainerRuntime, P: GatewayProbe> Worker<R, P> {
                     continue;
                 }
                 p.backoff.reset();
+                if let Some(export) = desired.export.as_ref().filter(|e| {
+                    p.status
+                        .export
+                        .as_ref()
+                        .is_none_or(|r| r.archive_id != e.archive_id)
+                }) {
+                    p.status.export = Some(self.export(&id, export).await);
+                    self.board.set(p.status.clone());
+                }
                 if rx.changed().await.is_err() {
                     return;
                 }
@@ -521,6 +544,60 @@ impl<R: ContainerRuntime, P: GatewayProbe> Worker<R, P> {
         }
     }
 
+    /// Uploads the stopped container's state where `export` says. Not
+    /// retried here: the scheduler decides what a failure means (a
+    /// migration rolls back) and asks again with a new archive id.
+    async fn export(&self, id: &str, export: &ArchiveExport) -> ArchiveReport {
+        let mut report = ArchiveReport {
+            archive_id: export.archive_id.clone(),
+            ..Default::default()
+        };
+        let Some(transfers) = &self.transfers else {
+            report.error = "this agent has no archive staging".into();
+            return report;
+        };
+        match transfers
+            .upload(self.runtime.as_ref(), id, &export.put_url)
+            .await
+        {
+            Ok(Archive { sha256, bytes }) => {
+                report.sha256 = sha256;
+                report.bytes = bytes;
+            }
+            Err(e) => {
+                tracing::warn!(container_id = id, error = %e, "state export failed");
+                report.error = e.to_string();
+            }
+        }
+        report
+    }
+
+    /// Fills a not-yet-created container's state volume from the archive
+    /// the desired state names, if any.
+    async fn import(&self, desired: &DesiredContainer) -> Result<(), Setback> {
+        let Some(import) = &desired.import else {
+            return Ok(());
+        };
+        let Some(transfers) = &self.transfers else {
+            return Err(Setback::Failed(
+                "import: this agent has no archive staging".into(),
+            ));
+        };
+        let expected = Archive {
+            sha256: import.sha256.clone(),
+            bytes: import.bytes,
+        };
+        transfers
+            .download(
+                self.runtime.as_ref(),
+                &desired.container_id,
+                &import.get_url,
+                &expected,
+            )
+            .await
+            .map_err(|e| Setback::Failed(format!("import: {e}")))
+    }
+
     /// Stops a running container for suspension and reports it stopped.
     async fn ensure_stopped(&self, id: &str, status: &mut ContainerStatus) -> Result<(), Setback> {
         let Some(observed) = self.runtime.inspect(id).await? else {
@@ -567,6 +644,9 @@ impl<R: ContainerRuntime, P: GatewayProbe> Worker<R, P> {
             Ok(None) => {
                 status.phase = ContainerPhase::Creating as i32;
                 self.board.set(status.clone());
+                // A container made from an archive gets its state first; a
+                // failed import creates nothing.
+                self.import(desired).await?;
                 let _permit = self.creates.acquire(desired.tenant.is_some()).await;
                 self.runtime
                     .create_and_start(&spec_of(desired, self.generation))

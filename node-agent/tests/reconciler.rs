@@ -25,8 +25,7 @@ fn container(id: &str) -> DesiredContainer {
         image: "openclaw:test".into(),
         gateway_token: format!("tok-{id}"),
         resources: Some(SMALL),
-        tenant: None,
-        stopped: false,
+        ..Default::default()
     }
 }
 

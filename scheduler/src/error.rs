@@ -34,6 +34,9 @@ pub enum Error {
     Unprocessable { code: &'static str, message: String },
     #[error("busy: {0}")]
     Busy(String),
+    /// A capability this deployment has not configured (archives, billing).
+    #[error("disabled ({code}): {message}")]
+    Disabled { code: &'static str, message: String },
     #[error("no capacity: {0}")]
     NoCapacity(String),
     #[error("timed out: {0}")]
@@ -99,6 +102,9 @@ impl Error {
                 (StatusCode::UNPROCESSABLE_ENTITY, code, message.clone())
             }
             Error::Busy(m) => (StatusCode::SERVICE_UNAVAILABLE, "busy", m.clone()),
+            Error::Disabled { code, message } => {
+                (StatusCode::SERVICE_UNAVAILABLE, code, message.clone())
+            }
             Error::NoCapacity(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "no_capacity",

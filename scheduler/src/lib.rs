@@ -27,6 +27,7 @@ pub mod error;
 pub mod events;
 pub mod fleet;
 pub mod lifecycle;
+pub mod migration;
 pub mod model;
 pub mod routes;
 pub mod rpc;
@@ -145,6 +146,7 @@ pub async fn serve(
         .context("seeding the pool settings")?;
     let pool_task = tokio::spawn(background::pool_manager::run(app.clone(), stop_rx.clone()));
     tokio::spawn(background::peer_events::run(app.clone(), stop_rx.clone()));
+    tokio::spawn(background::migrations::run(app.clone(), stop_rx.clone()));
     let grpc_server = tonic::transport::Server::builder()
         .tls_config(tls)?
         .http2_keepalive_interval(Some(Duration::from_secs(10)))

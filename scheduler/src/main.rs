@@ -150,6 +150,14 @@ struct ServeArgs {
     /// Default lifetime of join tokens in seconds.
     #[arg(long, env = "CLAWDEPLOY_JOIN_TOKEN_TTL_SECS", default_value_t = 24 * 3600)]
     join_token_ttl_secs: u64,
+    /// Seconds a migration step (export; import and start) may take before
+    /// the migration rolls back and the source runs again.
+    #[arg(
+        long,
+        env = "CLAWDEPLOY_MIGRATION_STEP_TIMEOUT_SECS",
+        default_value_t = 120
+    )]
+    migration_step_timeout_secs: u64,
 }
 
 #[derive(Subcommand)]
@@ -210,6 +218,9 @@ async fn main() -> anyhow::Result<()> {
                     subdomain_cooldown: Duration::from_secs(a.subdomain_cooldown_secs),
                     node_cert_lifetime: Duration::from_secs(a.node_cert_ttl_secs.max(3)),
                     join_token_ttl: Duration::from_secs(a.join_token_ttl_secs.max(1)),
+                    migration_step_timeout: Duration::from_secs(
+                        a.migration_step_timeout_secs.max(1),
+                    ),
                     ..Config::default()
                 },
                 database_url: a.database_url,

@@ -3,7 +3,7 @@
 //! compile. Generations and route versions are newtypes over the `bigint`
 //! columns, converted once to the protocol's `u64`.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 /// `nodes.state`.
@@ -51,6 +51,8 @@ pub enum ContainerState {
     /// Claimed; the agent has not yet confirmed the tenant's config live.
     Assigning,
     Assigned,
+    /// A migration's target: filled from an archive, not yet serving.
+    Migrating,
     Failed,
     /// Stopped with its volume kept (a released instance's grace period).
     Suspended,
@@ -70,6 +72,35 @@ pub enum InstanceStatus {
     /// Released: the data is kept for the grace period.
     Deleting,
     Deleted,
+}
+
+/// `migrations.state`: a migration's step. The first two are live (one per
+/// instance at most); the last two are final.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema, sqlx::Type)]
+#[sqlx(type_name = "text", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationState {
+    /// The source container is stopped and its state uploaded.
+    Exporting,
+    /// The target container is created from the archive and started.
+    Importing,
+    /// The route points at the target; the source is destroyed.
+    Done,
+    /// Something failed before the switch: the source runs again.
+    RolledBack,
+}
+
+/// `migrations.kind`: why a migration was made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema, sqlx::Type)]
+#[sqlx(type_name = "text", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationKind {
+    /// An operator moved one instance.
+    Migrate,
+    /// Its node was evacuated.
+    Evacuate,
+    /// A backup was restored into a new container.
+    Restore,
 }
 
 /// A node's desired-state generation (`nodes.generation`): the agent keeps

@@ -158,6 +158,22 @@ impl DockerRuntime {
 }
 
 impl ContainerRuntime for DockerRuntime {
+    async fn export_state<W: tokio::io::AsyncWrite + Unpin + Send>(
+        &self,
+        container_id: &str,
+        out: &mut W,
+    ) -> Result<u64> {
+        self.export_volume(container_id, out).await
+    }
+
+    async fn import_state<I: tokio::io::AsyncRead + Unpin + Send>(
+        &self,
+        container_id: &str,
+        input: I,
+    ) -> Result<()> {
+        self.import_volume(container_id, input).await
+    }
+
     async fn prepare(&self) -> Result<()> {
         let bridge = crate::firewall::bridge_name(&self.network);
         if let Ok(existing) = timed(

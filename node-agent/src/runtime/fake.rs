@@ -38,6 +38,8 @@ struct State {
     failures: HashMap<&'static str, u32>,
     /// Operation → calls made.
     calls: HashMap<&'static str, u32>,
+    /// Each container's state volume, as the archive bytes it would export.
+    volumes: HashMap<String, Vec<u8>>,
 }
 
 #[derive(Clone, Default)]
@@ -114,6 +116,17 @@ impl FakeRuntime {
 
     pub fn container(&self, id: &str) -> Option<FakeContainer> {
         self.state.lock().unwrap().containers.get(id).cloned()
+    }
+
+    /// What the container's state volume holds (its archive bytes).
+    pub fn volume(&self, id: &str) -> Option<Vec<u8>> {
+        self.state.lock().unwrap().volumes.get(id).cloned()
+    }
+
+    /// Puts `bytes` into the container's state volume.
+    pub fn set_volume(&self, id: &str, bytes: &[u8]) {
+        let mut s = self.state.lock().unwrap();
+        s.volumes.insert(id.to_owned(), bytes.to_vec());
     }
 
     pub fn ids(&self) -> Vec<String> {
@@ -243,6 +256,47 @@ impl ContainerRuntime for FakeRuntime {
     async fn remove(&self, container_id: &str) -> Result<()> {
         let mut s = self.enter("remove")?;
         s.containers.remove(container_id);
+        s.volumes.remove(container_id);
+        Ok(())
+    }
+
+    async fn export_state<W: tokio::io::AsyncWrite + Unpin + Send>(
+        &self,
+        container_id: &str,
+        out: &mut W,
+    ) -> Result<u64> {
+        let bytes = {
+            let s = self.enter("export")?;
+            match s.containers.get(container_id) {
+                Some(c) if c.running => {
+                    return Err(Error::Archive {
+                        op: "export",
+                        message: format!("container {container_id} is running; stop it first"),
+                    })
+                }
+                Some(_) => s.volumes.get(container_id).cloned().unwrap_or_default(),
+                None => return Err(no_such("export", container_id)),
+            }
+        };
+        tokio::io::AsyncWriteExt::write_all(out, &bytes).await?;
+        Ok(bytes.len() as u64)
+    }
+
+    async fn import_state<I: tokio::io::AsyncRead + Unpin + Send>(
+        &self,
+        container_id: &str,
+        mut input: I,
+    ) -> Result<()> {
+        let mut bytes = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut input, &mut bytes).await?;
+        let mut s = self.enter("import")?;
+        if s.containers.get(container_id).is_some_and(|c| c.running) {
+            return Err(Error::Archive {
+                op: "import",
+                message: format!("container {container_id} is running; stop it first"),
+            });
+        }
+        s.volumes.insert(container_id.to_owned(), bytes);
         Ok(())
     }
 

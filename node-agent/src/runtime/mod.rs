@@ -87,6 +87,21 @@ pub trait ContainerRuntime: Send + Sync + 'static {
         -> impl Future<Output = Result<()>> + Send;
     /// Removes the container and its state volume: the tenant's data is gone.
     fn remove(&self, container_id: &str) -> impl Future<Output = Result<()>> + Send;
+    /// Writes the stopped container's state volume as a tar archive to
+    /// `out`; returns the bytes written. A running container is refused.
+    fn export_state<W: tokio::io::AsyncWrite + Unpin + Send>(
+        &self,
+        container_id: &str,
+        out: &mut W,
+    ) -> impl Future<Output = Result<u64>> + Send;
+    /// Replaces the state volume of a container that is not running (or
+    /// not created yet) with the tar archive read from `input`, whole or
+    /// not at all.
+    fn import_state<I: tokio::io::AsyncRead + Unpin + Send>(
+        &self,
+        container_id: &str,
+        input: I,
+    ) -> impl Future<Output = Result<()>> + Send;
     /// Replaces `openclaw.json` in the container's state atomically.
     fn write_config(
         &self,

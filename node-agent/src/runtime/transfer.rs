@@ -15,7 +15,7 @@ use futures::StreamExt;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
-use super::docker::DockerRuntime;
+use super::ContainerRuntime;
 use crate::error::{Error, Result};
 
 /// What an archive is: its SHA-256 (hex) and its size.
@@ -116,9 +116,9 @@ impl Transfers {
     }
 
     /// Exports the stopped container's state to `put_url`.
-    pub async fn upload(
+    pub async fn upload<R: ContainerRuntime>(
         &self,
-        rt: &DockerRuntime,
+        rt: &R,
         container_id: &str,
         put_url: &str,
     ) -> Result<Archive> {
@@ -164,9 +164,9 @@ impl Transfers {
 
     /// Imports the archive at `get_url` as the state of `container_id`
     /// (which must not be running), if it is exactly `expected`.
-    pub async fn download(
+    pub async fn download<R: ContainerRuntime>(
         &self,
-        rt: &DockerRuntime,
+        rt: &R,
         container_id: &str,
         get_url: &str,
         expected: &Archive,
@@ -204,6 +204,9 @@ impl Transfers {
                 ),
             ));
         }
+        // The agent dying here (a test's crash point) leaves the target as
+        // it was: the staged archive is not yet unpacked.
+        crate::crash_point("import");
         let file = tokio::fs::File::open(&staged.0).await?;
         rt.import_state(container_id, file).await?;
         metrics::counter!("clawdeploy_agent_archive_bytes_total", "direction" => "download")

@@ -22,10 +22,10 @@ impl DockerRuntime {
 
     /// Writes the state volume of `container_id` as a tar archive to `out`;
     /// returns the bytes written.
-    pub async fn export_state(
+    pub(super) async fn export_volume(
         &self,
         container_id: &str,
-        mut out: impl tokio::io::AsyncWrite + Unpin,
+        out: &mut (impl tokio::io::AsyncWrite + Unpin),
     ) -> Result<u64> {
         self.refuse_running(container_id, "export").await?;
         let dir = self.volume_dir(container_id);
@@ -43,8 +43,8 @@ impl DockerRuntime {
             .stderr(std::process::Stdio::piped())
             .spawn()?;
         let mut stdout = child.stdout.take().expect("piped stdout");
-        let n = tokio::io::copy(&mut stdout, &mut out).await?;
-        tokio::io::AsyncWriteExt::flush(&mut out).await?;
+        let n = tokio::io::copy(&mut stdout, out).await?;
+        tokio::io::AsyncWriteExt::flush(out).await?;
         let done = child.wait_with_output().await?;
         if !done.status.success() {
             return Err(Error::Archive {
@@ -58,7 +58,7 @@ impl DockerRuntime {
     /// Replaces the state volume of `container_id` with the tar archive read
     /// from `input`. The container may not exist yet (it is then created on
     /// top of the imported state); a running one is refused.
-    pub async fn import_state(
+    pub(super) async fn import_volume(
         &self,
         container_id: &str,
         mut input: impl tokio::io::AsyncRead + Unpin,

@@ -5,7 +5,8 @@
 use std::collections::HashMap;
 
 use clawdeploy_proto::{
-    scheduler_message, DesiredContainer, DesiredState, Resources, SchedulerMessage, TenantConfig,
+    scheduler_message, ArchiveExport, ArchiveImport, DesiredContainer, DesiredState, Resources,
+    SchedulerMessage, TenantConfig,
 };
 use uuid::Uuid;
 
@@ -32,6 +33,14 @@ struct ContainerRow {
     config_version: Option<i64>,
     default_model: Option<String>,
     stopped: bool,
+    /// A migration exporting this container's state: its id and archive key.
+    export_id: Option<Uuid>,
+    export_key: Option<String>,
+    /// A migration filling this container from an archive.
+    import_id: Option<Uuid>,
+    import_key: Option<String>,
+    import_sha256: Option<String>,
+    import_bytes: Option<i64>,
 }
 
 /// Reads the node's desired state in one snapshot; `on_snapshot` runs just
@@ -48,11 +57,26 @@ pub async fn load(app: &App, node_id: &str, on_snapshot: impl FnOnce()) -> Resul
         .await?
         .ok_or(Error::NotFound("node"))?;
     let rows: Vec<ContainerRow> = sqlx::query_as(&format!(
+        // A migration's source is stopped while it runs (and exports first);
+        // its target carries the instance's config and the archive to
+        // start from. One live migration per instance: at most one row each.
         "SELECT c.id, c.image, c.gateway_token_enc, c.cpu_millis, c.memory_bytes, c.pids,
-                i.id AS instance_id, i.config_version, i.default_model, c.state = 'suspended' AS stopped
+                COALESCE(i.id, ti.id) AS instance_id,
+                COALESCE(i.config_version, ti.config_version) AS config_version,
+                COALESCE(i.default_model, ti.default_model) AS default_model,
+                (c.state = 'suspended' OR mo.id IS NOT NULL) AS stopped,
+                CASE WHEN mo.state = 'exporting' THEN mo.id END AS export_id,
+                CASE WHEN mo.state = 'exporting' THEN mo.archive_key END AS export_key,
+                mi.id AS import_id, mi.archive_key AS import_key,
+                mi.archive_sha256 AS import_sha256, mi.archive_bytes AS import_bytes
            FROM containers c
            LEFT JOIN instances i ON i.container_id = c.id AND i.status IN ('pending', 'ready', 'suspended', 'deleting')
-          WHERE c.node_id = $1 AND (c.state IN {RUNNING_STATES} OR c.state = 'suspended')
+           LEFT JOIN migrations mo ON mo.source_container = c.id AND mo.state IN ('exporting', 'importing')
+           LEFT JOIN migrations mi ON mi.target_container = c.id AND mi.state = 'importing'
+           LEFT JOIN instances ti ON ti.id = mi.instance_id
+          WHERE c.node_id = $1
+            AND (c.state IN {RUNNING_STATES} OR c.state = 'suspended'
+                 OR (c.state = 'migrating' AND mi.id IS NOT NULL))
           ORDER BY c.created_at"
     ))
     .bind(node_id)
@@ -78,35 +102,64 @@ pub async fn load(app: &App, node_id: &str, on_snapshot: impl FnOnce()) -> Resul
     }
     // The columns are never negative (CHECKs and constants).
     let unsigned = |v: i64| u64::try_from(v).unwrap_or(0);
-    let containers = rows
-        .into_iter()
-        .map(|r| {
-            Ok(DesiredContainer {
-                container_id: r.id.to_string(),
-                image: r.image,
-                gateway_token: app
-                    .secrets
-                    .open_string(&aad::gateway_token(r.id), &r.gateway_token_enc)?,
-                resources: Some(Resources {
-                    cpu_millis: u32::try_from(r.cpu_millis).unwrap_or(0),
-                    memory_bytes: unsigned(r.memory_bytes),
-                    pids: u32::try_from(r.pids).unwrap_or(0),
-                }),
-                tenant: r.instance_id.map(|iid| TenantConfig {
-                    instance_id: iid.to_string(),
-                    config_version: unsigned(r.config_version.unwrap_or(1)),
-                    provider_keys: keys.remove(&iid).unwrap_or_default(),
-                    default_model: r.default_model.unwrap_or_default(),
-                }),
-                // A suspended tenant keeps its container and volume.
-                stopped: r.stopped,
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let mut containers = Vec::with_capacity(rows.len());
+    for r in rows {
+        let (export, import) = transfers_of(app, &r).await?;
+        containers.push(DesiredContainer {
+            container_id: r.id.to_string(),
+            image: r.image,
+            gateway_token: app
+                .secrets
+                .open_string(&aad::gateway_token(r.id), &r.gateway_token_enc)?,
+            resources: Some(Resources {
+                cpu_millis: u32::try_from(r.cpu_millis).unwrap_or(0),
+                memory_bytes: unsigned(r.memory_bytes),
+                pids: u32::try_from(r.pids).unwrap_or(0),
+            }),
+            tenant: r.instance_id.map(|iid| TenantConfig {
+                instance_id: iid.to_string(),
+                config_version: unsigned(r.config_version.unwrap_or(1)),
+                provider_keys: keys.get(&iid).cloned().unwrap_or_default(),
+                default_model: r.default_model.unwrap_or_default(),
+            }),
+            // A suspended tenant keeps its container and volume.
+            stopped: r.stopped,
+            export,
+            import,
+        });
+    }
     Ok(DesiredState {
         generation: generation.wire(),
         containers,
     })
+}
+
+/// The export and import a container's migration asks of its agent, with
+/// fresh presigned URLs.
+async fn transfers_of(
+    app: &App,
+    r: &ContainerRow,
+) -> Result<(Option<ArchiveExport>, Option<ArchiveImport>)> {
+    let Some(archives) = &app.archives else {
+        return Ok((None, None));
+    };
+    let export = match (r.export_id, &r.export_key) {
+        (Some(id), Some(key)) => Some(ArchiveExport {
+            archive_id: id.to_string(),
+            put_url: archives.upload_url(key).await?,
+        }),
+        _ => None,
+    };
+    let import = match (r.import_id, &r.import_key, &r.import_sha256, r.import_bytes) {
+        (Some(id), Some(key), Some(sha256), Some(bytes)) => Some(ArchiveImport {
+            archive_id: id.to_string(),
+            get_url: archives.download_url(key).await?,
+            sha256: sha256.clone(),
+            bytes: u64::try_from(bytes).unwrap_or(0),
+        }),
+        _ => None,
+    };
+    Ok((export, import))
 }
 
 /// Marks the node's desired state as changed (after the change committed,

@@ -9,6 +9,7 @@ mod doc;
 mod error;
 pub mod extract;
 pub mod instances;
+pub mod migrations;
 pub mod page;
 pub mod views;
 
@@ -49,6 +50,8 @@ pub fn api() -> OpenApiRouter<AppRef> {
         .routes(routes!(admin::remove_node))
         .routes(routes!(admin::drain_node))
         .routes(routes!(admin::activate_node))
+        .routes(routes!(migrations::migrate))
+        .routes(routes!(migrations::get_migration))
         .routes(routes!(page::index))
         .routes(routes!(page::availability))
         .routes(routes!(healthz))

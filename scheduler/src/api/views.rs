@@ -10,7 +10,8 @@ use uuid::Uuid;
 
 use crate::app::Config;
 use crate::fleet::settings::PoolSettings;
-use crate::model::{InstanceStatus, NodeState};
+use crate::migration::{Migration, Step};
+use crate::model::{InstanceStatus, MigrationKind, MigrationState, NodeState};
 
 /// Every error: a stable code and a message for people.
 #[derive(Debug, Serialize, ToSchema)]
@@ -237,3 +238,44 @@ pub struct PoolSettingsView {
 #[derive(Serialize, ToSchema)]
 #[schema(value_type = Object)]
 pub struct AnyObject(serde_json::Value);
+
+/// A migration as the operator follows it.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationView {
+    pub id: Uuid,
+    pub instance_id: Uuid,
+    pub kind: MigrationKind,
+    /// `exporting`, `importing`, then `done` or `rolled_back`.
+    pub state: MigrationState,
+    pub source_node: String,
+    pub target_node: String,
+    /// The archive's size once the source exported it.
+    pub archive_bytes: Option<i64>,
+    /// Why it rolled back; empty otherwise.
+    pub error: String,
+    pub requested_by: String,
+    pub created_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    /// Each step with when it began.
+    pub steps: Vec<Step>,
+}
+
+impl From<Migration> for MigrationView {
+    fn from(m: Migration) -> Self {
+        MigrationView {
+            id: m.id,
+            instance_id: m.instance_id,
+            kind: m.kind,
+            state: m.state,
+            source_node: m.source_node,
+            target_node: m.target_node,
+            archive_bytes: m.archive_bytes,
+            error: m.error,
+            requested_by: m.requested_by,
+            created_at: m.created_at,
+            finished_at: m.finished_at,
+            steps: m.steps.0,
+        }
+    }
+}

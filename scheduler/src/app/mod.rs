@@ -52,6 +52,9 @@ pub struct Config {
     pub node_cert_lifetime: Duration,
     /// Default lifetime of a join token.
     pub join_token_ttl: Duration,
+    /// A migration step (export, import and start) that takes longer than
+    /// this rolls the migration back.
+    pub migration_step_timeout: Duration,
 }
 
 impl Default for Config {
@@ -72,6 +75,7 @@ impl Default for Config {
             subdomain_cooldown: Duration::from_secs(30 * 24 * 3600),
             node_cert_lifetime: Duration::from_secs(24 * 3600),
             join_token_ttl: Duration::from_secs(24 * 3600),
+            migration_step_timeout: Duration::from_secs(120),
         }
     }
 }
@@ -111,6 +115,8 @@ pub struct App {
     pub route_events: broadcast::Sender<RouteDelta>,
     /// Wakes the pool manager (claims, containers becoming idle, nodes).
     pub pool_wake: Notify,
+    /// Wakes the migration driver (an export reported, a target came up).
+    pub migration_wake: Notify,
     /// Route versions the connected edges have applied.
     pub edge_acks: EdgeAcks,
     /// Instances that just became ready (wakes waiting signup requests).
@@ -146,6 +152,7 @@ impl App {
             sessions: Sessions::default(),
             route_events: broadcast::channel(4096).0,
             pool_wake: Notify::new(),
+            migration_wake: Notify::new(),
             edge_acks: Default::default(),
             instance_ready: broadcast::channel(4096).0,
             ca,

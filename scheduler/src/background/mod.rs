@@ -2,5 +2,6 @@
 //! schedulers), housekeeping, and the other schedulers' events.
 
 pub mod janitor;
+pub mod migrations;
 pub mod peer_events;
 pub mod pool_manager;

@@ -83,7 +83,7 @@ pub async fn schedulable_nodes<'e>(
            FROM nodes n
            JOIN live USING (id)
            LEFT JOIN containers c ON c.node_id = n.id
-                AND c.state IN ('creating', 'warming', 'idle', 'assigning', 'assigned', 'suspended', 'destroying')
+                AND c.state IN ('creating', 'warming', 'idle', 'assigning', 'assigned', 'migrating', 'suspended', 'destroying')
           GROUP BY n.id
           ORDER BY n.id",
     )

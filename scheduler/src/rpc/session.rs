@@ -17,6 +17,7 @@ use crate::app::AppRef;
 use crate::audit::audit;
 use crate::error::{Error, Result};
 use crate::lifecycle::claim;
+use crate::migration;
 use crate::model::{ContainerState, Generation, NodeState};
 use crate::routes;
 
@@ -34,12 +35,33 @@ fn clamp_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
+/// What a container report said, as far as the scheduler acts on it.
+#[derive(Clone, PartialEq, Eq)]
+struct Seen {
+    phase: i32,
+    config_version: u64,
+    upstream: String,
+    /// The archive id of the last export reported.
+    export: Option<String>,
+}
+
+impl From<&ContainerStatus> for Seen {
+    fn from(s: &ContainerStatus) -> Self {
+        Seen {
+            phase: s.phase,
+            config_version: s.config_version,
+            upstream: s.upstream.clone(),
+            export: s.export.as_ref().map(|e| e.archive_id.clone()),
+        }
+    }
+}
+
 /// What one session has already applied, so heartbeats only cost database
 /// work when something changed.
 pub struct AgentSession {
     app: AppRef,
     node_id: String,
-    seen: HashMap<String, (i32, u64, String)>,
+    seen: HashMap<String, Seen>,
     /// The containers the last destroyed-sweep saw reported, and when.
     swept: Option<(Vec<Uuid>, std::time::Instant)>,
     tx: Outbound,
@@ -162,10 +184,7 @@ impl AgentSession {
         let changed: Vec<&ContainerStatus> = hb
             .containers
             .iter()
-            .filter(|s| {
-                self.seen.get(&s.container_id)
-                    != Some(&(s.phase, s.config_version, s.upstream.clone()))
-            })
+            .filter(|s| self.seen.get(&s.container_id) != Some(&Seen::from(*s)))
             .collect();
         let mut results: Vec<(&ContainerStatus, Result<bool>)> = Vec::with_capacity(changed.len());
         for chunk in changed.chunks(16) {
@@ -177,10 +196,8 @@ impl AgentSession {
             match result {
                 Ok(bumped) => {
                     changed_node |= bumped;
-                    self.seen.insert(
-                        status.container_id.clone(),
-                        (status.phase, status.config_version, status.upstream.clone()),
-                    );
+                    self.seen
+                        .insert(status.container_id.clone(), Seen::from(status));
                 }
                 Err(e) => {
                     tracing::warn!(node_id = self.node_id, container_id = status.container_id, error = %e, "container report not applied")
@@ -245,7 +262,7 @@ impl AgentSession {
             ),
             ContainerPhase::Failed | ContainerPhase::Unhealthy => sqlx::query_scalar(
                 "UPDATE containers SET state = CASE WHEN state IN ('creating', 'warming', 'idle') THEN 'destroying' ELSE state END,
-                        docker_id = $3, upstream = $4, updated_at = now()
+                        docker_id = $3, upstream = $4, message = $5, updated_at = now()
                   WHERE id = $1 AND node_id = $2 RETURNING state",
             ),
             ContainerPhase::Stopped => sqlx::query_scalar(
@@ -258,6 +275,7 @@ impl AgentSession {
         .bind(&self.node_id)
         .bind(&s.docker_id)
         .bind(&s.upstream)
+        .bind(&s.message)
         .fetch_optional(&self.app.db)
         .await?;
         let Some(state) = new_state else {
@@ -266,6 +284,7 @@ impl AgentSession {
         let mut bumped = false;
         match state {
             ContainerState::Idle => self.app.pool_wake.notify_one(),
+            ContainerState::Migrating => self.app.migration_wake.notify_one(),
             ContainerState::Destroying => {
                 tracing::warn!(node_id = self.node_id, container_id = %id, message = s.message, "pool container failed; replacing it");
                 self.app.pool_wake.notify_one();
@@ -278,6 +297,18 @@ impl AgentSession {
         }
         if s.config_version > 0 {
             claim::complete(&self.app, &self.node_id, id, s.config_version).await?;
+            if state == ContainerState::Migrating {
+                self.app.migration_wake.notify_one();
+            }
+        }
+        if let Some(e) = &s.export {
+            let report = migration::ExportReport {
+                archive_id: e.archive_id.clone(),
+                sha256: e.sha256.clone(),
+                bytes: e.bytes,
+                error: e.error.clone(),
+            };
+            migration::record_export(&self.app, &self.node_id, id, &report).await?;
         }
         Ok(bumped)
     }

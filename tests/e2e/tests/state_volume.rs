@@ -81,7 +81,7 @@ async fn a_stopped_containers_state_moves_to_a_new_container() {
     );
 
     // A running container's state is never copied half-written.
-    let refused = rt.export_state(&a, Vec::new()).await.unwrap_err();
+    let refused = rt.export_state(&a, &mut Vec::new()).await.unwrap_err();
     assert!(refused.to_string().contains("stop it first"), "{refused}");
     rt.stop(&a).await.unwrap();
     let mut archive = Vec::new();

@@ -31,6 +31,7 @@ struct Gateway {
 }
 
 fn main() {
+    sigterm::exit_on_term();
     let port: u16 = arg_value("--port")
         .and_then(|p| p.parse().ok())
         .unwrap_or(18789);
@@ -110,6 +111,30 @@ fn watch_config(gateway: &Gateway) {
 
 /// The two inotify calls the stand-in needs, declared against the C library
 /// it links statically.
+/// Exits at once on SIGTERM, as a gateway shutting down cleanly does: as
+/// PID 1 of its container the process would otherwise ignore the signal
+/// and `docker stop` would wait its whole timeout before killing it.
+#[allow(unsafe_code)]
+mod sigterm {
+    const SIGTERM: i32 = 15;
+
+    extern "C" {
+        fn signal(signum: i32, handler: extern "C" fn(i32)) -> usize;
+        fn _exit(status: i32) -> !;
+    }
+
+    extern "C" fn on_term(_: i32) {
+        // Only async-signal-safe calls here.
+        unsafe { _exit(0) }
+    }
+
+    pub fn exit_on_term() {
+        unsafe {
+            signal(SIGTERM, on_term);
+        }
+    }
+}
+
 #[allow(unsafe_code)]
 mod inotify {
     use std::ffi::CString;

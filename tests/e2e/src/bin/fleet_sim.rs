@@ -242,6 +242,8 @@ async fn main() -> Result<()> {
                     }),
                     tenant: None,
                     stopped: false,
+                    export: None,
+                    import: None,
                 })
                 .collect(),
         })?;

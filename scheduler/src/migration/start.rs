@@ -1,0 +1,196 @@
+//! Starting a migration: the instance must be ready, the target active with
+//! room; the target container is booked (`migrating`, the same gateway
+//! token and limits) and the source's node is told to stop it and export.
+
+use uuid::Uuid;
+
+use super::{get, Migration};
+use crate::app::AppRef;
+use crate::archives::{Archives, Purpose};
+use crate::audit::audit;
+use crate::crypto::aad;
+use crate::error::{Error, Result};
+use crate::fleet::{capacity, placement, settings};
+use crate::model::{InstanceStatus, MigrationKind};
+
+/// What an operator (or the evacuation of a node) asks for.
+#[derive(Clone, Debug)]
+pub struct MigrateRequest {
+    pub instance_id: Uuid,
+    /// `None`: placement picks a node other than the source.
+    pub target_node: Option<String>,
+    pub kind: MigrationKind,
+    pub actor: String,
+}
+
+/// The instance and the container it runs in now.
+#[derive(sqlx::FromRow)]
+struct Source {
+    status: InstanceStatus,
+    container_id: Option<Uuid>,
+    node_id: Option<String>,
+    image: Option<String>,
+    pool_generation: Option<i32>,
+    gateway_token_enc: Option<Vec<u8>>,
+    cpu_millis: Option<i32>,
+    memory_bytes: Option<i64>,
+    pids: Option<i32>,
+}
+
+fn conflict(code: &'static str, message: impl Into<String>) -> Error {
+    Error::Conflict {
+        code,
+        message: message.into(),
+    }
+}
+
+pub async fn start(app: &AppRef, req: MigrateRequest) -> Result<Migration> {
+    if app.archives.is_none() {
+        return Err(Error::Disabled {
+            code: "archives_disabled",
+            message: "no archive store is configured (--archive-endpoint)".into(),
+        });
+    }
+    let mut tx = app.db.begin().await?;
+    let src: Source = sqlx::query_as(
+        "SELECT i.status, c.id AS container_id, c.node_id, c.image, c.pool_generation,
+                c.gateway_token_enc, c.cpu_millis, c.memory_bytes, c.pids
+           FROM instances i
+           LEFT JOIN containers c ON c.id = i.container_id AND c.state = 'assigned'
+          WHERE i.id = $1
+          FOR UPDATE OF i",
+    )
+    .bind(req.instance_id)
+    .fetch_optional(&mut *tx)
+    .await?
+    .ok_or(Error::NotFound("instance"))?;
+    let (
+        InstanceStatus::Ready,
+        Some(source),
+        Some(source_node),
+        Some(image),
+        Some(generation),
+        Some(token),
+        Some(cpu),
+        Some(memory),
+        Some(pids),
+    ) = (
+        src.status,
+        src.container_id,
+        src.node_id,
+        src.image,
+        src.pool_generation,
+        src.gateway_token_enc,
+        src.cpu_millis,
+        src.memory_bytes,
+        src.pids,
+    )
+    else {
+        return Err(conflict(
+            "instance_not_ready",
+            format!(
+                "only a ready instance with a running container moves (this one is {:?})",
+                src.status
+            ),
+        ));
+    };
+    let pool = settings::load(&mut *tx).await?;
+    let mut nodes = capacity::schedulable_nodes(app, &mut *tx, &pool, None).await?;
+    let target = match &req.target_node {
+        Some(t) if *t == source_node => {
+            return Err(conflict(
+                "same_node",
+                format!("the instance already runs on {t}"),
+            ))
+        }
+        Some(t) => {
+            let node = nodes.iter().find(|n| n.id == *t).ok_or_else(|| {
+                conflict(
+                    "node_not_schedulable",
+                    format!("node {t} is not active with a fresh heartbeat"),
+                )
+            })?;
+            if !node.fits(memory) {
+                return Err(conflict(
+                    "node_full",
+                    format!("node {t} has no room for this instance"),
+                ));
+            }
+            t.clone()
+        }
+        None => {
+            nodes.retain(|n| n.id != source_node);
+            placement::pick(&mut nodes, memory)
+                .map(|n| n.id.clone())
+                .ok_or_else(|| Error::NoCapacity("no other node has room".into()))?
+        }
+    };
+
+    // The target container: the same gateway token (sealed for its own id),
+    // image and limits, booked on the target until the switch.
+    let target_container = Uuid::new_v4();
+    let plain = app.secrets.open(&aad::gateway_token(source), &token)?;
+    let sealed = app
+        .secrets
+        .seal(&aad::gateway_token(target_container), &plain)?;
+    sqlx::query(
+        "INSERT INTO containers (id, node_id, image, pool_generation, gateway_token_enc, state, cpu_millis, memory_bytes, pids)
+         VALUES ($1, $2, $3, $4, $5, 'migrating', $6, $7, $8)",
+    )
+    .bind(target_container)
+    .bind(&target)
+    .bind(&image)
+    .bind(generation)
+    .bind(&sealed)
+    .bind(cpu)
+    .bind(memory)
+    .bind(pids)
+    .execute(&mut *tx)
+    .await?;
+    let id = Uuid::new_v4();
+    sqlx::query(&format!(
+        "INSERT INTO migrations (id, instance_id, kind, state, source_node, source_container,
+                                 target_node, target_container, archive_key, requested_by)
+         VALUES ($1, $2, $3, 'exporting', $4, $5, $6, $7, $8, $9)
+         RETURNING id"
+    ))
+    .bind(id)
+    .bind(req.instance_id)
+    .bind(req.kind)
+    .bind(&source_node)
+    .bind(source)
+    .bind(&target)
+    .bind(target_container)
+    .bind(Archives::key(req.instance_id, Purpose::Migration))
+    .bind(&req.actor)
+    .execute(&mut *tx)
+    .await
+    .map_err(|e| {
+        Error::on_unique(
+            e,
+            "migrations_one_live",
+            "migration_in_progress",
+            "this instance is already being migrated",
+        )
+    })?;
+    sqlx::query(&format!(
+        "UPDATE migrations SET {} WHERE id = $1",
+        super::push_step("exporting")
+    ))
+    .bind(id)
+    .execute(&mut *tx)
+    .await?;
+    audit(
+        &mut *tx,
+        &req.actor,
+        "instance.migrate",
+        &req.instance_id.to_string(),
+        serde_json::json!({"migration": id, "from": source_node, "to": target, "kind": req.kind}),
+    )
+    .await;
+    tx.commit().await?;
+    tracing::info!(migration = %id, instance = %req.instance_id, from = source_node, to = target, "migration started: stopping the source to export its state");
+    crate::agents::desired::bump_and_push(app, &source_node).await?;
+    app.migration_wake.notify_one();
+    get(app, id).await
+}

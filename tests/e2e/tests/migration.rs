@@ -1,0 +1,310 @@
+//! Migrations on the real system: a tenant's container moves to another
+//! node with its state volume, through the S3-compatible store that
+//! `scripts/test` starts (moto), while a client keeps calling it through the
+//! edge; a scheduler killed mid-way resumes; a target agent that dies
+//! mid-import leaves the tenant on its source.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clawdeploy_e2e::{wait_for, Cluster, ClusterOptions, ADMIN_TOKEN, BASE_DOMAIN};
+use reqwest::Method;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+/// Where the instance runs now: its container and node.
+async fn placement(c: &Cluster, instance: Uuid) -> Result<(Uuid, String)> {
+    Ok(sqlx::query_as(
+        "SELECT c.id, c.node_id FROM instances i JOIN containers c ON c.id = i.container_id WHERE i.id = $1",
+    )
+    .bind(instance)
+    .fetch_one(&c.db)
+    .await?)
+}
+
+async fn instance_of(c: &Cluster, subdomain: &str) -> Result<Uuid> {
+    Ok(
+        sqlx::query_scalar("SELECT id FROM instances WHERE subdomain = $1 AND status = 'ready'")
+            .bind(subdomain)
+            .fetch_one(&c.db)
+            .await?,
+    )
+}
+
+async fn migrate(c: &Cluster, instance: Uuid, target: Option<&str>) -> Result<(u16, Value)> {
+    let mut body = json!({"instanceId": instance});
+    if let Some(t) = target {
+        body["targetNode"] = t.into();
+    }
+    c.admin(
+        Method::POST,
+        "/admin/instances/migrate",
+        Some(body),
+        Some(ADMIN_TOKEN),
+    )
+    .await
+}
+
+/// Polls the migration until it ends; returns its final view.
+async fn wait_migration(c: &Cluster, id: &str, within: Duration) -> Result<Value> {
+    let deadline = Instant::now() + within;
+    loop {
+        let got = c
+            .admin(
+                Method::GET,
+                &format!("/admin/migrations/{id}"),
+                None,
+                Some(ADMIN_TOKEN),
+            )
+            .await;
+        if let Ok((200, v)) = &got {
+            if v["state"] == "done" || v["state"] == "rolled_back" {
+                return Ok(v.clone());
+            }
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "migration {id} did not end: {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A client calling the tenant through the edge every 50 ms; returns the
+/// outcomes (time since start, success) when stopped.
+type Outcomes = Vec<(Duration, bool)>;
+
+fn poller(
+    c: &Cluster,
+    host: String,
+    gw: String,
+) -> (Arc<AtomicBool>, tokio::task::JoinHandle<Outcomes>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .expect("client");
+    let url = format!("http://{}/v1/models", c.edge);
+    let flag = stop.clone();
+    let task = tokio::spawn(async move {
+        let started = Instant::now();
+        let mut seen = Vec::new();
+        while !flag.load(Ordering::Relaxed) {
+            let r = client
+                .get(&url)
+                .header("host", &host)
+                .bearer_auth(&gw)
+                .send()
+                .await;
+            let ok = matches!(&r, Ok(r) if r.status() == 200);
+            if !ok {
+                let why = r
+                    .map(|r| r.status().to_string())
+                    .unwrap_or_else(|e| format!("{e:?}"));
+                println!("{:?}: request failed: {why}", started.elapsed());
+            }
+            seen.push((started.elapsed(), ok));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        seen
+    });
+    (stop, task)
+}
+
+/// The customer-visible downtime: the longest time between two successful
+/// answers (a request that hangs on a stopped container counts in full),
+/// and how many requests failed.
+fn downtime(seen: &[(Duration, bool)]) -> (Duration, usize) {
+    let ok: Vec<Duration> = seen
+        .iter()
+        .filter(|(_, ok)| *ok)
+        .map(|(at, _)| *at)
+        .collect();
+    let longest = ok.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default();
+    (longest, seen.iter().filter(|(_, ok)| !ok).count())
+}
+
+fn volume_dir(c: &Cluster, node: &str, container: Uuid) -> std::path::PathBuf {
+    c.dir.join(node).join("volumes").join(container.to_string())
+}
+
+fn docker_has(container: Uuid) -> bool {
+    let out = std::process::Command::new("docker")
+        .args(["ps", "-aq", "--filter"])
+        .arg(format!("label=clawdeploy.container={container}"))
+        .output()
+        .expect("docker ps");
+    !String::from_utf8_lossy(&out.stdout).trim().is_empty()
+}
+
+#[tokio::test]
+async fn an_instance_moves_with_its_state_while_a_client_calls_it() -> Result<()> {
+    let c = Cluster::start(ClusterOptions {
+        nodes: 2,
+        min_idle: 2,
+        max_idle: 4,
+        ..Default::default()
+    })
+    .await?;
+    c.wait_idle_at_least(2, Duration::from_secs(120)).await?;
+    let (_, gw) = c
+        .sign_up("mover@example.com", "mover", json!({"openai": "sk-move-1"}))
+        .await?;
+    let host = format!("mover.{BASE_DOMAIN}");
+    let instance = instance_of(&c, "mover").await?;
+    let (source, from) = placement(&c, instance).await?;
+    let to = c.node_ids.iter().find(|n| **n != from).unwrap().clone();
+
+    // The tenant writes into its state.
+    let note = format!("written on {from} at {:?}", Instant::now());
+    let file = volume_dir(&c, &from, source).join("notes.txt");
+    std::fs::write(&file, &note)?;
+
+    let (stop, polling) = poller(&c, host.clone(), gw.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (status, started) = migrate(&c, instance, Some(&to)).await?;
+    assert_eq!(status, 202, "{started}");
+    assert_eq!(started["state"], "exporting", "{started}");
+    assert_eq!(started["sourceNode"], from.as_str());
+    assert_eq!(started["targetNode"], to.as_str());
+    // A second request for the same instance while the first runs: 409.
+    let (status, again) = migrate(&c, instance, None).await?;
+    assert_eq!(status, 409, "{again}");
+    assert_eq!(again["error"]["code"], "migration_in_progress", "{again}");
+
+    let id = started["id"].as_str().context("id")?;
+    let done = wait_migration(&c, id, Duration::from_secs(90)).await?;
+    assert_eq!(done["state"], "done", "{done}");
+    let steps: Vec<&str> = done["steps"]
+        .as_array()
+        .context("steps")?
+        .iter()
+        .filter_map(|s| s["state"].as_str())
+        .collect();
+    assert_eq!(steps, ["exporting", "importing", "done"], "{done}");
+    assert!(done["archiveBytes"].as_i64().unwrap_or(0) > note.len() as i64);
+    // Long enough for a request that hung on the stopped source to give up.
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    stop.store(true, Ordering::Relaxed);
+    let seen = polling.await?;
+    let (longest, failed) = downtime(&seen);
+    println!(
+        "migration downtime: {} ms between two answers ({failed} of {} requests, one every 50 ms, failed)",
+        longest.as_millis(),
+        seen.len()
+    );
+    let after: Vec<bool> = seen.iter().rev().take(10).map(|(_, ok)| *ok).collect();
+    assert!(
+        after.iter().all(|ok| *ok),
+        "the tenant answers after the move: {after:?}"
+    );
+
+    // On the target now, with its state, the same gateway token and keys.
+    let (target, node) = placement(&c, instance).await?;
+    assert_eq!(node, to);
+    assert_ne!(target, source);
+    assert_eq!(
+        std::fs::read_to_string(volume_dir(&c, &to, target).join("notes.txt"))?,
+        note
+    );
+    let (status, models) = c.edge_get(&host, "/v1/models", Some(&gw)).await?;
+    assert_eq!(status, 200, "{models}");
+    assert!(models.contains("openai"), "{models}");
+    // The source is gone from Docker and from disk.
+    wait_for(
+        Duration::from_secs(30),
+        "the source container removed",
+        || async { Ok(!docker_has(source) && !file.exists()) },
+    )
+    .await?;
+    let audit: i64 = c
+        .count(&format!(
+            "SELECT count(*) FROM audit_log WHERE subject = '{instance}' AND action IN ('instance.migrate', 'instance.migrated')"
+        ))
+        .await?;
+    assert_eq!(audit, 2);
+    assert!(c.scheduler_metric(0, "clawdeploy_migrations_total").await? >= 1.0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_killed_scheduler_resumes_and_a_dead_target_leaves_the_tenant_on_its_source() -> Result<()>
+{
+    let mut c = Cluster::start(ClusterOptions {
+        nodes: 2,
+        min_idle: 2,
+        max_idle: 4,
+        ..Default::default()
+    })
+    .await?;
+    c.wait_idle_at_least(2, Duration::from_secs(120)).await?;
+    let (_, gw) = c
+        .sign_up(
+            "steady@example.com",
+            "steady",
+            json!({"anthropic": "sk-ant-1"}),
+        )
+        .await?;
+    let host = format!("steady.{BASE_DOMAIN}");
+    let instance = instance_of(&c, "steady").await?;
+
+    // The scheduler is SIGKILLed right after the migration starts; the one
+    // started in its place finishes it.
+    let (source, from) = placement(&c, instance).await?;
+    std::fs::write(volume_dir(&c, &from, source).join("keep.txt"), "kept")?;
+    let (status, started) = migrate(&c, instance, None).await?;
+    assert_eq!(status, 202, "{started}");
+    c.kill_scheduler();
+    c.start_scheduler()?;
+    c.wait_http_up().await?;
+    let id = started["id"].as_str().context("id")?.to_owned();
+    let done = wait_migration(&c, &id, Duration::from_secs(90)).await?;
+    assert_eq!(done["state"], "done", "{done}");
+    let (moved, to) = placement(&c, instance).await?;
+    assert_ne!(to, from);
+    assert_eq!(
+        std::fs::read_to_string(volume_dir(&c, &to, moved).join("keep.txt"))?,
+        "kept"
+    );
+    wait_for(
+        Duration::from_secs(30),
+        "the tenant answering on its new node",
+        || async { Ok(c.edge_get(&host, "/v1/models", Some(&gw)).await?.0 == 200) },
+    )
+    .await?;
+
+    // Now the target's agent dies in the middle of the import (a crash
+    // point just before the archive is unpacked): the migration rolls back
+    // and the tenant runs again where it was, with its state.
+    let back = c.node_ids.iter().position(|n| *n == from).unwrap();
+    c.kill_agent(back);
+    c.start_agent_env(back, &[("CLAWDEPLOY_AGENT_CRASH_AT", "import")])?;
+    c.wait_nodes_connected(Duration::from_secs(60)).await?;
+    let (status, started) = migrate(&c, instance, Some(&from)).await?;
+    assert_eq!(status, 202, "{started}");
+    let id = started["id"].as_str().context("id")?.to_owned();
+    c.wait_agent_exit(back, Duration::from_secs(60)).await?;
+    let ended = wait_migration(&c, &id, Duration::from_secs(90)).await?;
+    assert_eq!(ended["state"], "rolled_back", "{ended}");
+    assert!(
+        ended["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("target node"),
+        "{ended}"
+    );
+    assert_eq!(placement(&c, instance).await?, (moved, to.clone()));
+    wait_for(
+        Duration::from_secs(60),
+        "the tenant answering on its source",
+        || async { Ok(c.edge_get(&host, "/v1/models", Some(&gw)).await?.0 == 200) },
+    )
+    .await?;
+    assert_eq!(
+        std::fs::read_to_string(volume_dir(&c, &to, moved).join("keep.txt"))?,
+        "kept"
+    );
+    Ok(())
+}

@@ -316,7 +316,7 @@ impl Proxy {
             .path_and_query()
             .map_or("/", |p| p.as_str())
             .to_owned();
-        let Some(uri) = upstream::uri_for(&target.container_id, &path) else {
+        let Some(uri) = upstream::uri_for(&target.container_id, &target.upstream, &path) else {
             return error_page(
                 req.headers(),
                 StatusCode::BAD_REQUEST,

@@ -1,8 +1,11 @@
-//! Upstream connections, pooled per container rather than per address: the
-//! pool key is the container id, and a new connection goes to the address
-//! the route table gives that container at that moment. A kept-alive
-//! connection opened for one container is therefore never reused for
-//! another, even one that later got the same address.
+//! Upstream connections, pooled per container *and* address: the pool key
+//! names the container id and the address its route had when the request
+//! came, and a new connection is made only while the route table still
+//! gives that container that address. A kept-alive connection opened for one
+//! container is therefore never reused for another, even one that later got
+//! the same address, and a connection made to a container's old address
+//! (Docker gave it another on a restart) is never reused once the route
+//! follows it.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -35,11 +38,29 @@ impl UpstreamConnector {
     }
 }
 
-/// The URI a request for `container_id` is sent to (the pool's key).
-pub fn uri_for(container_id: &str, path_and_query: &str) -> Option<Uri> {
-    format!("http://{container_id}{path_and_query}")
-        .parse()
-        .ok()
+/// The URI a request for `container_id` at `upstream` is sent to (the
+/// pool's key): `<container id>--<address with '.' and ':' as '-'>`.
+pub fn uri_for(container_id: &str, upstream: &str, path_and_query: &str) -> Option<Uri> {
+    format!(
+        "http://{container_id}--{}{path_and_query}",
+        key_address(upstream)
+    )
+    .parse()
+    .ok()
+}
+
+/// An address as a host-name-safe part of the pool key.
+fn key_address(upstream: &str) -> String {
+    upstream.replace(['.', ':'], "-")
+}
+
+/// The address to dial for a pool key, if the route table still gives the
+/// key's container the key's address.
+fn address_of(routes: &RouteTable, key: &str) -> Option<String> {
+    let (container, address) = key.split_once("--")?;
+    routes
+        .upstream_of(container)
+        .filter(|now| !now.is_empty() && key_address(now) == address)
 }
 
 impl Service<Uri> for UpstreamConnector {
@@ -52,15 +73,61 @@ impl Service<Uri> for UpstreamConnector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let address = uri
-            .host()
-            .and_then(|container| self.routes.upstream_of(container));
+        let address = uri.host().and_then(|key| address_of(&self.routes, key));
         let mut http = self.http.clone();
         Box::pin(async move {
-            let address = address.ok_or("no route names this container any more")?;
+            let address = address.ok_or("no route gives this container this address any more")?;
             let target: Uri = format!("http://{address}").parse()?;
             metrics::counter!("clawdeploy_edge_upstream_connects_total").increment(1);
             Ok(http.call(target).await?)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clawdeploy_proto::{Route, RouteDelta, RouteSnapshot};
+
+    fn route(upstream: &str) -> Route {
+        Route {
+            hostname: "a.x.test".into(),
+            upstream: upstream.into(),
+            instance_id: "i".into(),
+            container_id: "c1".into(),
+        }
+    }
+
+    #[test]
+    fn a_key_dials_only_while_its_container_keeps_that_address() {
+        let t = RouteTable::load(None);
+        t.apply_snapshot(RouteSnapshot {
+            version: 1,
+            routes: vec![route("10.0.0.3:18789")],
+        });
+        let old = uri_for("c1", "10.0.0.3:18789", "/v1/models").unwrap();
+        let old_key = old.host().unwrap();
+        assert_eq!(address_of(&t, old_key).as_deref(), Some("10.0.0.3:18789"));
+        // Docker gave the container another address (and its old one may
+        // now belong to another tenant): the old key dials nothing.
+        t.apply_delta(RouteDelta {
+            version: 2,
+            upsert: Some(route("10.0.0.4:18789")),
+            ..Default::default()
+        });
+        assert_eq!(address_of(&t, old_key), None);
+        let new = uri_for("c1", "10.0.0.4:18789", "/").unwrap();
+        assert_eq!(
+            address_of(&t, new.host().unwrap()).as_deref(),
+            Some("10.0.0.4:18789")
+        );
+        // A container whose route is paused (no address) is not dialled.
+        t.apply_delta(RouteDelta {
+            version: 3,
+            upsert: Some(route("")),
+            ..Default::default()
+        });
+        assert_eq!(address_of(&t, new.host().unwrap()), None);
+        assert_eq!(address_of(&t, "no-separator"), None);
     }
 }

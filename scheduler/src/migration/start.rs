@@ -190,6 +190,9 @@ pub async fn start(app: &AppRef, req: MigrateRequest) -> Result<Migration> {
     .await;
     tx.commit().await?;
     tracing::info!(migration = %id, instance = %req.instance_id, from = source_node, to = target, "migration started: stopping the source to export its state");
+    // The route pauses before the source stops: the edge answers at once
+    // rather than dialling an address that is about to vanish.
+    crate::routes::repoint(app, source, "").await?;
     crate::agents::desired::bump_and_push(app, &source_node).await?;
     app.migration_wake.notify_one();
     get(app, id).await

@@ -295,6 +295,12 @@ impl AgentSession {
         if phase == ContainerPhase::Healthy && !s.upstream.is_empty() {
             routes::repoint(&self.app, id, &s.upstream).await?;
         }
+        // A stopped container's address goes back to Docker and may soon
+        // belong to another tenant: its routes keep no address (the edge
+        // answers at once instead of dialling it) until it runs again.
+        if phase == ContainerPhase::Stopped {
+            routes::repoint(&self.app, id, "").await?;
+        }
         if s.config_version > 0 {
             claim::complete(&self.app, &self.node_id, id, s.config_version).await?;
             if state == ContainerState::Migrating {

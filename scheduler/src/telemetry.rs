@@ -31,6 +31,9 @@ pub const CATALOG: &[Metric] = &[
     Metric::counter("clawdeploy_password_queue_full_total", &[], "Password hashes refused because the hashing queue was full (answered 503)."),
     Metric::counter("clawdeploy_node_joins_total", &["result"], "Node joins by result: ok, refused."),
     Metric::counter("clawdeploy_node_cert_renewals_total", &[], "Node certificates renewed."),
+    Metric::counter("clawdeploy_migrations_total", &["result"], "Migrations ended, by result: done, rolled_back."),
+    Metric::histogram("clawdeploy_migration_downtime_seconds", &[], "From a migration's start (the route pauses, the source stops) to the route switching to the target."),
+    Metric::counter("clawdeploy_archive_bytes_total", &["purpose"], "Bytes of state archives agents reported stored, by purpose (migration)."),
 ];
 
 #[cfg(test)]

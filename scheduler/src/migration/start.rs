@@ -148,12 +148,12 @@ pub async fn start(app: &AppRef, req: MigrateRequest) -> Result<Migration> {
     .execute(&mut *tx)
     .await?;
     let id = Uuid::new_v4();
-    sqlx::query(&format!(
+    sqlx::query(
         "INSERT INTO migrations (id, instance_id, kind, state, source_node, source_container,
-                                 target_node, target_container, archive_key, requested_by)
-         VALUES ($1, $2, $3, 'exporting', $4, $5, $6, $7, $8, $9)
-         RETURNING id"
-    ))
+                                 target_node, target_container, archive_key, requested_by, steps)
+         VALUES ($1, $2, $3, 'exporting', $4, $5, $6, $7, $8, $9,
+                 jsonb_build_array(jsonb_build_object('state', 'exporting', 'at', now())))",
+    )
     .bind(id)
     .bind(req.instance_id)
     .bind(req.kind)
@@ -173,13 +173,6 @@ pub async fn start(app: &AppRef, req: MigrateRequest) -> Result<Migration> {
             "this instance is already being migrated",
         )
     })?;
-    sqlx::query(&format!(
-        "UPDATE migrations SET {} WHERE id = $1",
-        super::push_step("exporting")
-    ))
-    .bind(id)
-    .execute(&mut *tx)
-    .await?;
     audit(
         &mut *tx,
         &req.actor,

@@ -158,6 +158,9 @@ struct ServeArgs {
         default_value_t = 120
     )]
     migration_step_timeout_secs: u64,
+    /// Tenants migrating off one evacuating node at a time.
+    #[arg(long, env = "CLAWDEPLOY_EVACUATE_CONCURRENCY", default_value_t = 2)]
+    evacuate_concurrency: u32,
 }
 
 #[derive(Subcommand)]
@@ -221,6 +224,7 @@ async fn main() -> anyhow::Result<()> {
                     migration_step_timeout: Duration::from_secs(
                         a.migration_step_timeout_secs.max(1),
                     ),
+                    evacuate_concurrency: a.evacuate_concurrency.max(1),
                     ..Config::default()
                 },
                 database_url: a.database_url,

@@ -5,18 +5,18 @@
 
 use std::time::Duration;
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
 use serde::Deserialize;
 
 use super::extract::{ApiJson, Operator};
 use super::views::{
-    ContainerCounts, ErrorBody, JoinTokenView, NodeList, NodeStateView, NodeUsage, NodeView,
-    PoolSettingsView, PoolView,
+    ContainerCounts, ErrorBody, EvacuationView, JoinTokenView, NodeList, NodeStateView, NodeUsage,
+    NodeView, PoolSettingsView, PoolView,
 };
 use crate::agents::enroll;
 use crate::app::AppRef;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::fleet::{nodes, settings};
 use crate::model::NodeState;
 
@@ -66,6 +66,11 @@ pub async fn list_nodes(_: Operator, State(app): State<AppRef>) -> Result<axum::
         .into_iter()
         .map(|n| NodeView {
             connected: app.sessions.sender(&n.id).is_some(),
+            free_slots: (i64::from(n.max_containers) - n.containers).max(0),
+            evacuation: n.evacuating.then_some(EvacuationView {
+                remaining: n.assigned,
+                migrating: n.migrating_out,
+            }),
             id: n.id,
             ip: n.ip,
             status: n.state.into(),
@@ -95,18 +100,40 @@ pub async fn list_nodes(_: Operator, State(app): State<AppRef>) -> Result<axum::
 
 /// Removes a node for good: its certificate is refused from its next call
 /// on, its open session is closed now, and the pool stops using it.
+/// Refused (409) while the node holds tenants, unless `?force=true`, which
+/// loses their data.
 #[utoipa::path(delete, path = "/admin/nodes/{id}", tag = "operator", security(("bearer" = [])),
-    params(("id" = String, Path, description = "Node id")),
+    params(("id" = String, Path, description = "Node id"),
+        ("force" = Option<bool>, Query, description = "Remove even with tenants on it (their data is lost)")),
     responses((status = 200, description = "Removed: its session ends, its certificate is refused", body = NodeStateView),
+        (status = 400, description = "Unknown query parameter", body = ErrorBody),
         (status = 401, description = "No or wrong operator token", body = ErrorBody),
         (status = 404, description = "No such node", body = ErrorBody),
+        (status = 409, description = "The node still holds tenants", body = ErrorBody),
     ))]
 pub async fn remove_node(
     _: Operator,
     State(app): State<AppRef>,
     Path(node_id): Path<String>,
+    RawQuery(query): RawQuery,
 ) -> Result<axum::Json<NodeStateView>> {
-    nodes::remove(&app, &node_id).await?;
+    let mut force = false;
+    for pair in query
+        .iter()
+        .flat_map(|q| q.split('&'))
+        .filter(|p| !p.is_empty())
+    {
+        force = match pair {
+            "force=true" => true,
+            "force=false" => false,
+            _ => {
+                return Err(Error::BadRequest(format!(
+                    "unknown query parameter {pair:?}: only force=true|false"
+                )))
+            }
+        };
+    }
+    nodes::remove(&app, &node_id, force).await?;
     Ok(axum::Json(NodeStateView {
         id: node_id,
         state: NodeState::Removed,
@@ -142,10 +169,13 @@ pub async fn set_pool(
 }
 
 /// `POST /admin/nodes/{id}/drain`: no new containers on the node and its
-/// idle ones stop counting; its tenants stay.
+/// idle ones stop counting; its tenants stay, or with `{"evacuate": true}`
+/// migrate off it.
 #[utoipa::path(post, path = "/admin/nodes/{id}/drain", tag = "operator", security(("bearer" = [])),
     params(("id" = String, Path, description = "Node id")),
+    request_body(content = Option<DrainBody>, description = "Optional"),
     responses((status = 200, description = "Draining: nothing new is placed there", body = NodeStateView),
+        (status = 400, description = "Malformed body", body = ErrorBody),
         (status = 401, description = "No or wrong operator token", body = ErrorBody),
         (status = 404, description = "No such node", body = ErrorBody),
     ))]
@@ -153,8 +183,28 @@ pub async fn drain_node(
     _: Operator,
     State(app): State<AppRef>,
     Path(node_id): Path<String>,
+    body: axum::body::Bytes,
 ) -> Result<axum::Json<NodeStateView>> {
-    set_node_state(&app, node_id, NodeState::Draining).await
+    // The body is optional: no body drains only.
+    let DrainBody { evacuate } = if body.iter().all(u8::is_ascii_whitespace) {
+        DrainBody::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| Error::BadRequest(format!("drain body: {e}")))?
+    };
+    nodes::set_state(&app, &node_id, NodeState::Draining, evacuate).await?;
+    Ok(axum::Json(NodeStateView {
+        id: node_id,
+        state: NodeState::Draining,
+    }))
+}
+
+#[derive(Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct DrainBody {
+    /// Also migrate every tenant off the node, a few at a time
+    /// (`--evacuate-concurrency`); progress shows in `GET /admin/nodes`.
+    #[serde(default)]
+    evacuate: bool,
 }
 
 /// `POST /admin/nodes/{id}/activate`: the node takes containers again.
@@ -169,14 +219,9 @@ pub async fn activate_node(
     State(app): State<AppRef>,
     Path(node_id): Path<String>,
 ) -> Result<axum::Json<NodeStateView>> {
-    set_node_state(&app, node_id, NodeState::Active).await
-}
-
-async fn set_node_state(
-    app: &AppRef,
-    node_id: String,
-    state: NodeState,
-) -> Result<axum::Json<NodeStateView>> {
-    nodes::set_state(app, &node_id, state).await?;
-    Ok(axum::Json(NodeStateView { id: node_id, state }))
+    nodes::set_state(&app, &node_id, NodeState::Active, false).await?;
+    Ok(axum::Json(NodeStateView {
+        id: node_id,
+        state: NodeState::Active,
+    }))
 }

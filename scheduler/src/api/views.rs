@@ -171,6 +171,19 @@ pub struct NodeView {
     /// schedulers, the node may hold its session with the other one).
     pub heartbeat_fresh: bool,
     pub usage: NodeUsage,
+    /// Free container slots (the most it accepts minus what it holds).
+    pub free_slots: i64,
+    /// Present while the node is being evacuated.
+    pub evacuation: Option<EvacuationView>,
+}
+
+/// An evacuation's progress: tenants still on the node, and how many of
+/// them are migrating now.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EvacuationView {
+    pub remaining: i64,
+    pub migrating: i64,
 }
 
 /// The spec's node status.

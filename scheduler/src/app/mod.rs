@@ -55,6 +55,8 @@ pub struct Config {
     /// A migration step (export, import and start) that takes longer than
     /// this rolls the migration back.
     pub migration_step_timeout: Duration,
+    /// Tenants migrating off one evacuating node at a time.
+    pub evacuate_concurrency: u32,
 }
 
 impl Default for Config {
@@ -76,6 +78,7 @@ impl Default for Config {
             node_cert_lifetime: Duration::from_secs(24 * 3600),
             join_token_ttl: Duration::from_secs(24 * 3600),
             migration_step_timeout: Duration::from_secs(120),
+            evacuate_concurrency: 2,
         }
     }
 }

@@ -1,4 +1,4 @@
-//! Drives live migrations: woken when an agent reports on one (an export
+//! Drives live migrations and evacuations: woken when an agent reports on one (an export
 //! done, a target up or failed) and every second regardless, for the
 //! timeouts and for migrations a killed scheduler left mid-way.
 
@@ -14,6 +14,9 @@ pub async fn run(app: AppRef, mut shutdown: watch::Receiver<bool>) {
     loop {
         if let Err(e) = crate::migration::drive::advance(&app).await {
             tracing::warn!(error = %e, "migration pass failed");
+        }
+        if let Err(e) = crate::migration::evacuate::advance(&app).await {
+            tracing::warn!(error = %e, "evacuation pass failed");
         }
         tokio::select! {
             _ = app.migration_wake.notified() => {}

@@ -30,6 +30,11 @@ pub struct NodeSummary {
     pub disk_available_bytes: i64,
     pub disk_total_bytes: i64,
     pub containers_running: i32,
+    pub max_containers: i32,
+    /// Its tenants are being migrated off.
+    pub evacuating: bool,
+    /// Tenants migrating off it now.
+    pub migrating_out: i64,
 }
 
 pub async fn list(app: &App) -> Result<Vec<NodeSummary>> {
@@ -39,7 +44,9 @@ pub async fn list(app: &App) -> Result<Vec<NodeSummary>> {
                 c.containers, c.idle, c.assigned,
                 COALESCE(n.last_heartbeat > now() - make_interval(secs => $1), false) AS heartbeat_fresh,
                 n.cpu_busy_permille, n.memory_available_bytes, n.disk_available_bytes,
-                n.disk_total_bytes, n.containers_running
+                n.disk_total_bytes, n.containers_running, n.max_containers, n.evacuating,
+                (SELECT count(*) FROM migrations m
+                  WHERE m.source_node = n.id AND m.state IN ('exporting', 'importing')) AS migrating_out
            FROM nodes n
            CROSS JOIN LATERAL (
                 SELECT count(*) FILTER (WHERE state NOT IN ('destroyed', 'failed')) AS containers,
@@ -54,8 +61,26 @@ pub async fn list(app: &App) -> Result<Vec<NodeSummary>> {
 }
 
 /// Removes a node for good: its certificate is refused from its next call
-/// on, its open session is closed now, and the pool stops using it.
-pub async fn remove(app: &App, node_id: &str) -> Result<()> {
+/// on, its open session is closed now, and the pool stops using it. A node
+/// that still holds tenants (running or suspended) is refused unless
+/// `force`: their data would be lost with the node.
+pub async fn remove(app: &App, node_id: &str, force: bool) -> Result<()> {
+    let tenants: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM containers WHERE node_id = $1 AND state IN ('assigning', 'assigned', 'suspended', 'migrating')",
+    )
+    .bind(node_id)
+    .fetch_one(&app.db)
+    .await?;
+    if tenants > 0 && !force {
+        return Err(Error::Conflict {
+            code: "node_has_tenants",
+            message: format!(
+                "node {node_id} still holds {tenants} tenant container(s): evacuate it first \
+                 (POST /admin/nodes/{node_id}/drain {{\"evacuate\": true}}), or remove it with \
+                 ?force=true and lose their data"
+            ),
+        });
+    }
     let updated = sqlx::query("UPDATE nodes SET state = 'removed' WHERE id = $1")
         .bind(node_id)
         .execute(&app.db)
@@ -70,7 +95,14 @@ pub async fn remove(app: &App, node_id: &str) -> Result<()> {
         .await?;
     app.sessions
         .close(node_id, format!("node {node_id} has been removed"));
-    audit(&app.db, "operator", "node.remove", node_id, json!({})).await;
+    audit(
+        &app.db,
+        "operator",
+        "node.remove",
+        node_id,
+        json!({"force": force, "tenants": tenants}),
+    )
+    .await;
     app.pool_wake.notify_one();
     tracing::warn!(node_id, "node removed by operator");
     Ok(())
@@ -78,14 +110,18 @@ pub async fn remove(app: &App, node_id: &str) -> Result<()> {
 
 /// Drains a node (no new containers; its idle ones stop counting, its
 /// tenants stay) or makes it active again. A removed node stays removed.
-pub async fn set_state(app: &App, node_id: &str, state: NodeState) -> Result<()> {
+/// `evacuate` (with draining) also migrates its tenants off; activating a
+/// node stops an evacuation (migrations already running finish).
+pub async fn set_state(app: &App, node_id: &str, state: NodeState, evacuate: bool) -> Result<()> {
     let from: Option<NodeState> = sqlx::query_scalar(
-        "UPDATE nodes n SET state = $2 FROM (SELECT id, state FROM nodes WHERE id = $1 FOR UPDATE) old
+        "UPDATE nodes n SET state = $2, evacuating = $3
+           FROM (SELECT id, state FROM nodes WHERE id = $1 FOR UPDATE) old
           WHERE n.id = old.id AND old.state IN ('active', 'draining', 'unreachable')
           RETURNING old.state",
     )
     .bind(node_id)
     .bind(state)
+    .bind(evacuate && state == NodeState::Draining)
     .fetch_optional(&app.db)
     .await?;
     let Some(from) = from else {
@@ -106,12 +142,14 @@ pub async fn set_state(app: &App, node_id: &str, state: NodeState) -> Result<()>
         "operator",
         "node.state",
         node_id,
-        json!({"from": from, "to": state}),
+        json!({"from": from, "to": state, "evacuate": evacuate}),
     )
     .await;
     app.pool_wake.notify_one();
+    app.migration_wake.notify_one();
     tracing::info!(
         node_id,
+        evacuate,
         from = from.as_str(),
         to = state.as_str(),
         "node state changed by operator"

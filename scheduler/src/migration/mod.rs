@@ -9,6 +9,7 @@
 //! the migration up where it was.
 
 pub mod drive;
+pub mod evacuate;
 pub mod start;
 
 use chrono::{DateTime, Utc};

@@ -331,3 +331,120 @@ async fn a_killed_scheduler_resumes_and_a_dead_target_leaves_the_tenant_on_its_s
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn evacuating_a_node_moves_every_tenant_and_removal_waits_for_it() -> Result<()> {
+    let c = Cluster::start(ClusterOptions {
+        nodes: 2,
+        min_idle: 4,
+        max_idle: 12,
+        ..Default::default()
+    })
+    .await?;
+    let (a, b) = (c.node_ids[0].clone(), c.node_ids[1].clone());
+    // Every tenant on node a: b drains while they sign up.
+    assert_eq!(drain(&c, &b, None).await?.0, 200);
+    c.wait_idle_at_least(4, Duration::from_secs(120)).await?;
+    let mut tenants = Vec::new();
+    for i in 0..10 {
+        let (_, gw) = c
+            .sign_up(
+                &format!("evac{i}@example.com"),
+                &format!("evac{i}"),
+                json!({"openai": format!("sk-evac-{i}")}),
+            )
+            .await?;
+        let instance = instance_of(&c, &format!("evac{i}")).await?;
+        assert_eq!(placement(&c, instance).await?.1, a);
+        tenants.push((format!("evac{i}.{BASE_DOMAIN}"), gw, instance));
+    }
+    let (status, _) = c
+        .admin(
+            Method::POST,
+            &format!("/admin/nodes/{b}/activate"),
+            None,
+            Some(ADMIN_TOKEN),
+        )
+        .await?;
+    assert_eq!(status, 200);
+
+    // Removing a node with tenants is refused; a bad body or query is a 400.
+    let remove = |q: &str| format!("/admin/nodes/{a}{q}");
+    let (status, body) = c
+        .admin(Method::DELETE, &remove(""), None, Some(ADMIN_TOKEN))
+        .await?;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"]["code"], "node_has_tenants");
+    let (status, _) = c
+        .admin(Method::DELETE, &remove("?forse=1"), None, Some(ADMIN_TOKEN))
+        .await?;
+    assert_eq!(status, 400);
+    assert_eq!(
+        drain(&c, &a, Some(json!({"evacuate": "yes"}))).await?.0,
+        400
+    );
+
+    let started = Instant::now();
+    let (status, body) = drain(&c, &a, Some(json!({"evacuate": true}))).await?;
+    assert_eq!(status, 200, "{body}");
+    // Progress shows on the node while it runs; never more than the
+    // bound (2) migrate at once.
+    let mut most = 0;
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let (_, v) = c
+            .admin(Method::GET, "/admin/nodes", None, Some(ADMIN_TOKEN))
+            .await?;
+        let node = v["nodes"]
+            .as_array()
+            .context("nodes")?
+            .iter()
+            .find(|n| n["id"] == a.as_str())
+            .cloned()
+            .context("node a")?;
+        let e = &node["evacuation"];
+        most = most.max(e["migrating"].as_i64().unwrap_or(0));
+        if e["remaining"] == 0 && e["migrating"] == 0 {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "node a not evacuated: {node}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let took = started.elapsed();
+    assert!(most <= 2, "{most} migrated at once");
+    let mut downtimes: Vec<f64> = sqlx::query_scalar(
+        "SELECT extract(epoch FROM finished_at - created_at)::float8 FROM migrations
+          WHERE kind = 'evacuate' AND state = 'done' ORDER BY 1",
+    )
+    .fetch_all(&c.db)
+    .await?;
+    assert_eq!(downtimes.len(), 10, "{downtimes:?}");
+    downtimes.sort_by(f64::total_cmp);
+    println!(
+        "evacuated 10 tenants in {:.1} s; per-tenant downtime p50 {:.0} ms, max {:.0} ms",
+        took.as_secs_f64(),
+        downtimes[4] * 1e3,
+        downtimes[9] * 1e3
+    );
+    for (host, gw, instance) in &tenants {
+        assert_eq!(placement(&c, *instance).await?.1, b);
+        let (status, models) = c.edge_get(host, "/v1/models", Some(gw)).await?;
+        assert_eq!(status, 200, "{host}: {models}");
+    }
+    // Empty now: the node goes.
+    let (status, body) = c
+        .admin(Method::DELETE, &remove(""), None, Some(ADMIN_TOKEN))
+        .await?;
+    assert_eq!(status, 200, "{body}");
+    Ok(())
+}
+
+async fn drain(c: &Cluster, node: &str, body: Option<Value>) -> Result<(u16, Value)> {
+    c.admin(
+        Method::POST,
+        &format!("/admin/nodes/{node}/drain"),
+        body,
+        Some(ADMIN_TOKEN),
+    )
+    .await
+}

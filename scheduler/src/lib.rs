@@ -22,6 +22,7 @@ pub mod app;
 pub mod archives;
 pub mod audit;
 pub mod background;
+pub mod backup;
 pub mod crypto;
 pub mod error;
 pub mod events;
@@ -147,6 +148,7 @@ pub async fn serve(
     let pool_task = tokio::spawn(background::pool_manager::run(app.clone(), stop_rx.clone()));
     tokio::spawn(background::peer_events::run(app.clone(), stop_rx.clone()));
     tokio::spawn(background::migrations::run(app.clone(), stop_rx.clone()));
+    tokio::spawn(background::backups::run(app.clone(), stop_rx.clone()));
     let grpc_server = tonic::transport::Server::builder()
         .tls_config(tls)?
         .http2_keepalive_interval(Some(Duration::from_secs(10)))

@@ -161,6 +161,12 @@ struct ServeArgs {
     /// Tenants migrating off one evacuating node at a time.
     #[arg(long, env = "CLAWDEPLOY_EVACUATE_CONCURRENCY", default_value_t = 2)]
     evacuate_concurrency: u32,
+    /// Seconds between two backups of a ready instance (daily by default).
+    #[arg(long, env = "CLAWDEPLOY_BACKUP_INTERVAL_SECS", default_value_t = 24 * 3600)]
+    backup_interval_secs: u64,
+    /// Seconds a backup is kept before it is deleted from the store (30 days).
+    #[arg(long, env = "CLAWDEPLOY_BACKUP_RETENTION_SECS", default_value_t = 30 * 24 * 3600)]
+    backup_retention_secs: u64,
 }
 
 #[derive(Subcommand)]
@@ -225,6 +231,8 @@ async fn main() -> anyhow::Result<()> {
                         a.migration_step_timeout_secs.max(1),
                     ),
                     evacuate_concurrency: a.evacuate_concurrency.max(1),
+                    backup_interval: Duration::from_secs(a.backup_interval_secs.max(1)),
+                    backup_retention: Duration::from_secs(a.backup_retention_secs.max(1)),
                     ..Config::default()
                 },
                 database_url: a.database_url,

@@ -103,6 +103,33 @@ pub enum MigrationKind {
     Restore,
 }
 
+/// `backups.state`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, ToSchema, sqlx::Type)]
+#[sqlx(type_name = "text", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
+pub enum BackupState {
+    /// The container is stopped and its state uploading.
+    Taking,
+    /// In the archive store, restorable.
+    Stored,
+    Failed,
+    /// Past the retention period: the archive is deleted.
+    Expired,
+}
+
+/// `backups.kind`: why a backup was taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, ToSchema, sqlx::Type)]
+#[sqlx(type_name = "text", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
+pub enum BackupKind {
+    /// The daily schedule.
+    Scheduled,
+    /// An operator asked.
+    Manual,
+    /// The export before a released instance is destroyed.
+    Release,
+}
+
 /// A node's desired-state generation (`nodes.generation`): the agent keeps
 /// the highest it has seen.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, sqlx::Type)]

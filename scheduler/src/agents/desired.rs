@@ -57,16 +57,17 @@ pub async fn load(app: &App, node_id: &str, on_snapshot: impl FnOnce()) -> Resul
         .await?
         .ok_or(Error::NotFound("node"))?;
     let rows: Vec<ContainerRow> = sqlx::query_as(&format!(
-        // A migration's source is stopped while it runs (and exports first);
+        // A migration's source is stopped while it runs (and exports first),
+        // a backup's while it exports;
         // its target carries the instance's config and the archive to
         // start from. One live migration per instance: at most one row each.
         "SELECT c.id, c.image, c.gateway_token_enc, c.cpu_millis, c.memory_bytes, c.pids,
                 COALESCE(i.id, ti.id) AS instance_id,
                 COALESCE(i.config_version, ti.config_version) AS config_version,
                 COALESCE(i.default_model, ti.default_model) AS default_model,
-                (c.state = 'suspended' OR mo.id IS NOT NULL) AS stopped,
-                CASE WHEN mo.state = 'exporting' THEN mo.id END AS export_id,
-                CASE WHEN mo.state = 'exporting' THEN mo.archive_key END AS export_key,
+                (c.state = 'suspended' OR mo.id IS NOT NULL OR bk.id IS NOT NULL) AS stopped,
+                COALESCE(CASE WHEN mo.state = 'exporting' THEN mo.id END, bk.id) AS export_id,
+                COALESCE(CASE WHEN mo.state = 'exporting' THEN mo.archive_key END, bk.archive_key) AS export_key,
                 mi.id AS import_id, mi.archive_key AS import_key,
                 mi.archive_sha256 AS import_sha256, mi.archive_bytes AS import_bytes
            FROM containers c
@@ -74,6 +75,7 @@ pub async fn load(app: &App, node_id: &str, on_snapshot: impl FnOnce()) -> Resul
            LEFT JOIN migrations mo ON mo.source_container = c.id AND mo.state IN ('exporting', 'importing')
            LEFT JOIN migrations mi ON mi.target_container = c.id AND mi.state = 'importing'
            LEFT JOIN instances ti ON ti.id = mi.instance_id
+           LEFT JOIN backups bk ON bk.container_id = c.id AND bk.state = 'taking'
           WHERE c.node_id = $1
             AND (c.state IN {RUNNING_STATES} OR c.state = 'suspended'
                  OR (c.state = 'migrating' AND mi.id IS NOT NULL))

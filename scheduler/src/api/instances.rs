@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::extract::{ApiJson, AuthUser, IdempotencyKey};
-use super::views::{ErrorBody, InstanceEnvelope, InstanceView, ReleasedView};
+use super::views::{BackupList, ErrorBody, InstanceEnvelope, InstanceView, ReleasedView};
 use crate::app::AppRef;
 use crate::error::{Error, Result};
 use crate::lifecycle::claim::{self, Outcome};
@@ -134,6 +134,23 @@ pub async fn me(State(app): State<AppRef>, user: AuthUser) -> Result<axum::Json<
     let instance = instances::current_of(&app, user.id).await?;
     Ok(axum::Json(InstanceEnvelope {
         instance: InstanceView::new(&app.cfg, instance),
+    }))
+}
+
+/// The caller's instance's backups, newest first: daily ones kept for the
+/// retention period, and the one taken before a released instance's data
+/// is destroyed.
+#[utoipa::path(get, path = "/api/instances/me/backups", tag = "instances", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The backups of the caller's instance", body = BackupList),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 404, description = "No instance", body = ErrorBody),
+    ))]
+pub async fn backups(State(app): State<AppRef>, user: AuthUser) -> Result<axum::Json<BackupList>> {
+    let instance = instances::current_of(&app, user.id).await?;
+    let backups = crate::backup::list_for(&app, instance.id).await?;
+    Ok(axum::Json(BackupList {
+        backups: backups.into_iter().map(Into::into).collect(),
     }))
 }
 

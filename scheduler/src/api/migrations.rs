@@ -1,5 +1,6 @@
-//! The operator's migrations under `/admin`: move an instance, with its
-//! state, to another node, and follow the move step by step.
+//! The operator's migrations and backups under `/admin`: move an instance,
+//! with its state, to another node, follow the move step by step, take a
+//! backup now, restore one.
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -7,11 +8,12 @@ use serde::Deserialize;
 use uuid::Uuid;
 
 use super::extract::{ApiJson, Operator};
-use super::views::{ErrorBody, MigrationView};
+use super::views::{BackupView, ErrorBody, MigrationView};
 use crate::app::AppRef;
+use crate::backup;
 use crate::error::{Error, Result};
 use crate::migration::{self, start::MigrateRequest};
-use crate::model::MigrationKind;
+use crate::model::{BackupKind, MigrationKind};
 
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -44,6 +46,7 @@ pub async fn migrate(
             target_node: body.target_node,
             kind: MigrationKind::Migrate,
             actor: "operator".into(),
+            from_backup: None,
         },
     )
     .await?;
@@ -63,4 +66,66 @@ pub async fn get_migration(
 ) -> Result<axum::Json<MigrationView>> {
     let id: Uuid = id.parse().map_err(|_| Error::NotFound("migration"))?;
     Ok(axum::Json(migration::get(&app, id).await?.into()))
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RestoreBody {
+    backup_id: Uuid,
+    /// Omitted: the instance's own node when it has room, else placement.
+    target_node: Option<String>,
+}
+
+/// Restores a stored backup into a new container (a migration of kind
+/// `restore` that starts at the import); the current container is
+/// destroyed once the restored one proved the config live.
+#[utoipa::path(post, path = "/admin/instances/{id}/restore", tag = "operator", request_body = RestoreBody, security(("bearer" = [])),
+    params(("id" = String, Path, description = "Instance id")),
+    responses(
+        (status = 202, description = "Started: follow it at /admin/migrations/{id}", body = MigrationView),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 401, description = "No or wrong operator token", body = ErrorBody),
+        (status = 404, description = "No such instance or stored backup", body = ErrorBody),
+        (status = 409, description = "Already migrating, backing up or not ready", body = ErrorBody),
+        (status = 503, description = "No archive store configured, or no node has room", body = ErrorBody),
+    ))]
+pub async fn restore(
+    _: Operator,
+    State(app): State<AppRef>,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<RestoreBody>,
+) -> Result<(StatusCode, axum::Json<MigrationView>)> {
+    let instance_id: Uuid = id.parse().map_err(|_| Error::NotFound("instance"))?;
+    let m = migration::start::start(
+        &app,
+        MigrateRequest {
+            instance_id,
+            target_node: body.target_node,
+            kind: MigrationKind::Restore,
+            actor: "operator".into(),
+            from_backup: Some(body.backup_id),
+        },
+    )
+    .await?;
+    Ok((StatusCode::ACCEPTED, axum::Json(m.into())))
+}
+
+/// Takes a backup now (beside the daily schedule).
+#[utoipa::path(post, path = "/admin/instances/{id}/backups", tag = "operator", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Instance id")),
+    responses(
+        (status = 202, description = "Started: the container stops while its state uploads", body = BackupView),
+        (status = 401, description = "No or wrong operator token", body = ErrorBody),
+        (status = 404, description = "No such instance", body = ErrorBody),
+        (status = 409, description = "A backup or migration is under way, or the instance is not ready", body = ErrorBody),
+        (status = 503, description = "No archive store configured", body = ErrorBody),
+    ))]
+pub async fn take_backup(
+    _: Operator,
+    State(app): State<AppRef>,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, axum::Json<BackupView>)> {
+    let instance_id: Uuid = id.parse().map_err(|_| Error::NotFound("instance"))?;
+    let b = backup::take(&app, instance_id, BackupKind::Manual).await?;
+    Ok((StatusCode::ACCEPTED, axum::Json(b.into())))
 }

@@ -9,9 +9,12 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::app::Config;
+use crate::backup::Backup;
 use crate::fleet::settings::PoolSettings;
 use crate::migration::{Migration, Step};
-use crate::model::{InstanceStatus, MigrationKind, MigrationState, NodeState};
+use crate::model::{
+    BackupKind, BackupState, InstanceStatus, MigrationKind, MigrationState, NodeState,
+};
 
 /// Every error: a stable code and a message for people.
 #[derive(Debug, Serialize, ToSchema)]
@@ -291,4 +294,41 @@ impl From<Migration> for MigrationView {
             steps: m.steps.0,
         }
     }
+}
+
+/// A backup of an instance's state.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupView {
+    pub id: Uuid,
+    /// `scheduled` (daily), `manual` (an operator) or `release` (before a
+    /// released instance's data is destroyed).
+    pub kind: BackupKind,
+    /// `taking`, `stored` (restorable) or `failed`.
+    pub state: BackupState,
+    pub created_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    /// The archive's size once stored.
+    pub bytes: Option<i64>,
+    /// Why it failed; empty otherwise.
+    pub error: String,
+}
+
+impl From<Backup> for BackupView {
+    fn from(b: Backup) -> Self {
+        BackupView {
+            id: b.id,
+            kind: b.kind,
+            state: b.state,
+            created_at: b.created_at,
+            finished_at: b.finished_at,
+            bytes: b.archive_bytes,
+            error: b.error,
+        }
+    }
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct BackupList {
+    pub backups: Vec<BackupView>,
 }

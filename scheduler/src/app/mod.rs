@@ -57,6 +57,10 @@ pub struct Config {
     pub migration_step_timeout: Duration,
     /// Tenants migrating off one evacuating node at a time.
     pub evacuate_concurrency: u32,
+    /// Each ready instance is backed up this often.
+    pub backup_interval: Duration,
+    /// Backups are deleted from the store after this long.
+    pub backup_retention: Duration,
 }
 
 impl Default for Config {
@@ -79,6 +83,8 @@ impl Default for Config {
             join_token_ttl: Duration::from_secs(24 * 3600),
             migration_step_timeout: Duration::from_secs(120),
             evacuate_concurrency: 2,
+            backup_interval: Duration::from_secs(24 * 3600),
+            backup_retention: Duration::from_secs(30 * 24 * 3600),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Work no request waits for: the pool manager (one leader across
 //! schedulers), housekeeping, and the other schedulers' events.
 
+pub mod backups;
 pub mod janitor;
 pub mod migrations;
 pub mod peer_events;

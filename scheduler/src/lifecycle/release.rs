@@ -10,9 +10,10 @@ use serde_json::json;
 use uuid::Uuid;
 
 use crate::agents::desired;
-use crate::app::{App, AppRef};
+use crate::app::AppRef;
 use crate::audit::audit;
 use crate::error::{Error, Result};
+use crate::model::BackupKind;
 use crate::routes;
 
 /// A released instance.
@@ -90,15 +91,47 @@ pub async fn release(app: &AppRef, user_id: Uuid) -> Result<Released> {
 
 /// Destroys what released instances left once their grace period is over:
 /// the instance becomes `deleted`, its container `destroying` (the agent
-/// removes it and its volume). Run by the pool manager.
-pub async fn sweep_expired(app: &App) -> Result<Vec<String>> {
+/// removes it and its volume). With an archive store, the data is first
+/// exported (a `release` backup); an instance is destroyed only once that
+/// backup is stored, and one whose export failed is tried again on the next
+/// pass. Run by the pool manager.
+pub async fn sweep_expired(app: &AppRef) -> Result<Vec<String>> {
+    // Held back: due, with a stopped container whose data is not exported
+    // yet.
+    let unexported: Vec<(Uuid, bool)> = if app.archives.is_some() {
+        sqlx::query_as(
+            "SELECT i.id, EXISTS (SELECT 1 FROM backups b WHERE b.instance_id = i.id AND b.state = 'taking')
+               FROM instances i JOIN containers c ON c.id = i.container_id AND c.state = 'suspended'
+              WHERE i.status = 'deleting' AND i.released_at < now() - make_interval(secs => $1)
+                AND NOT EXISTS (SELECT 1 FROM backups b WHERE b.instance_id = i.id
+                                 AND b.kind = 'release' AND b.state = 'stored')",
+        )
+        .bind(app.cfg.release_grace.as_secs_f64())
+        .fetch_all(&app.db)
+        .await?
+    } else {
+        Vec::new()
+    };
+    for (instance, taking) in &unexported {
+        if !taking {
+            match crate::backup::take(app, *instance, BackupKind::Release).await {
+                Ok(_) | Err(Error::Conflict { .. }) => {}
+                Err(e) => {
+                    tracing::warn!(%instance, error = %e, "export before destruction not started; trying again")
+                }
+            }
+        }
+    }
+    let held: Vec<Uuid> = unexported.iter().map(|(id, _)| *id).collect();
     let mut tx = app.db.begin().await?;
     let rows: Vec<(Uuid, Option<Uuid>)> = sqlx::query_as(
         "UPDATE instances SET status = 'deleted'
           WHERE status = 'deleting' AND released_at < now() - make_interval(secs => $1)
+            AND id <> ALL($2)
           RETURNING id, container_id",
     )
     .bind(app.cfg.release_grace.as_secs_f64())
+    .bind(&held)
     .fetch_all(&mut *tx)
     .await?;
     if rows.is_empty() {

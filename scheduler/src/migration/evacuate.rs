@@ -46,6 +46,7 @@ pub async fn advance(app: &AppRef) -> Result<()> {
                 target_node: None,
                 kind: MigrationKind::Evacuate,
                 actor: format!("evacuate:{node}"),
+                from_backup: None,
             };
             match start(app, req).await {
                 Ok(m) => {

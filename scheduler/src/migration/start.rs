@@ -1,6 +1,8 @@
 //! Starting a migration: the instance must be ready, the target active with
 //! room; the target container is booked (`migrating`, the same gateway
 //! token and limits) and the source's node is told to stop it and export.
+//! A restore is the same move with the archive already stored (a backup):
+//! it starts at `importing`, and may land on the source's own node.
 
 use uuid::Uuid;
 
@@ -11,7 +13,7 @@ use crate::audit::audit;
 use crate::crypto::aad;
 use crate::error::{Error, Result};
 use crate::fleet::{capacity, placement, settings};
-use crate::model::{InstanceStatus, MigrationKind};
+use crate::model::{InstanceStatus, MigrationKind, MigrationState};
 
 /// What an operator (or the evacuation of a node) asks for.
 #[derive(Clone, Debug)]
@@ -21,6 +23,8 @@ pub struct MigrateRequest {
     pub target_node: Option<String>,
     pub kind: MigrationKind,
     pub actor: String,
+    /// A restore: the stored backup to start the new container from.
+    pub from_backup: Option<Uuid>,
 }
 
 /// The instance and the container it runs in now.
@@ -94,10 +98,30 @@ pub async fn start(app: &AppRef, req: MigrateRequest) -> Result<Migration> {
             ),
         ));
     };
+    let backing_up: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM backups WHERE container_id = $1 AND state = 'taking')",
+    )
+    .bind(source)
+    .fetch_one(&mut *tx)
+    .await?;
+    if backing_up {
+        return Err(conflict(
+            "backup_in_progress",
+            "a backup of this instance is being taken; try again in a moment",
+        ));
+    }
+    let restore = match req.from_backup {
+        Some(id) => Some(crate::backup::stored(app, req.instance_id, id).await?),
+        None => None,
+    };
     let pool = settings::load(&mut *tx).await?;
     let mut nodes = capacity::schedulable_nodes(app, &mut *tx, &pool, None).await?;
+    let in_place = restore.is_some()
+        && req.target_node.is_none()
+        && nodes.iter().any(|n| n.id == source_node && n.fits(memory));
     let target = match &req.target_node {
-        Some(t) if *t == source_node => {
+        _ if in_place => source_node.clone(),
+        Some(t) if *t == source_node && restore.is_none() => {
             return Err(conflict(
                 "same_node",
                 format!("the instance already runs on {t}"),
@@ -119,7 +143,9 @@ pub async fn start(app: &AppRef, req: MigrateRequest) -> Result<Migration> {
             t.clone()
         }
         None => {
-            nodes.retain(|n| n.id != source_node);
+            if restore.is_none() {
+                nodes.retain(|n| n.id != source_node);
+            }
             placement::pick(&mut nodes, memory)
                 .map(|n| n.id.clone())
                 .ok_or_else(|| Error::NoCapacity("no other node has room".into()))?
@@ -148,11 +174,27 @@ pub async fn start(app: &AppRef, req: MigrateRequest) -> Result<Migration> {
     .execute(&mut *tx)
     .await?;
     let id = Uuid::new_v4();
+    // A restore's archive is stored already: it starts at the import.
+    let (state, key, sha256, bytes) = match &restore {
+        Some(b) => (
+            MigrationState::Importing,
+            b.archive_key.clone(),
+            b.archive_sha256.clone(),
+            b.archive_bytes,
+        ),
+        None => (
+            MigrationState::Exporting,
+            Archives::key(req.instance_id, Purpose::Migration),
+            None,
+            None,
+        ),
+    };
     sqlx::query(
         "INSERT INTO migrations (id, instance_id, kind, state, source_node, source_container,
-                                 target_node, target_container, archive_key, requested_by, steps)
-         VALUES ($1, $2, $3, 'exporting', $4, $5, $6, $7, $8, $9,
-                 jsonb_build_array(jsonb_build_object('state', 'exporting', 'at', now())))",
+                                 target_node, target_container, archive_key, archive_sha256,
+                                 archive_bytes, requested_by, steps)
+         VALUES ($1, $2, $3, $10, $4, $5, $6, $7, $8, $11, $12, $9,
+                 jsonb_build_array(jsonb_build_object('state', $10::text, 'at', now())))",
     )
     .bind(id)
     .bind(req.instance_id)
@@ -161,8 +203,11 @@ pub async fn start(app: &AppRef, req: MigrateRequest) -> Result<Migration> {
     .bind(source)
     .bind(&target)
     .bind(target_container)
-    .bind(Archives::key(req.instance_id, Purpose::Migration))
+    .bind(&key)
     .bind(&req.actor)
+    .bind(state)
+    .bind(sha256)
+    .bind(bytes)
     .execute(&mut *tx)
     .await
     .map_err(|e| {
@@ -178,7 +223,8 @@ pub async fn start(app: &AppRef, req: MigrateRequest) -> Result<Migration> {
         &req.actor,
         "instance.migrate",
         &req.instance_id.to_string(),
-        serde_json::json!({"migration": id, "from": source_node, "to": target, "kind": req.kind}),
+        serde_json::json!({"migration": id, "from": source_node, "to": target, "kind": req.kind,
+                           "backup": req.from_backup}),
     )
     .await;
     tx.commit().await?;
@@ -187,6 +233,9 @@ pub async fn start(app: &AppRef, req: MigrateRequest) -> Result<Migration> {
     // rather than dialling an address that is about to vanish.
     crate::routes::repoint(app, source, "").await?;
     crate::agents::desired::bump_and_push(app, &source_node).await?;
+    if target != source_node && restore.is_some() {
+        crate::agents::desired::bump_and_push(app, &target).await?;
+    }
     app.migration_wake.notify_one();
     get(app, id).await
 }

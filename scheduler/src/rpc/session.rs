@@ -15,6 +15,7 @@ use crate::agents::desired;
 use crate::app::sessions::Outbound;
 use crate::app::AppRef;
 use crate::audit::audit;
+use crate::backup;
 use crate::error::{Error, Result};
 use crate::lifecycle::claim;
 use crate::migration;
@@ -314,7 +315,10 @@ impl AgentSession {
                 bytes: e.bytes,
                 error: e.error.clone(),
             };
+            // The archive id names a migration or a backup; each ignores
+            // the other's.
             migration::record_export(&self.app, &self.node_id, id, &report).await?;
+            backup::record_export(&self.app, &self.node_id, id, &report).await?;
         }
         Ok(bumped)
     }

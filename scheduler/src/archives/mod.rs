@@ -120,3 +120,14 @@ impl Archives {
         }
     }
 }
+
+/// The archive an agent reports for a container it was asked to export
+/// (for a migration or a backup: `archive_id` names which).
+#[derive(Clone, Debug)]
+pub struct ExportReport {
+    pub archive_id: String,
+    pub sha256: String,
+    pub bytes: u64,
+    /// Empty on success.
+    pub error: String,
+}

@@ -13,10 +13,9 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::app::AppRef;
-use crate::archives::{Archives, Purpose};
+use crate::archives::{Archives, ExportReport, Purpose};
 use crate::audit::audit;
 use crate::error::{Error, Result};
-use crate::migration::ExportReport;
 use crate::model::{BackupKind, BackupState};
 
 /// A `backups` row.

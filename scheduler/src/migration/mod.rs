@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::app::App;
+use crate::archives::ExportReport;
 use crate::error::{Error, Result};
 use crate::model::{MigrationKind, MigrationState};
 
@@ -73,16 +74,6 @@ pub async fn live(app: &App) -> Result<Vec<Migration>> {
     ))
     .fetch_all(&app.db)
     .await?)
-}
-
-/// The archive an agent reports for a container it was asked to export.
-#[derive(Clone, Debug)]
-pub struct ExportReport {
-    pub archive_id: String,
-    pub sha256: String,
-    pub bytes: u64,
-    /// Empty on success.
-    pub error: String,
 }
 
 /// Records what `node_id` reports of an export of `container_id`: the

@@ -309,7 +309,7 @@ impl AgentSession {
             }
         }
         if let Some(e) = &s.export {
-            let report = migration::ExportReport {
+            let report = crate::archives::ExportReport {
                 archive_id: e.archive_id.clone(),
                 sha256: e.sha256.clone(),
                 bytes: e.bytes,

@@ -149,6 +149,7 @@ pub async fn serve(
     tokio::spawn(background::peer_events::run(app.clone(), stop_rx.clone()));
     tokio::spawn(background::migrations::run(app.clone(), stop_rx.clone()));
     tokio::spawn(background::backups::run(app.clone(), stop_rx.clone()));
+    tokio::spawn(background::signup_queue::run(app.clone(), stop_rx.clone()));
     let grpc_server = tonic::transport::Server::builder()
         .tls_config(tls)?
         .http2_keepalive_interval(Some(Duration::from_secs(10)))

@@ -167,6 +167,10 @@ struct ServeArgs {
     /// Seconds a backup is kept before it is deleted from the store (30 days).
     #[arg(long, env = "CLAWDEPLOY_BACKUP_RETENTION_SECS", default_value_t = 30 * 24 * 3600)]
     backup_retention_secs: u64,
+    /// Signups that may wait for capacity when every node is full (answered
+    /// 202 `queued`); beyond it they get 503 `no_capacity`.
+    #[arg(long, env = "CLAWDEPLOY_SIGNUP_QUEUE_MAX", default_value_t = 1000)]
+    signup_queue_max: u32,
 }
 
 #[derive(Subcommand)]
@@ -233,6 +237,7 @@ async fn main() -> anyhow::Result<()> {
                     evacuate_concurrency: a.evacuate_concurrency.max(1),
                     backup_interval: Duration::from_secs(a.backup_interval_secs.max(1)),
                     backup_retention: Duration::from_secs(a.backup_retention_secs.max(1)),
+                    signup_queue_max: a.signup_queue_max,
                     ..Config::default()
                 },
                 database_url: a.database_url,

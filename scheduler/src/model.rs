@@ -65,6 +65,8 @@ pub enum ContainerState {
 #[sqlx(type_name = "text", rename_all = "snake_case")]
 #[serde(rename_all = "snake_case")]
 pub enum InstanceStatus {
+    /// Every node was full: waiting in line, no container yet.
+    Queued,
     Pending,
     Ready,
     Failed,

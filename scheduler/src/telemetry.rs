@@ -34,6 +34,8 @@ pub const CATALOG: &[Metric] = &[
     Metric::counter("clawdeploy_migrations_total", &["result"], "Migrations ended, by result: done, rolled_back."),
     Metric::histogram("clawdeploy_migration_downtime_seconds", &[], "From a migration's start (the route pauses, the source stops) to the route switching to the target."),
     Metric::counter("clawdeploy_archive_bytes_total", &["purpose"], "Bytes of state archives agents reported stored, by purpose (migration, backup)."),
+    Metric::gauge("clawdeploy_signup_queue_depth", &[], "Signups waiting for capacity (every node was full)."),
+    Metric::gauge("clawdeploy_signup_queue_oldest_age_seconds", &[], "How long the oldest queued signup has waited."),
     Metric::counter("clawdeploy_backups_total", &["result"], "Backups ended, by result: stored, failed."),
     Metric::gauge("clawdeploy_backup_oldest_age_seconds", &[], "Age of the stalest ready instance's newest stored backup (or of the instance, when it has none)."),
 ];

@@ -134,7 +134,7 @@ async fn concurrent_claims_take_distinct_idle_containers_then_fall_back_on_deman
     .await;
     let mut taken: Vec<Uuid> = claims
         .into_iter()
-        .map(|c| c.unwrap().container_id)
+        .map(|c| c.unwrap().container_id.expect("a container"))
         .collect();
     taken.sort();
     pool.sort();
@@ -160,14 +160,18 @@ async fn concurrent_claims_take_distinct_idle_containers_then_fall_back_on_deman
     // The pool is empty: the next claim creates a container for itself.
     let late = user(&app, "late@example.com").await;
     let c = claim::claim(&app, request(late, "late")).await.unwrap();
-    assert!(!pool.contains(&c.container_id));
+    let late_container = c.container_id.expect("a container");
+    assert!(!pool.contains(&late_container));
     let state: String = sqlx::query_scalar("SELECT state FROM containers WHERE id = $1")
-        .bind(c.container_id)
+        .bind(late_container)
         .fetch_one(&app.db)
         .await
         .unwrap();
     assert_eq!((state.as_str(), c.node_id.as_str()), ("assigning", "n1"));
-    assert_eq!(c.gateway_token.len(), 64);
+    let token = clawdeploy_scheduler::lifecycle::instances::gateway_token(&app, c.instance_id)
+        .await
+        .unwrap();
+    assert_eq!(token.map(|t| t.len()), Some(64));
 
     // A taken subdomain and a second instance are conflicts, with nothing
     // left behind.

@@ -113,7 +113,7 @@ async fn sign_up(
     let (outcome, instance) = claim::sign_up(app, user.id, body.subdomain, body.api_keys).await?;
     let status = match outcome {
         Outcome::Ready => StatusCode::CREATED,
-        Outcome::Pending | Outcome::Failed => StatusCode::ACCEPTED,
+        Outcome::Queued | Outcome::Pending | Outcome::Failed => StatusCode::ACCEPTED,
     };
     Ok((
         status,

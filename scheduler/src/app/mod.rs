@@ -61,6 +61,8 @@ pub struct Config {
     pub backup_interval: Duration,
     /// Backups are deleted from the store after this long.
     pub backup_retention: Duration,
+    /// Signups waiting for capacity at most; beyond, `503 no_capacity`.
+    pub signup_queue_max: u32,
 }
 
 impl Default for Config {
@@ -85,6 +87,7 @@ impl Default for Config {
             evacuate_concurrency: 2,
             backup_interval: Duration::from_secs(24 * 3600),
             backup_retention: Duration::from_secs(30 * 24 * 3600),
+            signup_queue_max: 1000,
         }
     }
 }
@@ -126,6 +129,8 @@ pub struct App {
     pub pool_wake: Notify,
     /// Wakes the migration driver (an export reported, a target came up).
     pub migration_wake: Notify,
+    /// Wakes the signup queue (a signup queued, a node said hello).
+    pub queue_wake: Notify,
     /// Route versions the connected edges have applied.
     pub edge_acks: EdgeAcks,
     /// Instances that just became ready (wakes waiting signup requests).
@@ -162,6 +167,7 @@ impl App {
             route_events: broadcast::channel(4096).0,
             pool_wake: Notify::new(),
             migration_wake: Notify::new(),
+            queue_wake: Notify::new(),
             edge_acks: Default::default(),
             instance_ready: broadcast::channel(4096).0,
             ca,

@@ -6,3 +6,4 @@ pub mod janitor;
 pub mod migrations;
 pub mod peer_events;
 pub mod pool_manager;
+pub mod signup_queue;

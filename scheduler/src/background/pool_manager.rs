@@ -16,7 +16,7 @@ use uuid::Uuid;
 use crate::agents::desired;
 use crate::app::{App, AppRef};
 use crate::audit::audit;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::fleet::capacity::{insert_container, schedulable_nodes, POOL_MEMORY_BYTES};
 use crate::fleet::demand;
 use crate::fleet::placement::{self, NodeLoad, Step};
@@ -213,7 +213,15 @@ async fn reconcile(app: &AppRef) -> Result<()> {
         };
         node.place(POOL_MEMORY_BYTES);
         let node_id = node.id.clone();
-        insert_container(app, &mut tx, &s, &node_id).await?;
+        match insert_container(app, &mut tx, &s, &node_id).await {
+            Ok(_) => {}
+            // Claims filled it meanwhile: not this node on this pass.
+            Err(Error::NoCapacity(_)) => {
+                nodes.retain(|n| n.id != node_id);
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
         touched.insert(node_id);
         created += 1;
     }
@@ -282,7 +290,11 @@ async fn rebalance(
     match step {
         Some(Step::Grow(i)) => {
             let node_id = nodes[i].id.clone();
-            insert_container(app, tx, s, &node_id).await?;
+            match insert_container(app, tx, s, &node_id).await {
+                Ok(_) => {}
+                Err(Error::NoCapacity(_)) => return Ok(None),
+                Err(e) => return Err(e),
+            }
             tracing::info!(node_id, "rebalancing the pool: one more container here");
             Ok(Some(node_id))
         }

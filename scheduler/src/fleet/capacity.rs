@@ -97,13 +97,34 @@ pub async fn schedulable_nodes<'e>(
 }
 
 /// A new pool container (`creating`) on `node_id`, with a fresh sealed
-/// gateway token, in the caller's transaction.
+/// gateway token, in the caller's transaction; `NoCapacity` when the node
+/// is full. The node's row stays locked until the caller commits, so two
+/// transactions placing containers on one node never both take its last
+/// slot.
 pub async fn insert_container(
     app: &App,
     tx: &mut Transaction<'_, Postgres>,
     s: &PoolSettings,
     node_id: &str,
 ) -> Result<Taken> {
+    // Lock, then count in a statement of its own: under READ COMMITTED a
+    // count in the locking statement would read the snapshot from before
+    // the wait, missing what the lock holder inserted.
+    let max: i32 = sqlx::query_scalar("SELECT max_containers FROM nodes WHERE id = $1 FOR UPDATE")
+        .bind(node_id)
+        .fetch_optional(&mut **tx)
+        .await?
+        .ok_or(Error::NotFound("node"))?;
+    let total: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM containers WHERE node_id = $1
+            AND state IN ('creating', 'warming', 'idle', 'assigning', 'assigned', 'migrating', 'suspended', 'destroying')",
+    )
+    .bind(node_id)
+    .fetch_one(&mut **tx)
+    .await?;
+    if total >= i64::from(max) {
+        return Err(Error::NoCapacity(format!("node {node_id} is full")));
+    }
     let id = Uuid::new_v4();
     let token = app
         .secrets
@@ -139,13 +160,21 @@ pub async fn create_on_demand(
 ) -> Result<Taken> {
     let s = settings::load(&mut **tx).await?;
     let mut nodes = schedulable_nodes(app, &mut **tx, &s, Some(ON_DEMAND_CANDIDATES)).await?;
-    let node = match avoid {
-        Some(avoid) => placement::pick_avoiding(&mut nodes, POOL_MEMORY_BYTES, avoid),
-        None => placement::pick(&mut nodes, POOL_MEMORY_BYTES),
+    loop {
+        let node = match avoid {
+            Some(avoid) => placement::pick_avoiding(&mut nodes, POOL_MEMORY_BYTES, avoid),
+            None => placement::pick(&mut nodes, POOL_MEMORY_BYTES),
+        }
+        .ok_or_else(|| Error::NoCapacity("no schedulable node has room".into()))?;
+        let node_id = node.id.clone();
+        match insert_container(app, tx, &s, &node_id).await {
+            Ok(taken) => {
+                tracing::info!(container_id = %taken.id, node_id, "pool empty: creating a container on demand");
+                return Ok(taken);
+            }
+            // Filled meanwhile (the counts are read without locks): the next.
+            Err(Error::NoCapacity(_)) => nodes.retain(|n| n.id != node_id),
+            Err(e) => return Err(e),
+        }
     }
-    .ok_or_else(|| Error::NoCapacity("no schedulable node has room".into()))?;
-    let node_id = node.id.clone();
-    let taken = insert_container(app, tx, &s, &node_id).await?;
-    tracing::info!(container_id = %taken.id, node_id, "pool empty: creating a container on demand");
-    Ok(taken)
 }

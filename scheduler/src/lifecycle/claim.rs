@@ -61,8 +61,17 @@ pub async fn sign_up(
         };
         metrics::counter!("clawdeploy_assignments_total", "result" => result).increment(1);
     })?;
-    let outcome = wait_ready(app, claimed.instance_id).await?;
+    let outcome = match claimed.container_id {
+        // Every node is full: the signup waits in line (202, `queued`).
+        None => Outcome::Queued,
+        Some(_) => wait_ready(app, claimed.instance_id).await?,
+    };
     let status = match outcome {
+        Outcome::Queued => {
+            metrics::counter!("clawdeploy_assignments_total", "result" => "queued").increment(1);
+            tracing::info!(instance_id = %claimed.instance_id, "every node is full; the signup is queued");
+            InstanceStatus::Queued
+        }
         Outcome::Ready => {
             // The route is committed; answer once the edges route it too.
             if let Some(v) = routes::live_version(&app.db, claimed.instance_id).await? {
@@ -72,7 +81,7 @@ pub async fn sign_up(
         }
         Outcome::Pending => {
             metrics::counter!("clawdeploy_assignments_total", "result" => "deadline").increment(1);
-            tracing::warn!(instance_id = %claimed.instance_id, container_id = %claimed.container_id, node_id = claimed.node_id, "claim not confirmed within the request deadline; answering 202");
+            tracing::warn!(instance_id = %claimed.instance_id, container_id = ?claimed.container_id, node_id = claimed.node_id, "claim not confirmed within the request deadline; answering 202");
             InstanceStatus::Pending
         }
         Outcome::Failed => InstanceStatus::Failed,
@@ -101,13 +110,15 @@ pub struct ClaimRequest {
 
 pub struct Claimed {
     pub instance_id: Uuid,
-    pub container_id: Uuid,
+    /// `None`: queued, every node being full.
+    pub container_id: Option<Uuid>,
     pub node_id: String,
-    pub gateway_token: String,
 }
 
 /// Claims a container and hands the node its new desired state. Returns once
 /// the claim is committed; use `wait_ready` for the agent's confirmation.
+/// When no node has room the instance is queued instead (while the queue
+/// has room; beyond it, `NoCapacity`).
 pub async fn claim(app: &AppRef, req: ClaimRequest) -> Result<Claimed> {
     let started = Instant::now();
     let instance_id = Uuid::new_v4();
@@ -137,25 +148,7 @@ pub async fn claim(app: &AppRef, req: ClaimRequest) -> Result<Claimed> {
         ),
     })?;
 
-    let (taken, fallback) = match take_idle(app, &mut tx, None).await? {
-        Some(taken) => (taken, false),
-        // Empty pool: create a container on demand for this customer.
-        None => (capacity::create_on_demand(app, &mut tx, None).await?, true),
-    };
-    let capacity::Taken {
-        id: container_id,
-        node_id,
-        gateway_token_enc: token_enc,
-    } = taken;
-    sqlx::query("UPDATE containers SET state = 'assigning', claimed_at = now(), updated_at = now() WHERE id = $1")
-        .bind(container_id)
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query("UPDATE instances SET container_id = $2 WHERE id = $1")
-        .bind(instance_id)
-        .bind(container_id)
-        .execute(&mut *tx)
-        .await?;
+    // The secrets first: a queued instance keeps them until it is assigned.
     let dek = envelope::create(&app.secrets, &mut tx, instance_id).await?;
     for (name, value) in &req.provider_keys {
         let sealed = dek.seal(&aad::secret(instance_id, name), value.as_bytes())?;
@@ -166,29 +159,92 @@ pub async fn claim(app: &AppRef, req: ClaimRequest) -> Result<Claimed> {
             .execute(&mut *tx)
             .await?;
     }
+    let attached = match attach(app, &mut tx, instance_id).await {
+        Ok(a) => Some(a),
+        Err(Error::NoCapacity(why)) => {
+            let queued: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM instances WHERE status = 'queued'")
+                    .fetch_one(&mut *tx)
+                    .await?;
+            if queued >= i64::from(app.cfg.signup_queue_max) {
+                return Err(Error::NoCapacity(format!(
+                    "{why}; the signup queue is full"
+                )));
+            }
+            sqlx::query("UPDATE instances SET status = 'queued' WHERE id = $1")
+                .bind(instance_id)
+                .execute(&mut *tx)
+                .await?;
+            None
+        }
+        Err(e) => return Err(e),
+    };
     audit(
         &mut *tx,
         &format!("user:{}", req.user_id),
         "instance.claim",
         &instance_id.to_string(),
-        serde_json::json!({"subdomain": req.subdomain, "container": container_id, "node": node_id, "onDemand": fallback}),
+        serde_json::json!({"subdomain": req.subdomain, "container": attached.as_ref().map(|a| a.container_id),
+                           "node": attached.as_ref().map(|a| &a.node_id),
+                           "onDemand": attached.as_ref().map(|a| a.on_demand), "queued": attached.is_none()}),
     )
     .await;
     tx.commit().await?;
-    if fallback {
-        metrics::counter!("clawdeploy_claim_fallbacks_total").increment(1);
-    }
     metrics::histogram!("clawdeploy_claim_commit_seconds").record(started.elapsed().as_secs_f64());
     app.pool_wake.notify_one();
-    desired::bump_and_push(app, &node_id).await?;
-    let gateway_token = app
-        .secrets
-        .open_string(&aad::gateway_token(container_id), &token_enc)?;
+    let Some(attached) = attached else {
+        app.queue_wake.notify_one();
+        return Ok(Claimed {
+            instance_id,
+            container_id: None,
+            node_id: String::new(),
+        });
+    };
+    desired::bump_and_push(app, &attached.node_id).await?;
     Ok(Claimed {
         instance_id,
-        container_id,
-        node_id,
-        gateway_token,
+        container_id: Some(attached.container_id),
+        node_id: attached.node_id,
+    })
+}
+
+/// Where an instance got its container.
+pub struct Attached {
+    pub container_id: Uuid,
+    pub node_id: String,
+    /// Created for it (the pool was empty), not taken warm.
+    pub on_demand: bool,
+}
+
+/// Gives the instance a container inside the caller's transaction: the
+/// oldest warm idle one, or one created on demand; `NoCapacity` when no
+/// node has room. The caller bumps the node after committing.
+pub async fn attach(
+    app: &App,
+    tx: &mut Transaction<'_, Postgres>,
+    instance_id: Uuid,
+) -> Result<Attached> {
+    let (taken, on_demand) = match take_idle(app, tx, None).await? {
+        Some(taken) => (taken, false),
+        // Empty pool: create a container on demand for this customer.
+        None => (capacity::create_on_demand(app, tx, None).await?, true),
+    };
+    sqlx::query("UPDATE containers SET state = 'assigning', claimed_at = now(), updated_at = now() WHERE id = $1")
+        .bind(taken.id)
+        .execute(&mut **tx)
+        .await?;
+    sqlx::query("UPDATE instances SET container_id = $2, status = 'pending' WHERE id = $1")
+        .bind(instance_id)
+        .bind(taken.id)
+        .execute(&mut **tx)
+        .await?;
+    if on_demand {
+        metrics::counter!("clawdeploy_claim_fallbacks_total").increment(1);
+    }
+    Ok(Attached {
+        container_id: taken.id,
+        node_id: taken.node_id,
+        on_demand,
     })
 }
 
@@ -220,6 +276,8 @@ async fn take_idle(
 #[derive(Debug, PartialEq, Eq)]
 pub enum Outcome {
     Ready,
+    /// Every node is full: waiting in line for capacity.
+    Queued,
     /// Still being assigned when the wait ran out.
     Pending,
     /// No node confirmed it twice; the instance is `failed`.

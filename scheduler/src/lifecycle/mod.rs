@@ -6,5 +6,6 @@
 pub mod claim;
 pub mod idempotency;
 pub mod instances;
+pub mod queue;
 pub mod reconfigure;
 pub mod release;

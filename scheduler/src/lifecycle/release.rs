@@ -37,7 +37,7 @@ pub async fn release(app: &AppRef, user_id: Uuid) -> Result<Released> {
     let row: Option<Live> = sqlx::query_as(
         "SELECT i.id, i.subdomain, i.container_id, c.node_id
            FROM instances i LEFT JOIN containers c ON c.id = i.container_id
-          WHERE i.user_id = $1 AND i.status IN ('pending', 'ready', 'suspended')
+          WHERE i.user_id = $1 AND i.status IN ('queued', 'pending', 'ready', 'suspended')
           ORDER BY i.created_at DESC LIMIT 1
           FOR UPDATE OF i",
     )

@@ -135,6 +135,8 @@ impl AgentSession {
         .fetch_one(&self.app.db)
         .await?;
         self.refuse_if_removed(state)?;
+        // A node (back) with room may take queued signups.
+        self.app.queue_wake.notify_one();
         audit(&self.app.db, &format!("node:{}", self.node_id), "node.hello", &self.node_id, serde_json::json!({"agentVersion": hello.agent_version, "appliedGeneration": hello.applied_generation})).await;
         if self.session_id.is_none() {
             self.session_id = Some(self.app.sessions.register(&self.node_id, self.tx.clone()));

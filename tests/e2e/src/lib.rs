@@ -383,7 +383,19 @@ impl Cluster {
             .arg("--state-dir")
             .arg(self.dir.join(log_name))
             .args(["--metrics-listen", &metrics.to_string()])
-            .args(["--max-containers", &self.opts.max_containers.to_string()])
+            // `CLAWDEPLOY_MAX_CONTAINERS` in `env` gives this agent its own.
+            .args(
+                env.iter()
+                    .all(|(k, _)| *k != "CLAWDEPLOY_MAX_CONTAINERS")
+                    .then(|| {
+                        [
+                            "--max-containers".to_owned(),
+                            self.opts.max_containers.to_string(),
+                        ]
+                    })
+                    .into_iter()
+                    .flatten(),
+            )
             .env(
                 "RUST_LOG",
                 std::env::var("CLAWDEPLOY_E2E_LOG").unwrap_or_else(|_| "info".into()),

@@ -7,6 +7,7 @@
 //! and `CLAWDEPLOY_TEST_PG` pointing at a local PostgreSQL server.
 
 pub mod edge_client;
+pub mod ops;
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};

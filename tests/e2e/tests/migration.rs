@@ -4,131 +4,16 @@
 //! edge; a scheduler killed mid-way resumes; a target agent that dies
 //! mid-import leaves the tenant on its source.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use clawdeploy_e2e::ops::{
+    downtime, drain, instance_of, migrate, placement, volume_dir, wait_migration, Poller,
+};
 use clawdeploy_e2e::{wait_for, Cluster, ClusterOptions, ADMIN_TOKEN, BASE_DOMAIN};
 use reqwest::Method;
-use serde_json::{json, Value};
+use serde_json::json;
 use uuid::Uuid;
-
-/// Where the instance runs now: its container and node.
-async fn placement(c: &Cluster, instance: Uuid) -> Result<(Uuid, String)> {
-    Ok(sqlx::query_as(
-        "SELECT c.id, c.node_id FROM instances i JOIN containers c ON c.id = i.container_id WHERE i.id = $1",
-    )
-    .bind(instance)
-    .fetch_one(&c.db)
-    .await?)
-}
-
-async fn instance_of(c: &Cluster, subdomain: &str) -> Result<Uuid> {
-    Ok(
-        sqlx::query_scalar("SELECT id FROM instances WHERE subdomain = $1 AND status = 'ready'")
-            .bind(subdomain)
-            .fetch_one(&c.db)
-            .await?,
-    )
-}
-
-async fn migrate(c: &Cluster, instance: Uuid, target: Option<&str>) -> Result<(u16, Value)> {
-    let mut body = json!({"instanceId": instance});
-    if let Some(t) = target {
-        body["targetNode"] = t.into();
-    }
-    c.admin(
-        Method::POST,
-        "/admin/instances/migrate",
-        Some(body),
-        Some(ADMIN_TOKEN),
-    )
-    .await
-}
-
-/// Polls the migration until it ends; returns its final view.
-async fn wait_migration(c: &Cluster, id: &str, within: Duration) -> Result<Value> {
-    let deadline = Instant::now() + within;
-    loop {
-        let got = c
-            .admin(
-                Method::GET,
-                &format!("/admin/migrations/{id}"),
-                None,
-                Some(ADMIN_TOKEN),
-            )
-            .await;
-        if let Ok((200, v)) = &got {
-            if v["state"] == "done" || v["state"] == "rolled_back" {
-                return Ok(v.clone());
-            }
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "migration {id} did not end: {got:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// A client calling the tenant through the edge every 50 ms; returns the
-/// outcomes (time since start, success) when stopped.
-type Outcomes = Vec<(Duration, bool)>;
-
-fn poller(
-    c: &Cluster,
-    host: String,
-    gw: String,
-) -> (Arc<AtomicBool>, tokio::task::JoinHandle<Outcomes>) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(2))
-        .build()
-        .expect("client");
-    let url = format!("http://{}/v1/models", c.edge);
-    let flag = stop.clone();
-    let task = tokio::spawn(async move {
-        let started = Instant::now();
-        let mut seen = Vec::new();
-        while !flag.load(Ordering::Relaxed) {
-            let r = client
-                .get(&url)
-                .header("host", &host)
-                .bearer_auth(&gw)
-                .send()
-                .await;
-            let ok = matches!(&r, Ok(r) if r.status() == 200);
-            if !ok {
-                let why = r
-                    .map(|r| r.status().to_string())
-                    .unwrap_or_else(|e| format!("{e:?}"));
-                println!("{:?}: request failed: {why}", started.elapsed());
-            }
-            seen.push((started.elapsed(), ok));
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        seen
-    });
-    (stop, task)
-}
-
-/// The customer-visible downtime: the longest time between two successful
-/// answers (a request that hangs on a stopped container counts in full),
-/// and how many requests failed.
-fn downtime(seen: &[(Duration, bool)]) -> (Duration, usize) {
-    let ok: Vec<Duration> = seen
-        .iter()
-        .filter(|(_, ok)| *ok)
-        .map(|(at, _)| *at)
-        .collect();
-    let longest = ok.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default();
-    (longest, seen.iter().filter(|(_, ok)| !ok).count())
-}
-
-fn volume_dir(c: &Cluster, node: &str, container: Uuid) -> std::path::PathBuf {
-    c.dir.join(node).join("volumes").join(container.to_string())
-}
 
 fn docker_has(container: Uuid) -> bool {
     let out = std::process::Command::new("docker")
@@ -162,7 +47,7 @@ async fn an_instance_moves_with_its_state_while_a_client_calls_it() -> Result<()
     let file = volume_dir(&c, &from, source).join("notes.txt");
     std::fs::write(&file, &note)?;
 
-    let (stop, polling) = poller(&c, host.clone(), gw.clone());
+    let polling = Poller::start(&c, host.clone(), gw.clone(), Duration::from_millis(50));
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (status, started) = migrate(&c, instance, Some(&to)).await?;
     assert_eq!(status, 202, "{started}");
@@ -187,8 +72,7 @@ async fn an_instance_moves_with_its_state_while_a_client_calls_it() -> Result<()
     assert!(done["archiveBytes"].as_i64().unwrap_or(0) > note.len() as i64);
     // Long enough for a request that hung on the stopped source to give up.
     tokio::time::sleep(Duration::from_millis(3000)).await;
-    stop.store(true, Ordering::Relaxed);
-    let seen = polling.await?;
+    let seen = polling.stop().await?;
     let (longest, failed) = downtime(&seen);
     println!(
         "migration downtime: {} ms between two answers ({failed} of {} requests, one every 50 ms, failed)",
@@ -257,9 +141,18 @@ async fn a_killed_scheduler_resumes_and_a_dead_target_leaves_the_tenant_on_its_s
     let (status, started) = migrate(&c, instance, None).await?;
     assert_eq!(status, 202, "{started}");
     c.kill_scheduler();
+    let id = started["id"].as_str().context("id")?.to_owned();
+    let state_at_kill: String =
+        sqlx::query_scalar("SELECT state FROM migrations WHERE id = $1::uuid")
+            .bind(&id)
+            .fetch_one(&c.db)
+            .await?;
+    assert!(
+        state_at_kill == "exporting" || state_at_kill == "importing",
+        "killed mid-way: {state_at_kill}"
+    );
     c.start_scheduler()?;
     c.wait_http_up().await?;
-    let id = started["id"].as_str().context("id")?.to_owned();
     let done = wait_migration(&c, &id, Duration::from_secs(90)).await?;
     assert_eq!(done["state"], "done", "{done}");
     let (moved, to) = placement(&c, instance).await?;
@@ -437,14 +330,4 @@ async fn evacuating_a_node_moves_every_tenant_and_removal_waits_for_it() -> Resu
         .await?;
     assert_eq!(status, 200, "{body}");
     Ok(())
-}
-
-async fn drain(c: &Cluster, node: &str, body: Option<Value>) -> Result<(u16, Value)> {
-    c.admin(
-        Method::POST,
-        &format!("/admin/nodes/{node}/drain"),
-        body,
-        Some(ADMIN_TOKEN),
-    )
-    .await
 }

@@ -311,6 +311,19 @@ impl Proxy {
                 ),
             );
         }
+        // A route without an address: the container is stopped for a moment
+        // (its state is being moved or backed up). Retryable, and said so.
+        if target.upstream.is_empty() {
+            let mut resp = error_page(
+                req.headers(),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "instance_moving",
+                "This instance is being moved or backed up; try again in a moment.",
+            );
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return resp;
+        }
         let path = req
             .uri()
             .path_and_query()

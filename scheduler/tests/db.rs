@@ -21,6 +21,10 @@ use uuid::Uuid;
 
 /// A fresh, migrated database and an `App` over it.
 async fn app() -> AppRef {
+    app_with(Config::default()).await
+}
+
+async fn app_with(cfg: Config) -> AppRef {
     let admin_url = std::env::var("CLAWDEPLOY_TEST_PG")
         .expect("CLAWDEPLOY_TEST_PG is not set: run the suite with scripts/test");
     let name = format!("cd_db_{}", Uuid::new_v4().simple());
@@ -36,7 +40,7 @@ async fn app() -> AppRef {
     let dir = std::env::temp_dir().join(&name);
     let ca = Ca::load_or_create(&dir).unwrap();
     let kek = SecretBox::from_hex(&SecretBox::generate_key_hex()).unwrap();
-    let app = App::new(Config::default(), db, kek, ca, Some("admin-token"), None);
+    let app = App::new(cfg, db, kek, ca, Some("admin-token"), None);
     settings::seed(&app).await.unwrap();
     app
 }
@@ -204,16 +208,48 @@ async fn concurrent_claims_take_distinct_idle_containers_then_fall_back_on_deman
 }
 
 #[tokio::test]
-async fn no_schedulable_node_is_no_capacity_and_leaves_nothing() {
-    let app = app().await;
-    let u = user(&app, "alone@example.com").await;
-    let r = claim::claim(&app, request(u, "alone")).await;
+async fn with_no_room_a_signup_queues_and_past_the_queue_it_is_no_capacity() {
+    let app = app_with(Config {
+        signup_queue_max: 1,
+        ..Config::default()
+    })
+    .await;
+    // No schedulable node: the first waits in line, with its keys stored.
+    let u = user(&app, "first@example.com").await;
+    let queued = claim::claim(&app, request(u, "first")).await.unwrap();
+    assert_eq!(queued.container_id, None);
+    let status: String = sqlx::query_scalar("SELECT status FROM instances WHERE id = $1")
+        .bind(queued.instance_id)
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(status, "queued");
+    assert_eq!(count(&app, "SELECT count(*) FROM secrets").await, 1);
+    // The queue (of one) is full: refused, with nothing left behind.
+    let v = user(&app, "second@example.com").await;
+    let r = claim::claim(&app, request(v, "second")).await;
     assert!(
         matches!(r, Err(Error::NoCapacity(_))),
         "{:?}",
         r.as_ref().err()
     );
-    assert_eq!(count(&app, "SELECT count(*) FROM instances").await, 0);
+    assert_eq!(count(&app, "SELECT count(*) FROM instances").await, 1);
+    // Room appears: the queued one gets a container, and is pending.
+    node(&app, "n1").await;
+    assert_eq!(
+        clawdeploy_scheduler::lifecycle::queue::drain(&app)
+            .await
+            .unwrap(),
+        1
+    );
+    let (status, container): (String, Option<Uuid>) =
+        sqlx::query_as("SELECT status, container_id FROM instances WHERE id = $1")
+            .bind(queued.instance_id)
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    assert_eq!(status, "pending");
+    assert!(container.is_some());
 }
 
 #[tokio::test]

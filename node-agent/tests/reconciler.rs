@@ -7,9 +7,11 @@ use std::time::Duration;
 
 use clawdeploy_agent::reconcile::{Reconciler, StatusBoard};
 use clawdeploy_agent::runtime::fake::FakeRuntime;
+use clawdeploy_agent::runtime::transfer::Transfers;
 use clawdeploy_agent::runtime::{ContainerSpec, Limits};
 use clawdeploy_proto::{
-    ContainerPhase, ContainerStatus, DesiredContainer, DesiredState, Resources, TenantConfig,
+    ArchiveExport, ArchiveImport, ContainerPhase, ContainerStatus, DesiredContainer, DesiredState,
+    Resources, TenantConfig,
 };
 use tokio::sync::watch;
 
@@ -57,9 +59,17 @@ struct Rig {
 
 impl Rig {
     fn start(rt: FakeRuntime, first: DesiredState) -> Rig {
+        Self::start_with(rt, first, None)
+    }
+
+    fn start_with(rt: FakeRuntime, first: DesiredState, transfers: Option<Transfers>) -> Rig {
         let board = Arc::new(StatusBoard::default());
         let (desired, rx) = watch::channel(first);
-        let reconciler = Reconciler::with_probe(Arc::new(rt.clone()), rt.clone(), board.clone(), 2);
+        let mut reconciler =
+            Reconciler::with_probe(Arc::new(rt.clone()), rt.clone(), board.clone(), 2);
+        if let Some(t) = transfers {
+            reconciler = reconciler.with_transfers(Arc::new(t));
+        }
         tokio::spawn(reconciler.run(rx));
         Rig { rt, board, desired }
     }
@@ -285,4 +295,118 @@ async fn a_gateway_that_stops_answering_is_reported_and_not_restarted_blindly() 
     assert!(c.running);
     assert_eq!((c.starts, rig.rt.calls("create")), (1, 1));
     assert!(rig.rt.calls("inspect") >= 2, "running was checked before");
+}
+
+/// A bucket on loopback: `PUT /<key>` stores the body, `GET /<key>` serves
+/// it (what a presigned URL does, without the signature).
+async fn bucket() -> (
+    String,
+    Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<u8>>>>,
+) {
+    use axum::extract::{Path, State};
+    type Objects = Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<u8>>>>;
+    let objects: Objects = Arc::default();
+    let app = axum::Router::new()
+        .route(
+            "/{key}",
+            axum::routing::put(
+                |State(o): State<Objects>, Path(k): Path<String>, body: axum::body::Bytes| async move {
+                    o.lock().unwrap().insert(k, body.to_vec());
+                },
+            )
+            .get(|State(o): State<Objects>, Path(k): Path<String>| async move {
+                o.lock()
+                    .unwrap()
+                    .get(&k)
+                    .cloned()
+                    .ok_or(axum::http::StatusCode::NOT_FOUND)
+            }),
+        )
+        .with_state(objects.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, objects)
+}
+
+// Real time: the transfers do real I/O on loopback.
+#[tokio::test]
+async fn an_export_uploads_stopped_state_and_an_import_creates_only_from_a_matching_archive() {
+    let (url, objects) = bucket().await;
+    let staging = std::env::temp_dir().join(format!("reconciler-{}", std::process::id()));
+    let rt = FakeRuntime::default();
+    let src = with_tenant(container("src"), 1, &[("openai", "sk-1")]);
+    let rig = Rig::start_with(
+        rt.clone(),
+        state(1, vec![src.clone()]),
+        Some(Transfers::new(&staging).unwrap()),
+    );
+    rig.until("src live", |r| {
+        r.status("src").is_some_and(|s| s.config_version == 1)
+    })
+    .await;
+    rt.set_volume("src", b"the tenant's state");
+
+    // Stopped and exported: the archive is in the bucket, reported with
+    // its digest and size; the container is stopped, not removed.
+    let exporting = DesiredContainer {
+        stopped: true,
+        export: Some(ArchiveExport {
+            archive_id: "m1".into(),
+            put_url: format!("{url}/m1"),
+        }),
+        ..src.clone()
+    };
+    rig.desired.send_replace(state(2, vec![exporting]));
+    rig.until("export reported", |r| {
+        r.status("src")
+            .and_then(|s| s.export)
+            .is_some_and(|e| e.archive_id == "m1")
+    })
+    .await;
+    let report = rig.status("src").unwrap().export.unwrap();
+    assert_eq!(report.error, "");
+    let stored = objects.lock().unwrap().get("m1").cloned().unwrap();
+    assert_eq!(stored, b"the tenant's state");
+    assert_eq!(report.bytes, stored.len() as u64);
+    use sha2::Digest;
+    assert_eq!(report.sha256, hex::encode(sha2::Sha256::digest(&stored)));
+    assert!(!rt.container("src").unwrap().running);
+    assert_eq!(rt.calls("export"), 1, "one upload per archive id");
+
+    // A target made from it: the state is in place before the first start.
+    let import = ArchiveImport {
+        archive_id: "m1".into(),
+        get_url: format!("{url}/m1"),
+        sha256: report.sha256.clone(),
+        bytes: report.bytes,
+    };
+    let dst = DesiredContainer {
+        import: Some(import.clone()),
+        ..with_tenant(container("dst"), 1, &[("openai", "sk-1")])
+    };
+    // And one whose record does not match what the store holds.
+    let bad = DesiredContainer {
+        import: Some(ArchiveImport {
+            sha256: "0".repeat(64),
+            ..import
+        }),
+        ..container("bad")
+    };
+    rig.desired.send_replace(state(3, vec![dst, bad]));
+    rig.until("dst live", |r| {
+        r.status("dst").is_some_and(|s| s.config_version == 1)
+    })
+    .await;
+    assert_eq!(rt.volume("dst").unwrap(), b"the tenant's state");
+    rig.until("bad failed", |r| r.phase_is("bad", ContainerPhase::Failed))
+        .await;
+    let s = rig.status("bad").unwrap();
+    assert!(s.message.contains("import"), "{}", s.message);
+    assert!(
+        rt.container("bad").is_none(),
+        "nothing created from a bad archive"
+    );
+    assert!(rt.volume("bad").is_none(), "nothing imported either");
+    std::fs::remove_dir_all(&staging).ok();
 }

@@ -239,3 +239,65 @@ async fn backups_restore_refuse_a_corrupt_archive_and_precede_destruction() -> R
     assert!(archives.size(&release_key).await?.unwrap_or(0) > 0);
     Ok(())
 }
+
+#[tokio::test]
+async fn backups_past_their_retention_leave_the_store() -> Result<()> {
+    let c = Cluster::start(ClusterOptions {
+        nodes: 1,
+        min_idle: 1,
+        max_idle: 2,
+        scheduler_args: [
+            "--backup-interval-secs",
+            "2",
+            "--backup-retention-secs",
+            "8",
+        ]
+        .map(String::from)
+        .to_vec(),
+        ..Default::default()
+    })
+    .await?;
+    c.wait_idle_at_least(1, Duration::from_secs(120)).await?;
+    let (token, gw) = c
+        .sign_up("brief@example.com", "brief", json!({"openai": "sk-brief"}))
+        .await?;
+    let archives = store();
+    // The first backup, stored…
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (first, key): (Uuid, String) = loop {
+        let row: Option<(Uuid, String)> = sqlx::query_as(
+            "SELECT id, archive_key FROM backups WHERE state = 'stored' ORDER BY created_at LIMIT 1",
+        )
+        .fetch_optional(&c.db)
+        .await?;
+        if let Some(r) = row {
+            break r;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "no backup stored");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(archives.size(&key).await?.is_some());
+    // …is deleted from the store once past the retention, and no longer
+    // listed; newer ones are.
+    wait_for(
+        Duration::from_secs(60),
+        "the first backup expired",
+        || async {
+            let state: String = sqlx::query_scalar("SELECT state FROM backups WHERE id = $1")
+                .bind(first)
+                .fetch_one(&c.db)
+                .await?;
+            Ok(state == "expired")
+        },
+    )
+    .await?;
+    assert_eq!(archives.size(&key).await?, None);
+    let listed = my_backups(&c, &token).await?;
+    assert!(
+        listed.iter().all(|b| b["id"] != first.to_string()),
+        "{listed:?}"
+    );
+    assert!(listed.iter().any(|b| b["state"] == "stored"), "{listed:?}");
+    answers(&c, &format!("brief.{BASE_DOMAIN}"), &gw).await?;
+    Ok(())
+}

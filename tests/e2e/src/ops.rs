@@ -12,7 +12,27 @@ use reqwest::Method;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
+use clawdeploy_scheduler::archives::{ArchiveConfig, Archives};
+
 use crate::{Cluster, ADMIN_TOKEN};
+
+/// The archive store `scripts/test` starts (moto), from the
+/// `CLAWDEPLOY_ARCHIVE_*` variables it exports, as the scheduler sees it.
+pub fn archive_store() -> Archives {
+    let env = |k: &str| {
+        std::env::var(k)
+            .unwrap_or_else(|_| panic!("{k} is not set: run the suite with scripts/test"))
+    };
+    Archives::new(&ArchiveConfig {
+        endpoint: env("CLAWDEPLOY_ARCHIVE_ENDPOINT"),
+        bucket: env("CLAWDEPLOY_ARCHIVE_BUCKET"),
+        region: env("CLAWDEPLOY_ARCHIVE_REGION"),
+        access_key_id: env("CLAWDEPLOY_ARCHIVE_ACCESS_KEY_ID"),
+        secret_access_key: env("CLAWDEPLOY_ARCHIVE_SECRET_ACCESS_KEY"),
+        url_ttl: std::time::Duration::from_secs(300),
+    })
+    .expect("the archive store's settings")
+}
 
 /// Where the instance runs now: its container and node.
 pub async fn placement(c: &Cluster, instance: Uuid) -> Result<(Uuid, String)> {

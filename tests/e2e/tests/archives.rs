@@ -4,29 +4,11 @@
 //! store, and comes back into another container's volume through a presigned
 //! GET URL, checked against its SHA-256 and size. A corrupt or truncated
 //! archive is refused and leaves the target untouched.
-
-use std::time::Duration;
-
 use clawdeploy_agent::runtime::transfer::{Archive, Transfers};
 use clawdeploy_agent::runtime::{ContainerRuntime, ContainerSpec, DockerRuntime, Limits};
-use clawdeploy_scheduler::archives::{ArchiveConfig, Archives, Purpose};
+use clawdeploy_e2e::ops::archive_store;
+use clawdeploy_scheduler::archives::{Archives, Purpose};
 use uuid::Uuid;
-
-fn store() -> Archives {
-    let env = |k: &str| {
-        std::env::var(k)
-            .unwrap_or_else(|_| panic!("{k} is not set: run the suite with scripts/test"))
-    };
-    Archives::new(&ArchiveConfig {
-        endpoint: env("CLAWDEPLOY_ARCHIVE_ENDPOINT"),
-        bucket: env("CLAWDEPLOY_ARCHIVE_BUCKET"),
-        region: env("CLAWDEPLOY_ARCHIVE_REGION"),
-        access_key_id: env("CLAWDEPLOY_ARCHIVE_ACCESS_KEY_ID"),
-        secret_access_key: env("CLAWDEPLOY_ARCHIVE_SECRET_ACCESS_KEY"),
-        url_ttl: Duration::from_secs(300),
-    })
-    .unwrap()
-}
 
 fn spec(id: &str) -> ContainerSpec {
     ContainerSpec {
@@ -60,7 +42,7 @@ async fn a_state_archive_round_trips_through_object_storage_and_bad_ones_are_ref
     .expect("Docker");
     rt.prepare().await.unwrap();
     let transfers = Transfers::new(&state.join("staging")).unwrap();
-    let archives = store();
+    let archives = archive_store();
     let http = reqwest::Client::new();
     let (src, dst, bad) = (
         format!("{node}-src"),

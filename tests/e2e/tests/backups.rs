@@ -8,38 +8,11 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use clawdeploy_e2e::ops::{archive_store, placement, volume_dir};
 use clawdeploy_e2e::{wait_for, Cluster, ClusterOptions, ADMIN_TOKEN, BASE_DOMAIN};
-use clawdeploy_scheduler::archives::{ArchiveConfig, Archives};
 use reqwest::Method;
 use serde_json::{json, Value};
 use uuid::Uuid;
-
-fn store() -> Archives {
-    let env =
-        |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("{k} is not set: run scripts/test"));
-    Archives::new(&ArchiveConfig {
-        endpoint: env("CLAWDEPLOY_ARCHIVE_ENDPOINT"),
-        bucket: env("CLAWDEPLOY_ARCHIVE_BUCKET"),
-        region: env("CLAWDEPLOY_ARCHIVE_REGION"),
-        access_key_id: env("CLAWDEPLOY_ARCHIVE_ACCESS_KEY_ID"),
-        secret_access_key: env("CLAWDEPLOY_ARCHIVE_SECRET_ACCESS_KEY"),
-        url_ttl: Duration::from_secs(300),
-    })
-    .unwrap()
-}
-
-async fn container_of(c: &Cluster, instance: Uuid) -> Result<(Uuid, String)> {
-    Ok(sqlx::query_as(
-        "SELECT c.id, c.node_id FROM instances i JOIN containers c ON c.id = i.container_id WHERE i.id = $1",
-    )
-    .bind(instance)
-    .fetch_one(&c.db)
-    .await?)
-}
-
-fn volume(c: &Cluster, node: &str, container: Uuid) -> std::path::PathBuf {
-    c.dir.join(node).join("volumes").join(container.to_string())
-}
 
 async fn my_backups(c: &Cluster, token: &str) -> Result<Vec<Value>> {
     let r = c
@@ -127,8 +100,11 @@ async fn backups_restore_refuse_a_corrupt_archive_and_precede_destruction() -> R
     let instance: Uuid = sqlx::query_scalar("SELECT id FROM instances WHERE subdomain = 'keeper'")
         .fetch_one(&c.db)
         .await?;
-    let (container, node) = container_of(&c, instance).await?;
-    std::fs::write(volume(&c, &node, container).join("diary.txt"), "day one")?;
+    let (container, node) = placement(&c, instance).await?;
+    std::fs::write(
+        volume_dir(&c, &node, container).join("diary.txt"),
+        "day one",
+    )?;
 
     // The schedule (every 15 s here, daily by default) stores a backup; the
     // customer sees it, and its archive is in the store.
@@ -154,7 +130,7 @@ async fn backups_restore_refuse_a_corrupt_archive_and_precede_destruction() -> R
         .bind(&backup_id)
         .fetch_one(&c.db)
         .await?;
-    let archives = store();
+    let archives = archive_store();
     assert_eq!(
         archives.size(&key).await?,
         backup["bytes"].as_i64().map(|b| b as u64)
@@ -163,15 +139,15 @@ async fn backups_restore_refuse_a_corrupt_archive_and_precede_destruction() -> R
 
     // The file is deleted after the backup; the restore brings it back in a
     // new container, with the same gateway token.
-    let (container, node) = container_of(&c, instance).await?;
-    std::fs::remove_file(volume(&c, &node, container).join("diary.txt"))?;
+    let (container, node) = placement(&c, instance).await?;
+    std::fs::remove_file(volume_dir(&c, &node, container).join("diary.txt"))?;
     let done = restore(&c, instance, &backup_id).await?;
     assert_eq!(done["state"], "done", "{done}");
     assert_eq!(done["kind"], "restore");
-    let (restored, node) = container_of(&c, instance).await?;
+    let (restored, node) = placement(&c, instance).await?;
     assert_ne!(restored, container);
     assert_eq!(
-        std::fs::read_to_string(volume(&c, &node, restored).join("diary.txt"))?,
+        std::fs::read_to_string(volume_dir(&c, &node, restored).join("diary.txt"))?,
         "day one"
     );
     answers(&c, &host, &gw).await?;
@@ -208,7 +184,7 @@ async fn backups_restore_refuse_a_corrupt_archive_and_precede_destruction() -> R
             .contains("does not match"),
         "{ended}"
     );
-    assert_eq!(container_of(&c, instance).await?.0, restored);
+    assert_eq!(placement(&c, instance).await?.0, restored);
     answers(&c, &host, &gw).await?;
 
     // Released: once the grace period (4 s here) is over, the data is
@@ -241,7 +217,7 @@ async fn backups_restore_refuse_a_corrupt_archive_and_precede_destruction() -> R
 }
 
 #[tokio::test]
-async fn backups_past_their_retention_leave_the_store() -> Result<()> {
+async fn backups_past_their_retention_leave_the_archive_store() -> Result<()> {
     let c = Cluster::start(ClusterOptions {
         nodes: 1,
         min_idle: 1,
@@ -261,7 +237,7 @@ async fn backups_past_their_retention_leave_the_store() -> Result<()> {
     let (token, gw) = c
         .sign_up("brief@example.com", "brief", json!({"openai": "sk-brief"}))
         .await?;
-    let archives = store();
+    let archives = archive_store();
     // The first backup, stored…
     let deadline = Instant::now() + Duration::from_secs(60);
     let (first, key): (Uuid, String) = loop {

@@ -189,35 +189,12 @@ async fn a_killed_scheduler_resumes_and_a_dead_target_leaves_the_tenant_on_its_s
         "{ended}"
     );
     assert_eq!(placement(&c, instance).await?, (moved, to.clone()));
-    let mut last = (0, String::new());
-    for _ in 0..600 {
-        last = c.edge_get(&host, "/v1/models", Some(&gw)).await?;
-        if last.0 == 200 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    if last.0 != 200 {
-        let routes: Vec<(String, String, Uuid)> =
-            sqlx::query_as("SELECT hostname, upstream, container_id FROM routes")
-                .fetch_all(&c.db)
-                .await?;
-        let ps = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(format!("for n in {}; do docker ps -aq --filter label=clawdeploy.node=$n; done | xargs -r docker inspect --format '{{{{.Name}}}} {{{{.State.Status}}}} {{{{range .NetworkSettings.Networks}}}}{{{{.IPAddress}}}}{{{{end}}}} {{{{.Config.Env}}}}'", c.node_ids.join(" ")))
-            .output()?;
-        let rows: Vec<(Uuid, String, String, String)> = sqlx::query_as(
-            "SELECT id, node_id, state, upstream FROM containers ORDER BY created_at",
-        )
-        .fetch_all(&c.db)
-        .await?;
-        println!("gw {gw}\ncontainers {rows:#?}");
-        println!(
-            "routes: {routes:?}\ndocker:\n{}",
-            String::from_utf8_lossy(&ps.stdout)
-        );
-    }
-    assert_eq!(last.0, 200, "the tenant answers on its source: {}", last.1);
+    wait_for(
+        Duration::from_secs(60),
+        "the tenant answering on its source",
+        || async { Ok(c.edge_get(&host, "/v1/models", Some(&gw)).await?.0 == 200) },
+    )
+    .await?;
     assert_eq!(
         std::fs::read_to_string(volume_dir(&c, &to, moved).join("keep.txt"))?,
         "kept"

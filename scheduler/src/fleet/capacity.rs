@@ -2,7 +2,7 @@
 //! container on one of them, and the on-demand container of a claim that
 //! found the pool empty.
 
-use sqlx::{Postgres, Transaction};
+use sqlx::{Acquire, Postgres, Transaction};
 use uuid::Uuid;
 
 use super::placement::{self, NodeLoad};
@@ -96,17 +96,11 @@ pub async fn schedulable_nodes<'e>(
     Ok(rows.into_iter().map(NodeLoad::from).collect())
 }
 
-/// A new pool container (`creating`) on `node_id`, with a fresh sealed
-/// gateway token, in the caller's transaction; `NoCapacity` when the node
-/// is full. The node's row stays locked until the caller commits, so two
-/// transactions placing containers on one node never both take its last
-/// slot.
-pub async fn insert_container(
-    app: &App,
-    tx: &mut Transaction<'_, Postgres>,
-    s: &PoolSettings,
-    node_id: &str,
-) -> Result<Taken> {
+/// Holds one of `node_id`'s container slots for the caller's transaction:
+/// `NoCapacity` when the node is full. The node's row stays locked until
+/// the caller commits, so two transactions placing containers on one node
+/// never both take its last slot.
+pub async fn reserve_slot(tx: &mut Transaction<'_, Postgres>, node_id: &str) -> Result<()> {
     // Lock, then count in a statement of its own: under READ COMMITTED a
     // count in the locking statement would read the snapshot from before
     // the wait, missing what the lock holder inserted.
@@ -125,6 +119,19 @@ pub async fn insert_container(
     if total >= i64::from(max) {
         return Err(Error::NoCapacity(format!("node {node_id} is full")));
     }
+    Ok(())
+}
+
+/// A new pool container (`creating`) on `node_id`, with a fresh sealed
+/// gateway token, in the caller's transaction; `NoCapacity` when the node
+/// is full (see `reserve_slot`).
+pub async fn insert_container(
+    app: &App,
+    tx: &mut Transaction<'_, Postgres>,
+    s: &PoolSettings,
+    node_id: &str,
+) -> Result<Taken> {
+    reserve_slot(tx, node_id).await?;
     let id = Uuid::new_v4();
     let token = app
         .secrets
@@ -167,13 +174,21 @@ pub async fn create_on_demand(
         }
         .ok_or_else(|| Error::NoCapacity("no schedulable node has room".into()))?;
         let node_id = node.id.clone();
-        match insert_container(app, tx, &s, &node_id).await {
+        // In a savepoint: a full node's row lock goes with its rollback, so
+        // this claim never holds one node while waiting for another (the
+        // pool manager may hold several).
+        let mut attempt = tx.begin().await?;
+        match insert_container(app, &mut attempt, &s, &node_id).await {
             Ok(taken) => {
+                attempt.commit().await?;
                 tracing::info!(container_id = %taken.id, node_id, "pool empty: creating a container on demand");
                 return Ok(taken);
             }
             // Filled meanwhile (the counts are read without locks): the next.
-            Err(Error::NoCapacity(_)) => nodes.retain(|n| n.id != node_id),
+            Err(Error::NoCapacity(_)) => {
+                attempt.rollback().await?;
+                nodes.retain(|n| n.id != node_id);
+            }
             Err(e) => return Err(e),
         }
     }

@@ -152,6 +152,13 @@ pub async fn start(app: &AppRef, req: MigrateRequest) -> Result<Migration> {
         }
     };
 
+    // The counts above were read without locks: hold the slot for real.
+    capacity::reserve_slot(&mut tx, &target)
+        .await
+        .map_err(|e| match e {
+            Error::NoCapacity(m) => conflict("node_full", m),
+            e => e,
+        })?;
     // The target container: the same gateway token (sealed for its own id),
     // image and limits, booked on the target until the switch.
     let target_container = Uuid::new_v4();

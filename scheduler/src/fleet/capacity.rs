@@ -83,7 +83,7 @@ pub async fn schedulable_nodes<'e>(
            FROM nodes n
            JOIN live USING (id)
            LEFT JOIN containers c ON c.node_id = n.id
-                AND c.state IN ('creating', 'warming', 'idle', 'assigning', 'assigned', 'migrating', 'suspended', 'destroying')
+                AND c.state IN ('creating', 'warming', 'idle', 'assigning', 'assigned', 'migrating', 'destroying')
           GROUP BY n.id
           ORDER BY n.id",
     )
@@ -96,7 +96,9 @@ pub async fn schedulable_nodes<'e>(
     Ok(rows.into_iter().map(NodeLoad::from).collect())
 }
 
-/// Holds one of `node_id`'s container slots for the caller's transaction:
+/// Holds one of `node_id`'s container slots for the caller's transaction
+/// (a released instance's stopped container keeps its volume but no slot:
+/// it never runs again):
 /// `NoCapacity` when the node is full. The node's row stays locked until
 /// the caller commits, so two transactions placing containers on one node
 /// never both take its last slot.
@@ -111,7 +113,7 @@ pub async fn reserve_slot(tx: &mut Transaction<'_, Postgres>, node_id: &str) -> 
         .ok_or(Error::NotFound("node"))?;
     let total: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM containers WHERE node_id = $1
-            AND state IN ('creating', 'warming', 'idle', 'assigning', 'assigned', 'migrating', 'suspended', 'destroying')",
+            AND state IN ('creating', 'warming', 'idle', 'assigning', 'assigned', 'migrating', 'destroying')",
     )
     .bind(node_id)
     .fetch_one(&mut **tx)

@@ -1,7 +1,8 @@
 //! A full fleet queues signups instead of refusing them: with room for N,
 //! N + 20 concurrent signups give N instances and 20 answers `202 queued`;
-//! a node joins (a join token, a new agent) and the 20 go live in arrival
-//! order, without the clients retrying; beyond the queue's bound, 503.
+//! a release gives its slot to the first in line; a node joins (a join
+//! token, a new agent) and the rest go live in arrival order, without the
+//! clients retrying; beyond the queue's bound, 503.
 
 use std::time::Duration;
 
@@ -90,6 +91,29 @@ async fn a_full_fleet_queues_signups_and_a_joining_node_takes_them_in_order() ->
         .await?;
     assert_eq!(nodes["nodes"][0]["freeSlots"], 0, "{nodes}");
 
+    // A customer with a container releases it: its slot goes to the first
+    // in line at once (the stopped container keeps only its volume).
+    let first_live = answers
+        .iter()
+        .position(|(s, _)| *s == 201)
+        .context("a live signup")?;
+    let (status, _) = c
+        .my_instance(Method::DELETE, &tokens[first_live], None)
+        .await?;
+    assert_eq!(status, 200);
+    wait_for(
+        Duration::from_secs(60),
+        "one queued signup live after a release",
+        || async {
+            Ok(
+                c.count("SELECT count(*) FROM instances WHERE status = 'queued'")
+                    .await?
+                    == QUEUED as i64 - 1,
+            )
+        },
+    )
+    .await?;
+
     // A node joins with room for all of them.
     let node = format!("{}-z", c.name);
     let t = c.join_token(&node, None).await?;
@@ -111,21 +135,26 @@ async fn a_full_fleet_queues_signups_and_a_joining_node_takes_them_in_order() ->
                 let n = c
                     .count("SELECT count(*) FROM instances WHERE status = 'ready'")
                     .await?;
-                Ok(n == (N + QUEUED) as i64)
+                Ok(n == (N + QUEUED - 1) as i64)
             },
         )
         .await?;
         // In arrival order: each queued instance got its container no later
-        // than every one queued after it.
+        // than every one queued after it (the first after the release, on
+        // the old node; the others on the new one).
+        let ids: Vec<uuid::Uuid> = queued
+            .iter()
+            .filter_map(|v| v["instance"]["id"].as_str()?.parse().ok())
+            .collect();
         let order: Vec<(String, bool)> = sqlx::query_as(
             "SELECT i.subdomain,
                     c.claimed_at <= ALL (SELECT c2.claimed_at FROM instances i2
                                           JOIN containers c2 ON c2.id = i2.container_id
-                                         WHERE c2.node_id = $1 AND i2.created_at > i.created_at)
+                                         WHERE i2.id = ANY($1) AND i2.created_at > i.created_at)
                FROM instances i JOIN containers c ON c.id = i.container_id
-              WHERE c.node_id = $1 ORDER BY i.created_at",
+              WHERE i.id = ANY($1) ORDER BY i.created_at",
         )
-        .bind(&node)
+        .bind(&ids)
         .fetch_all(&c.db)
         .await?;
         assert_eq!(order.len(), QUEUED, "{order:?}");

@@ -87,6 +87,9 @@ fn watch_config(gateway: &Gateway) {
         .unwrap_or(std::path::Path::new("/"));
     match inotify::watch_dir(dir) {
         Ok(mut events) => {
+            // A config written after the start-up read but before the
+            // watch existed raised no event: look once now.
+            reload_if_changed(gateway, &mut last);
             let mut buf = [0u8; 4096];
             loop {
                 match events.read(&mut buf) {
@@ -109,8 +112,6 @@ fn watch_config(gateway: &Gateway) {
     }
 }
 
-/// The two inotify calls the stand-in needs, declared against the C library
-/// it links statically.
 /// Exits at once on SIGTERM, as a gateway shutting down cleanly does: as
 /// PID 1 of its container the process would otherwise ignore the signal
 /// and `docker stop` would wait its whole timeout before killing it.
@@ -135,6 +136,8 @@ mod sigterm {
     }
 }
 
+/// The two inotify calls the stand-in needs, declared against the C library
+/// it links statically.
 #[allow(unsafe_code)]
 mod inotify {
     use std::ffi::CString;

@@ -23,6 +23,7 @@ pub mod archives;
 pub mod audit;
 pub mod background;
 pub mod backup;
+pub mod billing;
 pub mod crypto;
 pub mod error;
 pub mod events;

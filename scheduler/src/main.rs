@@ -171,6 +171,12 @@ struct ServeArgs {
     /// 202 `queued`); beyond it they get 503 `no_capacity`.
     #[arg(long, env = "CLAWDEPLOY_SIGNUP_QUEUE_MAX", default_value_t = 1000)]
     signup_queue_max: u32,
+    /// The Stripe price id of the pro tier (shown by GET /api/billing/plans).
+    #[arg(long, env = "CLAWDEPLOY_STRIPE_PRICE_PRO")]
+    stripe_price_pro: Option<String>,
+    /// The Stripe price id of the team tier.
+    #[arg(long, env = "CLAWDEPLOY_STRIPE_PRICE_TEAM")]
+    stripe_price_team: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -238,6 +244,8 @@ async fn main() -> anyhow::Result<()> {
                     backup_interval: Duration::from_secs(a.backup_interval_secs.max(1)),
                     backup_retention: Duration::from_secs(a.backup_retention_secs.max(1)),
                     signup_queue_max: a.signup_queue_max,
+                    stripe_price_pro: a.stripe_price_pro.clone(),
+                    stripe_price_team: a.stripe_price_team.clone(),
                     ..Config::default()
                 },
                 database_url: a.database_url,

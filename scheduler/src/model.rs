@@ -105,6 +105,17 @@ pub enum MigrationKind {
     Restore,
 }
 
+/// `instances.tier`: what the customer pays for (the product spec's plans;
+/// their resources are `billing::plans`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema, sqlx::Type)]
+#[sqlx(type_name = "text", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
+pub enum Tier {
+    Free,
+    Pro,
+    Team,
+}
+
 /// `backups.state`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, ToSchema, sqlx::Type)]
 #[sqlx(type_name = "text", rename_all = "snake_case")]

@@ -58,15 +58,17 @@ async fn issue_token(db: &PgPool, user_id: Uuid) -> Result<String> {
 
 /// Creates an account (the email normalised, the password checked against
 /// the policy) and its first session.
-pub async fn register(db: &PgPool, email: &str, password: String) -> Result<Session> {
+pub async fn register(db: &PgPool, email: &str, password: String, name: &str) -> Result<Session> {
     let email = normalize_email(email)?;
+    let name = display_name(name)?;
     check_password(&password, &email)?;
     let hash = password::hash(password).await?;
     let id = Uuid::new_v4();
-    sqlx::query("INSERT INTO users (id, email, password_hash) VALUES ($1, $2, $3)")
+    sqlx::query("INSERT INTO users (id, email, password_hash, name) VALUES ($1, $2, $3, $4)")
         .bind(id)
         .bind(&email)
         .bind(&hash)
+        .bind(&name)
         .execute(db)
         .await
         .map_err(|e| {
@@ -191,4 +193,38 @@ pub async fn authenticate(db: &PgPool, token_hash: &[u8]) -> Result<Option<Uuid>
     .bind(token_hash)
     .fetch_optional(db)
     .await?)
+}
+
+/// A display name as stored: trimmed, at most 100 characters, no control
+/// characters; empty when none was given.
+pub fn display_name(raw: &str) -> Result<String> {
+    let name = raw.trim();
+    if name.chars().count() > 100 {
+        return Err(Error::Invalid {
+            field: "name",
+            message: "at most 100 characters".into(),
+        });
+    }
+    if name.chars().any(char::is_control) {
+        return Err(Error::Invalid {
+            field: "name",
+            message: "no control characters".into(),
+        });
+    }
+    Ok(name.to_owned())
+}
+
+#[cfg(test)]
+mod name_tests {
+    use super::display_name;
+
+    #[test]
+    fn display_names_are_trimmed_and_bounded() {
+        assert_eq!(display_name("  Ada Lovelace ").unwrap(), "Ada Lovelace");
+        assert_eq!(display_name("").unwrap(), "");
+        assert!(display_name(&"x".repeat(101)).is_err());
+        assert_eq!(display_name(&"é".repeat(100)).unwrap().chars().count(), 100);
+        assert!(display_name("a\u{0}b").is_err());
+        assert!(display_name("line\nbreak").is_err());
+    }
 }

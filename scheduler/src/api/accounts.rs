@@ -19,18 +19,37 @@ pub struct Credentials {
     password: String,
 }
 
-#[utoipa::path(post, path = "/api/auth/register", tag = "accounts", request_body = Credentials,
+/// The product spec's register body: email, password and an optional
+/// display name (which billing gives Stripe as the customer's name).
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Registration {
+    #[schema(format = "email", max_length = 254)]
+    email: String,
+    #[schema(min_length = 10, max_length = 256)]
+    password: String,
+    #[schema(max_length = 100)]
+    name: Option<String>,
+}
+
+#[utoipa::path(post, path = "/api/auth/register", tag = "accounts", request_body = Registration,
     responses(
         (status = 201, description = "Account created; a session token", body = SessionView),
         (status = 400, description = "Malformed JSON", body = ErrorBody),
         (status = 409, description = "Email taken", body = ErrorBody),
-        (status = 422, description = "Invalid email or password (10 to 256 characters)", body = ErrorBody),
+        (status = 422, description = "Invalid email, password (10 to 256 characters) or name (at most 100 characters, no control characters)", body = ErrorBody),
     ))]
 pub async fn register(
     State(app): State<AppRef>,
-    ApiJson(c): ApiJson<Credentials>,
+    ApiJson(r): ApiJson<Registration>,
 ) -> Result<(StatusCode, axum::Json<SessionView>)> {
-    let session = accounts::register(&app.db, &c.email, c.password).await?;
+    let session = accounts::register(
+        &app.db,
+        &r.email,
+        r.password,
+        r.name.as_deref().unwrap_or(""),
+    )
+    .await?;
     Ok((StatusCode::CREATED, axum::Json(session.into())))
 }
 

@@ -25,6 +25,7 @@ impl Modify for BearerAuth {
     modifiers(&BearerAuth),
     tags(
         (name = "accounts"),
+        (name = "billing", description = "Plans and, later, payment"),
         (name = "instances"),
         (name = "operator", description = "Bearer: the operator token (--admin-token)"),
         (name = "service")

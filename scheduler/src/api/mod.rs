@@ -5,6 +5,7 @@
 
 pub mod accounts;
 pub mod admin;
+pub mod billing;
 mod doc;
 mod error;
 pub mod extract;
@@ -55,6 +56,8 @@ pub fn api() -> OpenApiRouter<AppRef> {
         .routes(routes!(migrations::restore))
         .routes(routes!(migrations::take_backup))
         .routes(routes!(instances::backups))
+        .routes(routes!(billing::plans))
+        .routes(routes!(billing::set_tier))
         .routes(routes!(page::index))
         .routes(routes!(page::availability))
         .routes(routes!(healthz))

@@ -13,7 +13,7 @@ use crate::backup::Backup;
 use crate::fleet::settings::PoolSettings;
 use crate::migration::{Migration, Step};
 use crate::model::{
-    BackupKind, BackupState, InstanceStatus, MigrationKind, MigrationState, NodeState,
+    BackupKind, BackupState, InstanceStatus, MigrationKind, MigrationState, NodeState, Tier,
 };
 
 /// Every error: a stable code and a message for people.
@@ -70,7 +70,7 @@ pub struct InstanceView {
     /// Shown once the instance is live.
     pub gateway_token: Option<String>,
     pub status: InstanceStatus,
-    pub tier: String,
+    pub tier: Tier,
     pub status_url: String,
     /// Provider → masked key (`sk-…1234`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -331,4 +331,32 @@ impl From<Backup> for BackupView {
 #[derive(Serialize, ToSchema)]
 pub struct BackupList {
     pub backups: Vec<BackupView>,
+}
+
+/// One plan, for the page and for clients.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PlanView {
+    pub tier: Tier,
+    /// The Stripe price to subscribe to; none for the free tier or while
+    /// billing is not configured.
+    pub price_id: Option<String>,
+    pub monthly_price_cents: u32,
+    pub cpu_millis: u32,
+    pub memory_mb: u32,
+    pub storage_gb: u32,
+    pub custom_domains: bool,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct PlanList {
+    pub plans: Vec<PlanView>,
+}
+
+/// An instance's tier after a change, and before it.
+#[derive(Serialize, ToSchema)]
+pub struct TierChangeView {
+    pub id: Uuid,
+    pub tier: Tier,
+    pub previous: Tier,
 }

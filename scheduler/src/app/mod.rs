@@ -63,6 +63,9 @@ pub struct Config {
     pub backup_retention: Duration,
     /// Signups waiting for capacity at most; beyond, `503 no_capacity`.
     pub signup_queue_max: u32,
+    /// Stripe price ids of the paid tiers, shown in the plan list.
+    pub stripe_price_pro: Option<String>,
+    pub stripe_price_team: Option<String>,
 }
 
 impl Default for Config {
@@ -88,6 +91,8 @@ impl Default for Config {
             backup_interval: Duration::from_secs(24 * 3600),
             backup_retention: Duration::from_secs(30 * 24 * 3600),
             signup_queue_max: 1000,
+            stripe_price_pro: None,
+            stripe_price_team: None,
         }
     }
 }

@@ -94,7 +94,7 @@ pub async fn sign_up(
             id: claimed.instance_id,
             subdomain,
             status,
-            tier: "free".into(),
+            tier: crate::model::Tier::Free,
             gateway_token,
             masked_keys: None,
         },

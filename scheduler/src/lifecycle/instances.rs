@@ -9,7 +9,7 @@ use uuid::Uuid;
 use crate::app::App;
 use crate::crypto::{aad, envelope};
 use crate::error::{Error, Result};
-use crate::model::InstanceStatus;
+use crate::model::{InstanceStatus, Tier};
 
 /// Names that never become customer subdomains.
 const RESERVED: &[&str] = &[
@@ -142,7 +142,7 @@ pub struct Instance {
     pub id: Uuid,
     pub subdomain: String,
     pub status: InstanceStatus,
-    pub tier: String,
+    pub tier: Tier,
     /// The token of the instance's current container.
     pub gateway_token: Option<String>,
     /// Provider → masked key, when asked for.
@@ -154,7 +154,7 @@ struct InstanceRow {
     id: Uuid,
     subdomain: String,
     status: InstanceStatus,
-    tier: String,
+    tier: Tier,
 }
 
 const INSTANCE_COLUMNS: &str = "id, subdomain, status, tier";

@@ -376,6 +376,7 @@ async fn the_openapi_document_describes_every_route_and_errors_are_json() -> Res
         ("GET", "/admin/migrations/{id}"),
         ("GET", "/admin/nodes"),
         ("GET", "/admin/pool"),
+        ("GET", "/api/billing/plans"),
         ("GET", "/api/instances/me"),
         ("GET", "/api/instances/me/backups"),
         ("GET", "/api/instances/{id}"),
@@ -394,6 +395,7 @@ async fn the_openapi_document_describes_every_route_and_errors_are_json() -> Res
         ("POST", "/api/auth/logout"),
         ("POST", "/api/auth/register"),
         ("POST", "/api/instances"),
+        ("PUT", "/admin/instances/{id}/tier"),
         ("PUT", "/admin/pool"),
     ]
     .iter()

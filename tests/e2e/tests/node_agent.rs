@@ -424,6 +424,12 @@ async fn claim_survives_agent_kill_at(point: &str) -> Result<()> {
         .context("gateway token once ready")?
         .to_owned();
     let host = format!("{sub}.clawdeploy.localhost");
+    // The status URL shows `ready` once the route is committed; the edge
+    // applies it a moment later.
+    wait_for(Duration::from_secs(10), "the edge routing it", || async {
+        Ok(models_through_edge(&c, &host, &gw).await?.0 == 200)
+    })
+    .await?;
     let (status, models) = models_through_edge(&c, &host, &gw).await?;
     assert_eq!(status, 200, "{models}");
     assert!(models.contains("anthropic"), "{models}");

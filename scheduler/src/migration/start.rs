@@ -27,18 +27,17 @@ pub struct MigrateRequest {
     pub from_backup: Option<Uuid>,
 }
 
-/// The instance and the container it runs in now.
+/// The container a ready instance runs in now.
 #[derive(sqlx::FromRow)]
 struct Source {
-    status: InstanceStatus,
-    container_id: Option<Uuid>,
-    node_id: Option<String>,
-    image: Option<String>,
-    pool_generation: Option<i32>,
-    gateway_token_enc: Option<Vec<u8>>,
-    cpu_millis: Option<i32>,
-    memory_bytes: Option<i64>,
-    pids: Option<i32>,
+    id: Uuid,
+    node_id: String,
+    image: String,
+    pool_generation: i32,
+    gateway_token_enc: Vec<u8>,
+    cpu_millis: i32,
+    memory_bytes: i64,
+    pids: i32,
 }
 
 fn conflict(code: &'static str, message: impl Into<String>) -> Error {
@@ -56,47 +55,41 @@ pub async fn start(app: &AppRef, req: MigrateRequest) -> Result<Migration> {
         });
     }
     let mut tx = app.db.begin().await?;
-    let src: Source = sqlx::query_as(
-        "SELECT i.status, c.id AS container_id, c.node_id, c.image, c.pool_generation,
-                c.gateway_token_enc, c.cpu_millis, c.memory_bytes, c.pids
-           FROM instances i
-           LEFT JOIN containers c ON c.id = i.container_id AND c.state = 'assigned'
-          WHERE i.id = $1
+    let src: Option<Source> = sqlx::query_as(
+        "SELECT c.id, c.node_id, c.image, c.pool_generation, c.gateway_token_enc,
+                c.cpu_millis, c.memory_bytes, c.pids
+           FROM instances i JOIN containers c ON c.id = i.container_id AND c.state = 'assigned'
+          WHERE i.id = $1 AND i.status = 'ready'
           FOR UPDATE OF i",
     )
     .bind(req.instance_id)
     .fetch_optional(&mut *tx)
-    .await?
-    .ok_or(Error::NotFound("instance"))?;
-    let (
-        InstanceStatus::Ready,
-        Some(source),
-        Some(source_node),
-        Some(image),
-        Some(generation),
-        Some(token),
-        Some(cpu),
-        Some(memory),
-        Some(pids),
-    ) = (
-        src.status,
-        src.container_id,
-        src.node_id,
-        src.image,
-        src.pool_generation,
-        src.gateway_token_enc,
-        src.cpu_millis,
-        src.memory_bytes,
-        src.pids,
-    )
+    .await?;
+    let Some(Source {
+        id: source,
+        node_id: source_node,
+        image,
+        pool_generation: generation,
+        gateway_token_enc: token,
+        cpu_millis: cpu,
+        memory_bytes: memory,
+        pids,
+    }) = src
     else {
-        return Err(conflict(
-            "instance_not_ready",
-            format!(
-                "only a ready instance with a running container moves (this one is {:?})",
-                src.status
+        let status: Option<InstanceStatus> =
+            sqlx::query_scalar("SELECT status FROM instances WHERE id = $1")
+                .bind(req.instance_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        return Err(match status {
+            None => Error::NotFound("instance"),
+            Some(status) => conflict(
+                "instance_not_ready",
+                format!(
+                    "only a ready instance with a running container moves (this one is {status:?})"
+                ),
             ),
-        ));
+        });
     };
     let backing_up: bool = sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM backups WHERE container_id = $1 AND state = 'taking')",

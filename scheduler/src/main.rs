@@ -177,6 +177,13 @@ struct ServeArgs {
     /// The Stripe price id of the team tier.
     #[arg(long, env = "CLAWDEPLOY_STRIPE_PRICE_TEAM")]
     stripe_price_team: Option<String>,
+    /// The secret Stripe signs webhooks with (`whsec_…`); billing's webhook
+    /// answers 503 billing_disabled without it.
+    #[arg(long, env = "CLAWDEPLOY_STRIPE_WEBHOOK_SECRET", hide_env_values = true)]
+    stripe_webhook_secret: Option<String>,
+    /// Seconds a paid tier lasts after Stripe stops retrying a payment.
+    #[arg(long, env = "CLAWDEPLOY_BILLING_GRACE_SECS", default_value_t = 7 * 24 * 3600)]
+    billing_grace_secs: u64,
 }
 
 #[derive(Subcommand)]
@@ -246,6 +253,8 @@ async fn main() -> anyhow::Result<()> {
                     signup_queue_max: a.signup_queue_max,
                     stripe_price_pro: a.stripe_price_pro.clone(),
                     stripe_price_team: a.stripe_price_team.clone(),
+                    stripe_webhook_secret: a.stripe_webhook_secret.clone(),
+                    billing_grace: Duration::from_secs(a.billing_grace_secs),
                     ..Config::default()
                 },
                 database_url: a.database_url,

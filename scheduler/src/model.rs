@@ -116,6 +116,21 @@ pub enum Tier {
     Team,
 }
 
+/// `billing_accounts.status`: where an account stands with Stripe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, ToSchema, sqlx::Type)]
+#[sqlx(type_name = "text", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
+pub enum BillingStatus {
+    /// Never subscribed.
+    None,
+    Active,
+    /// A payment failed; Stripe retries it and the tier stays.
+    PastDue,
+    /// Stripe's retries are over: the tier lasts until the grace deadline.
+    Grace,
+    Canceled,
+}
+
 /// `backups.state`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, ToSchema, sqlx::Type)]
 #[sqlx(type_name = "text", rename_all = "snake_case")]

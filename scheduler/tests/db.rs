@@ -653,3 +653,279 @@ async fn bad_requests_get_json_errors_from_the_router_in_process() {
     assert_eq!(pool["containers"][0]["state"], "idle");
     assert_eq!(pool["containers"][0]["count"], 2);
 }
+
+// ------------------------------------------------------------ billing ---
+
+const WHSEC: &str = "whsec_test_secret";
+
+/// One of Stripe's sample objects (`tests/fixtures/stripe/<name>.json`).
+fn fixture(name: &str) -> serde_json::Value {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/stripe")
+        .join(format!("{name}.json"));
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// An event around `object`, as Stripe delivers it.
+fn event(id: &str, kind: &str, created: i64, object: serde_json::Value) -> String {
+    let mut e = fixture("event");
+    e["id"] = json!(id);
+    e["type"] = json!(kind);
+    e["created"] = json!(created);
+    e["api_version"] = json!(null);
+    e["data"] = json!({"object": object});
+    e.to_string()
+}
+
+fn subscription(status: &str, price: &str, reason: Option<&str>) -> serde_json::Value {
+    let mut s = fixture("subscription");
+    s["id"] = json!("sub_test1");
+    s["customer"] = json!("cus_test1");
+    s["status"] = json!(status);
+    s["items"]["data"][0]["price"]["id"] = json!(price);
+    s["cancellation_details"]["reason"] = json!(reason);
+    s
+}
+
+fn invoice(customer: &str) -> serde_json::Value {
+    let mut i = fixture("invoice");
+    i["customer"] = json!(customer);
+    i
+}
+
+/// Posts a payload to the webhook with a signature header; status and body.
+async fn deliver(base: &str, payload: &str, signature: &str) -> (u16, serde_json::Value) {
+    let r = reqwest::Client::new()
+        .post(format!("{base}/api/billing/webhook"))
+        .header("stripe-signature", signature)
+        .header("content-type", "application/json")
+        .body(payload.to_owned())
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(serde_json::Value::Null))
+}
+
+async fn signed(base: &str, payload: &str) -> (u16, serde_json::Value) {
+    let sig = stripe_webhook::Webhook::generate_test_header(payload, WHSEC, None);
+    deliver(base, payload, &sig).await
+}
+
+#[tokio::test]
+async fn stripe_webhooks_are_verified_applied_once_in_order_and_end_in_grace() {
+    let app = app_with(Config {
+        stripe_webhook_secret: Some(WHSEC.into()),
+        stripe_price_pro: Some("price_pro".into()),
+        stripe_price_team: Some("price_team".into()),
+        billing_grace: Duration::from_secs(1),
+        ..Config::default()
+    })
+    .await;
+    node(&app, "n1").await;
+    idle(&app, "n1", 1).await;
+    let session = clawdeploy_scheduler::accounts::register(
+        &app.db,
+        "payer@example.com",
+        "correct-horse-battery".into(),
+        "Payer",
+    )
+    .await
+    .unwrap();
+    let u = session.user_id;
+    let claimed = claim::claim(&app, request(u, "payer")).await.unwrap();
+    let container = claimed.container_id.unwrap();
+    let base = serve(app.clone()).await;
+    let limits = || async {
+        let (tier, cpu, memory): (String, i32, i64) = sqlx::query_as(
+            "SELECT i.tier, c.cpu_millis, c.memory_bytes FROM instances i JOIN containers c ON c.id = i.container_id WHERE c.id = $1",
+        )
+        .bind(container)
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+        (tier, cpu, memory)
+    };
+    let account = || async {
+        sqlx::query_as::<_, (String, String)>(
+            "SELECT tier, status FROM billing_accounts WHERE user_id = $1",
+        )
+        .bind(u)
+        .fetch_one(&app.db)
+        .await
+        .unwrap()
+    };
+    let t0 = chrono::Utc::now().timestamp() - 100;
+
+    // Checkout links customer and subscription to the account.
+    let mut cs = fixture("checkout_session");
+    cs["client_reference_id"] = json!(u.to_string());
+    cs["customer"] = json!("cus_test1");
+    cs["subscription"] = json!("sub_test1");
+    let (status, body) = signed(
+        &base,
+        &event("evt_cs", "checkout.session.completed", t0, cs),
+    )
+    .await;
+    assert_eq!(
+        (status, body["outcome"].as_str()),
+        (200, Some("linked")),
+        "{body}"
+    );
+
+    // The subscription, active on pro: delivered five times at once, applied
+    // once; the container is resized to pro's limits.
+    let pro = event(
+        "evt_sub1",
+        "customer.subscription.updated",
+        t0 + 10,
+        subscription("active", "price_pro", None),
+    );
+    let answers = futures::future::join_all((0..5).map(|_| signed(&base, &pro))).await;
+    let outcomes: Vec<&str> = answers
+        .iter()
+        .filter_map(|(_, b)| b["outcome"].as_str())
+        .collect();
+    assert!(answers.iter().all(|(s, _)| *s == 200), "{answers:?}");
+    assert_eq!(
+        outcomes.iter().filter(|o| **o == "applied").count(),
+        1,
+        "{outcomes:?}"
+    );
+    assert_eq!(
+        outcomes.iter().filter(|o| **o == "duplicate").count(),
+        4,
+        "{outcomes:?}"
+    );
+    assert_eq!(limits().await, ("pro".into(), 1000, 1 << 30));
+    assert_eq!(account().await, ("pro".into(), "active".into()));
+    assert_eq!(
+        count(
+            &app,
+            "SELECT count(*) FROM audit_log WHERE action = 'instance.tier'"
+        )
+        .await,
+        1
+    );
+
+    // Refused, nothing applied: a wrong signature, a stale timestamp, a
+    // body changed after signing.
+    let team = event(
+        "evt_sub_team",
+        "customer.subscription.updated",
+        t0 + 20,
+        subscription("active", "price_team", None),
+    );
+    let wrong = stripe_webhook::Webhook::generate_test_header(&team, "whsec_other", None);
+    let old = stripe_webhook::Webhook::generate_test_header(
+        &team,
+        WHSEC,
+        Some(chrono::Utc::now().timestamp() - 400),
+    );
+    let good = stripe_webhook::Webhook::generate_test_header(&team, WHSEC, None);
+    let tampered = team.replace("price_team", "price_pro");
+    for (payload, sig) in [(&team, &wrong), (&team, &old), (&tampered, &good)] {
+        let (status, body) = deliver(&base, payload, sig).await;
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(body["error"]["code"], "bad_request");
+    }
+    assert_eq!(count(&app, "SELECT count(*) FROM stripe_events").await, 2);
+    assert_eq!(limits().await.0, "pro");
+
+    // An update older than the applied state: acknowledged, not applied.
+    let late = event(
+        "evt_sub_late",
+        "customer.subscription.updated",
+        t0 + 5,
+        subscription("active", "price_team", None),
+    );
+    let (status, body) = signed(&base, &late).await;
+    assert_eq!((status, body["outcome"].as_str()), (200, Some("stale")));
+    assert_eq!(limits().await.0, "pro");
+
+    // Unknown customer, unknown type: acknowledged, no effect.
+    let (status, body) = signed(
+        &base,
+        &event(
+            "evt_inv_x",
+            "invoice.payment_failed",
+            t0 + 11,
+            invoice("cus_nobody"),
+        ),
+    )
+    .await;
+    assert_eq!(
+        (status, body["outcome"].as_str()),
+        (200, Some("unknown_account"))
+    );
+    let (status, body) = signed(
+        &base,
+        &event("evt_price", "price.created", t0 + 11, fixture("price")),
+    )
+    .await;
+    assert_eq!((status, body["outcome"].as_str()), (200, Some("ignored")));
+
+    // Dunning: a failed payment keeps the tier (past_due); Stripe gives up
+    // (unpaid): a grace period; paid during it: back to active, same tier.
+    signed(
+        &base,
+        &event(
+            "evt_inv_f1",
+            "invoice.payment_failed",
+            t0 + 30,
+            invoice("cus_test1"),
+        ),
+    )
+    .await;
+    assert_eq!(account().await, ("pro".into(), "past_due".into()));
+    signed(
+        &base,
+        &event(
+            "evt_sub_unpaid",
+            "customer.subscription.updated",
+            t0 + 40,
+            subscription("unpaid", "price_pro", None),
+        ),
+    )
+    .await;
+    assert_eq!(account().await, ("pro".into(), "grace".into()));
+    signed(
+        &base,
+        &event("evt_inv_p1", "invoice.paid", t0 + 50, invoice("cus_test1")),
+    )
+    .await;
+    assert_eq!(account().await, ("pro".into(), "active".into()));
+    assert_eq!(limits().await.0, "pro");
+
+    // Unpaid again, and the grace period (1 s here) runs out: free, live.
+    signed(
+        &base,
+        &event(
+            "evt_sub_unpaid2",
+            "customer.subscription.updated",
+            t0 + 60,
+            subscription("unpaid", "price_pro", None),
+        ),
+    )
+    .await;
+    let me: serde_json::Value = reqwest::Client::new()
+        .get(format!("{base}/api/billing"))
+        .bearer_auth(&session.token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(me["status"], "grace", "{me}");
+    assert!(me["graceUntil"].is_string(), "{me}");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(
+        clawdeploy_scheduler::billing::webhook::end_grace(&app)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(limits().await, ("free".into(), 500, 512 << 20));
+    assert_eq!(account().await, ("free".into(), "canceled".into()));
+}

@@ -1,15 +1,15 @@
-//! Billing's HTTP face: the public plan list, and the operator's tier
-//! change (a comped account, a support fix; Stripe's webhooks will use the
-//! same path).
+//! Billing's HTTP face: the public plan list, the account's billing state,
+//! Stripe's webhook, and the operator's tier change (a comped account, a
+//! support fix; the webhooks take the same path).
 
 use axum::extract::{Path, State};
 use serde::Deserialize;
 use uuid::Uuid;
 
-use super::extract::{ApiJson, Operator};
-use super::views::{ErrorBody, PlanList, PlanView, TierChangeView};
+use super::extract::{ApiJson, AuthUser, Operator};
+use super::views::{BillingView, ErrorBody, PlanList, PlanView, TierChangeView, WebhookAck};
 use crate::app::AppRef;
-use crate::billing::{plans::PLANS, tier};
+use crate::billing::{plans::PLANS, tier, webhook};
 use crate::error::{Error, Result};
 use crate::model::Tier;
 
@@ -67,5 +67,53 @@ pub async fn set_tier(
         id: instance_id,
         tier: body.tier,
         previous,
+    }))
+}
+
+/// Stripe's webhook: the raw body with its `Stripe-Signature`.
+#[utoipa::path(post, path = "/api/billing/webhook", tag = "billing",
+    params(("Stripe-Signature" = String, Header, description = "t=<unix time>,v1=<HMAC-SHA256 hex>")),
+    request_body(content = String, description = "The event, exactly as Stripe sent it", content_type = "application/json"),
+    responses(
+        (status = 200, description = "Received: applied once, or acknowledged (duplicate, stale, unknown)", body = WebhookAck),
+        (status = 400, description = "Bad signature, stale timestamp or unreadable event", body = ErrorBody),
+        (status = 503, description = "Billing is not configured", body = ErrorBody),
+    ))]
+pub async fn webhook(
+    State(app): State<AppRef>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<axum::Json<WebhookAck>> {
+    let signature = headers
+        .get("stripe-signature")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let payload = std::str::from_utf8(&body)
+        .map_err(|_| Error::BadRequest("the event is not UTF-8".into()))?;
+    let outcome = webhook::receive(&app, payload, signature).await?;
+    Ok(axum::Json(WebhookAck {
+        received: true,
+        outcome: outcome.as_str(),
+    }))
+}
+
+/// The caller's billing state.
+#[utoipa::path(get, path = "/api/billing", tag = "billing", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Tier, subscription status, period end, grace deadline", body = BillingView),
+        (status = 401, description = "No valid token", body = ErrorBody),
+    ))]
+pub async fn me(State(app): State<AppRef>, user: AuthUser) -> Result<axum::Json<BillingView>> {
+    let crate::billing::BillingState {
+        tier,
+        status,
+        current_period_end,
+        grace_until,
+    } = crate::billing::state_of(&app.db, user.id).await?;
+    Ok(axum::Json(BillingView {
+        tier,
+        status,
+        current_period_end,
+        grace_until,
     }))
 }

@@ -58,6 +58,8 @@ pub fn api() -> OpenApiRouter<AppRef> {
         .routes(routes!(instances::backups))
         .routes(routes!(billing::plans))
         .routes(routes!(billing::set_tier))
+        .routes(routes!(billing::webhook))
+        .routes(routes!(billing::me))
         .routes(routes!(page::index))
         .routes(routes!(page::availability))
         .routes(routes!(healthz))

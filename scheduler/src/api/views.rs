@@ -13,7 +13,8 @@ use crate::backup::Backup;
 use crate::fleet::settings::PoolSettings;
 use crate::migration::{Migration, Step};
 use crate::model::{
-    BackupKind, BackupState, InstanceStatus, MigrationKind, MigrationState, NodeState, Tier,
+    BackupKind, BackupState, BillingStatus, InstanceStatus, MigrationKind, MigrationState,
+    NodeState, Tier,
 };
 
 /// Every error: a stable code and a message for people.
@@ -359,4 +360,25 @@ pub struct TierChangeView {
     pub id: Uuid,
     pub tier: Tier,
     pub previous: Tier,
+}
+
+/// An account's billing state.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BillingView {
+    pub tier: Tier,
+    /// `none` (never subscribed), `active`, `past_due` (Stripe retries a
+    /// failed payment; the tier stays), `grace` (retries over; the tier
+    /// lasts until `graceUntil`), `canceled`.
+    pub status: BillingStatus,
+    pub current_period_end: Option<DateTime<Utc>>,
+    pub grace_until: Option<DateTime<Utc>>,
+}
+
+/// What the webhook answers Stripe.
+#[derive(Serialize, ToSchema)]
+pub struct WebhookAck {
+    pub received: bool,
+    /// applied, linked, duplicate, stale, unknown_account or ignored.
+    pub outcome: &'static str,
 }

@@ -66,6 +66,10 @@ pub struct Config {
     /// Stripe price ids of the paid tiers, shown in the plan list.
     pub stripe_price_pro: Option<String>,
     pub stripe_price_team: Option<String>,
+    /// Verifies Stripe's webhooks; billing's webhook is off without it.
+    pub stripe_webhook_secret: Option<String>,
+    /// After Stripe gives up on a payment, the paid tier lasts this long.
+    pub billing_grace: Duration,
 }
 
 impl Default for Config {
@@ -93,11 +97,25 @@ impl Default for Config {
             signup_queue_max: 1000,
             stripe_price_pro: None,
             stripe_price_team: None,
+            stripe_webhook_secret: None,
+            billing_grace: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
 
 impl Config {
+    /// The paid tier a Stripe price id stands for.
+    pub fn tier_of_price(&self, price: &str) -> Option<crate::model::Tier> {
+        use crate::model::Tier;
+        if self.stripe_price_pro.as_deref() == Some(price) {
+            Some(Tier::Pro)
+        } else if self.stripe_price_team.as_deref() == Some(price) {
+            Some(Tier::Team)
+        } else {
+            None
+        }
+    }
+
     pub fn host_of(&self, subdomain: &str) -> String {
         format!("{subdomain}.{}", self.base_domain)
     }

@@ -1,4 +1,5 @@
-//! Runs the backup schedule every few seconds (see `backup::schedule`).
+//! Runs the backup schedule (see `backup::schedule`) and ends billing's
+//! grace periods, every few seconds.
 
 use std::time::Duration;
 
@@ -12,6 +13,10 @@ pub async fn run(app: AppRef, mut shutdown: watch::Receiver<bool>) {
     loop {
         if let Err(e) = crate::backup::schedule::run_once(&app).await {
             tracing::warn!(error = %e, "backup pass failed");
+        }
+        // Billing's grace periods end on the same slow clock.
+        if let Err(e) = crate::billing::webhook::end_grace(&app).await {
+            tracing::warn!(error = %e, "ending grace periods failed");
         }
         tokio::select! {
             _ = tokio::time::sleep(EVERY) => {}

@@ -5,3 +5,36 @@
 
 pub mod plans;
 pub mod tier;
+pub mod webhook;
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::error::Result;
+use crate::model::{BillingStatus, Tier};
+
+/// An account's billing state.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct BillingState {
+    pub tier: Tier,
+    pub status: BillingStatus,
+    pub current_period_end: Option<DateTime<Utc>>,
+    pub grace_until: Option<DateTime<Utc>>,
+}
+
+/// The account's billing state; free and never subscribed when Stripe has
+/// not told us anything about it.
+pub async fn state_of(db: &sqlx::PgPool, user_id: Uuid) -> Result<BillingState> {
+    let row: Option<BillingState> = sqlx::query_as(
+        "SELECT tier, status, current_period_end, grace_until FROM billing_accounts WHERE user_id = $1",
+    )
+    .bind(user_id)
+    .fetch_optional(db)
+    .await?;
+    Ok(row.unwrap_or(BillingState {
+        tier: Tier::Free,
+        status: BillingStatus::None,
+        current_period_end: None,
+        grace_until: None,
+    }))
+}

@@ -1,0 +1,362 @@
+//! Stripe's webhooks: the signature is checked on the raw body by
+//! async-stripe's webhook module (5 minutes' tolerance), then each event is
+//! applied once, in the same transaction as its effect, from the event's
+//! own object (no call back to Stripe: a slow Stripe cannot fail a
+//! delivery). Subscription events are ordered by their `created` time, so a
+//! late `customer.subscription.updated` never undoes a newer state.
+//! Unknown types, customers and subscriptions are acknowledged and logged:
+//! Stripe retries a 5xx for days.
+
+use chrono::{DateTime, Utc};
+use sqlx::{Postgres, Transaction};
+use stripe_webhook::{EventObject, Webhook, WebhookError};
+use uuid::Uuid;
+
+use super::tier::{live_instance_of, set_tier_in};
+use crate::app::AppRef;
+use crate::audit::audit;
+use crate::error::{Error, Result};
+use crate::model::{BillingStatus, Tier};
+
+/// What a delivery did, for the answer and the metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Customer and subscription linked to an account (checkout).
+    Linked,
+    /// The account's billing state (and perhaps tier) changed.
+    Applied,
+    /// Older than the state already applied: acknowledged, not applied.
+    Stale,
+    /// Already applied once (a redelivery).
+    Duplicate,
+    /// No account knows this customer or subscription.
+    UnknownAccount,
+    /// A type billing does not act on.
+    Ignored,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Linked => "linked",
+            Outcome::Applied => "applied",
+            Outcome::Stale => "stale",
+            Outcome::Duplicate => "duplicate",
+            Outcome::UnknownAccount => "unknown_account",
+            Outcome::Ignored => "ignored",
+        }
+    }
+}
+
+/// Checks the signature and applies the event.
+pub async fn receive(app: &AppRef, payload: &str, signature: &str) -> Result<Outcome> {
+    let secret = app
+        .cfg
+        .stripe_webhook_secret
+        .as_deref()
+        .ok_or_else(|| Error::Disabled {
+            code: "billing_disabled",
+            message: "billing is not configured (--stripe-webhook-secret)".into(),
+        })?;
+    let event = Webhook::construct_event(payload, signature, secret).map_err(|e| {
+        let why = match &e {
+            WebhookError::BadSignature | WebhookError::BadKey => "the signature does not match",
+            WebhookError::BadTimestamp(_) => "the signature is older than 5 minutes",
+            WebhookError::BadHeader(_) => "the Stripe-Signature header is malformed",
+            _ => "the event could not be read",
+        };
+        metrics::counter!("clawdeploy_billing_signature_failures_total").increment(1);
+        tracing::warn!(error = %e, "webhook refused");
+        Error::BadRequest(format!("webhook refused: {why}"))
+    })?;
+    let kind = event.type_.as_str().to_owned();
+    let outcome = apply(app, &event).await?;
+    metrics::counter!("clawdeploy_billing_webhooks_total", "type" => kind.clone(), "result" => outcome.as_str())
+        .increment(1);
+    tracing::info!(
+        event = event.id.as_str(),
+        kind,
+        outcome = outcome.as_str(),
+        "webhook"
+    );
+    Ok(outcome)
+}
+
+/// The account a billing row belongs to, with its state.
+#[derive(sqlx::FromRow)]
+struct Account {
+    user_id: Uuid,
+    tier: Tier,
+    status: BillingStatus,
+    state_at: Option<DateTime<Utc>>,
+}
+
+fn at(ts: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp(ts, 0).unwrap_or_default()
+}
+
+async fn apply(app: &AppRef, event: &stripe_webhook::Event) -> Result<Outcome> {
+    let created = at(event.created);
+    let mut tx = app.db.begin().await?;
+    let fresh: Option<String> = sqlx::query_scalar(
+        "INSERT INTO stripe_events (id, type, created, outcome) VALUES ($1, $2, $3, 'pending')
+         ON CONFLICT (id) DO NOTHING RETURNING id",
+    )
+    .bind(event.id.as_str())
+    .bind(event.type_.as_str())
+    .bind(created)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if fresh.is_none() {
+        return Ok(Outcome::Duplicate);
+    }
+    let mut node = None;
+    let outcome = match &event.data.object {
+        EventObject::CheckoutSessionCompleted(s) => {
+            let account = s
+                .client_reference_id
+                .as_deref()
+                .and_then(|r| r.parse::<Uuid>().ok());
+            let customer = s.customer.as_ref().map(|c| c.id().as_str().to_owned());
+            let subscription = s.subscription.as_ref().map(|c| c.id().as_str().to_owned());
+            link(&mut tx, account, customer, subscription).await?
+        }
+        EventObject::CustomerSubscriptionCreated(sub)
+        | EventObject::CustomerSubscriptionUpdated(sub)
+        | EventObject::CustomerSubscriptionDeleted(sub) => {
+            let deleted = matches!(
+                &event.data.object,
+                EventObject::CustomerSubscriptionDeleted(_)
+            );
+            subscription(app, &mut tx, sub, deleted, created, &mut node).await?
+        }
+        EventObject::InvoicePaymentFailed(inv) | EventObject::InvoicePaid(inv) => {
+            let paid = matches!(&event.data.object, EventObject::InvoicePaid(_));
+            let customer = inv.customer.as_ref().map(|c| c.id().as_str().to_owned());
+            invoice(&mut tx, customer, paid).await?
+        }
+        _ => Outcome::Ignored,
+    };
+    sqlx::query("UPDATE stripe_events SET outcome = $2 WHERE id = $1")
+        .bind(event.id.as_str())
+        .bind(outcome.as_str())
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    if let Some(node) = node {
+        crate::agents::desired::bump_and_push(app, &node).await?;
+    }
+    Ok(outcome)
+}
+
+/// `checkout.session.completed`: the account (its id is the session's
+/// `client_reference_id`) gets the customer and subscription.
+async fn link(
+    tx: &mut Transaction<'_, Postgres>,
+    account: Option<Uuid>,
+    customer: Option<String>,
+    subscription: Option<String>,
+) -> Result<Outcome> {
+    let Some(user_id) = account else {
+        return Ok(Outcome::UnknownAccount);
+    };
+    let known: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM users WHERE id = $1)")
+        .bind(user_id)
+        .fetch_one(&mut **tx)
+        .await?;
+    if !known {
+        return Ok(Outcome::UnknownAccount);
+    }
+    sqlx::query(
+        "INSERT INTO billing_accounts (user_id, customer_id, subscription_id) VALUES ($1, $2, $3)
+         ON CONFLICT (user_id) DO UPDATE
+            SET customer_id = COALESCE(EXCLUDED.customer_id, billing_accounts.customer_id),
+                subscription_id = COALESCE(EXCLUDED.subscription_id, billing_accounts.subscription_id),
+                updated_at = now()",
+    )
+    .bind(user_id)
+    .bind(&customer)
+    .bind(&subscription)
+    .execute(&mut **tx)
+    .await?;
+    audit(
+        &mut **tx,
+        "stripe",
+        "billing.linked",
+        &user_id.to_string(),
+        serde_json::json!({"customer": customer, "subscription": subscription}),
+    )
+    .await;
+    Ok(Outcome::Linked)
+}
+
+/// The account of a Stripe customer, locked.
+async fn account_of(
+    tx: &mut Transaction<'_, Postgres>,
+    customer: &str,
+    subscription: Option<&str>,
+) -> Result<Option<Account>> {
+    Ok(sqlx::query_as(
+        "SELECT user_id, tier, status, state_at FROM billing_accounts
+          WHERE customer_id = $1 OR subscription_id = $2 FOR UPDATE",
+    )
+    .bind(customer)
+    .bind(subscription)
+    .fetch_optional(&mut **tx)
+    .await?)
+}
+
+/// `customer.subscription.*`: the account's tier and status follow the
+/// subscription, unless a newer state was applied already.
+async fn subscription(
+    app: &AppRef,
+    tx: &mut Transaction<'_, Postgres>,
+    sub: &stripe_shared::Subscription,
+    deleted: bool,
+    created: DateTime<Utc>,
+    node: &mut Option<String>,
+) -> Result<Outcome> {
+    use stripe_shared::{CancellationDetailsReason, SubscriptionStatus};
+    let Some(account) = account_of(tx, sub.customer.id().as_str(), Some(sub.id.as_str())).await?
+    else {
+        return Ok(Outcome::UnknownAccount);
+    };
+    if account.state_at.is_some_and(|s| s > created) {
+        return Ok(Outcome::Stale);
+    }
+    let item = sub.items.data.first();
+    let paid_tier = item.and_then(|i| app.cfg.tier_of_price(i.price.id.as_str()));
+    let period_end = item.map(|i| at(i.current_period_end));
+    let payment_failed = sub
+        .cancellation_details
+        .as_ref()
+        .and_then(|d| d.reason.as_ref())
+        .is_some_and(|r| matches!(r, CancellationDetailsReason::PaymentFailed));
+    let grace_until = Utc::now()
+        + chrono::Duration::from_std(app.cfg.billing_grace).unwrap_or(chrono::Duration::days(7));
+    // What the account becomes: tier, status, and whether a grace period
+    // starts now.
+    let (tier, status, grace_starts) = match &sub.status {
+        _ if deleted && !payment_failed => (Tier::Free, BillingStatus::Canceled, false),
+        SubscriptionStatus::Active | SubscriptionStatus::Trialing if !deleted => (
+            paid_tier.unwrap_or(account.tier),
+            BillingStatus::Active,
+            false,
+        ),
+        SubscriptionStatus::PastDue => (account.tier, BillingStatus::PastDue, false),
+        // Stripe's retries are over: a grace period, then the free tier.
+        SubscriptionStatus::Unpaid | SubscriptionStatus::Canceled => {
+            (account.tier, BillingStatus::Grace, true)
+        }
+        SubscriptionStatus::IncompleteExpired => (Tier::Free, BillingStatus::Canceled, false),
+        _ => (account.tier, account.status, false),
+    };
+    // A grace period already running keeps its deadline.
+    let keep_deadline = grace_starts && account.status == BillingStatus::Grace;
+    let deadline = (grace_starts && !keep_deadline).then_some(grace_until);
+    sqlx::query(
+        "UPDATE billing_accounts
+            SET tier = $2, status = $3, subscription_id = $4, current_period_end = $5,
+                grace_until = CASE WHEN $7 THEN grace_until ELSE $6 END,
+                state_at = $8, updated_at = now()
+          WHERE user_id = $1",
+    )
+    .bind(account.user_id)
+    .bind(tier)
+    .bind(status)
+    .bind(sub.id.as_str())
+    .bind(period_end)
+    .bind(deadline)
+    .bind(keep_deadline)
+    .bind(created)
+    .execute(&mut **tx)
+    .await?;
+    if tier != account.tier {
+        if let Some(instance) = live_instance_of(tx, account.user_id).await? {
+            *node = set_tier_in(tx, instance, tier, "stripe").await?.node;
+        }
+    }
+    audit(
+        &mut **tx,
+        "stripe",
+        "billing.subscription",
+        &account.user_id.to_string(),
+        serde_json::json!({"subscription": sub.id.as_str(), "status": sub.status.as_str(),
+                           "tier": tier, "accountStatus": status}),
+    )
+    .await;
+    Ok(Outcome::Applied)
+}
+
+/// `invoice.payment_failed` marks a paying account `past_due` (its tier
+/// stays while Stripe retries); `invoice.paid` ends `past_due` or a grace
+/// period with the tier kept.
+async fn invoice(
+    tx: &mut Transaction<'_, Postgres>,
+    customer: Option<String>,
+    paid: bool,
+) -> Result<Outcome> {
+    let Some(customer) = customer else {
+        return Ok(Outcome::UnknownAccount);
+    };
+    let Some(account) = account_of(tx, &customer, None).await? else {
+        return Ok(Outcome::UnknownAccount);
+    };
+    let status = match (paid, account.status) {
+        (true, BillingStatus::PastDue | BillingStatus::Grace) => BillingStatus::Active,
+        (false, BillingStatus::Active) => BillingStatus::PastDue,
+        _ => return Ok(Outcome::Applied),
+    };
+    sqlx::query(
+        "UPDATE billing_accounts SET status = $2, grace_until = NULL, updated_at = now() WHERE user_id = $1",
+    )
+    .bind(account.user_id)
+    .bind(status)
+    .execute(&mut **tx)
+    .await?;
+    audit(
+        &mut **tx,
+        "stripe",
+        "billing.invoice",
+        &account.user_id.to_string(),
+        serde_json::json!({"paid": paid, "from": account.status, "to": status}),
+    )
+    .await;
+    Ok(Outcome::Applied)
+}
+
+/// Grace periods that ended: the account goes to the free tier and its
+/// instance is resized down, live. Returns how many.
+pub async fn end_grace(app: &AppRef) -> Result<usize> {
+    let mut tx = app.db.begin().await?;
+    let ended: Vec<Uuid> = sqlx::query_scalar(
+        "UPDATE billing_accounts SET tier = 'free', status = 'canceled', grace_until = NULL, updated_at = now()
+          WHERE status = 'grace' AND grace_until < now()
+          RETURNING user_id",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut nodes = Vec::new();
+    for user in &ended {
+        if let Some(instance) = live_instance_of(&mut tx, *user).await? {
+            nodes.extend(
+                set_tier_in(&mut tx, instance, Tier::Free, "billing")
+                    .await?
+                    .node,
+            );
+        }
+        audit(
+            &mut *tx,
+            "billing",
+            "billing.grace_ended",
+            &user.to_string(),
+            serde_json::json!({}),
+        )
+        .await;
+    }
+    tx.commit().await?;
+    for node in nodes {
+        crate::agents::desired::bump_and_push(app, &node).await?;
+    }
+    Ok(ended.len())
+}

@@ -928,4 +928,23 @@ async fn stripe_webhooks_are_verified_applied_once_in_order_and_end_in_grace() {
     );
     assert_eq!(limits().await, ("free".into(), 500, 512 << 20));
     assert_eq!(account().await, ("free".into(), "canceled".into()));
+
+    // A paying account's new instance starts at its tier.
+    let team = user(&app, "team@example.com").await;
+    sqlx::query(
+        "INSERT INTO billing_accounts (user_id, tier, status) VALUES ($1, 'team', 'active')",
+    )
+    .bind(team)
+    .execute(&app.db)
+    .await
+    .unwrap();
+    let c = claim::claim(&app, request(team, "teamwork")).await.unwrap();
+    let (tier, cpu, memory): (String, i32, i64) = sqlx::query_as(
+        "SELECT i.tier, c.cpu_millis, c.memory_bytes FROM instances i JOIN containers c ON c.id = i.container_id WHERE i.id = $1",
+    )
+    .bind(c.instance_id)
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!((tier.as_str(), cpu, memory), ("team", 2000, 2 << 30));
 }

@@ -19,7 +19,7 @@ use crate::audit::audit;
 use crate::crypto::{aad, envelope, random_token};
 use crate::error::{Error, Result};
 use crate::fleet::capacity;
-use crate::model::{ContainerState, InstanceStatus};
+use crate::model::{ContainerState, InstanceStatus, Tier};
 use crate::routes;
 
 /// Claims a container for the user and waits, up to the claim wait, for
@@ -94,7 +94,7 @@ pub async fn sign_up(
             id: claimed.instance_id,
             subdomain,
             status,
-            tier: crate::model::Tier::Free,
+            tier: claimed.tier,
             gateway_token,
             masked_keys: None,
         },
@@ -113,6 +113,9 @@ pub struct Claimed {
     /// `None`: queued, every node being full.
     pub container_id: Option<Uuid>,
     pub node_id: String,
+    /// Free, or the paying account's tier (a queued one gets it when it is
+    /// assigned).
+    pub tier: Tier,
 }
 
 /// Claims a container and hands the node its new desired state. Returns once
@@ -198,6 +201,7 @@ pub async fn claim(app: &AppRef, req: ClaimRequest) -> Result<Claimed> {
             instance_id,
             container_id: None,
             node_id: String::new(),
+            tier: Tier::Free,
         });
     };
     desired::bump_and_push(app, &attached.node_id).await?;
@@ -205,6 +209,7 @@ pub async fn claim(app: &AppRef, req: ClaimRequest) -> Result<Claimed> {
         instance_id,
         container_id: Some(attached.container_id),
         node_id: attached.node_id,
+        tier: attached.tier,
     })
 }
 
@@ -214,6 +219,8 @@ pub struct Attached {
     pub node_id: String,
     /// Created for it (the pool was empty), not taken warm.
     pub on_demand: bool,
+    /// The account's tier, which the container was sized for.
+    pub tier: Tier,
 }
 
 /// Gives the instance a container inside the caller's transaction: the
@@ -241,7 +248,20 @@ pub async fn attach(
     if on_demand {
         metrics::counter!("clawdeploy_claim_fallbacks_total").increment(1);
     }
+    // A paying account's instance starts at its tier: the pool container
+    // (free-sized) is resized before its node hears of the claim.
+    let paid: Option<Tier> = sqlx::query_scalar(
+        "SELECT b.tier FROM instances i JOIN billing_accounts b ON b.user_id = i.user_id
+          WHERE i.id = $1 AND b.tier <> 'free'",
+    )
+    .bind(instance_id)
+    .fetch_optional(&mut **tx)
+    .await?;
+    if let Some(tier) = paid {
+        crate::billing::tier::set_tier_in(tx, instance_id, tier, "billing").await?;
+    }
     Ok(Attached {
+        tier: paid.unwrap_or(Tier::Free),
         container_id: taken.id,
         node_id: taken.node_id,
         on_demand,

@@ -65,6 +65,8 @@ pub struct ServeOptions {
     pub admin_token: Option<String>,
     /// The S3-compatible store for state archives; `None`: not configured.
     pub archives: Option<archives::ArchiveConfig>,
+    /// Stripe's secret key and API base; `None`: billing is off.
+    pub stripe: Option<(String, String)>,
 }
 
 /// The process-wide Prometheus recorder (installed once), with every
@@ -113,7 +115,14 @@ pub async fn serve(
         .client_auth_optional(true);
 
     let metrics = metrics_handle();
-    let app = App::new(
+    let stripe = match &opts.stripe {
+        Some((key, base)) => {
+            tracing::info!(base, "billing through Stripe");
+            Some(billing::provider::StripeProvider::new(key, base).context("configuring Stripe")?)
+        }
+        None => None,
+    };
+    let app = App::with_stripe(
         opts.cfg.clone(),
         db,
         secrets,
@@ -130,6 +139,7 @@ pub async fn serve(
             }
             None => None,
         },
+        stripe,
     );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {

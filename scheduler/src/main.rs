@@ -184,6 +184,25 @@ struct ServeArgs {
     /// Seconds a paid tier lasts after Stripe stops retrying a payment.
     #[arg(long, env = "CLAWDEPLOY_BILLING_GRACE_SECS", default_value_t = 7 * 24 * 3600)]
     billing_grace_secs: u64,
+    /// Stripe's secret key (`sk_…`); billing's checkout and portal answer
+    /// 503 billing_disabled without it.
+    #[arg(long, env = "CLAWDEPLOY_STRIPE_SECRET_KEY", hide_env_values = true)]
+    stripe_secret_key: Option<String>,
+    /// Stripe's API base (the local stand-in's address in development).
+    #[arg(
+        long,
+        env = "CLAWDEPLOY_STRIPE_API_BASE",
+        default_value = "https://api.stripe.com/"
+    )]
+    stripe_api_base: String,
+    /// Where the page and API are served: billing's redirect URLs must lead
+    /// back here.
+    #[arg(
+        long,
+        env = "CLAWDEPLOY_PUBLIC_ORIGIN",
+        default_value = "https://clawdeploy.localhost"
+    )]
+    public_origin: String,
 }
 
 #[derive(Subcommand)]
@@ -255,6 +274,7 @@ async fn main() -> anyhow::Result<()> {
                     stripe_price_team: a.stripe_price_team.clone(),
                     stripe_webhook_secret: a.stripe_webhook_secret.clone(),
                     billing_grace: Duration::from_secs(a.billing_grace_secs),
+                    public_origin: a.public_origin.clone(),
                     ..Config::default()
                 },
                 database_url: a.database_url,
@@ -271,6 +291,7 @@ async fn main() -> anyhow::Result<()> {
                     secret_access_key: a.archive_secret_access_key,
                     url_ttl: Duration::from_secs(a.archive_url_ttl_secs.max(1)),
                 }),
+                stripe: a.stripe_secret_key.map(|key| (key, a.stripe_api_base)),
             };
             serve(opts, http, grpc, clawdeploy_common::shutdown::signal()).await
         }

@@ -7,7 +7,10 @@ use serde::Deserialize;
 use uuid::Uuid;
 
 use super::extract::{ApiJson, AuthUser, Operator};
-use super::views::{BillingView, ErrorBody, PlanList, PlanView, TierChangeView, WebhookAck};
+use super::views::{
+    BillingView, CheckoutView, ErrorBody, PlanList, PlanView, PortalView, TierChangeView,
+    WebhookAck,
+};
 use crate::app::AppRef;
 use crate::billing::{plans::PLANS, tier, webhook};
 use crate::error::{Error, Result};
@@ -116,4 +119,82 @@ pub async fn me(State(app): State<AppRef>, user: AuthUser) -> Result<axum::Json<
         current_period_end,
         grace_until,
     }))
+}
+
+fn stripe(app: &AppRef) -> Result<&crate::billing::provider::StripeProvider> {
+    app.stripe.as_ref().ok_or_else(|| Error::Disabled {
+        code: "billing_disabled",
+        message: "billing is not configured (--stripe-secret-key)".into(),
+    })
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CheckoutBody {
+    tier: Tier,
+    success_url: String,
+    cancel_url: String,
+}
+
+/// A Stripe Checkout page subscribing the caller to a paid tier.
+#[utoipa::path(post, path = "/api/billing/checkout", tag = "billing", request_body = CheckoutBody, security(("bearer" = [])),
+    params(("Idempotency-Key" = Option<String>, Header, description = "Repeats make the same Checkout Session")),
+    responses(
+        (status = 200, description = "Where to send the customer", body = CheckoutView),
+        (status = 400, description = "Malformed JSON or an unknown tier", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 422, description = "A redirect URL off our origin, or a tier without a price", body = ErrorBody),
+        (status = 503, description = "Billing is off, or Stripe did not answer", body = ErrorBody),
+    ))]
+pub async fn checkout(
+    State(app): State<AppRef>,
+    user: AuthUser,
+    headers: axum::http::HeaderMap,
+    ApiJson(body): ApiJson<CheckoutBody>,
+) -> Result<axum::Json<CheckoutView>> {
+    let provider = stripe(&app)?;
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .filter(|k| !k.is_empty() && k.len() <= 200);
+    let url = crate::billing::checkout::checkout(
+        &app.db,
+        &app.cfg,
+        provider,
+        user.id,
+        body.tier,
+        &body.success_url,
+        &body.cancel_url,
+        key,
+    )
+    .await?;
+    Ok(axum::Json(CheckoutView { checkout_url: url }))
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PortalBody {
+    return_url: String,
+}
+
+/// Stripe's customer portal (cards, invoices, cancellation).
+#[utoipa::path(post, path = "/api/billing/portal", tag = "billing", request_body = PortalBody, security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Where to send the customer", body = PortalView),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 409, description = "The account never paid", body = ErrorBody),
+        (status = 422, description = "A return URL off our origin", body = ErrorBody),
+        (status = 503, description = "Billing is off, or Stripe did not answer", body = ErrorBody),
+    ))]
+pub async fn portal(
+    State(app): State<AppRef>,
+    user: AuthUser,
+    ApiJson(body): ApiJson<PortalBody>,
+) -> Result<axum::Json<PortalView>> {
+    let provider = stripe(&app)?;
+    let url =
+        crate::billing::checkout::portal(&app.db, &app.cfg, provider, user.id, &body.return_url)
+            .await?;
+    Ok(axum::Json(PortalView { portal_url: url }))
 }

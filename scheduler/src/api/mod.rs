@@ -60,6 +60,8 @@ pub fn api() -> OpenApiRouter<AppRef> {
         .routes(routes!(billing::set_tier))
         .routes(routes!(billing::webhook))
         .routes(routes!(billing::me))
+        .routes(routes!(billing::checkout))
+        .routes(routes!(billing::portal))
         .routes(routes!(page::index))
         .routes(routes!(page::availability))
         .routes(routes!(healthz))

@@ -382,3 +382,15 @@ pub struct WebhookAck {
     /// applied, linked, duplicate, stale, unknown_account or ignored.
     pub outcome: &'static str,
 }
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckoutView {
+    pub checkout_url: String,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PortalView {
+    pub portal_url: String,
+}

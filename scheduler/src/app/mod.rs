@@ -70,6 +70,9 @@ pub struct Config {
     pub stripe_webhook_secret: Option<String>,
     /// After Stripe gives up on a payment, the paid tier lasts this long.
     pub billing_grace: Duration,
+    /// Where the page and API are served (`https://app.example.com`):
+    /// billing's redirect URLs must lead back here.
+    pub public_origin: String,
 }
 
 impl Default for Config {
@@ -99,6 +102,7 @@ impl Default for Config {
             stripe_price_team: None,
             stripe_webhook_secret: None,
             billing_grace: Duration::from_secs(7 * 24 * 3600),
+            public_origin: "https://clawdeploy.localhost".into(),
         }
     }
 }
@@ -168,6 +172,8 @@ pub struct App {
     pub route_watermark: std::sync::atomic::AtomicU64,
     /// The object store for state archives; `None` when not configured.
     pub archives: Option<crate::archives::Archives>,
+    /// Stripe; `None` when no secret key is configured (billing is off).
+    pub stripe: Option<crate::billing::provider::StripeProvider>,
 }
 
 pub type AppRef = Arc<App>;
@@ -180,6 +186,20 @@ impl App {
         ca: Ca,
         admin_token: Option<&str>,
         archives: Option<crate::archives::Archives>,
+    ) -> AppRef {
+        Self::with_stripe(cfg, db, secrets, ca, admin_token, archives, None)
+    }
+
+    /// `new`, with Stripe configured (billing on).
+    #[allow(clippy::too_many_arguments)]
+    pub fn with_stripe(
+        cfg: Config,
+        db: PgPool,
+        secrets: SecretBox,
+        ca: Ca,
+        admin_token: Option<&str>,
+        archives: Option<crate::archives::Archives>,
+        stripe: Option<crate::billing::provider::StripeProvider>,
     ) -> AppRef {
         use sha2::Digest;
         Arc::new(App {
@@ -200,6 +220,7 @@ impl App {
             origin: Uuid::new_v4().simple().to_string(),
             route_watermark: Default::default(),
             archives,
+            stripe,
         })
     }
 }

@@ -3,7 +3,9 @@
 //! in place. Stripe's side (Checkout, the portal, webhooks) will call into
 //! these.
 
+pub mod checkout;
 pub mod plans;
+pub mod provider;
 pub mod tier;
 pub mod webhook;
 

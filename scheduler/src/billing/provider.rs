@@ -1,0 +1,125 @@
+//! The payment provider as billing needs it: one narrow trait (create a
+//! customer, a subscription Checkout and a portal session), Stripe's
+//! implementation over async-stripe, and an in-memory fake for unit tests.
+//! Nothing outside this module sees a Stripe type. Every create carries an
+//! idempotency key, so a retried request never makes a second customer or
+//! session.
+
+use std::future::Future;
+
+use stripe::{Client, ClientBuilder, IdempotencyKey, RequestStrategy, StripeRequest};
+use stripe_billing::billing_portal_session::CreateBillingPortalSession;
+use stripe_checkout::checkout_session::{CreateCheckoutSession, CreateCheckoutSessionLineItems};
+use stripe_core::customer::CreateCustomer;
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+
+/// A customer to create, for one account.
+pub struct NewCustomer<'a> {
+    pub account: Uuid,
+    pub email: &'a str,
+    pub name: &'a str,
+}
+
+/// A subscription-mode Checkout for one account.
+pub struct NewCheckout<'a> {
+    pub account: Uuid,
+    pub customer: &'a str,
+    pub price: &'a str,
+    pub success_url: &'a str,
+    pub cancel_url: &'a str,
+    /// Same key, same session (a double click, a retried request).
+    pub idempotency_key: String,
+}
+
+pub trait PaymentProvider: Send + Sync + 'static {
+    /// Creates the customer; returns its id.
+    fn create_customer(&self, c: NewCustomer<'_>) -> impl Future<Output = Result<String>> + Send;
+    /// Returns the Checkout page's URL.
+    fn create_checkout(&self, c: NewCheckout<'_>) -> impl Future<Output = Result<String>> + Send;
+    /// Returns the customer portal's URL.
+    fn create_portal(
+        &self,
+        customer: &str,
+        return_url: &str,
+    ) -> impl Future<Output = Result<String>> + Send;
+}
+
+/// Stripe, through async-stripe (rustls with ring, like the rest).
+pub struct StripeProvider {
+    client: Client,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> Error {
+    tracing::warn!(error = %e, "a Stripe call failed");
+    Error::Disabled {
+        code: "billing_unavailable",
+        message: "the payment provider did not answer; try again shortly".into(),
+    }
+}
+
+fn key(k: impl AsRef<str>) -> Result<RequestStrategy> {
+    IdempotencyKey::new(k)
+        .map(RequestStrategy::Idempotent)
+        .map_err(Error::internal)
+}
+
+impl StripeProvider {
+    /// `base_url` is Stripe's API (or the local stand-in's).
+    pub fn new(secret_key: &str, base_url: &str) -> Result<Self> {
+        let client = ClientBuilder::new(secret_key)
+            .url(base_url)
+            .build()
+            .map_err(Error::internal)?;
+        Ok(StripeProvider { client })
+    }
+}
+
+impl PaymentProvider for StripeProvider {
+    async fn create_customer(&self, c: NewCustomer<'_>) -> Result<String> {
+        let customer = CreateCustomer::new()
+            .email(c.email)
+            .name(c.name)
+            .metadata([("account".to_owned(), c.account.to_string())])
+            .customize()
+            .request_strategy(key(format!("customer-{}", c.account))?)
+            .send(&self.client)
+            .await
+            .map_err(unavailable)?;
+        Ok(customer.id.to_string())
+    }
+
+    async fn create_checkout(&self, c: NewCheckout<'_>) -> Result<String> {
+        let mut item = CreateCheckoutSessionLineItems::new();
+        item.price = Some(c.price.to_owned());
+        item.quantity = Some(1);
+        let session = CreateCheckoutSession::new()
+            .mode(stripe_shared::CheckoutSessionMode::Subscription)
+            .customer(c.customer)
+            .client_reference_id(c.account.to_string())
+            .line_items(vec![item])
+            .success_url(c.success_url)
+            .cancel_url(c.cancel_url)
+            .customize()
+            .request_strategy(key(&c.idempotency_key)?)
+            .send(&self.client)
+            .await
+            .map_err(unavailable)?;
+        session.url.ok_or_else(|| {
+            Error::Internal("Stripe returned a Checkout Session without a URL".into())
+        })
+    }
+
+    async fn create_portal(&self, customer: &str, return_url: &str) -> Result<String> {
+        let session = CreateBillingPortalSession::new()
+            .customer(customer)
+            .return_url(return_url)
+            .customize()
+            .request_strategy(key(Uuid::new_v4().to_string())?)
+            .send(&self.client)
+            .await
+            .map_err(unavailable)?;
+        Ok(session.url)
+    }
+}

@@ -1,0 +1,227 @@
+//! Billing end to end, with Stripe replaced only by the local stand-in
+//! (`clawdeploy-stripe-standin`, a real HTTP server serving Stripe's own
+//! sample objects and sending webhooks signed as Stripe signs them): a
+//! customer upgrades through Checkout and the container is resized live,
+//! the portal opens, and when payments fail for good the grace period ends
+//! in the free tier, live again.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clawdeploy_e2e::ops::Poller;
+use clawdeploy_e2e::{bin_dir, free_addr, wait_for, Cluster, ClusterOptions, BASE_DOMAIN};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+const ORIGIN: &str = "http://app.clawdeploy.localhost";
+const WHSEC: &str = "whsec_e2e_billing";
+
+struct Standin(Child);
+
+impl Drop for Standin {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn limits(c: &Cluster, docker_id: &str) -> Result<(i64, i64, Value)> {
+    let v = c.docker_inspect(docker_id)?;
+    Ok((
+        v["HostConfig"]["NanoCpus"].as_i64().unwrap_or(0) / 1_000_000,
+        v["HostConfig"]["Memory"].as_i64().unwrap_or(0),
+        v["State"]["StartedAt"].clone(),
+    ))
+}
+
+#[tokio::test]
+async fn an_upgrade_through_checkout_resizes_live_and_dunning_ends_in_the_free_tier() -> Result<()>
+{
+    let stripe = free_addr();
+    let c = Cluster::start(ClusterOptions {
+        nodes: 1,
+        min_idle: 2,
+        max_idle: 4,
+        scheduler_args: [
+            "--stripe-secret-key",
+            "sk_test_e2e",
+            "--stripe-api-base",
+            &format!("http://{stripe}/"),
+            "--stripe-webhook-secret",
+            WHSEC,
+            "--stripe-price-pro",
+            "price_pro_e2e",
+            "--public-origin",
+            ORIGIN,
+            "--billing-grace-secs",
+            "3",
+        ]
+        .map(String::from)
+        .to_vec(),
+        ..Default::default()
+    })
+    .await?;
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/stripe");
+    let _standin = Standin(
+        Command::new(bin_dir().join("clawdeploy-stripe-standin"))
+            .args(["--listen", &stripe.to_string()])
+            .args([
+                "--webhook-url",
+                &format!("http://{}/api/billing/webhook", c.http),
+            ])
+            .args(["--webhook-secret", WHSEC])
+            .arg("--fixtures")
+            .arg(&fixtures)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting the Stripe stand-in")?,
+    );
+    c.wait_idle_at_least(2, Duration::from_secs(120)).await?;
+    let (token, gw) = c
+        .sign_up("payer@example.com", "payer", json!({"openai": "sk-pay"}))
+        .await?;
+    let docker_id: String = sqlx::query_scalar(
+        "SELECT c.docker_id FROM instances i JOIN containers c ON c.id = i.container_id",
+    )
+    .fetch_one(&c.db)
+    .await?;
+    let (_, _, started) = limits(&c, &docker_id)?;
+    let api = |path: &str| c.api(path);
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?;
+    wait_for(Duration::from_secs(10), "the stand-in up", || async {
+        Ok(http
+            .get(format!("http://{stripe}/pay/none"))
+            .send()
+            .await
+            .is_ok())
+    })
+    .await?;
+
+    // A redirect off our origin is refused; a good request gets a page.
+    let checkout = |success: &str| {
+        http.post(api("/api/billing/checkout"))
+            .bearer_auth(&token)
+            .json(&json!({"tier": "pro", "successUrl": success, "cancelUrl": format!("{ORIGIN}/")}))
+            .send()
+    };
+    let r = checkout("https://evil.example/").await?;
+    assert_eq!(r.status(), 422);
+    let r = checkout(&format!("{ORIGIN}/?upgraded=1")).await?;
+    assert_eq!(r.status(), 200);
+    let url = r.json::<Value>().await?["checkoutUrl"]
+        .as_str()
+        .context("checkoutUrl")?
+        .to_owned();
+    assert!(url.starts_with(&format!("http://{stripe}/pay/")), "{url}");
+    assert!(http.get(&url).send().await?.text().await?.contains("Pay"));
+
+    // Paid: the webhooks upgrade the account, and the container is resized
+    // in place while a client keeps calling it.
+    let polling = Poller::start(
+        &c,
+        format!("payer.{BASE_DOMAIN}"),
+        gw.clone(),
+        Duration::from_millis(50),
+    );
+    let paid = http.post(&url).send().await?;
+    assert_eq!(
+        paid.status(),
+        303,
+        "{}",
+        paid.text().await.unwrap_or_default()
+    );
+    assert_eq!(
+        paid.headers()["location"].to_str()?,
+        format!("{ORIGIN}/?upgraded=1")
+    );
+    wait_for(Duration::from_secs(30), "resized to pro", || async {
+        let (cpu, memory, _) = limits(&c, &docker_id)?;
+        Ok((cpu, memory) == (1000, 1 << 30))
+    })
+    .await?;
+    assert_eq!(limits(&c, &docker_id)?.2, started, "no restart");
+    let billing: Value = http
+        .get(api("/api/billing"))
+        .bearer_auth(&token)
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(
+        (billing["tier"].as_str(), billing["status"].as_str()),
+        (Some("pro"), Some("active")),
+        "{billing}"
+    );
+    let (_, me) = c.my_instance(Method::GET, &token, None).await?;
+    assert_eq!(me["instance"]["tier"], "pro");
+    let seen = polling.stop().await?;
+    assert!(
+        seen.iter().all(|(_, ok)| *ok),
+        "the tenant answered throughout"
+    );
+
+    // The portal opens for a paying customer.
+    let r = http
+        .post(api("/api/billing/portal"))
+        .bearer_auth(&token)
+        .json(&json!({"returnUrl": format!("{ORIGIN}/")}))
+        .send()
+        .await?;
+    assert_eq!(r.status(), 200);
+    assert!(r.json::<Value>().await?["portalUrl"]
+        .as_str()
+        .is_some_and(|u| u.contains("/portal/")));
+
+    // Payments fail: past_due keeps pro; Stripe gives up (unpaid): a grace
+    // period (3 s here), then free, resized down live.
+    let sub: String = sqlx::query_scalar("SELECT subscription_id FROM billing_accounts")
+        .fetch_one(&c.db)
+        .await?;
+    for status in ["past_due", "unpaid"] {
+        let r = http
+            .post(format!("http://{stripe}/_test/subscriptions/{sub}"))
+            .json(&json!({"status": status}))
+            .send()
+            .await?;
+        assert_eq!(r.status(), 204, "{status}");
+        if status == "past_due" {
+            let v: Value = http
+                .get(api("/api/billing"))
+                .bearer_auth(&token)
+                .send()
+                .await?
+                .json()
+                .await?;
+            assert_eq!(
+                (v["tier"].as_str(), v["status"].as_str()),
+                (Some("pro"), Some("past_due")),
+                "{v}"
+            );
+        }
+        // Webhook `created` times are in whole seconds: keep them apart.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+    wait_for(Duration::from_secs(30), "downgraded to free", || async {
+        let (cpu, memory, _) = limits(&c, &docker_id)?;
+        Ok((cpu, memory) == (500, 512 << 20))
+    })
+    .await?;
+    assert_eq!(limits(&c, &docker_id)?.2, started, "no restart");
+    let v: Value = http
+        .get(api("/api/billing"))
+        .bearer_auth(&token)
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(
+        (v["tier"].as_str(), v["status"].as_str()),
+        (Some("free"), Some("canceled")),
+        "{v}"
+    );
+    Ok(())
+}

@@ -948,3 +948,88 @@ async fn stripe_webhooks_are_verified_applied_once_in_order_and_end_in_grace() {
     .unwrap();
     assert_eq!((tier.as_str(), cpu, memory), ("team", 2000, 2 << 30));
 }
+
+#[tokio::test]
+async fn checkout_makes_one_customer_per_account_and_keeps_redirects_home() {
+    use clawdeploy_scheduler::billing::checkout::{checkout, portal};
+    use clawdeploy_scheduler::billing::provider::FakeProvider;
+    use clawdeploy_scheduler::model::Tier;
+    let cfg = Config {
+        stripe_price_pro: Some("price_pro".into()),
+        public_origin: "https://app.example.com".into(),
+        ..Config::default()
+    };
+    let app = app_with(cfg.clone()).await;
+    let fake = FakeProvider::default();
+    let s = clawdeploy_scheduler::accounts::register(
+        &app.db,
+        "buyer@example.com",
+        "correct-horse-battery".into(),
+        "Buyer",
+    )
+    .await
+    .unwrap();
+    let ok = "https://app.example.com/?paid=1";
+
+    // Refused before anything is created: a redirect off our origin, a
+    // tier without a price, and the portal of an account that never paid.
+    for (tier, url) in [
+        (Tier::Pro, "https://evil.example/"),
+        (Tier::Team, ok),
+        (Tier::Free, ok),
+    ] {
+        let r = checkout(&app.db, &cfg, &fake, s.user_id, tier, url, ok, None).await;
+        assert!(
+            matches!(r, Err(Error::Invalid { .. })),
+            "{tier:?} {url}: {r:?}"
+        );
+    }
+    let r = portal(&app.db, &cfg, &fake, s.user_id, ok).await;
+    assert!(
+        matches!(
+            r,
+            Err(Error::Conflict {
+                code: "no_customer",
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    assert!(fake.calls().is_empty(), "{:?}", fake.calls());
+
+    // Two checkouts: one customer (named after the account), two sessions,
+    // each with its own idempotency key; the portal then opens.
+    let a = checkout(
+        &app.db,
+        &cfg,
+        &fake,
+        s.user_id,
+        Tier::Pro,
+        ok,
+        ok,
+        Some("k1"),
+    )
+    .await
+    .unwrap();
+    let b = checkout(&app.db, &cfg, &fake, s.user_id, Tier::Pro, ok, ok, None)
+        .await
+        .unwrap();
+    assert_ne!(a, b);
+    let calls = fake.calls();
+    let customers: Vec<&String> = calls.iter().filter(|c| c.starts_with("customer")).collect();
+    assert_eq!(customers.len(), 1, "{calls:?}");
+    assert!(
+        customers[0].ends_with("buyer@example.com Buyer"),
+        "{calls:?}"
+    );
+    assert!(
+        calls[1].contains(&format!("price_pro {}", s.user_id)),
+        "{calls:?}"
+    );
+    assert!(
+        calls[1].ends_with(&format!("checkout-{}-k1", s.user_id)),
+        "{calls:?}"
+    );
+    let url = portal(&app.db, &cfg, &fake, s.user_id, ok).await.unwrap();
+    assert!(url.starts_with("https://portal.fake/cus_fake_"), "{url}");
+}

@@ -18,6 +18,9 @@ pub async fn run(app: AppRef, mut shutdown: watch::Receiver<bool>) {
         if let Err(e) = crate::billing::webhook::end_grace(&app).await {
             tracing::warn!(error = %e, "ending grace periods failed");
         }
+        if let Err(e) = crate::billing::webhook::export_gauges(&app).await {
+            tracing::debug!(error = %e, "billing gauges not updated");
+        }
         tokio::select! {
             _ = tokio::time::sleep(EVERY) => {}
             _ = shutdown.changed() => return,

@@ -123,3 +123,39 @@ impl PaymentProvider for StripeProvider {
         Ok(session.url)
     }
 }
+
+/// An in-memory provider for tests: it remembers what it was asked.
+#[derive(Default)]
+pub struct FakeProvider {
+    pub calls: std::sync::Mutex<Vec<String>>,
+}
+
+impl FakeProvider {
+    fn record(&self, call: String) {
+        self.calls.lock().unwrap().push(call);
+    }
+
+    pub fn calls(&self) -> Vec<String> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+impl PaymentProvider for FakeProvider {
+    async fn create_customer(&self, c: NewCustomer<'_>) -> Result<String> {
+        self.record(format!("customer {} {} {}", c.account, c.email, c.name));
+        Ok(format!("cus_fake_{}", c.account.simple()))
+    }
+
+    async fn create_checkout(&self, c: NewCheckout<'_>) -> Result<String> {
+        self.record(format!(
+            "checkout {} {} {} {}",
+            c.customer, c.price, c.account, c.idempotency_key
+        ));
+        Ok(format!("https://checkout.fake/{}", c.idempotency_key))
+    }
+
+    async fn create_portal(&self, customer: &str, return_url: &str) -> Result<String> {
+        self.record(format!("portal {customer} {return_url}"));
+        Ok(format!("https://portal.fake/{customer}"))
+    }
+}

@@ -325,6 +325,36 @@ async fn invoice(
     Ok(Outcome::Applied)
 }
 
+/// Exports how many accounts are in each tier and billing status.
+pub async fn export_gauges(app: &AppRef) -> Result<()> {
+    let rows: Vec<(Tier, BillingStatus, i64)> =
+        sqlx::query_as("SELECT tier, status, count(*) FROM billing_accounts GROUP BY tier, status")
+            .fetch_all(&app.db)
+            .await?;
+    for tier in [Tier::Free, Tier::Pro, Tier::Team] {
+        for status in [
+            BillingStatus::None,
+            BillingStatus::Active,
+            BillingStatus::PastDue,
+            BillingStatus::Grace,
+            BillingStatus::Canceled,
+        ] {
+            let n = rows
+                .iter()
+                .find(|(t, s, _)| *t == tier && *s == status)
+                .map_or(0, |r| r.2);
+            // As the database and the API spell them.
+            let name = |v: serde_json::Value| v.as_str().unwrap_or_default().to_owned();
+            let labels = [
+                ("tier", name(serde_json::json!(tier))),
+                ("status", name(serde_json::json!(status))),
+            ];
+            metrics::gauge!("clawdeploy_billing_accounts", &labels).set(n as f64);
+        }
+    }
+    Ok(())
+}
+
 /// Grace periods that ended: the account goes to the free tier and its
 /// instance is resized down, live. Returns how many.
 pub async fn end_grace(app: &AppRef) -> Result<usize> {

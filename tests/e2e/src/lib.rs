@@ -349,6 +349,23 @@ impl Cluster {
                 &self.opts.max_idle.to_string(),
             ])
             .args(["--claim-wait-secs", &self.opts.claim_wait_secs.to_string()])
+            // The page is served here: billing's redirects come back to it
+            // (unless the test names another origin).
+            .args(
+                (!self
+                    .opts
+                    .scheduler_args
+                    .iter()
+                    .any(|a| a == "--public-origin"))
+                .then(|| {
+                    [
+                        "--public-origin".to_owned(),
+                        format!("http://{}", self.https[i]),
+                    ]
+                })
+                .into_iter()
+                .flatten(),
+            )
             .args(&self.opts.scheduler_args)
             .env("RUST_LOG", "info,sqlx=warn")
             .stdout(self.log_file(&log)?)

@@ -1,13 +1,15 @@
 //! The signup page in a real browser: headless Chromium (Debian's
 //! `chromium` and `chromium-driver`) driven over WebDriver signs up through
 //! the page, reads the URL and gateway token it shows, and the URL answers
-//! through the edge with that token; the dashboard then shows the instance.
+//! through the edge with that token; the dashboard then shows the instance,
+//! and an upgrade through the local Stripe stand-in's checkout shows the new
+//! tier.
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use clawdeploy_e2e::{free_addr, wait_for, Cluster, BASE_DOMAIN};
+use clawdeploy_e2e::{bin_dir, free_addr, wait_for, Cluster, ClusterOptions, BASE_DOMAIN};
 use fantoccini::{Client, ClientBuilder, Locator};
 use hyper_util::client::legacy::connect::HttpConnector;
 use serde_json::json;
@@ -75,7 +77,41 @@ async fn text_when(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_customer_signs_up_in_a_real_browser_and_the_url_answers() -> Result<()> {
-    let c = Cluster::single_node_warm(2).await?;
+    let stripe = free_addr();
+    let c = Cluster::start(ClusterOptions {
+        nodes: 1,
+        min_idle: 2,
+        scheduler_args: [
+            "--stripe-secret-key",
+            "sk_test_browser",
+            "--stripe-api-base",
+            &format!("http://{stripe}/"),
+            "--stripe-webhook-secret",
+            "whsec_browser",
+            "--stripe-price-pro",
+            "price_browser_pro",
+        ]
+        .map(String::from)
+        .to_vec(),
+        ..Default::default()
+    })
+    .await?;
+    let _stripe = Driver(
+        Command::new(bin_dir().join("clawdeploy-stripe-standin"))
+            .args(["--listen", &stripe.to_string()])
+            .args([
+                "--webhook-url",
+                &format!("http://{}/api/billing/webhook", c.http),
+            ])
+            .args(["--webhook-secret", "whsec_browser"])
+            .arg("--fixtures")
+            .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/stripe"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting the Stripe stand-in")?,
+    );
+    c.wait_idle(2, false, Duration::from_secs(120)).await?;
     // A name someone already has, to see the availability check say so.
     c.sign_up("first@example.com", "taken-name", json!({}))
         .await?;
@@ -142,6 +178,41 @@ async fn a_customer_signs_up_in_a_real_browser_and_the_url_answers() -> Result<(
             !page.contains("sk-browser-test-0123456789"),
             "the key is shown in full"
         );
+        // Upgrade: the page sends us to the (local) Checkout; paying there
+        // brings us back, and the dashboard shows the new tier.
+        assert_eq!(
+            text_when(&b, "dash-tier", Duration::from_secs(5), |t| !t.is_empty()).await?,
+            "free"
+        );
+        b.wait()
+            .at_most(Duration::from_secs(10))
+            .for_element(Locator::Id("upgrade-pro"))
+            .await?
+            .click()
+            .await?;
+        b.wait()
+            .at_most(Duration::from_secs(10))
+            .for_element(Locator::Id("pay"))
+            .await?
+            .click()
+            .await?;
+        let home = format!("http://{}/", c.http);
+        wait_for(Duration::from_secs(10), "back on the page", || async {
+            Ok(b.current_url().await?.as_str() == home)
+        })
+        .await?;
+        wait_for(
+            Duration::from_secs(20),
+            "the dashboard showing pro",
+            || async {
+                b.refresh().await?;
+                Ok(
+                    text_when(&b, "dash-tier", Duration::from_secs(5), |t| !t.is_empty()).await?
+                        == "pro",
+                )
+            },
+        )
+        .await?;
         anyhow::Ok(())
     }
     .await;

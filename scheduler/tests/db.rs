@@ -929,6 +929,37 @@ async fn stripe_webhooks_are_verified_applied_once_in_order_and_end_in_grace() {
     assert_eq!(limits().await, ("free".into(), 500, 512 << 20));
     assert_eq!(account().await, ("free".into(), "canceled".into()));
 
+    // Subscribed again, then canceled by the customer (not for a failed
+    // payment): down to free at once, no grace.
+    signed(
+        &base,
+        &event(
+            "evt_sub_again",
+            "customer.subscription.updated",
+            t0 + 70,
+            subscription("active", "price_pro", None),
+        ),
+    )
+    .await;
+    assert_eq!(limits().await.0, "pro");
+    let (status, body) = signed(
+        &base,
+        &event(
+            "evt_sub_del",
+            "customer.subscription.deleted",
+            t0 + 80,
+            subscription("canceled", "price_pro", Some("cancellation_requested")),
+        ),
+    )
+    .await;
+    assert_eq!(
+        (status, body["outcome"].as_str()),
+        (200, Some("applied")),
+        "{body}"
+    );
+    assert_eq!(limits().await, ("free".into(), 500, 512 << 20));
+    assert_eq!(account().await, ("free".into(), "canceled".into()));
+
     // A paying account's new instance starts at its tier.
     let team = user(&app, "team@example.com").await;
     sqlx::query(

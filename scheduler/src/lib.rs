@@ -31,6 +31,7 @@ pub mod fleet;
 pub mod lifecycle;
 pub mod migration;
 pub mod model;
+pub mod payments;
 pub mod routes;
 pub mod rpc;
 pub mod telemetry;
@@ -118,7 +119,7 @@ pub async fn serve(
     let stripe = match &opts.stripe {
         Some((key, base)) => {
             tracing::info!(base, "billing through Stripe");
-            Some(billing::provider::StripeProvider::new(key, base).context("configuring Stripe")?)
+            Some(payments::StripeProvider::new(key, base).context("configuring Stripe")?)
         }
         None => None,
     };

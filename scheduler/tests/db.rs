@@ -983,8 +983,8 @@ async fn stripe_webhooks_are_verified_applied_once_in_order_and_end_in_grace() {
 #[tokio::test]
 async fn checkout_makes_one_customer_per_account_and_keeps_redirects_home() {
     use clawdeploy_scheduler::billing::checkout::{checkout, portal};
-    use clawdeploy_scheduler::billing::provider::FakeProvider;
     use clawdeploy_scheduler::model::Tier;
+    use clawdeploy_scheduler::payments::FakeProvider;
     let cfg = Config {
         stripe_price_pro: Some("price_pro".into()),
         public_origin: "https://app.example.com".into(),

@@ -121,7 +121,7 @@ pub async fn me(State(app): State<AppRef>, user: AuthUser) -> Result<axum::Json<
     }))
 }
 
-fn stripe(app: &AppRef) -> Result<&crate::billing::provider::StripeProvider> {
+fn stripe(app: &AppRef) -> Result<&crate::payments::StripeProvider> {
     app.stripe.as_ref().ok_or_else(|| Error::Disabled {
         code: "billing_disabled",
         message: "billing is not configured (--stripe-secret-key)".into(),

@@ -173,7 +173,7 @@ pub struct App {
     /// The object store for state archives; `None` when not configured.
     pub archives: Option<crate::archives::Archives>,
     /// Stripe; `None` when no secret key is configured (billing is off).
-    pub stripe: Option<crate::billing::provider::StripeProvider>,
+    pub stripe: Option<crate::payments::StripeProvider>,
 }
 
 pub type AppRef = Arc<App>;
@@ -199,7 +199,7 @@ impl App {
         ca: Ca,
         admin_token: Option<&str>,
         archives: Option<crate::archives::Archives>,
-        stripe: Option<crate::billing::provider::StripeProvider>,
+        stripe: Option<crate::payments::StripeProvider>,
     ) -> AppRef {
         use sha2::Digest;
         Arc::new(App {

@@ -5,10 +5,10 @@
 
 use uuid::Uuid;
 
-use super::provider::{NewCheckout, NewCustomer, PaymentProvider};
 use crate::app::Config;
 use crate::error::{Error, Result};
 use crate::model::Tier;
+use crate::payments::{NewCheckout, NewCustomer, PaymentProvider};
 
 /// Refuses a redirect URL that does not lead back to our own origin.
 pub fn check_redirect(cfg: &Config, field: &'static str, url: &str) -> Result<()> {

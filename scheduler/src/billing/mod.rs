@@ -5,7 +5,6 @@
 
 pub mod checkout;
 pub mod plans;
-pub mod provider;
 pub mod tier;
 pub mod webhook;
 

@@ -1,4 +1,5 @@
-//! The payment provider as billing needs it: one narrow trait (create a
+//! The payment provider as billing needs it (a leaf: `app` holds it,
+//! `billing` uses it): one narrow trait (create a
 //! customer, a subscription Checkout and a portal session), Stripe's
 //! implementation over async-stripe, and an in-memory fake for unit tests.
 //! Nothing outside this module sees a Stripe type. Every create carries an

@@ -164,3 +164,14 @@ pub fn downtime(seen: &[(Duration, bool)]) -> (Duration, usize) {
     let longest = ok.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default();
     (longest, seen.iter().filter(|(_, ok)| !ok).count())
 }
+
+/// The CPU (millicores) and memory (bytes) Docker enforces on a container,
+/// and when it started.
+pub fn docker_limits(c: &Cluster, docker_id: &str) -> Result<(i64, i64, Value)> {
+    let v = c.docker_inspect(docker_id)?;
+    Ok((
+        v["HostConfig"]["NanoCpus"].as_i64().unwrap_or(0) / 1_000_000,
+        v["HostConfig"]["Memory"].as_i64().unwrap_or(0),
+        v["State"]["StartedAt"].clone(),
+    ))
+}

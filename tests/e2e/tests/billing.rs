@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use clawdeploy_e2e::ops::Poller;
+use clawdeploy_e2e::ops::{docker_limits, Poller};
 use clawdeploy_e2e::{bin_dir, free_addr, wait_for, Cluster, ClusterOptions, BASE_DOMAIN};
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -24,15 +24,6 @@ impl Drop for Standin {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn limits(c: &Cluster, docker_id: &str) -> Result<(i64, i64, Value)> {
-    let v = c.docker_inspect(docker_id)?;
-    Ok((
-        v["HostConfig"]["NanoCpus"].as_i64().unwrap_or(0) / 1_000_000,
-        v["HostConfig"]["Memory"].as_i64().unwrap_or(0),
-        v["State"]["StartedAt"].clone(),
-    ))
 }
 
 #[tokio::test]
@@ -87,7 +78,7 @@ async fn an_upgrade_through_checkout_resizes_live_and_dunning_ends_in_the_free_t
     )
     .fetch_one(&c.db)
     .await?;
-    let (_, _, started) = limits(&c, &docker_id)?;
+    let (_, _, started) = docker_limits(&c, &docker_id)?;
     let api = |path: &str| c.api(path);
     let http = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
@@ -139,11 +130,11 @@ async fn an_upgrade_through_checkout_resizes_live_and_dunning_ends_in_the_free_t
         format!("{ORIGIN}/?upgraded=1")
     );
     wait_for(Duration::from_secs(30), "resized to pro", || async {
-        let (cpu, memory, _) = limits(&c, &docker_id)?;
+        let (cpu, memory, _) = docker_limits(&c, &docker_id)?;
         Ok((cpu, memory) == (1000, 1 << 30))
     })
     .await?;
-    assert_eq!(limits(&c, &docker_id)?.2, started, "no restart");
+    assert_eq!(docker_limits(&c, &docker_id)?.2, started, "no restart");
     let billing: Value = http
         .get(api("/api/billing"))
         .bearer_auth(&token)
@@ -206,11 +197,11 @@ async fn an_upgrade_through_checkout_resizes_live_and_dunning_ends_in_the_free_t
         tokio::time::sleep(Duration::from_millis(1100)).await;
     }
     wait_for(Duration::from_secs(30), "downgraded to free", || async {
-        let (cpu, memory, _) = limits(&c, &docker_id)?;
+        let (cpu, memory, _) = docker_limits(&c, &docker_id)?;
         Ok((cpu, memory) == (500, 512 << 20))
     })
     .await?;
-    assert_eq!(limits(&c, &docker_id)?.2, started, "no restart");
+    assert_eq!(docker_limits(&c, &docker_id)?.2, started, "no restart");
     let v: Value = http
         .get(api("/api/billing"))
         .bearer_auth(&token)

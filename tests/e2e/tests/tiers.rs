@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use clawdeploy_e2e::ops::Poller;
+use clawdeploy_e2e::ops::{docker_limits, Poller};
 use clawdeploy_e2e::{wait_for, Cluster, ClusterOptions, ADMIN_TOKEN, BASE_DOMAIN};
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -21,16 +21,6 @@ async fn set_tier(c: &Cluster, id: &str, body: Value) -> Result<(u16, Value)> {
         Some(ADMIN_TOKEN),
     )
     .await
-}
-
-/// CPU (in millicores) and memory (bytes) Docker enforces, and the start time.
-fn limits(c: &Cluster, docker_id: &str) -> Result<(i64, i64, Value)> {
-    let v = c.docker_inspect(docker_id)?;
-    Ok((
-        v["HostConfig"]["NanoCpus"].as_i64().unwrap_or(0) / 1_000_000,
-        v["HostConfig"]["Memory"].as_i64().unwrap_or(0),
-        v["State"]["StartedAt"].clone(),
-    ))
 }
 
 #[tokio::test]
@@ -110,7 +100,7 @@ async fn a_tier_change_resizes_the_container_live() -> Result<()> {
     .bind(id.parse::<Uuid>()?)
     .fetch_one(&c.db)
     .await?;
-    let (cpu, memory, started) = limits(&c, &docker_id)?;
+    let (cpu, memory, started) = docker_limits(&c, &docker_id)?;
     assert_eq!((cpu, memory), (500, 512 << 20));
 
     let polling = Poller::start(
@@ -124,11 +114,11 @@ async fn a_tier_change_resizes_the_container_live() -> Result<()> {
         assert_eq!(status, 200, "{v}");
         assert_eq!(v["tier"], tier);
         wait_for(Duration::from_secs(30), "the container resized", || async {
-            let (cpu, memory, _) = limits(&c, &docker_id)?;
+            let (cpu, memory, _) = docker_limits(&c, &docker_id)?;
             Ok((cpu, memory) == want)
         })
         .await?;
-        assert_eq!(limits(&c, &docker_id)?.2, started, "no restart");
+        assert_eq!(docker_limits(&c, &docker_id)?.2, started, "no restart");
         let (_, me) = c.my_instance(Method::GET, &token, None).await?;
         assert_eq!(me["instance"]["tier"], tier);
         tokio::time::sleep(Duration::from_millis(300)).await;

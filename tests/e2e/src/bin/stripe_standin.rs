@@ -94,8 +94,13 @@ fn form(body: &[u8]) -> HashMap<String, String> {
         .collect()
 }
 
-/// Answers a repeated idempotency key with the first object.
+/// Checks the API key, then creates with `make`, answering a repeated
+/// idempotency key with the first object.
 fn once(s: &Stand, headers: &HeaderMap, make: impl FnOnce() -> Result<Value, Invalid>) -> Response {
+    if !authorized(headers) {
+        let body = json!({"error": {"type": "invalid_request_error", "message": "no API key"}});
+        return (StatusCode::UNAUTHORIZED, Json(body)).into_response();
+    }
     let key = headers
         .get("idempotency-key")
         .and_then(|v| v.to_str().ok())
@@ -121,13 +126,6 @@ async fn customers(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    if !authorized(&headers) {
-        return (
-            StatusCode::UNAUTHORIZED,
-            Json(json!({"error": {"type": "invalid_request_error", "message": "no API key"}})),
-        )
-            .into_response();
-    }
     let f = form(&body);
     once(&s, &headers, || {
         let email = f
@@ -147,13 +145,6 @@ async fn checkout_sessions(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    if !authorized(&headers) {
-        return (
-            StatusCode::UNAUTHORIZED,
-            Json(json!({"error": {"type": "invalid_request_error", "message": "no API key"}})),
-        )
-            .into_response();
-    }
     let f = form(&body);
     once(&s, &headers, || {
         let need = |k: &str| {
@@ -198,13 +189,6 @@ async fn portal_sessions(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    if !authorized(&headers) {
-        return (
-            StatusCode::UNAUTHORIZED,
-            Json(json!({"error": {"type": "invalid_request_error", "message": "no API key"}})),
-        )
-            .into_response();
-    }
     let f = form(&body);
     once(&s, &headers, || {
         let customer = f

@@ -213,6 +213,23 @@ async fn a_customer_signs_up_in_a_real_browser_and_the_url_answers() -> Result<(
             },
         )
         .await?;
+        // A payment fails (the stand-in sends the subscription's update):
+        // the dashboard says so.
+        let sub: String = sqlx::query_scalar("SELECT subscription_id FROM billing_accounts")
+            .fetch_one(&c.db)
+            .await?;
+        let r = reqwest::Client::new()
+            .post(format!("http://{stripe}/_test/subscriptions/{sub}"))
+            .json(&json!({"status": "past_due"}))
+            .send()
+            .await?;
+        assert_eq!(r.status(), 204);
+        b.refresh().await?;
+        let banner = text_when(&b, "billing-banner", Duration::from_secs(10), |t| {
+            !t.is_empty()
+        })
+        .await?;
+        assert!(banner.contains("payment failed"), "{banner}");
         anyhow::Ok(())
     }
     .await;

@@ -24,6 +24,9 @@ pub enum Error {
     TooManyAttempts,
     #[error("forbidden: {0}")]
     Forbidden(String),
+    /// Not allowed on this account's plan.
+    #[error("plan required: {0}")]
+    PlanRequired(String),
     #[error("not found: {0}")]
     NotFound(&'static str),
     #[error("method not allowed")]
@@ -87,6 +90,7 @@ impl Error {
                 "too many failed logins; try again later".into(),
             ),
             Error::Forbidden(m) => (StatusCode::FORBIDDEN, "forbidden", m.clone()),
+            Error::PlanRequired(m) => (StatusCode::FORBIDDEN, "plan_required", m.clone()),
             Error::NotFound(what) => (
                 StatusCode::NOT_FOUND,
                 "not_found",

@@ -203,6 +203,13 @@ struct ServeArgs {
         default_value = "https://clawdeploy.localhost"
     )]
     public_origin: String,
+    /// Custom domains one instance may have.
+    #[arg(long, env = "CLAWDEPLOY_MAX_DOMAINS_PER_INSTANCE", default_value_t = 5)]
+    max_domains_per_instance: u32,
+    /// The edges' public addresses (comma-separated): what an apex custom
+    /// domain's A/AAAA records point at.
+    #[arg(long, env = "CLAWDEPLOY_EDGE_ADDRESSES", value_delimiter = ',')]
+    edge_addresses: Vec<std::net::IpAddr>,
 }
 
 #[derive(Subcommand)]
@@ -275,6 +282,8 @@ async fn main() -> anyhow::Result<()> {
                     stripe_webhook_secret: a.stripe_webhook_secret.clone(),
                     billing_grace: Duration::from_secs(a.billing_grace_secs),
                     public_origin: a.public_origin.clone(),
+                    max_domains_per_instance: a.max_domains_per_instance,
+                    edge_addresses: a.edge_addresses.clone(),
                     ..Config::default()
                 },
                 database_url: a.database_url,

@@ -131,6 +131,23 @@ pub enum BillingStatus {
     Canceled,
 }
 
+/// `domains.state`: a customer's own hostname on its way to being served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, ToSchema, sqlx::Type)]
+#[sqlx(type_name = "text", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
+pub enum DomainState {
+    /// Waiting for the TXT (and CNAME) records.
+    PendingDns,
+    Verified,
+    Issuing,
+    Active,
+    Renewing,
+    /// See the reason.
+    Failed,
+    /// Switched off (a downgrade, records gone); the reason says which.
+    Off,
+}
+
 /// `backups.state`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, ToSchema, sqlx::Type)]
 #[sqlx(type_name = "text", rename_all = "snake_case")]

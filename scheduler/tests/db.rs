@@ -1064,3 +1064,141 @@ async fn checkout_makes_one_customer_per_account_and_keeps_redirects_home() {
     let url = portal(&app.db, &cfg, &fake, s.user_id, ok).await.unwrap();
     assert!(url.starts_with("https://portal.fake/cus_fake_"), "{url}");
 }
+
+#[tokio::test]
+async fn custom_domains_need_a_plan_are_normalized_owned_once_and_bounded() {
+    let app = app_with(Config {
+        max_domains_per_instance: 2,
+        edge_addresses: vec![
+            "203.0.113.7".parse().unwrap(),
+            "2001:db8::7".parse().unwrap(),
+        ],
+        ..Config::default()
+    })
+    .await;
+    node(&app, "n1").await;
+    idle(&app, "n1", 2).await;
+    let base = serve(app.clone()).await;
+    let mut tokens = Vec::new();
+    for (email, sub) in [
+        ("owner@example.com", "owner"),
+        ("rival@example.com", "rival"),
+    ] {
+        let s = clawdeploy_scheduler::accounts::register(
+            &app.db,
+            email,
+            "correct-horse-battery".into(),
+            "",
+        )
+        .await
+        .unwrap();
+        let c = claim::claim(&app, request(s.user_id, sub)).await.unwrap();
+        tokens.push((s.token, c.instance_id));
+    }
+    let http = reqwest::Client::new();
+    let add = |token: &str, hostname: &str| {
+        http.post(format!("{base}/api/instances/me/domains"))
+            .bearer_auth(token)
+            .json(&json!({"hostname": hostname}))
+            .send()
+    };
+    let (owner, rival) = (&tokens[0], &tokens[1]);
+
+    // The free tier has no custom domains.
+    let r = add(&owner.0, "chat.example.org").await.unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "plan_required"
+    );
+    for (_, instance) in &tokens {
+        clawdeploy_scheduler::billing::tier::set_tier(
+            &app,
+            *instance,
+            clawdeploy_scheduler::model::Tier::Pro,
+            "test",
+        )
+        .await
+        .unwrap();
+    }
+
+    // Normalized, with the records to create.
+    let r = add(&owner.0, " Chat.Example.ORG. ").await.unwrap();
+    assert_eq!(r.status(), 201);
+    let d = r.json::<Value>().await.unwrap()["domain"].clone();
+    assert_eq!(d["hostname"], "chat.example.org");
+    assert_eq!(d["state"], "pending_dns");
+    assert_eq!(d["records"][0]["type"], "TXT");
+    assert_eq!(
+        d["records"][0]["name"],
+        "_clawdeploy-challenge.chat.example.org"
+    );
+    assert!(
+        d["records"][0]["value"].as_str().unwrap().len() >= 32,
+        "{d}"
+    );
+    assert_eq!(d["records"][1]["type"], "CNAME");
+    assert_eq!(d["records"][1]["value"], "owner.clawdeploy.localhost");
+
+    // One owner per name; bad names refused; an apex gets A and AAAA.
+    let r = add(&owner.0, "chat.example.org").await.unwrap();
+    assert_eq!(r.status(), 409);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "domain_exists"
+    );
+    let r = add(&rival.0, "CHAT.example.org").await.unwrap();
+    assert_eq!(r.status(), 409);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "hostname_claimed"
+    );
+    for bad in [
+        "10.0.0.1",
+        "x.clawdeploy.localhost",
+        "*.example.org",
+        "intranet",
+    ] {
+        assert_eq!(add(&owner.0, bad).await.unwrap().status(), 422, "{bad}");
+    }
+    let r = add(&owner.0, "example.net").await.unwrap();
+    assert_eq!(r.status(), 201);
+    let d = r.json::<Value>().await.unwrap()["domain"].clone();
+    let kinds: Vec<(&str, &str)> = d["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["type"].as_str().unwrap(), r["value"].as_str().unwrap()))
+        .collect();
+    assert_eq!(kinds[1..], [("A", "203.0.113.7"), ("AAAA", "2001:db8::7")]);
+
+    // The bound (2 here), the list, removal.
+    let r = add(&owner.0, "third.example.org").await.unwrap();
+    assert_eq!(r.status(), 409);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "domain_limit"
+    );
+    let list: Value = http
+        .get(format!("{base}/api/instances/me/domains"))
+        .bearer_auth(&owner.0)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["domains"].as_array().unwrap().len(), 2, "{list}");
+    let delete = || {
+        http.delete(format!("{base}/api/instances/me/domains/chat.example.org"))
+            .bearer_auth(&owner.0)
+            .send()
+    };
+    assert_eq!(delete().await.unwrap().status(), 204);
+    assert_eq!(delete().await.unwrap().status(), 404);
+    // Released, the name can be taken by the rival.
+    assert_eq!(
+        add(&rival.0, "chat.example.org").await.unwrap().status(),
+        201
+    );
+}

@@ -7,6 +7,7 @@ pub mod accounts;
 pub mod admin;
 pub mod billing;
 mod doc;
+pub mod domains;
 mod error;
 pub mod extract;
 pub mod instances;
@@ -62,6 +63,8 @@ pub fn api() -> OpenApiRouter<AppRef> {
         .routes(routes!(billing::me))
         .routes(routes!(billing::checkout))
         .routes(routes!(billing::portal))
+        .routes(routes!(domains::add, domains::list))
+        .routes(routes!(domains::remove))
         .routes(routes!(page::index))
         .routes(routes!(page::availability))
         .routes(routes!(healthz))

@@ -13,8 +13,8 @@ use crate::backup::Backup;
 use crate::fleet::settings::PoolSettings;
 use crate::migration::{Migration, Step};
 use crate::model::{
-    BackupKind, BackupState, BillingStatus, InstanceStatus, MigrationKind, MigrationState,
-    NodeState, Tier,
+    BackupKind, BackupState, BillingStatus, DomainState, InstanceStatus, MigrationKind,
+    MigrationState, NodeState, Tier,
 };
 
 /// Every error: a stable code and a message for people.
@@ -393,4 +393,36 @@ pub struct CheckoutView {
 #[serde(rename_all = "camelCase")]
 pub struct PortalView {
     pub portal_url: String,
+}
+
+/// A DNS record the customer creates.
+#[derive(Serialize, ToSchema)]
+pub struct RecordView {
+    /// `TXT`, `CNAME`, `A` or `AAAA`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub name: String,
+    pub value: String,
+}
+
+/// A custom domain as its owner sees it.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DomainView {
+    pub hostname: String,
+    pub state: DomainState,
+    /// Why it failed or was switched off; empty otherwise.
+    pub reason: String,
+    pub certificate_not_after: Option<DateTime<Utc>>,
+    pub records: Vec<RecordView>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct DomainEnvelope {
+    pub domain: DomainView,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct DomainList {
+    pub domains: Vec<DomainView>,
 }

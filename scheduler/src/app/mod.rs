@@ -73,6 +73,10 @@ pub struct Config {
     /// Where the page and API are served (`https://app.example.com`):
     /// billing's redirect URLs must lead back here.
     pub public_origin: String,
+    /// Custom domains one instance may have.
+    pub max_domains_per_instance: u32,
+    /// The edges' public addresses: the A/AAAA records of an apex domain.
+    pub edge_addresses: Vec<std::net::IpAddr>,
 }
 
 impl Default for Config {
@@ -103,6 +107,8 @@ impl Default for Config {
             stripe_webhook_secret: None,
             billing_grace: Duration::from_secs(7 * 24 * 3600),
             public_origin: "https://clawdeploy.localhost".into(),
+            max_domains_per_instance: 5,
+            edge_addresses: Vec::new(),
         }
     }
 }

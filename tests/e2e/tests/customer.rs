@@ -372,6 +372,7 @@ async fn the_openapi_document_describes_every_route_and_errors_are_json() -> Res
     let expected: Vec<(String, String)> = [
         ("DELETE", "/admin/nodes/{id}"),
         ("DELETE", "/api/instances/me"),
+        ("DELETE", "/api/instances/me/domains/{hostname}"),
         ("GET", "/"),
         ("GET", "/admin/migrations/{id}"),
         ("GET", "/admin/nodes"),
@@ -380,6 +381,7 @@ async fn the_openapi_document_describes_every_route_and_errors_are_json() -> Res
         ("GET", "/api/billing/plans"),
         ("GET", "/api/instances/me"),
         ("GET", "/api/instances/me/backups"),
+        ("GET", "/api/instances/me/domains"),
         ("GET", "/api/instances/{id}"),
         ("GET", "/api/subdomains/{name}"),
         ("GET", "/healthz"),
@@ -399,6 +401,7 @@ async fn the_openapi_document_describes_every_route_and_errors_are_json() -> Res
         ("POST", "/api/billing/portal"),
         ("POST", "/api/billing/webhook"),
         ("POST", "/api/instances"),
+        ("POST", "/api/instances/me/domains"),
         ("PUT", "/admin/instances/{id}/tier"),
         ("PUT", "/admin/pool"),
     ]

@@ -25,6 +25,9 @@ ensure_tools() {
   command -v psql >/dev/null || missing+=(postgresql-client)
   command -v curl >/dev/null || missing+=(curl)
   command -v openssl >/dev/null || missing+=(openssl)
+  # Let's Encrypt's test CA and its DNS server with a management API
+  # (custom domains' ownership checks and certificates).
+  command -v pebble-challtestsrv >/dev/null || missing+=(pebble)
   # The agent installs tenant firewall rules; tests probe from a busybox image.
   command -v iptables >/dev/null || missing+=(iptables)
   command -v flock >/dev/null || missing+=(util-linux)

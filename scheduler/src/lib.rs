@@ -25,6 +25,7 @@ pub mod background;
 pub mod backup;
 pub mod billing;
 pub mod crypto;
+pub mod dns;
 pub mod domains;
 pub mod error;
 pub mod events;

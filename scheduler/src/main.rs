@@ -210,6 +210,10 @@ struct ServeArgs {
     /// domain's A/AAAA records point at.
     #[arg(long, env = "CLAWDEPLOY_EDGE_ADDRESSES", value_delimiter = ',')]
     edge_addresses: Vec<std::net::IpAddr>,
+    /// Nameservers the domain ownership checks ask (comma-separated
+    /// `ip:port`; none: checks are off).
+    #[arg(long, env = "CLAWDEPLOY_DNS_NAMESERVERS", value_delimiter = ',')]
+    dns_nameservers: Vec<std::net::SocketAddr>,
 }
 
 #[derive(Subcommand)]
@@ -284,6 +288,7 @@ async fn main() -> anyhow::Result<()> {
                     public_origin: a.public_origin.clone(),
                     max_domains_per_instance: a.max_domains_per_instance,
                     edge_addresses: a.edge_addresses.clone(),
+                    dns_nameservers: a.dns_nameservers.clone(),
                     ..Config::default()
                 },
                 database_url: a.database_url,

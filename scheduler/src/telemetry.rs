@@ -39,6 +39,7 @@ pub const CATALOG: &[Metric] = &[
     Metric::counter("clawdeploy_billing_webhooks_total", &["type", "result"], "Stripe webhooks by event type and outcome (applied, linked, duplicate, stale, unknown_account, ignored)."),
     Metric::gauge("clawdeploy_billing_accounts", &["tier", "status"], "Accounts Stripe told us about, by tier and billing status (active, past_due, grace, canceled)."),
     Metric::counter("clawdeploy_billing_signature_failures_total", &[], "Stripe webhooks refused: bad signature, stale timestamp or unreadable event."),
+    Metric::counter("clawdeploy_domain_checks_total", &["result"], "Domain ownership checks by result: found, missing."),
     Metric::counter("clawdeploy_backups_total", &["result"], "Backups ended, by result: stored, failed."),
     Metric::gauge("clawdeploy_backup_oldest_age_seconds", &[], "Age of the stalest ready instance's newest stored backup (or of the instance, when it has none)."),
 ];

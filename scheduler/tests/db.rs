@@ -1202,3 +1202,146 @@ async fn custom_domains_need_a_plan_are_normalized_owned_once_and_bounded() {
         201
     );
 }
+
+/// Debian's `pebble-challtestsrv` on loopback: a DNS server whose records a
+/// test sets through its management API. Killed when dropped.
+struct Challtestsrv {
+    child: std::process::Child,
+    dns: std::net::SocketAddr,
+    management: String,
+}
+
+impl Drop for Challtestsrv {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn challtestsrv() -> Challtestsrv {
+    let (dns, management) = (free_port(), free_port());
+    let child = std::process::Command::new("pebble-challtestsrv")
+        .args(["-dns01", &format!("127.0.0.1:{dns}")])
+        .args(["-management", &format!("127.0.0.1:{management}")])
+        .args(["-http01", "", "-https01", "", "-tlsalpn01", ""])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("pebble-challtestsrv (Debian's pebble; scripts/test installs it)");
+    let management = format!("http://127.0.0.1:{management}");
+    for _ in 0..100 {
+        if reqwest::Client::new()
+            .post(format!("{management}/clear-txt"))
+            .json(&json!({"host": "warmup.example."}))
+            .send()
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Challtestsrv {
+        child,
+        dns: format!("127.0.0.1:{dns}").parse().unwrap(),
+        management,
+    }
+}
+
+#[tokio::test]
+async fn a_domain_is_verified_once_its_txt_record_holds_the_token() {
+    let dns = challtestsrv().await;
+    let app = app_with(Config {
+        dns_nameservers: vec![dns.dns],
+        ..Config::default()
+    })
+    .await;
+    node(&app, "n1").await;
+    idle(&app, "n1", 1).await;
+    let base = serve(app.clone()).await;
+    let s = clawdeploy_scheduler::accounts::register(
+        &app.db,
+        "dns@example.com",
+        "correct-horse-battery".into(),
+        "",
+    )
+    .await
+    .unwrap();
+    let c = claim::claim(&app, request(s.user_id, "dnsowner"))
+        .await
+        .unwrap();
+    clawdeploy_scheduler::billing::tier::set_tier(
+        &app,
+        c.instance_id,
+        clawdeploy_scheduler::model::Tier::Pro,
+        "test",
+    )
+    .await
+    .unwrap();
+    let http = reqwest::Client::new();
+    let d: Value = http
+        .post(format!("{base}/api/instances/me/domains"))
+        .bearer_auth(&s.token)
+        .json(&json!({"hostname": "chat.example.org"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = d["domain"]["records"][0]["value"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let verify = || async {
+        let r = http
+            .post(format!(
+                "{base}/api/instances/me/domains/chat.example.org/verify"
+            ))
+            .bearer_auth(&s.token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.json::<Value>().await.unwrap()["domain"].clone()
+    };
+    // No record yet (NXDOMAIN): still pending, and the customer is told why.
+    let d = verify().await;
+    assert_eq!(d["state"], "pending_dns", "{d}");
+    assert!(
+        d["reason"]
+            .as_str()
+            .unwrap()
+            .contains("_clawdeploy-challenge.chat.example.org"),
+        "{d}"
+    );
+    // A wrong value: still pending.
+    let set = |value: String| {
+        http.post(format!("{}/set-txt", dns.management))
+            .json(&json!({"host": "_clawdeploy-challenge.chat.example.org.", "value": value}))
+            .send()
+    };
+    set("not-the-token".into()).await.unwrap();
+    assert_eq!(verify().await["state"], "pending_dns");
+    // The token: verified at once (no cache between checks).
+    http.post(format!("{}/clear-txt", dns.management))
+        .json(&json!({"host": "_clawdeploy-challenge.chat.example.org."}))
+        .send()
+        .await
+        .unwrap();
+    set(token).await.unwrap();
+    let d = verify().await;
+    assert_eq!(
+        (d["state"].as_str(), d["reason"].as_str()),
+        (Some("verified"), Some("")),
+        "{d}"
+    );
+}

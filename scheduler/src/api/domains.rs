@@ -92,3 +92,23 @@ pub async fn remove(
     domains::remove(&app, user.id, &hostname).await?;
     Ok(StatusCode::NO_CONTENT)
 }
+
+/// Checks the domain's DNS records now.
+#[utoipa::path(post, path = "/api/instances/me/domains/{hostname}/verify", tag = "instances", security(("bearer" = [])),
+    params(("hostname" = String, Path, description = "The custom hostname")),
+    responses(
+        (status = 200, description = "The domain after the check (`verified`, or its reason)", body = DomainEnvelope),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 404, description = "No such domain on the caller's instance", body = ErrorBody),
+        (status = 503, description = "DNS checks are off or the nameservers did not answer", body = ErrorBody),
+    ))]
+pub async fn verify(
+    State(app): State<AppRef>,
+    user: AuthUser,
+    Path(hostname): Path<String>,
+) -> Result<axum::Json<DomainEnvelope>> {
+    let (domain, subdomain) = domains::verify(&app, user.id, &hostname).await?;
+    Ok(axum::Json(DomainEnvelope {
+        domain: view(&app, domain, &subdomain),
+    }))
+}

@@ -65,6 +65,7 @@ pub fn api() -> OpenApiRouter<AppRef> {
         .routes(routes!(billing::portal))
         .routes(routes!(domains::add, domains::list))
         .routes(routes!(domains::remove))
+        .routes(routes!(domains::verify))
         .routes(routes!(page::index))
         .routes(routes!(page::availability))
         .routes(routes!(healthz))

@@ -77,6 +77,8 @@ pub struct Config {
     pub max_domains_per_instance: u32,
     /// The edges' public addresses: the A/AAAA records of an apex domain.
     pub edge_addresses: Vec<std::net::IpAddr>,
+    /// Where domain ownership checks ask (none: checks are off).
+    pub dns_nameservers: Vec<std::net::SocketAddr>,
 }
 
 impl Default for Config {
@@ -109,6 +111,7 @@ impl Default for Config {
             public_origin: "https://clawdeploy.localhost".into(),
             max_domains_per_instance: 5,
             edge_addresses: Vec::new(),
+            dns_nameservers: Vec::new(),
         }
     }
 }
@@ -180,6 +183,8 @@ pub struct App {
     pub archives: Option<crate::archives::Archives>,
     /// Stripe; `None` when no secret key is configured (billing is off).
     pub stripe: Option<crate::payments::StripeProvider>,
+    /// DNS lookups for domain ownership checks.
+    pub dns: crate::dns::DnsChecker,
 }
 
 pub type AppRef = Arc<App>;
@@ -208,6 +213,7 @@ impl App {
         stripe: Option<crate::payments::StripeProvider>,
     ) -> AppRef {
         use sha2::Digest;
+        let cfg_dns = cfg.dns_nameservers.clone();
         Arc::new(App {
             cfg,
             db,
@@ -227,6 +233,7 @@ impl App {
             route_watermark: Default::default(),
             archives,
             stripe,
+            dns: crate::dns::DnsChecker::new(&cfg_dns),
         })
     }
 }

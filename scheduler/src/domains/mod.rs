@@ -187,3 +187,42 @@ pub async fn remove(app: &App, user_id: Uuid, raw: &str) -> Result<()> {
     .await;
     Ok(())
 }
+
+/// Checks the domain's TXT record now: `verified` when it holds the token;
+/// otherwise it stays where it was, with the reason.
+pub async fn verify(app: &App, user_id: Uuid, raw: &str) -> Result<(Domain, String)> {
+    let hostname =
+        hostname::normalize(raw, &app.cfg.base_domain).map_err(|_| Error::NotFound("domain"))?;
+    let (instance, subdomain, _) = instance_of(app, user_id).await?;
+    let domain: Domain = sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM domains WHERE hostname = $1 AND instance_id = $2"
+    ))
+    .bind(&hostname)
+    .bind(instance)
+    .fetch_optional(&app.db)
+    .await?
+    .ok_or(Error::NotFound("domain"))?;
+    let name = format!("_clawdeploy-challenge.{hostname}");
+    let found = app.dns.txt(&name).await?;
+    let proven = found.iter().any(|t| *t == domain.token);
+    metrics::counter!("clawdeploy_domain_checks_total", "result" => if proven { "found" } else { "missing" })
+        .increment(1);
+    let updated: Domain = if proven {
+        sqlx::query_as(&format!(
+            "UPDATE domains SET state = CASE WHEN state IN ('pending_dns', 'failed', 'off') THEN 'verified' ELSE state END,
+                    reason = '' WHERE hostname = $1 RETURNING {COLUMNS}"
+        ))
+        .bind(&hostname)
+        .fetch_one(&app.db)
+        .await?
+    } else {
+        sqlx::query_as(&format!(
+            "UPDATE domains SET reason = $2 WHERE hostname = $1 RETURNING {COLUMNS}"
+        ))
+        .bind(&hostname)
+        .bind(format!("the TXT record {name} does not hold the token yet"))
+        .fetch_one(&app.db)
+        .await?
+    };
+    Ok((updated, subdomain))
+}

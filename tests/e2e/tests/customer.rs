@@ -402,6 +402,7 @@ async fn the_openapi_document_describes_every_route_and_errors_are_json() -> Res
         ("POST", "/api/billing/webhook"),
         ("POST", "/api/instances"),
         ("POST", "/api/instances/me/domains"),
+        ("POST", "/api/instances/me/domains/{hostname}/verify"),
         ("PUT", "/admin/instances/{id}/tier"),
         ("PUT", "/admin/pool"),
     ]

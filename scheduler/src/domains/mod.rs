@@ -204,7 +204,7 @@ pub async fn verify(app: &App, user_id: Uuid, raw: &str) -> Result<(Domain, Stri
     .ok_or(Error::NotFound("domain"))?;
     let name = format!("_clawdeploy-challenge.{hostname}");
     let found = app.dns.txt(&name).await?;
-    let proven = found.iter().any(|t| *t == domain.token);
+    let proven = found.contains(&domain.token);
     metrics::counter!("clawdeploy_domain_checks_total", "result" => if proven { "found" } else { "missing" })
         .increment(1);
     let updated: Domain = if proven {

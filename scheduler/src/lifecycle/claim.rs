@@ -233,8 +233,17 @@ pub async fn attach(
 ) -> Result<Attached> {
     let (taken, on_demand) = match take_idle(app, tx, None).await? {
         Some(taken) => (taken, false),
-        // Empty pool: create a container on demand for this customer.
-        None => (capacity::create_on_demand(app, tx, None).await?, true),
+        // Empty pool: create a container on demand for this customer, or,
+        // when no node has room, take a pool container still warming (it
+        // holds a slot; the customer waits for it rather than queueing).
+        None => match capacity::create_on_demand(app, tx, None).await {
+            Ok(taken) => (taken, true),
+            Err(Error::NoCapacity(why)) => match take_warming(app, tx).await? {
+                Some(taken) => (taken, false),
+                None => return Err(Error::NoCapacity(why)),
+            },
+            Err(e) => return Err(e),
+        },
     };
     sqlx::query("UPDATE containers SET state = 'assigning', claimed_at = now(), updated_at = now() WHERE id = $1")
         .bind(taken.id)
@@ -288,6 +297,26 @@ async fn take_idle(
     )
     .bind(app.cfg.heartbeat_ttl.as_secs_f64())
     .bind(avoid.unwrap_or_default())
+    .fetch_optional(&mut **tx)
+    .await?)
+}
+
+/// Locks the oldest pool container still being created or warming on a
+/// live node, for a claim that found no idle one and no room for another.
+async fn take_warming(
+    app: &App,
+    tx: &mut Transaction<'_, Postgres>,
+) -> Result<Option<capacity::Taken>> {
+    Ok(sqlx::query_as(
+        "SELECT c.id, c.node_id, c.gateway_token_enc FROM containers c
+           JOIN nodes n ON n.id = c.node_id
+          WHERE c.state IN ('creating', 'warming') AND n.state = 'active'
+            AND n.last_heartbeat > now() - make_interval(secs => $1)
+          ORDER BY c.created_at
+          LIMIT 1
+          FOR UPDATE OF c SKIP LOCKED",
+    )
+    .bind(app.cfg.heartbeat_ttl.as_secs_f64())
     .fetch_optional(&mut **tx)
     .await?)
 }

@@ -26,6 +26,39 @@ impl Drop for Standin {
     }
 }
 
+/// Waits until Docker enforces `want` (millicores, bytes) on the container,
+/// and checks it was not restarted for it.
+async fn resized_in_place(
+    c: &Cluster,
+    docker_id: &str,
+    started: &Value,
+    want: (i64, i64),
+) -> Result<()> {
+    wait_for(Duration::from_secs(30), "the container resized", || async {
+        let (cpu, memory, _) = docker_limits(c, docker_id)?;
+        Ok((cpu, memory) == want)
+    })
+    .await?;
+    anyhow::ensure!(
+        docker_limits(c, docker_id)?.2 == *started,
+        "the container restarted"
+    );
+    Ok(())
+}
+
+/// The account's (tier, status) from `GET /api/billing`.
+async fn billing_state(http: &reqwest::Client, url: &str, token: &str) -> Result<(String, String)> {
+    let v: Value = http
+        .get(url)
+        .bearer_auth(token)
+        .send()
+        .await?
+        .json()
+        .await?;
+    let field = |k: &str| v[k].as_str().unwrap_or_default().to_owned();
+    Ok((field("tier"), field("status")))
+}
+
 #[tokio::test]
 async fn an_upgrade_through_checkout_resizes_live_and_dunning_ends_in_the_free_tier() -> Result<()>
 {
@@ -129,23 +162,10 @@ async fn an_upgrade_through_checkout_resizes_live_and_dunning_ends_in_the_free_t
         paid.headers()["location"].to_str()?,
         format!("{ORIGIN}/?upgraded=1")
     );
-    wait_for(Duration::from_secs(30), "resized to pro", || async {
-        let (cpu, memory, _) = docker_limits(&c, &docker_id)?;
-        Ok((cpu, memory) == (1000, 1 << 30))
-    })
-    .await?;
-    assert_eq!(docker_limits(&c, &docker_id)?.2, started, "no restart");
-    let billing: Value = http
-        .get(api("/api/billing"))
-        .bearer_auth(&token)
-        .send()
-        .await?
-        .json()
-        .await?;
+    resized_in_place(&c, &docker_id, &started, (1000, 1 << 30)).await?;
     assert_eq!(
-        (billing["tier"].as_str(), billing["status"].as_str()),
-        (Some("pro"), Some("active")),
-        "{billing}"
+        billing_state(&http, &api("/api/billing"), &token).await?,
+        ("pro".into(), "active".into())
     );
     let (_, me) = c.my_instance(Method::GET, &token, None).await?;
     assert_eq!(me["instance"]["tier"], "pro");
@@ -180,39 +200,18 @@ async fn an_upgrade_through_checkout_resizes_live_and_dunning_ends_in_the_free_t
             .await?;
         assert_eq!(r.status(), 204, "{status}");
         if status == "past_due" {
-            let v: Value = http
-                .get(api("/api/billing"))
-                .bearer_auth(&token)
-                .send()
-                .await?
-                .json()
-                .await?;
             assert_eq!(
-                (v["tier"].as_str(), v["status"].as_str()),
-                (Some("pro"), Some("past_due")),
-                "{v}"
+                billing_state(&http, &api("/api/billing"), &token).await?,
+                ("pro".into(), "past_due".into())
             );
         }
         // Webhook `created` times are in whole seconds: keep them apart.
         tokio::time::sleep(Duration::from_millis(1100)).await;
     }
-    wait_for(Duration::from_secs(30), "downgraded to free", || async {
-        let (cpu, memory, _) = docker_limits(&c, &docker_id)?;
-        Ok((cpu, memory) == (500, 512 << 20))
-    })
-    .await?;
-    assert_eq!(docker_limits(&c, &docker_id)?.2, started, "no restart");
-    let v: Value = http
-        .get(api("/api/billing"))
-        .bearer_auth(&token)
-        .send()
-        .await?
-        .json()
-        .await?;
+    resized_in_place(&c, &docker_id, &started, (500, 512 << 20)).await?;
     assert_eq!(
-        (v["tier"].as_str(), v["status"].as_str()),
-        (Some("free"), Some("canceled")),
-        "{v}"
+        billing_state(&http, &api("/api/billing"), &token).await?,
+        ("free".into(), "canceled".into())
     );
     Ok(())
 }

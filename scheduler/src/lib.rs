@@ -16,6 +16,7 @@
 //! This file only wires them together.
 
 pub mod accounts;
+pub mod acme;
 pub mod agents;
 pub mod api;
 pub mod app;
@@ -164,6 +165,7 @@ pub async fn serve(
     tokio::spawn(background::migrations::run(app.clone(), stop_rx.clone()));
     tokio::spawn(background::backups::run(app.clone(), stop_rx.clone()));
     tokio::spawn(background::signup_queue::run(app.clone(), stop_rx.clone()));
+    tokio::spawn(background::domains::run(app.clone(), stop_rx.clone()));
     let grpc_server = tonic::transport::Server::builder()
         .tls_config(tls)?
         .http2_keepalive_interval(Some(Duration::from_secs(10)))

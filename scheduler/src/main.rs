@@ -214,6 +214,30 @@ struct ServeArgs {
     /// `ip:port`; none: checks are off).
     #[arg(long, env = "CLAWDEPLOY_DNS_NAMESERVERS", value_delimiter = ',')]
     dns_nameservers: Vec<std::net::SocketAddr>,
+    /// The ACME directory certificates for custom domains come from (e.g.
+    /// Let's Encrypt's); none: domains are verified but get no certificate.
+    #[arg(long, env = "CLAWDEPLOY_ACME_DIRECTORY_URL")]
+    acme_directory_url: Option<String>,
+    /// A PEM root the ACME directory's own TLS certificate chains to (a
+    /// test CA such as pebble); the system's roots when unset.
+    #[arg(long, env = "CLAWDEPLOY_ACME_CA_BUNDLE")]
+    acme_ca_bundle: Option<PathBuf>,
+    /// Contact for the ACME account (`mailto:ops@example.com`).
+    #[arg(long, env = "CLAWDEPLOY_ACME_CONTACT")]
+    acme_contact: Option<String>,
+    /// ACME orders per hour, for the whole account.
+    #[arg(long, env = "CLAWDEPLOY_ACME_ORDERS_PER_HOUR", default_value_t = 100)]
+    acme_orders_per_hour: u32,
+    /// ACME orders per hour for one hostname.
+    #[arg(long, env = "CLAWDEPLOY_ACME_ORDERS_PER_HOSTNAME_PER_HOUR", default_value_t = 5)]
+    acme_orders_per_hostname_per_hour: u32,
+    /// Seconds before the first retry of a failed order (doubling per
+    /// failure, at most six hours).
+    #[arg(long, env = "CLAWDEPLOY_ACME_RETRY_BASE_SECS", default_value_t = 60)]
+    acme_retry_base_secs: u64,
+    /// Seconds between ownership re-checks of a proven domain.
+    #[arg(long, env = "CLAWDEPLOY_DOMAIN_RECHECK_SECS", default_value_t = 24 * 3600)]
+    domain_recheck_secs: u64,
 }
 
 #[derive(Subcommand)]
@@ -289,6 +313,17 @@ async fn main() -> anyhow::Result<()> {
                     max_domains_per_instance: a.max_domains_per_instance,
                     edge_addresses: a.edge_addresses.clone(),
                     dns_nameservers: a.dns_nameservers.clone(),
+                    acme: a.acme_directory_url.clone().map(|directory_url| {
+                        clawdeploy_scheduler::acme::AcmeConfig {
+                            directory_url,
+                            ca_bundle: a.acme_ca_bundle.clone(),
+                            contact: a.acme_contact.clone(),
+                        }
+                    }),
+                    acme_orders_per_hour: a.acme_orders_per_hour,
+                    acme_orders_per_hostname_per_hour: a.acme_orders_per_hostname_per_hour,
+                    acme_retry_base: Duration::from_secs(a.acme_retry_base_secs),
+                    domain_recheck: Duration::from_secs(a.domain_recheck_secs),
                     ..Config::default()
                 },
                 database_url: a.database_url,

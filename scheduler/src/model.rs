@@ -148,6 +148,31 @@ pub enum DomainState {
     Off,
 }
 
+impl DomainState {
+    pub const ALL: [DomainState; 7] = [
+        DomainState::PendingDns,
+        DomainState::Verified,
+        DomainState::Issuing,
+        DomainState::Active,
+        DomainState::Renewing,
+        DomainState::Failed,
+        DomainState::Off,
+    ];
+
+    /// As the database and the API spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DomainState::PendingDns => "pending_dns",
+            DomainState::Verified => "verified",
+            DomainState::Issuing => "issuing",
+            DomainState::Active => "active",
+            DomainState::Renewing => "renewing",
+            DomainState::Failed => "failed",
+            DomainState::Off => "off",
+        }
+    }
+}
+
 /// `backups.state`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, ToSchema, sqlx::Type)]
 #[sqlx(type_name = "text", rename_all = "snake_case")]
@@ -220,6 +245,9 @@ mod tests {
     #[test]
     fn states_serialize_as_the_database_spells_them() {
         for s in NodeState::ALL {
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+        }
+        for s in DomainState::ALL {
             assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
         }
         assert_eq!(

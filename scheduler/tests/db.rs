@@ -314,16 +314,21 @@ async fn route_changes_are_versioned_and_removals_leave_tombstones() {
     let instance = instance(&app, "r", Some(c)).await;
     let mut tx = app.db.begin().await.unwrap();
     let up = routes::upsert(
+        &app,
         &mut tx,
         Route {
             hostname: "r.clawdeploy.localhost".into(),
             upstream: "10.0.0.9:18789".into(),
             instance_id: instance.to_string(),
             container_id: c.to_string(),
+            ..Route::default()
         },
     )
     .await
     .unwrap();
+    // No custom domains: the instance's own route only.
+    assert_eq!(up.len(), 1);
+    let up = &up[0];
     tx.commit().await.unwrap();
     let snap = routes::snapshot(&app).await.unwrap();
     assert_eq!((snap.routes.len(), snap.version), (1, up.version));

@@ -79,6 +79,15 @@ pub struct Config {
     pub edge_addresses: Vec<std::net::IpAddr>,
     /// Where domain ownership checks ask (none: checks are off).
     pub dns_nameservers: Vec<std::net::SocketAddr>,
+    /// The ACME CA certificates come from (none: no certificates).
+    pub acme: Option<crate::acme::AcmeConfig>,
+    /// Orders per hour for the whole account, and per hostname.
+    pub acme_orders_per_hour: u32,
+    pub acme_orders_per_hostname_per_hour: u32,
+    /// The first wait after a failed order (doubling per failure).
+    pub acme_retry_base: Duration,
+    /// How often a proven domain's TXT record is looked up again.
+    pub domain_recheck: Duration,
 }
 
 impl Default for Config {
@@ -112,6 +121,11 @@ impl Default for Config {
             max_domains_per_instance: 5,
             edge_addresses: Vec::new(),
             dns_nameservers: Vec::new(),
+            acme: None,
+            acme_orders_per_hour: 100,
+            acme_orders_per_hostname_per_hour: 5,
+            acme_retry_base: Duration::from_secs(60),
+            domain_recheck: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -185,6 +199,10 @@ pub struct App {
     pub stripe: Option<crate::payments::StripeProvider>,
     /// DNS lookups for domain ownership checks.
     pub dns: crate::dns::DnsChecker,
+    /// The ACME client, when a CA is configured.
+    pub acme: Option<crate::acme::Acme>,
+    /// Wakes the domains worker (a domain was just proven).
+    pub domain_wake: Notify,
 }
 
 pub type AppRef = Arc<App>;
@@ -214,6 +232,7 @@ impl App {
     ) -> AppRef {
         use sha2::Digest;
         let cfg_dns = cfg.dns_nameservers.clone();
+        let cfg_acme = cfg.acme.clone();
         Arc::new(App {
             cfg,
             db,
@@ -234,6 +253,8 @@ impl App {
             archives,
             stripe,
             dns: crate::dns::DnsChecker::new(&cfg_dns),
+            acme: cfg_acme.map(crate::acme::Acme::new),
+            domain_wake: Notify::new(),
         })
     }
 }

@@ -2,6 +2,7 @@
 //! schedulers), housekeeping, and the other schedulers' events.
 
 pub mod backups;
+pub mod domains;
 pub mod janitor;
 pub mod migrations;
 pub mod peer_events;

@@ -6,7 +6,7 @@
 use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
-use crate::app::AppRef;
+use crate::app::{App, AppRef};
 use crate::audit::audit;
 use crate::error::{Error, Result};
 use crate::model::{InstanceStatus, Tier};
@@ -16,11 +16,14 @@ use crate::model::{InstanceStatus, Tier};
 pub struct Changed {
     pub from: Tier,
     pub node: Option<String>,
+    /// Custom domains the change switched off or on, for the edges.
+    pub routes: Vec<clawdeploy_proto::RouteDelta>,
 }
 
 /// Sets the instance's tier inside the caller's transaction. A no-op when
 /// it already has it.
 pub async fn set_tier_in(
+    app: &App,
     tx: &mut Transaction<'_, Postgres>,
     instance_id: Uuid,
     tier: Tier,
@@ -45,7 +48,11 @@ pub async fn set_tier_in(
         });
     }
     if from == tier {
-        return Ok(Changed { from, node: None });
+        return Ok(Changed {
+            from,
+            node: None,
+            routes: Vec::new(),
+        });
     }
     let plan = tier.plan();
     sqlx::query("UPDATE instances SET tier = $2 WHERE id = $1")
@@ -71,8 +78,9 @@ pub async fn set_tier_in(
         serde_json::json!({"from": from, "to": tier}),
     )
     .await;
+    let routes = crate::routes::custom::plan_changed(app, tx, instance_id, plan.custom_domains).await?;
     tracing::info!(%instance_id, ?from, to = ?tier, "tier changed; resizing the container in place");
-    Ok(Changed { from, node })
+    Ok(Changed { from, node, routes })
 }
 
 /// The account's live instance, if it has one.
@@ -94,8 +102,9 @@ pub async fn live_instance_of(
 /// node; returns the tier it had.
 pub async fn set_tier(app: &AppRef, instance_id: Uuid, tier: Tier, actor: &str) -> Result<Tier> {
     let mut tx = app.db.begin().await?;
-    let changed = set_tier_in(&mut tx, instance_id, tier, actor).await?;
+    let changed = set_tier_in(app, &mut tx, instance_id, tier, actor).await?;
     tx.commit().await?;
+    crate::routes::broadcast(app, changed.routes, None).await;
     if let Some(node) = &changed.node {
         crate::agents::desired::bump_and_push(app, node).await?;
     }

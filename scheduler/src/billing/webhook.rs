@@ -12,7 +12,7 @@ use sqlx::{Postgres, Transaction};
 use stripe_webhook::{EventObject, Webhook, WebhookError};
 use uuid::Uuid;
 
-use super::tier::{live_instance_of, set_tier_in};
+use super::tier::{live_instance_of, set_tier_in, Changed};
 use crate::app::AppRef;
 use crate::audit::audit;
 use crate::error::{Error, Result};
@@ -110,7 +110,7 @@ async fn apply(app: &AppRef, event: &stripe_webhook::Event) -> Result<Outcome> {
     if fresh.is_none() {
         return Ok(Outcome::Duplicate);
     }
-    let mut node = None;
+    let mut changed = None;
     let outcome = match &event.data.object {
         EventObject::CheckoutSessionCompleted(s) => {
             let account = s
@@ -128,7 +128,7 @@ async fn apply(app: &AppRef, event: &stripe_webhook::Event) -> Result<Outcome> {
                 &event.data.object,
                 EventObject::CustomerSubscriptionDeleted(_)
             );
-            subscription(app, &mut tx, sub, deleted, created, &mut node).await?
+            subscription(app, &mut tx, sub, deleted, created, &mut changed).await?
         }
         EventObject::InvoicePaymentFailed(inv) | EventObject::InvoicePaid(inv) => {
             let paid = matches!(&event.data.object, EventObject::InvoicePaid(_));
@@ -143,8 +143,11 @@ async fn apply(app: &AppRef, event: &stripe_webhook::Event) -> Result<Outcome> {
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
-    if let Some(node) = node {
-        crate::agents::desired::bump_and_push(app, &node).await?;
+    if let Some(changed) = changed {
+        crate::routes::broadcast(app, changed.routes, None).await;
+        if let Some(node) = changed.node {
+            crate::agents::desired::bump_and_push(app, &node).await?;
+        }
     }
     Ok(outcome)
 }
@@ -214,7 +217,7 @@ async fn subscription(
     sub: &stripe_shared::Subscription,
     deleted: bool,
     created: DateTime<Utc>,
-    node: &mut Option<String>,
+    changed: &mut Option<Changed>,
 ) -> Result<Outcome> {
     use stripe_shared::{CancellationDetailsReason, SubscriptionStatus};
     let Some(account) = account_of(tx, sub.customer.id().as_str(), Some(sub.id.as_str())).await?
@@ -273,7 +276,7 @@ async fn subscription(
     .await?;
     if tier != account.tier {
         if let Some(instance) = live_instance_of(tx, account.user_id).await? {
-            *node = set_tier_in(tx, instance, tier, "stripe").await?.node;
+            *changed = Some(set_tier_in(app, tx, instance, tier, "stripe").await?);
         }
     }
     audit(
@@ -366,14 +369,10 @@ pub async fn end_grace(app: &AppRef) -> Result<usize> {
     )
     .fetch_all(&mut *tx)
     .await?;
-    let mut nodes = Vec::new();
+    let mut changes = Vec::new();
     for user in &ended {
         if let Some(instance) = live_instance_of(&mut tx, *user).await? {
-            nodes.extend(
-                set_tier_in(&mut tx, instance, Tier::Free, "billing")
-                    .await?
-                    .node,
-            );
+            changes.push(set_tier_in(app, &mut tx, instance, Tier::Free, "billing").await?);
         }
         audit(
             &mut *tx,
@@ -385,8 +384,11 @@ pub async fn end_grace(app: &AppRef) -> Result<usize> {
         .await;
     }
     tx.commit().await?;
-    for node in nodes {
-        crate::agents::desired::bump_and_push(app, &node).await?;
+    for changed in changes {
+        crate::routes::broadcast(app, changed.routes, None).await;
+        if let Some(node) = changed.node {
+            crate::agents::desired::bump_and_push(app, &node).await?;
+        }
     }
     Ok(ended.len())
 }

@@ -33,6 +33,16 @@ pub mod aad {
         format!("idempotency:{user_id}:{key}")
     }
 
+    /// A custom domain certificate's private key (sealed under the KEK).
+    pub fn domain_key(instance_id: Uuid, hostname: &str) -> String {
+        format!("domain:{instance_id}:{hostname}:key")
+    }
+
+    /// The ACME account's credentials (sealed under the KEK).
+    pub fn acme_account(directory_url: &str) -> String {
+        format!("acme-account:{directory_url}")
+    }
+
     /// An instance's data key (wrapped by the KEK).
     pub fn data_key(instance_id: Uuid) -> String {
         format!("dek:{instance_id}")

@@ -1,8 +1,18 @@
-//! Customers' own domains: which hostnames may be added (`hostname`), and
-//! adding, listing and removing them with the DNS records to create.
-//! Ownership checks, certificates and serving come next (issue 15).
+//! Customers' own domains: which hostnames may be added (`hostname`);
+//! adding, listing, verifying and removing them (here); certificates by
+//! ACME (`issue`, over the `acme` client) and the periodic ownership check (`recheck`).
+//! Serving is the route table's: `routes::custom`.
+//!
+//! States: `pending_dns` until the TXT record proves the name, `verified`,
+//! `issuing` while an order runs, `active` when served, `renewing` while a
+//! renewal order runs (still served), `failed` (the CA's reason; retried
+//! with backoff), `off` (the plan or the records; `off_cause` says which).
+//! Several accounts may claim a name while unproven; the first to prove it
+//! owns it, and a later proof by another account moves it.
 
 pub mod hostname;
+pub mod issue;
+pub mod recheck;
 
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
@@ -12,6 +22,7 @@ use crate::audit::audit;
 use crate::crypto::random_token;
 use crate::error::{Error, Result};
 use crate::model::{DomainState, InstanceStatus, Tier};
+use crate::routes;
 
 /// A `domains` row.
 #[derive(Clone, Debug, sqlx::FromRow)]
@@ -31,13 +42,24 @@ pub struct Record {
     pub value: String,
 }
 
+/// The TXT record that proves ownership of `hostname`.
+pub fn challenge_name(hostname: &str) -> String {
+    format!("_clawdeploy-challenge.{hostname}")
+}
+
+/// Counts one ownership check.
+fn count_check(proven: bool) {
+    metrics::counter!("clawdeploy_domain_checks_total", "result" => if proven { "found" } else { "missing" })
+        .increment(1);
+}
+
 /// The records that prove and point `hostname`: the TXT with its token,
 /// and a CNAME to the instance's own host, or A/AAAA records to the edges
 /// for an apex (a name of two labels), where a CNAME is not allowed.
 pub fn records(app: &App, d: &Domain, subdomain: &str) -> Vec<Record> {
     let mut out = vec![Record {
         kind: "TXT",
-        name: format!("_clawdeploy-challenge.{}", d.hostname),
+        name: challenge_name(&d.hostname),
         value: d.token.clone(),
     }];
     if d.hostname.split('.').count() == 2 {
@@ -88,25 +110,20 @@ pub async fn add(app: &App, user_id: Uuid, raw: &str) -> Result<(Domain, String)
         .bind(instance)
         .execute(&mut *tx)
         .await?;
-    let owner: Option<Uuid> =
-        sqlx::query_scalar("SELECT instance_id FROM domains WHERE hostname = $1")
-            .bind(&hostname)
-            .fetch_optional(&mut *tx)
-            .await?;
-    match owner {
-        Some(i) if i == instance => {
-            return Err(Error::Conflict {
-                code: "domain_exists",
-                message: format!("{hostname} is already on this instance"),
-            })
-        }
-        Some(_) => {
-            return Err(Error::Conflict {
-                code: "hostname_claimed",
-                message: format!("{hostname} is claimed by another account"),
-            })
-        }
-        None => {}
+    // Another account's claim does not stop this one: the name moves only
+    // when this account's TXT check succeeds (see `verify`).
+    let mine: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM domains WHERE hostname = $1 AND instance_id = $2)",
+    )
+    .bind(&hostname)
+    .bind(instance)
+    .fetch_one(&mut *tx)
+    .await?;
+    if mine {
+        return Err(Error::Conflict {
+            code: "domain_exists",
+            message: format!("{hostname} is already on this instance"),
+        });
     }
     let count: i64 = sqlx::query_scalar("SELECT count(*) FROM domains WHERE instance_id = $1")
         .bind(instance)
@@ -135,8 +152,8 @@ pub async fn add(app: &App, user_id: Uuid, raw: &str) -> Result<(Domain, String)
         Error::on_unique(
             e,
             "domains_pkey",
-            "hostname_claimed",
-            "that hostname is claimed",
+            "domain_exists",
+            "that hostname is already on this instance",
         )
     })?;
     audit(
@@ -168,23 +185,27 @@ pub async fn remove(app: &App, user_id: Uuid, raw: &str) -> Result<()> {
     let hostname =
         hostname::normalize(raw, &app.cfg.base_domain).map_err(|_| Error::NotFound("domain"))?;
     let (instance, _, _) = instance_of(app, user_id).await?;
+    let mut tx = app.db.begin().await?;
     let gone = sqlx::query("DELETE FROM domains WHERE hostname = $1 AND instance_id = $2")
         .bind(&hostname)
         .bind(instance)
-        .execute(&app.db)
+        .execute(&mut *tx)
         .await?
         .rows_affected();
     if gone == 0 {
         return Err(Error::NotFound("domain"));
     }
+    let deltas = routes::custom::sync_instance(app, &mut tx, instance).await?;
     audit(
-        &app.db,
+        &mut *tx,
         &format!("user:{user_id}"),
         "domain.remove",
         &hostname,
         serde_json::json!({"instance": instance}),
     )
     .await;
+    tx.commit().await?;
+    routes::broadcast(app, deltas, None).await;
     Ok(())
 }
 
@@ -193,7 +214,12 @@ pub async fn remove(app: &App, user_id: Uuid, raw: &str) -> Result<()> {
 pub async fn verify(app: &App, user_id: Uuid, raw: &str) -> Result<(Domain, String)> {
     let hostname =
         hostname::normalize(raw, &app.cfg.base_domain).map_err(|_| Error::NotFound("domain"))?;
-    let (instance, subdomain, _) = instance_of(app, user_id).await?;
+    let (instance, subdomain, tier) = instance_of(app, user_id).await?;
+    if !tier.plan().custom_domains {
+        return Err(Error::PlanRequired(
+            "custom domains come with the pro and team plans".into(),
+        ));
+    }
     let domain: Domain = sqlx::query_as(&format!(
         "SELECT {COLUMNS} FROM domains WHERE hostname = $1 AND instance_id = $2"
     ))
@@ -202,27 +228,99 @@ pub async fn verify(app: &App, user_id: Uuid, raw: &str) -> Result<(Domain, Stri
     .fetch_optional(&app.db)
     .await?
     .ok_or(Error::NotFound("domain"))?;
-    let name = format!("_clawdeploy-challenge.{hostname}");
+    let name = challenge_name(&hostname);
     let found = app.dns.txt(&name).await?;
     let proven = found.contains(&domain.token);
-    metrics::counter!("clawdeploy_domain_checks_total", "result" => if proven { "found" } else { "missing" })
-        .increment(1);
-    let updated: Domain = if proven {
-        sqlx::query_as(&format!(
-            "UPDATE domains SET state = CASE WHEN state IN ('pending_dns', 'failed', 'off') THEN 'verified' ELSE state END,
-                    reason = '' WHERE hostname = $1 RETURNING {COLUMNS}"
+    count_check(proven);
+    if !proven {
+        let updated: Domain = sqlx::query_as(&format!(
+            "UPDATE domains SET reason = $3 WHERE hostname = $1 AND instance_id = $2 RETURNING {COLUMNS}"
         ))
         .bind(&hostname)
-        .fetch_one(&app.db)
-        .await?
-    } else {
-        sqlx::query_as(&format!(
-            "UPDATE domains SET reason = $2 WHERE hostname = $1 RETURNING {COLUMNS}"
-        ))
-        .bind(&hostname)
+        .bind(instance)
         .bind(format!("the TXT record {name} does not hold the token yet"))
         .fetch_one(&app.db)
-        .await?
-    };
+        .await?;
+        return Ok((updated, subdomain));
+    }
+    let mut tx = app.db.begin().await?;
+    // Proven: another account's hold on the name ends here.
+    let moved_from: Vec<Uuid> = sqlx::query_scalar(
+        "DELETE FROM domains WHERE hostname = $1 AND instance_id <> $2 AND state <> 'pending_dns'
+         RETURNING instance_id",
+    )
+    .bind(&hostname)
+    .bind(instance)
+    .fetch_all(&mut *tx)
+    .await?;
+    // Proven again after a failure or the records' return: a valid
+    // certificate is served at once, otherwise an order starts now. A name
+    // the plan switched off stays off.
+    let updated: Domain = sqlx::query_as(&format!(
+        "UPDATE domains
+            SET state = CASE
+                    WHEN state = 'off' AND off_cause = 'plan' THEN state
+                    WHEN state IN ('pending_dns', 'failed', 'off')
+                         THEN CASE WHEN cert_pem IS NOT NULL AND cert_not_after > now()
+                                   THEN 'active' ELSE 'verified' END
+                    ELSE state END,
+                off_cause = CASE WHEN off_cause = 'plan' THEN off_cause END,
+                reason = CASE WHEN off_cause = 'plan' THEN reason ELSE '' END,
+                attempts = 0, next_attempt_at = now(), checked_at = now()
+          WHERE hostname = $1 AND instance_id = $2 RETURNING {COLUMNS}"
+    ))
+    .bind(&hostname)
+    .bind(instance)
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(|e| {
+        Error::on_unique(
+            e,
+            "domains_owner",
+            "hostname_claimed",
+            "another account proved this hostname at the same moment; verify again",
+        )
+    })?;
+    let mut deltas = Vec::new();
+    for other in &moved_from {
+        deltas.extend(routes::custom::sync_instance(app, &mut tx, *other).await?);
+        audit(
+            &mut *tx,
+            &format!("user:{user_id}"),
+            "domain.moved",
+            &hostname,
+            serde_json::json!({"from": other, "to": instance}),
+        )
+        .await;
+    }
+    deltas.extend(routes::custom::sync_instance(app, &mut tx, instance).await?);
+    tx.commit().await?;
+    routes::broadcast(app, deltas, None).await;
+    app.domain_wake.notify_one();
     Ok((updated, subdomain))
+}
+
+/// Every state's domain count, and how soon the served certificates end:
+/// the soonest expiry (seconds from now) and how many end within 14 days
+/// (renewal runs 30 days before: a count here means renewals fail). No
+/// per-domain labels, so the series stay bounded.
+pub async fn export_gauges(app: &App) -> Result<()> {
+    let counts: Vec<(DomainState, i64)> =
+        sqlx::query_as("SELECT state, count(*) FROM domains GROUP BY state")
+            .fetch_all(&app.db)
+            .await?;
+    for state in DomainState::ALL {
+        let n = counts.iter().find(|(s, _)| *s == state).map_or(0, |c| c.1);
+        metrics::gauge!("clawdeploy_domains", "state" => state.as_str()).set(n as f64);
+    }
+    let (soonest, ending): (Option<f64>, i64) = sqlx::query_as(
+        "SELECT EXTRACT(EPOCH FROM min(cert_not_after) - now())::float8,
+                count(*) FILTER (WHERE cert_not_after < now() + interval '14 days')
+           FROM domains WHERE state IN ('active', 'renewing')",
+    )
+    .fetch_one(&app.db)
+    .await?;
+    metrics::gauge!("clawdeploy_domain_cert_soonest_expiry_seconds").set(soonest.unwrap_or(0.0));
+    metrics::gauge!("clawdeploy_domain_certs_ending_soon").set(ending as f64);
+    Ok(())
 }

@@ -267,7 +267,8 @@ pub async fn attach(
     .fetch_optional(&mut **tx)
     .await?;
     if let Some(tier) = paid {
-        crate::billing::tier::set_tier_in(tx, instance_id, tier, "billing").await?;
+        // A new instance has no custom domains: no route changes to send.
+        crate::billing::tier::set_tier_in(app, tx, instance_id, tier, "billing").await?;
     }
     Ok(Attached {
         tier: paid.unwrap_or(Tier::Free),
@@ -435,13 +436,15 @@ pub async fn complete(
         .bind(instance_id)
         .execute(&mut *tx)
         .await?;
-    let delta = routes::upsert(
+    let deltas = routes::upsert(
+        app,
         &mut tx,
         Route {
             hostname: app.cfg.host_of(&subdomain),
             upstream,
             instance_id: instance_id.to_string(),
             container_id: container_id.to_string(),
+            ..Route::default()
         },
     )
     .await?;
@@ -455,7 +458,7 @@ pub async fn complete(
     .await;
     tx.commit().await?;
     let _ = app.instance_ready.send(instance_id);
-    routes::broadcast(app, vec![delta], Some(instance_id)).await;
+    routes::broadcast(app, deltas, Some(instance_id)).await;
     let took = (chrono::Utc::now() - created_at)
         .num_microseconds()
         .unwrap_or(0) as f64

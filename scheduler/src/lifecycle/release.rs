@@ -51,6 +51,11 @@ pub async fn release(app: &AppRef, user_id: Uuid) -> Result<Released> {
         node_id,
     } = row.ok_or(Error::NotFound("instance"))?;
     let removed = routes::remove_for_instance(&mut tx, instance_id).await?;
+    // Its custom domains go with it: the names are free for their next owner.
+    sqlx::query("DELETE FROM domains WHERE instance_id = $1")
+        .bind(instance_id)
+        .execute(&mut *tx)
+        .await?;
     sqlx::query("UPDATE instances SET status = 'deleting', released_at = now() WHERE id = $1")
         .bind(instance_id)
         .execute(&mut *tx)

@@ -128,13 +128,15 @@ async fn switch(app: &AppRef, m: &Migration, p: &Progress) -> Result<()> {
         .bind(m.source_container)
         .execute(&mut *tx)
         .await?;
-    let delta = routes::upsert(
+    let deltas = routes::upsert(
+        app,
         &mut tx,
         Route {
             hostname: app.cfg.host_of(&p.subdomain),
             upstream: p.target_upstream.clone(),
             instance_id: m.instance_id.to_string(),
             container_id: m.target_container.to_string(),
+            ..Route::default()
         },
     )
     .await?;
@@ -147,9 +149,11 @@ async fn switch(app: &AppRef, m: &Migration, p: &Progress) -> Result<()> {
     )
     .await;
     tx.commit().await?;
-    let version = routes::RouteVersion::from_wire(delta.version);
-    routes::broadcast(app, vec![delta], None).await;
-    routes::wait_edges(app, m.instance_id, version).await;
+    let version = routes::custom::newest(&deltas);
+    routes::broadcast(app, deltas, None).await;
+    if let Some(version) = version {
+        routes::wait_edges(app, m.instance_id, version).await;
+    }
     // Customer-visible downtime: from the source's stop to the switch.
     let downtime = (Utc::now() - m.created_at).to_std().unwrap_or_default();
     metrics::histogram!("clawdeploy_migration_downtime_seconds").record(downtime.as_secs_f64());

@@ -1,6 +1,9 @@
-//! Edge routes: `<subdomain>.<base_domain>` → container upstream. Every change
-//! takes a fresh version from one sequence so edges can order changes per
-//! host; deltas are broadcast only after their transaction commits.
+//! Edge routes: `<subdomain>.<base_domain>` → container upstream, and the
+//! customers' own hostnames (`custom`) next to them. Every change takes a
+//! fresh version from one sequence so edges can order changes per host;
+//! deltas are broadcast only after their transaction commits.
+
+pub mod custom;
 
 use std::sync::atomic::Ordering;
 
@@ -19,25 +22,32 @@ struct RouteRow {
     hostname: String,
     upstream: String,
     instance_id: Uuid,
-    container_id: Uuid,
+    /// `None`: a custom hostname that only answers its ACME challenge.
+    container_id: Option<Uuid>,
     version: RouteVersion,
     removed: bool,
+    custom: bool,
 }
 
 impl RouteRow {
-    fn route(&self) -> Route {
-        Route {
+    fn route(&self, tls: &custom::TlsOf) -> Route {
+        let mut r = Route {
             hostname: self.hostname.clone(),
             upstream: self.upstream.clone(),
             instance_id: self.instance_id.to_string(),
-            container_id: self.container_id.to_string(),
+            container_id: self.container_id.map(|c| c.to_string()).unwrap_or_default(),
+            ..Route::default()
+        };
+        if self.custom {
+            tls.fill(&mut r);
         }
+        r
     }
 
-    fn delta(self) -> RouteDelta {
+    fn delta(self, tls: &custom::TlsOf) -> RouteDelta {
         RouteDelta {
             version: self.version.wire(),
-            upsert: (!self.removed).then(|| self.route()),
+            upsert: (!self.removed).then(|| self.route(tls)),
             removed_hostname: if self.removed {
                 self.hostname
             } else {
@@ -48,38 +58,77 @@ impl RouteRow {
     }
 }
 
+/// Deltas for `rows`, with the certificates and challenges their custom
+/// hostnames carry.
+async fn deltas_of(app: &App, rows: Vec<RouteRow>) -> Result<Vec<RouteDelta>> {
+    let tls = custom::TlsOf::load(app, &rows).await?;
+    Ok(rows.into_iter().map(|r| r.delta(&tls)).collect())
+}
+
 const ROUTE_COLUMNS: &str =
-    "hostname, upstream, instance_id, container_id, version, removed_at IS NOT NULL AS removed";
+    "hostname, upstream, instance_id, container_id, version, removed_at IS NOT NULL AS removed, custom";
 
 /// How long a route change waits for the edges to apply it.
 const EDGE_ACK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Upserts a route inside the caller's transaction; the caller broadcasts
-/// the returned delta after committing.
-pub async fn upsert(tx: &mut Transaction<'_, Postgres>, route: Route) -> Result<RouteDelta> {
+/// Upserts an instance's own route inside the caller's transaction, and
+/// brings its custom hostnames along (they follow it to a new container).
+/// The caller broadcasts the returned deltas after committing; the first
+/// is the instance's own.
+pub async fn upsert(
+    app: &App,
+    tx: &mut Transaction<'_, Postgres>,
+    route: Route,
+) -> Result<Vec<RouteDelta>> {
     let instance_id: Uuid = route.instance_id.parse().map_err(Error::internal)?;
     let container_id: Uuid = route.container_id.parse().map_err(Error::internal)?;
-    let version: RouteVersion = sqlx::query_scalar(
-        "INSERT INTO routes (hostname, instance_id, container_id, upstream, version)
-         VALUES ($1, $2, $3, $4, nextval('route_version'))
-         ON CONFLICT (hostname) DO UPDATE
-            SET instance_id = EXCLUDED.instance_id, container_id = EXCLUDED.container_id,
-                upstream = EXCLUDED.upstream, version = EXCLUDED.version,
-                removed_at = NULL
-         RETURNING version",
+    let version = upsert_row(
+        tx,
+        &route.hostname,
+        instance_id,
+        Some(container_id),
+        &route.upstream,
+        None,
     )
-    .bind(&route.hostname)
-    .bind(instance_id)
-    .bind(container_id)
-    .bind(&route.upstream)
-    .fetch_one(&mut **tx)
     .await?;
-    Ok(RouteDelta {
+    let mut deltas = vec![RouteDelta {
         version: version.wire(),
         upsert: Some(route),
         removed_hostname: String::new(),
         published_unix_ms: 0,
-    })
+    }];
+    deltas.extend(custom::sync_instance(app, tx, instance_id).await?);
+    Ok(deltas)
+}
+
+/// Inserts or replaces the route of `hostname` with a fresh version.
+/// `custom` carries a custom hostname's TLS fingerprint.
+async fn upsert_row(
+    tx: &mut Transaction<'_, Postgres>,
+    hostname: &str,
+    instance_id: Uuid,
+    container_id: Option<Uuid>,
+    upstream: &str,
+    custom: Option<&str>,
+) -> Result<RouteVersion> {
+    Ok(sqlx::query_scalar(
+        "INSERT INTO routes (hostname, instance_id, container_id, upstream, version, custom, tls_fingerprint)
+         VALUES ($1, $2, $3, $4, nextval('route_version'), $5, $6)
+         ON CONFLICT (hostname) DO UPDATE
+            SET instance_id = EXCLUDED.instance_id, container_id = EXCLUDED.container_id,
+                upstream = EXCLUDED.upstream, version = EXCLUDED.version,
+                custom = EXCLUDED.custom, tls_fingerprint = EXCLUDED.tls_fingerprint,
+                removed_at = NULL
+         RETURNING version",
+    )
+    .bind(hostname)
+    .bind(instance_id)
+    .bind(container_id)
+    .bind(upstream)
+    .bind(custom.is_some())
+    .bind(custom.unwrap_or_default())
+    .fetch_one(&mut **tx)
+    .await?)
 }
 
 /// Points the routes of `container_id` at its new address (Docker gave a
@@ -98,7 +147,7 @@ pub async fn repoint(app: &App, container_id: Uuid, upstream: &str) -> Result<()
     for r in &rows {
         tracing::info!(hostname = r.hostname, %container_id, upstream, "route follows the container to its new address");
     }
-    let deltas: Vec<RouteDelta> = rows.into_iter().map(RouteRow::delta).collect();
+    let deltas = deltas_of(app, rows).await?;
     broadcast(app, deltas, None).await;
     Ok(())
 }
@@ -140,9 +189,10 @@ pub async fn snapshot(app: &App) -> Result<RouteSnapshot> {
     let version: RouteVersion = sqlx::query_scalar("SELECT COALESCE(max(version), 0) FROM routes")
         .fetch_one(&app.db)
         .await?;
+    let tls = custom::TlsOf::load(app, &rows).await?;
     Ok(RouteSnapshot {
         version: version.wire(),
-        routes: rows.iter().map(RouteRow::route).collect(),
+        routes: rows.iter().map(|r| r.route(&tls)).collect(),
     })
 }
 
@@ -161,7 +211,9 @@ pub async fn remove_for_instance(
     .bind(instance_id)
     .fetch_all(&mut **tx)
     .await?;
-    Ok(rows.into_iter().map(RouteRow::delta).collect())
+    // Removals carry no certificate.
+    let none = custom::TlsOf::default();
+    Ok(rows.into_iter().map(|r| r.delta(&none)).collect())
 }
 
 /// The committed route changes `filter` selects (over `arg`), as deltas in
@@ -176,7 +228,7 @@ where
     .bind(arg)
     .fetch_all(&app.db)
     .await?;
-    Ok(rows.into_iter().map(RouteRow::delta).collect())
+    deltas_of(app, rows).await
 }
 
 /// Waits (bounded) until every edge watching this scheduler has applied
@@ -194,7 +246,7 @@ pub async fn wait_edges(app: &App, instance_id: Uuid, version: RouteVersion) {
 /// The version of the instance's live route, if it has one.
 pub async fn live_version(db: &PgPool, instance_id: Uuid) -> Result<Option<RouteVersion>> {
     Ok(sqlx::query_scalar(
-        "SELECT version FROM routes WHERE instance_id = $1 AND removed_at IS NULL",
+        "SELECT version FROM routes WHERE instance_id = $1 AND NOT custom AND removed_at IS NULL",
     )
     .bind(instance_id)
     .fetch_optional(db)

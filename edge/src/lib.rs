@@ -87,10 +87,12 @@ pub async fn serve(
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    let handle = clawdeploy_common::metrics::install(telemetry::CATALOG, telemetry::BUCKETS)?;
+    let table = Arc::new(routes::RouteTable::load(cfg.cache_file));
     let tls = match (cfg.certs.is_empty(), &listeners.https) {
         (true, None) => None,
         (false, Some(l)) => {
-            let store = tls::CertStore::load(cfg.certs.clone())?;
+            let store = tls::CertStore::load(cfg.certs.clone(), Some(table.clone()))?;
             let port = match cfg.public_https_port {
                 Some(p) => p,
                 None => l
@@ -111,8 +113,6 @@ pub async fn serve(
             ))
         }
     };
-    let handle = clawdeploy_common::metrics::install(telemetry::CATALOG, telemetry::BUCKETS)?;
-    let table = Arc::new(routes::RouteTable::load(cfg.cache_file));
     let mut background = vec![
         tokio::spawn(watch::run(cfg.watch, table.clone())),
         tokio::spawn(table.clone().persist_changes()),

@@ -1,12 +1,14 @@
 //! The edge's route table: exact host → upstream, ordered per host by the
 //! scheduler's route versions (a late, older delta never overrides a newer
-//! one; removals leave a tombstone). Persisted to a cache file shortly after
-//! changes (coalesced, off the watch path), so a restarted edge serves its
-//! last table while the scheduler is away.
+//! one; removals leave a tombstone). A customer's own hostname also carries
+//! its certificate and, while an order is open, its ACME HTTP-01 answer.
+//! Persisted to a cache file (mode 0600: it holds those certificates' keys)
+//! shortly after changes (coalesced, off the watch path), so a restarted
+//! edge serves its last table while the scheduler is away.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 use clawdeploy_proto::{Route, RouteDelta, RouteSnapshot};
 use serde::{Deserialize, Serialize};
@@ -18,30 +20,70 @@ pub struct Target {
     pub container_id: String,
 }
 
+/// A custom hostname's certificate, as PEM (parsed by `tls` on first use).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertPem {
+    pub chain: String,
+    pub key: String,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Entry {
     version: u64,
     /// `None`: removed at `version` (tombstone).
     target: Option<Target>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cert: Option<Arc<CertPem>>,
+    /// ACME HTTP-01: token → key authorization.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    challenges: Vec<(String, String)>,
 }
 
 #[derive(Default, Serialize, Deserialize)]
 struct Table {
     version: u64,
     hosts: HashMap<String, Entry>,
-    /// container id → upstream address, for the connector (rebuilt on load).
+    /// container id → upstream address and how many hosts name it (an
+    /// instance's subdomain and its custom domains share a container), for
+    /// the connector (rebuilt on load).
     #[serde(skip)]
-    containers: HashMap<String, String>,
+    containers: HashMap<String, (String, usize)>,
 }
 
 impl Table {
     fn index(&mut self) {
-        self.containers = self
+        self.containers = HashMap::new();
+        let targets: Vec<Target> = self
             .hosts
             .values()
-            .filter_map(|e| e.target.as_ref())
-            .map(|t| (t.container_id.clone(), t.upstream.clone()))
+            .filter_map(|e| e.target.clone())
             .collect();
+        for t in &targets {
+            self.name_container(t);
+        }
+    }
+
+    /// One more host routes to `t`'s container, at `t`'s address.
+    fn name_container(&mut self, t: &Target) {
+        if t.container_id.is_empty() {
+            return;
+        }
+        let e = self
+            .containers
+            .entry(t.container_id.clone())
+            .or_insert_with(|| (String::new(), 0));
+        e.0.clone_from(&t.upstream);
+        e.1 += 1;
+    }
+
+    /// One host fewer routes to `container_id`.
+    fn forget_container(&mut self, container_id: &str) {
+        if let Some(e) = self.containers.get_mut(container_id) {
+            e.1 -= 1;
+            if e.1 == 0 {
+                self.containers.remove(container_id);
+            }
+        }
     }
 }
 
@@ -70,14 +112,29 @@ pub fn normalize_host(raw: &str) -> Option<String> {
     ok.then_some(host)
 }
 
-fn target_of(r: Route) -> Option<(String, Target)> {
+/// The entry a route makes at `version`.
+fn entry_of(r: Route, version: u64) -> Option<(String, Entry)> {
     let host = normalize_host(&r.hostname)?;
     Some((
         host,
-        Target {
-            upstream: r.upstream,
-            instance_id: r.instance_id,
-            container_id: r.container_id,
+        Entry {
+            version,
+            cert: r.certificate.map(|c| {
+                Arc::new(CertPem {
+                    chain: c.chain_pem,
+                    key: c.key_pem,
+                })
+            }),
+            challenges: r
+                .acme_challenges
+                .into_iter()
+                .map(|c| (c.token, c.key_authorization))
+                .collect(),
+            target: Some(Target {
+                upstream: r.upstream,
+                instance_id: r.instance_id,
+                container_id: r.container_id,
+            }),
         },
     ))
 }
@@ -108,13 +165,37 @@ impl RouteTable {
         t
     }
 
+    /// Where requests for `host` go. A hostname known only for its ACME
+    /// challenge (no container) routes nothing.
     pub fn lookup(&self, host: &str) -> Option<Target> {
         self.table
             .read()
             .unwrap()
             .hosts
             .get(host)
-            .and_then(|e| e.target.clone())
+            .and_then(|e| e.target.as_ref())
+            .filter(|t| !t.container_id.is_empty())
+            .cloned()
+    }
+
+    /// The key authorization for ACME HTTP-01 `token` on `host`.
+    pub fn challenge(&self, host: &str, token: &str) -> Option<String> {
+        let t = self.table.read().unwrap();
+        let e = t.hosts.get(host)?;
+        e.target.as_ref()?;
+        e.challenges
+            .iter()
+            .find(|(t, _)| t == token)
+            .map(|(_, k)| k.clone())
+    }
+
+    /// The certificate of custom hostname `host`, with the version that set
+    /// it (a new version is a renewed certificate).
+    pub fn certificate(&self, host: &str) -> Option<(u64, Arc<CertPem>)> {
+        let t = self.table.read().unwrap();
+        let e = t.hosts.get(host)?;
+        e.target.as_ref()?;
+        e.cert.clone().map(|c| (e.version, c))
     }
 
     /// The address of `container_id`, when a route names it.
@@ -124,7 +205,7 @@ impl RouteTable {
             .unwrap()
             .containers
             .get(container_id)
-            .cloned()
+            .map(|(upstream, _)| upstream.clone())
     }
 
     /// Wakes on every change to the table.
@@ -154,16 +235,7 @@ impl RouteTable {
         let hosts = snap
             .routes
             .into_iter()
-            .filter_map(target_of)
-            .map(|(h, t)| {
-                (
-                    h,
-                    Entry {
-                        version: snap.version,
-                        target: Some(t),
-                    },
-                )
-            })
+            .filter_map(|r| entry_of(r, snap.version))
             .collect();
         let mut table = Table {
             version: snap.version,
@@ -177,16 +249,25 @@ impl RouteTable {
 
     /// Applies a delta unless the host already has a newer version.
     pub fn apply_delta(&self, d: RouteDelta) {
-        let (host, target) = match d.upsert {
-            Some(r) => match target_of(r) {
-                Some((h, t)) => (h, Some(t)),
+        let (host, entry) = match d.upsert {
+            Some(r) => match entry_of(r, d.version) {
+                Some(found) => found,
                 None => return,
             },
             None => match normalize_host(&d.removed_hostname) {
-                Some(h) => (h, None),
+                Some(h) => (
+                    h,
+                    Entry {
+                        version: d.version,
+                        target: None,
+                        cert: None,
+                        challenges: Vec::new(),
+                    },
+                ),
                 None => return,
             },
         };
+        let target = entry.target.clone();
         {
             let mut t = self.table.write().unwrap();
             if t.hosts.get(&host).is_some_and(|e| e.version > d.version) {
@@ -194,21 +275,10 @@ impl RouteTable {
             }
             t.version = t.version.max(d.version);
             if let Some(new) = &target {
-                t.containers
-                    .insert(new.container_id.clone(), new.upstream.clone());
+                t.name_container(new);
             }
-            let old = t.hosts.insert(
-                host,
-                Entry {
-                    version: d.version,
-                    target: target.clone(),
-                },
-            );
-            let old_container = old.and_then(|e| e.target).map(|o| o.container_id);
-            if let Some(c) =
-                old_container.filter(|c| target.as_ref().is_none_or(|n| &n.container_id != c))
-            {
-                t.containers.remove(&c);
+            if let Some(old) = t.hosts.insert(host, entry).and_then(|e| e.target) {
+                t.forget_container(&old.container_id);
             }
         }
         self.changed();
@@ -270,6 +340,7 @@ mod tests {
             upstream: up.into(),
             instance_id: "i".into(),
             container_id: "c".into(),
+            ..Route::default()
         }
     }
 

@@ -1,13 +1,15 @@
 //! Accept loops for the public listeners: per-address connection limits,
 //! the TLS handshake (bounded by the header timeout), HTTP/1.1 and HTTP/2 on
-//! one socket, the idle timeout, and, on the plain listener when TLS is on,
-//! the redirect to HTTPS.
+//! one socket, the idle timeout, ACME HTTP-01 answers on the plain
+//! listener, and, on the plain listener when TLS is on, the redirect to
+//! HTTPS.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::{header, HeaderValue, Request, Response, StatusCode};
+use http_body_util::BodyExt;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -91,6 +93,42 @@ fn redirect<B>(req: &Request<B>, https_port: u16) -> Response<Body> {
     resp
 }
 
+const ACME_PREFIX: &str = "/.well-known/acme-challenge/";
+
+/// The answer to an ACME HTTP-01 request, when `req` is one: the key
+/// authorization the route table holds for its host and token, or 404.
+fn acme_answer<B>(proxy: &Proxy, req: &Request<B>) -> Option<Response<Body>> {
+    let token = req.uri().path().strip_prefix(ACME_PREFIX)?;
+    let host = request_host(req).as_deref().and_then(normalize_host);
+    let found = host.and_then(|h| proxy.routes.challenge(&h, token));
+    let outcome = if found.is_some() {
+        "answered"
+    } else {
+        "unknown"
+    };
+    metrics::counter!("clawdeploy_edge_acme_challenges_total", "result" => outcome).increment(1);
+    Some(match found {
+        Some(key_auth) => {
+            let mut r = Response::new(
+                http_body_util::Full::new(bytes::Bytes::from(key_auth))
+                    .map_err(|never| match never {})
+                    .boxed(),
+            );
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            r
+        }
+        None => error_page(
+            req.headers(),
+            StatusCode::NOT_FOUND,
+            "unknown_challenge",
+            "No such ACME challenge here.",
+        ),
+    })
+}
+
 /// Accepts connections on `listener` until `shutdown` flips.
 pub async fn serve(
     front: Arc<Front>,
@@ -162,9 +200,16 @@ async fn serve_connection<I>(
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let proxy = front.proxy.clone();
+    let plain = proto == "http";
     let service = hyper::service::service_fn(move |req| {
         let proxy = proxy.clone();
         async move {
+            // The CA validates over plain HTTP on every edge.
+            if plain {
+                if let Some(answer) = acme_answer(&proxy, &req) {
+                    return Ok(answer);
+                }
+            }
             match mode {
                 Mode::Proxy => proxy.handle(req, client, proto).await,
                 Mode::RedirectTo { https_port } => Ok(redirect(&req, https_port)),

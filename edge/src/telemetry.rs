@@ -65,7 +65,12 @@ pub const CATALOG: &[Metric] = &[
     Metric::counter(
         "clawdeploy_edge_tls_reloads_total",
         &["result"],
-        "Certificate files reloaded, by result.",
+        "Certificate files reloaded, by result (error also counts an unusable custom domain certificate).",
+    ),
+    Metric::counter(
+        "clawdeploy_edge_acme_challenges_total",
+        &["result"],
+        "ACME HTTP-01 requests on the plain listener, by result: answered, unknown.",
     ),
     Metric::counter(
         "clawdeploy_edge_tls_handshake_failures_total",

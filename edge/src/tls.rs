@@ -1,11 +1,16 @@
 //! Public TLS: certificate and key pairs from files (a wildcard for
 //! `*.<base_domain>`, and any others), chosen per handshake by SNI, and
-//! reloaded when the files change. A reload swaps what new handshakes get;
+//! reloaded when the files change; and customers' own hostnames'
+//! certificates, which arrive with their routes and are picked first by
+//! exact SNI. A reload or a renewed route swaps what new handshakes get;
 //! connections already up keep the certificate they started with.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
+
+use crate::routes::RouteTable;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -42,6 +47,11 @@ pub struct CertStore {
     files: Vec<CertFiles>,
     loaded: RwLock<Arc<Vec<Loaded>>>,
     stamps: Mutex<Vec<(Stamp, Stamp)>>,
+    /// Custom hostnames' certificates come from here.
+    routes: Option<Arc<RouteTable>>,
+    /// Parsed custom certificates: host → (route version, key). Parsed on
+    /// the first handshake after a route change, then reused.
+    custom: RwLock<HashMap<String, (u64, Arc<CertifiedKey>)>>,
 }
 
 impl std::fmt::Debug for CertStore {
@@ -71,21 +81,32 @@ fn invalid(path: &Path, what: impl std::fmt::Display) -> TlsError {
     }
 }
 
-/// Loads one pair and checks that the key belongs to the certificate.
+/// Loads one pair from files and checks that the key belongs to the
+/// certificate.
 fn load_pair(files: &CertFiles) -> Result<Loaded, TlsError> {
-    let cert_pem = read(&files.cert)?;
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
+    let (cert_pem, key_pem) = (read(&files.cert)?, read(&files.key)?);
+    let (loaded, not_after) = parse_pair(&cert_pem, &key_pem)
+        .map_err(|(in_key, what)| invalid(if in_key { &files.key } else { &files.cert }, what))?;
+    metrics::gauge!("clawdeploy_edge_tls_cert_not_after_seconds", "name" => loaded.names[0].clone())
+        .set(not_after as f64);
+    Ok(loaded)
+}
+
+/// A PEM chain and key as rustls signs with them, the names the leaf
+/// covers and its expiry (Unix seconds). Errors say whether the key
+/// (`true`) or the certificate is at fault.
+fn parse_pair(cert_pem: &[u8], key_pem: &[u8]) -> Result<(Loaded, i64), (bool, String)> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<_, _>>()
-        .map_err(|e| invalid(&files.cert, e))?;
+        .map_err(|e| (false, e.to_string()))?;
     let leaf = chain
         .first()
-        .ok_or_else(|| invalid(&files.cert, "no certificate in the file"))?;
-    let key_der =
-        PrivateKeyDer::from_pem_slice(&read(&files.key)?).map_err(|e| invalid(&files.key, e))?;
+        .ok_or_else(|| (false, "no certificate in the file".to_owned()))?;
+    let key_der = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| (true, e.to_string()))?;
     let signer = rustls::crypto::ring::sign::any_supported_type(&key_der)
-        .map_err(|e| invalid(&files.key, e))?;
+        .map_err(|e| (true, e.to_string()))?;
     let (_, parsed) =
-        x509_parser::parse_x509_certificate(leaf).map_err(|e| invalid(&files.cert, e))?;
+        x509_parser::parse_x509_certificate(leaf).map_err(|e| (false, e.to_string()))?;
     let mut names: Vec<String> = parsed
         .subject_alternative_name()
         .ok()
@@ -105,18 +126,19 @@ fn load_pair(files: &CertFiles) -> Result<Loaded, TlsError> {
         .unwrap_or_default();
     names.dedup();
     if names.is_empty() {
-        return Err(invalid(&files.cert, "the certificate names no DNS host"));
+        return Err((false, "the certificate names no DNS host".into()));
     }
     let not_after = parsed.validity().not_after.timestamp();
     let key = CertifiedKey::new(chain, signer);
     // A half-replaced pair (new certificate, old key) must not go live.
-    key.keys_match().map_err(|e| invalid(&files.key, e))?;
-    metrics::gauge!("clawdeploy_edge_tls_cert_not_after_seconds", "name" => names[0].clone())
-        .set(not_after as f64);
-    Ok(Loaded {
-        names,
-        key: Arc::new(key),
-    })
+    key.keys_match().map_err(|e| (true, e.to_string()))?;
+    Ok((
+        Loaded {
+            names,
+            key: Arc::new(key),
+        },
+        not_after,
+    ))
 }
 
 /// Whether certificate name `pattern` covers `host` (RFC 6125: a wildcard
@@ -131,8 +153,12 @@ fn covers(pattern: &str, host: &str) -> bool {
 }
 
 impl CertStore {
-    /// Loads every pair; fails when any of them is unusable.
-    pub fn load(files: Vec<CertFiles>) -> Result<Arc<Self>, TlsError> {
+    /// Loads every pair; fails when any of them is unusable. Custom
+    /// hostnames' certificates come from `routes`.
+    pub fn load(
+        files: Vec<CertFiles>,
+        routes: Option<Arc<RouteTable>>,
+    ) -> Result<Arc<Self>, TlsError> {
         let stamps = files
             .iter()
             .map(|f| (stamp(&f.cert), stamp(&f.key)))
@@ -148,6 +174,8 @@ impl CertStore {
             files,
             loaded: RwLock::new(Arc::new(loaded)),
             stamps: Mutex::new(stamps),
+            routes,
+            custom: RwLock::new(HashMap::new()),
         }))
     }
 
@@ -206,8 +234,49 @@ impl CertStore {
     }
 }
 
+impl CertStore {
+    /// The certificate a custom hostname's route carries, parsed once per
+    /// route version. Never issued here: only what the scheduler sent.
+    fn custom_cert(&self, sni: &str) -> Option<Arc<CertifiedKey>> {
+        let (version, pem) = self.routes.as_ref()?.certificate(sni)?;
+        if let Some((v, key)) = self.custom.read().unwrap().get(sni) {
+            if *v == version {
+                return Some(key.clone());
+            }
+        }
+        match parse_pair(pem.chain.as_bytes(), pem.key.as_bytes()) {
+            Ok((loaded, _)) => {
+                let mut custom = self.custom.write().unwrap();
+                // Hosts whose routes went away leave the cache with them.
+                if custom.len() > 64 {
+                    let routes = self.routes.as_ref()?;
+                    custom.retain(|h, _| routes.certificate(h).is_some());
+                }
+                custom.insert(sni.to_owned(), (version, loaded.key.clone()));
+                Some(loaded.key)
+            }
+            Err((_, what)) => {
+                metrics::counter!("clawdeploy_edge_tls_reloads_total", "result" => "error")
+                    .increment(1);
+                tracing::warn!(
+                    host = sni,
+                    error = what,
+                    "a custom domain's certificate is unusable"
+                );
+                None
+            }
+        }
+    }
+}
+
 impl ResolvesServerCert for CertStore {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        if let Some(key) = hello
+            .server_name()
+            .and_then(|sni| self.custom_cert(&sni.to_ascii_lowercase()))
+        {
+            return Some(key);
+        }
         let loaded = self.loaded.read().unwrap().clone();
         let by_name = hello.server_name().and_then(|sni| {
             let sni = sni.to_ascii_lowercase();

@@ -95,6 +95,7 @@ mod tests {
             upstream: upstream.into(),
             instance_id: "i".into(),
             container_id: "c1".into(),
+            ..Route::default()
         }
     }
 

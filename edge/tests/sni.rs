@@ -85,7 +85,7 @@ async fn sni_picks_the_pair_that_covers_the_name() {
     std::fs::create_dir_all(&dir).unwrap();
     let (one, one_der) = pair(&dir, "one", &["*.one.test", "one.test"]);
     let (two, two_der) = pair(&dir, "two", &["*.two.test"]);
-    let store = CertStore::load(vec![one, two]).unwrap();
+    let store = CertStore::load(vec![one, two], None).unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(store.server_config().unwrap());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -119,7 +119,7 @@ fn a_key_that_does_not_match_its_certificate_is_refused() {
         cert: one.cert,
         key: two.key,
     };
-    let err = CertStore::load(vec![mixed]).unwrap_err();
+    let err = CertStore::load(vec![mixed], None).unwrap_err();
     assert!(err.to_string().contains("two.key.pem"), "{err}");
     std::fs::remove_dir_all(dir).ok();
 }

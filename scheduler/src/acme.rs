@@ -159,7 +159,11 @@ impl Acme {
                 .execute(db)
                 .await
                 .map_err(crate::error::Error::from)?;
-                tracing::info!(directory = url, account = account.id(), "ACME account created");
+                tracing::info!(
+                    directory = url,
+                    account = account.id(),
+                    "ACME account created"
+                );
                 account
             }
         };
@@ -258,10 +262,7 @@ async fn challenge_error(order: &mut instant_acme::Order) -> String {
         if let Ok(state) = a.refresh().await {
             for c in &state.challenges {
                 if let Some(p) = &c.error {
-                    return p
-                        .detail
-                        .clone()
-                        .unwrap_or_else(|| p.to_string());
+                    return p.detail.clone().unwrap_or_else(|| p.to_string());
                 }
             }
         }

@@ -229,7 +229,11 @@ struct ServeArgs {
     #[arg(long, env = "CLAWDEPLOY_ACME_ORDERS_PER_HOUR", default_value_t = 100)]
     acme_orders_per_hour: u32,
     /// ACME orders per hour for one hostname.
-    #[arg(long, env = "CLAWDEPLOY_ACME_ORDERS_PER_HOSTNAME_PER_HOUR", default_value_t = 5)]
+    #[arg(
+        long,
+        env = "CLAWDEPLOY_ACME_ORDERS_PER_HOSTNAME_PER_HOUR",
+        default_value_t = 5
+    )]
     acme_orders_per_hostname_per_hour: u32,
     /// Seconds before the first retry of a failed order (doubling per
     /// failure, at most six hours).

@@ -39,7 +39,11 @@ pub const CATALOG: &[Metric] = &[
     Metric::counter("clawdeploy_billing_webhooks_total", &["type", "result"], "Stripe webhooks by event type and outcome (applied, linked, duplicate, stale, unknown_account, ignored)."),
     Metric::gauge("clawdeploy_billing_accounts", &["tier", "status"], "Accounts Stripe told us about, by tier and billing status (active, past_due, grace, canceled)."),
     Metric::counter("clawdeploy_billing_signature_failures_total", &[], "Stripe webhooks refused: bad signature, stale timestamp or unreadable event."),
-    Metric::counter("clawdeploy_domain_checks_total", &["result"], "Domain ownership checks by result: found, missing."),
+    Metric::counter("clawdeploy_domain_checks_total", &["result"], "Domain ownership checks (on verify, daily, before renewals) by result: found, missing, error (DNS unreachable)."),
+    Metric::gauge("clawdeploy_domains", &["state"], "Custom domains by state: pending_dns, verified, issuing, active, renewing, failed, off."),
+    Metric::counter("clawdeploy_acme_orders_total", &["result"], "ACME certificate orders by result: issued, failed, deferred (a rate cap)."),
+    Metric::gauge("clawdeploy_domain_cert_soonest_expiry_seconds", &[], "Seconds until the soonest-expiring served custom domain certificate ends (0: none served)."),
+    Metric::gauge("clawdeploy_domain_certs_ending_soon", &[], "Served custom domain certificates ending within 14 days (renewal starts at 30: any here means renewals fail)."),
     Metric::counter("clawdeploy_backups_total", &["result"], "Backups ended, by result: stored, failed."),
     Metric::gauge("clawdeploy_backup_oldest_age_seconds", &[], "Age of the stalest ready instance's newest stored backup (or of the instance, when it has none)."),
 ];

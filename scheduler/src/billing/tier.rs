@@ -78,7 +78,8 @@ pub async fn set_tier_in(
         serde_json::json!({"from": from, "to": tier}),
     )
     .await;
-    let routes = crate::routes::custom::plan_changed(app, tx, instance_id, plan.custom_domains).await?;
+    let routes =
+        crate::routes::custom::plan_changed(app, tx, instance_id, plan.custom_domains).await?;
     tracing::info!(%instance_id, ?from, to = ?tier, "tier changed; resizing the container in place");
     Ok(Changed { from, node, routes })
 }

@@ -36,14 +36,20 @@ const LEASE: Duration = Duration::from_secs(180);
 const MAX_BACKOFF: Duration = Duration::from_secs(6 * 3600);
 
 /// When to renew a certificate valid from `not_before` to `not_after`: at
-/// two thirds of its life or 30 days before it ends, whichever is earlier,
-/// less a random share of up to a twentieth of its life so that
+/// two thirds of its life or 30 days before it ends, whichever is earlier
+/// (the latter only for certificates that live longer than 30 days), less a random share of up to a twentieth of its life so that
 /// certificates issued together do not renew together.
 pub fn renew_at(not_before: DateTime<Utc>, not_after: DateTime<Utc>) -> DateTime<Utc> {
     let life = not_after - not_before;
     let two_thirds = not_before + life * 2 / 3;
     let month_before = not_after - chrono::Duration::days(30);
-    let base = two_thirds.min(month_before);
+    // A certificate shorter-lived than 30 days (a test CA's) renews at two
+    // thirds only.
+    let base = if month_before > not_before {
+        two_thirds.min(month_before)
+    } else {
+        two_thirds
+    };
     let spread = (life / 20).num_milliseconds().max(0);
     let jitter = rand::thread_rng().gen_range(0..=spread);
     (base - chrono::Duration::milliseconds(jitter)).max(not_before)
@@ -86,7 +92,9 @@ pub async fn run_due(app: &AppRef, budget: usize) -> Result<usize> {
         n += 1;
         let renewal = matches!(due.state, DomainState::Active | DomainState::Renewing);
         // Before each renewal, the records must still prove the name.
-        if renewal && !super::recheck::check_one(app, &due.hostname, due.instance_id, &due.token).await? {
+        if renewal
+            && !super::recheck::check_one(app, &due.hostname, due.instance_id, &due.token).await?
+        {
             continue;
         }
         if let Some(wait) = over_caps(app, &due.hostname).await? {
@@ -124,7 +132,11 @@ async fn over_caps(app: &AppRef, hostname: &str) -> Result<Option<Duration>> {
 /// Puts the domain back for later without an order (a rate cap).
 async fn defer(app: &AppRef, due: &Due, wait: Duration) -> Result<()> {
     metrics::counter!("clawdeploy_acme_orders_total", "result" => "deferred").increment(1);
-    tracing::info!(hostname = due.hostname, wait_secs = wait.as_secs(), "ACME order deferred: rate cap");
+    tracing::info!(
+        hostname = due.hostname,
+        wait_secs = wait.as_secs(),
+        "ACME order deferred: rate cap"
+    );
     sqlx::query(
         "UPDATE domains SET lease_until = NULL, next_attempt_at = now() + make_interval(secs => $3),
                 reason = 'waiting for the certificate authority''s rate limit'
@@ -165,7 +177,9 @@ async fn work(app: &AppRef, acme: &crate::acme::Acme, due: &Due, renewal: bool) 
             .await
             .map_err(OrderError::from)
     };
-    let outcome = acme.order(&app.db, &app.secrets, &due.hostname, publish).await;
+    let outcome = acme
+        .order(&app.db, &app.secrets, &due.hostname, publish)
+        .await;
     match outcome {
         Ok(issued) => store(app, due, order_id, issued).await,
         Err(OrderError::Internal(e)) => {
@@ -218,7 +232,10 @@ fn validity(chain_pem: &str) -> Result<(DateTime<Utc>, DateTime<Utc>)> {
         DateTime::from_timestamp(t.timestamp(), 0)
             .ok_or_else(|| Error::Internal("certificate time out of range".into()))
     };
-    Ok((at(cert.validity().not_before)?, at(cert.validity().not_after)?))
+    Ok((
+        at(cert.validity().not_before)?,
+        at(cert.validity().not_after)?,
+    ))
 }
 
 /// The order succeeded: the domain is `active` with its certificate, and
@@ -256,7 +273,10 @@ async fn store(app: &AppRef, due: &Due, order_id: i64, issued: Issued) -> Result
     metrics::counter!("clawdeploy_acme_orders_total", "result" => "issued").increment(1);
     if stored == 0 {
         // Switched off or removed while the order ran: nothing is served.
-        tracing::info!(hostname = due.hostname, "certificate issued for a domain that changed meanwhile; not served");
+        tracing::info!(
+            hostname = due.hostname,
+            "certificate issued for a domain that changed meanwhile; not served"
+        );
     } else {
         tracing::info!(hostname = due.hostname, %not_after, renew_at = %renew, "certificate issued");
     }
@@ -269,12 +289,14 @@ async fn finish_order(
     result: &str,
     error: &str,
 ) -> Result<()> {
-    sqlx::query("UPDATE acme_orders SET finished_at = now(), result = $2, error = $3 WHERE id = $1")
-        .bind(id)
-        .bind(result)
-        .bind(error)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(
+        "UPDATE acme_orders SET finished_at = now(), result = $2, error = $3 WHERE id = $1",
+    )
+    .bind(id)
+    .bind(result)
+    .bind(error)
+    .execute(&mut *tx)
+    .await?;
     Ok(())
 }
 
@@ -316,7 +338,12 @@ async fn failed(
     tx.commit().await?;
     routes::broadcast(app, deltas, None).await;
     metrics::counter!("clawdeploy_acme_orders_total", "result" => "failed").increment(1);
-    tracing::warn!(hostname = due.hostname, reason, retry_in_secs = wait.as_secs(), "ACME order failed");
+    tracing::warn!(
+        hostname = due.hostname,
+        reason,
+        retry_in_secs = wait.as_secs(),
+        "ACME order failed"
+    );
     Ok(())
 }
 

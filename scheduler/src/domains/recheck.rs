@@ -59,11 +59,13 @@ pub async fn check_one(
     let proven = found.iter().any(|t| t == token);
     super::count_check(proven);
     if proven {
-        sqlx::query("UPDATE domains SET checked_at = now() WHERE hostname = $1 AND instance_id = $2")
-            .bind(hostname)
-            .bind(instance_id)
-            .execute(&app.db)
-            .await?;
+        sqlx::query(
+            "UPDATE domains SET checked_at = now() WHERE hostname = $1 AND instance_id = $2",
+        )
+        .bind(hostname)
+        .bind(instance_id)
+        .execute(&app.db)
+        .await?;
         return Ok(true);
     }
     let mut tx = app.db.begin().await?;
@@ -84,6 +86,9 @@ pub async fn check_one(
     let deltas = routes::custom::sync_instance(app, &mut tx, instance_id).await?;
     tx.commit().await?;
     routes::broadcast(app, deltas, None).await;
-    tracing::warn!(hostname, "custom domain switched off: its TXT record is gone");
+    tracing::warn!(
+        hostname,
+        "custom domain switched off: its TXT record is gone"
+    );
     Ok(false)
 }

@@ -44,7 +44,8 @@ struct DomainTls {
     challenge_key_auth: Option<String>,
 }
 
-const DOMAIN_TLS: &str = "hostname, instance_id, state, cert_pem, key_sealed, challenge_token, challenge_key_auth";
+const DOMAIN_TLS: &str =
+    "hostname, instance_id, state, cert_pem, key_sealed, challenge_token, challenge_key_auth";
 
 impl DomainTls {
     fn material(&self, app: &App) -> Result<Material> {
@@ -205,7 +206,8 @@ pub async fn sync_instance(
     let wanted: Vec<&str> = domains
         .iter()
         .filter(|d| {
-            d.challenge_token.is_some() || (d.serves() && own.as_ref().is_some_and(|o| o.1.is_some()))
+            d.challenge_token.is_some()
+                || (d.serves() && own.as_ref().is_some_and(|o| o.1.is_some()))
         })
         .map(|d| d.hostname.as_str())
         .collect();

@@ -262,6 +262,12 @@ fn body_too_large(e: &(dyn std::error::Error + 'static)) -> bool {
 }
 
 impl Proxy {
+    /// The edge's 404 for a host it does not route, counted.
+    pub fn unknown_host(&self, headers: &HeaderMap) -> Response<Body> {
+        self.meters.unknown.increment(1);
+        not_found(headers)
+    }
+
     pub async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
@@ -271,8 +277,7 @@ impl Proxy {
         let raw_host = request_host(&req);
         let host = raw_host.as_deref().and_then(normalize_host);
         let Some((host, target)) = host.and_then(|h| self.routes.lookup(&h).map(|t| (h, t))) else {
-            self.meters.unknown.increment(1);
-            return Ok(not_found(req.headers()));
+            return Ok(self.unknown_host(req.headers()));
         };
         let proxy = self.clone();
         let resp = proxy.forward(req, client, proto, &host, target).await;

@@ -63,8 +63,9 @@ impl Front {
     }
 }
 
-/// `308` to the same host and path over HTTPS.
-fn redirect<B>(req: &Request<B>, https_port: u16) -> Response<Body> {
+/// `308` to the same host and path over HTTPS, for the hosts the edge
+/// routes.
+fn redirect<B>(proxy: &Proxy, req: &Request<B>, https_port: u16) -> Response<Body> {
     let Some(host) = request_host(req).as_deref().and_then(normalize_host) else {
         count(StatusCode::BAD_REQUEST, "redirect");
         return error_page(
@@ -74,6 +75,11 @@ fn redirect<B>(req: &Request<B>, https_port: u16) -> Response<Body> {
             "The request names no valid host.",
         );
     };
+    // An unknown host gets the same 404 as over HTTPS (a custom domain that
+    // is switched off, too), not a redirect to a name nobody serves.
+    if proxy.routes.lookup(&host).is_none() {
+        return proxy.unknown_host(req.headers());
+    }
     let port = if https_port == 443 {
         String::new()
     } else {
@@ -212,7 +218,7 @@ async fn serve_connection<I>(
             }
             match mode {
                 Mode::Proxy => proxy.handle(req, client, proto).await,
-                Mode::RedirectTo { https_port } => Ok(redirect(&req, https_port)),
+                Mode::RedirectTo { https_port } => Ok(redirect(&proxy, &req, https_port)),
             }
         }
     });

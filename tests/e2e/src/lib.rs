@@ -6,6 +6,7 @@
 //! Needs what `scripts/test` sets up: the binaries built, the stand-in image,
 //! and `CLAWDEPLOY_TEST_PG` pointing at a local PostgreSQL server.
 
+pub mod acme;
 pub mod edge_client;
 pub mod ops;
 
@@ -36,7 +37,7 @@ pub fn bin_dir() -> PathBuf {
     }
 }
 
-fn workspace_root() -> PathBuf {
+pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../..")
         .canonicalize()
@@ -91,6 +92,9 @@ pub struct ClusterOptions {
     pub edge_args: Vec<String>,
     /// More flags for every scheduler.
     pub scheduler_args: Vec<String>,
+    /// The edge's plain listener (a test that starts a CA first needs to
+    /// know it); a free port when unset.
+    pub edge_listen: Option<SocketAddr>,
 }
 
 /// The operator token every test scheduler accepts on `/admin`.
@@ -112,6 +116,7 @@ impl Default for ClusterOptions {
             edge_tls: false,
             edge_args: Vec::new(),
             scheduler_args: Vec::new(),
+            edge_listen: None,
         }
     }
 }
@@ -174,6 +179,7 @@ impl Cluster {
             .map(|i| format!("{name}-{}", (b'a' + i as u8) as char))
             .collect();
         let metrics_ip = opts.agent_metrics_ip;
+        let edge = opts.edge_listen.unwrap_or_else(free_addr);
         let https: Vec<SocketAddr> = (0..opts.schedulers.max(1)).map(|_| free_addr()).collect();
         let grpcs: Vec<SocketAddr> = (0..opts.schedulers.max(1)).map(|_| free_addr()).collect();
         let mut c = Cluster {
@@ -194,7 +200,7 @@ impl Cluster {
             schedulers: https.iter().map(|_| None).collect(),
             https,
             grpcs,
-            edge: free_addr(),
+            edge,
             edge_tls: free_addr(),
             edge_admin: free_addr(),
             node_ids,

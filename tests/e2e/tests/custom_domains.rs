@@ -1,0 +1,284 @@
+//! Custom domains end to end: real pebble (Let's Encrypt's test CA), its
+//! DNS server on loopback with records set through its management API, the
+//! real edge terminating TLS with the certificate pebble issued, and the
+//! tenant's gateway behind it.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clawdeploy_e2e::acme::Pebble;
+use clawdeploy_e2e::edge_client::EdgeConn;
+use clawdeploy_e2e::{free_addr, wait_for, Cluster, ClusterOptions, ADMIN_TOKEN, BASE_DOMAIN};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+/// Pebble validating on the edge's plain port, certificates valid for
+/// `validity_secs`, and a one-node cluster pointed at both, with fast
+/// retries and re-checks.
+async fn start(validity_secs: u64) -> Result<(Cluster, Pebble)> {
+    let edge = free_addr();
+    let dir = clawdeploy_e2e::workspace_root()
+        .join(".local/e2e")
+        .join(format!("pebble-{}", uuid::Uuid::new_v4().simple()));
+    let pebble = Pebble::start(&dir, edge.port(), validity_secs).await?;
+    let mut args = pebble.scheduler_args();
+    args.extend(
+        ["--acme-retry-base-secs", "2", "--domain-recheck-secs", "3"].map(String::from),
+    );
+    let c = Cluster::start(ClusterOptions {
+        nodes: 1,
+        min_idle: 3,
+        edge_tls: true,
+        edge_listen: Some(edge),
+        scheduler_args: args,
+        ..Default::default()
+    })
+    .await?;
+    c.wait_idle_at_least(2, Duration::from_secs(120)).await?;
+    Ok((c, pebble))
+}
+
+/// A signed-up account: its API token, instance id and gateway token.
+struct Tenant {
+    token: String,
+    instance: String,
+    gateway: String,
+}
+
+async fn tenant(c: &Cluster, name: &str, tier: &str) -> Result<Tenant> {
+    let token = c.register(&format!("{name}@example.com")).await?;
+    let (status, created) = c
+        .create_instance(&token, &json!({"subdomain": name, "apiKeys": {"openai": "sk-x"}}))
+        .await?;
+    anyhow::ensure!(status == 201, "{created}");
+    let t = Tenant {
+        token,
+        instance: created["instance"]["id"].as_str().context("id")?.to_owned(),
+        gateway: created["instance"]["gatewayToken"]
+            .as_str()
+            .context("gateway token")?
+            .to_owned(),
+    };
+    set_tier(c, &t, tier).await?;
+    Ok(t)
+}
+
+async fn set_tier(c: &Cluster, t: &Tenant, tier: &str) -> Result<()> {
+    let (status, v) = c
+        .admin(
+            Method::PUT,
+            &format!("/admin/instances/{}/tier", t.instance),
+            Some(json!({"tier": tier})),
+            Some(ADMIN_TOKEN),
+        )
+        .await?;
+    anyhow::ensure!(status == 200, "tier {tier}: {status} {v}");
+    Ok(())
+}
+
+async fn call(c: &Cluster, t: &Tenant, method: Method, path: &str, body: Option<Value>) -> Result<(u16, Value)> {
+    c.admin(method, path, body, Some(&t.token)).await
+}
+
+async fn add(c: &Cluster, t: &Tenant, hostname: &str) -> Result<(u16, Value)> {
+    call(c, t, Method::POST, "/api/instances/me/domains", Some(json!({"hostname": hostname}))).await
+}
+
+async fn verify(c: &Cluster, t: &Tenant, hostname: &str) -> Result<Value> {
+    let (status, v) = call(
+        c,
+        t,
+        Method::POST,
+        &format!("/api/instances/me/domains/{hostname}/verify"),
+        None,
+    )
+    .await?;
+    anyhow::ensure!(status == 200, "verify {hostname}: {status} {v}");
+    Ok(v["domain"].clone())
+}
+
+/// The account's view of one of its domains (`Null` when it has none).
+async fn domain(c: &Cluster, t: &Tenant, hostname: &str) -> Result<Value> {
+    let (status, v) = call(c, t, Method::GET, "/api/instances/me/domains", None).await?;
+    anyhow::ensure!(status == 200, "{status} {v}");
+    Ok(v["domains"]
+        .as_array()
+        .context("domains")?
+        .iter()
+        .find(|d| d["hostname"] == hostname)
+        .cloned()
+        .unwrap_or(Value::Null))
+}
+
+async fn wait_state(c: &Cluster, t: &Tenant, hostname: &str, state: &str, within: Duration) -> Result<Value> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let d = domain(c, t, hostname).await?;
+        if d["state"] == state {
+            return Ok(d);
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "{hostname} not {state} within {within:?}; last seen: {d}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The TXT value the account must publish for `hostname`.
+fn txt_of(d: &Value) -> Result<String> {
+    d["records"]
+        .as_array()
+        .context("records")?
+        .iter()
+        .find(|r| r["type"] == "TXT")
+        .and_then(|r| r["value"].as_str())
+        .map(str::to_owned)
+        .context("a TXT record")
+}
+
+/// Plain HTTP to the edge for `host`: status and `Location`.
+async fn plain(edge: SocketAddr, host: &str) -> Result<(u16, String)> {
+    let r = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?
+        .get(format!("http://{edge}/v1/models"))
+        .header("host", host)
+        .send()
+        .await?;
+    let location = r
+        .headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    Ok((r.status().as_u16(), location))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_custom_domain_is_proven_issued_served_renewed_and_switched_off() -> Result<()> {
+    let (c, pebble) = start(30).await?;
+    let root = c.dir.join("pebble-root.pem");
+    pebble.issuing_root(&root).await?;
+    let alice = tenant(&c, "alice", "pro").await?;
+    let name = "chat.example.org";
+
+    // A free account may not add one.
+    let bob = tenant(&c, "bob", "free").await?;
+    let (status, v) = add(&c, &bob, "bob.example.org").await?;
+    assert_eq!((status, v["error"]["code"].as_str()), (403, Some("plan_required")), "{v}");
+
+    // Added: pending until the records exist, with the records to create.
+    let (status, v) = add(&c, &alice, "Chat.Example.org.").await?;
+    assert_eq!(status, 201, "{v}");
+    let d = &v["domain"];
+    assert_eq!((d["hostname"].as_str(), d["state"].as_str()), (Some(name), Some("pending_dns")));
+    let txt = txt_of(d)?;
+    let cname = d["records"]
+        .as_array()
+        .context("records")?
+        .iter()
+        .find(|r| r["type"] == "CNAME")
+        .context("a CNAME record")?
+        .clone();
+    assert_eq!(cname["value"], format!("alice.{BASE_DOMAIN}"));
+    let still = verify(&c, &alice, name).await?;
+    assert_eq!(still["state"], "pending_dns");
+    assert!(still["reason"].as_str().unwrap_or_default().contains("TXT"), "{still}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(domain(&c, &alice, name).await?["state"], "pending_dns");
+
+    // The records exist: proven, then issued and served.
+    pebble.set_txt(&format!("_clawdeploy-challenge.{name}"), &txt).await?;
+    let proven = verify(&c, &alice, name).await?;
+    assert_ne!(proven["state"], "pending_dns", "{proven}");
+    let active = wait_state(&c, &alice, name, "active", Duration::from_secs(60)).await?;
+    assert!(active["certificateNotAfter"].is_string(), "{active}");
+
+    // HTTPS to the custom name through the edge, trusting only pebble's
+    // root, reaches alice's gateway with her token; HTTP redirects.
+    let mut held = EdgeConn::tls(c.edge_tls, name, &root, &["h2"]).await?;
+    assert_eq!(held.alpn.as_deref(), Some(&b"h2"[..]));
+    assert_eq!(held.get(name, "/v1/models", Some(&alice.gateway)).await?.0, 200);
+    assert_eq!(held.get(name, "/v1/models", Some("wrong-token")).await?.0, 401);
+    let first_cert = held.peer_cert.clone().context("peer certificate")?;
+    assert_eq!(
+        plain(c.edge, name).await?,
+        (308, format!("https://{name}:{}/v1/models", c.edge_tls.port()))
+    );
+    let issued: i64 = c
+        .count(&format!(
+            "SELECT count(*) FROM acme_orders WHERE hostname = '{name}' AND result = 'issued'"
+        ))
+        .await?;
+    assert_eq!(issued, 1);
+
+    // Renewal (at two thirds of 30 s): new handshakes get the new
+    // certificate, the HTTP/2 connection opened before stays up.
+    wait_for(Duration::from_secs(60), "a renewed certificate served", || async {
+        let conn = EdgeConn::tls(c.edge_tls, name, &root, &["h2"]).await?;
+        Ok(conn.peer_cert.as_deref() != Some(&first_cert[..]))
+    })
+    .await?;
+    assert_eq!(held.get(name, "/v1/models", Some(&alice.gateway)).await?.0, 200);
+    let renewals: i64 = c
+        .count(&format!(
+            "SELECT count(*) FROM acme_orders WHERE hostname = '{name}' AND renewal AND result = 'issued'"
+        ))
+        .await?;
+    assert!(renewals >= 1);
+
+    // A downgrade switches it off: 404 at the edge, even on the connection
+    // already open; the certificate is kept.
+    set_tier(&c, &alice, "free").await?;
+    let off = domain(&c, &alice, name).await?;
+    assert_eq!(off["state"], "off", "{off}");
+    assert!(off["reason"].as_str().unwrap_or_default().contains("plan"), "{off}");
+    wait_for(Duration::from_secs(10), "404 after the downgrade", || async {
+        Ok(plain(c.edge, name).await?.0 == 404)
+    })
+    .await?;
+    assert_eq!(held.get(name, "/v1/models", Some(&alice.gateway)).await?.0, 404);
+
+    // An upgrade restores it at once, from the certificate it has: no new
+    // order.
+    let orders: i64 = c
+        .count(&format!("SELECT count(*) FROM acme_orders WHERE hostname = '{name}'"))
+        .await?;
+    set_tier(&c, &alice, "pro").await?;
+    let back = domain(&c, &alice, name).await?;
+    assert_eq!(back["state"], "active", "{back}");
+    wait_for(Duration::from_secs(10), "served again after the upgrade", || async {
+        let mut conn = EdgeConn::tls(c.edge_tls, name, &root, &["http/1.1"]).await?;
+        Ok(conn.get(name, "/v1/models", Some(&alice.gateway)).await?.0 == 200)
+    })
+    .await?;
+    let fresh: i64 = c
+        .count(&format!(
+            "SELECT count(*) FROM acme_orders WHERE hostname = '{name}' AND NOT renewal"
+        ))
+        .await?;
+    assert_eq!(fresh, 1, "the upgrade ordered a new certificate");
+    assert!(orders >= 2);
+
+    // The TXT record removed: the next re-check switches it off, with the
+    // reason shown.
+    pebble.clear_txt(&format!("_clawdeploy-challenge.{name}")).await?;
+    let gone = wait_state(&c, &alice, name, "off", Duration::from_secs(30)).await?;
+    assert!(gone["reason"].as_str().unwrap_or_default().contains("TXT"), "{gone}");
+    assert_eq!(plain(c.edge, name).await?.0, 404);
+
+    // Removing it: gone from the list.
+    let (status, _) = call(&c, &alice, Method::DELETE, &format!("/api/instances/me/domains/{name}"), None).await?;
+    assert_eq!(status, 204);
+    assert!(domain(&c, &alice, name).await?.is_null());
+    for m in [
+        "clawdeploy_acme_orders_total{result=\"issued\"}",
+        "clawdeploy_domain_checks_total{result=\"missing\"}",
+    ] {
+        assert!(c.scheduler_metric(0, m).await? >= 1.0, "{m}");
+    }
+    assert!(c.edge_metric("clawdeploy_edge_acme_challenges_total{result=\"answered\"}").await? >= 2.0);
+    Ok(())
+}

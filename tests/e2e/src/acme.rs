@@ -149,13 +149,20 @@ impl Pebble {
             .json(&body)
             .send()
             .await?;
-        anyhow::ensure!(r.status().is_success(), "challtestsrv {what}: {}", r.status());
+        anyhow::ensure!(
+            r.status().is_success(),
+            "challtestsrv {what}: {}",
+            r.status()
+        );
         Ok(())
     }
 
     pub async fn set_txt(&self, name: &str, value: &str) -> Result<()> {
-        self.manage("set-txt", json!({"host": format!("{name}."), "value": value}))
-            .await
+        self.manage(
+            "set-txt",
+            json!({"host": format!("{name}."), "value": value}),
+        )
+        .await
     }
 
     pub async fn clear_txt(&self, name: &str) -> Result<()> {

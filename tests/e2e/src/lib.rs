@@ -605,14 +605,43 @@ impl Cluster {
     }
 
     pub fn start_edge(&mut self) -> Result<()> {
-        let child = Command::new(bin_dir().join("clawdeploy-edge"))
+        let tls = self.opts.edge_tls.then_some(self.edge_tls);
+        let child = self.spawn_edge("edge-1", self.edge, self.edge_admin, tls)?;
+        self.edge_proc = Some(child);
+        Ok(())
+    }
+
+    /// An edge process `edge_id` (plain listener `listen`, metrics on
+    /// `admin`, TLS with the test's wildcard on `tls` when given), watching
+    /// every scheduler, logging to `logs/<edge_id>.log`; the caller owns it.
+    pub fn spawn_edge(
+        &self,
+        edge_id: &str,
+        listen: SocketAddr,
+        admin: SocketAddr,
+        tls: Option<SocketAddr>,
+    ) -> Result<Child> {
+        let log = if edge_id == "edge-1" { "edge" } else { edge_id };
+        if edge_id != "edge-1" {
+            // Its own identity, next to edge-1's.
+            let st = Command::new(self.scheduler_bin())
+                .args(["pki", "issue", "--kind", "edge", "--id", edge_id])
+                .arg("--data-dir")
+                .arg(self.dir.join("scheduler"))
+                .arg("--out")
+                .arg(self.dir.join("tls"))
+                .stdout(Stdio::null())
+                .status()?;
+            anyhow::ensure!(st.success(), "issuing a certificate for {edge_id} failed");
+        }
+        Command::new(bin_dir().join("clawdeploy-edge"))
             .args([
                 "--edge-id",
-                "edge-1",
+                edge_id,
                 "--listen",
-                &self.edge.to_string(),
+                &listen.to_string(),
                 "--admin-listen",
-                &self.edge_admin.to_string(),
+                &admin.to_string(),
             ])
             .args([
                 "--scheduler-url",
@@ -623,33 +652,32 @@ impl Cluster {
             .arg("--tls-dir")
             .arg(self.dir.join("tls"))
             .arg("--route-cache")
-            .arg(self.dir.join("edge-routes.json"))
-            .args(if self.opts.edge_tls {
-                let pki = self.public_tls_dir();
-                vec![
-                    "--tls-listen".to_owned(),
-                    self.edge_tls.to_string(),
-                    "--tls-cert".to_owned(),
-                    pki.join("edge.crt.pem").display().to_string(),
-                    "--tls-key".to_owned(),
-                    pki.join("edge.key.pem").display().to_string(),
-                    "--cert-check-secs".to_owned(),
-                    "1".to_owned(),
-                ]
-            } else {
-                Vec::new()
+            .arg(self.dir.join(format!("{edge_id}-routes.json")))
+            .args(match tls {
+                Some(addr) => {
+                    let pki = self.public_tls_dir();
+                    vec![
+                        "--tls-listen".to_owned(),
+                        addr.to_string(),
+                        "--tls-cert".to_owned(),
+                        pki.join("edge.crt.pem").display().to_string(),
+                        "--tls-key".to_owned(),
+                        pki.join("edge.key.pem").display().to_string(),
+                        "--cert-check-secs".to_owned(),
+                        "1".to_owned(),
+                    ]
+                }
+                None => Vec::new(),
             })
             .args(&self.opts.edge_args)
             .env(
                 "RUST_LOG",
                 std::env::var("CLAWDEPLOY_E2E_LOG").unwrap_or_else(|_| "info".into()),
             )
-            .stdout(self.log_file("edge")?)
-            .stderr(self.log_file("edge")?)
+            .stdout(self.log_file(log)?)
+            .stderr(self.log_file(log)?)
             .spawn()
-            .context("starting the edge")?;
-        self.edge_proc = Some(child);
-        Ok(())
+            .context("starting an edge")
     }
 
     /// SIGKILLs scheduler 0: the process gets no chance to clean up.

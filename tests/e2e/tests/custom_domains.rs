@@ -13,28 +13,60 @@ use clawdeploy_e2e::{free_addr, wait_for, Cluster, ClusterOptions, ADMIN_TOKEN, 
 use reqwest::Method;
 use serde_json::{json, Value};
 
-/// Pebble validating on the edge's plain port, certificates valid for
-/// `validity_secs`, and a one-node cluster pointed at both, with fast
-/// retries and re-checks.
-async fn start(validity_secs: u64) -> Result<(Cluster, Pebble)> {
-    let edge = free_addr();
+/// A second edge process, stopped with the test.
+struct SecondEdge(std::process::Child, SocketAddr);
+
+impl Drop for SecondEdge {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A one-node cluster pointed at pebble (certificates valid for
+/// `validity_secs`) and its DNS server, with fast retries and re-checks.
+/// Pebble validates HTTP-01 on `acme_port`: the cluster's edge, or, with
+/// `second_edge`, another edge only the CA talks to (whichever edge the
+/// CA reaches must answer).
+struct Setup {
+    c: Cluster,
+    pebble: Pebble,
+    acme_port: u16,
+    _second: Option<SecondEdge>,
+}
+
+async fn start(validity_secs: u64, second_edge: bool) -> Result<Setup> {
+    let acme = free_addr();
     let dir = clawdeploy_e2e::workspace_root()
         .join(".local/e2e")
         .join(format!("pebble-{}", uuid::Uuid::new_v4().simple()));
-    let pebble = Pebble::start(&dir, edge.port(), validity_secs).await?;
+    let pebble = Pebble::start(&dir, acme.port(), validity_secs).await?;
     let mut args = pebble.scheduler_args();
     args.extend(["--acme-retry-base-secs", "2", "--domain-recheck-secs", "3"].map(String::from));
     let c = Cluster::start(ClusterOptions {
         nodes: 1,
         min_idle: 3,
         edge_tls: true,
-        edge_listen: Some(edge),
+        edge_listen: (!second_edge).then_some(acme),
         scheduler_args: args,
         ..Default::default()
     })
     .await?;
+    let second = if second_edge {
+        let admin = free_addr();
+        let edge = SecondEdge(c.spawn_edge("edge-2", acme, admin, None)?, admin);
+        c.wait_http_up_on(admin).await?;
+        Some(edge)
+    } else {
+        None
+    };
     c.wait_idle_at_least(2, Duration::from_secs(120)).await?;
-    Ok((c, pebble))
+    Ok(Setup {
+        c,
+        pebble,
+        acme_port: acme.port(),
+        _second: second,
+    })
 }
 
 /// A signed-up account: its API token, instance id and gateway token.
@@ -178,7 +210,7 @@ async fn plain(edge: SocketAddr, host: &str) -> Result<(u16, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_custom_domain_is_proven_issued_served_renewed_and_switched_off() -> Result<()> {
-    let (c, pebble) = start(30).await?;
+    let Setup { c, pebble, .. } = start(30, false).await?;
     let root = c.dir.join("pebble-root.pem");
     pebble.issuing_root(&root).await?;
     let alice = tenant(&c, "alice", "pro").await?;
@@ -385,7 +417,14 @@ async fn wrong_answers(addr: SocketAddr) -> Result<tokio::task::JoinHandle<()>> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_name_has_one_owner_and_failed_challenges_show_the_cas_reason_then_succeed() -> Result<()>
 {
-    let (c, pebble) = start(3600).await?;
+    // The CA reaches only the second edge: it answers the challenges
+    // it got over its route stream.
+    let Setup {
+        c,
+        pebble,
+        acme_port,
+        _second,
+    } = start(3600, true).await?;
     let alice = tenant(&c, "carol", "pro").await?;
     let bob = tenant(&c, "dave", "team").await?;
 
@@ -443,7 +482,7 @@ async fn a_name_has_one_owner_and_failed_challenges_show_the_cas_reason_then_suc
 
     // A wrong key authorization (another server answers the challenge).
     let wrong = "wrong.example.net";
-    let impostor = wrong_answers(SocketAddr::from(([127, 0, 0, 4], c.edge.port()))).await?;
+    let impostor = wrong_answers(SocketAddr::from(([127, 0, 0, 4], acme_port))).await?;
     let (_, d) = add(&c, &bob, wrong).await?;
     pebble
         .set_txt(

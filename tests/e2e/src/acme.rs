@@ -61,18 +61,51 @@ fn pebble_tls(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Where pebble and its DNS server listen.
+#[derive(Clone, Copy, Debug)]
+pub struct PebbleAddrs {
+    /// The ACME directory's HTTPS listener.
+    pub acme: SocketAddr,
+    /// Pebble's management API (its issuing roots).
+    pub acme_management: SocketAddr,
+    pub dns: SocketAddr,
+    pub dns_management: SocketAddr,
+}
+
+impl PebbleAddrs {
+    /// Free ports on loopback (each test its own).
+    pub fn free() -> Self {
+        Self {
+            acme: free_addr(),
+            acme_management: free_addr(),
+            dns: free_addr(),
+            dns_management: free_addr(),
+        }
+    }
+}
+
 impl Pebble {
-    /// Starts both servers with their files in `dir`. Pebble validates
-    /// HTTP-01 on `http_port` (the edge's plain listener) and issues
-    /// certificates valid for `validity_secs`.
+    /// Starts both servers on free ports; see `start_at`.
     pub async fn start(dir: &Path, http_port: u16, validity_secs: u64) -> Result<Self> {
+        Self::start_at(dir, PebbleAddrs::free(), http_port, validity_secs).await
+    }
+
+    /// Starts both servers at `addrs`, with their files in `dir`. Pebble
+    /// validates HTTP-01 on `http_port` (the edge's plain listener) and
+    /// issues certificates valid for `validity_secs`.
+    pub async fn start_at(
+        dir: &Path,
+        addrs: PebbleAddrs,
+        http_port: u16,
+        validity_secs: u64,
+    ) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
         pebble_tls(dir)?;
         let (listen, management, dns, chall_mgmt, tls_port) = (
-            free_addr(),
-            free_addr(),
-            free_addr(),
-            free_addr(),
+            addrs.acme,
+            addrs.acme_management,
+            addrs.dns,
+            addrs.dns_management,
             free_addr(),
         );
         let config = json!({"pebble": {

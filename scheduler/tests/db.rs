@@ -377,9 +377,39 @@ async fn a_kek_rotation_rewraps_data_keys_and_leaves_customer_ciphertext_alone()
         .seal(&aad::secret(instance, "openai"), b"sk-secret")
         .unwrap();
     drop(conn);
+    // A custom domain's certificate key and the ACME account, sealed
+    // directly under the KEK.
+    let key_aad = aad::domain_key(instance, "kek.example.org");
+    sqlx::query(
+        "INSERT INTO domains (hostname, instance_id, user_id, token, state, key_sealed)
+         SELECT 'kek.example.org', id, user_id, 't', 'active', $2 FROM instances WHERE id = $1",
+    )
+    .bind(instance)
+    .bind(app.secrets.seal(&key_aad, b"-----key-----").unwrap())
+    .execute(&app.db)
+    .await
+    .unwrap();
+    let acct_aad = aad::acme_account("https://ca.test/dir");
+    sqlx::query("INSERT INTO acme_accounts (directory_url, credentials_sealed) VALUES ($1, $2)")
+        .bind("https://ca.test/dir")
+        .bind(app.secrets.seal(&acct_aad, b"{}").unwrap())
+        .execute(&app.db)
+        .await
+        .unwrap();
     let new = SecretBox::from_hex(&SecretBox::generate_key_hex()).unwrap();
     let done = envelope::rotate(&app.db, &app.secrets, &new).await.unwrap();
     assert_eq!(done.data_keys, 1);
+    assert_eq!(done.certificate_keys, 2);
+    let key: Vec<u8> = sqlx::query_scalar("SELECT key_sealed FROM domains")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(new.open(&key_aad, &key).unwrap(), b"-----key-----");
+    let acct: Vec<u8> = sqlx::query_scalar("SELECT credentials_sealed FROM acme_accounts")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(new.open(&acct_aad, &acct).unwrap(), b"{}");
     let kek_id: String =
         sqlx::query_scalar("SELECT kek_id FROM tenant_keys WHERE instance_id = $1")
             .bind(instance)
@@ -403,7 +433,7 @@ async fn a_kek_rotation_rewraps_data_keys_and_leaves_customer_ciphertext_alone()
     drop(conn);
     // A rerun changes nothing.
     let again = envelope::rotate(&app.db, &app.secrets, &new).await.unwrap();
-    assert_eq!(again.data_keys, 0);
+    assert_eq!((again.data_keys, again.certificate_keys), (0, 0));
 }
 
 /// Serves the router on a loopback port; returns its base URL.

@@ -89,6 +89,8 @@ pub struct Rotated {
     pub data_keys: usize,
     pub gateway_tokens: usize,
     pub idempotent_answers: usize,
+    /// Custom domain certificate keys and the ACME account.
+    pub certificate_keys: usize,
 }
 
 /// Re-wraps every data key, and re-seals everything sealed directly, from
@@ -143,6 +145,7 @@ pub async fn rotate(db: &PgPool, old: &SecretBox, new: &SecretBox) -> Result<Rot
         done.gateway_tokens += 1;
     }
     done.idempotent_answers = reseal_answers(&mut tx, old, new).await?;
+    done.certificate_keys = reseal_acme(&mut tx, old, new).await?;
     tx.commit().await?;
     Ok(done)
 }
@@ -171,6 +174,49 @@ async fn reseal_answers(tx: &mut PgConnection, old: &SecretBox, new: &SecretBox)
         .bind(new.seal(&a, &plain)?)
         .execute(&mut *tx)
         .await?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// Re-seals custom domains' certificate keys and the ACME account's
+/// credentials from `old` to `new`, inside the caller's transaction.
+async fn reseal_acme(tx: &mut PgConnection, old: &SecretBox, new: &SecretBox) -> Result<usize> {
+    let mut n = 0;
+    let keys: Vec<(String, Uuid, Vec<u8>)> = sqlx::query_as(
+        "SELECT hostname, instance_id, key_sealed FROM domains WHERE key_sealed IS NOT NULL FOR UPDATE",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    for (hostname, instance_id, sealed) in keys {
+        let a = aad::domain_key(instance_id, &hostname);
+        let Ok(plain) = old.open(&a, &sealed) else {
+            new.open(&a, &sealed)?;
+            continue;
+        };
+        sqlx::query("UPDATE domains SET key_sealed = $3 WHERE hostname = $1 AND instance_id = $2")
+            .bind(&hostname)
+            .bind(instance_id)
+            .bind(new.seal(&a, &plain)?)
+            .execute(&mut *tx)
+            .await?;
+        n += 1;
+    }
+    let accounts: Vec<(String, Vec<u8>)> =
+        sqlx::query_as("SELECT directory_url, credentials_sealed FROM acme_accounts FOR UPDATE")
+            .fetch_all(&mut *tx)
+            .await?;
+    for (url, sealed) in accounts {
+        let a = aad::acme_account(&url);
+        let Ok(plain) = old.open(&a, &sealed) else {
+            new.open(&a, &sealed)?;
+            continue;
+        };
+        sqlx::query("UPDATE acme_accounts SET credentials_sealed = $2 WHERE directory_url = $1")
+            .bind(&url)
+            .bind(new.seal(&a, &plain)?)
+            .execute(&mut *tx)
+            .await?;
         n += 1;
     }
     Ok(n)

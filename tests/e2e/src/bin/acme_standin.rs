@@ -26,11 +26,19 @@ struct Args {
     http_port: u16,
     #[arg(long, env = "ACME_STANDIN_LISTEN", default_value = "127.0.0.1:14000")]
     listen: SocketAddr,
-    #[arg(long, env = "ACME_STANDIN_MANAGEMENT", default_value = "127.0.0.1:15000")]
+    #[arg(
+        long,
+        env = "ACME_STANDIN_MANAGEMENT",
+        default_value = "127.0.0.1:15000"
+    )]
     management: SocketAddr,
     #[arg(long, env = "ACME_STANDIN_DNS", default_value = "127.0.0.1:8053")]
     dns: SocketAddr,
-    #[arg(long, env = "ACME_STANDIN_DNS_MANAGEMENT", default_value = "127.0.0.1:8055")]
+    #[arg(
+        long,
+        env = "ACME_STANDIN_DNS_MANAGEMENT",
+        default_value = "127.0.0.1:8055"
+    )]
     dns_management: SocketAddr,
     /// How long issued certificates are valid.
     #[arg(long, env = "ACME_STANDIN_VALIDITY_SECS", default_value_t = 90 * 24 * 3600)]
@@ -50,7 +58,10 @@ async fn main() -> Result<()> {
     std::fs::create_dir_all(&a.out)?;
     pebble.issuing_root(&a.out.join("acme-root.pem")).await?;
     std::fs::copy(&pebble.tls_ca, a.out.join("acme-tls-ca.pem"))?;
-    std::fs::write(a.out.join("dns-management-url"), format!("{}\n", pebble.management))?;
+    std::fs::write(
+        a.out.join("dns-management-url"),
+        format!("{}\n", pebble.management),
+    )?;
     println!("ACME directory {} ready", pebble.directory_url);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

@@ -1383,3 +1383,62 @@ async fn a_domain_is_verified_once_its_txt_record_holds_the_token() {
         "{d}"
     );
 }
+
+#[tokio::test]
+async fn acme_orders_wait_for_the_rate_caps_without_asking_the_ca() {
+    // A CA nobody listens on: an order that reached it would fail loudly.
+    let app = app_with(Config {
+        acme: Some(clawdeploy_scheduler::acme::AcmeConfig {
+            directory_url: "https://127.0.0.1:1/dir".into(),
+            ca_bundle: None,
+            contact: None,
+        }),
+        acme_orders_per_hostname_per_hour: 2,
+        ..Config::default()
+    })
+    .await;
+    let instance = instance(&app, "capped", None).await;
+    sqlx::query(
+        "INSERT INTO domains (hostname, instance_id, user_id, token, state)
+         SELECT 'capped.example.org', id, user_id, 't', 'verified' FROM instances WHERE id = $1",
+    )
+    .bind(instance)
+    .execute(&app.db)
+    .await
+    .unwrap();
+    // Two orders for the name in the last hour (the oldest 50 minutes ago).
+    sqlx::query(
+        "INSERT INTO acme_orders (hostname, renewal, started_at, result)
+         VALUES ('capped.example.org', false, now() - interval '50 minutes', 'failed'),
+                ('capped.example.org', false, now() - interval '5 minutes', 'failed')",
+    )
+    .execute(&app.db)
+    .await
+    .unwrap();
+    let tried = clawdeploy_scheduler::domains::issue::run_due(&app, 4)
+        .await
+        .unwrap();
+    assert_eq!(tried, 1);
+    let (state, reason, wait_secs): (String, String, f64) = sqlx::query_as(
+        "SELECT state, reason, EXTRACT(EPOCH FROM next_attempt_at - now())::float8 FROM domains",
+    )
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(state, "verified");
+    assert!(reason.contains("rate limit"), "{reason}");
+    // It waits until the oldest order leaves the hour: about 10 minutes.
+    assert!((540.0..=600.0).contains(&wait_secs), "{wait_secs}");
+    let orders: i64 = sqlx::query_scalar("SELECT count(*) FROM acme_orders")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(orders, 2, "no order was started");
+    // Nothing is due now.
+    assert_eq!(
+        clawdeploy_scheduler::domains::issue::run_due(&app, 4)
+            .await
+            .unwrap(),
+        0
+    );
+}

@@ -512,5 +512,11 @@ async fn a_name_has_one_owner_and_failed_challenges_show_the_cas_reason_then_suc
             .await?
             >= 2.0
     );
+    // The CA's requests all went to the second edge, which answered them
+    // from its own route stream; the first saw none.
+    let second = _second.as_ref().context("second edge")?.1;
+    let answered = "clawdeploy_edge_acme_challenges_total{result=\"answered\"}";
+    assert!(c.metric_at(second, answered).await? >= 4.0);
+    assert_eq!(c.edge_metric(answered).await.unwrap_or(0.0), 0.0);
     Ok(())
 }

@@ -16,6 +16,7 @@ pub const CATALOG: &[Metric] = &[
     Metric::gauge("clawdeploy_pool_stale", &[], "Warm containers of an older image or generation (a roll in progress)."),
     Metric::gauge("clawdeploy_pool_signup_rate", &[], "Signups per second over the last 10 s, across schedulers."),
     Metric::gauge("clawdeploy_pool_warm_seconds", &[], "Mean create-to-idle time of the last 20 containers."),
+    Metric::gauge("clawdeploy_pool_min_idle", &[], "The pool's min_idle setting (what the idle pool should not fall below)."),
     Metric::gauge("clawdeploy_pool_manager_leader", &[], "1 while this scheduler runs the pool manager."),
     Metric::gauge("clawdeploy_nodes", &["state"], "Nodes by state (active, draining, unreachable, removed)."),
     Metric::gauge("clawdeploy_agent_sessions", &[], "Agent sessions open with this scheduler."),

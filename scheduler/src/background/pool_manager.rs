@@ -258,6 +258,7 @@ async fn reconcile(app: &AppRef) -> Result<()> {
     metrics::gauge!("clawdeploy_pool_idle").set(idle as f64);
     metrics::gauge!("clawdeploy_pool_warming").set((warming + created) as f64);
     metrics::gauge!("clawdeploy_pool_target").set(target as f64);
+    metrics::gauge!("clawdeploy_pool_min_idle").set(f64::from(s.min_idle));
     metrics::gauge!("clawdeploy_pool_stale").set(stale as f64);
     metrics::gauge!("clawdeploy_pool_signup_rate").set(signups_per_sec);
     metrics::gauge!("clawdeploy_pool_warm_seconds").set(warm_secs);

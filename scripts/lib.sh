@@ -177,3 +177,27 @@ ensure_object_store() {
   export CLAWDEPLOY_ARCHIVE_ACCESS_KEY_ID=local
   export CLAWDEPLOY_ARCHIVE_SECRET_ACCESS_KEY=local-secret
 }
+
+# A Debian bookworm image that boots systemd, with python3 and sshd: the
+# Hetzner-like hosts the Ansible test provisions. Built from Debian's
+# mirror with mmdebstrap and `docker import`ed (no registry needed).
+HOST_IMAGE=clawdeploy/debian-host:bookworm
+build_host_image() {
+  docker image inspect "$HOST_IMAGE" >/dev/null 2>&1 && return 0
+  command -v mmdebstrap >/dev/null || { log "installing mmdebstrap"; as_root apt-get install -y -qq mmdebstrap >/dev/null; }
+  log "building $HOST_IMAGE with mmdebstrap (a few minutes, once)"
+  local tar="$LOCAL/debian-host.tar"
+  mkdir -p "$LOCAL"
+  # apt lists dated in the past, so Ansible's first `apt update` with
+  # cache_valid_time really updates.
+  as_root mmdebstrap --variant=apt --quiet \
+    --include=systemd,systemd-sysv,dbus,python3,python3-apt,openssh-server,sudo,ca-certificates,iproute2,procps,curl,gnupg \
+    --customize-hook='chroot "$1" systemctl enable ssh' \
+    --customize-hook='touch -d "2020-01-01" "$1"/var/lib/apt/lists/* || true' \
+    --customize-hook='rm -f "$1"/etc/ssh/ssh_host_*' \
+    --customize-hook='chroot "$1" sh -c "echo \"[Unit]\nDescription=SSH host keys\nBefore=ssh.service\n[Service]\nType=oneshot\nExecStart=/usr/bin/ssh-keygen -A\n[Install]\nWantedBy=multi-user.target\" > /etc/systemd/system/ssh-keygen.service && systemctl enable ssh-keygen"' \
+    bookworm "$tar" http://deb.debian.org/debian
+  # (`docker run --stop-signal SIGRTMIN+3` stops systemd cleanly.)
+  docker import --change 'CMD ["/sbin/init"]' "$tar" "$HOST_IMAGE" >/dev/null
+  rm -f "$tar"
+}

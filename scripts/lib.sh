@@ -188,12 +188,12 @@ build_host_image() {
   log "building $HOST_IMAGE with mmdebstrap (a few minutes, once)"
   local tar="$LOCAL/debian-host.tar"
   mkdir -p "$LOCAL"
-  # apt lists dated in the past, so Ansible's first `apt update` with
-  # cache_valid_time really updates.
-  as_root mmdebstrap --variant=apt --quiet \
+  # apt lists kept, and dated in the past, so Ansible's first `apt update`
+  # with cache_valid_time really updates.
+  as_root mmdebstrap --variant=apt --quiet --skip=cleanup/apt/lists \
     --include=systemd,systemd-sysv,dbus,python3,python3-apt,openssh-server,sudo,ca-certificates,iproute2,procps,curl,gnupg \
     --customize-hook='chroot "$1" systemctl enable ssh' \
-    --customize-hook='touch -d "2020-01-01" "$1"/var/lib/apt/lists/* || true' \
+    --customize-hook='touch -d "2020-01-01" "$1"/var/lib/apt/lists "$1"/var/lib/apt/lists/* || true' \
     --customize-hook='rm -f "$1"/etc/ssh/ssh_host_*' \
     --customize-hook='chroot "$1" sh -c "echo \"[Unit]\nDescription=SSH host keys\nBefore=ssh.service\n[Service]\nType=oneshot\nExecStart=/usr/bin/ssh-keygen -A\n[Install]\nWantedBy=multi-user.target\" > /etc/systemd/system/ssh-keygen.service && systemctl enable ssh-keygen"' \
     bookworm "$tar" http://deb.debian.org/debian

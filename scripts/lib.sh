@@ -31,6 +31,10 @@ ensure_tools() {
   # The agent installs tenant firewall rules; tests probe from a busybox image.
   command -v iptables >/dev/null || missing+=(iptables)
   command -v flock >/dev/null || missing+=(util-linux)
+  # Provisioning: Ansible with its collections, its linter, and mmdebstrap
+  # for the test's Debian hosts.
+  command -v ansible-lint >/dev/null || missing+=(ansible ansible-lint)
+  command -v mmdebstrap >/dev/null || missing+=(mmdebstrap)
   [ -x /bin/busybox ] || missing+=(busybox-static)
   # An end-to-end test checks every /metrics endpoint with promtool.
   command -v promtool >/dev/null || missing+=(prometheus)
@@ -184,7 +188,7 @@ ensure_object_store() {
 HOST_IMAGE=clawdeploy/debian-host:bookworm
 build_host_image() {
   docker image inspect "$HOST_IMAGE" >/dev/null 2>&1 && return 0
-  command -v mmdebstrap >/dev/null || { log "installing mmdebstrap"; as_root apt-get install -y -qq mmdebstrap >/dev/null; }
+  command -v mmdebstrap >/dev/null || ensure_tools
   log "building $HOST_IMAGE with mmdebstrap (a few minutes, once)"
   local tar="$LOCAL/debian-host.tar"
   mkdir -p "$LOCAL"

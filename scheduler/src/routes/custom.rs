@@ -156,6 +156,8 @@ pub async fn sync_instance(
         .map(|(h, u, c, f)| (h, (u, c, f)))
         .collect();
     let mut deltas = Vec::new();
+    // Hostnames that keep a route; the other live custom routes go below.
+    let mut wanted: Vec<&str> = Vec::new();
     for d in &domains {
         let target = own
             .as_ref()
@@ -165,6 +167,7 @@ pub async fn sync_instance(
         if target.is_none() && challenge.is_none() {
             continue;
         }
+        wanted.push(&d.hostname);
         let cert = target.as_ref().and(d.cert_pem.as_deref());
         let fp = fingerprint(cert, challenge);
         let (upstream, container) = match &target {
@@ -203,14 +206,6 @@ pub async fn sync_instance(
         });
     }
     // Routes no domain wants any more: switched off, removed, moved away.
-    let wanted: Vec<&str> = domains
-        .iter()
-        .filter(|d| {
-            d.challenge_token.is_some()
-                || (d.serves() && own.as_ref().is_some_and(|o| o.1.is_some()))
-        })
-        .map(|d| d.hostname.as_str())
-        .collect();
     let stale: Vec<&String> = existing
         .keys()
         .filter(|h| !wanted.contains(&h.as_str()))

@@ -44,6 +44,12 @@ pub enum Error {
     NoCapacity(String),
     #[error("timed out: {0}")]
     Timeout(String),
+    /// Too many requests of a kind from one client address.
+    #[error("rate limited for {retry_after_secs} s")]
+    RateLimited { retry_after_secs: u64 },
+    /// Connection-level failures (the server restarting or away, the pool
+    /// exhausted, a serialization conflict) answer 503 and may be retried;
+    /// anything else is a bug and answers 500.
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
     /// The object store (state archives) did not answer or refused.
@@ -83,6 +89,11 @@ impl Error {
                 StatusCode::UNAUTHORIZED,
                 "bad_credentials",
                 "wrong email or password".into(),
+            ),
+            Error::RateLimited { .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "too many requests from this address; try again later".into(),
             ),
             Error::TooManyAttempts => (
                 StatusCode::TOO_MANY_REQUESTS,
@@ -124,11 +135,33 @@ impl Error {
                 "storage_unavailable",
                 "the archive store is unavailable; try again shortly".into(),
             ),
+            Error::Database(e) if database_unavailable(e) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "database_unavailable",
+                "the database is unavailable; retry shortly (with the same Idempotency-Key)".into(),
+            ),
             Error::Database(_) | Error::Internal(_) => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal",
                 "internal error".into(),
             ),
+        }
+    }
+
+    /// Seconds a client should wait before retrying, when a retry can help.
+    pub(crate) fn retry_after(&self) -> Option<u64> {
+        match self {
+            // At most the limits' one-hour window.
+            Error::TooManyAttempts => Some(3600),
+            Error::RateLimited { retry_after_secs } => Some((*retry_after_secs).max(1)),
+            // The first request is still running: it ends within the claim wait.
+            Error::Conflict {
+                code: "idempotency_in_progress",
+                ..
+            } => Some(2),
+            // Busy, no capacity, a dependency away: worth a retry soon.
+            _ if self.public().0 == StatusCode::SERVICE_UNAVAILABLE => Some(5),
+            _ => None,
         }
     }
 
@@ -142,5 +175,73 @@ impl Error {
             },
             _ => Error::Database(e),
         }
+    }
+}
+
+/// Whether a database error is the database being away or overloaded (worth
+/// a retry) rather than a fault in the request or the code: lost or refused
+/// connections, the pool exhausted, the server shutting down or starting,
+/// too many connections, serialization failures and deadlocks, a statement
+/// cancelled by the statement timeout.
+pub fn database_unavailable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|c| {
+            // Class 08: connection exception; 57P01-57P03: shutting down or
+            // starting; 53300: too many connections; 40001/40P01:
+            // serialization failure, deadlock; 57014: statement timeout.
+            c.starts_with("08")
+                || matches!(
+                    &*c,
+                    "57P01" | "57P02" | "57P03" | "53300" | "40001" | "40P01" | "57014"
+                )
+        }),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lost_connections_are_retryable_503s() {
+        let io = Error::Database(sqlx::Error::Io(std::io::Error::from(
+            std::io::ErrorKind::ConnectionReset,
+        )));
+        let (status, code, _) = io.public();
+        assert_eq!(
+            (status, code),
+            (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable")
+        );
+        assert_eq!(io.retry_after(), Some(5));
+        let pool = Error::Database(sqlx::Error::PoolTimedOut);
+        assert_eq!(pool.public().0, StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[test]
+    fn other_database_errors_stay_500s() {
+        let e = Error::Database(sqlx::Error::RowNotFound);
+        let (status, code, message) = e.public();
+        assert_eq!(
+            (status, code),
+            (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+        );
+        assert_eq!(message, "internal error");
+        assert_eq!(e.retry_after(), None);
+    }
+
+    #[test]
+    fn rate_limits_say_when() {
+        let e = Error::RateLimited {
+            retry_after_secs: 42,
+        };
+        assert_eq!(e.public().0, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(e.retry_after(), Some(42));
+        assert_eq!(Error::TooManyAttempts.retry_after(), Some(3600));
     }
 }

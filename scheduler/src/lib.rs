@@ -64,13 +64,55 @@ pub struct ServeOptions {
     pub secret_key: Option<String>,
     /// DNS names and IPs the gRPC server certificate carries.
     pub grpc_server_names: Vec<String>,
-    pub db_max_connections: u32,
+    pub db: DbOptions,
     /// Bearer token for `/admin`; `None` turns the admin API off.
     pub admin_token: Option<String>,
     /// The S3-compatible store for state archives; `None`: not configured.
     pub archives: Option<archives::ArchiveConfig>,
     /// Stripe's secret key and API base; `None`: billing is off.
     pub stripe: Option<(String, String)>,
+}
+
+/// The database pool's bounds: how many connections, how long a request
+/// waits for one, how long a statement may run.
+#[derive(Clone, Debug)]
+pub struct DbOptions {
+    pub max_connections: u32,
+    pub acquire_timeout: Duration,
+    /// Zero: no limit.
+    pub statement_timeout: Duration,
+}
+
+impl Default for DbOptions {
+    fn default() -> Self {
+        Self {
+            max_connections: 32,
+            acquire_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl DbOptions {
+    /// A pool to `url` with these bounds. Connections are checked before use
+    /// (a server restart leaves dead ones in the pool) and the pool keeps no
+    /// minimum, so an outage costs nothing but failed attempts and the pool
+    /// refills on its own when the server returns.
+    pub async fn connect(&self, url: &str) -> Result<sqlx::PgPool, sqlx::Error> {
+        let mut connect: sqlx::postgres::PgConnectOptions = url.parse()?;
+        if !self.statement_timeout.is_zero() {
+            connect = connect.options([(
+                "statement_timeout",
+                format!("{}ms", self.statement_timeout.as_millis()),
+            )]);
+        }
+        PgPoolOptions::new()
+            .max_connections(self.max_connections)
+            .acquire_timeout(self.acquire_timeout)
+            .test_before_acquire(true)
+            .connect_with(connect)
+            .await
+    }
 }
 
 /// The process-wide Prometheus recorder (installed once), with every
@@ -89,9 +131,8 @@ pub async fn serve(
     grpc: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let db = PgPoolOptions::new()
-        .max_connections(opts.db_max_connections)
-        .acquire_timeout(Duration::from_secs(10))
+    let db = opts
+        .db
         .connect(&opts.database_url)
         .await
         .context("connecting to PostgreSQL")?;

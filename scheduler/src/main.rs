@@ -58,8 +58,21 @@ struct ServeArgs {
     grpc_listen: SocketAddr,
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: String,
+    /// Connections in the pool.
     #[arg(long, env = "CLAWDEPLOY_DB_MAX_CONNECTIONS", default_value_t = 32)]
     db_max_connections: u32,
+    /// How long a request waits for a pool connection before answering
+    /// `503 database_unavailable` (the database away, or the pool busy).
+    #[arg(long, env = "CLAWDEPLOY_DB_ACQUIRE_TIMEOUT_SECS", default_value_t = 5)]
+    db_acquire_timeout_secs: u64,
+    /// PostgreSQL's `statement_timeout` for the scheduler's connections
+    /// (0: none): no request hangs on a stuck statement.
+    #[arg(
+        long,
+        env = "CLAWDEPLOY_DB_STATEMENT_TIMEOUT_SECS",
+        default_value_t = 30
+    )]
+    db_statement_timeout_secs: u64,
     /// CA and key material.
     #[arg(long, env = "CLAWDEPLOY_DATA_DIR", default_value = ".local/scheduler")]
     data_dir: PathBuf,
@@ -171,6 +184,14 @@ struct ServeArgs {
     /// 202 `queued`); beyond it they get 503 `no_capacity`.
     #[arg(long, env = "CLAWDEPLOY_SIGNUP_QUEUE_MAX", default_value_t = 1000)]
     signup_queue_max: u32,
+    /// Registrations one client address may attempt per hour (refused ones
+    /// for a taken email count too); beyond, 429 with Retry-After.
+    #[arg(
+        long,
+        env = "CLAWDEPLOY_REGISTRATIONS_PER_ADDRESS_PER_HOUR",
+        default_value_t = 20
+    )]
+    registrations_per_address_per_hour: u32,
     /// The Stripe price id of the pro tier (shown by GET /api/billing/plans).
     #[arg(long, env = "CLAWDEPLOY_STRIPE_PRICE_PRO")]
     stripe_price_pro: Option<String>,
@@ -309,6 +330,7 @@ async fn main() -> anyhow::Result<()> {
                     backup_interval: Duration::from_secs(a.backup_interval_secs.max(1)),
                     backup_retention: Duration::from_secs(a.backup_retention_secs.max(1)),
                     signup_queue_max: a.signup_queue_max,
+                    registrations_per_address_per_hour: a.registrations_per_address_per_hour,
                     stripe_price_pro: a.stripe_price_pro.clone(),
                     stripe_price_team: a.stripe_price_team.clone(),
                     stripe_webhook_secret: a.stripe_webhook_secret.clone(),
@@ -334,7 +356,11 @@ async fn main() -> anyhow::Result<()> {
                 data_dir: a.data_dir,
                 secret_key: a.secret_key,
                 grpc_server_names: a.grpc_server_names,
-                db_max_connections: a.db_max_connections,
+                db: clawdeploy_scheduler::DbOptions {
+                    max_connections: a.db_max_connections,
+                    acquire_timeout: Duration::from_secs(a.db_acquire_timeout_secs),
+                    statement_timeout: Duration::from_secs(a.db_statement_timeout_secs),
+                },
                 admin_token: a.admin_token,
                 archives: a.archive_bucket.map(|bucket| ArchiveConfig {
                     endpoint: a.archive_endpoint.unwrap_or_default(),

@@ -113,7 +113,25 @@ fn request(user_id: Uuid, subdomain: &str) -> ClaimRequest {
         subdomain: subdomain.into(),
         provider_keys: BTreeMap::from([("openai".to_owned(), format!("sk-{subdomain}-1234567"))]),
         default_model: "openai/gpt-4o".into(),
+        idempotency_key: None,
     }
+}
+
+/// An account made through the product's registration, from no known
+/// address (no per-address limit).
+async fn register(app: &App, email: &str, name: &str) -> clawdeploy_scheduler::accounts::Session {
+    clawdeploy_scheduler::accounts::register(
+        &app.db,
+        clawdeploy_scheduler::accounts::Registration {
+            email,
+            password: "correct-horse-battery".into(),
+            name,
+            address: None,
+            per_address_per_hour: 0,
+        },
+    )
+    .await
+    .unwrap()
 }
 
 async fn count(app: &App, sql: &str) -> i64 {
@@ -276,7 +294,7 @@ async fn an_idempotency_key_replays_the_first_answer_and_refuses_reuse() {
             assert_eq!(status, 201);
             assert_eq!(body, br#"{"instance":{"id":"i"}}"#);
         }
-        Begin::First => panic!("a finished key replays"),
+        _ => panic!("a finished key replays"),
     }
     // Stored sealed.
     let stored: Vec<u8> =
@@ -304,6 +322,104 @@ async fn an_idempotency_key_replays_the_first_answer_and_refuses_reuse() {
         idempotency::begin(&app, u, "k2", &hash).await.unwrap(),
         Begin::First
     ));
+}
+
+/// A signup whose claim committed but whose answer was never stored (the
+/// database went away after the commit) is answered with its instance on
+/// retry, never claimed twice; a server error does not release such a key.
+#[tokio::test]
+async fn a_key_whose_claim_committed_answers_with_its_instance() {
+    let app = app().await;
+    node(&app, "n1").await;
+    idle(&app, "n1", 1).await;
+    let u = user(&app, "lost-answer@example.com").await;
+    let hash = idempotency::fingerprint(&json!({"subdomain": "lost"}));
+    assert!(matches!(
+        idempotency::begin(&app, u, "k", &hash).await.unwrap(),
+        Begin::First
+    ));
+    let mut req = request(u, "lost");
+    req.idempotency_key = Some("k".into());
+    let claimed = claim::claim(&app, req).await.unwrap();
+    // The answer is lost: the retry learns the instance, not "in progress".
+    match idempotency::begin(&app, u, "k", &hash).await.unwrap() {
+        Begin::Claimed(id) => assert_eq!(id, claimed.instance_id),
+        _ => panic!("a key with a committed claim answers with its instance"),
+    }
+    idempotency::finish(&app, u, "k", 503, b"{}").await;
+    assert!(matches!(
+        idempotency::begin(&app, u, "k", &hash).await.unwrap(),
+        Begin::Claimed(_)
+    ));
+    assert_eq!(
+        count(
+            &app,
+            "SELECT count(*) FROM instances WHERE subdomain = 'lost'"
+        )
+        .await,
+        1
+    );
+    assert!(claimed.gateway_token.is_some(), "the claim knows its token");
+}
+
+/// Registrations are limited per address per hour, taken emails included;
+/// the refusal says when the window frees a slot. Other addresses, and
+/// registrations with no known address, are not affected.
+#[tokio::test]
+async fn registrations_are_limited_per_address() {
+    use clawdeploy_scheduler::accounts::{self, Registration};
+    let app = app().await;
+    let from = |email: &'static str, ip: [u8; 4]| Registration {
+        email,
+        password: "correct-horse-battery".into(),
+        name: "",
+        address: Some(std::net::IpAddr::from(ip)),
+        per_address_per_hour: 3,
+    };
+    accounts::register(&app.db, from("a1@example.com", [203, 0, 113, 1]))
+        .await
+        .unwrap();
+    accounts::register(&app.db, from("a2@example.com", [203, 0, 113, 1]))
+        .await
+        .unwrap();
+    let taken = accounts::register(&app.db, from("a1@example.com", [203, 0, 113, 1])).await;
+    assert!(matches!(
+        taken,
+        Err(Error::Conflict {
+            code: "email_taken",
+            ..
+        })
+    ));
+    match accounts::register(&app.db, from("a3@example.com", [203, 0, 113, 1])).await {
+        Err(Error::RateLimited { retry_after_secs }) => {
+            assert!(
+                (3500..=3600).contains(&retry_after_secs),
+                "{retry_after_secs}"
+            )
+        }
+        Err(e) => panic!("the fourth attempt is limited, not {e}"),
+        Ok(_) => panic!("the fourth attempt is limited"),
+    }
+    assert_eq!(
+        count(
+            &app,
+            "SELECT count(*) FROM users WHERE email = 'a3@example.com'"
+        )
+        .await,
+        0
+    );
+    accounts::register(&app.db, from("b1@example.com", [203, 0, 113, 2]))
+        .await
+        .unwrap();
+    register(&app, "c1@example.com", "").await;
+    // An hour later the window has room again.
+    sqlx::query("UPDATE registration_attempts SET at = at - interval '61 minutes'")
+        .execute(&app.db)
+        .await
+        .unwrap();
+    accounts::register(&app.db, from("a3@example.com", [203, 0, 113, 1]))
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -759,14 +875,7 @@ async fn stripe_webhooks_are_verified_applied_once_in_order_and_end_in_grace() {
     .await;
     node(&app, "n1").await;
     idle(&app, "n1", 1).await;
-    let session = clawdeploy_scheduler::accounts::register(
-        &app.db,
-        "payer@example.com",
-        "correct-horse-battery".into(),
-        "Payer",
-    )
-    .await
-    .unwrap();
+    let session = register(&app, "payer@example.com", "Payer").await;
     let u = session.user_id;
     let claimed = claim::claim(&app, request(u, "payer")).await.unwrap();
     let container = claimed.container_id.unwrap();
@@ -1027,14 +1136,7 @@ async fn checkout_makes_one_customer_per_account_and_keeps_redirects_home() {
     };
     let app = app_with(cfg.clone()).await;
     let fake = FakeProvider::default();
-    let s = clawdeploy_scheduler::accounts::register(
-        &app.db,
-        "buyer@example.com",
-        "correct-horse-battery".into(),
-        "Buyer",
-    )
-    .await
-    .unwrap();
+    let s = register(&app, "buyer@example.com", "Buyer").await;
     let ok = "https://app.example.com/?paid=1";
 
     // Refused before anything is created: a redirect off our origin, a
@@ -1119,14 +1221,7 @@ async fn custom_domains_need_a_plan_are_normalized_owned_once_and_bounded() {
         ("owner@example.com", "owner"),
         ("rival@example.com", "rival"),
     ] {
-        let s = clawdeploy_scheduler::accounts::register(
-            &app.db,
-            email,
-            "correct-horse-battery".into(),
-            "",
-        )
-        .await
-        .unwrap();
+        let s = register(&app, email, "").await;
         let c = claim::claim(&app, request(s.user_id, sub)).await.unwrap();
         tokens.push((s.token, c.instance_id));
     }
@@ -1305,14 +1400,7 @@ async fn a_domain_is_verified_once_its_txt_record_holds_the_token() {
     node(&app, "n1").await;
     idle(&app, "n1", 1).await;
     let base = serve(app.clone()).await;
-    let s = clawdeploy_scheduler::accounts::register(
-        &app.db,
-        "dns@example.com",
-        "correct-horse-battery".into(),
-        "",
-    )
-    .await
-    .unwrap();
+    let s = register(&app, "dns@example.com", "").await;
     let c = claim::claim(&app, request(s.user_id, "dnsowner"))
         .await
         .unwrap();

@@ -58,10 +58,31 @@ async fn issue_token(db: &PgPool, user_id: Uuid) -> Result<String> {
 
 /// Creates an account (the email normalised, the password checked against
 /// the policy) and its first session.
-pub async fn register(db: &PgPool, email: &str, password: String, name: &str) -> Result<Session> {
+/// A registration: what the client sent, and from where.
+pub struct Registration<'a> {
+    pub email: &'a str,
+    pub password: String,
+    pub name: &'a str,
+    /// The client's address, when known: at most `per_address_per_hour`
+    /// attempts from one address.
+    pub address: Option<std::net::IpAddr>,
+    pub per_address_per_hour: u32,
+}
+
+pub async fn register(db: &PgPool, r: Registration<'_>) -> Result<Session> {
+    let Registration {
+        email,
+        password,
+        name,
+        address,
+        per_address_per_hour,
+    } = r;
     let email = normalize_email(email)?;
     let name = display_name(name)?;
     check_password(&password, &email)?;
+    if let Some(address) = address {
+        check_registration_limit(db, &address.to_string(), per_address_per_hour).await?;
+    }
     let hash = password::hash(password).await?;
     let id = Uuid::new_v4();
     sqlx::query("INSERT INTO users (id, email, password_hash, name) VALUES ($1, $2, $3, $4)")
@@ -93,6 +114,39 @@ pub async fn register(db: &PgPool, email: &str, password: String, name: &str) ->
         email,
         token,
     })
+}
+
+/// Refuses a registration from an address that used up its hour, saying
+/// when the oldest attempt leaves the window; otherwise counts this one
+/// (before the email is tried, so that probing for taken emails counts).
+async fn check_registration_limit(db: &PgPool, address: &str, per_hour: u32) -> Result<()> {
+    let (count, wait): (i64, Option<f64>) = sqlx::query_as(
+        "SELECT count(*), EXTRACT(EPOCH FROM min(at) + interval '1 hour' - now())::float8
+           FROM registration_attempts WHERE address = $1 AND at > now() - interval '1 hour'",
+    )
+    .bind(address)
+    .fetch_one(db)
+    .await?;
+    if count >= i64::from(per_hour) {
+        metrics::counter!("clawdeploy_registrations_total", "result" => "limited").increment(1);
+        let retry_after_secs = wait.unwrap_or(3600.0).ceil().clamp(1.0, 3600.0) as u64;
+        return Err(Error::RateLimited { retry_after_secs });
+    }
+    sqlx::query("INSERT INTO registration_attempts (address) VALUES ($1)")
+        .bind(address)
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
+/// Drops registration attempts that left the one-hour window.
+pub async fn purge_registration_attempts(db: &PgPool) {
+    let r = sqlx::query("DELETE FROM registration_attempts WHERE at < now() - interval '1 hour'")
+        .execute(db)
+        .await;
+    if let Err(e) = r {
+        tracing::warn!(error = %e, "old registration attempts not purged");
+    }
 }
 
 /// Refuses a login when the account or the address used up its failures.

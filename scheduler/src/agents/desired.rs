@@ -171,6 +171,28 @@ pub async fn bump_and_push(app: &AppRef, node_id: &str) -> Result<()> {
     bump_past_and_push(app, node_id, Generation::default()).await
 }
 
+/// `bump_and_push` until it works, with backoff, for a few minutes: for a
+/// change that committed while the database went away right after.
+pub async fn bump_until_done(app: AppRef, node_id: String) {
+    let mut backoff = clawdeploy_common::backoff::Backoff::new(
+        std::time::Duration::from_millis(200),
+        std::time::Duration::from_secs(10),
+    )
+    .jittered();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(300);
+    while tokio::time::Instant::now() < deadline {
+        backoff.wait().await;
+        match bump_and_push(&app, &node_id).await {
+            Ok(()) => return,
+            Err(e) => tracing::debug!(node_id, error = %e, "node still not told"),
+        }
+    }
+    tracing::warn!(
+        node_id,
+        "node not told of a change; the unconfirmed-claim sweep takes over"
+    );
+}
+
 /// Like `bump_and_push`, and also moves the generation past `floor` (what the
 /// agent reports having applied): an agent whose ledger is ahead of the
 /// database (restored from a backup, say) would otherwise refuse every push.

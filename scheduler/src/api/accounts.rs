@@ -38,16 +38,22 @@ pub struct Registration {
         (status = 400, description = "Malformed JSON", body = ErrorBody),
         (status = 409, description = "Email taken", body = ErrorBody),
         (status = 422, description = "Invalid email, password (10 to 256 characters) or name (at most 100 characters, no control characters)", body = ErrorBody),
+        (status = 429, description = "Too many registrations from this address in the last hour (`rate_limited`, with Retry-After)", body = ErrorBody),
     ))]
 pub async fn register(
     State(app): State<AppRef>,
+    ClientAddr(client): ClientAddr,
     ApiJson(r): ApiJson<Registration>,
 ) -> Result<(StatusCode, axum::Json<SessionView>)> {
     let session = accounts::register(
         &app.db,
-        &r.email,
-        r.password,
-        r.name.as_deref().unwrap_or(""),
+        accounts::Registration {
+            email: &r.email,
+            password: r.password,
+            name: r.name.as_deref().unwrap_or(""),
+            address: client,
+            per_address_per_hour: app.cfg.registrations_per_address_per_hour,
+        },
     )
     .await?;
     Ok((StatusCode::CREATED, axum::Json(session.into())))

@@ -38,14 +38,9 @@ impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let (status, body) = self.answer_logged();
         let mut resp = (status, axum::Json(body)).into_response();
-        if status == StatusCode::TOO_MANY_REQUESTS {
-            // At most the limits' one-hour window.
+        if let Some(secs) = self.retry_after() {
             resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("3600"));
-        } else if status == StatusCode::SERVICE_UNAVAILABLE {
-            // Busy, no capacity, a dependency away: worth a retry soon.
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         resp
     }

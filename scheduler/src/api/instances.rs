@@ -56,7 +56,7 @@ fn answer(status: StatusCode, body: Vec<u8>, location: Option<&str>) -> Response
         (status = 401, description = "No valid token", body = ErrorBody),
         (status = 409, description = "Subdomain taken, or the account already has an instance", body = ErrorBody),
         (status = 422, description = "Invalid subdomain or key", body = ErrorBody),
-        (status = 503, description = "No capacity right now", body = ErrorBody),
+        (status = 503, description = "No capacity right now, or the database is away: retry with the same Idempotency-Key after Retry-After", body = ErrorBody),
     ))]
 pub async fn create(
     State(app): State<AppRef>,
@@ -65,7 +65,7 @@ pub async fn create(
     ApiJson(body): ApiJson<CreateInstance>,
 ) -> Result<Response> {
     let Some(key) = key else {
-        let (status, view) = sign_up(&app, &user, body).await?;
+        let (status, view) = sign_up(&app, &user, body, None).await?;
         let location = view.instance.status_url.clone();
         return Ok(answer(status, to_json(&view), Some(&location)));
     };
@@ -80,20 +80,44 @@ pub async fn create(
                 .insert("idempotent-replayed", HeaderValue::from_static("true"));
             Ok(resp)
         }
-        Begin::First => {
-            // The first answer is stored, errors included.
-            let (status, body, location) = match sign_up(&app, &user, body).await {
-                Ok((status, view)) => {
-                    let location = view.instance.status_url.clone();
-                    (status, to_json(&view), Some(location))
-                }
-                Err(e) => {
-                    let (status, body) = e.answer_logged();
-                    (status, to_json(&body), None)
-                }
+        Begin::Claimed(instance_id) => {
+            let mut instance = instances::by_id(&app, instance_id).await?;
+            instance.masked_keys = None;
+            let status = if instance.status == InstanceStatus::Ready {
+                StatusCode::CREATED
+            } else {
+                StatusCode::ACCEPTED
             };
+            let view = InstanceEnvelope {
+                instance: InstanceView::new(&app.cfg, instance),
+            };
+            let location = view.instance.status_url.clone();
+            let mut resp = answer(status, to_json(&view), Some(&location));
+            resp.headers_mut()
+                .insert("idempotent-replayed", HeaderValue::from_static("true"));
+            Ok(resp)
+        }
+        Begin::First => {
+            // The first answer is stored, errors included (server errors
+            // release the key instead).
+            let (status, body, location, retry_after) =
+                match sign_up(&app, &user, body, Some(&key)).await {
+                    Ok((status, view)) => {
+                        let location = view.instance.status_url.clone();
+                        (status, to_json(&view), Some(location), None)
+                    }
+                    Err(e) => {
+                        let (status, body) = e.answer_logged();
+                        (status, to_json(&body), None, e.retry_after())
+                    }
+                };
             idempotency::finish(&app, user.id, &key, status.as_u16(), &body).await;
-            Ok(answer(status, body, location.as_deref()))
+            let mut resp = answer(status, body, location.as_deref());
+            if let Some(secs) = retry_after {
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            }
+            Ok(resp)
         }
     }
 }
@@ -109,8 +133,10 @@ async fn sign_up(
     app: &AppRef,
     user: &AuthUser,
     body: CreateInstance,
+    idempotency_key: Option<&str>,
 ) -> Result<(StatusCode, InstanceEnvelope)> {
-    let (outcome, instance) = claim::sign_up(app, user.id, body.subdomain, body.api_keys).await?;
+    let (outcome, instance) =
+        claim::sign_up(app, user.id, body.subdomain, body.api_keys, idempotency_key).await?;
     let status = match outcome {
         Outcome::Ready => StatusCode::CREATED,
         Outcome::Queued | Outcome::Pending | Outcome::Failed => StatusCode::ACCEPTED,

@@ -102,7 +102,7 @@ pub fn router(app: AppRef, metrics: PrometheusHandle) -> Router {
 #[utoipa::path(get, path = "/healthz", tag = "service",
     responses(
         (status = 200, description = "The scheduler and its database answer", body = Health),
-        (status = 500, description = "The database does not answer", body = ErrorBody),
+        (status = 503, description = "The database does not answer (`database_unavailable`, with Retry-After)", body = ErrorBody),
     ))]
 async fn healthz(State(app): State<AppRef>) -> impl IntoResponse {
     match sqlx::query("SELECT 1").execute(&app.db).await {

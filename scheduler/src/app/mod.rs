@@ -63,6 +63,8 @@ pub struct Config {
     pub backup_retention: Duration,
     /// Signups waiting for capacity at most; beyond, `503 no_capacity`.
     pub signup_queue_max: u32,
+    /// Registrations one client address may attempt per hour.
+    pub registrations_per_address_per_hour: u32,
     /// Stripe price ids of the paid tiers, shown in the plan list.
     pub stripe_price_pro: Option<String>,
     pub stripe_price_team: Option<String>,
@@ -113,6 +115,7 @@ impl Default for Config {
             backup_interval: Duration::from_secs(24 * 3600),
             backup_retention: Duration::from_secs(30 * 24 * 3600),
             signup_queue_max: 1000,
+            registrations_per_address_per_hour: 20,
             stripe_price_pro: None,
             stripe_price_team: None,
             stripe_webhook_secret: None,

@@ -1,5 +1,5 @@
 //! Housekeeping the pool manager's leader runs every few minutes: rows that
-//! only matter for a while (failed logins, idempotency keys) are dropped
+//! only matter for a while (failed logins, registration attempts, idempotency keys) are dropped
 //! once they stop mattering.
 
 use crate::app::App;
@@ -7,4 +7,5 @@ use crate::app::App;
 pub async fn housekeep(app: &App) {
     crate::lifecycle::idempotency::purge_expired(app).await;
     crate::accounts::purge_login_failures(&app.db).await;
+    crate::accounts::purge_registration_attempts(&app.db).await;
 }

@@ -32,6 +32,11 @@ pub async fn run(app: AppRef, mut shutdown: watch::Receiver<bool>) {
     // pool so it is never shared); losing the connection loses the lock.
     let mut lock: Option<PgConnection> = None;
     let mut passes: u64 = 0;
+    // Since when the database has answered this manager without a break.
+    // Nodes are judged by heartbeats only a TTL after that: heartbeats
+    // could not be recorded while the database was away (or before this
+    // scheduler led), and a silent database is not a silent node.
+    let mut answering_since: Option<tokio::time::Instant> = None;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -55,10 +60,16 @@ pub async fn run(app: AppRef, mut shutdown: watch::Receiver<bool>) {
             }
         }
         if lock.is_none() {
+            answering_since = None;
             continue;
         }
-        if let Err(e) = reconcile(&app).await {
+        let since = *answering_since.get_or_insert_with(tokio::time::Instant::now);
+        let judge_nodes = since.elapsed() >= app.cfg.heartbeat_ttl;
+        if let Err(e) = reconcile(&app, judge_nodes).await {
             tracing::warn!(error = %e, "pool reconcile failed");
+            if matches!(&e, Error::Database(db) if crate::error::database_unavailable(db)) {
+                answering_since = None;
+            }
         }
         passes += 1;
         if passes % 300 == 1 {
@@ -172,10 +183,16 @@ async fn pool_counts(app: &App, s: &PoolSettings) -> Result<PoolCounts> {
     .await?)
 }
 
-async fn reconcile(app: &AppRef) -> Result<()> {
-    mark_unreachable(app).await?;
+/// One pass. `judge_nodes`: whether heartbeats may mark nodes unreachable
+/// and move unconfirmed claims (not right after the database returned).
+async fn reconcile(app: &AppRef, judge_nodes: bool) -> Result<()> {
+    if judge_nodes {
+        mark_unreachable(app).await?;
+    }
     let mut touched: HashSet<String> = replace_stuck(app).await?.into_iter().collect();
-    touched.extend(claim::retry_unconfirmed(app).await?);
+    if judge_nodes {
+        touched.extend(claim::retry_unconfirmed(app).await?);
+    }
     touched.extend(release::sweep_expired(app).await?);
 
     let s = settings::load(&app.db).await?;

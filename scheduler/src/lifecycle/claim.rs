@@ -30,6 +30,7 @@ pub async fn sign_up(
     user_id: Uuid,
     subdomain: Option<String>,
     api_keys: BTreeMap<String, String>,
+    idempotency_key: Option<&str>,
 ) -> Result<(Outcome, Instance)> {
     let subdomain = match subdomain {
         Some(s) => instances::validate_subdomain(&s)?,
@@ -50,6 +51,7 @@ pub async fn sign_up(
             subdomain: subdomain.clone(),
             provider_keys,
             default_model,
+            idempotency_key: idempotency_key.map(str::to_owned),
         },
     )
     .await
@@ -61,10 +63,19 @@ pub async fn sign_up(
         };
         metrics::counter!("clawdeploy_assignments_total", "result" => result).increment(1);
     })?;
+    // The claim is committed: from here on the instance exists, so a
+    // database that goes away answers 202 (poll the status URL) rather than
+    // an error a client would retry into `instance_exists`.
     let outcome = match claimed.container_id {
         // Every node is full: the signup waits in line (202, `queued`).
         None => Outcome::Queued,
-        Some(_) => wait_ready(app, claimed.instance_id).await?,
+        Some(_) => match wait_ready(app, claimed.instance_id).await {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(instance_id = %claimed.instance_id, error = %e, "claim committed; its readiness not read: answering 202");
+                Outcome::Pending
+            }
+        },
     };
     let status = match outcome {
         Outcome::Queued => {
@@ -74,8 +85,12 @@ pub async fn sign_up(
         }
         Outcome::Ready => {
             // The route is committed; answer once the edges route it too.
-            if let Some(v) = routes::live_version(&app.db, claimed.instance_id).await? {
-                routes::wait_edges(app, claimed.instance_id, v).await;
+            match routes::live_version(&app.db, claimed.instance_id).await {
+                Ok(Some(v)) => routes::wait_edges(app, claimed.instance_id, v).await,
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(instance_id = %claimed.instance_id, error = %e, "route version not read; not waiting for the edges")
+                }
             }
             InstanceStatus::Ready
         }
@@ -86,8 +101,15 @@ pub async fn sign_up(
         }
         Outcome::Failed => InstanceStatus::Failed,
     };
-    // A retried claim moved the instance to another container: its token.
-    let gateway_token = instances::gateway_token(app, claimed.instance_id).await?;
+    // A retried claim moved the instance to another container: its token
+    // (the claimed container's when the database cannot say).
+    let gateway_token = match instances::gateway_token(app, claimed.instance_id).await {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!(instance_id = %claimed.instance_id, error = %e, "gateway token not re-read; answering the claimed container's");
+            claimed.gateway_token.clone()
+        }
+    };
     Ok((
         outcome,
         Instance {
@@ -106,6 +128,9 @@ pub struct ClaimRequest {
     pub subdomain: String,
     pub provider_keys: BTreeMap<String, String>,
     pub default_model: String,
+    /// The request's `Idempotency-Key`: the key's record learns the
+    /// instance in the claim's own transaction.
+    pub idempotency_key: Option<String>,
 }
 
 pub struct Claimed {
@@ -116,6 +141,8 @@ pub struct Claimed {
     /// Free, or the paying account's tier (a queued one gets it when it is
     /// assigned).
     pub tier: Tier,
+    /// The claimed container's gateway token (`None` when queued).
+    pub gateway_token: Option<String>,
 }
 
 /// Claims a container and hands the node its new desired state. Returns once
@@ -151,6 +178,14 @@ pub async fn claim(app: &AppRef, req: ClaimRequest) -> Result<Claimed> {
         ),
     })?;
 
+    if let Some(key) = &req.idempotency_key {
+        sqlx::query("UPDATE idempotency_keys SET instance_id = $3 WHERE user_id = $1 AND key = $2")
+            .bind(req.user_id)
+            .bind(key)
+            .bind(instance_id)
+            .execute(&mut *tx)
+            .await?;
+    }
     // The secrets first: a queued instance keeps them until it is assigned.
     let dek = envelope::create(&app.secrets, &mut tx, instance_id).await?;
     for (name, value) in &req.provider_keys {
@@ -202,14 +237,31 @@ pub async fn claim(app: &AppRef, req: ClaimRequest) -> Result<Claimed> {
             container_id: None,
             node_id: String::new(),
             tier: Tier::Free,
+            gateway_token: None,
         });
     };
-    desired::bump_and_push(app, &attached.node_id).await?;
+    if let Err(e) = desired::bump_and_push(app, &attached.node_id).await {
+        // Committed but not yet announced: keep trying in the background
+        // (the unconfirmed-claim sweep moves it on if this never works).
+        tracing::warn!(%instance_id, node_id = attached.node_id, error = %e, "node not told of the claim yet; retrying");
+        tokio::spawn(desired::bump_until_done(
+            app.clone(),
+            attached.node_id.clone(),
+        ));
+    }
+    let gateway_token = app
+        .secrets
+        .open_string(
+            &aad::gateway_token(attached.container_id),
+            &attached.gateway_token_enc,
+        )
+        .ok();
     Ok(Claimed {
         instance_id,
         container_id: Some(attached.container_id),
         node_id: attached.node_id,
         tier: attached.tier,
+        gateway_token,
     })
 }
 
@@ -221,6 +273,8 @@ pub struct Attached {
     pub on_demand: bool,
     /// The account's tier, which the container was sized for.
     pub tier: Tier,
+    /// The container's gateway token, sealed.
+    pub gateway_token_enc: Vec<u8>,
 }
 
 /// Gives the instance a container inside the caller's transaction: the
@@ -274,6 +328,7 @@ pub async fn attach(
         tier: paid.unwrap_or(Tier::Free),
         container_id: taken.id,
         node_id: taken.node_id,
+        gateway_token_enc: taken.gateway_token_enc,
         on_demand,
     })
 }

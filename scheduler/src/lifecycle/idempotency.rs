@@ -7,7 +7,7 @@
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use crate::app::App;
+use crate::app::{App, AppRef};
 use crate::crypto::aad;
 use crate::error::{Error, Result};
 
@@ -24,6 +24,10 @@ pub enum Begin {
     First,
     /// The first answer (HTTP status and JSON body), to send again.
     Replay(u16, Vec<u8>),
+    /// The first request claimed this instance but its answer is not stored
+    /// (still running, or the database went away before it was): answer
+    /// with the instance as it is now.
+    Claimed(Uuid),
 }
 
 pub async fn begin(app: &App, user_id: Uuid, key: &str, hash: &[u8]) -> Result<Begin> {
@@ -43,20 +47,31 @@ pub async fn begin(app: &App, user_id: Uuid, key: &str, hash: &[u8]) -> Result<B
     if first.is_some() {
         return Ok(Begin::First);
     }
-    let (stored_hash, status, sealed): (Vec<u8>, Option<i16>, Option<Vec<u8>>) = sqlx::query_as(
-        "SELECT request_hash, status_code, response_enc FROM idempotency_keys WHERE user_id = $1 AND key = $2",
+    #[derive(sqlx::FromRow)]
+    struct Stored {
+        request_hash: Vec<u8>,
+        status_code: Option<i16>,
+        response_enc: Option<Vec<u8>>,
+        instance_id: Option<Uuid>,
+    }
+    let stored: Stored = sqlx::query_as(
+        "SELECT request_hash, status_code, response_enc, instance_id FROM idempotency_keys WHERE user_id = $1 AND key = $2",
     )
     .bind(user_id)
     .bind(key)
     .fetch_one(&app.db)
     .await?;
-    if stored_hash != hash {
+    if stored.request_hash != hash {
         return Err(Error::Unprocessable {
             code: "idempotency_key_reused",
             message: "this Idempotency-Key was used with a different request body".into(),
         });
     }
-    let (Some(status), Some(sealed)) = (status, sealed) else {
+    let (Some(status), Some(sealed)) = (stored.status_code, stored.response_enc) else {
+        if let Some(instance_id) = stored.instance_id {
+            metrics::counter!("clawdeploy_idempotent_replays_total").increment(1);
+            return Ok(Begin::Claimed(instance_id));
+        }
         return Err(Error::Conflict {
             code: "idempotency_in_progress",
             message: "a request with this Idempotency-Key is still in progress; retry shortly"
@@ -72,37 +87,75 @@ pub async fn begin(app: &App, user_id: Uuid, key: &str, hash: &[u8]) -> Result<B
 }
 
 /// Stores the first answer (HTTP status and JSON body). Server errors are
-/// not stored: the key is released so that a retry runs again.
-pub async fn finish(app: &App, user_id: Uuid, key: &str, status: u16, body: &[u8]) {
-    let r = if status >= 500 {
-        sqlx::query("DELETE FROM idempotency_keys WHERE user_id = $1 AND key = $2")
-            .bind(user_id)
-            .bind(key)
-            .execute(&app.db)
-            .await
+/// not stored: the key is released so that a retry runs again (unless the
+/// request had already claimed an instance, which a retry answers with).
+/// When the database is away the write is retried in the background for a
+/// few minutes, so that a retry is not told "in progress" until takeover.
+pub async fn finish(app: &AppRef, user_id: Uuid, key: &str, status: u16, body: &[u8]) {
+    let sealed = if status >= 500 {
+        None
     } else {
-        let sealed = match app
+        match app
             .secrets
             .seal(&aad::idempotent_answer(user_id, key), body)
         {
-            Ok(s) => s,
+            Ok(s) => Some(s),
             Err(e) => {
                 tracing::error!(error = %e, "idempotent answer not sealed");
                 return;
             }
-        };
-        sqlx::query(
+        }
+    };
+    let status = i16::try_from(status).unwrap_or(i16::MAX);
+    if let Err(e) = record(app, user_id, key, status, sealed.as_deref()).await {
+        tracing::warn!(error = %e, "idempotency record not updated; retrying in the background");
+        let (app, key) = (app.clone(), key.to_owned());
+        tokio::spawn(async move {
+            let mut backoff = clawdeploy_common::backoff::Backoff::new(
+                std::time::Duration::from_millis(250),
+                std::time::Duration::from_secs(10),
+            )
+            .jittered();
+            for _ in 0..30 {
+                backoff.wait().await;
+                if record(&app, user_id, &key, status, sealed.as_deref())
+                    .await
+                    .is_ok()
+                {
+                    return;
+                }
+            }
+            tracing::warn!("idempotency record never updated; the key is taken over after it ages");
+        });
+    }
+}
+
+async fn record(
+    app: &App,
+    user_id: Uuid,
+    key: &str,
+    status: i16,
+    sealed: Option<&[u8]>,
+) -> Result<(), sqlx::Error> {
+    match sealed {
+        None => sqlx::query(
+            "DELETE FROM idempotency_keys WHERE user_id = $1 AND key = $2 AND instance_id IS NULL",
+        )
+        .bind(user_id)
+        .bind(key)
+        .execute(&app.db)
+        .await
+        .map(drop),
+        Some(sealed) => sqlx::query(
             "UPDATE idempotency_keys SET status_code = $3, response_enc = $4 WHERE user_id = $1 AND key = $2",
         )
         .bind(user_id)
         .bind(key)
-        .bind(i16::try_from(status).unwrap_or(i16::MAX))
+        .bind(status)
         .bind(sealed)
         .execute(&app.db)
         .await
-    };
-    if let Err(e) = r {
-        tracing::warn!(error = %e, "idempotency record not updated");
+        .map(drop),
     }
 }
 

@@ -9,6 +9,7 @@
 pub mod acme;
 pub mod edge_client;
 pub mod ops;
+pub mod pg;
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
@@ -95,6 +96,9 @@ pub struct ClusterOptions {
     /// The edge's plain listener (a test that starts a CA first needs to
     /// know it); a free port when unset.
     pub edge_listen: Option<SocketAddr>,
+    /// The PostgreSQL server the test database is made on (a test's own,
+    /// which it may restart); `CLAWDEPLOY_TEST_PG` when unset.
+    pub admin_db_url: Option<String>,
 }
 
 /// The operator token every test scheduler accepts on `/admin`.
@@ -117,6 +121,7 @@ impl Default for ClusterOptions {
             edge_args: Vec::new(),
             scheduler_args: Vec::new(),
             edge_listen: None,
+            admin_db_url: None,
         }
     }
 }
@@ -154,8 +159,11 @@ impl Cluster {
     /// Starts PostgreSQL database, scheduler, agents and edge; returns once
     /// every agent has said hello.
     pub async fn start(opts: ClusterOptions) -> Result<Self> {
-        let admin_db_url = std::env::var("CLAWDEPLOY_TEST_PG")
-            .context("CLAWDEPLOY_TEST_PG is not set: run the suite with scripts/test")?;
+        let admin_db_url = match &opts.admin_db_url {
+            Some(url) => url.clone(),
+            None => std::env::var("CLAWDEPLOY_TEST_PG")
+                .context("CLAWDEPLOY_TEST_PG is not set: run the suite with scripts/test")?,
+        };
         let name = format!("t{}", short_id());
         let dir = workspace_root().join(".local/e2e").join(&name);
         std::fs::create_dir_all(dir.join("logs"))?;
@@ -369,6 +377,18 @@ impl Cluster {
                         format!("http://{}", self.https[i]),
                     ]
                 })
+                .into_iter()
+                .flatten(),
+            )
+            // Every test registers from 127.0.0.1: no per-address limit
+            // unless the test sets one.
+            .args(
+                (!self
+                    .opts
+                    .scheduler_args
+                    .iter()
+                    .any(|a| a == "--registrations-per-address-per-hour"))
+                .then_some(["--registrations-per-address-per-hour", "1000000"])
                 .into_iter()
                 .flatten(),
             )

@@ -1,0 +1,386 @@
+//! Faults of the one source of truth, injected for real on a PostgreSQL
+//! server of the test's own: a fast restart in the middle of a burst of
+//! signups, and the server gone for 30 seconds. Clients see answers they
+//! can act on (201, 202, or a 503 JSON with Retry-After they retry with the
+//! same Idempotency-Key), never a 500; nothing is half-applied; every
+//! process carries on without a restart when the database is back. Also
+//! the per-address limit on registrations.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clawdeploy_e2e::pg::PgServer;
+use clawdeploy_e2e::{wait_for, workspace_root, Cluster, ClusterOptions};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+const BURST: usize = 20;
+
+fn own_pg(tag: &str) -> Result<PgServer> {
+    let dir = workspace_root().join(".local/e2e").join(format!(
+        "pg-{tag}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    ));
+    PgServer::start(&dir)
+}
+
+/// Whether every process the cluster started is still the one it started
+/// (alive, not a zombie).
+fn all_alive(c: &Cluster) -> Vec<String> {
+    c.pids()
+        .into_iter()
+        .filter(|(_, pid)| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|s| {
+                    s.rsplit(')')
+                        .next()
+                        .unwrap_or("")
+                        .trim_start()
+                        .starts_with('Z')
+                })
+                .unwrap_or(true)
+        })
+        .map(|(name, _)| name)
+        .collect()
+}
+
+/// One client's signup, retried as a client should: after a 503 (with its
+/// Retry-After, capped to a second here) and after a 409 "in progress", with
+/// the same Idempotency-Key. Returns the final answer and every status seen.
+async fn sign_up_retrying(c: &Cluster, token: &str, sub: String) -> Result<(u16, Value, Vec<u16>)> {
+    let sub = sub.as_str();
+    let key = format!("signup-{sub}");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut seen = Vec::new();
+    loop {
+        let r = c
+            .client
+            .post(c.api("/api/instances"))
+            .bearer_auth(token)
+            .header("idempotency-key", &key)
+            .json(&json!({"subdomain": sub, "apiKeys": {"openai": "sk-fault-1234567"}}))
+            .send()
+            .await;
+        let r = match r {
+            Ok(r) => r,
+            Err(e) => anyhow::bail!("{sub}: the request itself failed: {e}"),
+        };
+        let status = r.status().as_u16();
+        let retry_after = r
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        let body: Value = r
+            .json()
+            .await
+            .with_context(|| format!("{sub}: a JSON answer to {status}"))?;
+        seen.push(status);
+        match status {
+            201 | 202 => return Ok((status, body, seen)),
+            503 => {
+                let code = body["error"]["code"].as_str().unwrap_or_default();
+                anyhow::ensure!(
+                    matches!(code, "database_unavailable" | "busy" | "no_capacity"),
+                    "{sub}: 503 with code {code}: {body}"
+                );
+                let wait =
+                    retry_after.with_context(|| format!("{sub}: 503 without Retry-After"))?;
+                tokio::time::sleep(Duration::from_secs(wait.min(1))).await;
+            }
+            409 if body["error"]["code"] == "idempotency_in_progress" => {
+                anyhow::ensure!(
+                    retry_after.is_some(),
+                    "{sub}: in-progress without Retry-After"
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            _ => anyhow::bail!("{sub}: answered {status}: {body} (after {seen:?})"),
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{sub}: no answer in 90 s: {seen:?}"
+        );
+    }
+}
+
+/// Waits for the caller's instance to be ready; its gateway token.
+async fn ready_token(c: &Cluster, token: &str) -> Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (status, body) = c.my_instance(Method::GET, token, None).await?;
+        if status == 200 && body["instance"]["status"] == "ready" {
+            return Ok(body["instance"]["gatewayToken"]
+                .as_str()
+                .context("gateway token")?
+                .to_owned());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "not ready in 120 s: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The invariants a fault must not break: nothing half-applied, nothing
+/// claimed twice, no route without a ready instance.
+async fn check_invariants(c: &Cluster) -> Result<()> {
+    let checks: [(&str, &str); 5] = [
+        (
+            "ready instances without an assigned container",
+            "SELECT count(*) FROM instances i LEFT JOIN containers c ON c.id = i.container_id
+              WHERE i.status = 'ready' AND (c.id IS NULL OR c.state <> 'assigned')",
+        ),
+        (
+            "containers held by two live instances",
+            "SELECT count(*) FROM (SELECT container_id FROM instances
+               WHERE container_id IS NOT NULL AND status IN ('pending', 'ready')
+               GROUP BY container_id HAVING count(*) > 1) d",
+        ),
+        (
+            "assigned containers without a live instance",
+            "SELECT count(*) FROM containers c WHERE c.state = 'assigned'
+               AND NOT EXISTS (SELECT 1 FROM instances i WHERE i.container_id = c.id AND i.status IN ('pending', 'ready'))",
+        ),
+        (
+            "routes to instances that are not ready",
+            "SELECT count(*) FROM routes r JOIN instances i ON i.id = r.instance_id
+              WHERE r.removed_at IS NULL AND i.status <> 'ready'",
+        ),
+        (
+            "accounts with two instances",
+            "SELECT count(*) FROM (SELECT user_id FROM instances WHERE status <> 'deleted'
+               GROUP BY user_id HAVING count(*) > 1) d",
+        ),
+    ];
+    for (what, sql) in checks {
+        assert_eq!(c.count(sql).await?, 0, "{what}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_restart_mid_burst_gives_no_500_and_loses_nothing() -> Result<()> {
+    let pg = own_pg("restart")?;
+    let c = Cluster::start(ClusterOptions {
+        nodes: 2,
+        min_idle: 10,
+        max_idle: 12,
+        max_containers: 20,
+        admin_db_url: Some(pg.admin_url()),
+        ..Default::default()
+    })
+    .await?;
+    c.wait_idle_at_least(10, Duration::from_secs(120)).await?;
+    let tokens = c.register_many("burst", BURST).await?;
+
+    // 20 signups in flight; the database restarts under them.
+    let signups = futures::future::join_all(
+        tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| sign_up_retrying(&c, t, format!("burst{i}"))),
+    );
+    let restart = async {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let started = Instant::now();
+        let pg = &pg;
+        tokio::task::block_in_place(|| pg.restart_fast())?;
+        anyhow::Ok(started.elapsed())
+    };
+    let (answers, took) = tokio::join!(signups, restart);
+    println!(
+        "PostgreSQL restarted (pg_ctl restart -m fast) in {:?}",
+        took?
+    );
+    let mut retried = 0;
+    let mut statuses = BTreeMap::<u16, usize>::new();
+    for a in &answers {
+        let (_, _, seen) = a.as_ref().map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        retried += usize::from(seen.len() > 1);
+        for s in seen {
+            *statuses.entry(*s).or_default() += 1;
+        }
+    }
+    println!("answers seen across the burst: {statuses:?}; {retried} signups retried");
+    assert!(!statuses.contains_key(&500), "no 500: {statuses:?}");
+
+    // Every signup goes live and answers with its own token at the edge.
+    for (i, t) in tokens.iter().enumerate() {
+        let gw = ready_token(&c, t).await?;
+        let host = format!("burst{i}.{}", clawdeploy_e2e::BASE_DOMAIN);
+        let (status, _) = c.edge_get(&host, "/v1/models", Some(&gw)).await?;
+        assert_eq!(status, 200, "{host} answers with its own token");
+    }
+    assert_eq!(
+        c.count("SELECT count(*) FROM instances WHERE status = 'ready'")
+            .await?,
+        BURST as i64,
+        "one instance per signup, no more"
+    );
+    check_invariants(&c).await?;
+    // The pool refills and Docker matches the database.
+    c.wait_idle_at_least(10, Duration::from_secs(120)).await?;
+    c.wait_docker_matches_db(Duration::from_secs(60)).await?;
+    assert!(
+        all_alive(&c).is_empty(),
+        "no process died: {:?}",
+        all_alive(&c)
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn thirty_seconds_without_postgres_answer_503_serve_tenants_and_resume() -> Result<()> {
+    let pg = own_pg("outage")?;
+    let c = Cluster::start(ClusterOptions {
+        nodes: 1,
+        min_idle: 2,
+        max_idle: 3,
+        admin_db_url: Some(pg.admin_url()),
+        ..Default::default()
+    })
+    .await?;
+    c.wait_idle_at_least(2, Duration::from_secs(120)).await?;
+    let (account, gw) = c
+        .sign_up(
+            "before@example.com",
+            "before",
+            json!({"openai": "sk-before-1234567"}),
+        )
+        .await?;
+    let host = format!("before.{}", clawdeploy_e2e::BASE_DOMAIN);
+    assert_eq!(c.edge_get(&host, "/v1/models", Some(&gw)).await?.0, 200);
+    let pids = c.pids();
+
+    pg.stop_fast()?;
+    let outage = Instant::now();
+    // The API: 503 JSON with Retry-After, within a bound (the pool's
+    // acquire timeout), for reads, writes and the health check.
+    for (method, path, body) in [
+        (Method::GET, "/healthz", None),
+        (Method::GET, "/api/instances/me", None),
+        (
+            Method::POST,
+            "/api/auth/register",
+            Some(json!({"email": "during@example.com", "password": "correct-horse-battery"})),
+        ),
+    ] {
+        let started = Instant::now();
+        let mut req = c
+            .client
+            .request(method.clone(), c.api(path))
+            .bearer_auth(&account);
+        if let Some(b) = &body {
+            req = req.json(b);
+        }
+        let r = req.send().await?;
+        let took = started.elapsed();
+        let status = r.status().as_u16();
+        let retry_after = r.headers().get("retry-after").cloned();
+        let answer: Value = r
+            .json()
+            .await
+            .with_context(|| format!("{method} {path}: JSON"))?;
+        println!(
+            "{method} {path} with the database down: {status} {} in {took:?}",
+            answer["error"]["code"]
+        );
+        assert_eq!(status, 503, "{method} {path}: {answer}");
+        assert_eq!(
+            answer["error"]["code"], "database_unavailable",
+            "{method} {path}"
+        );
+        assert!(retry_after.is_some(), "{method} {path}: Retry-After");
+        assert!(
+            took < Duration::from_secs(10),
+            "{method} {path} took {took:?}"
+        );
+    }
+    // The edge keeps serving the tenant for the whole outage.
+    let mut served = 0;
+    while outage.elapsed() < Duration::from_secs(30) {
+        let (status, _) = c.edge_get(&host, "/v1/models", Some(&gw)).await?;
+        assert_eq!(
+            status, 200,
+            "the edge serves its tenant with the database down"
+        );
+        served += 1;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    println!("the edge answered {served} requests during a 30 s outage");
+    assert!(
+        all_alive(&c).is_empty(),
+        "no process died: {:?}",
+        all_alive(&c)
+    );
+
+    pg.start_again()?;
+    let back = Instant::now();
+    wait_for(
+        Duration::from_secs(30),
+        "the health check to pass",
+        || async { Ok(c.client.get(c.api("/healthz")).send().await?.status() == 200) },
+    )
+    .await?;
+    println!("healthy {:?} after the database returned", back.elapsed());
+    // Everything resumes without a restart: the node reconnects, a new
+    // signup goes live end to end, the old tenant still answers.
+    c.wait_nodes_connected(Duration::from_secs(60)).await?;
+    let (_, gw2) = c
+        .sign_up(
+            "after@example.com",
+            "after",
+            json!({"openai": "sk-after-1234567"}),
+        )
+        .await?;
+    let host2 = format!("after.{}", clawdeploy_e2e::BASE_DOMAIN);
+    wait_for(
+        Duration::from_secs(30),
+        "the new tenant at the edge",
+        || async { Ok(c.edge_get(&host2, "/v1/models", Some(&gw2)).await?.0 == 200) },
+    )
+    .await?;
+    assert_eq!(c.edge_get(&host, "/v1/models", Some(&gw)).await?.0, 200);
+    println!(
+        "a new signup went live {:?} after the database returned",
+        back.elapsed()
+    );
+    assert_eq!(c.pids(), pids, "no process was restarted");
+    check_invariants(&c).await?;
+    c.wait_idle_at_least(2, Duration::from_secs(60)).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn registrations_are_limited_per_address_with_retry_after() -> Result<()> {
+    let c = Cluster::start(ClusterOptions {
+        nodes: 0,
+        scheduler_args: ["--registrations-per-address-per-hour", "3"]
+            .map(String::from)
+            .to_vec(),
+        ..Default::default()
+    })
+    .await?;
+    for i in 0..3 {
+        c.register(&format!("limited{i}@example.com")).await?;
+    }
+    let r = c
+        .client
+        .post(c.api("/api/auth/register"))
+        .json(&json!({"email": "limited9@example.com", "password": "correct-horse-battery"}))
+        .send()
+        .await?;
+    assert_eq!(r.status(), 429);
+    let wait: u64 = r
+        .headers()
+        .get("retry-after")
+        .context("Retry-After")?
+        .to_str()?
+        .parse()?;
+    assert!((3000..=3600).contains(&wait), "Retry-After {wait}");
+    let body: Value = r.json().await?;
+    assert_eq!(body["error"]["code"], "rate_limited");
+    Ok(())
+}

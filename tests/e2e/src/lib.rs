@@ -8,6 +8,7 @@
 
 pub mod acme;
 pub mod edge_client;
+pub mod netfault;
 pub mod ops;
 pub mod pg;
 
@@ -99,6 +100,10 @@ pub struct ClusterOptions {
     /// The PostgreSQL server the test database is made on (a test's own,
     /// which it may restart); `CLAWDEPLOY_TEST_PG` when unset.
     pub admin_db_url: Option<String>,
+    /// Each agent and the edge reach the (first) scheduler through a relay
+    /// of their own (`Cluster::relay`), where a test can cut or slow the
+    /// network (see `netfault`).
+    pub relays: bool,
 }
 
 /// The operator token every test scheduler accepts on `/admin`.
@@ -122,6 +127,7 @@ impl Default for ClusterOptions {
             scheduler_args: Vec::new(),
             edge_listen: None,
             admin_db_url: None,
+            relays: false,
         }
     }
 }
@@ -153,6 +159,8 @@ pub struct Cluster {
     pub client: reqwest::Client,
     /// Set when start-up failed: the logs are kept for the post-mortem.
     keep_logs: bool,
+    /// By node id or edge id, with `relays`.
+    relays: HashMap<String, netfault::Relay>,
 }
 
 impl Cluster {
@@ -218,7 +226,14 @@ impl Cluster {
                 .pool_max_idle_per_host(256)
                 .build()?,
             keep_logs: false,
+            relays: HashMap::new(),
         };
+        if c.opts.relays {
+            for who in c.node_ids.clone().into_iter().chain(["edge-1".to_owned()]) {
+                c.relays
+                    .insert(who, netfault::Relay::start(c.grpcs[0]).await?);
+            }
+        }
         if let Err(e) = c.boot().await {
             c.keep_logs = true;
             return Err(e);
@@ -311,10 +326,20 @@ impl Cluster {
         self.start_scheduler_n(0)
     }
 
-    /// All schedulers' gRPC URLs, comma-separated, for agents and edges.
-    fn scheduler_urls(&self) -> String {
+    /// All schedulers' gRPC URLs, comma-separated, for the agent or edge
+    /// `who`: its relay's when it has one.
+    fn scheduler_urls(&self, who: &str) -> String {
+        if let Some(r) = self.relays.get(who) {
+            return format!("https://{}", r.addr);
+        }
         let urls: Vec<String> = self.grpcs.iter().map(|a| format!("https://{a}")).collect();
         urls.join(",")
+    }
+
+    /// The relay between `who` (a node id, or `edge-1`) and the scheduler,
+    /// with `relays`.
+    pub fn relay(&self, who: &str) -> &netfault::Relay {
+        &self.relays[who]
     }
 
     pub fn start_scheduler_n(&mut self, i: usize) -> Result<()> {
@@ -418,7 +443,7 @@ impl Cluster {
                 "--node-id",
                 node_id,
                 "--scheduler-url",
-                &self.scheduler_urls(),
+                &self.scheduler_urls(node_id),
                 "--scheduler-name",
                 "localhost",
             ])
@@ -665,7 +690,7 @@ impl Cluster {
             ])
             .args([
                 "--scheduler-url",
-                &self.scheduler_urls(),
+                &self.scheduler_urls(edge_id),
                 "--scheduler-name",
                 "localhost",
             ])

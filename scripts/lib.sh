@@ -194,9 +194,14 @@ build_host_image() {
   mkdir -p "$LOCAL"
   # apt lists kept, and dated in the past, so Ansible's first `apt update`
   # with cache_valid_time really updates.
-  as_root mmdebstrap --variant=apt --quiet --skip=cleanup/apt/lists \
+  # The packages the roles install are downloaded into apt's cache (not
+  # installed), as an apt proxy next to the hosts would hold them: the
+  # test measures the roles, not the mirror.
+  local debs="unattended-upgrades nftables systemd-timesyncd sudo acl docker.io apparmor prometheus postgresql python3-psycopg2"
+  as_root mmdebstrap --variant=apt --quiet --skip=cleanup/apt/lists --skip=cleanup/apt/cache \
     --include=systemd,systemd-sysv,dbus,python3,python3-apt,openssh-server,sudo,ca-certificates,iproute2,procps,curl,gnupg \
     --customize-hook='chroot "$1" systemctl enable ssh' \
+    --customize-hook="chroot \"\$1\" apt-get install -y -q --no-install-recommends --download-only $debs >/dev/null" \
     --customize-hook='touch -d "2020-01-01" "$1"/var/lib/apt/lists "$1"/var/lib/apt/lists/* || true' \
     --customize-hook='rm -f "$1"/etc/ssh/ssh_host_*' \
     --customize-hook='chroot "$1" sh -c "echo \"[Unit]\nDescription=SSH host keys\nBefore=ssh.service\n[Service]\nType=oneshot\nExecStart=/usr/bin/ssh-keygen -A\n[Install]\nWantedBy=multi-user.target\" > /etc/systemd/system/ssh-keygen.service && systemctl enable ssh-keygen"' \

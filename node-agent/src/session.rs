@@ -157,7 +157,14 @@ impl Session {
                         }
                     }
                     if let Some(state) = newest {
-                        self.accept(state).await?;
+                        // A state that cannot be persisted (a full disk) is
+                        // not applied; the session goes on, so heartbeats
+                        // keep reporting the disk and the applied
+                        // generation, and the scheduler pushes again.
+                        if let Err(e) = self.accept(state).await {
+                            metrics::counter!("clawdeploy_agent_ledger_write_failures_total").increment(1);
+                            tracing::error!(error = %e, "desired state not persisted; keeping the last one");
+                        }
                     }
                     if closed { return Ok(()) }
                 }

@@ -45,6 +45,11 @@ pub const CATALOG: &[Metric] = &[
         &[],
         "Desired states refused for being older than the ledger's.",
     ),
+    Metric::counter(
+        "clawdeploy_agent_ledger_write_failures_total",
+        &[],
+        "Desired states not applied because the ledger could not be written (a full disk).",
+    ),
     Metric::counter("clawdeploy_agent_heartbeats_total", &[], "Heartbeats sent."),
     Metric::histogram(
         "clawdeploy_agent_heartbeat_lag_seconds",

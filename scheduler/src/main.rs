@@ -192,6 +192,11 @@ struct ServeArgs {
         default_value_t = 20
     )]
     registrations_per_address_per_hour: u32,
+    /// Free bytes a node's state disk needs to get new containers and
+    /// claims (as its agent reports at each heartbeat); below, its tenants
+    /// stay and nothing new lands there.
+    #[arg(long, env = "CLAWDEPLOY_NODE_MIN_DISK_BYTES", default_value_t = 1 << 30)]
+    node_min_disk_bytes: u64,
     /// The Stripe price id of the pro tier (shown by GET /api/billing/plans).
     #[arg(long, env = "CLAWDEPLOY_STRIPE_PRICE_PRO")]
     stripe_price_pro: Option<String>,
@@ -331,6 +336,7 @@ async fn main() -> anyhow::Result<()> {
                     backup_retention: Duration::from_secs(a.backup_retention_secs.max(1)),
                     signup_queue_max: a.signup_queue_max,
                     registrations_per_address_per_hour: a.registrations_per_address_per_hour,
+                    node_min_disk_bytes: a.node_min_disk_bytes,
                     stripe_price_pro: a.stripe_price_pro.clone(),
                     stripe_price_team: a.stripe_price_team.clone(),
                     stripe_webhook_secret: a.stripe_webhook_secret.clone(),

@@ -1530,3 +1530,57 @@ async fn acme_orders_wait_for_the_rate_caps_without_asking_the_ca() {
         0
     );
 }
+
+/// A node whose state disk runs low gets no claims and no new pool
+/// containers, and a claim already sent to it moves at once to a node
+/// with room (its agent cannot write the config, nor its ledger).
+#[tokio::test]
+async fn a_node_low_on_disk_gets_no_claims_and_its_pending_claims_move() {
+    let app = app().await;
+    node(&app, "full").await;
+    node(&app, "roomy").await;
+    let on_full = idle(&app, "full", 2).await;
+    idle(&app, "roomy", 1).await;
+    // The oldest idle containers are on "full": a claim takes one there.
+    let u1 = user(&app, "before-full@example.com").await;
+    let first = claim::claim(&app, request(u1, "beforefull")).await.unwrap();
+    assert_eq!(first.node_id, "full");
+    assert!(on_full.contains(&first.container_id.unwrap()));
+
+    // The agent reports 1 MiB free of 10 GiB.
+    sqlx::query(
+        "UPDATE nodes SET disk_total_bytes = 10737418240, disk_available_bytes = 1048576 WHERE id = 'full'",
+    )
+    .execute(&app.db)
+    .await
+    .unwrap();
+    let u2 = user(&app, "after-full@example.com").await;
+    let second = claim::claim(&app, request(u2, "afterfull")).await.unwrap();
+    assert_eq!(second.node_id, "roomy", "no claim on a node low on disk");
+    let s = settings::load(&app.db).await.unwrap();
+    let nodes = capacity::schedulable_nodes(&app, &app.db, &s, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        nodes.iter().map(|n| n.id.as_str()).collect::<Vec<_>>(),
+        ["roomy"],
+        "no pool containers on a node low on disk"
+    );
+
+    // The claim already on "full" moves now, not after the claim timeout.
+    let touched = claim::retry_unconfirmed(&app).await.unwrap();
+    assert!(
+        touched.contains("full") && touched.contains("roomy"),
+        "{touched:?}"
+    );
+    let (node_id, state): (String, String) = sqlx::query_as(
+        "SELECT c.node_id, c.state::text FROM instances i JOIN containers c ON c.id = i.container_id WHERE i.id = $1",
+    )
+    .bind(first.instance_id)
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!((node_id.as_str(), state.as_str()), ("roomy", "assigning"));
+    // A node with room keeps its claims until the timeout.
+    assert!(claim::retry_unconfirmed(&app).await.unwrap().is_empty());
+}

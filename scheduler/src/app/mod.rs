@@ -65,6 +65,9 @@ pub struct Config {
     pub signup_queue_max: u32,
     /// Registrations one client address may attempt per hour.
     pub registrations_per_address_per_hour: u32,
+    /// A node whose state disk has less free space gets no new containers
+    /// and no claims (its tenants stay).
+    pub node_min_disk_bytes: u64,
     /// Stripe price ids of the paid tiers, shown in the plan list.
     pub stripe_price_pro: Option<String>,
     pub stripe_price_team: Option<String>,
@@ -116,6 +119,7 @@ impl Default for Config {
             backup_retention: Duration::from_secs(30 * 24 * 3600),
             signup_queue_max: 1000,
             registrations_per_address_per_hour: 20,
+            node_min_disk_bytes: 1 << 30,
             stripe_price_pro: None,
             stripe_price_team: None,
             stripe_webhook_secret: None,
@@ -209,6 +213,13 @@ pub struct App {
 }
 
 pub type AppRef = Arc<App>;
+
+impl Config {
+    /// `node_min_disk_bytes` as SQL binds it.
+    pub fn min_disk(&self) -> i64 {
+        i64::try_from(self.node_min_disk_bytes).unwrap_or(i64::MAX)
+    }
+}
 
 impl App {
     pub fn new(

@@ -174,11 +174,13 @@ async fn pool_counts(app: &App, s: &PoolSettings) -> Result<PoolCounts> {
                 count(*) FILTER (WHERE c.state = 'idle' AND NOT (c.image = $2 AND c.pool_generation = $3)) AS stale_idle
            FROM containers c JOIN nodes n ON n.id = c.node_id
           WHERE c.state IN ('creating', 'warming', 'idle')
-            AND n.state = 'active' AND n.last_heartbeat > now() - make_interval(secs => $1)",
+            AND n.state = 'active' AND n.last_heartbeat > now() - make_interval(secs => $1)
+            AND (n.disk_total_bytes = 0 OR n.disk_available_bytes >= $4)",
     )
     .bind(app.cfg.heartbeat_ttl.as_secs_f64())
     .bind(&s.image)
     .bind(s.generation)
+    .bind(app.cfg.min_disk())
     .fetch_one(&app.db)
     .await?)
 }

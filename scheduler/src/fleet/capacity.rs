@@ -57,7 +57,8 @@ pub struct Taken {
 /// every claim would make claims cost O(fleet).
 const ON_DEMAND_CANDIDATES: i64 = 16;
 
-/// Active nodes with a fresh heartbeat, with their load: all of them, or
+/// Active nodes with a fresh heartbeat and room on their state disk, with
+/// their load: all of them, or
 /// the `candidates` with the most room by their last heartbeat. `pool`
 /// counts only containers of the current generation: stale ones are on
 /// their way out.
@@ -74,6 +75,7 @@ pub async fn schedulable_nodes<'e>(
         "WITH live AS (
             SELECT id FROM nodes
              WHERE state = 'active' AND last_heartbeat > now() - make_interval(secs => $1)
+               AND (disk_total_bytes = 0 OR disk_available_bytes >= $5)
              ORDER BY containers_running::float8 / GREATEST(max_containers, 1), memory_available_bytes DESC
              LIMIT $4)
          SELECT n.id, n.max_containers, n.memory_bytes, n.memory_available_bytes, n.cpu_busy_permille,
@@ -91,6 +93,7 @@ pub async fn schedulable_nodes<'e>(
     .bind(&s.image)
     .bind(s.generation)
     .bind(candidates)
+    .bind(app.cfg.min_disk())
     .fetch_all(db)
     .await?;
     Ok(rows.into_iter().map(NodeLoad::from).collect())

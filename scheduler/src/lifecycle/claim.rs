@@ -347,12 +347,14 @@ async fn take_idle(
            CROSS JOIN pool_settings s
           WHERE c.state = 'idle' AND n.state = 'active'
             AND n.last_heartbeat > now() - make_interval(secs => $1)
+            AND (n.disk_total_bytes = 0 OR n.disk_available_bytes >= $3)
           ORDER BY c.node_id = $2, (c.image = s.image AND c.pool_generation = s.generation) DESC, c.created_at
           LIMIT 1
           FOR UPDATE OF c SKIP LOCKED",
     )
     .bind(app.cfg.heartbeat_ttl.as_secs_f64())
     .bind(avoid.unwrap_or_default())
+    .bind(app.cfg.min_disk())
     .fetch_optional(&mut **tx)
     .await?)
 }
@@ -368,11 +370,13 @@ async fn take_warming(
            JOIN nodes n ON n.id = c.node_id
           WHERE c.state IN ('creating', 'warming') AND n.state = 'active'
             AND n.last_heartbeat > now() - make_interval(secs => $1)
+            AND (n.disk_total_bytes = 0 OR n.disk_available_bytes >= $2)
           ORDER BY c.created_at
           LIMIT 1
           FOR UPDATE OF c SKIP LOCKED",
     )
     .bind(app.cfg.heartbeat_ttl.as_secs_f64())
+    .bind(app.cfg.min_disk())
     .fetch_optional(&mut **tx)
     .await?)
 }
@@ -524,7 +528,9 @@ pub async fn complete(
     Ok(())
 }
 
-/// Claims the agent has not confirmed in time: each one's container is
+/// Claims the agent has not confirmed in time, and claims on a node whose
+/// state disk ran low (it cannot write their config, nor its ledger; they
+/// move at once, without waiting for the timeout): each one's container is
 /// destroyed and the instance moves to a fresh container, preferably on
 /// another node (once; a second miss fails the instance). The claim timeout
 /// runs from the later of the claim and the container first running: a
@@ -543,16 +549,20 @@ pub async fn retry_unconfirmed(app: &AppRef) -> Result<HashSet<String>> {
     let expired: Vec<Expired> = sqlx::query_as(
         "SELECT i.id AS instance_id, c.id AS container_id, c.node_id, i.claim_attempts FROM containers c
            JOIN instances i ON i.container_id = c.id AND i.status = 'pending'
-          WHERE c.state = 'assigning' AND c.claimed_at < now() - make_interval(secs => $1)
-            AND ((c.warm_at IS NOT NULL AND GREATEST(c.claimed_at, c.warm_at) < now() - make_interval(secs => $1))
-                 OR c.claimed_at < now() - make_interval(secs => $2)
-                 OR NOT EXISTS (SELECT 1 FROM nodes n WHERE n.id = c.node_id AND n.state = 'active'
-                                   AND n.last_heartbeat > now() - make_interval(secs => $3)))
+          WHERE c.state = 'assigning'
+            AND ((c.claimed_at < now() - make_interval(secs => $1)
+                  AND ((c.warm_at IS NOT NULL AND GREATEST(c.claimed_at, c.warm_at) < now() - make_interval(secs => $1))
+                       OR c.claimed_at < now() - make_interval(secs => $2)
+                       OR NOT EXISTS (SELECT 1 FROM nodes n WHERE n.id = c.node_id AND n.state = 'active'
+                                         AND n.last_heartbeat > now() - make_interval(secs => $3))))
+                 OR EXISTS (SELECT 1 FROM nodes n WHERE n.id = c.node_id
+                               AND n.disk_total_bytes > 0 AND n.disk_available_bytes < $4))
           ORDER BY c.claimed_at LIMIT 100",
     )
     .bind(app.cfg.claim_timeout.as_secs_f64())
     .bind(app.cfg.warm_timeout.as_secs_f64())
     .bind(app.cfg.heartbeat_ttl.as_secs_f64())
+    .bind(app.cfg.min_disk())
     .fetch_all(&app.db)
     .await?;
     let mut touched = HashSet::new();

@@ -104,6 +104,9 @@ pub struct ClusterOptions {
     /// of their own (`Cluster::relay`), where a test can cut or slow the
     /// network (see `netfault`).
     pub relays: bool,
+    /// Node `i`'s state directory (its ledger and its tenants' volumes) on
+    /// a tmpfs of this many MiB, which a test can fill.
+    pub small_state_disk: Option<(usize, u32)>,
 }
 
 /// The operator token every test scheduler accepts on `/admin`.
@@ -128,6 +131,7 @@ impl Default for ClusterOptions {
             edge_listen: None,
             admin_db_url: None,
             relays: false,
+            small_state_disk: None,
         }
     }
 }
@@ -234,6 +238,21 @@ impl Cluster {
                     .insert(who, netfault::Relay::start(c.grpcs[0]).await?);
             }
         }
+        if let Some((i, mib)) = c.opts.small_state_disk {
+            let dir = c.state_dir(i);
+            std::fs::create_dir_all(&dir)?;
+            let st = Command::new("mount")
+                .args([
+                    "-t",
+                    "tmpfs",
+                    "-o",
+                    &format!("size={mib}m,mode=0700"),
+                    "tmpfs",
+                ])
+                .arg(&dir)
+                .status()?;
+            anyhow::ensure!(st.success(), "mounting a tmpfs at {}", dir.display());
+        }
         if let Err(e) = c.boot().await {
             c.keep_logs = true;
             return Err(e);
@@ -334,6 +353,11 @@ impl Cluster {
         }
         let urls: Vec<String> = self.grpcs.iter().map(|a| format!("https://{a}")).collect();
         urls.join(",")
+    }
+
+    /// Node `i`'s agent's state directory (ledger, tenant volumes).
+    pub fn state_dir(&self, i: usize) -> PathBuf {
+        self.dir.join(&self.node_ids[i])
     }
 
     /// The relay between `who` (a node id, or `edge-1`) and the scheduler,
@@ -914,6 +938,30 @@ impl Cluster {
         Ok((status, r.json().await.unwrap_or(Value::Null)))
     }
 
+    /// Polls the caller's instance until it is ready; its gateway token. A
+    /// `failed` instance is an error at once.
+    pub async fn wait_ready_token(&self, token: &str, within: Duration) -> Result<String> {
+        let deadline = Instant::now() + within;
+        loop {
+            let (status, body) = self.my_instance(reqwest::Method::GET, token, None).await?;
+            if status == 200 && body["instance"]["status"] == "ready" {
+                return Ok(body["instance"]["gatewayToken"]
+                    .as_str()
+                    .context("gateway token")?
+                    .to_owned());
+            }
+            anyhow::ensure!(
+                body["instance"]["status"] != "failed",
+                "the instance failed: {body}"
+            );
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "not ready in {within:?}: {status} {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
     /// Registers `email` and signs up for `subdomain` with provider `keys`,
     /// expecting 201. Returns the account token and the gateway token.
     pub async fn sign_up(
@@ -1050,6 +1098,12 @@ impl Drop for Cluster {
             for node in &self.node_ids {
                 docker_cleanup_node(node);
             }
+        }
+        if let Some((i, _)) = self.opts.small_state_disk {
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(self.state_dir(i))
+                .status();
         }
         let _ = Command::new("psql")
             .arg(&self.admin_db_url)

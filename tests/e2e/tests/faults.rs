@@ -104,25 +104,6 @@ async fn sign_up_retrying(c: &Cluster, token: &str, sub: String) -> Result<(u16,
     }
 }
 
-/// Waits for the caller's instance to be ready; its gateway token.
-async fn ready_token(c: &Cluster, token: &str) -> Result<String> {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let (status, body) = c.my_instance(Method::GET, token, None).await?;
-        if status == 200 && body["instance"]["status"] == "ready" {
-            return Ok(body["instance"]["gatewayToken"]
-                .as_str()
-                .context("gateway token")?
-                .to_owned());
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "not ready in 120 s: {status} {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
 /// The invariants a fault must not break: nothing half-applied, nothing
 /// claimed twice, no route without a ready instance.
 async fn check_invariants(c: &Cluster) -> Result<()> {
@@ -208,7 +189,7 @@ async fn a_postgres_restart_mid_burst_gives_no_500_and_loses_nothing() -> Result
 
     // Every signup goes live and answers with its own token at the edge.
     for (i, t) in tokens.iter().enumerate() {
-        let gw = ready_token(&c, t).await?;
+        let gw = c.wait_ready_token(t, Duration::from_secs(120)).await?;
         let host = format!("burst{i}.{}", clawdeploy_e2e::BASE_DOMAIN);
         let (status, _) = c.edge_get(&host, "/v1/models", Some(&gw)).await?;
         assert_eq!(status, 200, "{host} answers with its own token");

@@ -209,25 +209,7 @@ async fn claims_complete_over_a_lossy_slow_link_without_duplicates() -> Result<(
     }
     let mut gws = Vec::new();
     for t in &tokens {
-        let mut gw = String::new();
-        let deadline = Instant::now() + Duration::from_secs(180);
-        while Instant::now() < deadline {
-            let (status, body) = c.my_instance(Method::GET, t, None).await?;
-            if status == 200 && body["instance"]["status"] == "ready" {
-                gw = body["instance"]["gatewayToken"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned();
-                break;
-            }
-            assert_ne!(body["instance"]["status"], "failed", "{body}");
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-        anyhow::ensure!(
-            !gw.is_empty(),
-            "an instance was not ready in 180 s over the bad link"
-        );
-        gws.push(gw);
+        gws.push(c.wait_ready_token(t, Duration::from_secs(180)).await?);
     }
     println!(
         "4 claims over 30% loss and 200 ms each way: ready after {:?}; answers {:?}",

@@ -31,6 +31,8 @@ ensure_tools() {
   # The agent installs tenant firewall rules; tests probe from a busybox image.
   command -v iptables >/dev/null || missing+=(iptables)
   command -v flock >/dev/null || missing+=(util-linux)
+  # The clock-skew test runs an agent with its wall clock moved.
+  command -v faketime >/dev/null || missing+=(faketime)
   # Provisioning: Ansible with its collections, its linter, and mmdebstrap
   # for the test's Debian hosts.
   command -v ansible-lint >/dev/null || missing+=(ansible ansible-lint)

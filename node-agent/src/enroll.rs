@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use clawdeploy_proto::client::SchedulerEndpoint;
 use clawdeploy_proto::node_enrollment_client::NodeEnrollmentClient;
@@ -331,16 +331,13 @@ fn der_of(pem: &str) -> Result<Vec<u8>> {
         .map_err(|e| Error::Tls(format!("certificate PEM: {e}")))
 }
 
-/// When the certificate in `path` should be renewed: two thirds of the way
-/// through its validity.
-pub fn renew_at(path: &Path) -> Result<SystemTime> {
+/// The certificate's `not_before` and `not_after`, in Unix seconds.
+pub fn validity(path: &Path) -> Result<(i64, i64)> {
     let der = der_of(&std::fs::read_to_string(path)?)?;
     let (_, cert) = x509_parser::parse_x509_certificate(&der)
         .map_err(|e| Error::Tls(format!("certificate: {e}")))?;
     let v = cert.validity();
-    let (from, to) = (v.not_before.timestamp(), v.not_after.timestamp());
-    let at = from + (to - from) * 2 / 3;
-    Ok(UNIX_EPOCH + Duration::from_secs(at.max(0) as u64))
+    Ok((v.not_before.timestamp(), v.not_after.timestamp()))
 }
 
 #[cfg(test)]

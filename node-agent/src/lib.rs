@@ -123,6 +123,7 @@ pub async fn run_until<R: ContainerRuntime, P: GatewayProbe>(
         ledger,
         desired: desired_tx,
         board,
+        next_renewal: Default::default(),
     }
     .run(stop)
     .await;

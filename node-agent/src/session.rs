@@ -40,6 +40,9 @@ pub struct Session {
     pub ledger: Arc<Mutex<Ledger>>,
     pub desired: watch::Sender<DesiredState>,
     pub board: Arc<StatusBoard>,
+    /// When to renew next, on the monotonic clock, once a certificate was
+    /// received in this process (see `renewal_after_receipt`).
+    pub next_renewal: Mutex<Option<tokio::time::Instant>>,
 }
 
 impl Session {
@@ -133,7 +136,11 @@ impl Session {
         metrics::counter!("clawdeploy_agent_sessions_opened_total").increment(1);
         let mut tick = tokio::time::interval(self.cfg.heartbeat_every);
         let mut last_beat = tokio::time::Instant::now();
-        let mut renew = renewal_deadline(&self.cfg.tls);
+        let mut renew = self
+            .next_renewal
+            .lock()
+            .unwrap()
+            .unwrap_or_else(|| renewal_deadline(&self.cfg.tls));
         loop {
             tokio::select! {
                 msg = inbound.message() => {
@@ -188,7 +195,11 @@ impl Session {
                         Duration::from_secs(10),
                         crate::enroll::renew(channel.clone(), &self.cfg.tls),
                     ).await {
-                        Ok(Ok(_)) => renewal_deadline(&self.cfg.tls),
+                        Ok(Ok(_)) => {
+                            let next = renewal_after_receipt(&self.cfg.tls);
+                            *self.next_renewal.lock().unwrap() = Some(next);
+                            next
+                        }
                         Ok(Err(e)) => {
                             metrics::counter!("clawdeploy_agent_cert_renewal_failures_total").increment(1);
                             tracing::warn!(error = %e, "certificate renewal failed; retrying");
@@ -237,15 +248,39 @@ impl Session {
     }
 }
 
-/// When to renew the certificate on disk (two thirds through its life); an
-/// unreadable certificate is retried in a minute.
+/// When to renew a certificate just received: half its validity span from
+/// now, on the monotonic clock. The span is a difference of the
+/// certificate's own times (both the scheduler's), so this clock's offset
+/// from the scheduler's does not move the renewal (the scheduler back-dates
+/// `not_before` by at most a quarter of the lifetime, so half the span is
+/// at most 62.5% of the lifetime).
+fn renewal_after_receipt(files: &TlsFiles) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    match crate::enroll::validity(&files.cert()) {
+        Ok((from, to)) => now + Duration::from_secs((to - from).max(0) as u64 / 2),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the node certificate's lifetime");
+            now + Duration::from_secs(60)
+        }
+    }
+}
+
+/// When to renew the certificate on disk at start-up: two thirds through
+/// its life by this host's clock, or half its span from now, whichever
+/// comes first (a clock behind the scheduler's would otherwise renew late;
+/// one ahead renews at once, once, and then by `renewal_after_receipt`).
+/// An unreadable certificate is retried in a minute.
 fn renewal_deadline(files: &TlsFiles) -> tokio::time::Instant {
     let now = tokio::time::Instant::now();
-    match crate::enroll::renew_at(&files.cert()) {
-        Ok(at) => {
-            now + at
+    match crate::enroll::validity(&files.cert()) {
+        Ok((from, to)) => {
+            let by_clock = u64::try_from(from + (to - from) * 2 / 3)
+                .map(|at| std::time::UNIX_EPOCH + Duration::from_secs(at))
+                .unwrap_or(std::time::UNIX_EPOCH)
                 .duration_since(std::time::SystemTime::now())
-                .unwrap_or(Duration::ZERO)
+                .unwrap_or(Duration::ZERO);
+            let by_span = Duration::from_secs((to - from).max(0) as u64 / 2);
+            now + by_clock.min(by_span)
         }
         Err(e) => {
             tracing::warn!(error = %e, "cannot read the node certificate's lifetime");

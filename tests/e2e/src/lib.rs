@@ -107,6 +107,10 @@ pub struct ClusterOptions {
     /// Node `i`'s state directory (its ledger and its tenants' volumes) on
     /// a tmpfs of this many MiB, which a test can fill.
     pub small_state_disk: Option<(usize, u32)>,
+    /// Node `i`'s agent runs with its wall clock moved by this much
+    /// (libfaketime's offset syntax: "+3m", "-3m"); its monotonic clock is
+    /// left alone.
+    pub clock_skew: Vec<(usize, String)>,
 }
 
 /// The operator token every test scheduler accepts on `/admin`.
@@ -132,6 +136,7 @@ impl Default for ClusterOptions {
             admin_db_url: None,
             relays: false,
             small_state_disk: None,
+            clock_skew: Vec::new(),
         }
     }
 }
@@ -461,8 +466,22 @@ impl Cluster {
         metrics: SocketAddr,
         env: &[(&str, &str)],
     ) -> Result<Child> {
-        Command::new(bin_dir().join("clawdeploy-agent"))
-            .envs(env.iter().copied())
+        let skew = self
+            .node_ids
+            .iter()
+            .position(|n| n == node_id)
+            .and_then(|i| self.opts.clock_skew.iter().find(|(j, _)| *j == i));
+        let mut cmd = match skew {
+            Some((_, offset)) => {
+                let mut c = Command::new("faketime");
+                c.args(["-f", offset])
+                    .arg(bin_dir().join("clawdeploy-agent"))
+                    .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+                c
+            }
+            None => Command::new(bin_dir().join("clawdeploy-agent")),
+        };
+        cmd.envs(env.iter().copied())
             .args([
                 "--node-id",
                 node_id,

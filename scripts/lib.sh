@@ -199,7 +199,7 @@ build_host_image() {
   # The packages the roles install are downloaded into apt's cache (not
   # installed), as an apt proxy next to the hosts would hold them: the
   # test measures the roles, not the mirror.
-  local debs="unattended-upgrades nftables systemd-timesyncd sudo acl docker.io apparmor prometheus postgresql python3-psycopg2"
+  local debs="unattended-upgrades nftables netbase systemd-timesyncd sudo acl docker.io apparmor prometheus postgresql python3-psycopg2"
   as_root mmdebstrap --variant=apt --quiet --skip=cleanup/apt/lists --skip=cleanup/apt/cache \
     --include=systemd,systemd-sysv,dbus,python3,python3-apt,openssh-server,sudo,ca-certificates,iproute2,procps,curl,gnupg \
     --customize-hook='chroot "$1" systemctl enable ssh' \

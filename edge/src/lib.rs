@@ -7,6 +7,7 @@
 pub mod conn;
 pub mod error;
 pub mod proxy;
+pub mod proxy_protocol;
 pub mod routes;
 pub mod server;
 pub mod telemetry;
@@ -69,6 +70,9 @@ pub struct EdgeConfig {
     /// port mapping); the TLS listener's own port when unset.
     pub public_https_port: Option<u16>,
     pub limits: Limits,
+    /// Load balancers whose connections start with a PROXY protocol header
+    /// (on every public listener); empty: none.
+    pub proxy_protocol_from: Vec<proxy_protocol::Cidr>,
 }
 
 /// The sockets the edge serves on.
@@ -147,6 +151,7 @@ pub async fn serve(
     let front = server::Front::new(
         Arc::new(proxy::Proxy::new(table.clone(), cfg.limits.clone())),
         cfg.limits,
+        cfg.proxy_protocol_from,
     );
     match (tls, listeners.https) {
         (Some((store, https_port)), Some(https)) => {

@@ -78,6 +78,16 @@ struct Args {
         default_value_t = 3600
     )]
     ws_idle_timeout_secs: u64,
+    /// Load balancers in front of the edge (address ranges, comma-
+    /// separated): their connections must start with a PROXY protocol
+    /// header (v1 or v2) naming the client; connections from anywhere else
+    /// are direct clients. Empty: no PROXY protocol.
+    #[arg(
+        long,
+        env = "CLAWDEPLOY_EDGE_PROXY_PROTOCOL_FROM",
+        value_delimiter = ','
+    )]
+    proxy_protocol_from: Vec<clawdeploy_edge::proxy_protocol::Cidr>,
 }
 
 #[tokio::main]
@@ -127,6 +137,7 @@ async fn main() -> anyhow::Result<()> {
             idle_timeout: Duration::from_secs(a.idle_timeout_secs),
             ws_idle_timeout: Duration::from_secs(a.ws_idle_timeout_secs),
         },
+        proxy_protocol_from: a.proxy_protocol_from,
     };
     let listeners = Listeners {
         http: listener,

@@ -16,8 +16,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
-use crate::conn::{Activity, PerIpLimit, Tracked};
+use crate::conn::{Activity, IpSlot, PerIpLimit, Tracked};
 use crate::proxy::{count, error_page, request_host, Body, Proxy};
+use crate::proxy_protocol::{self, Cidr};
 use crate::routes::normalize_host;
 use crate::Limits;
 
@@ -35,11 +36,13 @@ pub struct Front {
     pub proxy: Arc<Proxy>,
     pub limits: Limits,
     pub per_ip: Arc<PerIpLimit>,
+    /// Peers whose connections start with a PROXY protocol header.
+    pub proxy_from: Vec<Cidr>,
     builder: auto::Builder<TokioExecutor>,
 }
 
 impl Front {
-    pub fn new(proxy: Arc<Proxy>, limits: Limits) -> Arc<Self> {
+    pub fn new(proxy: Arc<Proxy>, limits: Limits, proxy_from: Vec<Cidr>) -> Arc<Self> {
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
@@ -56,6 +59,7 @@ impl Front {
             .keep_alive_timeout(Duration::from_secs(20));
         Arc::new(Self {
             per_ip: PerIpLimit::new(limits.max_conns_per_ip),
+            proxy_from,
             proxy,
             limits,
             builder,
@@ -135,7 +139,10 @@ fn acme_answer<B>(proxy: &Proxy, req: &Request<B>) -> Option<Response<Body>> {
     })
 }
 
-/// Accepts connections on `listener` until `shutdown` flips.
+/// Accepts connections on `listener` until `shutdown` flips. Connections
+/// from `Front::proxy_from` start with a PROXY protocol header naming the
+/// client, which then stands for the peer everywhere (limits, logs,
+/// `X-Forwarded-For`).
 pub async fn serve(
     front: Arc<Front>,
     listener: TcpListener,
@@ -144,7 +151,7 @@ pub async fn serve(
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     loop {
-        let (stream, client) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(c) => c,
                 Err(e) => {
@@ -156,43 +163,98 @@ pub async fn serve(
             },
             _ = shutdown.changed() => return,
         };
-        let Some(slot) = front.per_ip.acquire(client.ip()) else {
-            metrics::counter!("clawdeploy_edge_connections_refused_total", "reason" => "per_address_limit").increment(1);
-            tracing::debug!(%client, "connection refused: per-address limit");
-            continue;
-        };
         let _ = stream.set_nodelay(true);
+        let behind_balancer = front.proxy_from.iter().any(|r| r.contains(peer.ip()));
+        if !behind_balancer {
+            let Some(slot) = acquire(&front, peer) else {
+                continue;
+            };
+            tokio::spawn(connection(
+                front.clone(),
+                stream,
+                peer,
+                tls.clone(),
+                mode,
+                slot,
+            ));
+            continue;
+        }
         let (front, tls) = (front.clone(), tls.clone());
         tokio::spawn(async move {
-            let _slot = slot;
-            let activity = Activity::default();
-            metrics::gauge!("clawdeploy_edge_connections").increment(1.0);
-            match tls {
-                Some(acceptor) => {
-                    let handshake = acceptor.accept(stream);
-                    match tokio::time::timeout(front.limits.header_timeout, handshake).await {
-                        Ok(Ok(s)) => {
-                            let io = Tracked::new(s, activity.clone());
-                            serve_connection(&front, io, activity, client, "https", mode).await
-                        }
-                        Ok(Err(e)) => {
-                            metrics::counter!("clawdeploy_edge_tls_handshake_failures_total")
-                                .increment(1);
-                            tracing::debug!(%client, error = %e, "TLS handshake failed");
-                        }
-                        Err(_) => {
-                            metrics::counter!("clawdeploy_edge_timeouts_total", "kind" => "handshake").increment(1);
-                        }
-                    }
+            let mut stream = stream;
+            let header = tokio::time::timeout(
+                front.limits.header_timeout,
+                proxy_protocol::read_header(&mut stream),
+            )
+            .await;
+            let client = match header {
+                Ok(Ok(client)) => client.unwrap_or(peer),
+                Ok(Err(e)) => {
+                    metrics::counter!("clawdeploy_edge_connections_refused_total", "reason" => "proxy_header").increment(1);
+                    tracing::debug!(%peer, error = %e, "connection refused: PROXY header");
+                    return;
                 }
-                None => {
-                    let io = Tracked::new(stream, activity.clone());
-                    serve_connection(&front, io, activity, client, "http", mode).await
+                Err(_) => {
+                    metrics::counter!("clawdeploy_edge_timeouts_total", "kind" => "proxy_header")
+                        .increment(1);
+                    return;
                 }
+            };
+            if let Some(slot) = acquire(&front, client) {
+                connection(front, stream, client, tls, mode, slot).await;
             }
-            metrics::gauge!("clawdeploy_edge_connections").decrement(1.0);
         });
     }
+}
+
+/// A connection slot for `client`'s address, or `None` (counted) when it
+/// has used up its limit.
+fn acquire(front: &Front, client: SocketAddr) -> Option<IpSlot> {
+    let slot = front.per_ip.acquire(client.ip());
+    if slot.is_none() {
+        metrics::counter!("clawdeploy_edge_connections_refused_total", "reason" => "per_address_limit").increment(1);
+        tracing::debug!(%client, "connection refused: per-address limit");
+    }
+    slot
+}
+
+/// One client connection: the TLS handshake (on the TLS listener), then
+/// HTTP until it ends or idles out.
+async fn connection(
+    front: Arc<Front>,
+    stream: tokio::net::TcpStream,
+    client: SocketAddr,
+    tls: Option<TlsAcceptor>,
+    mode: Mode,
+    slot: IpSlot,
+) {
+    let _slot = slot;
+    let activity = Activity::default();
+    metrics::gauge!("clawdeploy_edge_connections").increment(1.0);
+    match tls {
+        Some(acceptor) => {
+            let handshake = acceptor.accept(stream);
+            match tokio::time::timeout(front.limits.header_timeout, handshake).await {
+                Ok(Ok(s)) => {
+                    let io = Tracked::new(s, activity.clone());
+                    serve_connection(&front, io, activity, client, "https", mode).await
+                }
+                Ok(Err(e)) => {
+                    metrics::counter!("clawdeploy_edge_tls_handshake_failures_total").increment(1);
+                    tracing::debug!(%client, error = %e, "TLS handshake failed");
+                }
+                Err(_) => {
+                    metrics::counter!("clawdeploy_edge_timeouts_total", "kind" => "handshake")
+                        .increment(1);
+                }
+            }
+        }
+        None => {
+            let io = Tracked::new(stream, activity.clone());
+            serve_connection(&front, io, activity, client, "http", mode).await
+        }
+    }
+    metrics::gauge!("clawdeploy_edge_connections").decrement(1.0);
 }
 
 async fn serve_connection<I>(

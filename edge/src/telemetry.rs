@@ -28,12 +28,12 @@ pub const CATALOG: &[Metric] = &[
     Metric::counter(
         "clawdeploy_edge_connections_refused_total",
         &["reason"],
-        "Client connections refused, by reason.",
+        "Client connections refused, by reason: per_address_limit, proxy_header (a load balancer's connection without a valid PROXY header).",
     ),
     Metric::counter(
         "clawdeploy_edge_timeouts_total",
         &["kind"],
-        "Connections cut by a timeout: handshake, idle.",
+        "Connections cut by a timeout: handshake, idle, proxy_header.",
     ),
     Metric::gauge("clawdeploy_edge_websockets", &[], "WebSockets open."),
     Metric::counter(

@@ -145,6 +145,41 @@ impl EdgeConn {
         alpn: &[&str],
     ) -> Result<Self> {
         let tcp = TcpStream::connect(addr).await?;
+        Self::tls_over(tcp, host, ca_pem, alpn).await
+    }
+
+    /// As a load balancer at `from` would connect: `header` (a PROXY
+    /// protocol header) first, then TLS with SNI `host` trusting `ca_pem`
+    /// when given, else plain HTTP/1.1.
+    pub async fn via_balancer(
+        addr: std::net::SocketAddr,
+        from: std::net::IpAddr,
+        header: &[u8],
+        tls: Option<(&str, &Path)>,
+    ) -> Result<Self> {
+        let tcp = Self::from_address(addr, from, header).await?;
+        match tls {
+            Some((host, ca)) => Self::tls_over(tcp, host, ca, &["http/1.1"]).await,
+            None => Self::handshake(TokioIo::new(tcp), false, None, None).await,
+        }
+    }
+
+    /// A TCP connection to `addr` from the local address `from`, having
+    /// sent `first`.
+    pub async fn from_address(
+        addr: std::net::SocketAddr,
+        from: std::net::IpAddr,
+        first: &[u8],
+    ) -> Result<TcpStream> {
+        use tokio::io::AsyncWriteExt;
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(std::net::SocketAddr::new(from, 0))?;
+        let mut tcp = socket.connect(addr).await?;
+        tcp.write_all(first).await?;
+        Ok(tcp)
+    }
+
+    async fn tls_over(tcp: TcpStream, host: &str, ca_pem: &Path, alpn: &[&str]) -> Result<Self> {
         let tls = tls_connector(ca_pem, alpn)?
             .connect(ServerName::try_from(host.to_owned())?, tcp)
             .await

@@ -8,6 +8,7 @@
 
 pub mod acme;
 pub mod edge_client;
+pub mod invariants;
 pub mod netfault;
 pub mod ops;
 pub mod pg;

@@ -17,6 +17,15 @@ pub struct PgServer {
 }
 
 impl PgServer {
+    /// A server under `.local/e2e/pg-<tag>-<random>`.
+    pub fn for_test(tag: &str) -> Result<Self> {
+        let dir = crate::workspace_root().join(".local/e2e").join(format!(
+            "pg-{tag}-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        ));
+        Self::start(&dir)
+    }
+
     /// `initdb` under `dir` and start it.
     pub fn start(dir: &Path) -> Result<Self> {
         let bin = std::fs::read_dir("/usr/lib/postgresql")

@@ -560,7 +560,11 @@ async fn behind_a_load_balancer_the_proxy_protocol_names_the_client() -> Result<
     })
     .await?;
     let (_, gw) = c
-        .sign_up("balanced@example.com", "balanced", json!({"openai": "sk-lb-1234567"}))
+        .sign_up(
+            "balanced@example.com",
+            "balanced",
+            json!({"openai": "sk-lb-1234567"}),
+        )
         .await?;
     let lb = host("balanced");
     let ca = c.public_tls_dir().join("ca.crt.pem");

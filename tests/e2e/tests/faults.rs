@@ -10,20 +10,13 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use clawdeploy_e2e::invariants::sign_up_retrying;
 use clawdeploy_e2e::pg::PgServer;
-use clawdeploy_e2e::{wait_for, workspace_root, Cluster, ClusterOptions};
+use clawdeploy_e2e::{wait_for, Cluster, ClusterOptions};
 use reqwest::Method;
 use serde_json::{json, Value};
 
 const BURST: usize = 20;
-
-fn own_pg(tag: &str) -> Result<PgServer> {
-    let dir = workspace_root().join(".local/e2e").join(format!(
-        "pg-{tag}-{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..8]
-    ));
-    PgServer::start(&dir)
-}
 
 /// Whether every process the cluster started is still the one it started
 /// (alive, not a zombie).
@@ -45,105 +38,9 @@ fn all_alive(c: &Cluster) -> Vec<String> {
         .collect()
 }
 
-/// One client's signup, retried as a client should: after a 503 (with its
-/// Retry-After, capped to a second here) and after a 409 "in progress", with
-/// the same Idempotency-Key. Returns the final answer and every status seen.
-async fn sign_up_retrying(c: &Cluster, token: &str, sub: String) -> Result<(u16, Value, Vec<u16>)> {
-    let sub = sub.as_str();
-    let key = format!("signup-{sub}");
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let mut seen = Vec::new();
-    loop {
-        let r = c
-            .client
-            .post(c.api("/api/instances"))
-            .bearer_auth(token)
-            .header("idempotency-key", &key)
-            .json(&json!({"subdomain": sub, "apiKeys": {"openai": "sk-fault-1234567"}}))
-            .send()
-            .await;
-        let r = match r {
-            Ok(r) => r,
-            Err(e) => anyhow::bail!("{sub}: the request itself failed: {e}"),
-        };
-        let status = r.status().as_u16();
-        let retry_after = r
-            .headers()
-            .get("retry-after")
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-        let body: Value = r
-            .json()
-            .await
-            .with_context(|| format!("{sub}: a JSON answer to {status}"))?;
-        seen.push(status);
-        match status {
-            201 | 202 => return Ok((status, body, seen)),
-            503 => {
-                let code = body["error"]["code"].as_str().unwrap_or_default();
-                anyhow::ensure!(
-                    matches!(code, "database_unavailable" | "busy" | "no_capacity"),
-                    "{sub}: 503 with code {code}: {body}"
-                );
-                let wait =
-                    retry_after.with_context(|| format!("{sub}: 503 without Retry-After"))?;
-                tokio::time::sleep(Duration::from_secs(wait.min(1))).await;
-            }
-            409 if body["error"]["code"] == "idempotency_in_progress" => {
-                anyhow::ensure!(
-                    retry_after.is_some(),
-                    "{sub}: in-progress without Retry-After"
-                );
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            _ => anyhow::bail!("{sub}: answered {status}: {body} (after {seen:?})"),
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "{sub}: no answer in 90 s: {seen:?}"
-        );
-    }
-}
-
-/// The invariants a fault must not break: nothing half-applied, nothing
-/// claimed twice, no route without a ready instance.
-async fn check_invariants(c: &Cluster) -> Result<()> {
-    let checks: [(&str, &str); 5] = [
-        (
-            "ready instances without an assigned container",
-            "SELECT count(*) FROM instances i LEFT JOIN containers c ON c.id = i.container_id
-              WHERE i.status = 'ready' AND (c.id IS NULL OR c.state <> 'assigned')",
-        ),
-        (
-            "containers held by two live instances",
-            "SELECT count(*) FROM (SELECT container_id FROM instances
-               WHERE container_id IS NOT NULL AND status IN ('pending', 'ready')
-               GROUP BY container_id HAVING count(*) > 1) d",
-        ),
-        (
-            "assigned containers without a live instance",
-            "SELECT count(*) FROM containers c WHERE c.state = 'assigned'
-               AND NOT EXISTS (SELECT 1 FROM instances i WHERE i.container_id = c.id AND i.status IN ('pending', 'ready'))",
-        ),
-        (
-            "routes to instances that are not ready",
-            "SELECT count(*) FROM routes r JOIN instances i ON i.id = r.instance_id
-              WHERE r.removed_at IS NULL AND i.status <> 'ready'",
-        ),
-        (
-            "accounts with two instances",
-            "SELECT count(*) FROM (SELECT user_id FROM instances WHERE status <> 'deleted'
-               GROUP BY user_id HAVING count(*) > 1) d",
-        ),
-    ];
-    for (what, sql) in checks {
-        assert_eq!(c.count(sql).await?, 0, "{what}");
-    }
-    Ok(())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_postgres_restart_mid_burst_gives_no_500_and_loses_nothing() -> Result<()> {
-    let pg = own_pg("restart")?;
+    let pg = PgServer::for_test("restart")?;
     let c = Cluster::start(ClusterOptions {
         nodes: 2,
         min_idle: 10,
@@ -200,7 +97,7 @@ async fn a_postgres_restart_mid_burst_gives_no_500_and_loses_nothing() -> Result
         BURST as i64,
         "one instance per signup, no more"
     );
-    check_invariants(&c).await?;
+    clawdeploy_e2e::invariants::check(&c).await?;
     // The pool refills and Docker matches the database.
     c.wait_idle_at_least(10, Duration::from_secs(120)).await?;
     c.wait_docker_matches_db(Duration::from_secs(60)).await?;
@@ -214,7 +111,7 @@ async fn a_postgres_restart_mid_burst_gives_no_500_and_loses_nothing() -> Result
 
 #[tokio::test]
 async fn thirty_seconds_without_postgres_answer_503_serve_tenants_and_resume() -> Result<()> {
-    let pg = own_pg("outage")?;
+    let pg = PgServer::for_test("outage")?;
     let c = Cluster::start(ClusterOptions {
         nodes: 1,
         min_idle: 2,
@@ -329,7 +226,7 @@ async fn thirty_seconds_without_postgres_answer_503_serve_tenants_and_resume() -
         back.elapsed()
     );
     assert_eq!(c.pids(), pids, "no process was restarted");
-    check_invariants(&c).await?;
+    clawdeploy_e2e::invariants::check(&c).await?;
     c.wait_idle_at_least(2, Duration::from_secs(60)).await?;
     Ok(())
 }

@@ -146,6 +146,7 @@ async fn faults(
     pg: &PgServer,
     every: Duration,
     stop: &AtomicBool,
+    began: Instant,
 ) -> Result<Vec<String>> {
     let mut done = Vec::new();
     let a = c.node_ids[0].clone();
@@ -250,7 +251,13 @@ async fn main() -> Result<()> {
         futures::future::join_all((0..args.clients).map(|i| customer(&c, i, &stop, &tally)));
     let (results, injected, ()) = tokio::join!(
         customers,
-        faults(&c, &pg, Duration::from_secs(args.fault_every_secs), &stop),
+        faults(
+            &c,
+            &pg,
+            Duration::from_secs(args.fault_every_secs),
+            &stop,
+            began
+        ),
         deadline
     );
     let mut failures: Vec<String> = results

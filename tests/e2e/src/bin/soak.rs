@@ -203,8 +203,8 @@ async fn faults(
             }
         };
         println!(
-            "[{:>5.0} s] fault: {what} ({:.1} s)",
-            started.elapsed().as_secs_f64(),
+            "[{:>5.0} s] fault: {what} (took {:.1} s)",
+            began.elapsed().as_secs_f64(),
             started.elapsed().as_secs_f64()
         );
         done.push(what.to_owned());

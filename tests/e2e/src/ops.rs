@@ -85,6 +85,20 @@ pub async fn drain(c: &Cluster, node: &str, body: Option<Value>) -> Result<(u16,
     .await
 }
 
+/// `POST /admin/nodes/{node}/activate`, which must answer 200.
+pub async fn activate(c: &Cluster, node: &str) -> Result<()> {
+    let (status, body) = c
+        .admin(
+            Method::POST,
+            &format!("/admin/nodes/{node}/activate"),
+            None,
+            Some(ADMIN_TOKEN),
+        )
+        .await?;
+    anyhow::ensure!(status == 200, "activate {node} answered {status}: {body}");
+    Ok(())
+}
+
 /// Polls the migration until it ends (done or rolled back); its final view.
 pub async fn wait_migration(c: &Cluster, id: &str, within: Duration) -> Result<Value> {
     let deadline = Instant::now() + within;

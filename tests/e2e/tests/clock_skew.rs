@@ -9,9 +9,8 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use clawdeploy_e2e::ops::drain;
-use clawdeploy_e2e::{Cluster, ClusterOptions, ADMIN_TOKEN, BASE_DOMAIN};
-use reqwest::Method;
+use clawdeploy_e2e::ops::{activate, drain};
+use clawdeploy_e2e::{Cluster, ClusterOptions, BASE_DOMAIN};
 use serde_json::json;
 
 #[tokio::test]
@@ -52,15 +51,7 @@ async fn agents_three_minutes_off_renew_heartbeat_and_reconnect() -> Result<()> 
                 .0,
             200
         );
-        let (status, _) = c
-            .admin(
-                Method::POST,
-                &format!("/admin/nodes/{drained}/activate"),
-                None,
-                Some(ADMIN_TOKEN),
-            )
-            .await?;
-        assert_eq!(status, 200);
+        activate(&c, drained).await?;
     }
 
     // Two and a half certificate lifetimes: each agent renews about every

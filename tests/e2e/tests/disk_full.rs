@@ -9,9 +9,8 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use clawdeploy_e2e::ops::drain;
-use clawdeploy_e2e::{wait_for, Cluster, ClusterOptions, ADMIN_TOKEN, BASE_DOMAIN};
-use reqwest::Method;
+use clawdeploy_e2e::ops::{activate, drain};
+use clawdeploy_e2e::{wait_for, Cluster, ClusterOptions, BASE_DOMAIN};
 use serde_json::json;
 
 const MIN_DISK: u64 = 16 << 20;
@@ -32,19 +31,6 @@ async fn disk_available(c: &Cluster, node: &str) -> Result<i64> {
             .fetch_one(&c.db)
             .await?,
     )
-}
-
-async fn set_active(c: &Cluster, node: &str) -> Result<()> {
-    let (status, body) = c
-        .admin(
-            Method::POST,
-            &format!("/admin/nodes/{node}/activate"),
-            None,
-            Some(ADMIN_TOKEN),
-        )
-        .await?;
-    anyhow::ensure!(status == 200, "activate: {status} {body}");
-    Ok(())
 }
 
 /// Writes zeros into `dir/filler` until the file system refuses.
@@ -105,7 +91,7 @@ async fn a_full_disk_stops_placement_fails_claims_over_and_keeps_the_ledger() ->
         )
         .await?;
         // Now b may take it, and a hears of the claim.
-        set_active(&c, &b).await?;
+        activate(&c, &b).await?;
         c.pause_agent(0, false)?;
         anyhow::Ok(Instant::now())
     };

@@ -16,8 +16,8 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use clawdeploy_e2e::ops::drain;
-use clawdeploy_e2e::{wait_for, Cluster, ClusterOptions, ADMIN_TOKEN, BASE_DOMAIN};
+use clawdeploy_e2e::ops::{activate, drain};
+use clawdeploy_e2e::{wait_for, Cluster, ClusterOptions, BASE_DOMAIN};
 use reqwest::Method;
 use serde_json::{json, Value};
 
@@ -48,19 +48,6 @@ async fn started(c: &Cluster, subdomain: &str) -> Result<(String, String, Value)
             .to_owned(),
         d["RestartCount"].clone(),
     ))
-}
-
-async fn activate(c: &Cluster, node: &str) -> Result<()> {
-    let (status, body) = c
-        .admin(
-            Method::POST,
-            &format!("/admin/nodes/{node}/activate"),
-            None,
-            Some(ADMIN_TOKEN),
-        )
-        .await?;
-    anyhow::ensure!(status == 200, "activate answered {status}: {body}");
-    Ok(())
 }
 
 #[tokio::test]

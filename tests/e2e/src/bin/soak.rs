@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::Parser;
 use clawdeploy_e2e::invariants::{self, sign_up_retrying};
-use clawdeploy_e2e::ops::drain;
+use clawdeploy_e2e::ops::{activate, drain};
 use clawdeploy_e2e::pg::PgServer;
-use clawdeploy_e2e::{machine_cpu, rss_kib, Cluster, ClusterOptions, ADMIN_TOKEN, BASE_DOMAIN};
+use clawdeploy_e2e::{machine_cpu, rss_kib, Cluster, ClusterOptions, BASE_DOMAIN};
 use reqwest::Method;
 use serde_json::json;
 
@@ -190,15 +190,7 @@ async fn faults(
                 let (s, _) = drain(c, node, None).await?;
                 anyhow::ensure!(s == 200, "drain {node}: {s}");
                 tokio::time::sleep(Duration::from_secs(20)).await;
-                let (s, _) = c
-                    .admin(
-                        Method::POST,
-                        &format!("/admin/nodes/{node}/activate"),
-                        None,
-                        Some(ADMIN_TOKEN),
-                    )
-                    .await?;
-                anyhow::ensure!(s == 200, "activate {node}: {s}");
+                activate(c, node).await?;
                 "a node drained for 20 s, then activated"
             }
         };

@@ -14,7 +14,9 @@ pub fn write_private_atomically(
     contents: &[u8],
     owner: Option<u32>,
 ) -> std::io::Result<()> {
-    let tmp = dir.join(format!(".{name}.tmp"));
+    // Named for this process: two processes writing one file (agents
+    // sharing a directory) must not rename each other's halves away.
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     let written = (|| {
         let mut f = std::fs::OpenOptions::new()
             .write(true)
@@ -52,7 +54,11 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
-        assert!(!dir.join(".f.tmp").exists());
+        let names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["f"], "no temporary file left");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,6 +1,7 @@
 //! The customer's path on the real system: accounts (no enumeration, login
 //! limits, logout), provider keys sealed, masked and never logged, live key
-//! changes through `PATCH`, and releases destroyed after their grace period.
+//! changes through `PATCH`, releases destroyed after their grace period,
+//! and the per-address limit on registrations.
 
 use std::time::{Duration, Instant};
 
@@ -447,5 +448,37 @@ async fn the_openapi_document_describes_every_route_and_errors_are_json() -> Res
     assert_eq!(r.status(), 405);
     let v: Value = r.json().await?;
     assert_eq!(v["error"]["code"], "method_not_allowed");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registrations_are_limited_per_address_with_retry_after() -> Result<()> {
+    let c = Cluster::start(ClusterOptions {
+        nodes: 0,
+        scheduler_args: ["--registrations-per-address-per-hour", "3"]
+            .map(String::from)
+            .to_vec(),
+        ..Default::default()
+    })
+    .await?;
+    for i in 0..3 {
+        c.register(&format!("limited{i}@example.com")).await?;
+    }
+    let r = c
+        .client
+        .post(c.api("/api/auth/register"))
+        .json(&json!({"email": "limited9@example.com", "password": "correct-horse-battery"}))
+        .send()
+        .await?;
+    assert_eq!(r.status(), 429);
+    let wait: u64 = r
+        .headers()
+        .get("retry-after")
+        .context("Retry-After")?
+        .to_str()?
+        .parse()?;
+    assert!((3000..=3600).contains(&wait), "Retry-After {wait}");
+    let body: Value = r.json().await?;
+    assert_eq!(body["error"]["code"], "rate_limited");
     Ok(())
 }

@@ -60,11 +60,36 @@ impl Rng {
     }
 }
 
+/// Instances one customer keeps at once; beyond, its oldest is released
+/// (the fleet stays below its capacity however long the soak runs).
+const KEEP_PER_CUSTOMER: usize = 3;
+
+/// Releases the caller's instance, retrying 503s.
+async fn release(c: &Cluster, sub: &str, token: &str, tally: &Mutex<Tally>) -> Result<()> {
+    loop {
+        let (s, b) = c.my_instance(Method::DELETE, token, None).await?;
+        *tally
+            .lock()
+            .unwrap()
+            .answers
+            .entry(("release", s))
+            .or_default() += 1;
+        match s {
+            200 => break,
+            503 => tokio::time::sleep(Duration::from_secs(1)).await,
+            _ => anyhow::bail!("release {sub}: {s} {b}"),
+        }
+    }
+    tally.lock().unwrap().released.push(sub.to_owned());
+    Ok(())
+}
+
 /// One customer's life, over and over until `stop`: sign up, change keys a
-/// few times, release.
+/// few times, release (or keep: at most `KEEP_PER_CUSTOMER` at once).
 async fn customer(c: &Cluster, who: usize, stop: &AtomicBool, tally: &Mutex<Tally>) -> Result<()> {
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (who as u64 + 1));
     let mut round = 0;
+    let mut kept: Vec<(String, String)> = Vec::new();
     while !stop.load(Ordering::Relaxed) {
         round += 1;
         let sub = format!("soak{who}r{round}");
@@ -116,27 +141,17 @@ async fn customer(c: &Cluster, who: usize, stop: &AtomicBool, tally: &Mutex<Tall
             anyhow::ensure!(matches!(s, 200 | 202 | 503), "key change {sub}: {s} {b}");
         }
         if rng.below(3) > 0 {
-            // Two in three release; the others stay to the end.
-            loop {
-                let (s, b) = c.my_instance(Method::DELETE, &token, None).await?;
-                tally
-                    .lock()
-                    .unwrap()
-                    .answers
-                    .entry(("release", s))
-                    .and_modify(|n| *n += 1)
-                    .or_insert(1);
-                match s {
-                    200 => break,
-                    503 => tokio::time::sleep(Duration::from_secs(1)).await,
-                    _ => anyhow::bail!("release {sub}: {s} {b}"),
-                }
-            }
-            tally.lock().unwrap().released.push(sub);
+            // Two in three release at once; the others stay a while.
+            release(c, &sub, &token, tally).await?;
         } else {
-            tally.lock().unwrap().kept.push((sub, token));
+            kept.push((sub, token));
+            if kept.len() > KEEP_PER_CUSTOMER {
+                let (old_sub, old_token) = kept.remove(0);
+                release(c, &old_sub, &old_token, tally).await?;
+            }
         }
     }
+    tally.lock().unwrap().kept.extend(kept);
     Ok(())
 }
 
@@ -259,8 +274,12 @@ async fn main() -> Result<()> {
     let injected = injected?;
 
     // Everything healed: the system settles, then the invariants.
-    c.wait_nodes_connected(Duration::from_secs(120)).await?;
-    c.wait_idle_at_least(4, Duration::from_secs(180)).await?;
+    if let Err(e) = c.wait_nodes_connected(Duration::from_secs(120)).await {
+        failures.push(format!("nodes: {e:#}"));
+    }
+    if let Err(e) = c.wait_idle_at_least(4, Duration::from_secs(180)).await {
+        failures.push(format!("pool: {e:#}"));
+    }
     if let Err(e) = invariants::check(&c).await {
         failures.push(format!("invariant: {e:#}"));
     }

@@ -138,10 +138,12 @@ async fn a_full_disk_stops_placement_fails_claims_over_and_keeps_the_ledger() ->
         ledger_before,
         "the ledger is intact"
     );
-    assert!(
-        !c.state_dir(0).join(".desired-state.pb.tmp").exists(),
-        "no temporary file left"
-    );
+    let leftovers: Vec<_> = std::fs::read_dir(c.state_dir(0))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .map(|e| e.file_name())
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
     assert!(
         c.agent_metric(0, "clawdeploy_agent_ledger_write_failures_total")
             .await?

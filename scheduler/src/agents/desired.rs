@@ -205,6 +205,9 @@ pub async fn bump_past_and_push(app: &AppRef, node_id: &str, floor: Generation) 
     push(app, node_id).await
 }
 
+/// How long a push waits for room in a session's outbound queue.
+const PUSH_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Sends the node its current desired state if it has an open session here;
 /// otherwise tells the other schedulers (one of them may hold the session).
 /// A node without any session gets it on its next hello.
@@ -228,10 +231,13 @@ pub async fn push(app: &AppRef, node_id: &str) -> Result<()> {
     let msg = SchedulerMessage {
         msg: Some(scheduler_message::Msg::Desired(desired)),
     };
-    if tx.send(Outgoing::Message(msg)).await.is_err() {
-        tracing::debug!(node_id, "session closed before the push");
-    } else {
-        tracing::debug!(node_id, generation, "desired state pushed");
+    // A session whose agent does not read (stopped, or its link silent)
+    // must not hold the caller (the pool manager serves every node): the
+    // generation is already bumped, so the next heartbeat pushes again.
+    match tokio::time::timeout(PUSH_WAIT, tx.send(Outgoing::Message(msg))).await {
+        Ok(Ok(())) => tracing::debug!(node_id, generation, "desired state pushed"),
+        Ok(Err(_)) => tracing::debug!(node_id, "session closed before the push"),
+        Err(_) => tracing::warn!(node_id, generation, "agent not reading; the push is left to its next heartbeat"),
     }
     Ok(())
 }

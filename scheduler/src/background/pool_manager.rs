@@ -284,8 +284,10 @@ async fn reconcile(app: &AppRef, judge_nodes: bool) -> Result<()> {
     if created > 0 {
         tracing::info!(created, warm_current, target, "pool refill");
     }
-    for node in touched {
-        desired::bump_and_push(app, &node).await?;
+    // Each node on its own: one slow session must not delay the others.
+    let pushes = touched.iter().map(|node| desired::bump_and_push(app, node));
+    for r in futures::future::join_all(pushes).await {
+        r?;
     }
     Ok(())
 }

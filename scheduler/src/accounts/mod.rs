@@ -139,16 +139,6 @@ async fn check_registration_limit(db: &PgPool, address: &str, per_hour: u32) -> 
     Ok(())
 }
 
-/// Drops registration attempts that left the one-hour window.
-pub async fn purge_registration_attempts(db: &PgPool) {
-    let r = sqlx::query("DELETE FROM registration_attempts WHERE at < now() - interval '1 hour'")
-        .execute(db)
-        .await;
-    if let Err(e) = r {
-        tracing::warn!(error = %e, "old registration attempts not purged");
-    }
-}
-
 /// Refuses a login when the account or the address used up its failures.
 /// Unknown emails are counted like known ones: the limit says nothing
 /// about whether an account exists.
@@ -183,14 +173,19 @@ async fn record_login_failure(db: &PgPool, email: &str, address: Option<&str>) -
     Ok(())
 }
 
-/// Drops failed logins that left the one-hour window (run every few
-/// minutes by the janitor; an account's own are pruned as it fails).
-pub async fn purge_login_failures(db: &PgPool) {
-    let r = sqlx::query("DELETE FROM login_failures WHERE at < now() - interval '1 hour'")
+/// Drops the failed logins and registration attempts that left their
+/// one-hour windows (run every few minutes by the janitor; an account's
+/// own failures are also pruned as it fails).
+pub async fn purge_rate_windows(db: &PgPool) {
+    for table in ["login_failures", "registration_attempts"] {
+        let r = sqlx::query(&format!(
+            "DELETE FROM {table} WHERE at < now() - interval '1 hour'"
+        ))
         .execute(db)
         .await;
-    if let Err(e) = r {
-        tracing::warn!(error = %e, "old failed logins not purged");
+        if let Err(e) = r {
+            tracing::warn!(error = %e, table, "rows past the rate window not purged");
+        }
     }
 }
 

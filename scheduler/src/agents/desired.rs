@@ -237,7 +237,11 @@ pub async fn push(app: &AppRef, node_id: &str) -> Result<()> {
     match tokio::time::timeout(PUSH_WAIT, tx.send(Outgoing::Message(msg))).await {
         Ok(Ok(())) => tracing::debug!(node_id, generation, "desired state pushed"),
         Ok(Err(_)) => tracing::debug!(node_id, "session closed before the push"),
-        Err(_) => tracing::warn!(node_id, generation, "agent not reading; the push is left to its next heartbeat"),
+        Err(_) => tracing::warn!(
+            node_id,
+            generation,
+            "agent not reading; the push is left to its next heartbeat"
+        ),
     }
     Ok(())
 }

@@ -6,6 +6,5 @@ use crate::app::App;
 
 pub async fn housekeep(app: &App) {
     crate::lifecycle::idempotency::purge_expired(app).await;
-    crate::accounts::purge_login_failures(&app.db).await;
-    crate::accounts::purge_registration_attempts(&app.db).await;
+    crate::accounts::purge_rate_windows(&app.db).await;
 }

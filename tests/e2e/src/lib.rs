@@ -472,16 +472,14 @@ impl Cluster {
             .iter()
             .position(|n| n == node_id)
             .and_then(|i| self.opts.clock_skew.iter().find(|(j, _)| *j == i));
-        let mut cmd = match skew {
-            Some((_, offset)) => {
-                let mut c = Command::new("faketime");
-                c.args(["-f", offset])
-                    .arg(bin_dir().join("clawdeploy-agent"))
-                    .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
-                c
-            }
-            None => Command::new(bin_dir().join("clawdeploy-agent")),
-        };
+        let mut cmd = Command::new(bin_dir().join("clawdeploy-agent"));
+        if let Some((_, offset)) = skew {
+            // libfaketime preloaded into the agent itself (the `faketime`
+            // command forks, and killing it would orphan the agent).
+            cmd.env("LD_PRELOAD", libfaketime()?)
+                .env("FAKETIME", offset)
+                .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+        }
         cmd.envs(env.iter().copied())
             .args([
                 "--node-id",
@@ -1148,6 +1146,15 @@ impl Drop for Cluster {
             );
         }
     }
+}
+
+/// Debian's libfaketime (package `libfaketime`, with `faketime`).
+fn libfaketime() -> Result<PathBuf> {
+    std::fs::read_dir("/usr/lib")?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("faketime/libfaketime.so.1"))
+        .find(|p| p.exists())
+        .context("libfaketime.so.1 is not installed (Debian's faketime)")
 }
 
 /// The value of the first Prometheus sample named `name`: a bare name

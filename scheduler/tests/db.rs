@@ -341,7 +341,20 @@ async fn a_key_whose_claim_committed_answers_with_its_instance() {
     let mut req = request(u, "lost");
     req.idempotency_key = Some("k".into());
     let claimed = claim::claim(&app, req).await.unwrap();
-    // The answer is lost: the retry learns the instance, not "in progress".
+    // While the first request may still answer, a repeat is told to wait.
+    assert!(matches!(
+        idempotency::begin(&app, u, "k", &hash).await,
+        Err(Error::Conflict {
+            code: "idempotency_in_progress",
+            ..
+        })
+    ));
+    // Its answer never came (the process died): past the takeover time the
+    // retry learns the instance, and no second claim runs.
+    sqlx::query("UPDATE idempotency_keys SET created_at = now() - interval '10 minutes'")
+        .execute(&app.db)
+        .await
+        .unwrap();
     match idempotency::begin(&app, u, "k", &hash).await.unwrap() {
         Begin::Claimed(id) => assert_eq!(id, claimed.instance_id),
         _ => panic!("a key with a committed claim answers with its instance"),

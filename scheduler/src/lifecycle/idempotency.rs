@@ -24,9 +24,9 @@ pub enum Begin {
     First,
     /// The first answer (HTTP status and JSON body), to send again.
     Replay(u16, Vec<u8>),
-    /// The first request claimed this instance but its answer is not stored
-    /// (still running, or the database went away before it was): answer
-    /// with the instance as it is now.
+    /// The first request claimed this instance, but it has not stored its
+    /// answer in the takeover time (its process died, or the database was
+    /// away too long): answer with the instance as it is now.
     Claimed(Uuid),
 }
 
@@ -34,7 +34,7 @@ pub async fn begin(app: &App, user_id: Uuid, key: &str, hash: &[u8]) -> Result<B
     let first: Option<bool> = sqlx::query_scalar(
         "INSERT INTO idempotency_keys (user_id, key, request_hash) VALUES ($1, $2, $3)
          ON CONFLICT (user_id, key) DO UPDATE SET request_hash = EXCLUDED.request_hash, created_at = now()
-          WHERE idempotency_keys.status_code IS NULL
+          WHERE idempotency_keys.status_code IS NULL AND idempotency_keys.instance_id IS NULL
             AND idempotency_keys.created_at < now() - make_interval(secs => $4)
          RETURNING true",
     )
@@ -53,12 +53,16 @@ pub async fn begin(app: &App, user_id: Uuid, key: &str, hash: &[u8]) -> Result<B
         status_code: Option<i16>,
         response_enc: Option<Vec<u8>>,
         instance_id: Option<Uuid>,
+        abandoned: bool,
     }
     let stored: Stored = sqlx::query_as(
-        "SELECT request_hash, status_code, response_enc, instance_id FROM idempotency_keys WHERE user_id = $1 AND key = $2",
+        "SELECT request_hash, status_code, response_enc, instance_id,
+                created_at < now() - make_interval(secs => $3) AS abandoned
+           FROM idempotency_keys WHERE user_id = $1 AND key = $2",
     )
     .bind(user_id)
     .bind(key)
+    .bind(IN_FLIGHT_TAKEOVER_SECS)
     .fetch_one(&app.db)
     .await?;
     if stored.request_hash != hash {
@@ -68,7 +72,10 @@ pub async fn begin(app: &App, user_id: Uuid, key: &str, hash: &[u8]) -> Result<B
         });
     }
     let (Some(status), Some(sealed)) = (stored.status_code, stored.response_enc) else {
-        if let Some(instance_id) = stored.instance_id {
+        // The first request claimed an instance and never stored its
+        // answer (its process died, or the database stayed away past the
+        // retries of `finish`): answer with the instance, never claim again.
+        if let (Some(instance_id), true) = (stored.instance_id, stored.abandoned) {
             metrics::counter!("clawdeploy_idempotent_replays_total").increment(1);
             return Ok(Begin::Claimed(instance_id));
         }

@@ -48,6 +48,12 @@ struct Tally {
     kept: Vec<(String, String)>,
 }
 
+impl Tally {
+    fn count(&mut self, op: &'static str, status: u16) {
+        *self.answers.entry((op, status)).or_default() += 1;
+    }
+}
+
 /// A tiny deterministic generator (no dependency): xorshift.
 struct Rng(u64);
 
@@ -101,13 +107,7 @@ async fn customer(c: &Cluster, who: usize, stop: &AtomicBool, tally: &Mutex<Tall
                 .send()
                 .await?;
             let status = r.status().as_u16();
-            tally
-                .lock()
-                .unwrap()
-                .answers
-                .entry(("register", status))
-                .and_modify(|n| *n += 1)
-                .or_insert(1);
+            tally.lock().unwrap().count("register", status);
             let body: serde_json::Value = r.json().await.unwrap_or_default();
             match status {
                 201 => break body["token"].as_str().context("token")?.to_owned(),
@@ -120,7 +120,7 @@ async fn customer(c: &Cluster, who: usize, stop: &AtomicBool, tally: &Mutex<Tall
         {
             let mut t = tally.lock().unwrap();
             for s in seen {
-                *t.answers.entry(("signup", s)).or_default() += 1;
+                t.count("signup", s);
             }
             if status == 201 {
                 t.signup_ms.push(started.elapsed().as_secs_f64() * 1000.0);
@@ -131,13 +131,7 @@ async fn customer(c: &Cluster, who: usize, stop: &AtomicBool, tally: &Mutex<Tall
             tokio::time::sleep(Duration::from_millis(500 + rng.below(1500))).await;
             let body = json!({"apiKeys": {"openai": format!("sk-soak-{who}-{round}-{k}-1234567")}});
             let (s, b) = c.my_instance(Method::PATCH, &token, Some(&body)).await?;
-            tally
-                .lock()
-                .unwrap()
-                .answers
-                .entry(("keys", s))
-                .and_modify(|n| *n += 1)
-                .or_insert(1);
+            tally.lock().unwrap().count("keys", s);
             anyhow::ensure!(matches!(s, 200 | 202 | 503), "key change {sub}: {s} {b}");
         }
         if rng.below(3) > 0 {

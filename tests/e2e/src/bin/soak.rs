@@ -74,12 +74,7 @@ const KEEP_PER_CUSTOMER: usize = 3;
 async fn release(c: &Cluster, sub: &str, token: &str, tally: &Mutex<Tally>) -> Result<()> {
     loop {
         let (s, b) = c.my_instance(Method::DELETE, token, None).await?;
-        *tally
-            .lock()
-            .unwrap()
-            .answers
-            .entry(("release", s))
-            .or_default() += 1;
+        tally.lock().unwrap().count("release", s);
         match s {
             200 => break,
             503 => tokio::time::sleep(Duration::from_secs(1)).await,

@@ -14,6 +14,7 @@ pub mod telemetry;
 pub mod tls;
 pub mod upstream;
 pub mod watch;
+pub mod workers;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -73,6 +74,9 @@ pub struct EdgeConfig {
     /// Load balancers whose connections start with a PROXY protocol header
     /// (on every public listener); empty: none.
     pub proxy_protocol_from: Vec<proxy_protocol::Cidr>,
+    /// Threads serving connections (each with its own runtime and upstream
+    /// pool); 0: one per core.
+    pub workers: usize,
 }
 
 /// The sockets the edge serves on.
@@ -148,24 +152,40 @@ pub async fn serve(
             tracing::error!(error = %e, "admin listener failed");
         }
     })];
-    let front = server::Front::new(
-        Arc::new(proxy::Proxy::new(table.clone(), cfg.limits.clone())),
-        cfg.limits,
-        cfg.proxy_protocol_from,
-    );
+    // One worker per core, each with its own upstream pool; the per-address
+    // connection limit is the edge's, whichever worker serves.
+    let per_ip = conn::PerIpLimit::new(cfg.limits.max_conns_per_ip);
+    let workers = if cfg.workers == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        cfg.workers
+    };
+    let fronts = (0..workers)
+        .map(|_| {
+            server::Front::new(
+                Arc::new(proxy::Proxy::new(table.clone(), cfg.limits.clone())),
+                cfg.limits.clone(),
+                cfg.proxy_protocol_from.clone(),
+                per_ip.clone(),
+            )
+        })
+        .collect();
+    let (pool, threads) = workers::Workers::start(fronts, stop_rx.clone())
+        .map_err(Error::io("starting the edge's workers"))?;
+    tracing::info!(workers, "edge workers started");
     match (tls, listeners.https) {
         (Some((store, https_port)), Some(https)) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(store.server_config()?);
             background.push(tokio::spawn(store.watch(cfg.cert_check_every)));
             tasks.push(tokio::spawn(server::serve(
-                front.clone(),
+                pool.clone(),
                 https,
                 Some(acceptor),
                 server::Mode::Proxy,
                 stop_rx.clone(),
             )));
             tasks.push(tokio::spawn(server::serve(
-                front,
+                pool,
                 listeners.http,
                 None,
                 server::Mode::RedirectTo { https_port },
@@ -173,7 +193,7 @@ pub async fn serve(
             )));
         }
         _ => tasks.push(tokio::spawn(server::serve(
-            front,
+            pool,
             listeners.http,
             None,
             server::Mode::Proxy,
@@ -191,5 +211,8 @@ pub async fn serve(
     for t in tasks {
         let _ = t.await;
     }
+    // The accept loops are done (and with them every handle on the
+    // workers); the workers end at the stop signal.
+    let _ = tokio::task::spawn_blocking(move || threads.into_iter().for_each(|t| t.join())).await;
     Ok(())
 }

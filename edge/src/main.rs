@@ -88,6 +88,10 @@ struct Args {
         value_delimiter = ','
     )]
     proxy_protocol_from: Vec<clawdeploy_edge::proxy_protocol::Cidr>,
+    /// Threads serving client connections, each with its own runtime and
+    /// upstream pool (0: one per core).
+    #[arg(long, env = "CLAWDEPLOY_EDGE_WORKERS", default_value_t = 0)]
+    workers: usize,
 }
 
 #[tokio::main]
@@ -138,6 +142,7 @@ async fn main() -> anyhow::Result<()> {
             ws_idle_timeout: Duration::from_secs(a.ws_idle_timeout_secs),
         },
         proxy_protocol_from: a.proxy_protocol_from,
+        workers: a.workers,
     };
     let listeners = Listeners {
         http: listener,

@@ -60,17 +60,41 @@ impl Meters {
 }
 
 /// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1).
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-authenticate",
-    "proxy-authorization",
+/// Named once: a name given as a string is parsed on every use.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
 ];
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+
+/// Who a connection's client is, as the edge tells the container: worked
+/// out once per connection, not per request.
+#[derive(Clone)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    /// The client's address as a header value (`X-Forwarded-For`).
+    pub ip: HeaderValue,
+}
+
+impl Peer {
+    pub fn new(addr: SocketAddr) -> Self {
+        let ip = HeaderValue::from_str(&addr.ip().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        Self { addr, ip }
+    }
+}
 
 impl Proxy {
     pub fn new(routes: Arc<RouteTable>, limits: Limits) -> Self {
@@ -179,31 +203,29 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in named {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP {
-        headers.remove(*name);
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
     }
 }
 
-/// The edge, not the client, says who the client is.
-fn set_forwarded(headers: &mut HeaderMap, client: SocketAddr, host: &str, proto: &'static str) {
-    for h in [
-        "x-forwarded-for",
-        "x-forwarded-host",
-        "x-forwarded-proto",
-        "x-forwarded-port",
-        "x-real-ip",
-        "forwarded",
-    ] {
-        headers.remove(h);
-    }
-    if let Ok(v) = HeaderValue::from_str(&client.ip().to_string()) {
-        headers.insert("x-forwarded-for", v.clone());
-        headers.insert("x-real-ip", v);
-    }
-    if let Ok(v) = HeaderValue::from_str(host) {
-        headers.insert("x-forwarded-host", v);
-    }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
+/// The edge, not the client, says who the client is, and which host it
+/// asked for (`host`: the normalized host, as a header value). `insert`
+/// replaces whatever the client sent under the same name.
+fn set_forwarded(
+    headers: &mut HeaderMap,
+    client: &Peer,
+    host: Option<HeaderValue>,
+    proto: &'static str,
+) {
+    headers.remove(X_FORWARDED_PORT);
+    headers.remove(header::FORWARDED);
+    headers.insert(X_FORWARDED_FOR, client.ip.clone());
+    headers.insert(X_REAL_IP, client.ip.clone());
+    match host {
+        Some(h) => headers.insert(X_FORWARDED_HOST, h),
+        None => headers.remove(X_FORWARDED_HOST),
+    };
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
 }
 
 pub fn status_class(s: StatusCode) -> &'static str {
@@ -222,12 +244,11 @@ pub fn count(status: StatusCode, route: &'static str) {
 }
 
 /// The host a request is for: `Host`, or the HTTP/2 `:authority`.
-pub fn request_host<B>(req: &Request<B>) -> Option<String> {
+pub fn request_host<B>(req: &Request<B>) -> Option<&str> {
     req.headers()
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+        .or_else(|| req.uri().authority().map(|a| a.as_str()))
 }
 
 /// The most of a refused body read (and dropped) before answering 413.
@@ -271,12 +292,13 @@ impl Proxy {
     pub async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
-        client: SocketAddr,
+        client: Peer,
         proto: &'static str,
     ) -> Result<Response<Body>, Infallible> {
-        let raw_host = request_host(&req);
-        let host = raw_host.as_deref().and_then(normalize_host);
-        let Some((host, target)) = host.and_then(|h| self.routes.lookup(&h).map(|t| (h, t))) else {
+        let found = request_host(&req)
+            .and_then(normalize_host)
+            .and_then(|h| self.routes.lookup(&h).map(|t| (h.into_owned(), t)));
+        let Some((host, target)) = found else {
             return Ok(self.unknown_host(req.headers()));
         };
         let proxy = self.clone();
@@ -288,10 +310,10 @@ impl Proxy {
     async fn forward(
         self: Arc<Self>,
         req: Request<Incoming>,
-        client: SocketAddr,
+        client: Peer,
         proto: &'static str,
         host: &str,
-        target: Target,
+        target: Arc<Target>,
     ) -> Response<Body> {
         let declared = req
             .headers()
@@ -329,12 +351,7 @@ impl Proxy {
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             return resp;
         }
-        let path = req
-            .uri()
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_owned();
-        let Some(uri) = upstream::uri_for(&target.container_id, &target.upstream, &path) else {
+        let Some(uri) = upstream::uri_of(&target, req.uri().path_and_query()) else {
             return error_page(
                 req.headers(),
                 StatusCode::BAD_REQUEST,
@@ -356,12 +373,17 @@ impl Proxy {
                 .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             parts.headers.insert(header::UPGRADE, proto);
         }
+        // The normalized host, as a header: the client's own value when
+        // it was already normal (no copy).
+        let normal_host = match &original_host {
+            Some(h) if h.as_bytes() == host.as_bytes() => Some(h.clone()),
+            _ => HeaderValue::from_str(host).ok(),
+        };
         // The container sees the customer's host, whatever the client spoke.
-        let forwarded_host = original_host.or_else(|| HeaderValue::from_str(host).ok());
-        if let Some(h) = forwarded_host {
+        if let Some(h) = original_host.or_else(|| normal_host.clone()) {
             parts.headers.insert(header::HOST, h);
         }
-        set_forwarded(&mut parts.headers, client, host, proto);
+        set_forwarded(&mut parts.headers, &client, normal_host, proto);
         parts.uri = uri;
         parts.version = http::Version::HTTP_11;
         // Error pages need only this of the request's headers (no copy of them all).

@@ -6,6 +6,7 @@
 //! shortly after changes (coalesced, off the watch path), so a restarted
 //! edge serves its last table while the scheduler is away.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
@@ -18,6 +19,10 @@ pub struct Target {
     pub upstream: String,
     pub instance_id: String,
     pub container_id: String,
+    /// The upstream pool's key for this container at this address
+    /// (`upstream::uri_of`), made on the route's first request.
+    #[serde(skip)]
+    pub(crate) pool_key: std::sync::OnceLock<Option<http::uri::Authority>>,
 }
 
 /// A custom hostname's certificate, as PEM (parsed by `tls` on first use).
@@ -30,8 +35,9 @@ pub struct CertPem {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Entry {
     version: u64,
-    /// `None`: removed at `version` (tombstone).
-    target: Option<Target>,
+    /// `None`: removed at `version` (tombstone). Shared: a request holds
+    /// its route without copying it.
+    target: Option<Arc<Target>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     cert: Option<Arc<CertPem>>,
     /// ACME HTTP-01: token → key authorization.
@@ -53,7 +59,7 @@ struct Table {
 impl Table {
     fn index(&mut self) {
         self.containers = HashMap::new();
-        let targets: Vec<Target> = self
+        let targets: Vec<Arc<Target>> = self
             .hosts
             .values()
             .filter_map(|e| e.target.clone())
@@ -97,24 +103,32 @@ pub struct RouteTable {
 
 /// Lower-cases, drops a port and a trailing dot: `Alice.Example.com.:443`
 /// → `alice.example.com`. Returns `None` for anything that is not a host.
-pub fn normalize_host(raw: &str) -> Option<String> {
+/// Borrows when the host is already lower-case (every request pays this).
+pub fn normalize_host(raw: &str) -> Option<Cow<'_, str>> {
     let raw = raw.trim();
     let host = match raw.rsplit_once(':') {
         Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
         _ => raw,
     };
-    let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+    let host = host.strip_suffix('.').unwrap_or(host);
     let ok = !host.is_empty()
         && host.len() <= 253
         && host
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
-    ok.then_some(host)
+    if !ok {
+        return None;
+    }
+    Some(if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(host)
+    })
 }
 
 /// The entry a route makes at `version`.
 fn entry_of(r: Route, version: u64) -> Option<(String, Entry)> {
-    let host = normalize_host(&r.hostname)?;
+    let host = normalize_host(&r.hostname)?.into_owned();
     Some((
         host,
         Entry {
@@ -130,11 +144,12 @@ fn entry_of(r: Route, version: u64) -> Option<(String, Entry)> {
                 .into_iter()
                 .map(|c| (c.token, c.key_authorization))
                 .collect(),
-            target: Some(Target {
+            target: Some(Arc::new(Target {
                 upstream: r.upstream,
                 instance_id: r.instance_id,
                 container_id: r.container_id,
-            }),
+                pool_key: Default::default(),
+            })),
         },
     ))
 }
@@ -167,7 +182,7 @@ impl RouteTable {
 
     /// Where requests for `host` go. A hostname known only for its ACME
     /// challenge (no container) routes nothing.
-    pub fn lookup(&self, host: &str) -> Option<Target> {
+    pub fn lookup(&self, host: &str) -> Option<Arc<Target>> {
         self.table
             .read()
             .unwrap()
@@ -256,7 +271,7 @@ impl RouteTable {
             },
             None => match normalize_host(&d.removed_hostname) {
                 Some(h) => (
-                    h,
+                    h.into_owned(),
                     Entry {
                         version: d.version,
                         target: None,

@@ -1,8 +1,13 @@
-//! Accept loops for the public listeners: per-address connection limits,
-//! the TLS handshake (bounded by the header timeout), HTTP/1.1 and HTTP/2 on
-//! one socket, the idle timeout, ACME HTTP-01 answers on the plain
-//! listener, and, on the plain listener when TLS is on, the redirect to
-//! HTTPS.
+//! Accept loops for the public listeners and the connections they hand to
+//! the workers: per-address connection limits, the TLS handshake (bounded
+//! by the header timeout), HTTP/1.1 and HTTP/2 on one socket, the idle
+//! timeout, ACME HTTP-01 answers on the plain listener, and, on the plain
+//! listener when TLS is on, the redirect to HTTPS.
+//!
+//! Each accepted connection is handed, in turn, to one of the workers
+//! (`workers.rs`): a thread with its own single-threaded runtime that then
+//! owns the connection, its requests and its upstream connections, so a
+//! request never hops between threads.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -31,7 +36,8 @@ pub enum Mode {
     RedirectTo { https_port: u16 },
 }
 
-/// What every connection of the edge shares.
+/// What every connection a worker serves shares: one per worker (its own
+/// upstream pool), with the per-address limit shared by all.
 pub struct Front {
     pub proxy: Arc<Proxy>,
     pub limits: Limits,
@@ -42,7 +48,12 @@ pub struct Front {
 }
 
 impl Front {
-    pub fn new(proxy: Arc<Proxy>, limits: Limits, proxy_from: Vec<Cidr>) -> Arc<Self> {
+    pub fn new(
+        proxy: Arc<Proxy>,
+        limits: Limits,
+        proxy_from: Vec<Cidr>,
+        per_ip: Arc<PerIpLimit>,
+    ) -> Arc<Self> {
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
@@ -58,7 +69,7 @@ impl Front {
             .keep_alive_interval(Some(Duration::from_secs(30)))
             .keep_alive_timeout(Duration::from_secs(20));
         Arc::new(Self {
-            per_ip: PerIpLimit::new(limits.max_conns_per_ip),
+            per_ip,
             proxy_from,
             proxy,
             limits,
@@ -67,10 +78,19 @@ impl Front {
     }
 }
 
+/// An accepted connection on its way to a worker: a plain socket (not yet
+/// registered with any runtime's reactor), who sent it and how to serve it.
+pub struct Accepted {
+    pub stream: std::net::TcpStream,
+    pub peer: SocketAddr,
+    pub tls: Option<TlsAcceptor>,
+    pub mode: Mode,
+}
+
 /// `308` to the same host and path over HTTPS, for the hosts the edge
 /// routes.
 fn redirect<B>(proxy: &Proxy, req: &Request<B>, https_port: u16) -> Response<Body> {
-    let Some(host) = request_host(req).as_deref().and_then(normalize_host) else {
+    let Some(host) = request_host(req).and_then(normalize_host) else {
         count(StatusCode::BAD_REQUEST, "redirect");
         return error_page(
             req.headers(),
@@ -109,7 +129,7 @@ const ACME_PREFIX: &str = "/.well-known/acme-challenge/";
 /// authorization the route table holds for its host and token, or 404.
 fn acme_answer<B>(proxy: &Proxy, req: &Request<B>) -> Option<Response<Body>> {
     let token = req.uri().path().strip_prefix(ACME_PREFIX)?;
-    let host = request_host(req).as_deref().and_then(normalize_host);
+    let host = request_host(req).and_then(normalize_host);
     let found = host.and_then(|h| proxy.routes.challenge(&h, token));
     let outcome = if found.is_some() {
         "answered"
@@ -139,12 +159,10 @@ fn acme_answer<B>(proxy: &Proxy, req: &Request<B>) -> Option<Response<Body>> {
     })
 }
 
-/// Accepts connections on `listener` until `shutdown` flips. Connections
-/// from `Front::proxy_from` start with a PROXY protocol header naming the
-/// client, which then stands for the peer everywhere (limits, logs,
-/// `X-Forwarded-For`).
+/// Accepts connections on `listener` until `shutdown` flips and hands each
+/// to the next worker.
 pub async fn serve(
-    front: Arc<Front>,
+    workers: Arc<crate::workers::Workers>,
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     mode: Mode,
@@ -164,46 +182,59 @@ pub async fn serve(
             _ = shutdown.changed() => return,
         };
         let _ = stream.set_nodelay(true);
-        let behind_balancer = front.proxy_from.iter().any(|r| r.contains(peer.ip()));
-        if !behind_balancer {
-            let Some(slot) = acquire(&front, peer) else {
-                continue;
-            };
-            tokio::spawn(connection(
-                front.clone(),
+        // Out of this runtime's reactor, into the worker's.
+        match stream.into_std() {
+            Ok(stream) => workers.dispatch(Accepted {
                 stream,
                 peer,
-                tls.clone(),
+                tls: tls.clone(),
                 mode,
-                slot,
-            ));
-            continue;
+            }),
+            Err(e) => tracing::debug!(%peer, error = %e, "accepted socket not handed over"),
         }
-        let (front, tls) = (front.clone(), tls.clone());
-        tokio::spawn(async move {
-            let mut stream = stream;
-            let header = tokio::time::timeout(
-                front.limits.header_timeout,
-                proxy_protocol::read_header(&mut stream),
-            )
-            .await;
-            let client = match header {
-                Ok(Ok(client)) => client.unwrap_or(peer),
-                Ok(Err(e)) => {
-                    metrics::counter!("clawdeploy_edge_connections_refused_total", "reason" => "proxy_header").increment(1);
-                    tracing::debug!(%peer, error = %e, "connection refused: PROXY header");
-                    return;
-                }
-                Err(_) => {
-                    metrics::counter!("clawdeploy_edge_timeouts_total", "kind" => "proxy_header")
-                        .increment(1);
-                    return;
-                }
-            };
-            if let Some(slot) = acquire(&front, client) {
-                connection(front, stream, client, tls, mode, slot).await;
+    }
+}
+
+/// Serves one accepted connection on the current (worker's) runtime.
+/// Connections from `Front::proxy_from` start with a PROXY protocol header
+/// naming the client, which then stands for the peer everywhere (limits,
+/// logs, `X-Forwarded-For`).
+pub async fn accepted(front: Arc<Front>, conn: Accepted) {
+    let Accepted {
+        stream,
+        peer,
+        tls,
+        mode,
+    } = conn;
+    let mut stream = match tokio::net::TcpStream::from_std(stream) {
+        Ok(s) => s,
+        Err(e) => return tracing::debug!(%peer, error = %e, "socket not registered"),
+    };
+    let behind_balancer = front.proxy_from.iter().any(|r| r.contains(peer.ip()));
+    let client = if behind_balancer {
+        let header = tokio::time::timeout(
+            front.limits.header_timeout,
+            proxy_protocol::read_header(&mut stream),
+        )
+        .await;
+        match header {
+            Ok(Ok(client)) => client.unwrap_or(peer),
+            Ok(Err(e)) => {
+                metrics::counter!("clawdeploy_edge_connections_refused_total", "reason" => "proxy_header").increment(1);
+                tracing::debug!(%peer, error = %e, "connection refused: PROXY header");
+                return;
             }
-        });
+            Err(_) => {
+                metrics::counter!("clawdeploy_edge_timeouts_total", "kind" => "proxy_header")
+                    .increment(1);
+                return;
+            }
+        }
+    } else {
+        peer
+    };
+    if let Some(slot) = acquire(&front, client) {
+        connection(front, stream, client, tls, mode, slot).await;
     }
 }
 
@@ -269,8 +300,10 @@ async fn serve_connection<I>(
 {
     let proxy = front.proxy.clone();
     let plain = proto == "http";
+    let peer = crate::proxy::Peer::new(client);
     let service = hyper::service::service_fn(move |req| {
         let proxy = proxy.clone();
+        let peer = peer.clone();
         async move {
             // The CA validates over plain HTTP on every edge.
             if plain {
@@ -279,7 +312,7 @@ async fn serve_connection<I>(
                 }
             }
             match mode {
-                Mode::Proxy => proxy.handle(req, client, proto).await,
+                Mode::Proxy => proxy.handle(req, peer, proto).await,
                 Mode::RedirectTo { https_port } => Ok(redirect(&proxy, &req, https_port)),
             }
         }

@@ -13,13 +13,14 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::Uri;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tower_service::Service;
 
-use crate::routes::RouteTable;
+use crate::routes::{RouteTable, Target};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -38,15 +39,41 @@ impl UpstreamConnector {
     }
 }
 
-/// The URI a request for `container_id` at `upstream` is sent to (the
-/// pool's key): `<container id>--<address with '.' and ':' as '-'>`.
+/// The pool key of `container_id` at `upstream`:
+/// `<container id>--<address with '.' and ':' as '-'>`.
+fn pool_key(container_id: &str, upstream: &str) -> Option<Authority> {
+    Authority::try_from(format!("{container_id}--{}", key_address(upstream))).ok()
+}
+
+/// The URI a request for `container_id` at `upstream` is sent to (its
+/// host is the pool's key).
 pub fn uri_for(container_id: &str, upstream: &str, path_and_query: &str) -> Option<Uri> {
-    format!(
-        "http://{container_id}--{}{path_and_query}",
-        key_address(upstream)
+    with_path(
+        pool_key(container_id, upstream)?,
+        Some(&PathAndQuery::try_from(path_and_query).ok()?),
     )
-    .parse()
-    .ok()
+}
+
+/// `uri_for` of a route's target, with the key made once per route: the
+/// per-request part is only putting the path behind it.
+pub fn uri_of(target: &Target, path_and_query: Option<&PathAndQuery>) -> Option<Uri> {
+    let key = target
+        .pool_key
+        .get_or_init(|| pool_key(&target.container_id, &target.upstream));
+    with_path(key.clone()?, path_and_query)
+}
+
+fn with_path(key: Authority, path_and_query: Option<&PathAndQuery>) -> Option<Uri> {
+    Uri::builder()
+        .scheme(Scheme::HTTP)
+        .authority(key)
+        .path_and_query(
+            path_and_query
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        )
+        .build()
+        .ok()
 }
 
 /// An address as a host-name-safe part of the pool key.
@@ -118,6 +145,13 @@ mod tests {
         });
         assert_eq!(address_of(&t, old_key), None);
         let new = uri_for("c1", "10.0.0.4:18789", "/").unwrap();
+        // A route's cached key is the same key.
+        let target = t.lookup("a.x.test").unwrap();
+        let pq = PathAndQuery::from_static("/v1/models?x=1");
+        let cached = uri_of(&target, Some(&pq)).unwrap();
+        assert_eq!(cached.host(), new.host());
+        assert_eq!(cached.path_and_query(), Some(&pq));
+        assert_eq!(uri_of(&target, None).unwrap().path(), "/");
         assert_eq!(
             address_of(&t, new.host().unwrap()).as_deref(),
             Some("10.0.0.4:18789")

@@ -24,6 +24,7 @@ pub const CATALOG: &[Metric] = &[
     Metric::counter("clawdeploy_assignments_total", &["result"], "Signup claims by outcome: ready, deadline (answered 202), retried, failed, conflict, error."),
     Metric::histogram("clawdeploy_assignment_duration_seconds", &[], "From a claim to its instance being ready."),
     Metric::histogram("clawdeploy_claim_commit_seconds", &[], "The claim transaction, start to commit."),
+    Metric::counter("clawdeploy_desired_pushes_total", &[], "Desired states sent to agents (each carries its node's whole state; a burst's claims share them)."),
     Metric::counter("clawdeploy_claim_fallbacks_total", &[], "Claims that found the pool empty and created a container on demand."),
     Metric::counter("clawdeploy_idempotent_replays_total", &[], "Signups answered from a stored Idempotency-Key answer."),
     Metric::counter("clawdeploy_route_changes_total", &[], "Route changes sent to this scheduler's edges."),

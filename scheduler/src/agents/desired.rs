@@ -235,7 +235,11 @@ pub async fn push(app: &AppRef, node_id: &str) -> Result<()> {
     // must not hold the caller (the pool manager serves every node): the
     // generation is already bumped, so the next heartbeat pushes again.
     match tokio::time::timeout(PUSH_WAIT, tx.send(Outgoing::Message(msg))).await {
-        Ok(Ok(())) => tracing::debug!(node_id, generation, "desired state pushed"),
+        Ok(Ok(())) => {
+            app.sessions.record_sent(node_id, generation);
+            metrics::counter!("clawdeploy_desired_pushes_total").increment(1);
+            tracing::debug!(node_id, generation, "desired state pushed")
+        }
         Ok(Err(_)) => tracing::debug!(node_id, "session closed before the push"),
         Err(_) => tracing::warn!(
             node_id,

@@ -4,6 +4,7 @@
 //! depends on this module; it depends only on `crypto` and its own
 //! registries.
 
+pub mod claims;
 pub mod edge_acks;
 pub mod sessions;
 
@@ -184,6 +185,8 @@ pub struct App {
     pub route_events: broadcast::Sender<RouteDelta>,
     /// Wakes the pool manager (claims, containers becoming idle, nodes).
     pub pool_wake: Notify,
+    /// Signups claiming here now: the pool manager's refills wait for them.
+    pub claims: claims::ClaimsInFlight,
     /// Wakes the migration driver (an export reported, a target came up).
     pub migration_wake: Notify,
     /// Wakes the signup queue (a signup queued, a node said hello).
@@ -254,6 +257,7 @@ impl App {
             sessions: Sessions::default(),
             route_events: broadcast::channel(4096).0,
             pool_wake: Notify::new(),
+            claims: Default::default(),
             migration_wake: Notify::new(),
             queue_wake: Notify::new(),
             edge_acks: Default::default(),

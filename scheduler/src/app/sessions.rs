@@ -26,6 +26,8 @@ pub struct Sessions {
     open: Mutex<HashMap<String, (u64, Outbound)>>,
     /// Nodes with a push that has not read the database yet.
     pending_pushes: Mutex<std::collections::HashSet<String>>,
+    /// The newest generation sent to each node, and when.
+    sent: Mutex<HashMap<String, (u64, std::time::Instant)>>,
 }
 
 impl Sessions {
@@ -113,6 +115,27 @@ impl Sessions {
             .map(|(_, tx)| tx.clone())
     }
 
+    /// A push of `generation` went down `node_id`'s session.
+    pub fn record_sent(&self, node_id: &str, generation: u64) {
+        let mut sent = self.sent.lock().unwrap();
+        let e = sent
+            .entry(node_id.to_owned())
+            .or_insert((0, std::time::Instant::now()));
+        if generation >= e.0 {
+            *e = (generation, std::time::Instant::now());
+        }
+    }
+
+    /// Whether `generation` (or a newer one) went to `node_id` less than
+    /// `within` ago: an agent that reports an older one has it on its way.
+    pub fn sent_recently(&self, node_id: &str, generation: u64, within: std::time::Duration) -> bool {
+        self.sent
+            .lock()
+            .unwrap()
+            .get(node_id)
+            .is_some_and(|(g, at)| *g >= generation && at.elapsed() < within)
+    }
+
     pub fn connected(&self) -> usize {
         self.open.lock().unwrap().len()
     }
@@ -121,6 +144,22 @@ impl Sessions {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_generation_sent_moments_ago_is_not_resent() {
+        let s = Sessions::default();
+        let within = std::time::Duration::from_secs(60);
+        assert!(!s.sent_recently("a", 3, within));
+        s.record_sent("a", 5);
+        assert!(s.sent_recently("a", 3, within));
+        assert!(s.sent_recently("a", 5, within));
+        assert!(!s.sent_recently("a", 6, within), "a newer generation was not sent");
+        assert!(!s.sent_recently("b", 1, within), "nodes are apart");
+        // An older generation sent late does not hide the newer one.
+        s.record_sent("a", 4);
+        assert!(s.sent_recently("a", 5, within));
+        assert!(!s.sent_recently("a", 5, std::time::Duration::ZERO));
+    }
 
     #[test]
     fn pushes_coalesce_until_the_pending_one_reads() {

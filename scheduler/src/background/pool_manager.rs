@@ -5,6 +5,13 @@
 //! Exactly one scheduler runs it: the one holding a PostgreSQL advisory lock
 //! on a dedicated connection. It runs on every wake (claim, container idle,
 //! node hello) and at least once a second.
+//!
+//! Claims come first: while signups are claiming (on this scheduler, or any
+//! container is still being assigned fleet-wide) a pass creates at most
+//! `REFILL_WHILE_CLAIMING` containers, and a pass a claim woke waits until
+//! the claims in flight have answered. Creating a container costs the node
+//! far more CPU and disk than a warm claim; done during a burst it would
+//! make every claim of the burst slower.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -27,6 +34,10 @@ use crate::model::NodeState;
 /// Arbitrary but fixed: the advisory lock that elects the pool manager.
 const POOL_LOCK_KEY: i64 = 0x0C1A_D3E9;
 
+/// Containers a pass may create while claims are in flight: the pool keeps
+/// moving under a steady stream of signups, slowly.
+const REFILL_WHILE_CLAIMING: i64 = 1;
+
 pub async fn run(app: AppRef, mut shutdown: watch::Receiver<bool>) {
     // The lock lives as long as this dedicated connection (taken out of the
     // pool so it is never shared); losing the connection loses the lock.
@@ -40,14 +51,24 @@ pub async fn run(app: AppRef, mut shutdown: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
+        let woken = tokio::select! {
             _ = app.pool_wake.notified() => {
                 // Coalesce a burst of claims into one refill (one push per
                 // node instead of one per claim).
                 tokio::time::sleep(Duration::from_millis(25)).await;
+                true
             }
-            _ = tick.tick() => {}
+            _ = tick.tick() => false,
             _ = shutdown.changed() => break,
+        };
+        // A pass a claim woke waits for the claims in flight to answer
+        // (the tick still runs a slow pass meanwhile).
+        if woken && app.claims.busy() {
+            tokio::select! {
+                _ = app.claims.quiet() => {}
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => break,
+            }
         }
         match lock.as_mut() {
             None => lock = try_lock(&app).await,
@@ -164,6 +185,10 @@ struct PoolCounts {
     /// Stale containers, warm or warming.
     stale: i64,
     stale_idle: i64,
+    /// Containers claimed in the last few seconds and not yet confirmed,
+    /// fleet-wide (signups on every scheduler). An older unconfirmed claim
+    /// is a stuck one (the claim sweep's business), not a burst.
+    assigning: i64,
 }
 
 async fn pool_counts(app: &App, s: &PoolSettings) -> Result<PoolCounts> {
@@ -171,7 +196,9 @@ async fn pool_counts(app: &App, s: &PoolSettings) -> Result<PoolCounts> {
         "SELECT count(*) FILTER (WHERE c.state = 'idle') AS idle,
                 count(*) FILTER (WHERE c.state IN ('creating', 'warming')) AS warming,
                 count(*) FILTER (WHERE NOT (c.image = $2 AND c.pool_generation = $3)) AS stale,
-                count(*) FILTER (WHERE c.state = 'idle' AND NOT (c.image = $2 AND c.pool_generation = $3)) AS stale_idle
+                count(*) FILTER (WHERE c.state = 'idle' AND NOT (c.image = $2 AND c.pool_generation = $3)) AS stale_idle,
+                (SELECT count(*) FROM containers WHERE state = 'assigning'
+                   AND claimed_at > now() - interval '5 seconds') AS assigning
            FROM containers c JOIN nodes n ON n.id = c.node_id
           WHERE c.state IN ('creating', 'warming', 'idle')
             AND n.state = 'active' AND n.last_heartbeat > now() - make_interval(secs => $1)
@@ -211,7 +238,14 @@ async fn reconcile(app: &AppRef, judge_nodes: bool) -> Result<()> {
         warming,
         stale,
         stale_idle,
+        assigning,
     } = pool_counts(app, &s).await?;
+    let claiming = app.claims.busy() || assigning > 0;
+    let refill_cap = if claiming {
+        REFILL_WHILE_CLAIMING
+    } else {
+        i64::MAX
+    };
 
     let mut tx = app.db.begin().await?;
     let mut nodes = schedulable_nodes(app, &mut *tx, &s, None).await?;
@@ -221,7 +255,10 @@ async fn reconcile(app: &AppRef, judge_nodes: bool) -> Result<()> {
     let surge = if stale > 0 { (target / 4).max(1) } else { 0 };
     let cap = i64::from(s.max_idle) + surge;
     let mut created = 0;
-    while warm_current + created < target && warm_current + stale + created < cap {
+    while warm_current + created < target
+        && warm_current + stale + created < cap
+        && created < refill_cap
+    {
         let Some(node) = placement::pick(&mut nodes, POOL_MEMORY_BYTES) else {
             tracing::warn!(
                 warm_current,
@@ -266,7 +303,7 @@ async fn reconcile(app: &AppRef, judge_nodes: bool) -> Result<()> {
         );
         touched.extend(nodes_retired);
     }
-    if created == 0 && stale == 0 {
+    if created == 0 && stale == 0 && !claiming {
         if let Some(node) =
             rebalance(app, &mut tx, &s, &mut nodes, warm_current, idle, target).await?
         {

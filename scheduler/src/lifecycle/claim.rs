@@ -44,6 +44,8 @@ pub async fn sign_up(
     }
     let provider_keys = instances::validate_keys(api_keys)?;
     let default_model = instances::default_model_for(&provider_keys);
+    // Until this signup has its answer, the pool manager's refills wait.
+    let _in_flight = app.claims.enter();
     let claimed = claim(
         app,
         ClaimRequest {

@@ -25,6 +25,9 @@ use crate::routes;
 /// The longest a destroyed container stays `destroying` in the database
 /// when the agent's reported set does not change.
 const SWEEP_AT_LEAST_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+/// An agent behind its node's generation gets it again only when that
+/// generation did not go out this recently.
+const RESEND_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A reported figure as the `integer` column holds it.
 fn clamp_i32(v: u64) -> i32 {
@@ -235,8 +238,16 @@ impl AgentSession {
             // A ledger ahead of the database (restored from a backup) is
             // overtaken, or the agent would refuse every push.
             desired::bump_past_and_push(&self.app, &self.node_id, applied).await?;
-        } else if applied < generation {
-            // The agent missed a push (or a push raced a bump): resend.
+        } else if applied < generation
+            && !self
+                .app
+                .sessions
+                .sent_recently(&self.node_id, generation.wire(), RESEND_AFTER)
+        {
+            // The agent missed a push (or a push raced a bump): resend. Not
+            // when that generation went out moments ago: during a burst the
+            // agent reports while the newest push is on its way, and a
+            // resend would read and send the node's whole state again.
             desired::push(&self.app, &self.node_id).await?;
         }
         Ok(())

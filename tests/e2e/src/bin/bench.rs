@@ -1,8 +1,12 @@
 //! Signup benchmarks: `POST /api/instances` → first authenticated 200
 //! through the edge, on the real system (processes, PostgreSQL, Docker,
 //! mTLS, edge). Scenarios:
-//! - `burst`: a sequential run and a concurrent burst with the pool as large
-//!   as the burst; CPU by process and resident memory;
+//! - `burst`: the cost curve: for each burst size (10, 25, 50, 100 unless
+//!   told), a fresh system whose pool is that size and one concurrent burst;
+//!   p50, p99 and CPU seconds per signup by part of the system (scheduler,
+//!   agents, PostgreSQL, dockerd, containers, …), resident memory, and the
+//!   floor (the time the rest of the work needs if the scheduler cost
+//!   nothing). A sequential run goes before the largest burst;
 //! - `empty`: signups with an empty pool (every container made on demand);
 //! - `trickle`: signups at a steady rate against `min_idle` 5, sampling the
 //!   idle count throughout and timing the refill after the last one.
@@ -23,10 +27,13 @@ struct Args {
     /// burst, empty, trickle or all.
     #[arg(long, default_value = "all")]
     scenario: String,
+    /// Signups one after the other before the largest burst.
     #[arg(long, default_value_t = 20)]
     sequential: usize,
-    #[arg(long, default_value_t = 100)]
-    concurrent: usize,
+    /// Burst sizes, each against a fresh system with a pool of that size:
+    /// the cost curve (`--concurrent 100` for one).
+    #[arg(long, value_delimiter = ',', default_value = "10,25,50,100")]
+    concurrent: Vec<usize>,
     /// Signups with an empty pool: this many one after the other, then
     /// half as many at once.
     #[arg(long, default_value_t = 20)]
@@ -241,10 +248,113 @@ async fn trickle(a: &Args) -> Result<()> {
     Ok(())
 }
 
-/// Sequential signups, then a concurrent burst, with the pool as large as
-/// the burst.
+/// Which part of the system a process belongs to, by its command name
+/// (as `/proc/<pid>/stat` shows it, at most 15 characters).
+fn part_of(command: &str) -> &'static str {
+    match command {
+        c if c.starts_with("clawdeploy-sche") => "scheduler",
+        c if c.starts_with("clawdeploy-agen") => "agents",
+        c if c.starts_with("clawdeploy-edge") => "edge",
+        c if c.starts_with("clawdeploy-benc") => "bench client",
+        "postgres" => "PostgreSQL",
+        "dockerd" | "containerd" | "docker-proxy" | "runc" | "docker-init" => "dockerd",
+        c if c.starts_with("containerd-shim") || c.starts_with("fuse-overlayfs") => "dockerd",
+        c if c.starts_with("openclaw") => "containers",
+        _ => "other",
+    }
+}
+
+/// CPU seconds used so far, by part of the system.
+fn cpu_by_part() -> std::collections::BTreeMap<&'static str, f64> {
+    let mut parts = std::collections::BTreeMap::new();
+    for (command, secs) in cpu_by_command() {
+        if command.ends_with("(write MB)") {
+            continue;
+        }
+        *parts.entry(part_of(&command)).or_insert(0.0) += secs;
+    }
+    parts
+}
+
+/// One point of the cost curve.
+struct Point {
+    n: usize,
+    p50: Duration,
+    p99: Duration,
+    wall: Duration,
+    /// CPU seconds during the burst, by part, and the machine's busy total.
+    cpu: Vec<(&'static str, f64)>,
+    busy: f64,
+}
+
+/// A burst of each size against a fresh system whose pool is that size;
+/// the sequential run goes before the largest.
 async fn burst(a: &Args) -> Result<()> {
-    let pool = a.sequential.max(a.concurrent) as u32;
+    let mut sizes = a.concurrent.clone();
+    sizes.sort_unstable();
+    ensure!(!sizes.is_empty() && sizes[0] > 0, "--concurrent wants sizes above 0");
+    let largest = *sizes.last().unwrap();
+    let mut curve = Vec::new();
+    for &n in &sizes {
+        let sequential = if n == largest { a.sequential } else { 0 };
+        curve.push(burst_of(n, sequential).await?);
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    println!("\ncost curve ({cores} cores; CPU seconds per signup by part, during the burst):");
+    let parts: Vec<&str> = {
+        let mut names: Vec<&str> = curve.iter().flat_map(|p| p.cpu.iter().map(|(n, _)| *n)).collect();
+        names.sort_unstable();
+        names.dedup();
+        names
+    };
+    println!(
+        "| burst | p50 ms | p99 ms | wall s | machine CPU s/signup | {} |",
+        parts.join(" | ")
+    );
+    println!("|---|---|---|---|---|{}", "---|".repeat(parts.len()));
+    for p in &curve {
+        let per = |name: &str| {
+            p.cpu
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map_or(0.0, |(_, s)| s / p.n as f64)
+        };
+        println!(
+            "| {} | {:.0} | {:.0} | {:.2} | {:.4} | {} |",
+            p.n,
+            p.p50.as_secs_f64() * 1e3,
+            p.p99.as_secs_f64() * 1e3,
+            p.wall.as_secs_f64(),
+            p.busy / p.n as f64,
+            parts
+                .iter()
+                .map(|name| format!("{:.4}", per(name)))
+                .collect::<Vec<_>>()
+                .join(" | ")
+        );
+    }
+    // The floor: the work that is not the scheduler's, spread over every
+    // core, is the least time the burst's last signup can take even if
+    // the scheduler cost nothing; its median signup, half of that.
+    for p in &curve {
+        let scheduler: f64 = p.cpu.iter().filter(|(n, _)| *n == "scheduler").map(|(_, s)| s).sum();
+        let rest = (p.busy - scheduler).max(0.0);
+        println!(
+            "floor at {}: {:.2} CPU s besides the scheduler's {:.2} s → ≥ {:.0} ms for the last signup on {cores} cores (median ≈ {:.0} ms) if the scheduler cost nothing",
+            p.n,
+            rest,
+            scheduler,
+            rest / cores * 1e3,
+            rest / cores / 2.0 * 1e3
+        );
+    }
+    Ok(())
+}
+
+/// Optionally sequential signups, then a concurrent burst of `n`, with the
+/// pool as large as the burst.
+async fn burst_of(n: usize, sequential: usize) -> Result<Point> {
+    let pool = sequential.max(n) as u32;
     let opts = ClusterOptions {
         nodes: 2,
         min_idle: pool,
@@ -272,16 +382,19 @@ async fn burst(a: &Args) -> Result<()> {
             .unwrap_or(0);
         eprintln!("scheduler rss {label}: {} KiB", rss_kib(pid).unwrap_or(0));
     };
-    rss("after the pool filled");
-    let seq_users = c.register_many("seq", a.sequential).await?;
-    rss("after registrations");
-    let (samples, wall) = run_sequential(&c, "seq", &seq_users).await?;
-    report("sequential", samples, wall);
-    rss("after sequential signups");
-
-    c.wait_idle(i64::from(pool), false, Duration::from_secs(600))
-        .await?;
-    let burst_users = c.register_many("burst", a.concurrent).await?;
+    if sequential > 0 {
+        rss("after the pool filled");
+        let seq_users = c.register_many("seq", sequential).await?;
+        rss("after registrations");
+        let (samples, wall) = run_sequential(&c, "seq", &seq_users).await?;
+        report("sequential", samples, wall);
+        rss("after sequential signups");
+        c.wait_idle(i64::from(pool), false, Duration::from_secs(600))
+            .await?;
+    }
+    let burst_users = c.register_many("burst", n).await?;
+    // Let registration's hashing and the pool's last starts settle.
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let cpu_before: Vec<(String, f64)> = c
         .pids()
         .into_iter()
@@ -289,17 +402,23 @@ async fn burst(a: &Args) -> Result<()> {
         .collect();
     let machine_before = machine_cpu();
     let by_command_before = cpu_by_command();
-    let (samples, wall) = run_concurrent(&c, "burst", &burst_users).await?;
-    report(&format!("concurrent ({})", a.concurrent), samples, wall);
+    let parts_before = cpu_by_part();
+    let pushes = "clawdeploy_desired_pushes_total";
+    let pushes_before = c.scheduler_metric(0, pushes).await.unwrap_or(0.0);
+    let (mut samples, wall) = run_concurrent(&c, "burst", &burst_users).await?;
+    let pushes_during = c.scheduler_metric(0, pushes).await.unwrap_or(0.0) - pushes_before;
     let machine_after = machine_cpu();
+    let parts_after = cpu_by_part();
+    report(&format!("concurrent ({n})"), samples.clone(), wall);
     let (busy, total) = (
         machine_after.0 - machine_before.0,
         machine_after.1 - machine_before.1,
     );
     println!(
-        "burst cpu: machine {:.0}% busy over {:.2} s wall",
+        "burst cpu: machine {:.0}% busy over {:.2} s wall; {pushes_during} desired-state pushes to {} nodes",
         100.0 * busy / total.max(1e-9),
-        wall.as_secs_f64()
+        wall.as_secs_f64(),
+        c.node_ids.len()
     );
     let mut by_command: Vec<(String, f64)> = cpu_by_command()
         .into_iter()
@@ -322,6 +441,21 @@ async fn burst(a: &Args) -> Result<()> {
             cpu_secs(pid).unwrap_or(0.0) - before
         );
     }
+    let mut cpu: Vec<(&'static str, f64)> = parts_after
+        .iter()
+        .map(|(part, after)| (*part, after - parts_before.get(part).copied().unwrap_or(0.0)))
+        .collect();
+    // What no live process accounts for: processes that came and went
+    // (runc, docker-init) and the kernel's own threads.
+    let accounted: f64 = cpu.iter().map(|(_, s)| s).sum();
+    cpu.push(("exited + kernel", (busy - accounted).max(0.0)));
+    println!(
+        "burst cpu by part: {}",
+        cpu.iter()
+            .map(|(n, s)| format!("{n} {s:.2}s"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
 
     // Where the time goes, from the processes' own histograms (means over
     // every signup of the run).
@@ -345,5 +479,13 @@ async fn burst(a: &Args) -> Result<()> {
     for (name, pid) in c.pids() {
         println!("rss {name:<12} {:>7} KiB", rss_kib(pid).unwrap_or(0));
     }
-    Ok(())
+    samples.sort();
+    Ok(Point {
+        n,
+        p50: percentile(&samples, 0.50),
+        p99: percentile(&samples, 0.99),
+        wall,
+        cpu,
+        busy,
+    })
 }

@@ -27,15 +27,32 @@ struct Args {
     /// Seconds per load run.
     #[arg(long, default_value_t = 10)]
     duration: u64,
-    /// Concurrent requests per run (wrk connections; h2load streams).
-    #[arg(long, default_value_t = 64)]
+    /// wrk connections (HTTP/1.1: one request in flight on each).
+    #[arg(long, default_value_t = 32)]
     concurrency: u32,
+    /// h2load connections (HTTP/2), each with `--h2-streams` in flight.
+    #[arg(long, default_value_t = 16)]
+    h2_connections: u32,
     /// Rounds of (edge, nginx, Caddy); each figure is the median.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
     /// Concurrent WebSockets to hold through the edge.
     #[arg(long, default_value_t = 10_000)]
     websockets: usize,
+    /// Paths to load, each in its own series: `/healthz` is the cheap
+    /// route (the proxy's own cost shows), `/v1/models` the heavier one (an
+    /// authenticated answer; the backend dominates).
+    #[arg(long, value_delimiter = ',', default_value = "/healthz,/v1/models")]
+    paths: Vec<String>,
+    /// wrk threads (the outsider run used one).
+    #[arg(long, default_value_t = 1)]
+    wrk_threads: u32,
+    /// h2load streams in flight per connection.
+    #[arg(long, default_value_t = 8)]
+    h2_streams: u32,
+    /// Profile the edge with `perf` during one more run on the first path.
+    #[arg(long)]
+    perf: bool,
     /// Signup + release pairs for the route update lag.
     #[arg(long, default_value_t = 20)]
     route_changes: usize,
@@ -172,14 +189,17 @@ struct Run {
     cpu_us: f64,
 }
 
-fn wrk(addr: SocketAddr, gw: &str, a: &Args) -> Result<Run> {
+fn wrk(addr: SocketAddr, gw: &str, path: &str, a: &Args) -> Result<Run> {
     let out = Command::new("wrk")
-        .args(["-t2", &format!("-c{}", a.concurrency)])
+        .args([
+            &format!("-t{}", a.wrk_threads),
+            &format!("-c{}", a.concurrency),
+        ])
         .arg(format!("-d{}s", a.duration))
         .arg("--latency")
         .args(["-H", &format!("Host: alice.{BASE_DOMAIN}")])
         .args(["-H", &format!("Authorization: Bearer {gw}")])
-        .arg(format!("https://{addr}/v1/models"))
+        .arg(format!("https://{addr}{path}"))
         .output()
         .context("running wrk")?;
     let text = String::from_utf8_lossy(&out.stdout);
@@ -207,17 +227,21 @@ fn wrk(addr: SocketAddr, gw: &str, a: &Args) -> Result<Run> {
     })
 }
 
-fn h2load(addr: SocketAddr, gw: &str, a: &Args, log: &Path) -> Result<Run> {
-    let streams = 4;
-    let conns = (a.concurrency / streams).max(1);
+fn h2load(addr: SocketAddr, gw: &str, path: &str, a: &Args, log: &Path) -> Result<Run> {
+    let streams = a.h2_streams.max(1);
+    let conns = a.h2_connections.max(1);
     let out = Command::new("h2load")
-        .args(["-t2", &format!("-c{conns}"), &format!("-m{streams}")])
+        .args([
+            &format!("-t{}", a.wrk_threads),
+            &format!("-c{conns}"),
+            &format!("-m{streams}"),
+        ])
         .args(["-D", &a.duration.to_string()])
         .args(["-H", &format!(":authority: alice.{BASE_DOMAIN}")])
         .args(["-H", &format!("authorization: Bearer {gw}")])
         .arg("--log-file")
         .arg(log)
-        .arg(format!("https://{addr}/v1/models"))
+        .arg(format!("https://{addr}{path}"))
         .output()
         .context("running h2load (apt-get install nghttp2-client)")?;
     let text = String::from_utf8_lossy(&out.stdout);
@@ -514,9 +538,27 @@ async fn main() -> Result<()> {
         .await?;
     }
     println!(
-        "upstream: one stand-in container at {upstream}; {}s runs, {} concurrent, {} rounds; TLS everywhere",
-        a.duration, a.concurrency, a.rounds
+        "upstream: one stand-in container at {upstream}; {}s runs; wrk -t{} -c{}, h2load -c{} -m{}; {} rounds; TLS everywhere",
+        a.duration, a.wrk_threads, a.concurrency, a.h2_connections, a.h2_streams, a.rounds
     );
+    for path in &a.paths {
+        series(&c, &peers, &gw, path, &a)?;
+    }
+    if a.perf {
+        profile(&c, &peers[0], &gw, &a)?;
+    }
+    drop(peers);
+
+    if a.websockets > 0 {
+        websockets(&c, &gw, a.websockets).await?;
+    }
+    Ok(())
+}
+
+/// Rounds of (edge, nginx, Caddy) on `path`, HTTP/1.1 then HTTP/2, and
+/// the medians.
+fn series(c: &Cluster, peers: &[Peer; 3], gw: &str, path: &str, a: &Args) -> Result<()> {
+    println!("\n## {path}");
     let mut h1: Vec<Vec<Run>> = vec![Vec::new(); 3];
     let mut h2: Vec<Vec<Run>> = vec![Vec::new(); 3];
     for round in 0..a.rounds {
@@ -528,10 +570,10 @@ async fn main() -> Result<()> {
                 .or(c.edge_pid())
                 .context("pid")?;
             let cpu_before = tree_cpu_secs(pid);
-            let mut r1 = wrk(p.addr, &gw, &a)?;
+            let mut r1 = wrk(p.addr, gw, path, a)?;
             let cpu_mid = tree_cpu_secs(pid);
             let log = c.dir.join(format!("h2load-{}.log", p.name));
-            let mut r2 = h2load(p.addr, &gw, &a, &log)?;
+            let mut r2 = h2load(p.addr, gw, path, a, &log)?;
             let cpu_after = tree_cpu_secs(pid);
             let per_request = |cpu: f64, r: &Run| cpu * 1e6 / (r.rps * a.duration as f64);
             r1.cpu_us = per_request(cpu_mid - cpu_before, &r1);
@@ -553,7 +595,7 @@ async fn main() -> Result<()> {
         .collect();
     for (label, runs) in [("HTTP/1.1 (wrk)", &h1), ("HTTP/2 (h2load)", &h2)] {
         let m: Vec<Run> = runs.iter().map(|r| median(r.clone())).collect();
-        println!("\n{label}, medians of {} rounds:", a.rounds);
+        println!("\n{path}, {label}, medians of {} rounds:", a.rounds);
         println!(
             "| proxy | req/s | p50 ms | p99 ms | CPU µs/req | errors | RSS MiB |\n|---|---|---|---|---|---|---|"
         );
@@ -569,7 +611,7 @@ async fn main() -> Result<()> {
             );
         }
         println!(
-            "edge/nginx throughput {:.2}×, p99 {:.2}×, CPU per request {:.2}×; edge/Caddy throughput {:.2}×, p99 {:.2}×, CPU per request {:.2}×",
+            "{path} {label}: edge/nginx throughput {:.2}×, p99 {:.2}×, CPU per request {:.2}×; edge/Caddy throughput {:.2}×, p99 {:.2}×, CPU per request {:.2}×",
             m[0].rps / m[1].rps,
             m[0].p99_ms / m[1].p99_ms,
             m[0].cpu_us / m[1].cpu_us,
@@ -578,10 +620,42 @@ async fn main() -> Result<()> {
             m[0].cpu_us / m[2].cpu_us
         );
     }
-    drop(peers);
+    Ok(())
+}
 
-    if a.websockets > 0 {
-        websockets(&c, &gw, a.websockets).await?;
+/// `perf record` of the edge during a wrk run on the first path, and the
+/// top of its report (by symbol, children excluded).
+fn profile(c: &Cluster, edge: &Peer, gw: &str, a: &Args) -> Result<()> {
+    let pid = c.edge_pid().context("edge pid")?;
+    let data = c.dir.join("edge.perf.data");
+    let mut rec = Command::new("perf")
+        .args(["record", "-F", "999", "-g", "-o"])
+        .arg(&data)
+        .args(["-p", &pid.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("perf (apt-get install linux-perf)")?;
+    std::thread::sleep(Duration::from_millis(500));
+    let path = a.paths.first().map_or("/healthz", String::as_str);
+    let run = wrk(edge.addr, gw, path, a)?;
+    // perf writes its file on SIGINT.
+    let _ = Command::new("kill").args(["-INT", &rec.id().to_string()]).status();
+    let _ = rec.wait();
+    let report = Command::new("perf")
+        .args(["report", "--stdio", "--no-children", "--percent-limit", "1.5", "-g", "none", "-i"])
+        .arg(&data)
+        .output()?;
+    println!(
+        "\nperf profile of the edge under wrk on {path} ({:.0} req/s while recorded); top symbols:",
+        run.rps
+    );
+    for line in String::from_utf8_lossy(&report.stdout)
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .take(30)
+    {
+        println!("{line}");
     }
     Ok(())
 }

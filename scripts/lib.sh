@@ -89,6 +89,8 @@ ensure_bench_peers() {
 # PostgreSQL runs from the system's binaries as the unprivileged `postgres`
 # user, in a cluster under .local/pg, on 127.0.0.1:$PG_PORT. Tuned for
 # development and tests (no fsync): not a production configuration.
+# pg_stat_statements is loaded so the benchmarks can say which statements
+# cost what.
 ensure_postgres() {
   local bin; bin=$(pg_bin)
   local run_as=()
@@ -111,7 +113,7 @@ ensure_postgres() {
     mkdir -p "$PG_DIR/run"; [ "$(id -u)" = 0 ] && chown postgres: "$PG_DIR/run"
     log "starting PostgreSQL on 127.0.0.1:$PG_PORT"
     "${run_as[@]}" "$bin/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/postgres.log" -w start \
-      -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -k $PG_DIR/run -c max_connections=600 -c shared_buffers=256MB -c fsync=off -c synchronous_commit=off -c full_page_writes=off" >/dev/null \
+      -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -k $PG_DIR/run -c max_connections=600 -c shared_buffers=256MB -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c shared_preload_libraries=pg_stat_statements" >/dev/null \
       || { tail -20 "$PG_DIR/postgres.log" >&2; exit 1; }
   fi
   export PGHOST=127.0.0.1 PGPORT=$PG_PORT PGUSER=postgres

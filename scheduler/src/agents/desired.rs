@@ -168,6 +168,13 @@ async fn transfers_of(
 /// so that no transaction holds the node row while it works) and pushes it.
 /// Any snapshot that sees the new generation also sees the change.
 pub async fn bump_and_push(app: &AppRef, node_id: &str) -> Result<()> {
+    // A push that has bumped the generation and not yet read the database
+    // carries this change (committed before now) under its new generation:
+    // neither another bump (every claim of a burst on the node row) nor
+    // another push is needed.
+    if app.sessions.push_pending(node_id) {
+        return Ok(());
+    }
     bump_past_and_push(app, node_id, Generation::default()).await
 }
 
@@ -202,7 +209,7 @@ pub async fn bump_past_and_push(app: &AppRef, node_id: &str, floor: Generation) 
         .bind(floor)
         .execute(&app.db)
         .await?;
-    push(app, node_id).await
+    push_inner(app, node_id, true).await
 }
 
 /// How long a push waits for room in a session's outbound queue.
@@ -212,6 +219,11 @@ const PUSH_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// otherwise tells the other schedulers (one of them may hold the session).
 /// A node without any session gets it on its next hello.
 pub async fn push(app: &AppRef, node_id: &str) -> Result<()> {
+    push_inner(app, node_id, false).await
+}
+
+/// `push`; `bumped`: the caller has just bumped the node's generation.
+async fn push_inner(app: &AppRef, node_id: &str, bumped: bool) -> Result<()> {
     let Some(tx) = app.sessions.sender(node_id) else {
         tracing::debug!(node_id, "no open session here; announcing the change");
         events::publish(app, &[Event::Node(node_id.to_owned())]).await;
@@ -222,7 +234,7 @@ pub async fn push(app: &AppRef, node_id: &str) -> Result<()> {
     // meanwhile, since its snapshot comes after them.
     // (A push that fails or is cancelled before its snapshot leaves the
     // changes it covered to the next heartbeat, which pushes again.)
-    let Some(ticket) = app.sessions.begin_push(node_id) else {
+    let Some(ticket) = app.sessions.begin_push(node_id, bumped) else {
         return Ok(());
     };
     let desired = load(app, node_id, || ticket.reading()).await?;

@@ -24,8 +24,10 @@ pub type Outbound = mpsc::Sender<Outgoing>;
 pub struct Sessions {
     next_id: AtomicU64,
     open: Mutex<HashMap<String, (u64, Outbound)>>,
-    /// Nodes with a push that has not read the database yet.
-    pending_pushes: Mutex<std::collections::HashSet<String>>,
+    /// Nodes with a push that has not read the database yet, and whether
+    /// the generation it will read is newer than any sent before (a bump
+    /// committed before it, or while it waited).
+    pending_pushes: Mutex<HashMap<String, bool>>,
     /// The newest generation sent to each node, and when.
     sent: Mutex<HashMap<String, (u64, std::time::Instant)>>,
 }
@@ -33,14 +35,17 @@ pub struct Sessions {
 impl Sessions {
     /// A ticket to push to `node_id`, or `None` when a push that has not
     /// yet read the database is already under way: it will see the
-    /// caller's (committed) change too.
-    pub fn begin_push<'a>(&'a self, node_id: &'a str) -> Option<PushTicket<'a>> {
-        let fresh = self
-            .pending_pushes
-            .lock()
-            .unwrap()
-            .insert(node_id.to_owned());
-        fresh.then(|| PushTicket {
+    /// caller's (committed) change too. `bumped`: the caller bumped the
+    /// node's generation, so the push will read a new one.
+    pub fn begin_push<'a>(&'a self, node_id: &'a str, bumped: bool) -> Option<PushTicket<'a>> {
+        let mut pending = self.pending_pushes.lock().unwrap();
+        if let Some(under_way) = pending.get_mut(node_id) {
+            // It reads after this bump committed.
+            *under_way |= bumped;
+            return None;
+        }
+        pending.insert(node_id.to_owned(), bumped);
+        Some(PushTicket {
             sessions: self,
             node_id,
             pending: std::sync::atomic::AtomicBool::new(true),
@@ -115,6 +120,19 @@ impl Sessions {
             .map(|(_, tx)| tx.clone())
     }
 
+    /// Whether a push to `node_id` is under way that will read a new
+    /// generation and has not yet read the database: it carries any change
+    /// committed before this call, under a generation the agent has not
+    /// seen.
+    pub fn push_pending(&self, node_id: &str) -> bool {
+        self.pending_pushes
+            .lock()
+            .unwrap()
+            .get(node_id)
+            .copied()
+            .unwrap_or(false)
+    }
+
     /// A push of `generation` went down `node_id`'s session.
     pub fn record_sent(&self, node_id: &str, generation: u64) {
         let mut sent = self.sent.lock().unwrap();
@@ -164,17 +182,28 @@ mod tests {
     #[test]
     fn pushes_coalesce_until_the_pending_one_reads() {
         let s = Sessions::default();
-        let first = s.begin_push("a").expect("first push goes ahead");
+        // A resend (no bump) under way: a change still needs its bump.
+        let resend = s.begin_push("a", false).expect("first push goes ahead");
+        assert!(!s.push_pending("a"));
+        // A bump committed meanwhile: the resend reads it, and carries
+        // later changes too.
+        assert!(s.begin_push("a", true).is_none());
+        assert!(s.push_pending("a"));
+        drop(resend);
+        let first = s.begin_push("a", true).expect("first push goes ahead");
         // Committed meanwhile: covered by the pending push.
-        assert!(s.begin_push("a").is_none());
+        assert!(s.push_pending("a"));
+        assert!(s.begin_push("a", true).is_none());
         // Another node is independent.
-        assert!(s.begin_push("b").is_some());
+        assert!(!s.push_pending("b"));
+        assert!(s.begin_push("b", true).is_some());
         first.reading();
+        assert!(!s.push_pending("a"));
         // After the snapshot, a change needs its own push.
-        let second = s.begin_push("a").expect("a new push after the read");
+        let second = s.begin_push("a", true).expect("a new push after the read");
         // A push dropped before reading (failed, cancelled) frees the node.
         drop(second);
         drop(first);
-        assert!(s.begin_push("a").is_some());
+        assert!(s.begin_push("a", true).is_some());
     }
 }

@@ -287,41 +287,40 @@ pub async fn attach(
     tx: &mut Transaction<'_, Postgres>,
     instance_id: Uuid,
 ) -> Result<Attached> {
+    // The common case, a warm idle container, is taken and marked in one
+    // statement (`take_idle`); the fallbacks are marked after.
     let (taken, on_demand) = match take_idle(app, tx, None).await? {
         Some(taken) => (taken, false),
         // Empty pool: create a container on demand for this customer, or,
         // when no node has room, take a pool container still warming (it
         // holds a slot; the customer waits for it rather than queueing).
-        None => match capacity::create_on_demand(app, tx, None).await {
-            Ok(taken) => (taken, true),
-            Err(Error::NoCapacity(why)) => match take_warming(app, tx).await? {
-                Some(taken) => (taken, false),
-                None => return Err(Error::NoCapacity(why)),
-            },
-            Err(e) => return Err(e),
-        },
+        None => {
+            let (taken, on_demand) = match capacity::create_on_demand(app, tx, None).await {
+                Ok(taken) => (taken, true),
+                Err(Error::NoCapacity(why)) => match take_warming(app, tx).await? {
+                    Some(taken) => (taken, false),
+                    None => return Err(Error::NoCapacity(why)),
+                },
+                Err(e) => return Err(e),
+            };
+            mark_assigning(tx, taken.id).await?;
+            (taken, on_demand)
+        }
     };
-    sqlx::query("UPDATE containers SET state = 'assigning', claimed_at = now(), updated_at = now() WHERE id = $1")
-        .bind(taken.id)
-        .execute(&mut **tx)
-        .await?;
-    sqlx::query("UPDATE instances SET container_id = $2, status = 'pending' WHERE id = $1")
-        .bind(instance_id)
-        .bind(taken.id)
-        .execute(&mut **tx)
-        .await?;
+    // A paying account's instance starts at its tier: the pool container
+    // (free-sized) is resized before its node hears of the claim. The tier
+    // comes back with the instance's update (one round trip).
+    let paid: Option<Tier> = sqlx::query_scalar(
+        "UPDATE instances i SET container_id = $2, status = 'pending' WHERE id = $1
+         RETURNING (SELECT b.tier FROM billing_accounts b WHERE b.user_id = i.user_id AND b.tier <> 'free')",
+    )
+    .bind(instance_id)
+    .bind(taken.id)
+    .fetch_one(&mut **tx)
+    .await?;
     if on_demand {
         metrics::counter!("clawdeploy_claim_fallbacks_total").increment(1);
     }
-    // A paying account's instance starts at its tier: the pool container
-    // (free-sized) is resized before its node hears of the claim.
-    let paid: Option<Tier> = sqlx::query_scalar(
-        "SELECT b.tier FROM instances i JOIN billing_accounts b ON b.user_id = i.user_id
-          WHERE i.id = $1 AND b.tier <> 'free'",
-    )
-    .bind(instance_id)
-    .fetch_optional(&mut **tx)
-    .await?;
     if let Some(tier) = paid {
         // A new instance has no custom domains: no route changes to send.
         crate::billing::tier::set_tier_in(app, tx, instance_id, tier, "billing").await?;
@@ -335,24 +334,37 @@ pub async fn attach(
     })
 }
 
-/// Locks the idle container a claim should take: the current pool
-/// generation first (stale ones serve while the pool rolls), then the
-/// oldest, on a live node, on another node than `avoid` when possible.
+/// Marks a container a claim holds as being assigned.
+async fn mark_assigning(tx: &mut Transaction<'_, Postgres>, id: Uuid) -> Result<()> {
+    sqlx::query("UPDATE containers SET state = 'assigning', claimed_at = now(), updated_at = now() WHERE id = $1")
+        .bind(id)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// Takes the idle container a claim should have and marks it assigning, in
+/// one statement: the current pool generation first (stale ones serve
+/// while the pool rolls), then the oldest, on a live node, on another node
+/// than `avoid` when possible.
 async fn take_idle(
     app: &App,
     tx: &mut Transaction<'_, Postgres>,
     avoid: Option<&str>,
 ) -> Result<Option<capacity::Taken>> {
     Ok(sqlx::query_as(
-        "SELECT c.id, c.node_id, c.gateway_token_enc FROM containers c
-           JOIN nodes n ON n.id = c.node_id
-           CROSS JOIN pool_settings s
-          WHERE c.state = 'idle' AND n.state = 'active'
-            AND n.last_heartbeat > now() - make_interval(secs => $1)
-            AND (n.disk_total_bytes = 0 OR n.disk_available_bytes >= $3)
-          ORDER BY c.node_id = $2, (c.image = s.image AND c.pool_generation = s.generation) DESC, c.created_at
-          LIMIT 1
-          FOR UPDATE OF c SKIP LOCKED",
+        "UPDATE containers SET state = 'assigning', claimed_at = now(), updated_at = now()
+          WHERE id = (
+            SELECT c.id FROM containers c
+              JOIN nodes n ON n.id = c.node_id
+              CROSS JOIN pool_settings s
+             WHERE c.state = 'idle' AND n.state = 'active'
+               AND n.last_heartbeat > now() - make_interval(secs => $1)
+               AND (n.disk_total_bytes = 0 OR n.disk_available_bytes >= $3)
+             ORDER BY c.node_id = $2, (c.image = s.image AND c.pool_generation = s.generation) DESC, c.created_at
+             LIMIT 1
+             FOR UPDATE OF c SKIP LOCKED)
+          RETURNING id, node_id, gateway_token_enc",
     )
     .bind(app.cfg.heartbeat_ttl.as_secs_f64())
     .bind(avoid.unwrap_or_default())
@@ -416,7 +428,9 @@ pub async fn wait_ready(app: &App, instance_id: Uuid) -> Result<Outcome> {
         if tokio::time::Instant::now() >= deadline {
             return Ok(Outcome::Pending);
         }
-        let recheck = tokio::time::Instant::now() + std::time::Duration::from_millis(250);
+        // The broadcast wakes this scheduler's waiters; the database is
+        // read again now and then for a completion another scheduler saw.
+        let recheck = tokio::time::Instant::now() + std::time::Duration::from_millis(500);
         loop {
             tokio::select! {
                 got = ready.recv() => match got {
@@ -641,16 +655,13 @@ async fn retry_one(
     }
     let (taken, on_demand) = match take_idle(app, &mut tx, Some(node_id)).await? {
         Some(taken) => (taken, false),
-        None => (
-            capacity::create_on_demand(app, &mut tx, Some(node_id)).await?,
-            true,
-        ),
+        None => {
+            let taken = capacity::create_on_demand(app, &mut tx, Some(node_id)).await?;
+            mark_assigning(&mut tx, taken.id).await?;
+            (taken, true)
+        }
     };
     let (new_id, new_node) = (taken.id, taken.node_id);
-    sqlx::query("UPDATE containers SET state = 'assigning', claimed_at = now(), updated_at = now() WHERE id = $1")
-        .bind(new_id)
-        .execute(&mut *tx)
-        .await?;
     sqlx::query(
         "UPDATE instances SET container_id = $2, claim_attempts = claim_attempts + 1 WHERE id = $1",
     )

@@ -393,7 +393,20 @@ impl Cluster {
                 "--grpc-listen",
                 &self.grpcs[i].to_string(),
             ])
-            .args(["--database-url", &self.db_url, "--db-max-connections", "40"])
+            .args(["--database-url", &self.db_url])
+            // 40 connections unless the test says otherwise.
+            .args(
+                if self
+                    .opts
+                    .scheduler_args
+                    .iter()
+                    .any(|a| a == "--db-max-connections")
+                {
+                    Vec::new()
+                } else {
+                    vec!["--db-max-connections", "40"]
+                },
+            )
             .arg("--data-dir")
             .arg(self.dir.join("scheduler"))
             .args(if self.opts.edge_tls {

@@ -44,6 +44,14 @@ struct Args {
     /// …at this many per second.
     #[arg(long, default_value_t = 5.0)]
     rate: f64,
+    /// The scheduler's database connections (`--db-max-connections`; the
+    /// test clusters' 40 unless given).
+    #[arg(long)]
+    db_connections: Option<u32>,
+    /// Profile the whole machine (`perf record -a`) during the largest
+    /// burst and print where the CPU went.
+    #[arg(long)]
+    perf: bool,
 }
 
 /// One signup, timed from the POST until the gateway answers an
@@ -276,6 +284,99 @@ fn cpu_by_part() -> std::collections::BTreeMap<&'static str, f64> {
     parts
 }
 
+/// The database's own account of a burst (pg_stat_statements, which
+/// scripts/lib.sh loads): statements run per signup and the costliest.
+struct Statements(bool);
+
+impl Statements {
+    async fn start(c: &Cluster) -> Self {
+        let ok = sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            .execute(&c.db)
+            .await
+            .is_ok()
+            && sqlx::query("SELECT pg_stat_statements_reset()")
+                .execute(&c.db)
+                .await
+                .is_ok();
+        if !ok {
+            eprintln!("pg_stat_statements is not loaded: no statement counts (scripts/lib.sh starts PostgreSQL with it)");
+        }
+        Self(ok)
+    }
+
+    async fn report(&self, c: &Cluster, n: usize) -> Result<()> {
+        if !self.0 {
+            return Ok(());
+        }
+        let rows: Vec<(String, i64, f64)> = sqlx::query_as(
+            "SELECT regexp_replace(query, '\\s+', ' ', 'g'), calls, total_exec_time
+               FROM pg_stat_statements
+              WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+                AND query NOT LIKE '%pg_stat_statements%'
+              ORDER BY total_exec_time DESC",
+        )
+        .fetch_all(&c.db)
+        .await?;
+        let calls: i64 = rows.iter().map(|r| r.1).sum();
+        let ms: f64 = rows.iter().map(|r| r.2).sum();
+        println!(
+            "statements during the burst: {calls} ({:.1} per signup), {ms:.0} ms executing in all; the costliest:",
+            calls as f64 / n as f64
+        );
+        for (query, calls, total) in rows.iter().take(8) {
+            let short: String = query.chars().take(110).collect();
+            println!("  {total:>7.1} ms {calls:>5}× {short}");
+        }
+        let mut by_calls = rows.clone();
+        by_calls.sort_by(|a, b| b.1.cmp(&a.1));
+        println!("the most frequent:");
+        for (query, calls, total) in by_calls.iter().take(30) {
+            let short: String = query.chars().take(110).collect();
+            println!("  {calls:>5}× {total:>7.1} ms {short}");
+        }
+        Ok(())
+    }
+}
+
+/// `perf record` of every CPU, until `report_perf`.
+fn start_perf(dir: &std::path::Path) -> Result<std::process::Child> {
+    let child = std::process::Command::new("perf")
+        .args(["record", "-a", "-F", "499", "-o"])
+        .arg(dir.join("burst.perf.data"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("perf (apt-get install linux-perf)")?;
+    std::thread::sleep(Duration::from_millis(300));
+    Ok(child)
+}
+
+/// Stops the recording and prints where the machine's CPU went: by
+/// command, then the hottest functions.
+fn report_perf(mut rec: std::process::Child, dir: &std::path::Path) -> Result<()> {
+    let _ = std::process::Command::new("kill")
+        .args(["-INT", &rec.id().to_string()])
+        .status();
+    let _ = rec.wait();
+    println!("perf profile of the whole machine during the burst:");
+    for (sort, limit, lines) in [("comm", "1", 12), ("comm,dso,sym", "0.7", 25)] {
+        let out = std::process::Command::new("perf")
+            .args(["report", "--stdio", "--no-children", "--sort", sort])
+            .args(["--percent-limit", limit, "-i"])
+            .arg(dir.join("burst.perf.data"))
+            .output()?;
+        println!("by {sort}:");
+        for line in String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .take(lines)
+        {
+            println!("{line}");
+        }
+    }
+    Ok(())
+}
+
 /// One point of the cost curve.
 struct Point {
     n: usize,
@@ -296,8 +397,12 @@ async fn burst(a: &Args) -> Result<()> {
     let largest = *sizes.last().unwrap();
     let mut curve = Vec::new();
     for &n in &sizes {
-        let sequential = if n == largest { a.sequential } else { 0 };
-        curve.push(burst_of(n, sequential).await?);
+        let (sequential, perf) = if n == largest {
+            (a.sequential, a.perf)
+        } else {
+            (0, false)
+        };
+        curve.push(burst_of(n, sequential, perf, a.db_connections).await?);
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     println!("\ncost curve ({cores} cores; CPU seconds per signup by part, during the burst):");
@@ -353,7 +458,12 @@ async fn burst(a: &Args) -> Result<()> {
 
 /// Optionally sequential signups, then a concurrent burst of `n`, with the
 /// pool as large as the burst.
-async fn burst_of(n: usize, sequential: usize) -> Result<Point> {
+async fn burst_of(
+    n: usize,
+    sequential: usize,
+    perf: bool,
+    db_connections: Option<u32>,
+) -> Result<Point> {
     let pool = sequential.max(n) as u32;
     let opts = ClusterOptions {
         nodes: 2,
@@ -361,6 +471,9 @@ async fn burst_of(n: usize, sequential: usize) -> Result<Point> {
         max_idle: pool,
         max_containers: pool,
         claim_wait_secs: 20,
+        scheduler_args: db_connections
+            .map(|n| vec!["--db-max-connections".to_owned(), n.to_string()])
+            .unwrap_or_default(),
         ..Default::default()
     };
     eprintln!("starting the system with a pool of {pool} (2 nodes)…");
@@ -405,10 +518,16 @@ async fn burst_of(n: usize, sequential: usize) -> Result<Point> {
     let parts_before = cpu_by_part();
     let pushes = "clawdeploy_desired_pushes_total";
     let pushes_before = c.scheduler_metric(0, pushes).await.unwrap_or(0.0);
+    let statements = Statements::start(&c).await;
+    let recording = perf.then(|| start_perf(&c.dir)).transpose()?;
     let (mut samples, wall) = run_concurrent(&c, "burst", &burst_users).await?;
-    let pushes_during = c.scheduler_metric(0, pushes).await.unwrap_or(0.0) - pushes_before;
     let machine_after = machine_cpu();
     let parts_after = cpu_by_part();
+    if let Some(rec) = recording {
+        report_perf(rec, &c.dir)?;
+    }
+    statements.report(&c, n).await?;
+    let pushes_during = c.scheduler_metric(0, pushes).await.unwrap_or(0.0) - pushes_before;
     report(&format!("concurrent ({n})"), samples.clone(), wall);
     let (busy, total) = (
         machine_after.0 - machine_before.0,

@@ -642,20 +642,26 @@ fn profile(c: &Cluster, edge: &Peer, gw: &str, a: &Args) -> Result<()> {
     // perf writes its file on SIGINT.
     let _ = Command::new("kill").args(["-INT", &rec.id().to_string()]).status();
     let _ = rec.wait();
-    let report = Command::new("perf")
-        .args(["report", "--stdio", "--no-children", "--percent-limit", "1.5", "-g", "none", "-i"])
-        .arg(&data)
-        .output()?;
     println!(
-        "\nperf profile of the edge under wrk on {path} ({:.0} req/s while recorded); top symbols:",
+        "\nperf profile of the edge under wrk on {path} ({:.0} req/s while recorded):",
         run.rps
     );
-    for line in String::from_utf8_lossy(&report.stdout)
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .take(30)
-    {
-        println!("{line}");
+    // Where the time goes by binary (kernel, the edge, libc), then the
+    // hottest functions, the edge's threads taken together.
+    for (sort, limit, lines) in [("dso", "1", 8), ("sym", "0.5", 40)] {
+        let report = Command::new("perf")
+            .args(["report", "--stdio", "--no-children", "-g", "none", "--sort", sort])
+            .args(["--percent-limit", limit, "-i"])
+            .arg(&data)
+            .output()?;
+        println!("by {sort}:");
+        for line in String::from_utf8_lossy(&report.stdout)
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .take(lines)
+        {
+            println!("{line}");
+        }
     }
     Ok(())
 }

@@ -287,8 +287,7 @@ pub async fn attach(
     tx: &mut Transaction<'_, Postgres>,
     instance_id: Uuid,
 ) -> Result<Attached> {
-    // The common case, a warm idle container, is taken and marked in one
-    // statement (`take_idle`); the fallbacks are marked after.
+    // A warm idle container is marked by `take_idle`; the fallbacks here.
     let (taken, on_demand) = match take_idle(app, tx, None).await? {
         Some(taken) => (taken, false),
         // Empty pool: create a container on demand for this customer, or,
@@ -343,34 +342,35 @@ async fn mark_assigning(tx: &mut Transaction<'_, Postgres>, id: Uuid) -> Result<
     Ok(())
 }
 
-/// Takes the idle container a claim should have and marks it assigning, in
-/// one statement: the current pool generation first (stale ones serve
-/// while the pool rolls), then the oldest, on a live node, on another node
-/// than `avoid` when possible.
+/// Takes the idle container a claim should have and marks it assigning:
+/// the current pool generation first (stale ones serve while the pool
+/// rolls), then the oldest, on a live node, on another node than `avoid`
+/// when possible.
 async fn take_idle(
     app: &App,
     tx: &mut Transaction<'_, Postgres>,
     avoid: Option<&str>,
 ) -> Result<Option<capacity::Taken>> {
-    Ok(sqlx::query_as(
-        "UPDATE containers SET state = 'assigning', claimed_at = now(), updated_at = now()
-          WHERE id = (
-            SELECT c.id FROM containers c
-              JOIN nodes n ON n.id = c.node_id
-              CROSS JOIN pool_settings s
-             WHERE c.state = 'idle' AND n.state = 'active'
-               AND n.last_heartbeat > now() - make_interval(secs => $1)
-               AND (n.disk_total_bytes = 0 OR n.disk_available_bytes >= $3)
-             ORDER BY c.node_id = $2, (c.image = s.image AND c.pool_generation = s.generation) DESC, c.created_at
-             LIMIT 1
-             FOR UPDATE OF c SKIP LOCKED)
-          RETURNING id, node_id, gateway_token_enc",
+    let taken: Option<capacity::Taken> = sqlx::query_as(
+        "SELECT c.id, c.node_id, c.gateway_token_enc FROM containers c
+           JOIN nodes n ON n.id = c.node_id
+           CROSS JOIN pool_settings s
+          WHERE c.state = 'idle' AND n.state = 'active'
+            AND n.last_heartbeat > now() - make_interval(secs => $1)
+            AND (n.disk_total_bytes = 0 OR n.disk_available_bytes >= $3)
+          ORDER BY c.node_id = $2, (c.image = s.image AND c.pool_generation = s.generation) DESC, c.created_at
+          LIMIT 1
+          FOR UPDATE OF c SKIP LOCKED",
     )
     .bind(app.cfg.heartbeat_ttl.as_secs_f64())
     .bind(avoid.unwrap_or_default())
     .bind(app.cfg.min_disk())
     .fetch_optional(&mut **tx)
-    .await?)
+    .await?;
+    if let Some(t) = &taken {
+        mark_assigning(tx, t.id).await?;
+    }
+    Ok(taken)
 }
 
 /// Locks the oldest pool container still being created or warming on a

@@ -518,7 +518,10 @@ async fn main() -> Result<()> {
     .bind(format!("alice.{BASE_DOMAIN}"))
     .fetch_one(&c.db)
     .await?;
-    make_room(&c, container, (a.websockets as i32) * 2 + 256).await?;
+    // The stand-in spends a thread on each connection: room for every
+    // proxy's upstream connections (a short limit answers 502s that would
+    // count against whichever proxy opens more), and for the WebSockets.
+    make_room(&c, container, ((a.websockets as i32) * 2 + 256).max(4096)).await?;
     let tls = c.public_tls_dir();
     let peers = [
         Peer {

@@ -146,7 +146,12 @@ impl Sessions {
 
     /// Whether `generation` (or a newer one) went to `node_id` less than
     /// `within` ago: an agent that reports an older one has it on its way.
-    pub fn sent_recently(&self, node_id: &str, generation: u64, within: std::time::Duration) -> bool {
+    pub fn sent_recently(
+        &self,
+        node_id: &str,
+        generation: u64,
+        within: std::time::Duration,
+    ) -> bool {
         self.sent
             .lock()
             .unwrap()
@@ -171,7 +176,10 @@ mod tests {
         s.record_sent("a", 5);
         assert!(s.sent_recently("a", 3, within));
         assert!(s.sent_recently("a", 5, within));
-        assert!(!s.sent_recently("a", 6, within), "a newer generation was not sent");
+        assert!(
+            !s.sent_recently("a", 6, within),
+            "a newer generation was not sent"
+        );
         assert!(!s.sent_recently("b", 1, within), "nodes are apart");
         // An older generation sent late does not hide the newer one.
         s.record_sent("a", 4);

@@ -1318,3 +1318,33 @@ pub fn cpu_by_command() -> HashMap<String, f64> {
     }
     out
 }
+
+/// Stops a `perf record` (it writes its file on SIGINT), then prints
+/// `perf report` of `data` once per `(sort keys, percent limit, lines)`:
+/// the benchmarks' profiles.
+pub fn perf_report(
+    mut recording: std::process::Child,
+    data: &std::path::Path,
+    views: &[(&str, &str, usize)],
+) -> Result<()> {
+    let _ = Command::new("kill")
+        .args(["-INT", &recording.id().to_string()])
+        .status();
+    let _ = recording.wait();
+    for (sort, limit, lines) in views {
+        let out = Command::new("perf")
+            .args(["report", "--stdio", "--no-children", "-g", "none"])
+            .args(["--sort", sort, "--percent-limit", limit, "-i"])
+            .arg(data)
+            .output()?;
+        println!("by {sort}:");
+        for line in String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .take(*lines)
+        {
+            println!("{line}");
+        }
+    }
+    Ok(())
+}

@@ -361,28 +361,13 @@ fn start_perf(dir: &std::path::Path) -> Result<std::process::Child> {
 
 /// Stops the recording and prints where the machine's CPU went: by
 /// command, then the hottest functions.
-fn report_perf(mut rec: std::process::Child, dir: &std::path::Path) -> Result<()> {
-    let _ = std::process::Command::new("kill")
-        .args(["-INT", &rec.id().to_string()])
-        .status();
-    let _ = rec.wait();
+fn report_perf(rec: std::process::Child, dir: &std::path::Path) -> Result<()> {
     println!("perf profile of the whole machine during the burst:");
-    for (sort, limit, lines) in [("comm", "1", 12), ("comm,dso,sym", "0.7", 25)] {
-        let out = std::process::Command::new("perf")
-            .args(["report", "--stdio", "--no-children", "--sort", sort])
-            .args(["--percent-limit", limit, "-i"])
-            .arg(dir.join("burst.perf.data"))
-            .output()?;
-        println!("by {sort}:");
-        for line in String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-            .take(lines)
-        {
-            println!("{line}");
-        }
-    }
-    Ok(())
+    clawdeploy_e2e::perf_report(
+        rec,
+        &dir.join("burst.perf.data"),
+        &[("comm", "1", 12), ("comm,dso,sym", "0.7", 25)],
+    )
 }
 
 /// One point of the cost curve.
@@ -401,7 +386,10 @@ struct Point {
 async fn burst(a: &Args) -> Result<()> {
     let mut sizes = a.concurrent.clone();
     sizes.sort_unstable();
-    ensure!(!sizes.is_empty() && sizes[0] > 0, "--concurrent wants sizes above 0");
+    ensure!(
+        !sizes.is_empty() && sizes[0] > 0,
+        "--concurrent wants sizes above 0"
+    );
     let largest = *sizes.last().unwrap();
     let mut curve = Vec::new();
     for &n in &sizes {
@@ -415,7 +403,10 @@ async fn burst(a: &Args) -> Result<()> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     println!("\ncost curve ({cores} cores; CPU seconds per signup by part, during the burst):");
     let parts: Vec<&str> = {
-        let mut names: Vec<&str> = curve.iter().flat_map(|p| p.cpu.iter().map(|(n, _)| *n)).collect();
+        let mut names: Vec<&str> = curve
+            .iter()
+            .flat_map(|p| p.cpu.iter().map(|(n, _)| *n))
+            .collect();
         names.sort_unstable();
         names.dedup();
         names
@@ -455,7 +446,11 @@ async fn burst(a: &Args) -> Result<()> {
     // signup can take if the scheduler cost nothing; its median, half.
     for p in &curve {
         let of = |part: &str| -> f64 {
-            p.cpu.iter().filter(|(n, _)| *n == part).map(|(_, s)| s).sum()
+            p.cpu
+                .iter()
+                .filter(|(n, _)| *n == part)
+                .map(|(_, s)| s)
+                .sum()
         };
         let (scheduler, database) = (of("scheduler"), of("PostgreSQL"));
         let rest = (p.busy - scheduler - database).max(0.0);
@@ -582,7 +577,12 @@ async fn burst_of(
     }
     let mut cpu: Vec<(&'static str, f64)> = parts_after
         .iter()
-        .map(|(part, after)| (*part, after - parts_before.get(part).copied().unwrap_or(0.0)))
+        .map(|(part, after)| {
+            (
+                *part,
+                after - parts_before.get(part).copied().unwrap_or(0.0),
+            )
+        })
         .collect();
     // What no live process accounts for: processes that came and went
     // (runc, docker-init) and the kernel's own threads.

@@ -631,7 +631,7 @@ fn series(c: &Cluster, peers: &[Peer; 3], gw: &str, path: &str, a: &Args) -> Res
 fn profile(c: &Cluster, edge: &Peer, gw: &str, a: &Args) -> Result<()> {
     let pid = c.edge_pid().context("edge pid")?;
     let data = c.dir.join("edge.perf.data");
-    let mut rec = Command::new("perf")
+    let rec = Command::new("perf")
         .args(["record", "-F", "999", "-g", "-o"])
         .arg(&data)
         .args(["-p", &pid.to_string()])
@@ -642,31 +642,13 @@ fn profile(c: &Cluster, edge: &Peer, gw: &str, a: &Args) -> Result<()> {
     std::thread::sleep(Duration::from_millis(500));
     let path = a.paths.first().map_or("/healthz", String::as_str);
     let run = wrk(edge.addr, gw, path, a)?;
-    // perf writes its file on SIGINT.
-    let _ = Command::new("kill").args(["-INT", &rec.id().to_string()]).status();
-    let _ = rec.wait();
     println!(
         "\nperf profile of the edge under wrk on {path} ({:.0} req/s while recorded):",
         run.rps
     );
     // Where the time goes by binary (kernel, the edge, libc), then the
     // hottest functions, the edge's threads taken together.
-    for (sort, limit, lines) in [("dso", "1", 8), ("sym", "0.5", 40)] {
-        let report = Command::new("perf")
-            .args(["report", "--stdio", "--no-children", "-g", "none", "--sort", sort])
-            .args(["--percent-limit", limit, "-i"])
-            .arg(&data)
-            .output()?;
-        println!("by {sort}:");
-        for line in String::from_utf8_lossy(&report.stdout)
-            .lines()
-            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-            .take(lines)
-        {
-            println!("{line}");
-        }
-    }
-    Ok(())
+    clawdeploy_e2e::perf_report(rec, &data, &[("dso", "1", 8), ("sym", "0.5", 40)])
 }
 
 /// One request through `addr`; whether it answered 200.

@@ -337,7 +337,7 @@ impl Statements {
             println!("  {total:>7.1} ms {calls:>5}× {short}");
         }
         let mut by_calls = rows.to_vec();
-        by_calls.sort_by(|a, b| b.1.cmp(&a.1));
+        by_calls.sort_by_key(|r| std::cmp::Reverse(r.1));
         println!("the most frequent:");
         for (query, calls, total) in by_calls.iter().take(30) {
             let short: String = query.chars().take(110).collect();

@@ -83,7 +83,6 @@ const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 /// out once per connection, not per request.
 #[derive(Clone)]
 pub struct Peer {
-    pub addr: SocketAddr,
     /// The client's address as a header value (`X-Forwarded-For`).
     pub ip: HeaderValue,
 }
@@ -92,7 +91,7 @@ impl Peer {
     pub fn new(addr: SocketAddr) -> Self {
         let ip = HeaderValue::from_str(&addr.ip().to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
-        Self { addr, ip }
+        Self { ip }
     }
 }
 

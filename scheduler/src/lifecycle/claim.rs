@@ -287,25 +287,21 @@ pub async fn attach(
     tx: &mut Transaction<'_, Postgres>,
     instance_id: Uuid,
 ) -> Result<Attached> {
-    // A warm idle container is marked by `take_idle`; the fallbacks here.
     let (taken, on_demand) = match take_idle(app, tx, None).await? {
         Some(taken) => (taken, false),
         // Empty pool: create a container on demand for this customer, or,
         // when no node has room, take a pool container still warming (it
         // holds a slot; the customer waits for it rather than queueing).
-        None => {
-            let (taken, on_demand) = match capacity::create_on_demand(app, tx, None).await {
-                Ok(taken) => (taken, true),
-                Err(Error::NoCapacity(why)) => match take_warming(app, tx).await? {
-                    Some(taken) => (taken, false),
-                    None => return Err(Error::NoCapacity(why)),
-                },
-                Err(e) => return Err(e),
-            };
-            mark_assigning(tx, taken.id).await?;
-            (taken, on_demand)
-        }
+        None => match capacity::create_on_demand(app, tx, None).await {
+            Ok(taken) => (taken, true),
+            Err(Error::NoCapacity(why)) => match take_warming(app, tx).await? {
+                Some(taken) => (taken, false),
+                None => return Err(Error::NoCapacity(why)),
+            },
+            Err(e) => return Err(e),
+        },
     };
+    mark_assigning(tx, taken.id).await?;
     // A paying account's instance starts at its tier: the pool container
     // (free-sized) is resized before its node hears of the claim. The tier
     // comes back with the instance's update (one round trip).
@@ -342,16 +338,15 @@ async fn mark_assigning(tx: &mut Transaction<'_, Postgres>, id: Uuid) -> Result<
     Ok(())
 }
 
-/// Takes the idle container a claim should have and marks it assigning:
-/// the current pool generation first (stale ones serve while the pool
-/// rolls), then the oldest, on a live node, on another node than `avoid`
-/// when possible.
+/// Locks the idle container a claim should take: the current pool
+/// generation first (stale ones serve while the pool rolls), then the
+/// oldest, on a live node, on another node than `avoid` when possible.
 async fn take_idle(
     app: &App,
     tx: &mut Transaction<'_, Postgres>,
     avoid: Option<&str>,
 ) -> Result<Option<capacity::Taken>> {
-    let taken: Option<capacity::Taken> = sqlx::query_as(
+    Ok(sqlx::query_as(
         "SELECT c.id, c.node_id, c.gateway_token_enc FROM containers c
            JOIN nodes n ON n.id = c.node_id
            CROSS JOIN pool_settings s
@@ -366,11 +361,7 @@ async fn take_idle(
     .bind(avoid.unwrap_or_default())
     .bind(app.cfg.min_disk())
     .fetch_optional(&mut **tx)
-    .await?;
-    if let Some(t) = &taken {
-        mark_assigning(tx, t.id).await?;
-    }
-    Ok(taken)
+    .await?)
 }
 
 /// Locks the oldest pool container still being created or warming on a
@@ -655,13 +646,13 @@ async fn retry_one(
     }
     let (taken, on_demand) = match take_idle(app, &mut tx, Some(node_id)).await? {
         Some(taken) => (taken, false),
-        None => {
-            let taken = capacity::create_on_demand(app, &mut tx, Some(node_id)).await?;
-            mark_assigning(&mut tx, taken.id).await?;
-            (taken, true)
-        }
+        None => (
+            capacity::create_on_demand(app, &mut tx, Some(node_id)).await?,
+            true,
+        ),
     };
     let (new_id, new_node) = (taken.id, taken.node_id);
+    mark_assigning(&mut tx, new_id).await?;
     sqlx::query(
         "UPDATE instances SET container_id = $2, claim_attempts = claim_attempts + 1 WHERE id = $1",
     )

@@ -33,6 +33,25 @@ fn unwrap(kek: &SecretBox, instance_id: Uuid, kek_id: &str, wrapped: &[u8]) -> R
     SecretBox::from_bytes(&kek.open(&dek_aad(instance_id), wrapped)?)
 }
 
+/// A new data key for an instance, not yet stored: the key to seal with
+/// and the `tenant_keys` row that keeps it (wrapped by the KEK).
+pub struct FreshKey {
+    pub dek: SecretBox,
+    pub kek_id: String,
+    pub wrapped_dek: Vec<u8>,
+}
+
+/// A new data key for `instance_id`; the caller stores `wrapped_dek` under
+/// `kek_id` in `tenant_keys` in the transaction that creates the instance.
+pub fn fresh(kek: &SecretBox, instance_id: Uuid) -> Result<FreshKey> {
+    let (key, dek) = SecretBox::generate()?;
+    Ok(FreshKey {
+        dek,
+        kek_id: kek.id().to_owned(),
+        wrapped_dek: kek.seal(&dek_aad(instance_id), &key)?,
+    })
+}
+
 /// A new data key for `instance_id`, stored wrapped (inside the caller's
 /// transaction).
 pub async fn create(
@@ -40,15 +59,14 @@ pub async fn create(
     tx: &mut PgConnection,
     instance_id: Uuid,
 ) -> Result<SecretBox> {
-    let (key, dek) = SecretBox::generate()?;
-    let wrapped = kek.seal(&dek_aad(instance_id), &key)?;
+    let key = fresh(kek, instance_id)?;
     sqlx::query("INSERT INTO tenant_keys (instance_id, kek_id, wrapped_dek) VALUES ($1, $2, $3)")
         .bind(instance_id)
-        .bind(kek.id())
-        .bind(wrapped)
+        .bind(&key.kek_id)
+        .bind(&key.wrapped_dek)
         .execute(&mut *tx)
         .await?;
-    Ok(dek)
+    Ok(key.dek)
 }
 
 /// The data key of each of `instance_ids` that has one.

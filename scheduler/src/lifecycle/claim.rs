@@ -22,6 +22,25 @@ use crate::fleet::capacity;
 use crate::model::{ContainerState, InstanceStatus, Tier};
 use crate::routes;
 
+/// The idle container a claim should take, locked: the current pool
+/// generation first (stale ones serve while the pool rolls), then the
+/// oldest, on a live node with disk to spare, on another node than `$2`
+/// when possible. `$1`: the heartbeat TTL in seconds; `$3`: the least disk
+/// a node must have free. One text for `take_idle` and `claim_warm`.
+macro_rules! idle_pick {
+    () => {
+        "SELECT c.id, c.node_id, c.gateway_token_enc FROM containers c
+           JOIN nodes n ON n.id = c.node_id
+           CROSS JOIN pool_settings s
+          WHERE c.state = 'idle' AND n.state = 'active'
+            AND n.last_heartbeat > now() - make_interval(secs => $1)
+            AND (n.disk_total_bytes = 0 OR n.disk_available_bytes >= $3)
+          ORDER BY c.node_id = $2, (c.image = s.image AND c.pool_generation = s.generation) DESC, c.created_at
+          LIMIT 1
+          FOR UPDATE OF c SKIP LOCKED"
+    };
+}
+
 /// Claims a container for the user and waits, up to the claim wait, for
 /// it to go live (and, once ready, for the edges to route it). The outcome
 /// says whether it did; the instance carries the current token.
@@ -154,81 +173,57 @@ pub struct Claimed {
 pub async fn claim(app: &AppRef, req: ClaimRequest) -> Result<Claimed> {
     let started = Instant::now();
     let instance_id = Uuid::new_v4();
+    // Sealed before the transaction starts: no lock waits on the crypto.
+    let key = envelope::fresh(&app.secrets, instance_id)?;
+    let (names, sealed): (Vec<&str>, Vec<Vec<u8>>) = req
+        .provider_keys
+        .iter()
+        .map(|(name, value)| {
+            let sealed = key
+                .dek
+                .seal(&aad::secret(instance_id, name), value.as_bytes())?;
+            Ok((name.as_str(), sealed))
+        })
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .unzip();
     let mut tx = app.db.begin().await?;
-    sqlx::query(
-        "INSERT INTO instances (id, user_id, subdomain, status, config_version, default_model)
-         VALUES ($1, $2, $3, 'pending', 1, $4)",
-    )
-    .bind(instance_id)
-    .bind(req.user_id)
-    .bind(&req.subdomain)
-    .bind(&req.default_model)
-    .execute(&mut *tx)
-    .await
-    .map_err(|e| match &e {
-        sqlx::Error::Database(db) if db.constraint() == Some("instances_one_per_user") => {
-            Error::Conflict {
-                code: "instance_exists",
-                message: "this account already has an instance".into(),
+    let warm = claim_warm(app, &mut tx, &req, instance_id, &key, &names, &sealed)
+        .await
+        .map_err(|e| match &e {
+            sqlx::Error::Database(db) if db.constraint() == Some("instances_one_per_user") => {
+                Error::Conflict {
+                    code: "instance_exists",
+                    message: "this account already has an instance".into(),
+                }
             }
-        }
-        _ => Error::on_unique(
-            e,
-            "instances_subdomain_live",
-            "subdomain_taken",
-            "that subdomain is taken",
-        ),
-    })?;
-
-    if let Some(key) = &req.idempotency_key {
-        sqlx::query("UPDATE idempotency_keys SET instance_id = $3 WHERE user_id = $1 AND key = $2")
-            .bind(req.user_id)
-            .bind(key)
-            .bind(instance_id)
-            .execute(&mut *tx)
-            .await?;
-    }
-    // The secrets first: a queued instance keeps them until it is assigned.
-    let dek = envelope::create(&app.secrets, &mut tx, instance_id).await?;
-    for (name, value) in &req.provider_keys {
-        let sealed = dek.seal(&aad::secret(instance_id, name), value.as_bytes())?;
-        sqlx::query("INSERT INTO secrets (instance_id, name, ciphertext) VALUES ($1, $2, $3)")
-            .bind(instance_id)
-            .bind(name)
-            .bind(sealed)
-            .execute(&mut *tx)
-            .await?;
-    }
-    let attached = match attach(app, &mut tx, instance_id).await {
-        Ok(a) => Some(a),
-        Err(Error::NoCapacity(why)) => {
-            let queued: i64 =
-                sqlx::query_scalar("SELECT count(*) FROM instances WHERE status = 'queued'")
-                    .fetch_one(&mut *tx)
-                    .await?;
-            if queued >= i64::from(app.cfg.signup_queue_max) {
-                return Err(Error::NoCapacity(format!(
-                    "{why}; the signup queue is full"
-                )));
-            }
-            sqlx::query("UPDATE instances SET status = 'queued' WHERE id = $1")
-                .bind(instance_id)
-                .execute(&mut *tx)
+            _ => Error::on_unique(
+                e,
+                "instances_subdomain_live",
+                "subdomain_taken",
+                "that subdomain is taken",
+            ),
+        })?;
+    let attached = match warm {
+        Some(attached) => {
+            if attached.tier != Tier::Free {
+                // A paying account's instance starts at its tier: the pool
+                // container (free-sized) is resized before its node hears
+                // of the claim. A new instance has no custom domains: no
+                // route changes to send.
+                crate::billing::tier::set_tier_in(
+                    app,
+                    &mut tx,
+                    instance_id,
+                    attached.tier,
+                    "billing",
+                )
                 .await?;
-            None
+            }
+            Some(attached)
         }
-        Err(e) => return Err(e),
+        None => attach_cold(app, &mut tx, &req, instance_id).await?,
     };
-    audit(
-        &mut *tx,
-        &format!("user:{}", req.user_id),
-        "instance.claim",
-        &instance_id.to_string(),
-        serde_json::json!({"subdomain": req.subdomain, "container": attached.as_ref().map(|a| a.container_id),
-                           "node": attached.as_ref().map(|a| &a.node_id),
-                           "onDemand": attached.as_ref().map(|a| a.on_demand), "queued": attached.is_none()}),
-    )
-    .await;
     tx.commit().await?;
     metrics::histogram!("clawdeploy_claim_commit_seconds").record(started.elapsed().as_secs_f64());
     app.pool_wake.notify_one();
@@ -265,6 +260,124 @@ pub async fn claim(app: &AppRef, req: ClaimRequest) -> Result<Claimed> {
         tier: attached.tier,
         gateway_token,
     })
+}
+
+/// The common case in one statement: the instance, its data key, its
+/// sealed provider keys and the idempotency key's link are written, and
+/// the oldest warm idle container is taken, marked and audited, all in one
+/// round trip (a burst of signups was PostgreSQL-bound on per-statement
+/// costs). `None`: no idle container; the instance is written, without one.
+async fn claim_warm(
+    app: &App,
+    tx: &mut Transaction<'_, Postgres>,
+    req: &ClaimRequest,
+    instance_id: Uuid,
+    key: &envelope::FreshKey,
+    names: &[&str],
+    sealed: &[Vec<u8>],
+) -> std::result::Result<Option<Attached>, sqlx::Error> {
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        id: Option<Uuid>,
+        node_id: Option<String>,
+        gateway_token_enc: Option<Vec<u8>>,
+        paid: Option<Tier>,
+    }
+    let row: Row = sqlx::query_as(concat!(
+        "WITH taken AS (",
+        idle_pick!(),
+        "), marked AS (
+           UPDATE containers c SET state = 'assigning', claimed_at = now(), updated_at = now()
+             FROM taken WHERE c.id = taken.id RETURNING c.id
+         ), instance AS (
+           INSERT INTO instances (id, user_id, subdomain, status, config_version, default_model, container_id)
+           VALUES ($4, $5, $6, 'pending', 1, $7, (SELECT id FROM marked))
+         ), data_key AS (
+           INSERT INTO tenant_keys (instance_id, kek_id, wrapped_dek) VALUES ($4, $8, $9)
+         ), provider_keys AS (
+           INSERT INTO secrets (instance_id, name, ciphertext)
+           SELECT $4, k.name, k.ciphertext FROM unnest($10::text[], $11::bytea[]) AS k(name, ciphertext)
+         ), idempotency AS (
+           UPDATE idempotency_keys SET instance_id = $4 WHERE user_id = $5 AND key = $12
+         ), logged AS (
+           INSERT INTO audit_log (actor, action, subject, detail)
+           SELECT 'user:' || $5::text, 'instance.claim', $4::text,
+                  jsonb_build_object('subdomain', $6::text, 'container', t.id, 'node', t.node_id,
+                                     'onDemand', false, 'queued', false)
+             FROM taken t
+         )
+         SELECT t.id, t.node_id, t.gateway_token_enc,
+                (SELECT b.tier FROM billing_accounts b WHERE b.user_id = $5 AND b.tier <> 'free') AS paid
+           FROM (VALUES (1)) AS one LEFT JOIN taken t ON true",
+    ))
+    .bind(app.cfg.heartbeat_ttl.as_secs_f64())
+    .bind("")
+    .bind(app.cfg.min_disk())
+    .bind(instance_id)
+    .bind(req.user_id)
+    .bind(&req.subdomain)
+    .bind(&req.default_model)
+    .bind(&key.kek_id)
+    .bind(&key.wrapped_dek)
+    .bind(names)
+    .bind(sealed)
+    .bind(req.idempotency_key.as_deref())
+    .fetch_one(&mut **tx)
+    .await?;
+    let (Some(id), Some(node_id), Some(gateway_token_enc)) =
+        (row.id, row.node_id, row.gateway_token_enc)
+    else {
+        return Ok(None);
+    };
+    Ok(Some(Attached {
+        container_id: id,
+        node_id,
+        on_demand: false,
+        tier: row.paid.unwrap_or(Tier::Free),
+        gateway_token_enc,
+    }))
+}
+
+/// No idle container was free for the instance `claim_warm` wrote: one
+/// created on demand or still warming (`attach`), or, when every node is
+/// full, a place in the signup queue (`None`) while it has room.
+async fn attach_cold(
+    app: &App,
+    tx: &mut Transaction<'_, Postgres>,
+    req: &ClaimRequest,
+    instance_id: Uuid,
+) -> Result<Option<Attached>> {
+    let attached = match attach(app, tx, instance_id).await {
+        Ok(a) => Some(a),
+        Err(Error::NoCapacity(why)) => {
+            let queued: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM instances WHERE status = 'queued'")
+                    .fetch_one(&mut **tx)
+                    .await?;
+            if queued >= i64::from(app.cfg.signup_queue_max) {
+                return Err(Error::NoCapacity(format!(
+                    "{why}; the signup queue is full"
+                )));
+            }
+            sqlx::query("UPDATE instances SET status = 'queued' WHERE id = $1")
+                .bind(instance_id)
+                .execute(&mut **tx)
+                .await?;
+            None
+        }
+        Err(e) => return Err(e),
+    };
+    audit(
+        &mut **tx,
+        &format!("user:{}", req.user_id),
+        "instance.claim",
+        &instance_id.to_string(),
+        serde_json::json!({"subdomain": req.subdomain, "container": attached.as_ref().map(|a| a.container_id),
+                           "node": attached.as_ref().map(|a| &a.node_id),
+                           "onDemand": attached.as_ref().map(|a| a.on_demand), "queued": attached.is_none()}),
+    )
+    .await;
+    Ok(attached)
 }
 
 /// Where an instance got its container.
@@ -338,30 +451,19 @@ async fn mark_assigning(tx: &mut Transaction<'_, Postgres>, id: Uuid) -> Result<
     Ok(())
 }
 
-/// Locks the idle container a claim should take: the current pool
-/// generation first (stale ones serve while the pool rolls), then the
-/// oldest, on a live node, on another node than `avoid` when possible.
+/// Locks the idle container a claim should take (`idle_pick`), on another
+/// node than `avoid` when possible.
 async fn take_idle(
     app: &App,
     tx: &mut Transaction<'_, Postgres>,
     avoid: Option<&str>,
 ) -> Result<Option<capacity::Taken>> {
-    Ok(sqlx::query_as(
-        "SELECT c.id, c.node_id, c.gateway_token_enc FROM containers c
-           JOIN nodes n ON n.id = c.node_id
-           CROSS JOIN pool_settings s
-          WHERE c.state = 'idle' AND n.state = 'active'
-            AND n.last_heartbeat > now() - make_interval(secs => $1)
-            AND (n.disk_total_bytes = 0 OR n.disk_available_bytes >= $3)
-          ORDER BY c.node_id = $2, (c.image = s.image AND c.pool_generation = s.generation) DESC, c.created_at
-          LIMIT 1
-          FOR UPDATE OF c SKIP LOCKED",
-    )
-    .bind(app.cfg.heartbeat_ttl.as_secs_f64())
-    .bind(avoid.unwrap_or_default())
-    .bind(app.cfg.min_disk())
-    .fetch_optional(&mut **tx)
-    .await?)
+    Ok(sqlx::query_as(idle_pick!())
+        .bind(app.cfg.heartbeat_ttl.as_secs_f64())
+        .bind(avoid.unwrap_or_default())
+        .bind(app.cfg.min_disk())
+        .fetch_optional(&mut **tx)
+        .await?)
 }
 
 /// Locks the oldest pool container still being created or warming on a

@@ -349,7 +349,7 @@ impl Statements {
 /// `perf record` of every CPU, until `report_perf`.
 fn start_perf(dir: &std::path::Path) -> Result<std::process::Child> {
     let child = std::process::Command::new("perf")
-        .args(["record", "-a", "-F", "499", "-o"])
+        .args(["record", "-a", "-F", "1999", "-o"])
         .arg(dir.join("burst.perf.data"))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -363,11 +363,19 @@ fn start_perf(dir: &std::path::Path) -> Result<std::process::Child> {
 /// command, then the hottest functions.
 fn report_perf(rec: std::process::Child, dir: &std::path::Path) -> Result<()> {
     println!("perf profile of the whole machine during the burst:");
+    let data = dir.join("burst.perf.data");
     clawdeploy_e2e::perf_report(
         rec,
-        &dir.join("burst.perf.data"),
+        &data,
         &[("comm", "1", 12), ("comm,dso,sym", "0.7", 25)],
-    )
+    )?;
+    // Kept past the system's own directory, to read further (`perf report
+    // -i target/bench/burst.perf.data --comm postgres`).
+    let keep = std::path::Path::new("target/bench");
+    std::fs::create_dir_all(keep)?;
+    std::fs::copy(&data, keep.join("burst.perf.data"))?;
+    println!("recording kept at {}", keep.join("burst.perf.data").display());
+    Ok(())
 }
 
 /// One point of the cost curve.

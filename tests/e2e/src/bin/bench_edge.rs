@@ -67,8 +67,18 @@ struct Peer {
 }
 
 impl Drop for Peer {
+    /// SIGTERM first, so nginx's master stops its workers (a SIGKILLed
+    /// master leaves them running, and serving, behind it); SIGKILL if the
+    /// process is still there after a few seconds.
     fn drop(&mut self) {
         if let Some(c) = &mut self.child {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
             let _ = c.kill();
             let _ = c.wait();
         }

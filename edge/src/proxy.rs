@@ -192,6 +192,12 @@ fn is_upgrade(headers: &HeaderMap) -> bool {
 
 /// Drops hop-by-hop headers, including any named by `Connection`.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over their few names (standard
+    // names compare as tags) instead of a hashed removal per listed name.
+    // Names that `Connection` lists matter only when it is there.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()

@@ -45,20 +45,24 @@ struct Entry {
     challenges: Vec<(String, String)>,
 }
 
+/// A map hashed with foldhash: SipHash over the host was a visible part of
+/// each request's lookup, and lookups insert nothing a client chooses.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 #[derive(Default, Serialize, Deserialize)]
 struct Table {
     version: u64,
-    hosts: HashMap<String, Entry>,
+    hosts: FastMap<String, Entry>,
     /// container id → upstream address and how many hosts name it (an
     /// instance's subdomain and its custom domains share a container), for
     /// the connector (rebuilt on load).
     #[serde(skip)]
-    containers: HashMap<String, (String, usize)>,
+    containers: FastMap<String, (String, usize)>,
 }
 
 impl Table {
     fn index(&mut self) {
-        self.containers = HashMap::new();
+        self.containers = FastMap::default();
         let targets: Vec<Arc<Target>> = self
             .hosts
             .values()
@@ -255,7 +259,7 @@ impl RouteTable {
         let mut table = Table {
             version: snap.version,
             hosts,
-            containers: HashMap::new(),
+            containers: FastMap::default(),
         };
         table.index();
         *self.table.write().unwrap() = table;

@@ -374,7 +374,10 @@ fn report_perf(rec: std::process::Child, dir: &std::path::Path) -> Result<()> {
     let keep = std::path::Path::new("target/bench");
     std::fs::create_dir_all(keep)?;
     std::fs::copy(&data, keep.join("burst.perf.data"))?;
-    println!("recording kept at {}", keep.join("burst.perf.data").display());
+    println!(
+        "recording kept at {}",
+        keep.join("burst.perf.data").display()
+    );
     Ok(())
 }
 

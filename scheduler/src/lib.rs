@@ -78,6 +78,8 @@ pub struct ServeOptions {
 #[derive(Clone, Debug)]
 pub struct DbOptions {
     pub max_connections: u32,
+    /// Kept open even when idle (capped at the maximum).
+    pub min_connections: u32,
     pub acquire_timeout: Duration,
     /// Zero: no limit.
     pub statement_timeout: Duration,
@@ -87,6 +89,7 @@ impl Default for DbOptions {
     fn default() -> Self {
         Self {
             max_connections: 32,
+            min_connections: 0,
             acquire_timeout: Duration::from_secs(5),
             statement_timeout: Duration::from_secs(30),
         }
@@ -99,9 +102,9 @@ const CHECK_IDLE_AFTER: Duration = Duration::from_secs(1);
 impl DbOptions {
     /// A pool to `url` with these bounds. Connections idle for a second or
     /// more are checked before use (a server restart leaves dead ones in the
-    /// pool) and the pool keeps no
-    /// minimum, so an outage costs nothing but failed attempts and the pool
-    /// refills on its own when the server returns.
+    /// pool). The pool keeps `min_connections` open (none by default): an
+    /// outage costs nothing but failed attempts and the pool refills on its
+    /// own when the server returns.
     pub async fn connect(&self, url: &str) -> Result<sqlx::PgPool, sqlx::Error> {
         let mut connect: sqlx::postgres::PgConnectOptions = url.parse()?;
         if !self.statement_timeout.is_zero() {
@@ -112,6 +115,7 @@ impl DbOptions {
         }
         PgPoolOptions::new()
             .max_connections(self.max_connections)
+            .min_connections(self.min_connections.min(self.max_connections))
             .acquire_timeout(self.acquire_timeout)
             // A connection idle for a while is checked before use (a server
             // restart leaves dead ones in the pool); one in use moments ago

@@ -61,6 +61,12 @@ struct ServeArgs {
     /// Connections in the pool.
     #[arg(long, env = "CLAWDEPLOY_DB_MAX_CONNECTIONS", default_value_t = 32)]
     db_max_connections: u32,
+    /// Connections the pool keeps open even when idle (up to the maximum).
+    /// A connection opened under load costs PostgreSQL a new backend's
+    /// start-up and cold caches right when it is busiest: a scheduler that
+    /// takes bursts of signups keeps them all (`= --db-max-connections`).
+    #[arg(long, env = "CLAWDEPLOY_DB_MIN_CONNECTIONS", default_value_t = 0)]
+    db_min_connections: u32,
     /// How long a request waits for a pool connection before answering
     /// `503 database_unavailable` (the database away, or the pool busy).
     #[arg(long, env = "CLAWDEPLOY_DB_ACQUIRE_TIMEOUT_SECS", default_value_t = 5)]
@@ -364,6 +370,7 @@ async fn main() -> anyhow::Result<()> {
                 grpc_server_names: a.grpc_server_names,
                 db: clawdeploy_scheduler::DbOptions {
                     max_connections: a.db_max_connections,
+                    min_connections: a.db_min_connections,
                     acquire_timeout: Duration::from_secs(a.db_acquire_timeout_secs),
                     statement_timeout: Duration::from_secs(a.db_statement_timeout_secs),
                 },

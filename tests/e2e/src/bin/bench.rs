@@ -490,8 +490,17 @@ async fn burst_of(
         max_idle: pool,
         max_containers: pool,
         claim_wait_secs: 20,
+        // All of them kept open: a burst otherwise opens new ones, each a
+        // new PostgreSQL backend starting cold, while it is busiest.
         scheduler_args: db_connections
-            .map(|n| vec!["--db-max-connections".to_owned(), n.to_string()])
+            .map(|n| {
+                vec![
+                    "--db-max-connections".to_owned(),
+                    n.to_string(),
+                    "--db-min-connections".to_owned(),
+                    n.to_string(),
+                ]
+            })
             .unwrap_or_default(),
         ..Default::default()
     };

@@ -206,20 +206,7 @@ pub async fn claim(app: &AppRef, req: ClaimRequest) -> Result<Claimed> {
         })?;
     let attached = match warm {
         Some(attached) => {
-            if attached.tier != Tier::Free {
-                // A paying account's instance starts at its tier: the pool
-                // container (free-sized) is resized before its node hears
-                // of the claim. A new instance has no custom domains: no
-                // route changes to send.
-                crate::billing::tier::set_tier_in(
-                    app,
-                    &mut tx,
-                    instance_id,
-                    attached.tier,
-                    "billing",
-                )
-                .await?;
-            }
+            start_at_tier(app, &mut tx, instance_id, attached.tier).await?;
             Some(attached)
         }
         None => attach_cold(app, &mut tx, &req, instance_id).await?,
@@ -415,9 +402,8 @@ pub async fn attach(
         },
     };
     mark_assigning(tx, taken.id).await?;
-    // A paying account's instance starts at its tier: the pool container
-    // (free-sized) is resized before its node hears of the claim. The tier
-    // comes back with the instance's update (one round trip).
+    // The account's paid tier comes back with the instance's update (one
+    // round trip); `start_at_tier` applies it.
     let paid: Option<Tier> = sqlx::query_scalar(
         "UPDATE instances i SET container_id = $2, status = 'pending' WHERE id = $1
          RETURNING (SELECT b.tier FROM billing_accounts b WHERE b.user_id = i.user_id AND b.tier <> 'free')",
@@ -430,8 +416,7 @@ pub async fn attach(
         metrics::counter!("clawdeploy_claim_fallbacks_total").increment(1);
     }
     if let Some(tier) = paid {
-        // A new instance has no custom domains: no route changes to send.
-        crate::billing::tier::set_tier_in(app, tx, instance_id, tier, "billing").await?;
+        start_at_tier(app, tx, instance_id, tier).await?;
     }
     Ok(Attached {
         tier: paid.unwrap_or(Tier::Free),
@@ -440,6 +425,21 @@ pub async fn attach(
         gateway_token_enc: taken.gateway_token_enc,
         on_demand,
     })
+}
+
+/// A paying account's instance starts at its tier: the pool container
+/// (free-sized) is resized before its node hears of the claim. A new
+/// instance has no custom domains: no route changes to send.
+async fn start_at_tier(
+    app: &App,
+    tx: &mut Transaction<'_, Postgres>,
+    instance_id: Uuid,
+    tier: Tier,
+) -> Result<()> {
+    if tier != Tier::Free {
+        crate::billing::tier::set_tier_in(app, tx, instance_id, tier, "billing").await?;
+    }
+    Ok(())
 }
 
 /// Marks a container a claim holds as being assigned.

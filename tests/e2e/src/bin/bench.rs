@@ -536,6 +536,9 @@ async fn burst_of(
     let burst_users = c.register_many("burst", n).await?;
     // Let registration's hashing and the pool's last starts settle.
     tokio::time::sleep(Duration::from_secs(2)).await;
+    // Reset before the CPU is first read: the reset (and the bench's own
+    // connection to do it) is not the burst's work.
+    let statements = Statements::start(&c).await;
     let cpu_before: Vec<(String, f64)> = c
         .pids()
         .into_iter()
@@ -546,7 +549,6 @@ async fn burst_of(
     let parts_before = cpu_by_part();
     let pushes = "clawdeploy_desired_pushes_total";
     let pushes_before = c.scheduler_metric(0, pushes).await.unwrap_or(0.0);
-    let statements = Statements::start(&c).await;
     let recording = perf.then(|| start_perf(&c.dir)).transpose()?;
     let (mut samples, wall) = run_concurrent(&c, "burst", &burst_users).await?;
     let machine_after = machine_cpu();

@@ -448,9 +448,6 @@ async fn burst(a: &Args) -> Result<()> {
                 .join(" | ")
         );
     }
-    // The floor: the work that is not the scheduler's, spread over every
-    // core, is the least time the burst's last signup can take even if
-    // the scheduler cost nothing; its median signup, half of that.
     // The floor: the work that is neither the scheduler's nor the
     // database's it asks for (agents, containers, Docker, the edge, the
     // clients), spread over every core, is the least time the burst's last
@@ -588,7 +585,14 @@ async fn burst_of(
     let top: Vec<String> = by_command
         .iter()
         .take(8)
-        .map(|(n, d)| format!("{n} {d:.2}s"))
+        // Writes are in MB (see `cpu_by_command`), CPU in seconds.
+        .map(|(n, d)| {
+            if n.ends_with("(write MB)") {
+                format!("{n} {d:.2}")
+            } else {
+                format!("{n} {d:.2}s")
+            }
+        })
         .collect();
     println!("burst cpu by command: {}", top.join(", "));
     for ((name, before), (_, pid)) in cpu_before.iter().zip(c.pids()) {

@@ -26,20 +26,41 @@ pub enum Event {
     Ready(Uuid),
 }
 
-fn encode(origin: &str, events: &[Event]) -> String {
-    let mut out = origin.to_owned();
+/// PostgreSQL refuses a notification payload of 8000 bytes or more.
+const MAX_PAYLOAD: usize = 7900;
+/// Route versions per line, so that no one line comes near the limit.
+const VERSIONS_PER_LINE: usize = 200;
+
+/// The payloads that carry `events` from `origin`: one line per event (a
+/// long list of route versions over several), packed into as few payloads
+/// as stay under PostgreSQL's limit.
+fn encode(origin: &str, events: &[Event]) -> Vec<String> {
+    let mut lines = Vec::new();
     for e in events {
-        out.push('\n');
         match e {
-            Event::Node(id) => out.push_str(&format!("n {id}")),
+            Event::Node(id) => lines.push(format!("n {id}")),
             Event::Routes(v) => {
-                let list: Vec<String> = v.iter().map(u64::to_string).collect();
-                out.push_str(&format!("r {}", list.join(",")));
+                for chunk in v.chunks(VERSIONS_PER_LINE) {
+                    let list: Vec<String> = chunk.iter().map(u64::to_string).collect();
+                    lines.push(format!("r {}", list.join(",")));
+                }
             }
-            Event::Ready(id) => out.push_str(&format!("i {id}")),
+            Event::Ready(id) => lines.push(format!("i {id}")),
         }
     }
-    out
+    let mut payloads = Vec::new();
+    let mut out = origin.to_owned();
+    for line in lines {
+        if out.len() + 1 + line.len() > MAX_PAYLOAD && out.len() > origin.len() {
+            payloads.push(std::mem::replace(&mut out, origin.to_owned()));
+        }
+        out.push('\n');
+        out.push_str(&line);
+    }
+    if out.len() > origin.len() {
+        payloads.push(out);
+    }
+    payloads
 }
 
 /// The events of a payload and the scheduler that sent it; unknown lines
@@ -69,13 +90,15 @@ pub async fn publish(app: &App, events: &[Event]) {
     if events.is_empty() {
         return;
     }
-    let r = sqlx::query("SELECT pg_notify($1, $2)")
-        .bind(CHANNEL)
-        .bind(encode(&app.origin, events))
-        .execute(&app.db)
-        .await;
-    if let Err(e) = r {
-        tracing::warn!(error = %e, "scheduler event not published");
+    for payload in encode(&app.origin, events) {
+        let r = sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(CHANNEL)
+            .bind(payload)
+            .execute(&app.db)
+            .await;
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "scheduler event not published");
+        }
     }
 }
 
@@ -144,8 +167,37 @@ mod tests {
             Event::Routes(vec![3, 17]),
             Event::Ready(id),
         ];
-        let payload = encode("s1", &events);
-        assert_eq!(decode(&payload), ("s1", events));
+        let payloads = encode("s1", &events);
+        assert_eq!(payloads.len(), 1);
+        assert_eq!(decode(&payloads[0]), ("s1", events));
         assert_eq!(decode("s2\nx what\ni not-a-uuid").1, vec![]);
+        assert!(encode("s1", &[]).is_empty());
+    }
+
+    #[test]
+    fn a_burst_of_events_splits_under_the_payload_limit() {
+        // A heartbeat that completes many claims: their routes and ready
+        // instances, more than one notification holds.
+        let ready: Vec<Uuid> = (0..400).map(|_| Uuid::new_v4()).collect();
+        let mut events = vec![Event::Routes((1_000_000..1_000_900).collect())];
+        events.extend(ready.iter().copied().map(Event::Ready));
+        let payloads = encode("origin", &events);
+        assert!(payloads.len() > 1);
+        let mut versions = Vec::new();
+        let mut readied = Vec::new();
+        for p in &payloads {
+            assert!(p.len() < 8000, "payload of {} bytes", p.len());
+            let (origin, got) = decode(p);
+            assert_eq!(origin, "origin");
+            for e in got {
+                match e {
+                    Event::Routes(v) => versions.extend(v),
+                    Event::Ready(id) => readied.push(id),
+                    Event::Node(_) => panic!("no node event was sent"),
+                }
+            }
+        }
+        assert_eq!(versions, (1_000_000..1_000_900).collect::<Vec<u64>>());
+        assert_eq!(readied, ready);
     }
 }

@@ -226,6 +226,117 @@ async fn concurrent_claims_take_distinct_idle_containers_then_fall_back_on_deman
 }
 
 #[tokio::test]
+async fn one_report_completes_the_claims_it_confirms_together() {
+    use clawdeploy_scheduler::lifecycle::complete;
+    let app = app().await;
+    node(&app, "n1").await;
+    node(&app, "n2").await;
+    idle(&app, "n1", 4).await;
+    let mut claimed = Vec::new();
+    for i in 0..4 {
+        let u = user(&app, &format!("c{i}@example.com")).await;
+        let c = claim::claim(&app, request(u, &format!("batch-{i}")))
+            .await
+            .unwrap();
+        claimed.push((c.instance_id, c.container_id.unwrap()));
+    }
+    // One of them has a custom domain: it completes on its own, and its
+    // hostnames come along.
+    let (custom_instance, _) = claimed[2];
+    sqlx::query(
+        "INSERT INTO domains (hostname, instance_id, user_id, state, token)
+         SELECT 'www.batch.example', id, user_id, 'pending_dns', 'tok' FROM instances WHERE id = $1",
+    )
+    .bind(custom_instance)
+    .execute(&app.db)
+    .await
+    .unwrap();
+    let mut ready = app.instance_ready.subscribe();
+    let mut routes_out = app.route_events.subscribe();
+    // The report: three claims confirmed at their config version, one not
+    // yet (version 0), and a container another node holds.
+    let elsewhere = idle(&app, "n2", 1).await[0];
+    let report = vec![
+        (claimed[0].1, 1),
+        (claimed[1].1, 1),
+        (claimed[2].1, 1),
+        (claimed[3].1, 0),
+        (elsewhere, 1),
+    ];
+    complete::complete_many(&app, "n1", &report).await.unwrap();
+    let status = |id: Uuid| {
+        let app = app.clone();
+        async move {
+            sqlx::query_scalar::<_, String>("SELECT status FROM instances WHERE id = $1")
+                .bind(id)
+                .fetch_one(&app.db)
+                .await
+                .unwrap()
+        }
+    };
+    for (i, want) in ["ready", "ready", "ready", "pending"].iter().enumerate() {
+        assert_eq!(status(claimed[i].0).await, *want, "instance {i}");
+    }
+    assert_eq!(
+        count(
+            &app,
+            "SELECT count(*) FROM containers WHERE state = 'assigned'"
+        )
+        .await,
+        3
+    );
+    let hosts: Vec<(String, String)> = sqlx::query_as(
+        "SELECT hostname, upstream FROM routes WHERE NOT custom AND removed_at IS NULL ORDER BY hostname",
+    )
+    .fetch_all(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(
+        hosts,
+        (0..3)
+            .map(|i| (
+                format!("batch-{i}.clawdeploy.localhost"),
+                "10.0.0.9:18789".to_owned()
+            ))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        count(
+            &app,
+            "SELECT count(*) FROM audit_log WHERE action = 'instance.ready'"
+        )
+        .await,
+        3
+    );
+    // Waiting signups and the edges heard of each.
+    let mut woken = Vec::new();
+    while let Ok(id) = ready.try_recv() {
+        woken.push(id);
+    }
+    woken.sort();
+    let mut want: Vec<Uuid> = claimed[..3].iter().map(|(i, _)| *i).collect();
+    want.sort();
+    assert_eq!(woken, want);
+    let mut deltas = 0;
+    while let Ok(d) = routes_out.try_recv() {
+        assert!(d.upsert.is_some());
+        deltas += 1;
+    }
+    assert_eq!(deltas, 3);
+    // A repeated report changes nothing.
+    complete::complete_many(&app, "n1", &report).await.unwrap();
+    assert_eq!(
+        count(
+            &app,
+            "SELECT count(*) FROM audit_log WHERE action = 'instance.ready'"
+        )
+        .await,
+        3
+    );
+    assert!(ready.try_recv().is_err());
+}
+
+#[tokio::test]
 async fn with_no_room_a_signup_queues_and_past_the_queue_it_is_no_capacity() {
     let app = app_with(Config {
         signup_queue_max: 1,
@@ -461,13 +572,7 @@ async fn route_changes_are_versioned_and_removals_leave_tombstones() {
     tx.commit().await.unwrap();
     let snap = routes::snapshot(&app).await.unwrap();
     assert_eq!((snap.routes.len(), snap.version), (1, up.version));
-    assert_eq!(
-        routes::live_version(&app.db, instance)
-            .await
-            .unwrap()
-            .map(|v| v.wire()),
-        Some(up.version)
-    );
+    assert_eq!(live_route_version(&app, instance).await, Some(up.version));
 
     let mut tx = app.db.begin().await.unwrap();
     let removed = routes::remove_for_instance(&mut tx, instance)
@@ -491,7 +596,7 @@ async fn route_changes_are_versioned_and_removals_leave_tombstones() {
     assert_eq!(deltas.len(), 1);
     assert_eq!(deltas[0].version, removed[0].version);
     assert_eq!(deltas[0].removed_hostname, "r.clawdeploy.localhost");
-    assert_eq!(routes::live_version(&app.db, instance).await.unwrap(), None);
+    assert_eq!(live_route_version(&app, instance).await, None);
 }
 
 #[tokio::test]
@@ -1596,4 +1701,16 @@ async fn a_node_low_on_disk_gets_no_claims_and_its_pending_claims_move() {
     assert_eq!((node_id.as_str(), state.as_str()), ("roomy", "assigning"));
     // A node with room keeps its claims until the timeout.
     assert!(claim::retry_unconfirmed(&app).await.unwrap().is_empty());
+}
+
+/// The version of the instance's own live route, if it has one.
+async fn live_route_version(app: &App, instance: uuid::Uuid) -> Option<u64> {
+    sqlx::query_scalar::<_, i64>(
+        "SELECT version FROM routes WHERE instance_id = $1 AND NOT custom AND removed_at IS NULL",
+    )
+    .bind(instance)
+    .fetch_optional(&app.db)
+    .await
+    .unwrap()
+    .map(|v| v as u64)
 }

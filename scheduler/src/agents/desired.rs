@@ -178,26 +178,46 @@ pub async fn bump_and_push(app: &AppRef, node_id: &str) -> Result<()> {
     bump_past_and_push(app, node_id, Generation::default()).await
 }
 
-/// `bump_and_push` until it works, with backoff, for a few minutes: for a
-/// change that committed while the database went away right after.
-pub async fn bump_until_done(app: AppRef, node_id: String) {
+/// Tells `node_id` of a committed change in the background, without
+/// holding the caller: one task per node bumps and pushes while changes
+/// keep coming, and every change committed while a bump and push are under
+/// way rides on the next one. A burst of claims on a node so costs a few
+/// pushes, the first of them right after the first claim. A push that
+/// fails is retried with backoff for a few minutes (the database may have
+/// gone away right after the change committed); after that the
+/// unconfirmed-claim sweep takes over.
+pub fn announce(app: &AppRef, node_id: &str) {
+    if !app.sessions.want_push(node_id) {
+        return;
+    }
+    let (app, node_id) = (app.clone(), node_id.to_owned());
+    tokio::spawn(async move {
+        while app.sessions.take_push(&node_id) {
+            push_until_done(&app, &node_id).await;
+        }
+    });
+}
+
+async fn push_until_done(app: &AppRef, node_id: &str) {
     let mut backoff = clawdeploy_common::backoff::Backoff::new(
         std::time::Duration::from_millis(200),
         std::time::Duration::from_secs(10),
     )
     .jittered();
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(300);
-    while tokio::time::Instant::now() < deadline {
-        backoff.wait().await;
-        match bump_and_push(&app, &node_id).await {
+    loop {
+        match bump_and_push(app, node_id).await {
             Ok(()) => return,
-            Err(e) => tracing::debug!(node_id, error = %e, "node still not told"),
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::debug!(node_id, error = %e, "node not told yet; retrying");
+                backoff.wait().await;
+            }
+            Err(e) => {
+                tracing::warn!(node_id, error = %e, "node not told of a change; the unconfirmed-claim sweep takes over");
+                return;
+            }
         }
     }
-    tracing::warn!(
-        node_id,
-        "node not told of a change; the unconfirmed-claim sweep takes over"
-    );
 }
 
 /// Like `bump_and_push`, and also moves the generation past `floor` (what the

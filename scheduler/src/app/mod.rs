@@ -187,6 +187,8 @@ pub struct App {
     pub pool_wake: Notify,
     /// Signups claiming here now: the pool manager's refills wait for them.
     pub claims: claims::ClaimsInFlight,
+    /// Claims that may use database connections at once (`claim_slots`).
+    pub claim_slots: tokio::sync::Semaphore,
     /// Wakes the migration driver (an export reported, a target came up).
     pub migration_wake: Notify,
     /// Wakes the signup queue (a signup queued, a node said hello).
@@ -216,6 +218,17 @@ pub struct App {
 }
 
 pub type AppRef = Arc<App>;
+
+/// How many of a pool's `max_connections` claims may hold at once: all but
+/// a quarter (at least two). A burst of signups queues here, not in the
+/// pool, so the work that finishes the claims already made (pushes to the
+/// agents, their reports, the answers) always finds a connection; with
+/// every connection queued for by claims, the first claim of a burst was
+/// confirmed only after the last one had committed.
+fn claim_slots(max_connections: u32) -> usize {
+    let reserved = (max_connections / 4).max(2);
+    max_connections.saturating_sub(reserved).max(1) as usize
+}
 
 impl Config {
     /// `node_min_disk_bytes` as SQL binds it.
@@ -249,6 +262,8 @@ impl App {
     ) -> AppRef {
         use sha2::Digest;
         let cfg_dns = cfg.dns_nameservers.clone();
+        let claim_slots =
+            tokio::sync::Semaphore::new(claim_slots(db.options().get_max_connections()));
         let cfg_acme = cfg.acme.clone();
         Arc::new(App {
             cfg,
@@ -258,6 +273,7 @@ impl App {
             route_events: broadcast::channel(4096).0,
             pool_wake: Notify::new(),
             claims: Default::default(),
+            claim_slots,
             migration_wake: Notify::new(),
             queue_wake: Notify::new(),
             edge_acks: Default::default(),
@@ -274,5 +290,17 @@ impl App {
             acme: cfg_acme.map(crate::acme::Acme::new),
             domain_wake: Notify::new(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn claims_leave_connections_for_the_work_that_completes_them() {
+        assert_eq!(super::claim_slots(12), 9);
+        assert_eq!(super::claim_slots(32), 24);
+        assert_eq!(super::claim_slots(4), 2);
+        assert_eq!(super::claim_slots(2), 1);
+        assert_eq!(super::claim_slots(1), 1);
     }
 }

@@ -30,6 +30,9 @@ pub struct Sessions {
     pending_pushes: Mutex<HashMap<String, bool>>,
     /// The newest generation sent to each node, and when.
     sent: Mutex<HashMap<String, (u64, std::time::Instant)>>,
+    /// Nodes whose background pusher (`desired::announce`) runs, and
+    /// whether a change is waiting for its next round.
+    announced: Mutex<HashMap<String, bool>>,
 }
 
 impl Sessions {
@@ -85,6 +88,38 @@ impl Drop for PushTicket<'_> {
 }
 
 impl Sessions {
+    /// A change for `node_id` committed: true when the caller is to start
+    /// the node's pusher, false when one runs and will take it.
+    pub fn want_push(&self, node_id: &str) -> bool {
+        let mut announced = self.announced.lock().unwrap();
+        match announced.get_mut(node_id) {
+            Some(waiting) => {
+                *waiting = true;
+                false
+            }
+            None => {
+                announced.insert(node_id.to_owned(), true);
+                true
+            }
+        }
+    }
+
+    /// The pusher's next round: true (and the change taken) when one is
+    /// waiting; false, and the pusher ends, when none is.
+    pub fn take_push(&self, node_id: &str) -> bool {
+        let mut announced = self.announced.lock().unwrap();
+        match announced.get_mut(node_id) {
+            Some(waiting) if *waiting => {
+                *waiting = false;
+                true
+            }
+            _ => {
+                announced.remove(node_id);
+                false
+            }
+        }
+    }
+
     /// Registers a node's new session, replacing (and so closing) any older
     /// one for the same node. Returns the session's id for `unregister`.
     pub fn register(&self, node_id: &str, tx: Outbound) -> u64 {
@@ -185,6 +220,22 @@ mod tests {
         s.record_sent("a", 4);
         assert!(s.sent_recently("a", 5, within));
         assert!(!s.sent_recently("a", 5, std::time::Duration::ZERO));
+    }
+
+    #[test]
+    fn changes_announced_while_a_pusher_runs_ride_on_its_next_round() {
+        let s = Sessions::default();
+        assert!(s.want_push("a"), "the first change starts a pusher");
+        assert!(!s.want_push("a"), "a change while it runs does not");
+        assert!(s.want_push("b"), "nodes are apart");
+        // The pusher takes the changes so far in one round…
+        assert!(s.take_push("a"));
+        // …a change during that round makes one more…
+        assert!(!s.want_push("a"));
+        assert!(s.take_push("a"));
+        // …and with none waiting it ends, so the next change starts anew.
+        assert!(!s.take_push("a"));
+        assert!(s.want_push("a"));
     }
 
     #[test]

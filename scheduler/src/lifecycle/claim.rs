@@ -8,7 +8,6 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::Instant;
 
-use clawdeploy_proto::Route;
 use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
@@ -19,7 +18,7 @@ use crate::audit::audit;
 use crate::crypto::{aad, envelope, random_token};
 use crate::error::{Error, Result};
 use crate::fleet::capacity;
-use crate::model::{ContainerState, InstanceStatus, Tier};
+use crate::model::{InstanceStatus, Tier};
 use crate::routes;
 
 /// The idle container a claim should take, locked: the current pool
@@ -55,6 +54,12 @@ pub async fn sign_up(
         Some(s) => instances::validate_subdomain(&s)?,
         None => format!("claw-{}", random_token(4)),
     };
+    // A burst queues here rather than for connections (`App::claim_slots`).
+    let slot = app
+        .claim_slots
+        .acquire()
+        .await
+        .map_err(|_| Error::Internal("claim slots closed".into()))?;
     if instances::cooling_down(&app.db, app.cfg.subdomain_cooldown, &subdomain, user_id).await? {
         return Err(Error::Conflict {
             code: "subdomain_taken",
@@ -65,6 +70,9 @@ pub async fn sign_up(
     let default_model = instances::default_model_for(&provider_keys);
     // Until this signup has its answer, the pool manager's refills wait.
     let _in_flight = app.claims.enter();
+    // Listening before the claim: the agent may confirm it before the
+    // claim call returns.
+    let ready = app.instance_ready.subscribe();
     let claimed = claim(
         app,
         ClaimRequest {
@@ -84,17 +92,18 @@ pub async fn sign_up(
         };
         metrics::counter!("clawdeploy_assignments_total", "result" => result).increment(1);
     })?;
+    drop(slot);
     // The claim is committed: from here on the instance exists, so a
     // database that goes away answers 202 (poll the status URL) rather than
     // an error a client would retry into `instance_exists`.
-    let outcome = match claimed.container_id {
+    let (outcome, settled) = match claimed.container_id {
         // Every node is full: the signup waits in line (202, `queued`).
-        None => Outcome::Queued,
-        Some(_) => match wait_ready(app, claimed.instance_id).await {
-            Ok(o) => o,
+        None => (Outcome::Queued, None),
+        Some(_) => match wait_ready(app, claimed.instance_id, ready).await {
+            Ok(done) => done,
             Err(e) => {
                 tracing::warn!(instance_id = %claimed.instance_id, error = %e, "claim committed; its readiness not read: answering 202");
-                Outcome::Pending
+                (Outcome::Pending, None)
             }
         },
     };
@@ -106,12 +115,8 @@ pub async fn sign_up(
         }
         Outcome::Ready => {
             // The route is committed; answer once the edges route it too.
-            match routes::live_version(&app.db, claimed.instance_id).await {
-                Ok(Some(v)) => routes::wait_edges(app, claimed.instance_id, v).await,
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::warn!(instance_id = %claimed.instance_id, error = %e, "route version not read; not waiting for the edges")
-                }
+            if let Some(v) = settled.as_ref().and_then(|s| s.route_version) {
+                routes::wait_edges(app, claimed.instance_id, v).await;
             }
             InstanceStatus::Ready
         }
@@ -123,13 +128,16 @@ pub async fn sign_up(
         Outcome::Failed => InstanceStatus::Failed,
     };
     // A retried claim moved the instance to another container: its token
-    // (the claimed container's when the database cannot say).
-    let gateway_token = match instances::gateway_token(app, claimed.instance_id).await {
-        Ok(t) => t,
-        Err(e) => {
-            tracing::warn!(instance_id = %claimed.instance_id, error = %e, "gateway token not re-read; answering the claimed container's");
-            claimed.gateway_token.clone()
-        }
+    // (the claimed container's when the database could not say).
+    let gateway_token = match settled.and_then(|s| s.container) {
+        Some((container_id, sealed)) => app
+            .secrets
+            .open_string(&aad::gateway_token(container_id), &sealed)
+            .inspect_err(|e| tracing::warn!(instance_id = %claimed.instance_id, error = %e, "gateway token not opened; answering the claimed container's"))
+            .ok()
+            .or_else(|| claimed.gateway_token.clone()),
+        None if outcome == Outcome::Queued => None,
+        None => claimed.gateway_token.clone(),
     };
     Ok((
         outcome,
@@ -224,15 +232,10 @@ pub async fn claim(app: &AppRef, req: ClaimRequest) -> Result<Claimed> {
             gateway_token: None,
         });
     };
-    if let Err(e) = desired::bump_and_push(app, &attached.node_id).await {
-        // Committed but not yet announced: keep trying in the background
-        // (the unconfirmed-claim sweep moves it on if this never works).
-        tracing::warn!(%instance_id, node_id = attached.node_id, error = %e, "node not told of the claim yet; retrying");
-        tokio::spawn(desired::bump_until_done(
-            app.clone(),
-            attached.node_id.clone(),
-        ));
-    }
+    // The node hears of it in the background, with the burst's other
+    // claims on it (the unconfirmed-claim sweep moves it on should that
+    // never work).
+    desired::announce(app, &attached.node_id);
     let gateway_token = app
         .secrets
         .open_string(
@@ -500,29 +503,53 @@ pub enum Outcome {
     Failed,
 }
 
+/// What a waiting signup reads of its instance, in one statement: its
+/// status, its own route's version (to wait for the edges) and its
+/// container with the sealed gateway token (a retried claim moved it).
+pub struct Settled {
+    pub status: InstanceStatus,
+    pub route_version: Option<routes::RouteVersion>,
+    pub container: Option<(Uuid, Vec<u8>)>,
+}
+
+async fn settled(app: &App, instance_id: Uuid) -> Result<Option<Settled>> {
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        status: InstanceStatus,
+        route_version: Option<routes::RouteVersion>,
+        container_id: Option<Uuid>,
+        gateway_token_enc: Option<Vec<u8>>,
+    }
+    let row: Option<Row> = sqlx::query_as(
+        "SELECT i.status, r.version AS route_version, c.id AS container_id, c.gateway_token_enc
+           FROM instances i
+           LEFT JOIN containers c ON c.id = i.container_id
+           LEFT JOIN routes r ON r.instance_id = i.id AND NOT r.custom AND r.removed_at IS NULL
+          WHERE i.id = $1",
+    )
+    .bind(instance_id)
+    .fetch_optional(&app.db)
+    .await?;
+    Ok(row.map(|r| Settled {
+        status: r.status,
+        route_version: r.route_version,
+        container: r.container_id.zip(r.gateway_token_enc),
+    }))
+}
+
 /// Waits until the instance is ready (or failed), up to the configured
-/// claim wait.
-pub async fn wait_ready(app: &App, instance_id: Uuid) -> Result<Outcome> {
-    let mut ready = app.instance_ready.subscribe();
+/// claim wait; `ready` was subscribed before the claim, so no confirmation
+/// is missed. Returns the outcome and the instance as last read.
+pub async fn wait_ready(
+    app: &App,
+    instance_id: Uuid,
+    mut ready: tokio::sync::broadcast::Receiver<Uuid>,
+) -> Result<(Outcome, Option<Settled>)> {
     let deadline = tokio::time::Instant::now() + app.cfg.claim_wait;
     loop {
-        // The database is the truth (another scheduler may hold the agent's
-        // session); the broadcast only makes the common case fast.
-        let status: Option<InstanceStatus> =
-            sqlx::query_scalar("SELECT status FROM instances WHERE id = $1")
-                .bind(instance_id)
-                .fetch_optional(&app.db)
-                .await?;
-        match status {
-            Some(InstanceStatus::Ready) => return Ok(Outcome::Ready),
-            Some(InstanceStatus::Failed) => return Ok(Outcome::Failed),
-            _ => {}
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return Ok(Outcome::Pending);
-        }
-        // The broadcast wakes this scheduler's waiters; the database is
-        // read again now and then for a completion another scheduler saw.
+        // The broadcast wakes this scheduler's waiters (another
+        // scheduler's completions arrive through its events); the database
+        // is read again now and then all the same, and it is the truth.
         let recheck = tokio::time::Instant::now() + std::time::Duration::from_millis(500);
         loop {
             tokio::select! {
@@ -535,106 +562,14 @@ pub async fn wait_ready(app: &App, instance_id: Uuid) -> Result<Outcome> {
                 _ = tokio::time::sleep_until(recheck.min(deadline)) => break,
             }
         }
+        let now = settled(app, instance_id).await?;
+        match now.as_ref().map(|s| s.status) {
+            Some(InstanceStatus::Ready) => return Ok((Outcome::Ready, now)),
+            Some(InstanceStatus::Failed) => return Ok((Outcome::Failed, now)),
+            _ if tokio::time::Instant::now() >= deadline => return Ok((Outcome::Pending, now)),
+            _ => {}
+        }
     }
-}
-
-/// The agent saw tenant config `applied_version` live in `container_id`:
-/// finish the claim (container assigned, instance ready, route published).
-/// Idempotent: repeated reports change nothing.
-pub async fn complete(
-    app: &App,
-    node_id: &str,
-    container_id: Uuid,
-    applied_version: u64,
-) -> Result<()> {
-    // On its own, not in the transaction below: that one ends early (and
-    // rolls back) for every instance that is not pending, and a live config
-    // change on a ready instance must still be recorded.
-    let applied = i64::try_from(applied_version).unwrap_or(i64::MAX);
-    let container: Option<(ContainerState, String)> = sqlx::query_as(
-        "UPDATE containers SET applied_config = GREATEST(applied_config, $3), updated_at = now()
-          WHERE id = $1 AND node_id = $2 RETURNING state, upstream",
-    )
-    .bind(container_id)
-    .bind(node_id)
-    .bind(applied)
-    .fetch_optional(&app.db)
-    .await?;
-    let mut tx = app.db.begin().await?;
-    let Some((state, upstream)) = container else {
-        return Err(Error::NotFound("container on this node"));
-    };
-    #[derive(sqlx::FromRow)]
-    struct Claimed {
-        id: Uuid,
-        subdomain: String,
-        config_version: i64,
-        status: InstanceStatus,
-        created_at: chrono::DateTime<chrono::Utc>,
-    }
-    let instance: Option<Claimed> = sqlx::query_as(
-        "SELECT id, subdomain, config_version, status, created_at FROM instances
-          WHERE container_id = $1 AND status IN ('pending', 'ready') FOR UPDATE",
-    )
-    .bind(container_id)
-    .fetch_optional(&mut *tx)
-    .await?;
-    let Some(Claimed {
-        id: instance_id,
-        subdomain,
-        config_version: version,
-        status,
-        created_at,
-    }) = instance
-    else {
-        return Ok(());
-    };
-    if status != InstanceStatus::Pending
-        || applied < version
-        || state != ContainerState::Assigning
-        || upstream.is_empty()
-    {
-        return Ok(());
-    }
-    sqlx::query("UPDATE containers SET state = 'assigned', updated_at = now() WHERE id = $1")
-        .bind(container_id)
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query("UPDATE instances SET status = 'ready', ready_at = now() WHERE id = $1")
-        .bind(instance_id)
-        .execute(&mut *tx)
-        .await?;
-    let deltas = routes::upsert(
-        app,
-        &mut tx,
-        Route {
-            hostname: app.cfg.host_of(&subdomain),
-            upstream,
-            instance_id: instance_id.to_string(),
-            container_id: container_id.to_string(),
-            ..Route::default()
-        },
-    )
-    .await?;
-    audit(
-        &mut *tx,
-        &format!("node:{node_id}"),
-        "instance.ready",
-        &instance_id.to_string(),
-        serde_json::json!({"container": container_id}),
-    )
-    .await;
-    tx.commit().await?;
-    let _ = app.instance_ready.send(instance_id);
-    routes::broadcast(app, deltas, Some(instance_id)).await;
-    let took = (chrono::Utc::now() - created_at)
-        .num_microseconds()
-        .unwrap_or(0) as f64
-        / 1e6;
-    metrics::histogram!("clawdeploy_assignment_duration_seconds").record(took);
-    metrics::counter!("clawdeploy_assignments_total", "result" => "ready").increment(1);
-    tracing::info!(%instance_id, subdomain, %container_id, node_id, took_ms = took * 1e3, "instance ready");
-    Ok(())
 }
 
 /// Claims the agent has not confirmed in time, and claims on a node whose

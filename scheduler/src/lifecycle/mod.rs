@@ -4,6 +4,7 @@
 //! only: no HTTP or gRPC types.
 
 pub mod claim;
+pub mod complete;
 pub mod idempotency;
 pub mod instances;
 pub mod queue;

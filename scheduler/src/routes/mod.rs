@@ -8,7 +8,7 @@ pub mod custom;
 use std::sync::atomic::Ordering;
 
 use clawdeploy_proto::{Route, RouteDelta, RouteSnapshot};
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
 use crate::app::App;
@@ -152,14 +152,47 @@ pub async fn repoint(app: &App, container_id: Uuid, upstream: &str) -> Result<()
     Ok(())
 }
 
+/// `repoint` for several containers at once (one agent report's), in one
+/// statement and one announcement.
+pub async fn repoint_many(app: &App, moved: &[(Uuid, &str)]) -> Result<()> {
+    if moved.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = moved.iter().map(|(id, _)| *id).collect();
+    let upstreams: Vec<&str> = moved.iter().map(|(_, up)| *up).collect();
+    let rows: Vec<RouteRow> = sqlx::query_as(&format!(
+        "UPDATE routes SET upstream = m.addr, version = nextval('route_version')
+           FROM unnest($1::uuid[], $2::text[]) AS m(cid, addr)
+          WHERE routes.container_id = m.cid AND routes.upstream <> m.addr
+            AND routes.removed_at IS NULL
+          RETURNING {ROUTE_COLUMNS}"
+    ))
+    .bind(&ids)
+    .bind(&upstreams)
+    .fetch_all(&app.db)
+    .await?;
+    for r in &rows {
+        tracing::info!(hostname = r.hostname, container_id = ?r.container_id, upstream = r.upstream, "route follows the container to its new address");
+    }
+    let deltas = deltas_of(app, rows).await?;
+    broadcast(app, deltas, None).await;
+    Ok(())
+}
+
 /// Sends committed deltas to this scheduler's edge watchers and announces
 /// them (and the instance that became ready with them) to the others.
 pub async fn broadcast(app: &App, deltas: Vec<RouteDelta>, ready: Option<Uuid>) {
+    broadcast_many(app, deltas, ready.as_slice()).await
+}
+
+/// `broadcast` for the routes and instances of several completions, in one
+/// announcement.
+pub async fn broadcast_many(app: &App, deltas: Vec<RouteDelta>, ready: &[Uuid]) {
     let mut events = Vec::new();
     if !deltas.is_empty() {
         events.push(Event::Routes(deltas.iter().map(|d| d.version).collect()));
     }
-    events.extend(ready.map(Event::Ready));
+    events.extend(ready.iter().copied().map(Event::Ready));
     broadcast_local(app, deltas);
     events::publish(app, &events).await;
 }
@@ -241,14 +274,4 @@ pub async fn wait_edges(app: &App, instance_id: Uuid, version: RouteVersion) {
     }
     metrics::histogram!("clawdeploy_route_propagation_seconds")
         .record(started.elapsed().as_secs_f64());
-}
-
-/// The version of the instance's live route, if it has one.
-pub async fn live_version(db: &PgPool, instance_id: Uuid) -> Result<Option<RouteVersion>> {
-    Ok(sqlx::query_scalar(
-        "SELECT version FROM routes WHERE instance_id = $1 AND NOT custom AND removed_at IS NULL",
-    )
-    .bind(instance_id)
-    .fetch_optional(db)
-    .await?)
 }

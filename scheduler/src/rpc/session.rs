@@ -4,7 +4,7 @@
 //! containers, destroyed containers are swept). No tonic types: the gRPC
 //! stream around it is `rpc::agent`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use clawdeploy_proto::{
     agent_message, AgentMessage, ContainerPhase, ContainerStatus, Heartbeat, Hello,
@@ -17,7 +17,7 @@ use crate::app::AppRef;
 use crate::audit::audit;
 use crate::backup;
 use crate::error::{Error, Result};
-use crate::lifecycle::claim;
+use crate::lifecycle::complete;
 use crate::migration;
 use crate::model::{ContainerState, Generation, NodeState};
 use crate::routes;
@@ -37,6 +37,12 @@ fn clamp_i32(v: u64) -> i32 {
 /// A reported figure as the `bigint` column holds it.
 fn clamp_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// A healthy container with an address and no export to record: what
+/// `observe_healthy` applies in bulk.
+fn is_plain_healthy(s: &ContainerStatus) -> bool {
+    s.phase == ContainerPhase::Healthy as i32 && !s.upstream.is_empty() && s.export.is_none()
 }
 
 /// What a container report said, as far as the scheduler acts on it.
@@ -185,15 +191,33 @@ impl AgentSession {
         .fetch_one(&self.app.db)
         .await?;
         self.refuse_if_removed(state)?;
-        // Reports touch different rows, so they are applied concurrently:
-        // a burst of claims on one node completes in parallel.
         let changed: Vec<&ContainerStatus> = hb
             .containers
             .iter()
             .filter(|s| self.seen.get(&s.container_id) != Some(&Seen::from(*s)))
             .collect();
-        let mut results: Vec<(&ContainerStatus, Result<bool>)> = Vec::with_capacity(changed.len());
-        for chunk in changed.chunks(16) {
+        // Healthy containers (pool containers warm, claims confirmed: nearly
+        // every report of a burst) are applied together, a few statements
+        // for the whole report; the others one by one, concurrently (they
+        // touch different rows).
+        let (healthy, others): (Vec<&ContainerStatus>, Vec<&ContainerStatus>) =
+            changed.into_iter().partition(|s| is_plain_healthy(s));
+        let mut results: Vec<(&ContainerStatus, Result<bool>)> =
+            Vec::with_capacity(healthy.len() + others.len());
+        match self.observe_healthy(&healthy).await {
+            Ok((missing, bumped)) => results.extend(healthy.iter().map(|s| {
+                let r = if missing.contains(&s.container_id) {
+                    Err(Error::NotFound("container on this node"))
+                } else {
+                    Ok(bumped)
+                };
+                (*s, r)
+            })),
+            Err(e) => {
+                tracing::warn!(node_id = self.node_id, containers = healthy.len(), error = %e, "healthy reports not applied");
+            }
+        }
+        for chunk in others.chunks(16) {
             let done = futures::future::join_all(chunk.iter().map(|s| self.observe(s))).await;
             results.extend(chunk.iter().copied().zip(done));
         }
@@ -251,6 +275,86 @@ impl AgentSession {
             desired::push(&self.app, &self.node_id).await?;
         }
         Ok(())
+    }
+
+    /// `observe` for every report of a healthy container with no export
+    /// (`is_plain_healthy`), together: one statement records them all,
+    /// routes follow the containers whose address changed, and the claims
+    /// they confirm complete in one more. Returns the ids of reported
+    /// containers this node does not have, and whether the node's desired
+    /// state changed (a container it should destroy still runs).
+    async fn observe_healthy(
+        &self,
+        reports: &[&ContainerStatus],
+    ) -> Result<(HashSet<String>, bool)> {
+        if reports.is_empty() {
+            return Ok((HashSet::new(), false));
+        }
+        let mut bumped = false;
+        let mut ids = Vec::with_capacity(reports.len());
+        let mut missing = HashSet::new();
+        let mut valid = Vec::with_capacity(reports.len());
+        for s in reports {
+            match s.container_id.parse::<Uuid>() {
+                Ok(id) => {
+                    ids.push(id);
+                    valid.push(*s);
+                }
+                Err(_) => {
+                    missing.insert(s.container_id.clone());
+                }
+            }
+        }
+        let docker_ids: Vec<&str> = valid.iter().map(|s| s.docker_id.as_str()).collect();
+        let upstreams: Vec<&str> = valid.iter().map(|s| s.upstream.as_str()).collect();
+        let applied: Vec<i64> = valid.iter().map(|s| clamp_i64(s.config_version)).collect();
+        // `observe`'s healthy update and `complete`'s applied version, in
+        // one statement for the whole report.
+        let states: Vec<(Uuid, ContainerState)> = sqlx::query_as(
+            "UPDATE containers c SET state = CASE WHEN c.state IN ('creating', 'warming') THEN 'idle' ELSE c.state END,
+                    warm_at = COALESCE(c.warm_at, now()), docker_id = r.docker_id, upstream = r.upstream,
+                    message = '', applied_config = GREATEST(c.applied_config, r.applied), updated_at = now()
+               FROM unnest($2::uuid[], $3::text[], $4::text[], $5::bigint[]) AS r(id, docker_id, upstream, applied)
+              WHERE c.id = r.id AND c.node_id = $1
+              RETURNING c.id, c.state",
+        )
+        .bind(&self.node_id)
+        .bind(&ids)
+        .bind(&docker_ids)
+        .bind(&upstreams)
+        .bind(&applied)
+        .fetch_all(&self.app.db)
+        .await?;
+        let found: HashMap<Uuid, ContainerState> = states.into_iter().collect();
+        let mut moved = Vec::new();
+        let mut confirmed = Vec::new();
+        for (id, s) in ids.iter().zip(&valid) {
+            let Some(state) = found.get(id) else {
+                missing.insert(s.container_id.clone());
+                continue;
+            };
+            match state {
+                ContainerState::Idle => self.app.pool_wake.notify_one(),
+                ContainerState::Migrating => self.app.migration_wake.notify_one(),
+                // As in `observe`: the node is told again.
+                ContainerState::Destroying => {
+                    self.app.pool_wake.notify_one();
+                    bumped = true;
+                }
+                _ => {}
+            }
+            // Routes follow a container to a new address. A report whose
+            // address this session already applied has nothing to move.
+            if self.seen.get(&s.container_id).map(|seen| &seen.upstream) != Some(&s.upstream) {
+                moved.push((*id, s.upstream.as_str()));
+            }
+            if s.config_version > 0 {
+                confirmed.push((*id, s.config_version));
+            }
+        }
+        routes::repoint_many(&self.app, &moved).await?;
+        complete::complete_many(&self.app, &self.node_id, &confirmed).await?;
+        Ok((missing, bumped))
     }
 
     /// Applies one container's observed state. Returns whether the node's
@@ -316,7 +420,7 @@ impl AgentSession {
             routes::repoint(&self.app, id, "").await?;
         }
         if s.config_version > 0 {
-            claim::complete(&self.app, &self.node_id, id, s.config_version).await?;
+            complete::complete(&self.app, &self.node_id, id, s.config_version).await?;
             if state == ContainerState::Migrating {
                 self.app.migration_wake.notify_one();
             }

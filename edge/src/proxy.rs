@@ -13,22 +13,20 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 
 use crate::conn::{Activity, Tracked};
 use crate::routes::{normalize_host, RouteTable, Target};
-use crate::upstream::{self, BoxError, UpstreamConnector};
+use crate::upstream::{self, UpstreamPool};
 use crate::Limits;
 
 /// What the edge answers with.
 pub type Body = BoxBody<Bytes, hyper::Error>;
-/// What the edge sends upstream: the client's body, capped.
-type UpBody = BoxBody<Bytes, BoxError>;
 
 pub struct Proxy {
     pub routes: Arc<RouteTable>,
-    client: Client<UpstreamConnector, UpBody>,
+    /// This worker's upstream connections.
+    upstream: Arc<UpstreamPool>,
     limits: Limits,
     meters: Meters,
 }
@@ -97,17 +95,9 @@ impl Peer {
 
 impl Proxy {
     pub fn new(routes: Arc<RouteTable>, limits: Limits) -> Self {
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(std::time::Duration::from_secs(60))
-            .pool_max_idle_per_host(64)
-            .timer(TokioTimer::new())
-            .build(UpstreamConnector::new(
-                routes.clone(),
-                limits.connect_timeout,
-            ));
         Self {
+            upstream: UpstreamPool::new(routes.clone(), limits.connect_timeout),
             routes,
-            client,
             limits,
             meters: Meters::new(),
         }
@@ -356,13 +346,10 @@ impl Proxy {
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             return resp;
         }
-        let Some(uri) = upstream::uri_of(&target, req.uri().path_and_query()) else {
-            return error_page(
-                req.headers(),
-                StatusCode::BAD_REQUEST,
-                "bad_path",
-                "The request path is not valid.",
-            );
+        // Origin form: the container sees the path, its host in `Host`.
+        let uri = match req.uri().path_and_query() {
+            Some(pq) => http::Uri::from(pq.clone()),
+            None => http::Uri::from_static("/"),
         };
         let upgrade = is_upgrade(req.headers());
         let mut req = req;
@@ -393,13 +380,14 @@ impl Proxy {
         parts.version = http::Version::HTTP_11;
         // Error pages need only this of the request's headers (no copy of them all).
         let headers_for_errors = accept_only(&parts.headers);
-        let body = Limited::new(body, self.limits.max_body_bytes as usize).boxed();
+        let body = Limited::new(body, self.limits.max_body_bytes as usize);
         let upstream_req = Request::from_parts(parts, body);
 
         let started = Instant::now();
-        let mut resp = match self.client.request(upstream_req).await {
+        let key = upstream::key_of(&target).clone();
+        let mut resp = match self.upstream.send(&key, upstream_req).await {
             Ok(r) => r,
-            Err(e) if body_too_large(&e) => {
+            Err(e) if body_too_large(e.as_ref()) => {
                 return error_page(
                     &headers_for_errors,
                     StatusCode::PAYLOAD_TOO_LARGE,

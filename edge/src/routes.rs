@@ -20,9 +20,9 @@ pub struct Target {
     pub instance_id: String,
     pub container_id: String,
     /// The upstream pool's key for this container at this address
-    /// (`upstream::uri_of`), made on the route's first request.
+    /// (`upstream::key_of`), made on the route's first request.
     #[serde(skip)]
-    pub(crate) pool_key: std::sync::OnceLock<Option<http::uri::Authority>>,
+    pub(crate) pool_key: std::sync::OnceLock<Arc<str>>,
 }
 
 /// A custom hostname's certificate, as PEM (parsed by `tls` on first use).

@@ -9,6 +9,11 @@ use anyhow::Context;
 use clap::Parser;
 use clawdeploy_edge::{serve, CertFiles, EdgeConfig, Limits, Listeners};
 
+/// mimalloc: per-thread heaps suit the edge's thread-per-core workers,
+/// each allocating and freeing its own requests' memory.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "clawdeploy-edge", version, about = "ClawDeploy edge router")]
 struct Args {

@@ -115,15 +115,19 @@ pub fn normalize_host(raw: &str) -> Option<Cow<'_, str>> {
         _ => raw,
     };
     let host = host.strip_suffix('.').unwrap_or(host);
-    let ok = !host.is_empty()
-        && host.len() <= 253
-        && host
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
-    if !ok {
+    if host.is_empty() || host.len() > 253 {
         return None;
     }
-    Some(if host.bytes().any(|b| b.is_ascii_uppercase()) {
+    // One pass over the bytes (every request's host goes through here).
+    let mut upper = false;
+    for b in host.bytes() {
+        match b {
+            b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' => {}
+            b'A'..=b'Z' => upper = true,
+            _ => return None,
+        }
+    }
+    Some(if upper {
         Cow::Owned(host.to_ascii_lowercase())
     } else {
         Cow::Borrowed(host)

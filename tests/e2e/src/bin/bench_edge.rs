@@ -569,34 +569,45 @@ async fn main() -> Result<()> {
 }
 
 /// Rounds of (edge, nginx, Caddy) on `path`, HTTP/1.1 then HTTP/2, and
-/// the medians.
+/// the medians. Each round runs one protocol through every proxy back to
+/// back, edge and nginx swapping places every other round, so that a
+/// machine whose speed drifts (a shared virtual machine's does, by 10–20%
+/// over seconds) favours neither; the edge/nginx ratio is also taken round
+/// by round, from runs seconds apart, and its median reported.
 fn series(c: &Cluster, peers: &[Peer; 3], gw: &str, path: &str, a: &Args) -> Result<()> {
     println!("\n## {path}");
     let mut h1: Vec<Vec<Run>> = vec![Vec::new(); 3];
     let mut h2: Vec<Vec<Run>> = vec![Vec::new(); 3];
     for round in 0..a.rounds {
-        for (i, p) in peers.iter().enumerate() {
-            let pid = p
-                .child
-                .as_ref()
-                .map(Child::id)
-                .or(c.edge_pid())
-                .context("pid")?;
-            let cpu_before = tree_cpu_secs(pid);
-            let mut r1 = wrk(p.addr, gw, path, a)?;
-            let cpu_mid = tree_cpu_secs(pid);
-            let log = c.dir.join(format!("h2load-{}.log", p.name));
-            let mut r2 = h2load(p.addr, gw, path, a, &log)?;
-            let cpu_after = tree_cpu_secs(pid);
-            let per_request = |cpu: f64, r: &Run| cpu * 1e6 / (r.rps * a.duration as f64);
-            r1.cpu_us = per_request(cpu_mid - cpu_before, &r1);
-            r2.cpu_us = per_request(cpu_after - cpu_mid, &r2);
-            println!(
-                "round {round} {:<6} wrk {:>6.0} req/s p99 {:>6.2} ms {:>4.0} µs CPU/req | h2load {:>6.0} req/s p99 {:>6.2} ms {:>4.0} µs CPU/req",
-                p.name, r1.rps, r1.p99_ms, r1.cpu_us, r2.rps, r2.p99_ms, r2.cpu_us
-            );
-            h1[i].push(r1);
-            h2[i].push(r2);
+        let order = if round % 2 == 0 { [0, 1, 2] } else { [1, 0, 2] };
+        for http2 in [false, true] {
+            for i in order {
+                let p = &peers[i];
+                let pid = p
+                    .child
+                    .as_ref()
+                    .map(Child::id)
+                    .or(c.edge_pid())
+                    .context("pid")?;
+                let cpu_before = tree_cpu_secs(pid);
+                let mut r = if http2 {
+                    let log = c.dir.join(format!("h2load-{}.log", p.name));
+                    h2load(p.addr, gw, path, a, &log)?
+                } else {
+                    wrk(p.addr, gw, path, a)?
+                };
+                r.cpu_us = (tree_cpu_secs(pid) - cpu_before) * 1e6 / (r.rps * a.duration as f64);
+                println!(
+                    "round {round} {:<6} {:<6} {:>6.0} req/s p99 {:>6.2} ms {:>4.0} µs CPU/req",
+                    p.name,
+                    if http2 { "h2load" } else { "wrk" },
+                    r.rps,
+                    r.p99_ms,
+                    r.cpu_us
+                );
+                let runs = if http2 { &mut h2 } else { &mut h1 };
+                runs[i].push(r);
+            }
         }
     }
     let memory: Vec<u64> = peers
@@ -632,6 +643,20 @@ fn series(c: &Cluster, peers: &[Peer; 3], gw: &str, path: &str, a: &Args) -> Res
             m[0].p99_ms / m[2].p99_ms,
             m[0].cpu_us / m[2].cpu_us
         );
+        let mut paired: Vec<f64> = runs[0]
+            .iter()
+            .zip(&runs[1])
+            .map(|(edge, nginx)| edge.rps / nginx.rps)
+            .collect();
+        paired.sort_by(f64::total_cmp);
+        println!(
+            "{path} {label}: edge/nginx throughput round by round: median {:.2}× (from {:.2}× to {:.2}×, {} of {} rounds at or above 1.0×)",
+            paired[paired.len() / 2],
+            paired[0],
+            paired[paired.len() - 1],
+            paired.iter().filter(|r| **r >= 1.0).count(),
+            paired.len()
+        );
     }
     Ok(())
 }
@@ -642,7 +667,9 @@ fn profile(c: &Cluster, edge: &Peer, gw: &str, a: &Args) -> Result<()> {
     let pid = c.edge_pid().context("edge pid")?;
     let data = c.dir.join("edge.perf.data");
     let rec = Command::new("perf")
-        .args(["record", "-F", "999", "-g", "-o"])
+        // DWARF call graphs (release builds keep no frame pointers), so the
+        // kept recording can be read with its callers.
+        .args(["record", "-F", "999", "--call-graph", "dwarf,16384", "-o"])
         .arg(&data)
         .args(["-p", &pid.to_string()])
         .stdout(Stdio::null())
@@ -658,7 +685,17 @@ fn profile(c: &Cluster, edge: &Peer, gw: &str, a: &Args) -> Result<()> {
     );
     // Where the time goes by binary (kernel, the edge, libc), then the
     // hottest functions, the edge's threads taken together.
-    clawdeploy_e2e::perf_report(rec, &data, &[("dso", "1", 8), ("sym", "0.5", 40)])
+    clawdeploy_e2e::perf_report(rec, &data, &[("dso", "1", 8), ("sym", "0.5", 40)])?;
+    // Kept past the system's own directory, to read further (`perf report
+    // -i target/bench/edge.perf.data --children`).
+    let keep = Path::new("target/bench");
+    std::fs::create_dir_all(keep)?;
+    std::fs::copy(&data, keep.join("edge.perf.data"))?;
+    println!(
+        "recording kept at {}",
+        keep.join("edge.perf.data").display()
+    );
+    Ok(())
 }
 
 /// One request through `addr`; whether it answered 200.

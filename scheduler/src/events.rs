@@ -87,6 +87,11 @@ fn decode(payload: &str) -> (&str, Vec<Event>) {
 /// Announces committed changes to the other schedulers. Best effort: the
 /// heartbeat and the edges' reconnects catch up whatever is lost.
 pub async fn publish(app: &App, events: &[Event]) {
+    publish_over(app, &app.db, events).await
+}
+
+/// `publish` over `db` (the agents' own pool, on their reports' path).
+pub async fn publish_over(app: &App, db: &sqlx::PgPool, events: &[Event]) {
     if events.is_empty() {
         return;
     }
@@ -94,7 +99,7 @@ pub async fn publish(app: &App, events: &[Event]) {
         let r = sqlx::query("SELECT pg_notify($1, $2)")
             .bind(CHANNEL)
             .bind(payload)
-            .execute(&app.db)
+            .execute(db)
             .await;
         if let Err(e) = r {
             tracing::warn!(error = %e, "scheduler event not published");

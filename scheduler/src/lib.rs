@@ -80,6 +80,8 @@ pub struct DbOptions {
     pub max_connections: u32,
     /// Kept open even when idle (capped at the maximum).
     pub min_connections: u32,
+    /// The agents' own pool (`App::agents_db`); 0: they share the pool.
+    pub agent_connections: u32,
     pub acquire_timeout: Duration,
     /// Zero: no limit.
     pub statement_timeout: Duration,
@@ -90,6 +92,7 @@ impl Default for DbOptions {
         Self {
             max_connections: 32,
             min_connections: 0,
+            agent_connections: 4,
             acquire_timeout: Duration::from_secs(5),
             statement_timeout: Duration::from_secs(30),
         }
@@ -100,6 +103,27 @@ impl Default for DbOptions {
 const CHECK_IDLE_AFTER: Duration = Duration::from_secs(1);
 
 impl DbOptions {
+    /// The request pool and, when `agent_connections` is above 0, the
+    /// agents' own (kept open like the other when `min_connections` is).
+    pub async fn connect_pools(&self, url: &str) -> Result<app::Pools, sqlx::Error> {
+        let requests = self.connect(url).await?;
+        if self.agent_connections == 0 {
+            return Ok(requests.into());
+        }
+        let agents = DbOptions {
+            max_connections: self.agent_connections,
+            min_connections: if self.min_connections > 0 {
+                self.agent_connections
+            } else {
+                0
+            },
+            ..self.clone()
+        }
+        .connect(url)
+        .await?;
+        Ok(app::Pools { requests, agents })
+    }
+
     /// A pool to `url` with these bounds. Connections idle for a second or
     /// more are checked before use (a server restart leaves dead ones in the
     /// pool). The pool keeps `min_connections` open (none by default): an
@@ -160,13 +184,13 @@ pub async fn serve(
     grpc: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let db = opts
+    let pools = opts
         .db
-        .connect(&opts.database_url)
+        .connect_pools(&opts.database_url)
         .await
         .context("connecting to PostgreSQL")?;
     sqlx::migrate!("../migrations")
-        .run(&db)
+        .run(&pools.requests)
         .await
         .context("running migrations")?;
     let secrets = key_from(opts.secret_key.as_deref(), &opts.data_dir)?;
@@ -198,7 +222,7 @@ pub async fn serve(
     };
     let app = App::with_stripe(
         opts.cfg.clone(),
-        db,
+        pools,
         secrets,
         ca,
         opts.admin_token.as_deref(),
@@ -280,6 +304,7 @@ pub async fn serve(
     }
     let _ = pool_task.await;
     app.db.close().await;
+    app.agents_db.close().await;
     Ok(())
 }
 

@@ -67,6 +67,13 @@ struct ServeArgs {
     /// takes bursts of signups keeps them all (`= --db-max-connections`).
     #[arg(long, env = "CLAWDEPLOY_DB_MIN_CONNECTIONS", default_value_t = 0)]
     db_min_connections: u32,
+    /// Connections of the agents' own pool, apart from the one above: the
+    /// agents' reports and desired-state pushes run there, so requests
+    /// queueing for connections (a burst of signups) never hold up the
+    /// work that completes them (0: they share the pool above). Kept open
+    /// when `--db-min-connections` is above 0.
+    #[arg(long, env = "CLAWDEPLOY_DB_AGENT_CONNECTIONS", default_value_t = 4)]
+    db_agent_connections: u32,
     /// How long a request waits for a pool connection before answering
     /// `503 database_unavailable` (the database away, or the pool busy).
     #[arg(long, env = "CLAWDEPLOY_DB_ACQUIRE_TIMEOUT_SECS", default_value_t = 5)]
@@ -371,6 +378,7 @@ async fn main() -> anyhow::Result<()> {
                 db: clawdeploy_scheduler::DbOptions {
                     max_connections: a.db_max_connections,
                     min_connections: a.db_min_connections,
+                    agent_connections: a.db_agent_connections,
                     acquire_timeout: Duration::from_secs(a.db_acquire_timeout_secs),
                     statement_timeout: Duration::from_secs(a.db_statement_timeout_secs),
                 },

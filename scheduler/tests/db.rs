@@ -337,6 +337,72 @@ async fn one_report_completes_the_claims_it_confirms_together() {
 }
 
 #[tokio::test]
+async fn a_stopped_container_loses_its_routes_and_gets_them_back_when_it_runs_again() {
+    use clawdeploy_proto::{
+        agent_message, AgentMessage, ContainerPhase, ContainerStatus, Heartbeat, Hello,
+    };
+    use clawdeploy_scheduler::lifecycle::complete;
+    use clawdeploy_scheduler::rpc::session::AgentSession;
+    let app = app().await;
+    node(&app, "n1").await;
+    let container = idle(&app, "n1", 1).await[0];
+    let u = user(&app, "resume@example.com").await;
+    claim::claim(&app, request(u, "resume")).await.unwrap();
+    complete::complete(&app, "n1", container, 1).await.unwrap();
+    let (tx, _rx) = tokio::sync::mpsc::channel(64);
+    let mut session = AgentSession::new(app.clone(), "n1".into(), tx);
+    let hello = Hello {
+        node_id: "n1".into(),
+        ..Default::default()
+    };
+    session
+        .handle(AgentMessage {
+            msg: Some(agent_message::Msg::Hello(hello)),
+        })
+        .await
+        .unwrap();
+    let upstream = "10.0.0.9:18789";
+    let report = |phase: ContainerPhase| AgentMessage {
+        msg: Some(agent_message::Msg::Heartbeat(Heartbeat {
+            containers: vec![ContainerStatus {
+                container_id: container.to_string(),
+                docker_id: "d1".into(),
+                upstream: upstream.into(),
+                phase: phase as i32,
+                config_version: 1,
+                ..Default::default()
+            }],
+            ..Default::default()
+        })),
+    };
+    let route = |app: AppRef| async move {
+        sqlx::query_scalar::<_, String>(
+            "SELECT upstream FROM routes WHERE hostname = 'resume.clawdeploy.localhost' AND removed_at IS NULL",
+        )
+        .fetch_one(&app.db)
+        .await
+        .unwrap()
+    };
+    session
+        .handle(report(ContainerPhase::Healthy))
+        .await
+        .unwrap();
+    assert_eq!(route(app.clone()).await, upstream);
+    // Suspended: Docker may hand the address to another tenant.
+    session
+        .handle(report(ContainerPhase::Stopped))
+        .await
+        .unwrap();
+    assert_eq!(route(app.clone()).await, "");
+    // Resumed at the very address it had: the route follows it back.
+    session
+        .handle(report(ContainerPhase::Healthy))
+        .await
+        .unwrap();
+    assert_eq!(route(app.clone()).await, upstream);
+}
+
+#[tokio::test]
 async fn with_no_room_a_signup_queues_and_past_the_queue_it_is_no_capacity() {
     let app = app_with(Config {
         signup_queue_max: 1,

@@ -46,7 +46,7 @@ struct ContainerRow {
 /// Reads the node's desired state in one snapshot; `on_snapshot` runs just
 /// before the snapshot is taken (the first read).
 pub async fn load(app: &App, node_id: &str, on_snapshot: impl FnOnce()) -> Result<DesiredState> {
-    let mut tx = app.db.begin().await?;
+    let mut tx = app.agents_db.begin().await?;
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .execute(&mut *tx)
         .await?;
@@ -227,7 +227,7 @@ pub async fn bump_past_and_push(app: &AppRef, node_id: &str, floor: Generation) 
     sqlx::query("UPDATE nodes SET generation = GREATEST(generation, $2) + 1 WHERE id = $1")
         .bind(node_id)
         .bind(floor)
-        .execute(&app.db)
+        .execute(&app.agents_db)
         .await?;
     push_inner(app, node_id, true).await
 }

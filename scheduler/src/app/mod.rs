@@ -179,6 +179,11 @@ impl Config {
 pub struct App {
     pub cfg: Config,
     pub db: PgPool,
+    /// The agents' own connections: their reports and the desired-state
+    /// pushes run here, so requests queueing for `db` during a burst (the
+    /// signups themselves, and their answers) never hold up the work that
+    /// completes them. The same pool as `db` unless configured apart.
+    pub agents_db: PgPool,
     pub secrets: SecretBox,
     pub sessions: Sessions,
     /// Route changes for edge watchers, sent after their transaction commits.
@@ -219,6 +224,23 @@ pub struct App {
 
 pub type AppRef = Arc<App>;
 
+/// The scheduler's database pools: `requests` for everything but the
+/// agents' work, `agents` for that (`App::agents_db`).
+pub struct Pools {
+    pub requests: PgPool,
+    pub agents: PgPool,
+}
+
+impl From<PgPool> for Pools {
+    /// One pool for both.
+    fn from(db: PgPool) -> Self {
+        Self {
+            agents: db.clone(),
+            requests: db,
+        }
+    }
+}
+
 /// How many of a pool's `max_connections` claims may hold at once: all but
 /// a quarter (at least two). A burst of signups queues here, not in the
 /// pool, so the work that finishes the claims already made (pushes to the
@@ -240,7 +262,7 @@ impl Config {
 impl App {
     pub fn new(
         cfg: Config,
-        db: PgPool,
+        db: impl Into<Pools>,
         secrets: SecretBox,
         ca: Ca,
         admin_token: Option<&str>,
@@ -253,7 +275,7 @@ impl App {
     #[allow(clippy::too_many_arguments)]
     pub fn with_stripe(
         cfg: Config,
-        db: PgPool,
+        db: impl Into<Pools>,
         secrets: SecretBox,
         ca: Ca,
         admin_token: Option<&str>,
@@ -261,6 +283,10 @@ impl App {
         stripe: Option<crate::payments::StripeProvider>,
     ) -> AppRef {
         use sha2::Digest;
+        let Pools {
+            requests: db,
+            agents: agents_db,
+        } = db.into();
         let cfg_dns = cfg.dns_nameservers.clone();
         let claim_slots =
             tokio::sync::Semaphore::new(claim_slots(db.options().get_max_connections()));
@@ -268,6 +294,7 @@ impl App {
         Arc::new(App {
             cfg,
             db,
+            agents_db,
             secrets,
             sessions: Sessions::default(),
             route_events: broadcast::channel(4096).0,

@@ -29,7 +29,7 @@ async fn announce(app: &App, node_id: &str, readied: &[Readied], deltas: Vec<Rou
         let _ = app.instance_ready.send(r.instance_id);
     }
     let ids: Vec<Uuid> = readied.iter().map(|r| r.instance_id).collect();
-    routes::broadcast_many(app, deltas, &ids).await;
+    routes::broadcast_many(app, &app.agents_db, deltas, &ids).await;
     let now = chrono::Utc::now();
     for r in readied {
         let took = (now - r.created_at).num_microseconds().unwrap_or(0) as f64 / 1e6;
@@ -59,12 +59,12 @@ pub async fn complete(
     .bind(container_id)
     .bind(node_id)
     .bind(applied)
-    .fetch_optional(&app.db)
+    .fetch_optional(&app.agents_db)
     .await?;
     let Some((state, upstream)) = container else {
         return Err(Error::NotFound("container on this node"));
     };
-    let mut tx = app.db.begin().await?;
+    let mut tx = app.agents_db.begin().await?;
     #[derive(sqlx::FromRow)]
     struct Claimed {
         id: Uuid,
@@ -204,7 +204,7 @@ pub async fn complete_many(app: &App, node_id: &str, confirmed: &[(Uuid, u64)]) 
     .bind(&ids)
     .bind(&versions)
     .bind(&app.cfg.base_domain)
-    .fetch_all(&app.db)
+    .fetch_all(&app.agents_db)
     .await?;
     let mut readied = Vec::new();
     let mut deltas = Vec::new();

@@ -8,7 +8,7 @@ pub mod custom;
 use std::sync::atomic::Ordering;
 
 use clawdeploy_proto::{Route, RouteDelta, RouteSnapshot};
-use sqlx::{Postgres, Transaction};
+use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
 use crate::app::App;
@@ -142,13 +142,13 @@ pub async fn repoint(app: &App, container_id: Uuid, upstream: &str) -> Result<()
     ))
     .bind(container_id)
     .bind(upstream)
-    .fetch_all(&app.db)
+    .fetch_all(&app.agents_db)
     .await?;
     for r in &rows {
         tracing::info!(hostname = r.hostname, %container_id, upstream, "route follows the container to its new address");
     }
     let deltas = deltas_of(app, rows).await?;
-    broadcast(app, deltas, None).await;
+    broadcast_many(app, &app.agents_db, deltas, &[]).await;
     Ok(())
 }
 
@@ -169,32 +169,32 @@ pub async fn repoint_many(app: &App, moved: &[(Uuid, &str)]) -> Result<()> {
     ))
     .bind(&ids)
     .bind(&upstreams)
-    .fetch_all(&app.db)
+    .fetch_all(&app.agents_db)
     .await?;
     for r in &rows {
         tracing::info!(hostname = r.hostname, container_id = ?r.container_id, upstream = r.upstream, "route follows the container to its new address");
     }
     let deltas = deltas_of(app, rows).await?;
-    broadcast(app, deltas, None).await;
+    broadcast_many(app, &app.agents_db, deltas, &[]).await;
     Ok(())
 }
 
 /// Sends committed deltas to this scheduler's edge watchers and announces
 /// them (and the instance that became ready with them) to the others.
 pub async fn broadcast(app: &App, deltas: Vec<RouteDelta>, ready: Option<Uuid>) {
-    broadcast_many(app, deltas, ready.as_slice()).await
+    broadcast_many(app, &app.db, deltas, ready.as_slice()).await
 }
 
 /// `broadcast` for the routes and instances of several completions, in one
-/// announcement.
-pub async fn broadcast_many(app: &App, deltas: Vec<RouteDelta>, ready: &[Uuid]) {
+/// announcement, made over `db`.
+pub async fn broadcast_many(app: &App, db: &PgPool, deltas: Vec<RouteDelta>, ready: &[Uuid]) {
     let mut events = Vec::new();
     if !deltas.is_empty() {
         events.push(Event::Routes(deltas.iter().map(|d| d.version).collect()));
     }
     events.extend(ready.iter().copied().map(Event::Ready));
     broadcast_local(app, deltas);
-    events::publish(app, &events).await;
+    events::publish_over(app, db, &events).await;
 }
 
 /// Sends committed deltas to this scheduler's edge watchers only.

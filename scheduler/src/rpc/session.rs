@@ -141,12 +141,12 @@ impl AgentSession {
         .bind(clamp_i32(cap.cpu_millis.into()))
         .bind(clamp_i64(cap.memory_bytes))
         .bind(clamp_i32(cap.max_containers.max(1).into()))
-        .fetch_one(&self.app.db)
+        .fetch_one(&self.app.agents_db)
         .await?;
         self.refuse_if_removed(state)?;
         // A node (back) with room may take queued signups.
         self.app.queue_wake.notify_one();
-        audit(&self.app.db, &format!("node:{}", self.node_id), "node.hello", &self.node_id, serde_json::json!({"agentVersion": hello.agent_version, "appliedGeneration": hello.applied_generation})).await;
+        audit(&self.app.agents_db, &format!("node:{}", self.node_id), "node.hello", &self.node_id, serde_json::json!({"agentVersion": hello.agent_version, "appliedGeneration": hello.applied_generation})).await;
         if self.session_id.is_none() {
             self.session_id = Some(self.app.sessions.register(&self.node_id, self.tx.clone()));
             metrics::gauge!("clawdeploy_agent_sessions").set(self.app.sessions.connected() as f64);
@@ -188,7 +188,7 @@ impl AgentSession {
         .bind(clamp_i64(usage.disk_available_bytes))
         .bind(clamp_i64(usage.disk_total_bytes))
         .bind(clamp_i32(usage.containers_running.into()))
-        .fetch_one(&self.app.db)
+        .fetch_one(&self.app.agents_db)
         .await?;
         self.refuse_if_removed(state)?;
         let changed: Vec<&ContainerStatus> = hb
@@ -253,7 +253,7 @@ impl AgentSession {
             sqlx::query("UPDATE containers SET state = 'destroyed', updated_at = now() WHERE node_id = $1 AND state = 'destroying' AND id <> ALL($2)")
                 .bind(&self.node_id)
                 .bind(&reported)
-                .execute(&self.app.db)
+                .execute(&self.app.agents_db)
                 .await?;
             self.swept = Some((reported, std::time::Instant::now()));
         }
@@ -323,7 +323,7 @@ impl AgentSession {
         .bind(&docker_ids)
         .bind(&upstreams)
         .bind(&applied)
-        .fetch_all(&self.app.db)
+        .fetch_all(&self.app.agents_db)
         .await?;
         let found: HashMap<Uuid, ContainerState> = states.into_iter().collect();
         let mut moved = Vec::new();
@@ -344,8 +344,13 @@ impl AgentSession {
                 _ => {}
             }
             // Routes follow a container to a new address. A report whose
-            // address this session already applied has nothing to move.
-            if self.seen.get(&s.container_id).map(|seen| &seen.upstream) != Some(&s.upstream) {
+            // address this session already applied to a healthy container
+            // has nothing to move; one that was stopped had its routes
+            // emptied (`observe`) and gets them back even at the old address.
+            let applied = self.seen.get(&s.container_id).is_some_and(|seen| {
+                seen.phase == ContainerPhase::Healthy as i32 && seen.upstream == s.upstream
+            });
+            if !applied {
                 moved.push((*id, s.upstream.as_str()));
             }
             if s.config_version > 0 {
@@ -394,7 +399,7 @@ impl AgentSession {
         .bind(&s.docker_id)
         .bind(&s.upstream)
         .bind(&s.message)
-        .fetch_optional(&self.app.db)
+        .fetch_optional(&self.app.agents_db)
         .await?;
         let Some(state) = new_state else {
             return Err(Error::NotFound("container on this node"));

@@ -7,8 +7,9 @@
 //! node hello) and at least once a second.
 //!
 //! Claims come first: while signups are claiming (on this scheduler, or any
-//! container is still being assigned fleet-wide) a pass creates at most
-//! `REFILL_WHILE_CLAIMING` containers, and a pass a claim woke waits until
+//! container is still being assigned fleet-wide) a pass creates nothing
+//! while idle containers remain and at most `REFILL_WHILE_CLAIMING` once
+//! none does (`refill_cap`), and a pass a claim woke waits until
 //! the claims in flight have answered. Creating a container costs the node
 //! far more CPU and disk than a warm claim; done during a burst it would
 //! make every claim of the burst slower.
@@ -30,6 +31,20 @@ use crate::fleet::placement::{self, NodeLoad, Step};
 use crate::fleet::settings::{self, PoolSettings};
 use crate::lifecycle::{claim, release};
 use crate::model::NodeState;
+
+/// How many containers one pass may create. While claims are in flight
+/// and idle containers remain, none: the claims have warm containers to
+/// take, and a create (Docker, runc, a booting container: about as much
+/// CPU as a tenth of a 100-signup burst on 2 cores) would only slow them.
+/// With the pool spent, `REFILL_WHILE_CLAIMING`, so a steady stream of
+/// signups still moves it.
+fn refill_cap(claiming: bool, idle: i64) -> i64 {
+    match (claiming, idle > 0) {
+        (false, _) => i64::MAX,
+        (true, true) => 0,
+        (true, false) => REFILL_WHILE_CLAIMING,
+    }
+}
 
 /// Arbitrary but fixed: the advisory lock that elects the pool manager.
 const POOL_LOCK_KEY: i64 = 0x0C1A_D3E9;
@@ -241,11 +256,7 @@ async fn reconcile(app: &AppRef, judge_nodes: bool) -> Result<()> {
         assigning,
     } = pool_counts(app, &s).await?;
     let claiming = app.claims.busy() || assigning > 0;
-    let refill_cap = if claiming {
-        REFILL_WHILE_CLAIMING
-    } else {
-        i64::MAX
-    };
+    let refill_cap = refill_cap(claiming, idle);
 
     let mut tx = app.db.begin().await?;
     let mut nodes = schedulable_nodes(app, &mut *tx, &s, None).await?;
@@ -374,5 +385,19 @@ async fn rebalance(
             Ok(retired.map(|_| node_id))
         }
         None => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claims_in_flight_hold_refills_back_while_idle_containers_remain() {
+        assert_eq!(refill_cap(false, 0), i64::MAX);
+        assert_eq!(refill_cap(false, 50), i64::MAX);
+        assert_eq!(refill_cap(true, 50), 0);
+        assert_eq!(refill_cap(true, 1), 0);
+        assert_eq!(refill_cap(true, 0), REFILL_WHILE_CLAIMING);
     }
 }

@@ -1301,6 +1301,14 @@ pub fn cpu_by_command() -> HashMap<String, f64> {
             continue;
         };
         let name = stat[open + 1..close].to_owned();
+        // A kernel worker renames itself after the work queue it serves
+        // ("kworker/u8:2-ext4-rsv-conversion"): summed under one name, or
+        // a rename during a run would count its whole lifetime as new.
+        let name = if name.starts_with("kworker/") {
+            "kworker".to_owned()
+        } else {
+            name
+        };
         if let Some(secs) = cpu_secs(pid) {
             *out.entry(name.clone()).or_insert(0.0) += secs;
         }

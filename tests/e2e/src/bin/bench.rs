@@ -58,7 +58,15 @@ struct Args {
 
 /// One signup, timed from the POST until the gateway answers an
 /// authenticated request through the edge.
-async fn signup(c: &Cluster, token: &str, sub: &str) -> Result<Duration> {
+/// One signup's timings from its request: the API's answer, and the first
+/// 200 through the edge (what the figures report).
+#[derive(Clone, Copy)]
+struct Timing {
+    answered: Duration,
+    live: Duration,
+}
+
+async fn signup(c: &Cluster, token: &str, sub: &str) -> Result<Timing> {
     let started = Instant::now();
     let (status, body) = c
         .create_instance(
@@ -67,6 +75,7 @@ async fn signup(c: &Cluster, token: &str, sub: &str) -> Result<Duration> {
         )
         .await?;
     ensure!(status == 201, "signup answered {status}: {body}");
+    let answered = started.elapsed();
     let gw = body["instance"]["gatewayToken"]
         .as_str()
         .context("gateway token")?
@@ -75,7 +84,10 @@ async fn signup(c: &Cluster, token: &str, sub: &str) -> Result<Duration> {
     loop {
         let (s, _) = c.edge_get(&host, "/v1/models", Some(&gw)).await?;
         if s == 200 {
-            return Ok(started.elapsed());
+            return Ok(Timing {
+                answered,
+                live: started.elapsed(),
+            });
         }
         ensure!(
             started.elapsed() < Duration::from_secs(30),
@@ -134,7 +146,7 @@ async fn run_sequential(
     let t = Instant::now();
     let mut samples = Vec::new();
     for (i, token) in tokens.iter().enumerate() {
-        samples.push(signup(c, token, &format!("{prefix}-{i}")).await?);
+        samples.push(signup(c, token, &format!("{prefix}-{i}")).await?.live);
     }
     Ok((samples, t.elapsed()))
 }
@@ -144,7 +156,7 @@ async fn run_concurrent(
     c: &Cluster,
     prefix: &str,
     tokens: &[String],
-) -> Result<(Vec<Duration>, Duration)> {
+) -> Result<(Vec<Timing>, Duration)> {
     let t = Instant::now();
     let results = futures::future::join_all(
         tokens
@@ -194,7 +206,8 @@ async fn empty_pool(a: &Args) -> Result<()> {
     report("empty pool, sequential", samples, wall);
     let n = (a.empty / 2).max(1);
     let burst_users = c.register_many("emptyburst", n).await?;
-    let (samples, wall) = run_concurrent(&c, "emptyburst", &burst_users).await?;
+    let (timings, wall) = run_concurrent(&c, "emptyburst", &burst_users).await?;
+    let samples = timings.iter().map(|t| t.live).collect();
     report(&format!("empty pool, {n} at once"), samples, wall);
     Ok(())
 }
@@ -233,7 +246,9 @@ async fn trickle(a: &Args) -> Result<()> {
             let c = &c;
             async move {
                 tokio::time::sleep(gap * i as u32).await;
-                signup(c, token, &format!("trickle-{i}")).await
+                signup(c, token, &format!("trickle-{i}"))
+                    .await
+                    .map(|t| t.live)
             }
         }))
         .await;
@@ -533,6 +548,25 @@ async fn burst_of(
     let burst_users = c.register_many("burst", n).await?;
     // Let registration's hashing and the pool's last starts settle.
     tokio::time::sleep(Duration::from_secs(2)).await;
+    // What the system costs with nothing to do (heartbeats, probes,
+    // Docker's own upkeep of the containers): the burst's figures include
+    // as much for as long as it lasts.
+    let quiet_before = cpu_by_part();
+    let quiet = Instant::now();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let quiet_after = cpu_by_part();
+    let quiet_secs = quiet.elapsed().as_secs_f64();
+    println!(
+        "quiet cpu by part, per second before the burst: {}",
+        quiet_after
+            .iter()
+            .map(|(part, after)| {
+                let d = after - quiet_before.get(part).copied().unwrap_or(0.0);
+                format!("{part} {:.3}s", d / quiet_secs)
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     // Reset before the CPU is first read: the reset (and the bench's own
     // connection to do it) is not the burst's work.
     let statements = Statements::start(&c).await;
@@ -547,7 +581,8 @@ async fn burst_of(
     let pushes = "clawdeploy_desired_pushes_total";
     let pushes_before = c.scheduler_metric(0, pushes).await.unwrap_or(0.0);
     let recording = perf.then(|| start_perf(&c.dir)).transpose()?;
-    let (mut samples, wall) = run_concurrent(&c, "burst", &burst_users).await?;
+    let (timings, wall) = run_concurrent(&c, "burst", &burst_users).await?;
+    let mut samples: Vec<Duration> = timings.iter().map(|t| t.live).collect();
     let machine_after = machine_cpu();
     let parts_after = cpu_by_part();
     // Read at once: the pool's refill starts as soon as the burst is over.
@@ -563,6 +598,13 @@ async fn burst_of(
     statements.report(&statement_rows, n);
     println!("claims that created a container on demand (the pool had none for them): {fallbacks}");
     report(&format!("concurrent ({n})"), samples.clone(), wall);
+    let mut answered: Vec<Duration> = timings.iter().map(|t| t.answered).collect();
+    answered.sort();
+    println!(
+        "  of which the API's answer: p50={:.1} ms p99={:.1} ms (the rest: the edge's first 200)",
+        percentile(&answered, 0.5).as_secs_f64() * 1e3,
+        percentile(&answered, 0.99).as_secs_f64() * 1e3
+    );
     let (busy, total) = (
         machine_after.0 - machine_before.0,
         machine_after.1 - machine_before.1,

@@ -568,6 +568,18 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
+/// `clawdeploy_edge_upstream_connects_total` as the edge's metrics show it.
+fn upstream_connects(c: &Cluster) -> Option<f64> {
+    let out = Command::new("curl")
+        .args(["-sf", &format!("http://{}/metrics", c.edge_admin)])
+        .output()
+        .ok()?;
+    clawdeploy_e2e::metric_value(
+        &String::from_utf8_lossy(&out.stdout),
+        "clawdeploy_edge_upstream_connects_total",
+    )
+}
+
 /// Rounds of (edge, nginx, Caddy) on `path`, HTTP/1.1 then HTTP/2, and
 /// the medians. Each round runs one protocol through every proxy back to
 /// back, edge and nginx swapping places every other round, so that a
@@ -590,6 +602,7 @@ fn series(c: &Cluster, peers: &[Peer; 3], gw: &str, path: &str, a: &Args) -> Res
                     .or(c.edge_pid())
                     .context("pid")?;
                 let cpu_before = tree_cpu_secs(pid);
+                let connects_before = upstream_connects(c);
                 let mut r = if http2 {
                     let log = c.dir.join(format!("h2load-{}.log", p.name));
                     h2load(p.addr, gw, path, a, &log)?
@@ -597,8 +610,14 @@ fn series(c: &Cluster, peers: &[Peer; 3], gw: &str, path: &str, a: &Args) -> Res
                     wrk(p.addr, gw, path, a)?
                 };
                 r.cpu_us = (tree_cpu_secs(pid) - cpu_before) * 1e6 / (r.rps * a.duration as f64);
+                // The edge's own count: a pool that kept its connections
+                // opens none during a run.
+                let connects = match (i, connects_before, upstream_connects(c)) {
+                    (0, Some(b), Some(a)) => format!(", {:.0} upstream connections opened", a - b),
+                    _ => String::new(),
+                };
                 println!(
-                    "round {round} {:<6} {:<6} {:>6.0} req/s p99 {:>6.2} ms {:>4.0} µs CPU/req",
+                    "round {round} {:<6} {:<6} {:>6.0} req/s p99 {:>6.2} ms {:>4.0} µs CPU/req{connects}",
                     p.name,
                     if http2 { "h2load" } else { "wrk" },
                     r.rps,

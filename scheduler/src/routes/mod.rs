@@ -135,21 +135,7 @@ async fn upsert_row(
 /// restarted container another one) and broadcasts the change. A no-op when
 /// the address is unchanged.
 pub async fn repoint(app: &App, container_id: Uuid, upstream: &str) -> Result<()> {
-    let rows: Vec<RouteRow> = sqlx::query_as(&format!(
-        "UPDATE routes SET upstream = $2, version = nextval('route_version')
-          WHERE container_id = $1 AND upstream <> $2 AND removed_at IS NULL
-          RETURNING {ROUTE_COLUMNS}"
-    ))
-    .bind(container_id)
-    .bind(upstream)
-    .fetch_all(&app.agents_db)
-    .await?;
-    for r in &rows {
-        tracing::info!(hostname = r.hostname, %container_id, upstream, "route follows the container to its new address");
-    }
-    let deltas = deltas_of(app, rows).await?;
-    broadcast_many(app, &app.agents_db, deltas, &[]).await;
-    Ok(())
+    repoint_many(app, &[(container_id, upstream)]).await
 }
 
 /// `repoint` for several containers at once (one agent report's), in one

@@ -289,6 +289,17 @@ fn part_of(command: &str) -> &'static str {
     }
 }
 
+/// The CPU seconds each part used between two `cpu_by_part` readings.
+fn cpu_between(
+    before: &std::collections::BTreeMap<&'static str, f64>,
+    after: &std::collections::BTreeMap<&'static str, f64>,
+) -> Vec<(&'static str, f64)> {
+    after
+        .iter()
+        .map(|(part, a)| (*part, a - before.get(part).copied().unwrap_or(0.0)))
+        .collect()
+}
+
 /// CPU seconds used so far, by part of the system.
 fn cpu_by_part() -> std::collections::BTreeMap<&'static str, f64> {
     let mut parts = std::collections::BTreeMap::new();
@@ -558,12 +569,9 @@ async fn burst_of(
     let quiet_secs = quiet.elapsed().as_secs_f64();
     println!(
         "quiet cpu by part, per second before the burst: {}",
-        quiet_after
+        cpu_between(&quiet_before, &quiet_after)
             .iter()
-            .map(|(part, after)| {
-                let d = after - quiet_before.get(part).copied().unwrap_or(0.0);
-                format!("{part} {:.3}s", d / quiet_secs)
-            })
+            .map(|(part, d)| format!("{part} {:.3}s", d / quiet_secs))
             .collect::<Vec<_>>()
             .join(", ")
     );
@@ -643,15 +651,7 @@ async fn burst_of(
             cpu_secs(pid).unwrap_or(0.0) - before
         );
     }
-    let mut cpu: Vec<(&'static str, f64)> = parts_after
-        .iter()
-        .map(|(part, after)| {
-            (
-                *part,
-                after - parts_before.get(part).copied().unwrap_or(0.0),
-            )
-        })
-        .collect();
+    let mut cpu = cpu_between(&parts_before, &parts_after);
     // What no live process accounts for: processes that came and went
     // (runc, docker-init) and the kernel's own threads.
     let accounted: f64 = cpu.iter().map(|(_, s)| s).sum();

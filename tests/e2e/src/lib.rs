@@ -7,6 +7,7 @@
 //! and `CLAWDEPLOY_TEST_PG` pointing at a local PostgreSQL server.
 
 pub mod acme;
+pub mod cgroup;
 pub mod edge_client;
 pub mod invariants;
 pub mod netfault;

@@ -348,8 +348,7 @@ fn serve_events(req: &Request, writer: &mut TcpStream) -> std::io::Result<()> {
             std::thread::sleep(Duration::from_millis(interval));
         }
         let event = format!("id: {i}\ndata: {{\"seq\":{i}}}\n\n");
-        write!(writer, "{:x}\r\n{event}\r\n", event.len())?;
-        writer.flush()?;
+        writer.write_all(format!("{:x}\r\n{event}\r\n", event.len()).as_bytes())?;
     }
     writer.write_all(b"0\r\n\r\n")?;
     writer.flush()
@@ -375,13 +374,14 @@ fn serve_connection(gateway: &Gateway, stream: TcpStream) -> std::io::Result<()>
         }
         let (status, body) = route(gateway, &req);
         let body = body.to_string();
-        write!(
-            writer,
+        // One write, so one segment, as a real server's buffered response:
+        // `write!` on the bare socket sends each piece on its own.
+        let response = format!(
             "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{}\r\n{body}",
             body.len(),
             if close { "connection: close\r\n" } else { "" }
-        )?;
-        writer.flush()?;
+        );
+        writer.write_all(response.as_bytes())?;
         if close {
             break;
         }
@@ -468,9 +468,11 @@ fn serve_websocket(
             .digest()
             .bytes(),
     );
-    write!(
-        writer,
-        "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n"
+    writer.write_all(
+        format!(
+            "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n"
+        )
+        .as_bytes(),
     )?;
     // The first frame must carry the gateway token (raw, or {"token": ...}).
     let mut authed = false;

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use clap::Parser;
+use clawdeploy_e2e::cgroup::CpuGroup;
 use clawdeploy_e2e::{
     cpu_secs, free_addr, rss_kib, wait_for, Cluster, ClusterOptions, BASE_DOMAIN,
 };
@@ -56,6 +57,14 @@ struct Args {
     /// Signup + release pairs for the route update lag.
     #[arg(long, default_value_t = 20)]
     route_changes: usize,
+    /// Leave the proxies in the benchmark's own cgroup instead of one CPU
+    /// group each (see `clawdeploy_e2e::cgroup` for what that shows).
+    #[arg(long)]
+    shared_cgroup: bool,
+    /// Print the three proxies' addresses and the gateway token, and keep
+    /// them up until stdin closes, to load and profile them by hand.
+    #[arg(long)]
+    hold: bool,
 }
 
 const PROXIES: [&str; 3] = ["edge", "nginx", "caddy"];
@@ -550,10 +559,23 @@ async fn main() -> Result<()> {
         )
         .await?;
     }
+    let _groups = if a.shared_cgroup {
+        println!("placement: the proxies share the benchmark's cgroup");
+        Vec::new()
+    } else {
+        own_groups(&c, &peers)
+    };
     println!(
         "upstream: one stand-in container at {upstream}; {}s runs; wrk -t{} -c{}, h2load -c{} -m{}; {} rounds; TLS everywhere",
         a.duration, a.wrk_threads, a.concurrency, a.h2_connections, a.h2_streams, a.rounds
     );
+    if a.hold {
+        for p in &peers {
+            println!("{} https://{}", p.name, p.addr);
+        }
+        println!("Host: alice.{BASE_DOMAIN}\nAuthorization: Bearer {gw}\nheld until stdin closes");
+        let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+    }
     for path in &a.paths {
         series(&c, &peers, &gw, path, &a)?;
     }
@@ -566,6 +588,36 @@ async fn main() -> Result<()> {
         websockets(&c, &gw, a.websockets).await?;
     }
     Ok(())
+}
+
+/// Each proxy in a CPU cgroup of its own, as its systemd service is on a
+/// real host; without the groups (no cgroup access) the run goes on with
+/// the proxies where they are, and says so.
+fn own_groups(c: &Cluster, peers: &[Peer; 3]) -> Vec<CpuGroup> {
+    let mut groups = Vec::new();
+    for p in peers {
+        let Some(pid) = p.child.as_ref().map(Child::id).or(c.edge_pid()) else {
+            continue;
+        };
+        let placed = CpuGroup::create(&format!("clawdeploy-bench-{}", p.name)).and_then(|g| {
+            tree(pid).into_iter().try_for_each(|pid| g.add(pid))?;
+            Ok(g)
+        });
+        match placed {
+            Ok(g) => groups.push(g),
+            Err(e) => {
+                println!("placement: the proxies share the benchmark's cgroup (no CPU group: {e})");
+                return Vec::new();
+            }
+        }
+    }
+    if let Some(g) = groups.first() {
+        println!(
+            "placement: each proxy in a CPU cgroup of its own, as its service would be ({} and its siblings)",
+            g.path().display()
+        );
+    }
+    groups
 }
 
 /// `clawdeploy_edge_upstream_connects_total` as the edge's metrics show it.

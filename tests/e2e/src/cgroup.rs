@@ -1,0 +1,76 @@
+//! CPU cgroups for the benchmarks: a process placed in a group of its own,
+//! as systemd places a service (`clawdeploy-edge.service`,
+//! `nginx.service`) on a real host.
+//!
+//! Why it matters on a shared benchmark machine: the CPU scheduler shares
+//! time between the *entities* at each level of the cgroup tree. Docker puts
+//! every container under one group, so a proxy left in the root group
+//! competes with the whole of Docker as one thread against one group: each
+//! of its threads (and wrk's) weighs as much as every container together.
+//! On two cores a thread-per-connection container then waits 10–40 ms for
+//! its turn (`perf sched latency`), and whichever proxy is being measured
+//! shows those waits as a p99 of 40–200 ms, at random from run to run.
+//! With the proxy in a group of its own the container gets its share and the
+//! proxy's own latency is what the run shows.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// A CPU cgroup made for one benchmark run; removed (its processes moved
+/// back to the parent) on drop.
+pub struct CpuGroup {
+    dir: PathBuf,
+    parent: PathBuf,
+}
+
+/// The CPU controller's root: cgroup v1's `cpu` hierarchy, or the unified
+/// (v2) hierarchy with the `cpu` controller enabled for its children.
+fn cpu_root() -> io::Result<PathBuf> {
+    let v1 = Path::new("/sys/fs/cgroup/cpu");
+    if v1.join("cgroup.procs").exists() {
+        return Ok(v1.to_path_buf());
+    }
+    let v2 = Path::new("/sys/fs/cgroup");
+    let controllers = std::fs::read_to_string(v2.join("cgroup.controllers"))?;
+    if !controllers.split_whitespace().any(|c| c == "cpu") {
+        return Err(io::Error::other(
+            "the cgroup hierarchy has no cpu controller",
+        ));
+    }
+    std::fs::write(v2.join("cgroup.subtree_control"), "+cpu")?;
+    Ok(v2.to_path_buf())
+}
+
+impl CpuGroup {
+    /// Makes (or reuses, after a run that was killed) the group `name`.
+    pub fn create(name: &str) -> io::Result<Self> {
+        let parent = cpu_root()?;
+        let dir = parent.join(name);
+        match std::fs::create_dir(&dir) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+            _ => {}
+        }
+        Ok(Self { dir, parent })
+    }
+
+    /// Moves the process `pid` (all its threads) into the group; the
+    /// processes it starts from now on are born in it.
+    pub fn add(&self, pid: u32) -> io::Result<()> {
+        std::fs::write(self.dir.join("cgroup.procs"), pid.to_string())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for CpuGroup {
+    fn drop(&mut self) {
+        // A group with processes in it cannot be removed.
+        let procs = std::fs::read_to_string(self.dir.join("cgroup.procs")).unwrap_or_default();
+        for pid in procs.split_whitespace() {
+            let _ = std::fs::write(self.parent.join("cgroup.procs"), pid);
+        }
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}

@@ -64,6 +64,35 @@ impl CpuGroup {
     }
 }
 
+/// Each named set of processes in a CPU group of its own
+/// (`clawdeploy-bench-<name>`), as each would be its own service; none
+/// placed if any cannot be.
+pub fn own_groups(services: &[(String, Vec<u32>)]) -> io::Result<Vec<CpuGroup>> {
+    let mut groups = Vec::new();
+    for (name, pids) in services {
+        let g = CpuGroup::create(&format!("clawdeploy-bench-{name}"))?;
+        for pid in pids {
+            g.add(*pid)?;
+        }
+        groups.push(g);
+    }
+    Ok(groups)
+}
+
+/// The processes whose command name is `comm` (`postgres`: the server and
+/// its backends).
+pub fn pids_of(comm: &str) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm)
+        })
+        .collect()
+}
+
 impl Drop for CpuGroup {
     fn drop(&mut self) {
         // A group with processes in it cannot be removed.

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use clap::Parser;
+use clawdeploy_e2e::cgroup::{self, CpuGroup};
 use clawdeploy_e2e::{
     cpu_by_command, cpu_secs, machine_cpu, rss_kib, Cluster, ClusterOptions, BASE_DOMAIN,
 };
@@ -54,6 +55,10 @@ struct Args {
     /// burst and print where the CPU went.
     #[arg(long)]
     perf: bool,
+    /// Leave the system's processes in the benchmark's own cgroup instead
+    /// of one CPU group each (see `clawdeploy_e2e::cgroup`).
+    #[arg(long)]
+    shared_cgroup: bool,
 }
 
 /// One signup, timed from the POST until the gateway answers an
@@ -435,7 +440,16 @@ async fn burst(a: &Args) -> Result<()> {
         } else {
             (0, false)
         };
-        curve.push(burst_of(n, sequential, perf, Some(a.db_connections)).await?);
+        curve.push(
+            burst_of(
+                n,
+                sequential,
+                perf,
+                Some(a.db_connections),
+                !a.shared_cgroup,
+            )
+            .await?,
+        );
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     println!("\ncost curve ({cores} cores; CPU seconds per signup by part, during the burst):");
@@ -498,6 +512,26 @@ async fn burst(a: &Args) -> Result<()> {
     Ok(())
 }
 
+/// The scheduler, each agent, the edge and PostgreSQL each in a CPU group of
+/// its own, as each is a service of its own on a real host (and the
+/// containers are in Docker's); in one group with the benchmark, each of
+/// their threads and backends weighs as much as every container together.
+fn place(c: &Cluster) -> Vec<CpuGroup> {
+    let mut services: Vec<(String, Vec<u32>)> =
+        c.pids().into_iter().map(|(n, p)| (n, vec![p])).collect();
+    services.push(("postgres".into(), cgroup::pids_of("postgres")));
+    match cgroup::own_groups(&services) {
+        Ok(groups) => {
+            println!("placement: the scheduler, each agent, the edge and PostgreSQL in a CPU cgroup each");
+            groups
+        }
+        Err(e) => {
+            println!("placement: every process in the benchmark's own cgroup (no CPU group: {e})");
+            Vec::new()
+        }
+    }
+}
+
 /// Optionally sequential signups, then a concurrent burst of `n`, with the
 /// pool as large as the burst.
 async fn burst_of(
@@ -505,6 +539,7 @@ async fn burst_of(
     sequential: usize,
     perf: bool,
     db_connections: Option<u32>,
+    own_groups: bool,
 ) -> Result<Point> {
     let pool = sequential.max(n) as u32;
     let opts = ClusterOptions {
@@ -537,6 +572,12 @@ async fn burst_of(
         t.elapsed().as_secs_f64()
     );
 
+    let _groups = if own_groups {
+        place(&c)
+    } else {
+        println!("placement: every process in the benchmark's own cgroup");
+        Vec::new()
+    };
     let rss = |label: &str| {
         let pid = c
             .pids()

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use clap::Parser;
-use clawdeploy_e2e::cgroup::CpuGroup;
+use clawdeploy_e2e::cgroup::{self, CpuGroup};
 use clawdeploy_e2e::{
     cpu_secs, free_addr, rss_kib, wait_for, Cluster, ClusterOptions, BASE_DOMAIN,
 };
@@ -594,30 +594,23 @@ async fn main() -> Result<()> {
 /// real host; without the groups (no cgroup access) the run goes on with
 /// the proxies where they are, and says so.
 fn own_groups(c: &Cluster, peers: &[Peer; 3]) -> Vec<CpuGroup> {
-    let mut groups = Vec::new();
-    for p in peers {
-        let Some(pid) = p.child.as_ref().map(Child::id).or(c.edge_pid()) else {
-            continue;
-        };
-        let placed = CpuGroup::create(&format!("clawdeploy-bench-{}", p.name)).and_then(|g| {
-            tree(pid).into_iter().try_for_each(|pid| g.add(pid))?;
-            Ok(g)
-        });
-        match placed {
-            Ok(g) => groups.push(g),
-            Err(e) => {
-                println!("placement: the proxies share the benchmark's cgroup (no CPU group: {e})");
-                return Vec::new();
-            }
+    let services: Vec<(String, Vec<u32>)> = peers
+        .iter()
+        .filter_map(|p| {
+            let pid = p.child.as_ref().map(Child::id).or(c.edge_pid())?;
+            Some((p.name.to_owned(), tree(pid)))
+        })
+        .collect();
+    match cgroup::own_groups(&services) {
+        Ok(groups) => {
+            println!("placement: each proxy in a CPU cgroup of its own, as its service would be");
+            groups
+        }
+        Err(e) => {
+            println!("placement: the proxies share the benchmark's cgroup (no CPU group: {e})");
+            Vec::new()
         }
     }
-    if let Some(g) = groups.first() {
-        println!(
-            "placement: each proxy in a CPU cgroup of its own, as its service would be ({} and its siblings)",
-            g.path().display()
-        );
-    }
-    groups
 }
 
 /// `clawdeploy_edge_upstream_connects_total` as the edge's metrics show it.

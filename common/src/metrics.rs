@@ -75,6 +75,9 @@ impl Metric {
     }
 }
 
+/// How often queued histogram samples are folded into their buckets.
+const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Installs the process-wide recorder (once; later calls return the same
 /// handle) and describes every metric of `catalog`, so `/metrics` carries
 /// `# HELP` and `# TYPE` for each. `buckets` (seconds) serve every
@@ -87,6 +90,18 @@ pub fn install(catalog: &[Metric], buckets: &[f64]) -> Result<PrometheusHandle, 
             let h = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), buckets)?
                 .install_recorder()?;
+            // Histogram samples queue in the recorder until an upkeep folds
+            // them into their buckets; without one they queue until the next
+            // scrape, and grow without bound when nothing scrapes (an edge
+            // at 20,000 requests a second records as many samples). A thread
+            // of its own, so upkeep needs no runtime and no caller.
+            let upkeep = h.clone();
+            let _ = std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || loop {
+                    std::thread::sleep(UPKEEP_EVERY);
+                    upkeep.run_upkeep();
+                });
             HANDLE.get_or_init(|| h).clone()
         }
     };

@@ -58,25 +58,35 @@ impl CpuGroup {
     pub fn add(&self, pid: u32) -> io::Result<()> {
         std::fs::write(self.dir.join("cgroup.procs"), pid.to_string())
     }
-
-    pub fn path(&self) -> &Path {
-        &self.dir
-    }
 }
 
 /// Each named set of processes in a CPU group of its own
-/// (`clawdeploy-bench-<name>`), as each would be its own service; none
-/// placed if any cannot be.
-pub fn own_groups(services: &[(String, Vec<u32>)]) -> io::Result<Vec<CpuGroup>> {
-    let mut groups = Vec::new();
-    for (name, pids) in services {
-        let g = CpuGroup::create(&format!("clawdeploy-bench-{name}"))?;
-        for pid in pids {
-            g.add(*pid)?;
+/// (`clawdeploy-bench-<name>`), as each would be its own service, or
+/// none if any cannot be (no cgroup access): the run then goes on with the
+/// processes where they are. Prints which it was.
+pub fn own_groups(services: &[(String, Vec<u32>)]) -> Vec<CpuGroup> {
+    let names: Vec<&str> = services.iter().map(|(n, _)| n.as_str()).collect();
+    let placed = services
+        .iter()
+        .map(|(name, pids)| {
+            let g = CpuGroup::create(&format!("clawdeploy-bench-{name}"))?;
+            pids.iter().try_for_each(|pid| g.add(*pid))?;
+            Ok(g)
+        })
+        .collect::<io::Result<Vec<_>>>();
+    match placed {
+        Ok(groups) => {
+            println!("placement: a CPU cgroup each for {}", names.join(", "));
+            groups
         }
-        groups.push(g);
+        Err(e) => {
+            println!(
+                "placement: {} share the benchmark's cgroup (no CPU group: {e})",
+                names.join(", ")
+            );
+            Vec::new()
+        }
     }
-    Ok(groups)
 }
 
 /// The processes whose command name is `comm` (`postgres`: the server and

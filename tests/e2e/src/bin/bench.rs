@@ -520,16 +520,7 @@ fn place(c: &Cluster) -> Vec<CpuGroup> {
     let mut services: Vec<(String, Vec<u32>)> =
         c.pids().into_iter().map(|(n, p)| (n, vec![p])).collect();
     services.push(("postgres".into(), cgroup::pids_of("postgres")));
-    match cgroup::own_groups(&services) {
-        Ok(groups) => {
-            println!("placement: the scheduler, each agent, the edge and PostgreSQL in a CPU cgroup each");
-            groups
-        }
-        Err(e) => {
-            println!("placement: every process in the benchmark's own cgroup (no CPU group: {e})");
-            Vec::new()
-        }
-    }
+    cgroup::own_groups(&services)
 }
 
 /// Optionally sequential signups, then a concurrent burst of `n`, with the

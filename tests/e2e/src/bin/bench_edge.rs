@@ -591,8 +591,7 @@ async fn main() -> Result<()> {
 }
 
 /// Each proxy in a CPU cgroup of its own, as its systemd service is on a
-/// real host; without the groups (no cgroup access) the run goes on with
-/// the proxies where they are, and says so.
+/// real host.
 fn own_groups(c: &Cluster, peers: &[Peer; 3]) -> Vec<CpuGroup> {
     let services: Vec<(String, Vec<u32>)> = peers
         .iter()
@@ -601,16 +600,7 @@ fn own_groups(c: &Cluster, peers: &[Peer; 3]) -> Vec<CpuGroup> {
             Some((p.name.to_owned(), tree(pid)))
         })
         .collect();
-    match cgroup::own_groups(&services) {
-        Ok(groups) => {
-            println!("placement: each proxy in a CPU cgroup of its own, as its service would be");
-            groups
-        }
-        Err(e) => {
-            println!("placement: the proxies share the benchmark's cgroup (no CPU group: {e})");
-            Vec::new()
-        }
-    }
+    cgroup::own_groups(&services)
 }
 
 /// `clawdeploy_edge_upstream_connects_total` as the edge's metrics show it.

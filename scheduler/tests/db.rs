@@ -226,6 +226,106 @@ async fn concurrent_claims_take_distinct_idle_containers_then_fall_back_on_deman
 }
 
 #[tokio::test]
+async fn a_burst_claims_in_batches_and_each_refusal_stays_its_own() {
+    let app = app().await;
+    node(&app, "n1").await;
+    let pool = idle(&app, "n1", 6).await;
+    // A subdomain another account released a moment ago is cooling down.
+    let gone = instance(&app, "released", None).await;
+    sqlx::query("UPDATE instances SET status = 'deleted', released_at = now() WHERE id = $1")
+        .bind(gone)
+        .execute(&app.db)
+        .await
+        .unwrap();
+    let mut wanted = Vec::new();
+    for i in 0..8 {
+        let u = user(&app, &format!("burst{i}@example.com")).await;
+        wanted.push((u, format!("burst-{i}")));
+    }
+    // Refusals in the same burst: a second signup of one account, a second
+    // account on a subdomain the burst also claims, a cooling subdomain.
+    let twice = wanted[0].0;
+    wanted.push((twice, "burst-0-again".into()));
+    let rival = user(&app, "rival@example.com").await;
+    wanted.push((rival, "burst-1".into()));
+    let late = user(&app, "late@example.com").await;
+    wanted.push((late, "released".into()));
+    let results = futures::future::join_all(
+        wanted
+            .iter()
+            .map(|(u, sub)| claim::claim(&app, request(*u, sub))),
+    )
+    .await;
+    let code = |r: &Result<claim::Claimed, Error>| match r {
+        Ok(_) => "ok",
+        Err(Error::Conflict { code, .. }) => code,
+        Err(e) => panic!("{e}"),
+    };
+    let codes: Vec<&str> = results.iter().map(code).collect();
+    // Which of two claims on one account or one subdomain wins depends on
+    // the batches they fell in; exactly one does.
+    let pair = |a: usize, b: usize, refused: &str| {
+        let mut got = vec![codes[a], codes[b]];
+        got.sort_unstable();
+        let mut want = vec!["ok", refused];
+        want.sort_unstable();
+        assert_eq!(got, want, "{codes:?}");
+    };
+    pair(0, 8, "instance_exists");
+    pair(1, 9, "subdomain_taken");
+    assert_eq!(codes[10], "subdomain_taken", "{codes:?}");
+    assert!(codes[2..8].iter().all(|c| *c == "ok"), "{codes:?}");
+    let claimed: Vec<claim::Claimed> = results.into_iter().filter_map(Result::ok).collect();
+    assert_eq!(claimed.len(), 8);
+    // The six idle containers went to six claims, each its own; the other
+    // two were created on demand. Nothing was left behind by a refusal.
+    let mut containers: Vec<Uuid> = claimed.iter().filter_map(|c| c.container_id).collect();
+    containers.sort();
+    containers.dedup();
+    assert_eq!(containers.len(), 8, "every claim has a container of its own");
+    assert_eq!(
+        containers.iter().filter(|c| pool.contains(c)).count(),
+        6,
+        "the whole idle pool was taken"
+    );
+    // Claims that waited together committed together: a transaction's
+    // now() is its start, so one batch's containers share a claim time.
+    // The first two claims each found a batch run free; the other nine
+    // waited and went in one.
+    let batches: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT claimed_at) FROM containers WHERE id = ANY($1)",
+    )
+    .bind(&pool)
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(batches, 3, "six warm claims in three transactions");
+    for (sql, want) in [
+        ("SELECT count(*) FROM containers WHERE state = 'assigning'", 8),
+        ("SELECT count(*) FROM instances WHERE status <> 'deleted'", 8),
+        ("SELECT count(*) FROM tenant_keys", 8),
+        ("SELECT count(*) FROM secrets", 8),
+        ("SELECT count(*) FROM audit_log WHERE action = 'instance.claim'", 8),
+    ] {
+        assert_eq!(count(&app, sql).await, want, "{sql}");
+    }
+    // Each claim's provider key opens with its own data key.
+    for c in &claimed {
+        let token = clawdeploy_scheduler::lifecycle::instances::gateway_token(&app, c.instance_id)
+            .await
+            .unwrap();
+        assert_eq!(token, c.gateway_token, "the claim answered its container's token");
+        // Sealed under the instance's id and name: another's would not open.
+        let masked = clawdeploy_scheduler::lifecycle::instances::by_id(&app, c.instance_id)
+            .await
+            .unwrap()
+            .masked_keys
+            .unwrap();
+        assert_eq!(masked.get("openai").map(String::as_str), Some("sk-…4567"));
+    }
+}
+
+#[tokio::test]
 async fn one_report_completes_the_claims_it_confirms_together() {
     use clawdeploy_scheduler::lifecycle::complete;
     let app = app().await;

@@ -1,8 +1,63 @@
 //! Signups claiming on this scheduler right now. While any is in flight the
 //! pool manager holds its refills back: a burst's claims come first, and
-//! the pool catches up once they have answered.
+//! the pool catches up once they have answered. Warm claims wait here for
+//! their batch (`WarmClaims`; `lifecycle::claim` runs the batches).
 
 use tokio::sync::watch;
+use uuid::Uuid;
+
+use super::batch::Batcher;
+use crate::model::Tier;
+
+/// Warm claims in batches: one transaction takes an idle container for
+/// every claim of the batch it can.
+pub type WarmClaims = Batcher<WarmClaim, WarmOutcome>;
+
+/// How many warm-claim batches may run at once, and how many claims one
+/// takes: two keep one forming while the other is in PostgreSQL; 32 keeps
+/// a batch's statement short enough that its first answers are not held
+/// up by its last.
+pub const WARM_BATCHES: usize = 2;
+pub const WARM_BATCH_MAX: usize = 32;
+
+/// A claim waiting for its batch: the instance to write, its keys sealed.
+pub struct WarmClaim {
+    pub instance_id: Uuid,
+    pub user_id: Uuid,
+    pub subdomain: String,
+    pub default_model: String,
+    pub kek_id: String,
+    pub wrapped_dek: Vec<u8>,
+    /// Provider key names and their sealed values.
+    pub keys: Vec<(String, Vec<u8>)>,
+    pub idempotency_key: Option<String>,
+}
+
+/// What the batch did with one claim.
+#[derive(Debug, PartialEq, Eq)]
+pub enum WarmOutcome {
+    /// Written, on this idle container (now `assigning`).
+    Taken {
+        container_id: Uuid,
+        node_id: String,
+        /// The account's tier, which the batch already sized the
+        /// container for.
+        tier: Tier,
+        gateway_token_enc: Vec<u8>,
+    },
+    /// Not written: the account has a live instance, or the subdomain is
+    /// taken or cooling down.
+    Conflict(ClaimConflict),
+    /// Not written: no idle container was left for it, or the batch
+    /// failed; the claim goes on alone.
+    Alone,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimConflict {
+    InstanceExists,
+    SubdomainTaken,
+}
 
 pub struct ClaimsInFlight {
     count: watch::Sender<usize>,

@@ -4,6 +4,7 @@
 //! depends on this module; it depends only on `crypto` and its own
 //! registries.
 
+pub mod batch;
 pub mod claims;
 pub mod edge_acks;
 pub mod sessions;
@@ -192,8 +193,11 @@ pub struct App {
     pub pool_wake: Notify,
     /// Signups claiming here now: the pool manager's refills wait for them.
     pub claims: claims::ClaimsInFlight,
-    /// Claims that may use database connections at once (`claim_slots`).
+    /// Claims that may use database connections at once (`claim_slots`),
+    /// besides the warm batches.
     pub claim_slots: tokio::sync::Semaphore,
+    /// Warm claims waiting for, or in, a batch.
+    pub warm_claims: claims::WarmClaims,
     /// Wakes the migration driver (an export reported, a target came up).
     pub migration_wake: Notify,
     /// Wakes the signup queue (a signup queued, a node said hello).
@@ -301,6 +305,7 @@ impl App {
             pool_wake: Notify::new(),
             claims: Default::default(),
             claim_slots,
+            warm_claims: claims::WarmClaims::new(claims::WARM_BATCHES, claims::WARM_BATCH_MAX),
             migration_wake: Notify::new(),
             queue_wake: Notify::new(),
             edge_acks: Default::default(),

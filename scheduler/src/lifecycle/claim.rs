@@ -12,7 +12,9 @@ use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
 use super::instances::{self, Instance};
+use super::warm;
 use crate::agents::desired;
+use crate::app::claims::{ClaimConflict, WarmClaim, WarmOutcome};
 use crate::app::{App, AppRef};
 use crate::audit::audit;
 use crate::crypto::{aad, envelope, random_token};
@@ -25,20 +27,22 @@ use crate::routes;
 /// generation first (stale ones serve while the pool rolls), then the
 /// oldest, on a live node with disk to spare, on another node than `$2`
 /// when possible. `$1`: the heartbeat TTL in seconds; `$3`: the least disk
-/// a node must have free. One text for `take_idle` and `claim_warm`.
+/// a node must have free; the argument: how many. One text for
+/// `take_idle`, `claim_warm` and the warm batches (`warm.rs`).
 macro_rules! idle_pick {
-    () => {
-        "SELECT c.id, c.node_id, c.gateway_token_enc FROM containers c
+    ($limit:literal) => {
+        concat!("SELECT c.id, c.node_id, c.gateway_token_enc FROM containers c
            JOIN nodes n ON n.id = c.node_id
            CROSS JOIN pool_settings s
           WHERE c.state = 'idle' AND n.state = 'active'
             AND n.last_heartbeat > now() - make_interval(secs => $1)
             AND (n.disk_total_bytes = 0 OR n.disk_available_bytes >= $3)
           ORDER BY c.node_id = $2, (c.image = s.image AND c.pool_generation = s.generation) DESC, c.created_at
-          LIMIT 1
-          FOR UPDATE OF c SKIP LOCKED"
+          LIMIT ", $limit, "
+          FOR UPDATE OF c SKIP LOCKED")
     };
 }
+pub(crate) use idle_pick;
 
 /// Claims a container for the user and waits, up to the claim wait, for
 /// it to go live (and, once ready, for the edges to route it). The outcome
@@ -54,18 +58,6 @@ pub async fn sign_up(
         Some(s) => instances::validate_subdomain(&s)?,
         None => format!("claw-{}", random_token(4)),
     };
-    // A burst queues here rather than for connections (`App::claim_slots`).
-    let slot = app
-        .claim_slots
-        .acquire()
-        .await
-        .map_err(|_| Error::Internal("claim slots closed".into()))?;
-    if instances::cooling_down(&app.db, app.cfg.subdomain_cooldown, &subdomain, user_id).await? {
-        return Err(Error::Conflict {
-            code: "subdomain_taken",
-            message: "that subdomain is taken".into(),
-        });
-    }
     let provider_keys = instances::validate_keys(api_keys)?;
     let default_model = instances::default_model_for(&provider_keys);
     // Until this signup has its answer, the pool manager's refills wait.
@@ -92,7 +84,6 @@ pub async fn sign_up(
         };
         metrics::counter!("clawdeploy_assignments_total", "result" => result).increment(1);
     })?;
-    drop(slot);
     // The claim is committed: from here on the instance exists, so a
     // database that goes away answers 202 (poll the status URL) rather than
     // an error a client would retry into `instance_exists`.
@@ -176,50 +167,55 @@ pub struct Claimed {
 
 /// Claims a container and hands the node its new desired state. Returns once
 /// the claim is committed; use `wait_ready` for the agent's confirmation.
-/// When no node has room the instance is queued instead (while the queue
-/// has room; beyond it, `NoCapacity`).
+/// The claim goes in the next warm batch (`warm.rs`); one that gets no idle
+/// container there goes on alone, on demand or waiting for a warming one,
+/// or is queued when no node has room (while the queue has room; beyond
+/// it, `NoCapacity`).
 pub async fn claim(app: &AppRef, req: ClaimRequest) -> Result<Claimed> {
     let started = Instant::now();
     let instance_id = Uuid::new_v4();
-    // Sealed before the transaction starts: no lock waits on the crypto.
+    // Sealed before any transaction starts: no lock waits on the crypto.
     let key = envelope::fresh(&app.secrets, instance_id)?;
-    let (names, sealed): (Vec<&str>, Vec<Vec<u8>>) = req
+    let keys = req
         .provider_keys
         .iter()
         .map(|(name, value)| {
             let sealed = key
                 .dek
                 .seal(&aad::secret(instance_id, name), value.as_bytes())?;
-            Ok((name.as_str(), sealed))
+            Ok((name.clone(), sealed))
         })
-        .collect::<Result<Vec<_>>>()?
-        .into_iter()
-        .unzip();
-    let mut tx = app.db.begin().await?;
-    let warm = claim_warm(app, &mut tx, &req, instance_id, &key, &names, &sealed)
-        .await
-        .map_err(|e| match &e {
-            sqlx::Error::Database(db) if db.constraint() == Some("instances_one_per_user") => {
-                Error::Conflict {
-                    code: "instance_exists",
-                    message: "this account already has an instance".into(),
-                }
-            }
-            _ => Error::on_unique(
-                e,
-                "instances_subdomain_live",
-                "subdomain_taken",
-                "that subdomain is taken",
-            ),
-        })?;
-    let attached = match warm {
-        Some(attached) => {
-            start_at_tier(app, &mut tx, instance_id, attached.tier).await?;
-            Some(attached)
-        }
-        None => attach_cold(app, &mut tx, &req, instance_id).await?,
+        .collect::<Result<Vec<_>>>()?;
+    let batched = warm::claim(
+        app,
+        WarmClaim {
+            instance_id,
+            user_id: req.user_id,
+            subdomain: req.subdomain.clone(),
+            default_model: req.default_model.clone(),
+            kek_id: key.kek_id.clone(),
+            wrapped_dek: key.wrapped_dek.clone(),
+            keys: keys.clone(),
+            idempotency_key: req.idempotency_key.clone(),
+        },
+    )
+    .await;
+    let attached = match batched {
+        WarmOutcome::Taken {
+            container_id,
+            node_id,
+            tier,
+            gateway_token_enc,
+        } => Some(Attached {
+            container_id,
+            node_id,
+            on_demand: false,
+            tier,
+            gateway_token_enc,
+        }),
+        WarmOutcome::Conflict(why) => return Err(conflict(why)),
+        WarmOutcome::Alone => claim_alone(app, &req, instance_id, &key, &keys).await?,
     };
-    tx.commit().await?;
     metrics::histogram!("clawdeploy_claim_commit_seconds").record(started.elapsed().as_secs_f64());
     app.pool_wake.notify_one();
     let Some(attached) = attached else {
@@ -252,6 +248,68 @@ pub async fn claim(app: &AppRef, req: ClaimRequest) -> Result<Claimed> {
     })
 }
 
+/// A claim on its own transaction: the batch left it without an idle
+/// container (or failed). It may still find one freed since, and otherwise
+/// attaches cold (`attach_cold`).
+async fn claim_alone(
+    app: &App,
+    req: &ClaimRequest,
+    instance_id: Uuid,
+    key: &envelope::FreshKey,
+    keys: &[(String, Vec<u8>)],
+) -> Result<Option<Attached>> {
+    // A burst queues here rather than for connections (`App::claim_slots`).
+    let _slot = app
+        .claim_slots
+        .acquire()
+        .await
+        .map_err(|_| Error::Internal("claim slots closed".into()))?;
+    if instances::cooling_down(&app.db, app.cfg.subdomain_cooldown, &req.subdomain, req.user_id)
+        .await?
+    {
+        return Err(conflict(ClaimConflict::SubdomainTaken));
+    }
+    let (names, sealed): (Vec<&str>, Vec<&[u8]>) =
+        keys.iter().map(|(n, s)| (n.as_str(), s.as_slice())).unzip();
+    let mut tx = app.db.begin().await?;
+    let warm = claim_warm(app, &mut tx, req, instance_id, key, &names, &sealed)
+        .await
+        .map_err(|e| match &e {
+            sqlx::Error::Database(db) if db.constraint() == Some("instances_one_per_user") => {
+                conflict(ClaimConflict::InstanceExists)
+            }
+            _ => Error::on_unique(
+                e,
+                "instances_subdomain_live",
+                "subdomain_taken",
+                "that subdomain is taken",
+            ),
+        })?;
+    let attached = match warm {
+        Some(attached) => {
+            start_at_tier(app, &mut tx, instance_id, attached.tier).await?;
+            Some(attached)
+        }
+        None => attach_cold(app, &mut tx, req, instance_id).await?,
+    };
+    tx.commit().await?;
+    Ok(attached)
+}
+
+/// A claim refused, as the customer reads it.
+fn conflict(why: ClaimConflict) -> Error {
+    match why {
+        ClaimConflict::InstanceExists => Error::Conflict {
+            code: "instance_exists",
+            message: "this account already has an instance".into(),
+        },
+        ClaimConflict::SubdomainTaken => Error::Conflict {
+            code: "subdomain_taken",
+            message: "that subdomain is taken".into(),
+        },
+    }
+}
+
 /// The common case in one statement: the instance, its data key, its
 /// sealed provider keys and the idempotency key's link are written, and
 /// the oldest warm idle container is taken, marked and audited, all in one
@@ -264,7 +322,7 @@ async fn claim_warm(
     instance_id: Uuid,
     key: &envelope::FreshKey,
     names: &[&str],
-    sealed: &[Vec<u8>],
+    sealed: &[&[u8]],
 ) -> std::result::Result<Option<Attached>, sqlx::Error> {
     #[derive(sqlx::FromRow)]
     struct Row {
@@ -275,7 +333,7 @@ async fn claim_warm(
     }
     let row: Row = sqlx::query_as(concat!(
         "WITH taken AS (",
-        idle_pick!(),
+        idle_pick!("1"),
         "), marked AS (
            UPDATE containers c SET state = 'assigning', claimed_at = now(), updated_at = now()
              FROM taken WHERE c.id = taken.id RETURNING c.id
@@ -461,7 +519,7 @@ async fn take_idle(
     tx: &mut Transaction<'_, Postgres>,
     avoid: Option<&str>,
 ) -> Result<Option<capacity::Taken>> {
-    Ok(sqlx::query_as(idle_pick!())
+    Ok(sqlx::query_as(idle_pick!("1"))
         .bind(app.cfg.heartbeat_ttl.as_secs_f64())
         .bind(avoid.unwrap_or_default())
         .bind(app.cfg.min_disk())

@@ -10,3 +10,4 @@ pub mod instances;
 pub mod queue;
 pub mod reconfigure;
 pub mod release;
+pub mod warm;

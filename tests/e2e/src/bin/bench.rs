@@ -620,6 +620,8 @@ async fn burst_of(
     let parts_before = cpu_by_part();
     let pushes = "clawdeploy_desired_pushes_total";
     let pushes_before = c.scheduler_metric(0, pushes).await.unwrap_or(0.0);
+    let batches = "clawdeploy_claim_batch_size_count";
+    let batches_before = c.scheduler_metric(0, batches).await.unwrap_or(0.0);
     let recording = perf.then(|| start_perf(&c.dir)).transpose()?;
     let (timings, wall) = run_concurrent(&c, "burst", &burst_users).await?;
     let mut samples: Vec<Duration> = timings.iter().map(|t| t.live).collect();
@@ -627,6 +629,7 @@ async fn burst_of(
     let parts_after = cpu_by_part();
     // Read at once: the pool's refill starts as soon as the burst is over.
     let pushes_during = c.scheduler_metric(0, pushes).await.unwrap_or(0.0) - pushes_before;
+    let batches_during = c.scheduler_metric(0, batches).await.unwrap_or(0.0) - batches_before;
     let fallbacks = c
         .scheduler_metric(0, "clawdeploy_claim_fallbacks_total")
         .await
@@ -637,6 +640,10 @@ async fn burst_of(
     }
     statements.report(&statement_rows, n);
     println!("claims that created a container on demand (the pool had none for them): {fallbacks}");
+    println!(
+        "warm-claim batches: {batches_during} for {n} signups ({:.1} claims per batch)",
+        n as f64 / batches_during.max(1.0)
+    );
     report(&format!("concurrent ({n})"), samples.clone(), wall);
     let mut answered: Vec<Duration> = timings.iter().map(|t| t.answered).collect();
     answered.sort();

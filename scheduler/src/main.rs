@@ -135,6 +135,16 @@ struct ServeArgs {
     /// Seconds before an unconfirmed claim moves to a fresh container.
     #[arg(long, env = "CLAWDEPLOY_CLAIM_TIMEOUT_SECS", default_value_t = 20)]
     claim_timeout_secs: u64,
+    /// Warm-claim batches that may run at once. Signups that arrive while
+    /// these run wait and go together in the next: one transaction claims
+    /// for all of them. Two keep one batch forming while the other is in
+    /// the database.
+    #[arg(long, env = "CLAWDEPLOY_CLAIM_BATCHES", default_value_t = 2)]
+    claim_batches: usize,
+    /// The most claims one warm-claim batch takes (1: every claim in a
+    /// transaction of its own).
+    #[arg(long, env = "CLAWDEPLOY_CLAIM_BATCH_MAX", default_value_t = 32)]
+    claim_batch_max: usize,
     /// Seconds a released instance's data is kept (stopped) before its
     /// container and volume are destroyed.
     #[arg(long, env = "CLAWDEPLOY_RELEASE_GRACE_SECS", default_value_t = 7 * 24 * 3600)]
@@ -337,6 +347,8 @@ async fn main() -> anyhow::Result<()> {
                     heartbeat_ttl: Duration::from_secs(a.heartbeat_ttl_secs),
                     claim_wait: Duration::from_secs(a.claim_wait_secs),
                     claim_timeout: Duration::from_secs(a.claim_timeout_secs.max(1)),
+                    claim_batches: a.claim_batches.max(1),
+                    claim_batch_max: a.claim_batch_max.max(1),
                     release_grace: Duration::from_secs(a.release_grace_secs),
                     subdomain_cooldown: Duration::from_secs(a.subdomain_cooldown_secs),
                     node_cert_lifetime: Duration::from_secs(a.node_cert_ttl_secs.max(3)),

@@ -282,7 +282,11 @@ async fn a_burst_claims_in_batches_and_each_refusal_stays_its_own() {
     let mut containers: Vec<Uuid> = claimed.iter().filter_map(|c| c.container_id).collect();
     containers.sort();
     containers.dedup();
-    assert_eq!(containers.len(), 8, "every claim has a container of its own");
+    assert_eq!(
+        containers.len(),
+        8,
+        "every claim has a container of its own"
+    );
     assert_eq!(
         containers.iter().filter(|c| pool.contains(c)).count(),
         6,
@@ -292,20 +296,28 @@ async fn a_burst_claims_in_batches_and_each_refusal_stays_its_own() {
     // now() is its start, so one batch's containers share a claim time.
     // The first two claims each found a batch run free; the other nine
     // waited and went in one.
-    let batches: i64 = sqlx::query_scalar(
-        "SELECT count(DISTINCT claimed_at) FROM containers WHERE id = ANY($1)",
-    )
-    .bind(&pool)
-    .fetch_one(&app.db)
-    .await
-    .unwrap();
+    let batches: i64 =
+        sqlx::query_scalar("SELECT count(DISTINCT claimed_at) FROM containers WHERE id = ANY($1)")
+            .bind(&pool)
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
     assert_eq!(batches, 3, "six warm claims in three transactions");
     for (sql, want) in [
-        ("SELECT count(*) FROM containers WHERE state = 'assigning'", 8),
-        ("SELECT count(*) FROM instances WHERE status <> 'deleted'", 8),
+        (
+            "SELECT count(*) FROM containers WHERE state = 'assigning'",
+            8,
+        ),
+        (
+            "SELECT count(*) FROM instances WHERE status <> 'deleted'",
+            8,
+        ),
         ("SELECT count(*) FROM tenant_keys", 8),
         ("SELECT count(*) FROM secrets", 8),
-        ("SELECT count(*) FROM audit_log WHERE action = 'instance.claim'", 8),
+        (
+            "SELECT count(*) FROM audit_log WHERE action = 'instance.claim'",
+            8,
+        ),
     ] {
         assert_eq!(count(&app, sql).await, want, "{sql}");
     }
@@ -314,7 +326,10 @@ async fn a_burst_claims_in_batches_and_each_refusal_stays_its_own() {
         let token = clawdeploy_scheduler::lifecycle::instances::gateway_token(&app, c.instance_id)
             .await
             .unwrap();
-        assert_eq!(token, c.gateway_token, "the claim answered its container's token");
+        assert_eq!(
+            token, c.gateway_token,
+            "the claim answered its container's token"
+        );
         // Sealed under the instance's id and name: another's would not open.
         let masked = clawdeploy_scheduler::lifecycle::instances::by_id(&app, c.instance_id)
             .await

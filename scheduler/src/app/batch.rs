@@ -86,7 +86,10 @@ mod tests {
     async fn a_lone_item_runs_at_once_as_a_batch_of_one() {
         let b = Batcher::<u32, u32>::new(1, 8);
         let got = b
-            .submit(7, |items| async move { items.iter().map(|i| i * 2).collect() })
+            .submit(
+                7,
+                |items| async move { items.iter().map(|i| i * 2).collect() },
+            )
             .await;
         assert_eq!(got, Some(14));
     }
@@ -129,7 +132,11 @@ mod tests {
         gate.notify_one();
         assert_eq!(first.await.unwrap(), Some((0, 1)));
         for (i, r) in rest.into_iter().enumerate() {
-            assert_eq!(r.await.unwrap(), Some((i as u32 + 1, 5)), "one batch of five");
+            assert_eq!(
+                r.await.unwrap(),
+                Some((i as u32 + 1, 5)),
+                "one batch of five"
+            );
         }
         assert_eq!(batches.load(Ordering::SeqCst), 2);
     }
@@ -146,7 +153,10 @@ mod tests {
             }
         };
         let all = futures::future::join_all((0..5).map(|i| b.submit(i, run.clone()))).await;
-        assert!(all.iter().all(|r| matches!(r, Some(n) if *n <= 2)), "{all:?}");
+        assert!(
+            all.iter().all(|r| matches!(r, Some(n) if *n <= 2)),
+            "{all:?}"
+        );
         assert!(sizes.lock().unwrap().iter().all(|n| *n <= 2));
         assert_eq!(sizes.lock().unwrap().iter().sum::<usize>(), 5);
     }

@@ -13,13 +13,6 @@ use crate::model::Tier;
 /// every claim of the batch it can.
 pub type WarmClaims = Batcher<WarmClaim, WarmOutcome>;
 
-/// How many warm-claim batches may run at once, and how many claims one
-/// takes: two keep one forming while the other is in PostgreSQL; 32 keeps
-/// a batch's statement short enough that its first answers are not held
-/// up by its last.
-pub const WARM_BATCHES: usize = 2;
-pub const WARM_BATCH_MAX: usize = 32;
-
 /// A claim waiting for its batch: the instance to write, its keys sealed.
 pub struct WarmClaim {
     pub instance_id: Uuid,

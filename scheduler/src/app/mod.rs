@@ -44,6 +44,10 @@ pub struct Config {
     /// A claim the agent has not confirmed after this long is moved to a
     /// fresh container (once); a second miss fails the instance.
     pub claim_timeout: Duration,
+    /// Warm-claim batches that may run at once, and the most claims one
+    /// takes (`claims::WarmClaims`).
+    pub claim_batches: usize,
+    pub claim_batch_max: usize,
     /// Containers stuck in creating/warming longer than this are replaced.
     pub warm_timeout: Duration,
     /// A released instance's data is kept this long, then destroyed.
@@ -110,6 +114,8 @@ impl Default for Config {
             heartbeat_ttl: Duration::from_secs(10),
             claim_wait: Duration::from_secs(10),
             claim_timeout: Duration::from_secs(20),
+            claim_batches: 2,
+            claim_batch_max: 32,
             warm_timeout: Duration::from_secs(120),
             release_grace: Duration::from_secs(7 * 24 * 3600),
             subdomain_cooldown: Duration::from_secs(30 * 24 * 3600),
@@ -294,6 +300,7 @@ impl App {
         let cfg_dns = cfg.dns_nameservers.clone();
         let claim_slots =
             tokio::sync::Semaphore::new(claim_slots(db.options().get_max_connections()));
+        let warm_claims = claims::WarmClaims::new(cfg.claim_batches, cfg.claim_batch_max);
         let cfg_acme = cfg.acme.clone();
         Arc::new(App {
             cfg,
@@ -305,7 +312,7 @@ impl App {
             pool_wake: Notify::new(),
             claims: Default::default(),
             claim_slots,
-            warm_claims: claims::WarmClaims::new(claims::WARM_BATCHES, claims::WARM_BATCH_MAX),
+            warm_claims,
             migration_wake: Notify::new(),
             queue_wake: Notify::new(),
             edge_acks: Default::default(),

@@ -264,8 +264,13 @@ async fn claim_alone(
         .acquire()
         .await
         .map_err(|_| Error::Internal("claim slots closed".into()))?;
-    if instances::cooling_down(&app.db, app.cfg.subdomain_cooldown, &req.subdomain, req.user_id)
-        .await?
+    if instances::cooling_down(
+        &app.db,
+        app.cfg.subdomain_cooldown,
+        &req.subdomain,
+        req.user_id,
+    )
+    .await?
     {
         return Err(conflict(ClaimConflict::SubdomainTaken));
     }

@@ -147,28 +147,36 @@ async fn take(app: &App, batch: &[WarmClaim]) -> Result<Vec<WarmOutcome>> {
     let live = with_live_instance(&mut tx, &refused).await?;
     let mut outcomes = Vec::with_capacity(batch.len());
     for (c, row) in batch.iter().zip(rows) {
-        outcomes.push(match (row.container_id, row.node_id, row.gateway_token_enc) {
-            (Some(container_id), Some(node_id), Some(gateway_token_enc)) => {
-                let tier = row.paid.unwrap_or(Tier::Free);
-                // A paying account's container is resized before its node
-                // hears of the claim, as on the single path.
-                if tier != Tier::Free {
-                    crate::billing::tier::set_tier_in(app, &mut tx, c.instance_id, tier, "billing")
+        outcomes.push(
+            match (row.container_id, row.node_id, row.gateway_token_enc) {
+                (Some(container_id), Some(node_id), Some(gateway_token_enc)) => {
+                    let tier = row.paid.unwrap_or(Tier::Free);
+                    // A paying account's container is resized before its node
+                    // hears of the claim, as on the single path.
+                    if tier != Tier::Free {
+                        crate::billing::tier::set_tier_in(
+                            app,
+                            &mut tx,
+                            c.instance_id,
+                            tier,
+                            "billing",
+                        )
                         .await?;
+                    }
+                    WarmOutcome::Taken {
+                        container_id,
+                        node_id,
+                        tier,
+                        gateway_token_enc,
+                    }
                 }
-                WarmOutcome::Taken {
-                    container_id,
-                    node_id,
-                    tier,
-                    gateway_token_enc,
+                _ if row.paired && live.contains(&c.user_id) => {
+                    WarmOutcome::Conflict(ClaimConflict::InstanceExists)
                 }
-            }
-            _ if row.paired && live.contains(&c.user_id) => {
-                WarmOutcome::Conflict(ClaimConflict::InstanceExists)
-            }
-            _ if row.paired => WarmOutcome::Conflict(ClaimConflict::SubdomainTaken),
-            _ => WarmOutcome::Alone,
-        });
+                _ if row.paired => WarmOutcome::Conflict(ClaimConflict::SubdomainTaken),
+                _ => WarmOutcome::Alone,
+            },
+        );
     }
     tx.commit().await?;
     Ok(outcomes)

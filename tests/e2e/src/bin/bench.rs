@@ -51,6 +51,10 @@ struct Args {
     /// with 12.
     #[arg(long, default_value_t = 12)]
     db_connections: u32,
+    /// A flag for the scheduler, as it takes it (repeatable), e.g.
+    /// `--scheduler-arg=--claim-batch-max=1`.
+    #[arg(long = "scheduler-arg", allow_hyphen_values = true)]
+    scheduler_args: Vec<String>,
     /// Profile the whole machine (`perf record -a`) during the largest
     /// burst and print where the CPU went.
     #[arg(long)]
@@ -446,6 +450,7 @@ async fn burst(a: &Args) -> Result<()> {
                 sequential,
                 perf,
                 Some(a.db_connections),
+                &a.scheduler_args,
                 !a.shared_cgroup,
             )
             .await?,
@@ -530,6 +535,7 @@ async fn burst_of(
     sequential: usize,
     perf: bool,
     db_connections: Option<u32>,
+    scheduler_args: &[String],
     own_groups: bool,
 ) -> Result<Point> {
     let pool = sequential.max(n) as u32;
@@ -550,7 +556,10 @@ async fn burst_of(
                     n.to_string(),
                 ]
             })
-            .unwrap_or_default(),
+            .unwrap_or_default()
+            .into_iter()
+            .chain(scheduler_args.iter().cloned())
+            .collect(),
         ..Default::default()
     };
     eprintln!("starting the system with a pool of {pool} (2 nodes)…");

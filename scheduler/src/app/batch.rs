@@ -47,15 +47,20 @@ impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
                 got = &mut rx => return got.ok(),
                 permit = self.runs.clone().acquire_owned() => {
                     let permit = permit.ok()?;
-                    let batch: Waiting<T, R> = {
+                    let (taken, batch): (usize, Waiting<T, R>) = {
                         let mut queue = self.lock();
                         let n = queue.len().min(self.max);
-                        queue.drain(..n).collect()
+                        // A caller that went away (its request dropped)
+                        // before its batch started gets nothing done.
+                        (n, queue.drain(..n).filter(|(_, reply)| !reply.is_closed()).collect())
                     };
-                    if batch.is_empty() {
+                    if taken == 0 {
                         // Another run took this item; it answers.
                         drop(permit);
                         return rx.await.ok();
+                    }
+                    if batch.is_empty() {
+                        continue;
                     }
                     let (items, replies): (Vec<T>, Vec<_>) = batch.into_iter().unzip();
                     let running = run(items);
@@ -159,6 +164,58 @@ mod tests {
         );
         assert!(sizes.lock().unwrap().iter().all(|n| *n <= 2));
         assert_eq!(sizes.lock().unwrap().iter().sum::<usize>(), 5);
+    }
+
+    #[tokio::test]
+    async fn an_item_whose_caller_went_away_before_its_batch_is_not_run() {
+        let b = Arc::new(Batcher::<u32, u32>::new(1, 8));
+        let ran = Arc::new(Mutex::new(Vec::new()));
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let run = {
+            let (ran, gate) = (ran.clone(), gate.clone());
+            move |items: Vec<u32>| {
+                let (ran, gate) = (ran.clone(), gate.clone());
+                async move {
+                    if items == [0] {
+                        gate.notified().await;
+                    }
+                    ran.lock().unwrap().extend(items.iter().copied());
+                    items
+                }
+            }
+        };
+        let first = tokio::spawn({
+            let (b, run) = (b.clone(), run.clone());
+            async move { b.submit(0, run).await }
+        });
+        while b.lock().len() > 0 || b.runs.available_permits() > 0 {
+            tokio::task::yield_now().await;
+        }
+        // Queued behind the running batch, then dropped.
+        let gone = tokio::spawn({
+            let (b, run) = (b.clone(), run.clone());
+            async move { b.submit(1, run).await }
+        });
+        while b.lock().is_empty() {
+            tokio::task::yield_now().await;
+        }
+        gone.abort();
+        let _ = gone.await;
+        let stays = tokio::spawn({
+            let (b, run) = (b.clone(), run.clone());
+            async move { b.submit(2, run).await }
+        });
+        while b.lock().len() < 2 {
+            tokio::task::yield_now().await;
+        }
+        gate.notify_one();
+        assert_eq!(first.await.unwrap(), Some(0));
+        assert_eq!(stays.await.unwrap(), Some(2));
+        assert_eq!(
+            *ran.lock().unwrap(),
+            vec![0, 2],
+            "the dropped item never ran"
+        );
     }
 
     #[tokio::test]

@@ -188,7 +188,7 @@ mod tests {
             let (b, run) = (b.clone(), run.clone());
             async move { b.submit(0, run).await }
         });
-        while b.lock().len() > 0 || b.runs.available_permits() > 0 {
+        while !b.lock().is_empty() || b.runs.available_permits() > 0 {
             tokio::task::yield_now().await;
         }
         // Queued behind the running batch, then dropped.

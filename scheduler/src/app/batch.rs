@@ -87,6 +87,21 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
+    /// `item` submitted from a task of its own.
+    fn spawn_submit<R, F, Fut>(
+        b: &Arc<Batcher<u32, R>>,
+        item: u32,
+        run: F,
+    ) -> tokio::task::JoinHandle<Option<R>>
+    where
+        R: Send + 'static,
+        F: Fn(Vec<u32>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Vec<R>> + Send + 'static,
+    {
+        let b = b.clone();
+        tokio::spawn(async move { b.submit(item, run).await })
+    }
+
     #[tokio::test]
     async fn a_lone_item_runs_at_once_as_a_batch_of_one() {
         let b = Batcher::<u32, u32>::new(1, 8);
@@ -118,19 +133,11 @@ mod tests {
                 }
             }
         };
-        let first = tokio::spawn({
-            let (b, run) = (b.clone(), run.clone());
-            async move { b.submit(0, run).await }
-        });
+        let first = spawn_submit(&b, 0, run.clone());
         while batches.load(Ordering::SeqCst) == 0 {
             tokio::task::yield_now().await;
         }
-        let rest: Vec<_> = (1..=5)
-            .map(|i| {
-                let (b, run) = (b.clone(), run.clone());
-                tokio::spawn(async move { b.submit(i, run).await })
-            })
-            .collect();
+        let rest: Vec<_> = (1..=5).map(|i| spawn_submit(&b, i, run.clone())).collect();
         while b.lock().len() < 5 {
             tokio::task::yield_now().await;
         }
@@ -184,27 +191,18 @@ mod tests {
                 }
             }
         };
-        let first = tokio::spawn({
-            let (b, run) = (b.clone(), run.clone());
-            async move { b.submit(0, run).await }
-        });
+        let first = spawn_submit(&b, 0, run.clone());
         while !b.lock().is_empty() || b.runs.available_permits() > 0 {
             tokio::task::yield_now().await;
         }
         // Queued behind the running batch, then dropped.
-        let gone = tokio::spawn({
-            let (b, run) = (b.clone(), run.clone());
-            async move { b.submit(1, run).await }
-        });
+        let gone = spawn_submit(&b, 1, run.clone());
         while b.lock().is_empty() {
             tokio::task::yield_now().await;
         }
         gone.abort();
         let _ = gone.await;
-        let stays = tokio::spawn({
-            let (b, run) = (b.clone(), run.clone());
-            async move { b.submit(2, run).await }
-        });
+        let stays = spawn_submit(&b, 2, run.clone());
         while b.lock().len() < 2 {
             tokio::task::yield_now().await;
         }

@@ -45,7 +45,7 @@ pub struct Config {
     /// fresh container (once); a second miss fails the instance.
     pub claim_timeout: Duration,
     /// Warm-claim batches that may run at once, and the most claims one
-    /// takes (`claims::WarmClaims`).
+    /// takes (`claims::WarmClaims`; 0 counts as 1).
     pub claim_batches: usize,
     pub claim_batch_max: usize,
     /// Containers stuck in creating/warming longer than this are replaced.

@@ -251,6 +251,25 @@ pub async fn subdomain_available(app: &App, subdomain: &str) -> Result<bool> {
     )
 }
 
+/// The cool-down rule as SQL: an instance of another account released
+/// under this subdomain within the cool-down. The arguments: the subdomain,
+/// the claiming account and the cool-down in seconds, as SQL expressions.
+/// One text for `cooling_down` and the warm batches (`warm.rs`).
+macro_rules! cooling_instance {
+    ($subdomain:literal, $user:literal, $secs:literal) => {
+        concat!(
+            "SELECT 1 FROM instances d WHERE d.subdomain = ",
+            $subdomain,
+            " AND d.user_id <> ",
+            $user,
+            " AND d.status = 'deleted' AND d.released_at > now() - make_interval(secs => ",
+            $secs,
+            ")"
+        )
+    };
+}
+pub(crate) use cooling_instance;
+
 /// Whether `subdomain` was released to the cool-down recently (by someone
 /// other than `user_id`, who may take their own name back).
 pub async fn cooling_down(
@@ -259,17 +278,13 @@ pub async fn cooling_down(
     subdomain: &str,
     user_id: Uuid,
 ) -> Result<bool> {
-    let hit: Option<i32> = sqlx::query_scalar(
-        "SELECT 1 FROM instances
-          WHERE subdomain = $1 AND user_id <> $2 AND status = 'deleted'
-            AND released_at > now() - make_interval(secs => $3)
-          LIMIT 1",
-    )
-    .bind(subdomain)
-    .bind(user_id)
-    .bind(cooldown.as_secs_f64())
-    .fetch_optional(db)
-    .await?;
+    let hit: Option<i32> =
+        sqlx::query_scalar(concat!(cooling_instance!("$1", "$2", "$3"), " LIMIT 1"))
+            .bind(subdomain)
+            .bind(user_id)
+            .bind(cooldown.as_secs_f64())
+            .fetch_optional(db)
+            .await?;
     Ok(hit.is_some())
 }
 

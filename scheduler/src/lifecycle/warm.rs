@@ -85,9 +85,9 @@ async fn take(app: &App, batch: &[WarmClaim]) -> Result<Vec<WarmOutcome>> {
          ), pairs AS (
            SELECT r.*, t.id AS container_id, t.node_id, t.gateway_token_enc
              FROM req r JOIN taken t ON t.n = r.n
-            WHERE NOT EXISTS (SELECT 1 FROM instances d
-                               WHERE d.subdomain = r.subdomain AND d.user_id <> r.user_id AND d.status = 'deleted'
-                                 AND d.released_at > now() - make_interval(secs => $15))
+            WHERE NOT EXISTS (",
+        super::instances::cooling_instance!("r.subdomain", "r.user_id", "$15"),
+        ")
          ), instance AS (
            INSERT INTO instances (id, user_id, subdomain, status, config_version, default_model, container_id)
            SELECT id, user_id, subdomain, 'pending', 1, default_model, container_id FROM pairs

@@ -14,6 +14,7 @@ use clawdeploy_scheduler::error::Error;
 use clawdeploy_scheduler::fleet::{capacity, settings};
 use clawdeploy_scheduler::lifecycle::claim::{self, ClaimRequest};
 use clawdeploy_scheduler::lifecycle::idempotency::{self, Begin};
+use clawdeploy_scheduler::model::InstanceStatus;
 use clawdeploy_scheduler::routes;
 use serde_json::{json, Value};
 use sqlx::PgPool;
@@ -423,10 +424,34 @@ async fn one_report_completes_the_claims_it_confirms_together() {
         .await,
         3
     );
-    // Waiting signups and the edges heard of each.
+    // Waiting signups and the edges heard of each. The news of a claim the
+    // batch completed carries its answer as committed (status, route
+    // version, container and sealed token: what a waiter would read back);
+    // the one completed on its own (custom domains) leaves it to the read.
     let mut woken = Vec::new();
-    while let Ok(id) = ready.try_recv() {
-        woken.push(id);
+    while let Ok(news) = ready.try_recv() {
+        woken.push(news.instance_id);
+        if news.instance_id == custom_instance {
+            assert!(news.settled.is_none());
+            continue;
+        }
+        let settled = news.settled.expect("a batch completion carries the answer");
+        let (version, container, token): (i64, Uuid, Vec<u8>) = sqlx::query_as(
+            "SELECT r.version, c.id, c.gateway_token_enc FROM instances i
+               JOIN containers c ON c.id = i.container_id
+               JOIN routes r ON r.instance_id = i.id AND NOT r.custom AND r.removed_at IS NULL
+              WHERE i.id = $1",
+        )
+        .bind(news.instance_id)
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+        assert_eq!(settled.status, InstanceStatus::Ready);
+        assert_eq!(
+            settled.route_version.map(|v| v.wire()),
+            Some(version as u64)
+        );
+        assert_eq!(settled.container, Some((container, token)));
     }
     woken.sort();
     let mut want: Vec<Uuid> = claimed[..3].iter().map(|(i, _)| *i).collect();

@@ -3,11 +3,45 @@
 //! the pool catches up once they have answered. Warm claims wait here for
 //! their batch (`WarmClaims`; `lifecycle::claim` runs the batches).
 
+use std::sync::Arc;
+
 use tokio::sync::watch;
 use uuid::Uuid;
 
 use super::batch::Batcher;
-use crate::model::Tier;
+use crate::model::{InstanceStatus, RouteVersion, Tier};
+
+/// What a waiting signup needs of its instance once it settled: its
+/// status, its own route's version (to wait for the edges) and its
+/// container with the sealed gateway token (a retried claim moved it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settled {
+    pub status: InstanceStatus,
+    pub route_version: Option<RouteVersion>,
+    pub container: Option<(Uuid, Vec<u8>)>,
+}
+
+/// News that an instance settled (ready or failed), for the signups
+/// waiting on it. A completion on this scheduler carries what it committed,
+/// so the waiter answers without reading it back (a burst of 100 is 100
+/// reads fewer, each waiting for a connection at the busiest moment); news
+/// from elsewhere (another scheduler's completion, a failed claim) carries
+/// none, and the waiter reads the database.
+#[derive(Clone, Debug)]
+pub struct InstanceNews {
+    pub instance_id: Uuid,
+    pub settled: Option<Arc<Settled>>,
+}
+
+impl InstanceNews {
+    /// News without the answer: the waiter reads it.
+    pub fn read_it(instance_id: Uuid) -> Self {
+        Self {
+            instance_id,
+            settled: None,
+        }
+    }
+}
 
 /// Warm claims in batches: one transaction takes an idle container for
 /// every claim of the batch it can.

@@ -210,8 +210,9 @@ pub struct App {
     pub queue_wake: Notify,
     /// Route versions the connected edges have applied.
     pub edge_acks: EdgeAcks,
-    /// Instances that just became ready (wakes waiting signup requests).
-    pub instance_ready: broadcast::Sender<Uuid>,
+    /// Instances that just became ready or failed (wakes waiting signup
+    /// requests).
+    pub instance_ready: broadcast::Sender<claims::InstanceNews>,
     /// Signs node certificates (join and renewal).
     pub ca: Ca,
     /// SHA-256 of the operator's admin token; `None` switches `/admin` off.

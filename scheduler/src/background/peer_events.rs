@@ -53,7 +53,9 @@ async fn apply(app: &AppRef, e: Event) -> Result<()> {
             broadcast_rows(app, "WHERE version = ANY($1)", versions).await?;
         }
         Event::Ready(id) => {
-            let _ = app.instance_ready.send(id);
+            let _ = app
+                .instance_ready
+                .send(crate::app::claims::InstanceNews::read_it(id));
         }
     }
     Ok(())

@@ -14,7 +14,7 @@ use uuid::Uuid;
 use super::instances::{self, Instance};
 use super::warm;
 use crate::agents::desired;
-use crate::app::claims::{ClaimConflict, WarmClaim, WarmOutcome};
+use crate::app::claims::{ClaimConflict, InstanceNews, Settled, WarmClaim, WarmOutcome};
 use crate::app::{App, AppRef};
 use crate::audit::audit;
 use crate::crypto::{aad, envelope, random_token};
@@ -566,15 +566,7 @@ pub enum Outcome {
     Failed,
 }
 
-/// What a waiting signup reads of its instance, in one statement: its
-/// status, its own route's version (to wait for the edges) and its
-/// container with the sealed gateway token (a retried claim moved it).
-pub struct Settled {
-    pub status: InstanceStatus,
-    pub route_version: Option<routes::RouteVersion>,
-    pub container: Option<(Uuid, Vec<u8>)>,
-}
-
+/// What a waiting signup reads of its instance, in one statement.
 async fn settled(app: &App, instance_id: Uuid) -> Result<Option<Settled>> {
     #[derive(sqlx::FromRow)]
     struct Row {
@@ -606,7 +598,7 @@ async fn settled(app: &App, instance_id: Uuid) -> Result<Option<Settled>> {
 pub async fn wait_ready(
     app: &App,
     instance_id: Uuid,
-    mut ready: tokio::sync::broadcast::Receiver<Uuid>,
+    mut ready: tokio::sync::broadcast::Receiver<InstanceNews>,
 ) -> Result<(Outcome, Option<Settled>)> {
     let deadline = tokio::time::Instant::now() + app.cfg.claim_wait;
     loop {
@@ -617,8 +609,12 @@ pub async fn wait_ready(
         loop {
             tokio::select! {
                 got = ready.recv() => match got {
-                    // Ready or failed: the database says which.
-                    Ok(id) if id == instance_id => break,
+                    Ok(news) if news.instance_id == instance_id => match news.settled {
+                        // Completed here: the answer as committed.
+                        Some(s) => return Ok((Outcome::Ready, Some(Settled::clone(&s)))),
+                        // Ready or failed: the database says which.
+                        None => break,
+                    },
                     Ok(_) => continue,
                     Err(_) => break,
                 },
@@ -741,7 +737,7 @@ async fn retry_one(
         tx.commit().await?;
         metrics::counter!("clawdeploy_assignments_total", "result" => "failed").increment(1);
         tracing::error!(%instance_id, %container_id, node_id, "claim unconfirmed twice: instance failed");
-        let _ = app.instance_ready.send(instance_id);
+        let _ = app.instance_ready.send(InstanceNews::read_it(instance_id));
         return Ok(Some(None));
     }
     let (taken, on_demand) = match take_idle(app, &mut tx, Some(node_id)).await? {

@@ -5,9 +5,12 @@
 //! transaction that also brings the instance's custom domains along (an
 //! instance claimed anew after a failed claim may already have some).
 
+use std::sync::Arc;
+
 use clawdeploy_proto::{Route, RouteDelta};
 use uuid::Uuid;
 
+use crate::app::claims::{InstanceNews, Settled};
 use crate::app::App;
 use crate::audit::audit;
 use crate::error::{Error, Result};
@@ -20,13 +23,18 @@ struct Readied {
     container_id: Uuid,
     subdomain: String,
     created_at: chrono::DateTime<chrono::Utc>,
+    /// The waiting signup's answer, when the completion knows all of it.
+    settled: Option<Arc<Settled>>,
 }
 
 /// After the commit: waiting signups learn of it, the edges get the routes,
 /// and the assignment is measured and logged.
 async fn announce(app: &App, node_id: &str, readied: &[Readied], deltas: Vec<RouteDelta>) {
     for r in readied {
-        let _ = app.instance_ready.send(r.instance_id);
+        let _ = app.instance_ready.send(InstanceNews {
+            instance_id: r.instance_id,
+            settled: r.settled.clone(),
+        });
     }
     let ids: Vec<Uuid> = readied.iter().map(|r| r.instance_id).collect();
     routes::broadcast_many(app, &app.agents_db, deltas, &ids).await;
@@ -124,6 +132,8 @@ pub async fn complete(
         container_id,
         subdomain: instance.subdomain,
         created_at: instance.created_at,
+        // The rare path (custom domains): the waiter reads its answer.
+        settled: None,
     };
     announce(app, node_id, &[readied], deltas).await;
     Ok(())
@@ -151,6 +161,7 @@ pub async fn complete_many(app: &App, node_id: &str, confirmed: &[(Uuid, u64)]) 
         subdomain: String,
         upstream: String,
         created_at: chrono::DateTime<chrono::Utc>,
+        gateway_token_enc: Vec<u8>,
         /// Has custom domains: left to `complete`.
         custom: bool,
         version: Option<RouteVersion>,
@@ -164,6 +175,7 @@ pub async fn complete_many(app: &App, node_id: &str, confirmed: &[(Uuid, u64)]) 
            SELECT * FROM unnest($2::uuid[], $3::bigint[]) AS r(id, applied)
          ), candidate AS (
            SELECT i.id AS instance_id, c.id AS container_id, i.subdomain, c.upstream, i.created_at,
+                  c.gateway_token_enc,
                   (EXISTS (SELECT 1 FROM domains d WHERE d.instance_id = i.id)
                    OR EXISTS (SELECT 1 FROM routes x WHERE x.instance_id = i.id AND x.custom
                                  AND x.removed_at IS NULL)) AS custom
@@ -234,6 +246,11 @@ pub async fn complete_many(app: &App, node_id: &str, confirmed: &[(Uuid, u64)]) 
             container_id: r.container_id,
             subdomain: r.subdomain,
             created_at: r.created_at,
+            settled: Some(Arc::new(Settled {
+                status: InstanceStatus::Ready,
+                route_version: Some(version),
+                container: Some((r.container_id, r.gateway_token_enc)),
+            })),
         });
     }
     if !readied.is_empty() {

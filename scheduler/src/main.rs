@@ -145,11 +145,6 @@ struct ServeArgs {
     /// transaction of its own).
     #[arg(long, env = "CLAWDEPLOY_CLAIM_BATCH_MAX", default_value_t = 32)]
     claim_batch_max: usize,
-    /// Milliseconds the pool's refills stay held back after the last
-    /// signup in flight answered, so its customer's first requests do not
-    /// share the host with container creates (0: refill at once).
-    #[arg(long, env = "CLAWDEPLOY_REFILL_SETTLE_MS", default_value_t = 100)]
-    refill_settle_ms: u64,
     /// Seconds a released instance's data is kept (stopped) before its
     /// container and volume are destroyed.
     #[arg(long, env = "CLAWDEPLOY_RELEASE_GRACE_SECS", default_value_t = 7 * 24 * 3600)]
@@ -354,7 +349,6 @@ async fn main() -> anyhow::Result<()> {
                     claim_timeout: Duration::from_secs(a.claim_timeout_secs.max(1)),
                     claim_batches: a.claim_batches,
                     claim_batch_max: a.claim_batch_max,
-                    refill_settle: Duration::from_millis(a.refill_settle_ms),
                     release_grace: Duration::from_secs(a.release_grace_secs),
                     subdomain_cooldown: Duration::from_secs(a.subdomain_cooldown_secs),
                     node_cert_lifetime: Duration::from_secs(a.node_cert_ttl_secs.max(3)),

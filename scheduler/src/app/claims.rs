@@ -1,12 +1,9 @@
-//! Signups claiming on this scheduler right now. While any is in flight,
-//! and for a short settle after the last one answered, the pool manager
-//! holds its refills back: a burst's claims come first, then the
-//! customers' first requests to their new gateways, and the pool catches up
-//! after. Warm claims wait here for their batch (`WarmClaims`;
-//! `lifecycle::claim` runs the batches).
+//! Signups claiming on this scheduler right now. While any is in flight the
+//! pool manager holds its refills back: a burst's claims come first, and
+//! the pool catches up once they have answered. Warm claims wait here for
+//! their batch (`WarmClaims`; `lifecycle::claim` runs the batches).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -89,26 +86,15 @@ pub enum ClaimConflict {
     SubdomainTaken,
 }
 
-/// How many signups are in flight, and when the last one left.
-#[derive(Clone, Copy, Default)]
-struct Flight {
-    count: usize,
-    last_left: Option<tokio::time::Instant>,
-}
-
 pub struct ClaimsInFlight {
-    flight: watch::Sender<Flight>,
-    /// How long after the last signup answered the system still counts as
-    /// busy. A customer opens the new gateway right after the answer: its
-    /// TLS handshake and first request should not share the cores with the
-    /// container creates a refill starts (on 2 cores a refill of 88 made the
-    /// first request of a 100-signup burst 30-40 ms slower).
-    settle: Duration,
+    count: watch::Sender<usize>,
 }
 
 impl Default for ClaimsInFlight {
     fn default() -> Self {
-        Self::new(Duration::ZERO)
+        Self {
+            count: watch::Sender::new(0),
+        }
     }
 }
 
@@ -116,57 +102,26 @@ impl Default for ClaimsInFlight {
 pub struct InFlight<'a>(&'a ClaimsInFlight);
 
 impl ClaimsInFlight {
-    pub fn new(settle: Duration) -> Self {
-        Self {
-            flight: watch::Sender::new(Flight::default()),
-            settle,
-        }
-    }
-
     /// Counts a signup in until the guard drops.
     pub fn enter(&self) -> InFlight<'_> {
-        self.flight.send_modify(|f| f.count += 1);
+        self.count.send_modify(|n| *n += 1);
         InFlight(self)
     }
 
-    /// Whether a signup is in flight or the last one left less than the
-    /// settle ago.
     pub fn busy(&self) -> bool {
-        let f = *self.flight.borrow();
-        f.count > 0 || f.last_left.is_some_and(|t| t.elapsed() < self.settle)
+        *self.count.borrow() > 0
     }
 
-    /// Resolves once no signup is in flight and none has been for the
-    /// settle.
+    /// Resolves once no signup is in flight.
     pub async fn quiet(&self) {
-        let mut rx = self.flight.subscribe();
-        loop {
-            let Ok(f) = rx.wait_for(|f| f.count == 0).await.map(|f| *f) else {
-                return;
-            };
-            let Some(until) = f.last_left.map(|t| t + self.settle) else {
-                return;
-            };
-            if tokio::time::Instant::now() >= until {
-                return;
-            }
-            // A signup entering meanwhile starts the wait over.
-            tokio::select! {
-                _ = tokio::time::sleep_until(until) => {}
-                _ = rx.changed() => {}
-            }
-        }
+        let mut rx = self.count.subscribe();
+        let _ = rx.wait_for(|n| *n == 0).await;
     }
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.0.flight.send_modify(|f| {
-            f.count = f.count.saturating_sub(1);
-            if f.count == 0 {
-                f.last_left = Some(tokio::time::Instant::now());
-            }
-        });
+        self.0.count.send_modify(|n| *n = n.saturating_sub(1));
     }
 }
 
@@ -188,29 +143,6 @@ mod tests {
         assert!(futures::poll!(quiet.as_mut()).is_pending());
         drop(b);
         quiet.await;
-        assert!(!claims.busy());
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn quiet_waits_the_settle_after_the_last_signup_and_starts_over_on_a_new_one() {
-        let settle = Duration::from_millis(100);
-        let claims = ClaimsInFlight::new(settle);
-        // Nothing has been in flight: quiet at once.
-        assert!(!claims.busy());
-        claims.quiet().await;
-        drop(claims.enter());
-        assert!(claims.busy());
-        let quiet = claims.quiet();
-        tokio::pin!(quiet);
-        tokio::time::advance(Duration::from_millis(60)).await;
-        assert!(futures::poll!(quiet.as_mut()).is_pending());
-        // Another signup 60 ms into the settle: the settle runs from it.
-        drop(claims.enter());
-        tokio::time::advance(Duration::from_millis(60)).await;
-        assert!(futures::poll!(quiet.as_mut()).is_pending());
-        assert!(claims.busy());
-        tokio::time::advance(Duration::from_millis(41)).await;
-        assert!(futures::poll!(quiet.as_mut()).is_ready());
         assert!(!claims.busy());
     }
 }

@@ -48,9 +48,6 @@ pub struct Config {
     /// takes (`claims::WarmClaims`; 0 counts as 1).
     pub claim_batches: usize,
     pub claim_batch_max: usize,
-    /// Refills stay held back this long after the last signup in flight
-    /// answered (`claims::ClaimsInFlight`).
-    pub refill_settle: Duration,
     /// Containers stuck in creating/warming longer than this are replaced.
     pub warm_timeout: Duration,
     /// A released instance's data is kept this long, then destroyed.
@@ -119,7 +116,6 @@ impl Default for Config {
             claim_timeout: Duration::from_secs(20),
             claim_batches: 2,
             claim_batch_max: 32,
-            refill_settle: Duration::from_millis(100),
             warm_timeout: Duration::from_secs(120),
             release_grace: Duration::from_secs(7 * 24 * 3600),
             subdomain_cooldown: Duration::from_secs(30 * 24 * 3600),
@@ -306,7 +302,6 @@ impl App {
         let claim_slots =
             tokio::sync::Semaphore::new(claim_slots(db.options().get_max_connections()));
         let warm_claims = claims::WarmClaims::new(cfg.claim_batches, cfg.claim_batch_max);
-        let claims = claims::ClaimsInFlight::new(cfg.refill_settle);
         let cfg_acme = cfg.acme.clone();
         Arc::new(App {
             cfg,
@@ -316,7 +311,7 @@ impl App {
             sessions: Sessions::default(),
             route_events: broadcast::channel(4096).0,
             pool_wake: Notify::new(),
-            claims,
+            claims: Default::default(),
             claim_slots,
             warm_claims,
             migration_wake: Notify::new(),

@@ -6,12 +6,11 @@
 //! on a dedicated connection. It runs on every wake (claim, container idle,
 //! node hello) and at least once a second.
 //!
-//! Claims come first: while signups are claiming (on this scheduler, and
-//! for `--refill-settle-ms` after the last answered, or while any container
-//! is still being assigned fleet-wide) a pass creates nothing while idle
-//! containers remain and at most `REFILL_WHILE_CLAIMING` once none does
-//! (`refill_cap`), and a pass a claim woke waits until the claims in flight
-//! have answered and settled. Creating a container costs the node
+//! Claims come first: while signups are claiming (on this scheduler, or any
+//! container is still being assigned fleet-wide) a pass creates nothing
+//! while idle containers remain and at most `REFILL_WHILE_CLAIMING` once
+//! none does (`refill_cap`), and a pass a claim woke waits until
+//! the claims in flight have answered. Creating a container costs the node
 //! far more CPU and disk than a warm claim; done during a burst it would
 //! make every claim of the burst slower.
 

@@ -1,7 +1,8 @@
 //! Signups claiming on this scheduler right now. While any is in flight the
 //! pool manager holds its refills back: a burst's claims come first, and
 //! the pool catches up once they have answered. Warm claims wait here for
-//! their batch (`WarmClaims`; `lifecycle::claim` runs the batches).
+//! their batch (`WarmClaims`; `lifecycle::claim` runs the batches), and
+//! learn that their instance settled (`InstanceNews`).
 
 use std::sync::Arc;
 

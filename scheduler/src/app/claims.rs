@@ -15,7 +15,7 @@ use crate::model::{InstanceStatus, RouteVersion, Tier};
 /// What a waiting signup needs of its instance once it settled: its
 /// status, its own route's version (to wait for the edges) and its
 /// container with the sealed gateway token (a retried claim moved it).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct Settled {
     pub status: InstanceStatus,
     pub route_version: Option<RouteVersion>,

@@ -44,7 +44,7 @@ async fn once(cfg: &WatchConfig, table: &RouteTable) -> Result<()> {
         .into_inner();
     metrics::gauge!("clawdeploy_edge_scheduler_connected").set(1.0);
     // Acknowledge applied versions off the stream's path, coalescing bursts
-    // into the latest version.
+    // into the latest change.
     let (applied_tx, mut applied_rx) = tokio::sync::watch::channel(0u64);
     let acker = tokio::spawn(async move {
         while applied_rx.changed().await.is_ok() {
@@ -76,11 +76,10 @@ async fn once(cfg: &WatchConfig, table: &RouteTable) -> Result<()> {
             }
             None => continue,
         };
-        applied_tx.send_if_modified(|cur| {
-            let newer = version > *cur;
-            *cur = (*cur).max(version);
-            newer
-        });
+        // The last change applied, in the order they came: the scheduler
+        // reads it as covering every change it sent before (versions are
+        // not sent in order, so the highest would claim too much).
+        applied_tx.send_replace(version);
     }
     Ok(())
 }

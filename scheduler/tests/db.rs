@@ -368,7 +368,7 @@ async fn one_report_completes_the_claims_it_confirms_together() {
     .await
     .unwrap();
     let mut ready = app.instance_ready.subscribe();
-    let mut routes_out = app.route_events.subscribe();
+    let mut routes_out = app.route_feed.subscribe();
     // The report: three claims confirmed at their config version, one not
     // yet (version 0), and a container another node holds.
     let elsewhere = idle(&app, "n2", 1).await[0];

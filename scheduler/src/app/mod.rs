@@ -6,7 +6,7 @@
 
 pub mod batch;
 pub mod claims;
-pub mod edge_acks;
+pub mod route_feed;
 pub mod sessions;
 
 use std::sync::Arc;
@@ -16,11 +16,9 @@ use sqlx::PgPool;
 use tokio::sync::{broadcast, Notify};
 use uuid::Uuid;
 
-use clawdeploy_proto::RouteDelta;
-
 use crate::crypto::pki::Ca;
 use crate::crypto::SecretBox;
-use edge_acks::EdgeAcks;
+use route_feed::RouteFeed;
 use sessions::Sessions;
 
 #[derive(Clone, Debug)]
@@ -193,8 +191,9 @@ pub struct App {
     pub agents_db: PgPool,
     pub secrets: SecretBox,
     pub sessions: Sessions,
-    /// Route changes for edge watchers, sent after their transaction commits.
-    pub route_events: broadcast::Sender<RouteDelta>,
+    /// Route changes for edge watchers, sent after their transaction
+    /// commits, and which of them each edge has applied.
+    pub route_feed: RouteFeed,
     /// Wakes the pool manager (claims, containers becoming idle, nodes).
     pub pool_wake: Notify,
     /// Signups claiming here now: the pool manager's refills wait for them.
@@ -208,8 +207,6 @@ pub struct App {
     pub migration_wake: Notify,
     /// Wakes the signup queue (a signup queued, a node said hello).
     pub queue_wake: Notify,
-    /// Route versions the connected edges have applied.
-    pub edge_acks: EdgeAcks,
     /// Instances that just became ready or failed (wakes waiting signup
     /// requests).
     pub instance_ready: broadcast::Sender<claims::InstanceNews>,
@@ -309,14 +306,13 @@ impl App {
             agents_db,
             secrets,
             sessions: Sessions::default(),
-            route_events: broadcast::channel(4096).0,
+            route_feed: RouteFeed::default(),
             pool_wake: Notify::new(),
             claims: Default::default(),
             claim_slots,
             warm_claims,
             migration_wake: Notify::new(),
             queue_wake: Notify::new(),
-            edge_acks: Default::default(),
             instance_ready: broadcast::channel(4096).0,
             ca,
             admin_token_hash: admin_token

@@ -30,6 +30,10 @@ struct Readied {
 /// After the commit: waiting signups learn of it, the edges get the routes,
 /// and the assignment is measured and logged.
 async fn announce(app: &App, node_id: &str, readied: &[Readied], deltas: Vec<RouteDelta>) {
+    // The edges get the routes before the waiting signups hear: a waiter
+    // then waits for changes already on their way.
+    let versions = deltas.iter().map(|d| d.version).collect();
+    routes::broadcast_local(app, deltas);
     for r in readied {
         let _ = app.instance_ready.send(InstanceNews {
             instance_id: r.instance_id,
@@ -37,7 +41,7 @@ async fn announce(app: &App, node_id: &str, readied: &[Readied], deltas: Vec<Rou
         });
     }
     let ids: Vec<Uuid> = readied.iter().map(|r| r.instance_id).collect();
-    routes::broadcast_many(app, &app.agents_db, deltas, &ids).await;
+    routes::announce_to_peers(app, &app.agents_db, versions, &ids).await;
     let now = chrono::Utc::now();
     for r in readied {
         let took = (now - r.created_at).num_microseconds().unwrap_or(0) as f64 / 1e6;

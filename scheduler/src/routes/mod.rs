@@ -174,12 +174,19 @@ pub async fn broadcast(app: &App, deltas: Vec<RouteDelta>, ready: Option<Uuid>) 
 /// `broadcast` for the routes and instances of several completions, in one
 /// announcement, made over `db`.
 pub async fn broadcast_many(app: &App, db: &PgPool, deltas: Vec<RouteDelta>, ready: &[Uuid]) {
+    let versions = deltas.iter().map(|d| d.version).collect();
+    broadcast_local(app, deltas);
+    announce_to_peers(app, db, versions, ready).await;
+}
+
+/// Tells the other schedulers of committed route changes (they send them
+/// to their own edges) and of instances that became ready with them.
+pub async fn announce_to_peers(app: &App, db: &PgPool, versions: Vec<u64>, ready: &[Uuid]) {
     let mut events = Vec::new();
-    if !deltas.is_empty() {
-        events.push(Event::Routes(deltas.iter().map(|d| d.version).collect()));
+    if !versions.is_empty() {
+        events.push(Event::Routes(versions));
     }
     events.extend(ready.iter().copied().map(Event::Ready));
-    broadcast_local(app, deltas);
     events::publish_over(app, db, &events).await;
 }
 
@@ -193,8 +200,7 @@ pub fn broadcast_local(app: &App, deltas: impl IntoIterator<Item = RouteDelta>) 
         d.published_unix_ms = now_ms;
         metrics::counter!("clawdeploy_route_changes_total").increment(1);
         app.route_watermark.fetch_max(d.version, Ordering::Relaxed);
-        // No receivers is fine: edges get a snapshot when they connect.
-        let _ = app.route_events.send(d);
+        app.route_feed.send(d);
     }
 }
 
@@ -255,7 +261,7 @@ where
 pub async fn wait_edges(app: &App, instance_id: Uuid, version: RouteVersion) {
     let started = std::time::Instant::now();
     let version = version.wire();
-    if !app.edge_acks.wait_all(version, EDGE_ACK_WAIT).await {
+    if !app.route_feed.wait_all(version, EDGE_ACK_WAIT).await {
         tracing::warn!(%instance_id, version, "an edge did not confirm the route change in time");
     }
     metrics::histogram!("clawdeploy_route_propagation_seconds")

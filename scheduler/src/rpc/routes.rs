@@ -37,8 +37,17 @@ impl RouteWatch for RouteService {
         };
         // Subscribe before reading the snapshot so no committed change is missed;
         // the edge orders by version, so a delta it already has is harmless.
-        let mut deltas = self.app.route_events.subscribe();
-        let snapshot = crate::routes::snapshot(&self.app).await?;
+        let (watch_id, mut deltas) = self.app.route_feed.watch(&edge_id);
+        let snapshot = match crate::routes::snapshot(&self.app).await {
+            Ok(s) => s,
+            Err(e) => {
+                self.app.route_feed.unwatch(watch_id);
+                return Err(e.into());
+            }
+        };
+        self.app
+            .route_feed
+            .snapshot_read(watch_id, snapshot.version);
         tracing::info!(
             edge_id,
             routes = snapshot.routes.len(),
@@ -47,7 +56,6 @@ impl RouteWatch for RouteService {
         );
         let (tx, rx) = mpsc::channel(256);
         let app = self.app.clone();
-        let watch_id = app.edge_acks.register(&edge_id);
         tokio::spawn(async move {
             let snapshot = RouteEvent {
                 event: Some(route_event::Event::Snapshot(snapshot)),
@@ -78,7 +86,7 @@ impl RouteWatch for RouteService {
                     }
                 }
             }
-            app.edge_acks.unregister(watch_id);
+            app.route_feed.unwatch(watch_id);
             tracing::info!(edge_id, "edge route watch ended");
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -93,7 +101,7 @@ impl RouteWatch for RouteService {
                 "only edge certificates may acknowledge routes",
             ));
         };
-        self.app.edge_acks.ack(&edge_id, req.into_inner().version);
+        self.app.route_feed.ack(&edge_id, req.into_inner().version);
         Ok(Response::new(AckRoutesResponse {}))
     }
 }

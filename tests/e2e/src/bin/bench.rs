@@ -69,12 +69,14 @@ struct Args {
 /// authenticated request through the edge.
 /// One signup's timings from its request: the API's answer, and the first
 /// 200 through the edge (what the figures report).
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Timing {
     answered: Duration,
     live: Duration,
     /// Requests through the edge that did not answer 200 before one did.
     edge_misses: u32,
+    /// The first of them: its status and the start of its body.
+    first_miss: Option<(u16, String)>,
 }
 
 async fn signup(c: &Cluster, token: &str, sub: &str) -> Result<Timing> {
@@ -93,16 +95,19 @@ async fn signup(c: &Cluster, token: &str, sub: &str) -> Result<Timing> {
         .to_owned();
     let host = format!("{sub}.{BASE_DOMAIN}");
     let mut edge_misses = 0;
+    let mut first_miss = None;
     loop {
-        let (s, _) = c.edge_get(&host, "/v1/models", Some(&gw)).await?;
+        let (s, body) = c.edge_get(&host, "/v1/models", Some(&gw)).await?;
         if s == 200 {
             return Ok(Timing {
                 answered,
                 live: started.elapsed(),
                 edge_misses,
+                first_miss,
             });
         }
         edge_misses += 1;
+        first_miss.get_or_insert_with(|| (s, body.chars().take(160).collect()));
         ensure!(
             started.elapsed() < Duration::from_secs(30),
             "{sub} never answered 200 (last {s})"
@@ -674,6 +679,9 @@ async fn burst_of(
         percentile(&after, 0.99).as_secs_f64() * 1e3,
         timings.iter().filter(|t| t.edge_misses > 0).count()
     );
+    for (status, body) in timings.iter().filter_map(|t| t.first_miss.as_ref()) {
+        println!("    first answer {status}: {body}");
+    }
     let (busy, total) = (
         machine_after.0 - machine_before.0,
         machine_after.1 - machine_before.1,

@@ -212,7 +212,7 @@ async fn set_challenge(app: &AppRef, due: &Due, challenge: Option<(&str, &str)>)
     .await?;
     let deltas = routes::custom::sync_instance(app, &mut tx, due.instance_id).await?;
     tx.commit().await?;
-    let newest = routes::custom::newest(&deltas);
+    let newest = routes::last_sent(&deltas);
     routes::broadcast(app, deltas, None).await;
     if let Some(v) = newest.filter(|_| challenge.is_some()) {
         routes::wait_edges(app, due.instance_id, v).await;

@@ -78,10 +78,10 @@ pub async fn release(app: &AppRef, user_id: Uuid) -> Result<Released> {
     .await;
     tx.commit().await?;
 
-    let version = removed.iter().map(|d| d.version).max();
+    let version = routes::last_sent(&removed);
     routes::broadcast(app, removed, None).await;
     if let Some(v) = version {
-        routes::wait_edges(app, instance_id, routes::RouteVersion::from_wire(v)).await;
+        routes::wait_edges(app, instance_id, v).await;
     }
     if let Some(node) = node_id {
         // The route is gone everywhere; now the container may stop.

@@ -149,7 +149,7 @@ async fn switch(app: &AppRef, m: &Migration, p: &Progress) -> Result<()> {
     )
     .await;
     tx.commit().await?;
-    let version = routes::custom::newest(&deltas);
+    let version = routes::last_sent(&deltas);
     routes::broadcast(app, deltas, None).await;
     if let Some(version) = version {
         routes::wait_edges(app, m.instance_id, version).await;

@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
-use super::{upsert_row, RouteRow, RouteVersion, ROUTE_COLUMNS};
+use super::{upsert_row, RouteRow, ROUTE_COLUMNS};
 use crate::app::App;
 use crate::crypto::aad;
 use crate::error::Result;
@@ -263,13 +263,4 @@ pub async fn plan_changed(
         return Ok(Vec::new());
     }
     sync_instance(app, tx, instance_id).await
-}
-
-/// The version of the newest of `deltas`, to wait for the edges on.
-pub fn newest(deltas: &[RouteDelta]) -> Option<RouteVersion> {
-    deltas
-        .iter()
-        .map(|d| d.version)
-        .max()
-        .map(RouteVersion::from_wire)
 }

@@ -256,6 +256,13 @@ where
     deltas_of(app, rows).await
 }
 
+/// The change to wait for the edges on after broadcasting `deltas`: the
+/// last sent (they go out in order, and an edge that has the last has them
+/// all), which need not be the highest version.
+pub fn last_sent(deltas: &[RouteDelta]) -> Option<RouteVersion> {
+    deltas.last().map(|d| RouteVersion::from_wire(d.version))
+}
+
 /// Waits (bounded) until every edge watching this scheduler has applied
 /// `version`, so the customer's next request sees the change.
 pub async fn wait_edges(app: &App, instance_id: Uuid, version: RouteVersion) {

@@ -679,8 +679,12 @@ async fn burst_of(
         percentile(&after, 0.99).as_secs_f64() * 1e3,
         timings.iter().filter(|t| t.edge_misses > 0).count()
     );
-    for (status, body) in timings.iter().filter_map(|t| t.first_miss.as_ref()) {
-        println!("    first answer {status}: {body}");
+    let mut misses = std::collections::BTreeMap::<_, usize>::new();
+    for miss in timings.iter().filter_map(|t| t.first_miss.as_ref()) {
+        *misses.entry(miss).or_default() += 1;
+    }
+    for ((status, body), count) in misses {
+        println!("    {count}× first answered {status}: {body}");
     }
     let (busy, total) = (
         machine_after.0 - machine_before.0,

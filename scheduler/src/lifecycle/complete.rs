@@ -27,8 +27,9 @@ struct Readied {
     settled: Option<Arc<Settled>>,
 }
 
-/// After the commit: waiting signups learn of it, the edges get the routes,
-/// and the assignment is measured and logged.
+/// After the commit: the edges get the routes, then waiting signups (here
+/// and on the other schedulers) learn of it, and the assignment is
+/// measured and logged.
 async fn announce(app: &App, node_id: &str, readied: &[Readied], deltas: Vec<RouteDelta>) {
     // The edges get the routes before the waiting signups hear: a waiter
     // then waits for changes already on their way.

@@ -291,6 +291,54 @@ mod tests {
         assert!(feed.wait_all(4, SOON).await);
     }
 
+    /// After a gap in the other schedulers' events the recent versions are
+    /// sent again (`background/peer_events.rs`), mid-burst: a waiter must
+    /// still wait for the first copy, and an acknowledgement of a re-sent
+    /// copy covers everything sent before it.
+    #[tokio::test]
+    async fn changes_sent_again_after_a_gap_are_still_waited_for_in_order() {
+        let feed = RouteFeed::default();
+        watching(&feed, "e", 10);
+        for v in [12, 11] {
+            feed.send(delta(v));
+        }
+        feed.ack("e", 12);
+        assert!(!feed.wait_all(11, SOON).await, "11 came after 12");
+        // The catch-up: 11 and 12 again, and a change of this burst (13)
+        // among them; the edge ignores what it has and acknowledges each.
+        for v in [11, 13, 12] {
+            feed.send(delta(v));
+        }
+        assert!(!feed.wait_all(11, SOON).await, "no copy of 11 applied yet");
+        assert!(!feed.wait_all(13, SOON).await);
+        // The first re-sent 11 acknowledged: the original 11 (sent before
+        // it) is applied, 13 (sent after it) is not.
+        feed.ack("e", 11);
+        assert!(feed.wait_all(11, SOON).await);
+        assert!(!feed.wait_all(13, SOON).await);
+        // 12's last copy covers 13.
+        feed.ack("e", 12);
+        assert!(feed.wait_all(13, SOON).await);
+        assert!(feed.wait_all(12, SOON).await && feed.wait_all(11, SOON).await);
+    }
+
+    /// More changes than the feed remembers: the oldest are forgotten, so a
+    /// waiter for one of them waits (it cannot be shown applied) rather
+    /// than being told yes; a new change is still tracked.
+    #[tokio::test]
+    async fn a_change_older_than_the_feed_remembers_is_not_claimed_applied() {
+        let feed = RouteFeed::default();
+        watching(&feed, "e", 0);
+        let last = REMEMBERED as u64 + 10;
+        for v in 1..=last {
+            feed.send(delta(v));
+        }
+        feed.ack("e", last);
+        assert!(feed.wait_all(last, SOON).await);
+        assert!(feed.wait_all(last - REMEMBERED as u64 + 1, SOON).await);
+        assert!(!feed.wait_all(1, SOON).await, "1 is forgotten");
+    }
+
     #[tokio::test]
     async fn a_new_watch_has_what_was_sent_before_it_in_its_snapshot() {
         let feed = RouteFeed::default();

@@ -77,6 +77,8 @@ pub struct EdgeConfig {
     /// Threads serving connections (each with its own runtime and upstream
     /// pool); 0: one per core.
     pub workers: usize,
+    /// Pin worker *i* to the *i*-th CPU the edge may run on.
+    pub pin_workers: bool,
 }
 
 /// The sockets the edge serves on.
@@ -170,7 +172,7 @@ pub async fn serve(
             )
         })
         .collect();
-    let (pool, threads) = workers::Workers::start(fronts, stop_rx.clone())
+    let (pool, threads) = workers::Workers::start(fronts, cfg.pin_workers, stop_rx.clone())
         .map_err(Error::io("starting the edge's workers"))?;
     tracing::info!(workers, "edge workers started");
     match (tls, listeners.https) {

@@ -97,6 +97,15 @@ struct Args {
     /// upstream pool (0: one per core).
     #[arg(long, env = "CLAWDEPLOY_EDGE_WORKERS", default_value_t = 0)]
     workers: usize,
+    /// Pin each worker to a CPU of its own (the i-th the edge may run on,
+    /// wrapping round), as on a host that runs the edge alone.
+    #[arg(
+        long,
+        env = "CLAWDEPLOY_EDGE_PIN_WORKERS",
+        default_value_t = false,
+        action = clap::ArgAction::Set
+    )]
+    pin_workers: bool,
 }
 
 #[tokio::main]
@@ -148,6 +157,7 @@ async fn main() -> anyhow::Result<()> {
         },
         proxy_protocol_from: a.proxy_protocol_from,
         workers: a.workers,
+        pin_workers: a.pin_workers,
     };
     let listeners = Listeners {
         http: listener,

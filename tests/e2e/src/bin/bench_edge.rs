@@ -51,6 +51,11 @@ struct Args {
     /// h2load streams in flight per connection.
     #[arg(long, default_value_t = 8)]
     h2_streams: u32,
+    /// Pin each proxy's two workers to a core each (the edge's
+    /// `--pin-workers`, nginx's `worker_cpu_affinity auto`), as on a host
+    /// that runs the proxy alone.
+    #[arg(long)]
+    pin: bool,
     /// Profile the edge with `perf` during one more run on the first path.
     #[arg(long)]
     perf: bool,
@@ -94,10 +99,11 @@ impl Drop for Peer {
     }
 }
 
-fn nginx(dir: &Path, upstream: &str, tls: &Path) -> Result<Peer> {
+fn nginx(dir: &Path, upstream: &str, tls: &Path, pin: bool) -> Result<Peer> {
     let addr = free_addr();
     let conf = format!(
         r#"worker_processes 2;
+{affinity}
 pid {dir}/nginx.pid;
 error_log {dir}/nginx-error.log warn;
 events {{ worker_connections 16384; }}
@@ -124,6 +130,7 @@ http {{
         dir = dir.display(),
         crt = tls.join("edge.crt.pem").display(),
         key = tls.join("edge.key.pem").display(),
+        affinity = if pin { "worker_cpu_affinity auto;" } else { "" },
     );
     let path = dir.join("nginx.conf");
     std::fs::write(&path, conf)?;
@@ -513,6 +520,9 @@ async fn main() -> Result<()> {
         // Released containers keep their slot (stopped, for the grace period).
         max_containers: a.route_changes as u32 + 10,
         edge_tls: true,
+        edge_args: ["--pin-workers", if a.pin { "true" } else { "false" }]
+            .map(String::from)
+            .to_vec(),
         ..Default::default()
     })
     .await?;
@@ -548,7 +558,7 @@ async fn main() -> Result<()> {
             addr: c.edge_tls,
             child: None,
         },
-        nginx(&c.dir, &upstream, &tls)?,
+        nginx(&c.dir, &upstream, &tls, a.pin)?,
         caddy(&c.dir, &upstream, &tls)?,
     ];
     for p in &peers {

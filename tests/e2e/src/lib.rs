@@ -1260,12 +1260,29 @@ fn status_kib(pid: u32, field: &str) -> Option<u64> {
 
 /// CPU time (user + system) a process has used, from /proc.
 pub fn cpu_secs(pid: u32) -> Option<f64> {
+    cpu_split_secs(pid).map(|c| c.user + c.kernel)
+}
+
+/// A process's CPU time, in seconds, split by where it was spent.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuSplit {
+    pub user: f64,
+    /// In the kernel on the process's behalf (its system calls, and the
+    /// network stack work they do).
+    pub kernel: f64,
+}
+
+/// CPU time a process has used in user space and in the kernel, from /proc.
+pub fn cpu_split_secs(pid: u32) -> Option<CpuSplit> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which may contain spaces).
     let rest = stat.rsplit_once(')')?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
-    Some(ticks / 100.0)
+    let ticks = |i: usize| f.get(i)?.parse::<f64>().ok();
+    Some(CpuSplit {
+        user: ticks(11)? / 100.0,
+        kernel: ticks(12)? / 100.0,
+    })
 }
 
 /// Busy and total CPU time of the whole machine, from /proc/stat.

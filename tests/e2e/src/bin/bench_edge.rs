@@ -18,7 +18,7 @@ use anyhow::{ensure, Context, Result};
 use clap::Parser;
 use clawdeploy_e2e::cgroup::{self, CpuGroup};
 use clawdeploy_e2e::{
-    cpu_secs, free_addr, rss_kib, wait_for, Cluster, ClusterOptions, BASE_DOMAIN,
+    cpu_split_secs, free_addr, rss_kib, wait_for, Cluster, ClusterOptions, CpuSplit, BASE_DOMAIN,
 };
 use futures::{SinkExt, StreamExt};
 use serde_json::json;
@@ -213,6 +213,10 @@ struct Run {
     /// The proxy's own CPU time per request, in microseconds: what it costs
     /// whatever else shares the machine.
     cpu_us: f64,
+    /// Of which in the kernel: its system calls and the network stack
+    /// work they do, which a proxy's own code can only avoid by making
+    /// fewer of them.
+    kernel_us: f64,
 }
 
 fn wrk(addr: SocketAddr, gw: &str, path: &str, a: &Args) -> Result<Run> {
@@ -250,6 +254,7 @@ fn wrk(addr: SocketAddr, gw: &str, path: &str, a: &Args) -> Result<Run> {
         p99_ms,
         errors: non_2xx + u64::from(socket_errors),
         cpu_us: 0.0,
+        kernel_us: 0.0,
     })
 }
 
@@ -302,6 +307,7 @@ fn h2load(addr: SocketAddr, gw: &str, path: &str, a: &Args, log: &Path) -> Resul
         p99_ms: pick(0.99),
         errors,
         cpu_us: 0.0,
+        kernel_us: 0.0,
     })
 }
 
@@ -312,9 +318,13 @@ fn median(mut v: Vec<Run>) -> Run {
     p99.sort_by(f64::total_cmp);
     m.p99_ms = p99[p99.len() / 2];
     m.errors = v.iter().map(|r| r.errors).sum();
-    let mut cpu: Vec<f64> = v.iter().map(|r| r.cpu_us).collect();
-    cpu.sort_by(f64::total_cmp);
-    m.cpu_us = cpu[cpu.len() / 2];
+    let middle = |f: fn(&Run) -> f64| {
+        let mut x: Vec<f64> = v.iter().map(f).collect();
+        x.sort_by(f64::total_cmp);
+        x[x.len() / 2]
+    };
+    m.cpu_us = middle(|r| r.cpu_us);
+    m.kernel_us = middle(|r| r.kernel_us);
     m
 }
 
@@ -343,8 +353,14 @@ fn tree_rss_kib(root: u32) -> u64 {
     tree(root).into_iter().filter_map(rss_kib).sum()
 }
 
-fn tree_cpu_secs(root: u32) -> f64 {
-    tree(root).into_iter().filter_map(cpu_secs).sum()
+fn tree_cpu_secs(root: u32) -> CpuSplit {
+    tree(root)
+        .into_iter()
+        .filter_map(cpu_split_secs)
+        .fold(CpuSplit::default(), |a, c| CpuSplit {
+            user: a.user + c.user,
+            kernel: a.kernel + c.kernel,
+        })
 }
 
 async fn route_lag(c: &Cluster, n: usize) -> Result<()> {
@@ -654,7 +670,10 @@ fn series(c: &Cluster, peers: &[Peer; 3], gw: &str, path: &str, a: &Args) -> Res
                 } else {
                     wrk(p.addr, gw, path, a)?
                 };
-                r.cpu_us = (tree_cpu_secs(pid) - cpu_before) * 1e6 / (r.rps * a.duration as f64);
+                let cpu_after = tree_cpu_secs(pid);
+                let per_request = 1e6 / (r.rps * a.duration as f64);
+                r.kernel_us = (cpu_after.kernel - cpu_before.kernel) * per_request;
+                r.cpu_us = (cpu_after.user - cpu_before.user) * per_request + r.kernel_us;
                 // The edge's own count: a pool that kept its connections
                 // opens none during a run.
                 let connects = match (i, connects_before, upstream_connects(c)) {
@@ -662,12 +681,13 @@ fn series(c: &Cluster, peers: &[Peer; 3], gw: &str, path: &str, a: &Args) -> Res
                     _ => String::new(),
                 };
                 println!(
-                    "round {round} {:<6} {:<6} {:>6.0} req/s p99 {:>6.2} ms {:>4.0} µs CPU/req{connects}",
+                    "round {round} {:<6} {:<6} {:>6.0} req/s p99 {:>6.2} ms {:>4.0} µs CPU/req ({:.0} in the kernel){connects}",
                     p.name,
                     if http2 { "h2load" } else { "wrk" },
                     r.rps,
                     r.p99_ms,
-                    r.cpu_us
+                    r.cpu_us,
+                    r.kernel_us
                 );
                 let runs = if http2 { &mut h2 } else { &mut h1 };
                 runs[i].push(r);
@@ -685,15 +705,16 @@ fn series(c: &Cluster, peers: &[Peer; 3], gw: &str, path: &str, a: &Args) -> Res
         let m: Vec<Run> = runs.iter().map(|r| median(r.clone())).collect();
         println!("\n{path}, {label}, medians of {} rounds:", a.rounds);
         println!(
-            "| proxy | req/s | p50 ms | p99 ms | CPU µs/req | errors | RSS MiB |\n|---|---|---|---|---|---|---|"
+            "| proxy | req/s | p50 ms | p99 ms | CPU µs/req | of which kernel | errors | RSS MiB |\n|---|---|---|---|---|---|---|---|"
         );
         for (i, name) in PROXIES.iter().enumerate() {
             println!(
-                "| {name} | {:.0} | {:.2} | {:.2} | {:.0} | {} | {} |",
+                "| {name} | {:.0} | {:.2} | {:.2} | {:.0} | {:.0} | {} | {} |",
                 m[i].rps,
                 m[i].p50_ms,
                 m[i].p99_ms,
                 m[i].cpu_us,
+                m[i].kernel_us,
                 m[i].errors,
                 memory[i] / 1024
             );

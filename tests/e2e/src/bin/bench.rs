@@ -305,13 +305,19 @@ fn part_of(command: &str) -> &'static str {
 }
 
 /// The CPU seconds each part used between two `cpu_by_part` readings.
+/// A part whose processes exited in between reads less afterwards than
+/// before: it counts as nothing here, and what its exited processes used
+/// shows under "exited + kernel".
 fn cpu_between(
     before: &std::collections::BTreeMap<&'static str, f64>,
     after: &std::collections::BTreeMap<&'static str, f64>,
 ) -> Vec<(&'static str, f64)> {
     after
         .iter()
-        .map(|(part, a)| (*part, a - before.get(part).copied().unwrap_or(0.0)))
+        .map(|(part, a)| {
+            let used = a - before.get(part).copied().unwrap_or(0.0);
+            (*part, used.max(0.0))
+        })
         .collect()
 }
 

@@ -217,6 +217,57 @@ struct Run {
     /// work they do, which a proxy's own code can only avoid by making
     /// fewer of them.
     kernel_us: f64,
+    /// Packets per request on the tenant's bridge (both ways) and on
+    /// loopback (the client's side), when the counters could be read.
+    packets: Option<Packets>,
+}
+
+/// Packets per request, or packet counts, on the two links a request
+/// crosses: the bridge to the tenant and loopback to the client.
+#[derive(Clone, Copy, Debug, Default)]
+struct Packets {
+    bridge: f64,
+    loopback: f64,
+}
+
+/// The interfaces whose counters say how many packets a proxy sent and
+/// received for its requests.
+struct Links {
+    /// The interface the route to the tenant leaves by (its Docker bridge).
+    bridge: String,
+}
+
+impl Links {
+    /// The links to `upstream` (`ip:port`), found with `ip route get`.
+    fn to(upstream: &str) -> Option<Self> {
+        let ip = upstream.rsplit_once(':')?.0;
+        let out = Command::new("ip")
+            .args(["-o", "route", "get", ip])
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut words = text.split_whitespace();
+        words.find(|w| *w == "dev")?;
+        Some(Self {
+            bridge: words.next()?.to_owned(),
+        })
+    }
+
+    fn count(&self) -> Option<Packets> {
+        let read = |dev: &str, dir: &str| -> Option<f64> {
+            std::fs::read_to_string(format!("/sys/class/net/{dev}/statistics/{dir}_packets"))
+                .ok()?
+                .trim()
+                .parse()
+                .ok()
+        };
+        Some(Packets {
+            // Received and sent: the bridge carries both ways.
+            bridge: read(&self.bridge, "rx")? + read(&self.bridge, "tx")?,
+            // Loopback receives every packet it sends: count one side.
+            loopback: read("lo", "rx")?,
+        })
+    }
 }
 
 fn wrk(addr: SocketAddr, gw: &str, path: &str, a: &Args) -> Result<Run> {
@@ -255,6 +306,7 @@ fn wrk(addr: SocketAddr, gw: &str, path: &str, a: &Args) -> Result<Run> {
         errors: non_2xx + u64::from(socket_errors),
         cpu_us: 0.0,
         kernel_us: 0.0,
+        packets: None,
     })
 }
 
@@ -308,6 +360,7 @@ fn h2load(addr: SocketAddr, gw: &str, path: &str, a: &Args, log: &Path) -> Resul
         errors,
         cpu_us: 0.0,
         kernel_us: 0.0,
+        packets: None,
     })
 }
 
@@ -325,6 +378,10 @@ fn median(mut v: Vec<Run>) -> Run {
     };
     m.cpu_us = middle(|r| r.cpu_us);
     m.kernel_us = middle(|r| r.kernel_us);
+    m.packets = v.iter().all(|r| r.packets.is_some()).then(|| Packets {
+        bridge: middle(|r| r.packets.map_or(0.0, |p| p.bridge)),
+        loopback: middle(|r| r.packets.map_or(0.0, |p| p.loopback)),
+    });
     m
 }
 
@@ -563,6 +620,11 @@ async fn main() -> Result<()> {
     .bind(format!("alice.{BASE_DOMAIN}"))
     .fetch_one(&c.db)
     .await?;
+    let links = Links::to(&upstream);
+    match &links {
+        Some(l) => println!("packets counted on {} (to the tenant) and lo", l.bridge),
+        None => println!("packets not counted: no interface found for {upstream}"),
+    }
     // The stand-in spends a thread on each connection: room for every
     // proxy's upstream connections (a short limit answers 502s that would
     // count against whichever proxy opens more), and for the WebSockets.
@@ -603,7 +665,7 @@ async fn main() -> Result<()> {
         let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
     }
     for path in &a.paths {
-        series(&c, &peers, &gw, path, &a)?;
+        series(&c, &peers, &gw, path, &a, links.as_ref())?;
     }
     if a.perf {
         profile(&c, &peers[0], &gw, &a)?;
@@ -647,7 +709,14 @@ fn upstream_connects(c: &Cluster) -> Option<f64> {
 /// machine whose speed drifts (a shared virtual machine's does, by 10–20%
 /// over seconds) favours neither; the edge/nginx ratio is also taken round
 /// by round, from runs seconds apart, and its median reported.
-fn series(c: &Cluster, peers: &[Peer; 3], gw: &str, path: &str, a: &Args) -> Result<()> {
+fn series(
+    c: &Cluster,
+    peers: &[Peer; 3],
+    gw: &str,
+    path: &str,
+    a: &Args,
+    links: Option<&Links>,
+) -> Result<()> {
     println!("\n## {path}");
     let mut h1: Vec<Vec<Run>> = vec![Vec::new(); 3];
     let mut h2: Vec<Vec<Run>> = vec![Vec::new(); 3];
@@ -664,6 +733,7 @@ fn series(c: &Cluster, peers: &[Peer; 3], gw: &str, path: &str, a: &Args) -> Res
                     .context("pid")?;
                 let cpu_before = tree_cpu_secs(pid);
                 let connects_before = upstream_connects(c);
+                let packets_before = links.and_then(Links::count);
                 let mut r = if http2 {
                     let log = c.dir.join(format!("h2load-{}.log", p.name));
                     h2load(p.addr, gw, path, a, &log)?
@@ -674,6 +744,14 @@ fn series(c: &Cluster, peers: &[Peer; 3], gw: &str, path: &str, a: &Args) -> Res
                 let per_request = 1e6 / (r.rps * a.duration as f64);
                 r.kernel_us = (cpu_after.kernel - cpu_before.kernel) * per_request;
                 r.cpu_us = (cpu_after.user - cpu_before.user) * per_request + r.kernel_us;
+                let requests = r.rps * a.duration as f64;
+                r.packets = match (packets_before, links.and_then(Links::count)) {
+                    (Some(b), Some(a)) => Some(Packets {
+                        bridge: (a.bridge - b.bridge) / requests,
+                        loopback: (a.loopback - b.loopback) / requests,
+                    }),
+                    _ => None,
+                };
                 // The edge's own count: a pool that kept its connections
                 // opens none during a run.
                 let connects = match (i, connects_before, upstream_connects(c)) {
@@ -705,11 +783,14 @@ fn series(c: &Cluster, peers: &[Peer; 3], gw: &str, path: &str, a: &Args) -> Res
         let m: Vec<Run> = runs.iter().map(|r| median(r.clone())).collect();
         println!("\n{path}, {label}, medians of {} rounds:", a.rounds);
         println!(
-            "| proxy | req/s | p50 ms | p99 ms | CPU µs/req | of which kernel | errors | RSS MiB |\n|---|---|---|---|---|---|---|---|"
+            "| proxy | req/s | p50 ms | p99 ms | CPU µs/req | of which kernel | packets/req bridge, loopback | errors | RSS MiB |\n|---|---|---|---|---|---|---|---|---|"
         );
         for (i, name) in PROXIES.iter().enumerate() {
+            let packets = m[i].packets.map_or("-".into(), |p| {
+                format!("{:.2}, {:.2}", p.bridge, p.loopback)
+            });
             println!(
-                "| {name} | {:.0} | {:.2} | {:.2} | {:.0} | {:.0} | {} | {} |",
+                "| {name} | {:.0} | {:.2} | {:.2} | {:.0} | {:.0} | {packets} | {} | {} |",
                 m[i].rps,
                 m[i].p50_ms,
                 m[i].p99_ms,

@@ -741,14 +741,13 @@ fn series(
                     wrk(p.addr, gw, path, a)?
                 };
                 let cpu_after = tree_cpu_secs(pid);
-                let per_request = 1e6 / (r.rps * a.duration as f64);
-                r.kernel_us = (cpu_after.kernel - cpu_before.kernel) * per_request;
-                r.cpu_us = (cpu_after.user - cpu_before.user) * per_request + r.kernel_us;
                 let requests = r.rps * a.duration as f64;
+                r.kernel_us = (cpu_after.kernel - cpu_before.kernel) * 1e6 / requests;
+                r.cpu_us = (cpu_after.user - cpu_before.user) * 1e6 / requests + r.kernel_us;
                 r.packets = match (packets_before, links.and_then(Links::count)) {
-                    (Some(b), Some(a)) => Some(Packets {
-                        bridge: (a.bridge - b.bridge) / requests,
-                        loopback: (a.loopback - b.loopback) / requests,
+                    (Some(before), Some(after)) => Some(Packets {
+                        bridge: (after.bridge - before.bridge) / requests,
+                        loopback: (after.loopback - before.loopback) / requests,
                     }),
                     _ => None,
                 };

@@ -1920,3 +1920,72 @@ async fn live_route_version(app: &App, instance: uuid::Uuid) -> Option<u64> {
     .unwrap()
     .map(|v| v as u64)
 }
+
+#[tokio::test]
+async fn an_unconfirmed_claim_moves_off_the_silent_node_even_past_its_idle_containers() {
+    let app = app().await;
+    node(&app, "silent").await;
+    node(&app, "other").await;
+    let on_silent = idle(&app, "silent", 3).await;
+    let u1 = user(&app, "moved@example.com").await;
+    let first = claim::claim(&app, request(u1, "moved")).await.unwrap();
+    assert_eq!(first.node_id, "silent");
+    // Past the claim and warm timeouts: "silent" never confirmed it.
+    let age = "UPDATE containers SET claimed_at = now() - interval '1 hour', warm_at = now() - interval '1 hour' WHERE id = $1";
+    sqlx::query(age)
+        .bind(first.container_id)
+        .execute(&app.db)
+        .await
+        .unwrap();
+    let touched = claim::retry_unconfirmed(&app).await.unwrap();
+    assert!(touched.contains("other"), "{touched:?}");
+    let placed = "SELECT c.node_id, c.state::text FROM instances i JOIN containers c ON c.id = i.container_id WHERE i.id = $1";
+    let (node_id, state): (String, String) = sqlx::query_as(placed)
+        .bind(first.instance_id)
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    // "silent" still has two idle containers; the retry skipped them and
+    // created one on "other".
+    assert_eq!((node_id.as_str(), state.as_str()), ("other", "assigning"));
+    assert_eq!(
+        count(
+            &app,
+            "SELECT count(*) FROM containers WHERE node_id = 'silent' AND state = 'idle'"
+        )
+        .await,
+        2
+    );
+    assert_eq!(
+        count(&app, "SELECT count(*) FROM audit_log WHERE action = 'instance.claim_retry' AND detail->>'onDemand' = 'true'").await,
+        1
+    );
+
+    // With "other" full, a second tenant's retry takes an idle container
+    // on "silent" rather than failing.
+    sqlx::query("UPDATE nodes SET max_containers = 1 WHERE id = 'other'")
+        .execute(&app.db)
+        .await
+        .unwrap();
+    let u2 = user(&app, "stays@example.com").await;
+    let second = claim::claim(&app, request(u2, "stays")).await.unwrap();
+    assert_eq!(second.node_id, "silent");
+    sqlx::query(age)
+        .bind(second.container_id)
+        .execute(&app.db)
+        .await
+        .unwrap();
+    claim::retry_unconfirmed(&app).await.unwrap();
+    let (node_id, state): (String, String) = sqlx::query_as(placed)
+        .bind(second.instance_id)
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!((node_id.as_str(), state.as_str()), ("silent", "assigning"));
+    let now_on: Uuid = sqlx::query_scalar("SELECT container_id FROM instances WHERE id = $1")
+        .bind(second.instance_id)
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert!(on_silent.contains(&now_on) && Some(now_on) != second.container_id);
+}

@@ -163,21 +163,21 @@ pub async fn insert_container(
 }
 
 /// Empty pool: a container created for one customer inside the claim's
-/// transaction, on another node than `avoid` when one has room. The caller
-/// marks it `assigning` and bumps the node.
+/// transaction, on any node with room but `except`. The caller marks it
+/// `assigning` and bumps the node.
 pub async fn create_on_demand(
     app: &App,
     tx: &mut Transaction<'_, Postgres>,
-    avoid: Option<&str>,
+    except: Option<&str>,
 ) -> Result<Taken> {
     let s = settings::load(&mut **tx).await?;
     let mut nodes = schedulable_nodes(app, &mut **tx, &s, Some(ON_DEMAND_CANDIDATES)).await?;
+    if let Some(except) = except {
+        nodes.retain(|n| n.id != except);
+    }
     loop {
-        let node = match avoid {
-            Some(avoid) => placement::pick_avoiding(&mut nodes, POOL_MEMORY_BYTES, avoid),
-            None => placement::pick(&mut nodes, POOL_MEMORY_BYTES),
-        }
-        .ok_or_else(|| Error::NoCapacity("no schedulable node has room".into()))?;
+        let node = placement::pick(&mut nodes, POOL_MEMORY_BYTES)
+            .ok_or_else(|| Error::NoCapacity("no schedulable node has room".into()))?;
         let node_id = node.id.clone();
         // In a savepoint: a full node's row lock goes with its rollback, so
         // this claim never holds one node while waiting for another (the

@@ -63,24 +63,6 @@ pub fn pick(nodes: &mut [NodeLoad], memory: i64) -> Option<&mut NodeLoad> {
     })
 }
 
-/// Like `pick`, but avoiding `avoid` when any other node fits (a retried
-/// claim goes to another node than the one that did not answer).
-pub fn pick_avoiding<'a>(
-    nodes: &'a mut [NodeLoad],
-    memory: i64,
-    avoid: &str,
-) -> Option<&'a mut NodeLoad> {
-    let others = nodes.iter().any(|n| n.id != avoid && n.fits(memory));
-    let candidates = nodes.iter_mut().filter(|n| !others || n.id != avoid);
-    candidates.filter(|n| n.fits(memory)).min_by_key(|n| {
-        (
-            n.cpu_busy_permille >= CPU_BUSY_LIMIT_PERMILLE,
-            n.pool,
-            std::cmp::Reverse(n.headroom_permille()),
-        )
-    })
-}
-
 /// What one rebalancing step should do, if anything.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Step {
@@ -197,15 +179,6 @@ mod tests {
             pick(&mut nodes, 512 * MB).map(|n| n.id.clone()).as_deref(),
             Some("busy")
         );
-    }
-
-    #[test]
-    fn a_retry_avoids_the_silent_node_when_it_can() {
-        let mut nodes = vec![node("a", 20, 0), node("b", 20, 5)];
-        let n = pick_avoiding(&mut nodes, MB, "a").unwrap();
-        assert_eq!(n.id, "b");
-        let mut only = vec![node("a", 20, 0)];
-        assert_eq!(pick_avoiding(&mut only, MB, "a").unwrap().id, "a");
     }
 
     #[test]

@@ -25,21 +25,26 @@ use crate::routes;
 
 /// The idle container a claim should take, locked: the current pool
 /// generation first (stale ones serve while the pool rolls), then the
-/// oldest, on a live node with disk to spare, on another node than `$2`
-/// when possible. `$1`: the heartbeat TTL in seconds; `$3`: the least disk
-/// a node must have free; the argument: how many. One text for
-/// `take_idle`, `claim_warm` and the warm batches (`warm.rs`).
+/// oldest, on a live node with disk to spare, never on node `$2` (`''`:
+/// any node). `$1`: the heartbeat TTL in seconds; `$3`: the least disk a
+/// node must have free; the argument: how many. One text for `take_idle`,
+/// `claim_warm` and the warm batches (`warm.rs`).
 macro_rules! idle_pick {
     ($limit:literal) => {
-        concat!("SELECT c.id, c.node_id, c.gateway_token_enc FROM containers c
+        concat!(
+            "SELECT c.id, c.node_id, c.gateway_token_enc FROM containers c
            JOIN nodes n ON n.id = c.node_id
            CROSS JOIN pool_settings s
           WHERE c.state = 'idle' AND n.state = 'active'
             AND n.last_heartbeat > now() - make_interval(secs => $1)
             AND (n.disk_total_bytes = 0 OR n.disk_available_bytes >= $3)
-          ORDER BY c.node_id = $2, (c.image = s.image AND c.pool_generation = s.generation) DESC, c.created_at
-          LIMIT ", $limit, "
-          FOR UPDATE OF c SKIP LOCKED")
+            AND c.node_id <> $2
+          ORDER BY (c.image = s.image AND c.pool_generation = s.generation) DESC, c.created_at
+          LIMIT ",
+            $limit,
+            "
+          FOR UPDATE OF c SKIP LOCKED"
+        )
     };
 }
 pub(crate) use idle_pick;
@@ -517,16 +522,16 @@ async fn mark_assigning(tx: &mut Transaction<'_, Postgres>, id: Uuid) -> Result<
     Ok(())
 }
 
-/// Locks the idle container a claim should take (`idle_pick`), on another
-/// node than `avoid` when possible.
+/// Locks the idle container a claim should take (`idle_pick`), on any
+/// node but `except`.
 async fn take_idle(
     app: &App,
     tx: &mut Transaction<'_, Postgres>,
-    avoid: Option<&str>,
+    except: Option<&str>,
 ) -> Result<Option<capacity::Taken>> {
     Ok(sqlx::query_as(idle_pick!("1"))
         .bind(app.cfg.heartbeat_ttl.as_secs_f64())
-        .bind(avoid.unwrap_or_default())
+        .bind(except.unwrap_or_default())
         .bind(app.cfg.min_disk())
         .fetch_optional(&mut **tx)
         .await?)
@@ -552,6 +557,30 @@ async fn take_warming(
     .bind(app.cfg.min_disk())
     .fetch_optional(&mut **tx)
     .await?)
+}
+
+/// Where an unconfirmed claim moves, and whether that container was
+/// created for it: anywhere but the silent node first, idle before on
+/// demand (an idle container there would otherwise catch the retry while
+/// the other nodes still refill, and the second miss fails the instance);
+/// only when no other node has room, the silent node again.
+async fn move_target(
+    app: &App,
+    tx: &mut Transaction<'_, Postgres>,
+    silent: &str,
+) -> Result<(capacity::Taken, bool)> {
+    if let Some(taken) = take_idle(app, tx, Some(silent)).await? {
+        return Ok((taken, false));
+    }
+    match capacity::create_on_demand(app, tx, Some(silent)).await {
+        Ok(taken) => return Ok((taken, true)),
+        Err(Error::NoCapacity(_)) => {}
+        Err(e) => return Err(e),
+    }
+    match take_idle(app, tx, None).await? {
+        Some(taken) => Ok((taken, false)),
+        None => Ok((capacity::create_on_demand(app, tx, None).await?, true)),
+    }
 }
 
 /// What a waiting signup learned about its instance.
@@ -740,13 +769,7 @@ async fn retry_one(
         let _ = app.instance_ready.send(InstanceNews::read_it(instance_id));
         return Ok(Some(None));
     }
-    let (taken, on_demand) = match take_idle(app, &mut tx, Some(node_id)).await? {
-        Some(taken) => (taken, false),
-        None => (
-            capacity::create_on_demand(app, &mut tx, Some(node_id)).await?,
-            true,
-        ),
-    };
+    let (taken, on_demand) = move_target(app, &mut tx, node_id).await?;
     let (new_id, new_node) = (taken.id, taken.node_id);
     mark_assigning(&mut tx, new_id).await?;
     sqlx::query(

@@ -1,6 +1,7 @@
 //! Host facts for heartbeats: CPU busy since the last sample (/proc/stat),
-//! available memory (/proc/meminfo) and the state disk's free space (`df`,
-//! since the workspace forbids the unsafe code a direct statvfs needs).
+//! available memory (/proc/meminfo) and the state disk's free space
+//! (statvfs, through rustix's safe wrapper: the workspace forbids unsafe
+//! code, and running `df` cost a process per heartbeat).
 
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -31,8 +32,8 @@ impl HostSampler {
     }
 
     /// The last sample if it is younger than `max_age`, else a new one.
-    /// Heartbeats sent at once on a container change (the claim path) must
-    /// not wait for `df`.
+    /// Heartbeats sent at once on a container change (the claim path) take
+    /// the last one rather than read the host again.
     pub async fn recent(&self, max_age: std::time::Duration) -> HostUsage {
         if let Some((at, usage)) = *self.last.lock().unwrap() {
             if at.elapsed() < max_age {
@@ -54,7 +55,7 @@ impl HostSampler {
             *last = Some(now);
             busy
         });
-        let (disk_available_bytes, disk_total_bytes) = disk_space(&self.state_dir).await;
+        let (disk_available_bytes, disk_total_bytes) = disk_space(&self.state_dir);
         let usage = HostUsage {
             cpu_busy_permille: cpu.unwrap_or(0),
             memory_available_bytes: meminfo("MemAvailable:").unwrap_or(0),
@@ -91,27 +92,19 @@ pub fn meminfo(field: &str) -> Option<u64> {
         .map(|kb| kb * 1024)
 }
 
-/// (available, total) bytes of the file system holding `dir`, from `df`.
-async fn disk_space(dir: &std::path::Path) -> (u64, u64) {
-    let out = tokio::process::Command::new("df")
-        .args(["-P", "-B1"])
-        .arg(dir)
-        .output()
-        .await;
-    let Ok(out) = out else { return (0, 0) };
-    let text = String::from_utf8_lossy(&out.stdout);
-    let Some(line) = text.lines().nth(1) else {
-        return (0, 0);
-    };
-    let f: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .take(3)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    match f.as_slice() {
-        [total, _used, avail] => (*avail, *total),
-        _ => (0, 0),
+/// (available, total) bytes of the file system holding `dir`, as `df`
+/// counts them (blocks free to unprivileged users, and all blocks, in
+/// fragment units); (0, 0), "not reported", when it cannot be read.
+fn disk_space(dir: &std::path::Path) -> (u64, u64) {
+    match rustix::fs::statvfs(dir) {
+        Ok(fs) => (
+            fs.f_bavail.saturating_mul(fs.f_frsize),
+            fs.f_blocks.saturating_mul(fs.f_frsize),
+        ),
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "state disk's free space not read");
+            (0, 0)
+        }
     }
 }
 
@@ -128,5 +121,30 @@ mod tests {
         assert!(u.memory_available_bytes > 0);
         assert!(u.disk_total_bytes >= u.disk_available_bytes && u.disk_total_bytes > 0);
         assert!(u.cpu_busy_permille <= 1000);
+    }
+
+    #[test]
+    fn disk_space_agrees_with_df() {
+        let dir = std::env::temp_dir();
+        let out = std::process::Command::new("df")
+            .args(["-P", "-B1"])
+            .arg(&dir)
+            .output()
+            .unwrap();
+        let text = String::from_utf8(out.stdout).unwrap();
+        let f: Vec<u64> = text
+            .lines()
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .skip(1)
+            .take(3)
+            .map(|x| x.parse().unwrap())
+            .collect();
+        let (avail, total) = disk_space(&dir);
+        assert_eq!(total, f[0]);
+        // Other writers may move the free space between the two reads.
+        assert!(avail.abs_diff(f[2]) < 64 << 20, "{avail} vs {}", f[2]);
+        assert_eq!(disk_space(std::path::Path::new("/no/such/dir")), (0, 0));
     }
 }

@@ -1921,6 +1921,29 @@ async fn live_route_version(app: &App, instance: uuid::Uuid) -> Option<u64> {
     .map(|v| v as u64)
 }
 
+/// Ages a claimed container past the claim and warm timeouts: its node
+/// never confirmed it.
+async fn unconfirmed_for_an_hour(app: &App, container: Option<Uuid>) {
+    sqlx::query(
+        "UPDATE containers SET claimed_at = now() - interval '1 hour', warm_at = now() - interval '1 hour' WHERE id = $1",
+    )
+    .bind(container)
+    .execute(&app.db)
+    .await
+    .unwrap();
+}
+
+/// The instance's container now: its id, node and state.
+async fn placed(app: &App, instance: Uuid) -> (Uuid, String, String) {
+    sqlx::query_as(
+        "SELECT c.id, c.node_id, c.state::text FROM instances i JOIN containers c ON c.id = i.container_id WHERE i.id = $1",
+    )
+    .bind(instance)
+    .fetch_one(&app.db)
+    .await
+    .unwrap()
+}
+
 #[tokio::test]
 async fn an_unconfirmed_claim_moves_off_the_silent_node_even_past_its_idle_containers() {
     let app = app().await;
@@ -1930,23 +1953,12 @@ async fn an_unconfirmed_claim_moves_off_the_silent_node_even_past_its_idle_conta
     let u1 = user(&app, "moved@example.com").await;
     let first = claim::claim(&app, request(u1, "moved")).await.unwrap();
     assert_eq!(first.node_id, "silent");
-    // Past the claim and warm timeouts: "silent" never confirmed it.
-    let age = "UPDATE containers SET claimed_at = now() - interval '1 hour', warm_at = now() - interval '1 hour' WHERE id = $1";
-    sqlx::query(age)
-        .bind(first.container_id)
-        .execute(&app.db)
-        .await
-        .unwrap();
+    unconfirmed_for_an_hour(&app, first.container_id).await;
     let touched = claim::retry_unconfirmed(&app).await.unwrap();
     assert!(touched.contains("other"), "{touched:?}");
-    let placed = "SELECT c.node_id, c.state::text FROM instances i JOIN containers c ON c.id = i.container_id WHERE i.id = $1";
-    let (node_id, state): (String, String) = sqlx::query_as(placed)
-        .bind(first.instance_id)
-        .fetch_one(&app.db)
-        .await
-        .unwrap();
     // "silent" still has two idle containers; the retry skipped them and
     // created one on "other".
+    let (_, node_id, state) = placed(&app, first.instance_id).await;
     assert_eq!((node_id.as_str(), state.as_str()), ("other", "assigning"));
     assert_eq!(
         count(
@@ -1970,22 +1982,9 @@ async fn an_unconfirmed_claim_moves_off_the_silent_node_even_past_its_idle_conta
     let u2 = user(&app, "stays@example.com").await;
     let second = claim::claim(&app, request(u2, "stays")).await.unwrap();
     assert_eq!(second.node_id, "silent");
-    sqlx::query(age)
-        .bind(second.container_id)
-        .execute(&app.db)
-        .await
-        .unwrap();
+    unconfirmed_for_an_hour(&app, second.container_id).await;
     claim::retry_unconfirmed(&app).await.unwrap();
-    let (node_id, state): (String, String) = sqlx::query_as(placed)
-        .bind(second.instance_id)
-        .fetch_one(&app.db)
-        .await
-        .unwrap();
+    let (now_on, node_id, state) = placed(&app, second.instance_id).await;
     assert_eq!((node_id.as_str(), state.as_str()), ("silent", "assigning"));
-    let now_on: Uuid = sqlx::query_scalar("SELECT container_id FROM instances WHERE id = $1")
-        .bind(second.instance_id)
-        .fetch_one(&app.db)
-        .await
-        .unwrap();
     assert!(on_silent.contains(&now_on) && Some(now_on) != second.container_id);
 }

@@ -19,6 +19,13 @@ pub enum Error {
     Watch(String),
     #[error("route watch: {0}")]
     Rpc(#[from] tonic::Status),
+    /// A container's HTTP/1.1 answer the edge could not take as one.
+    #[error("the container's answer: {0}")]
+    Upstream(&'static str),
+    /// A kept-alive connection the container had closed before answering
+    /// (the request may go again on another).
+    #[error("the container had closed the connection")]
+    UpstreamClosed,
 }
 
 impl Error {

@@ -21,7 +21,7 @@ use crate::upstream::{self, UpstreamPool};
 use crate::Limits;
 
 /// What the edge answers with.
-pub type Body = BoxBody<Bytes, hyper::Error>;
+pub type Body = BoxBody<Bytes, upstream::BoxError>;
 
 pub struct Proxy {
     pub routes: Arc<RouteTable>,
@@ -448,7 +448,7 @@ impl Proxy {
             );
         }
         strip_hop_by_hop(resp.headers_mut());
-        resp.map(|b| b.boxed())
+        resp
     }
 }
 

@@ -216,13 +216,33 @@ async fn websockets_events_and_large_uploads_stream_through_a_pooled_upstream() 
     for _ in 0..30 {
         assert_eq!(conn.get(&alice, "/v1/models", Some(&gw)).await?.0, 200);
     }
+    // HEAD answers with GET's head and no body, and the kept-alive
+    // upstream connection then carries the next answer whole.
+    for _ in 0..3 {
+        let req = Request::head("/v1/models")
+            .header("host", &alice)
+            .header("authorization", format!("Bearer {gw}"))
+            .body(body(Bytes::new()))?;
+        let resp = conn.send(req).await?;
+        assert_eq!(resp.status(), 200);
+        let length: u64 = resp.headers()["content-length"].to_str()?.parse()?;
+        assert!(length > 0, "HEAD kept GET's Content-Length");
+        assert!(resp.into_body().collect().await?.to_bytes().is_empty());
+        let (status, models) = conn.get(&alice, "/v1/models", Some(&gw)).await?;
+        assert_eq!(status, 200);
+        assert_eq!(
+            models.len() as u64,
+            length,
+            "the GET after a HEAD came whole"
+        );
+    }
     let opened = c
         .edge_metric("clawdeploy_edge_upstream_connects_total")
         .await?
         - before;
     assert!(
         opened <= 2.0,
-        "{opened} upstream connections for 30 requests"
+        "{opened} upstream connections for 36 requests"
     );
     assert!(
         c.edge_metric("clawdeploy_edge_upstream_seconds_count")

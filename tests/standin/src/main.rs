@@ -374,10 +374,12 @@ fn serve_connection(gateway: &Gateway, stream: TcpStream) -> std::io::Result<()>
         }
         let (status, body) = route(gateway, &req);
         let body = body.to_string();
+        // HEAD: GET's head, Content-Length included, and no body.
+        let sent = if req.method == "HEAD" { "" } else { &body };
         // One write, so one segment, as a real server's buffered response:
         // `write!` on the bare socket sends each piece on its own.
         let response = format!(
-            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{}\r\n{body}",
+            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{}\r\n{sent}",
             body.len(),
             if close { "connection: close\r\n" } else { "" }
         );
@@ -397,7 +399,11 @@ fn authorized(gateway: &Gateway, req: &Request) -> bool {
 
 fn route(gateway: &Gateway, req: &Request) -> (&'static str, Value) {
     let path = req.path.split('?').next().unwrap_or_default();
-    match (req.method.as_str(), path) {
+    let method = match req.method.as_str() {
+        "HEAD" => "GET",
+        m => m,
+    };
+    match (method, path) {
         ("GET", "/healthz") => ("200 OK", json!({"ok": true, "status": "live"})),
         // Ready as soon as it listens: an empty config is a valid one.
         ("GET", "/readyz") => (

@@ -92,7 +92,11 @@ impl Decoder {
             }
             length = Some(n);
         }
-        Ok(length.map_or(Decoder::UntilClose, Decoder::Length))
+        Ok(match length {
+            None => Decoder::UntilClose,
+            Some(0) => Decoder::Done,
+            Some(n) => Decoder::Length(n),
+        })
     }
 
     /// Whether the body ends by its own framing, so that the connection
@@ -122,8 +126,12 @@ impl Decoder {
                     let take = (*left).min(buf.len() as u64);
                     *left -= take;
                     let data = buf.split_to(take as usize).freeze();
-                    if let Decoder::Chunked(c @ Chunk::Data(0)) = self {
-                        *c = Chunk::DataEnd;
+                    // A body or chunk taken whole moves on at once, so
+                    // that the body's end is seen with its last data.
+                    match self {
+                        Decoder::Length(0) => *self = Decoder::Done,
+                        Decoder::Chunked(c @ Chunk::Data(0)) => *c = Chunk::DataEnd,
+                        _ => {}
                     }
                     return Ok(Step::Data(data));
                 }

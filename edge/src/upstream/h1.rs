@@ -248,8 +248,7 @@ impl InlineBody {
             decoder: head.decoder,
             home: head.keep_alive.then_some(home),
         };
-        if body.decoder == Decoder::Done || body.decoder == Decoder::Length(0) {
-            body.decoder = Decoder::Done;
+        if body.decoder == Decoder::Done {
             body.finish();
         }
         body
@@ -282,8 +281,7 @@ impl Body for InlineBody {
             };
             match this.decoder.step(&mut conn.buf, eof) {
                 Ok(Step::Data(data)) => {
-                    if this.decoder == Decoder::Length(0) {
-                        this.decoder = Decoder::Done;
+                    if this.decoder == Decoder::Done {
                         this.finish();
                     }
                     return Poll::Ready(Some(Ok(Frame::data(data))));

@@ -5,6 +5,7 @@
 //! listener redirects to HTTPS.
 
 pub mod conn;
+pub mod connection;
 pub mod error;
 pub mod proxy;
 pub mod proxy_protocol;
@@ -164,7 +165,7 @@ pub async fn serve(
     };
     let fronts = (0..workers)
         .map(|_| {
-            server::Front::new(
+            connection::Front::new(
                 Arc::new(proxy::Proxy::new(table.clone(), cfg.limits.clone())),
                 cfg.limits.clone(),
                 cfg.proxy_protocol_from.clone(),
@@ -183,14 +184,14 @@ pub async fn serve(
                 pool.clone(),
                 https,
                 Some(acceptor),
-                server::Mode::Proxy,
+                connection::Mode::Proxy,
                 stop_rx.clone(),
             )));
             tasks.push(tokio::spawn(server::serve(
                 pool,
                 listeners.http,
                 None,
-                server::Mode::RedirectTo { https_port },
+                connection::Mode::RedirectTo { https_port },
                 stop_rx,
             )));
         }
@@ -198,7 +199,7 @@ pub async fn serve(
             pool,
             listeners.http,
             None,
-            server::Mode::Proxy,
+            connection::Mode::Proxy,
             stop_rx,
         ))),
     }

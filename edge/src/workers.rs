@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
-use crate::server::{self, Accepted, Front};
+use crate::connection::{self, Accepted, Front};
 
 pub struct Workers {
     queues: Vec<mpsc::UnboundedSender<Accepted>>,
@@ -118,7 +118,7 @@ async fn work(
         tokio::select! {
             conn = queue.recv() => match conn {
                 Some(conn) => {
-                    tokio::spawn(server::accepted(front.clone(), conn));
+                    tokio::spawn(connection::accepted(front.clone(), conn));
                 }
                 None => break,
             },

@@ -7,13 +7,14 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use clawdeploy_proto::Route;
+use clawdeploy_scheduler::app::claims::{IdempotencyKey, SignUp};
 use clawdeploy_scheduler::app::{App, AppRef, Config};
 use clawdeploy_scheduler::crypto::pki::Ca;
 use clawdeploy_scheduler::crypto::{aad, envelope, SecretBox};
 use clawdeploy_scheduler::error::Error;
 use clawdeploy_scheduler::fleet::{capacity, settings};
-use clawdeploy_scheduler::lifecycle::claim::{self, ClaimRequest};
 use clawdeploy_scheduler::lifecycle::idempotency::{self, Begin};
+use clawdeploy_scheduler::lifecycle::{claim, retry};
 use clawdeploy_scheduler::model::InstanceStatus;
 use clawdeploy_scheduler::routes;
 use serde_json::{json, Value};
@@ -108,13 +109,12 @@ async fn instance(app: &App, subdomain: &str, container: Option<Uuid>) -> Uuid {
     id
 }
 
-fn request(user_id: Uuid, subdomain: &str) -> ClaimRequest {
-    ClaimRequest {
+fn request(user_id: Uuid, subdomain: &str) -> SignUp {
+    SignUp {
         user_id,
         subdomain: subdomain.into(),
-        provider_keys: BTreeMap::from([("openai".to_owned(), format!("sk-{subdomain}-1234567"))]),
-        default_model: "openai/gpt-4o".into(),
-        idempotency_key: None,
+        api_keys: BTreeMap::from([("openai".to_owned(), format!("sk-{subdomain}-1234567"))]),
+        idempotency: None,
     }
 }
 
@@ -656,7 +656,10 @@ async fn a_key_whose_claim_committed_answers_with_its_instance() {
         Begin::First
     ));
     let mut req = request(u, "lost");
-    req.idempotency_key = Some("k".into());
+    req.idempotency = Some(IdempotencyKey {
+        key: "k".into(),
+        request_hash: hash.clone(),
+    });
     let claimed = claim::claim(&app, req).await.unwrap();
     // While the first request may still answer, a repeat is told to wait.
     assert!(matches!(
@@ -1892,7 +1895,7 @@ async fn a_node_low_on_disk_gets_no_claims_and_its_pending_claims_move() {
     );
 
     // The claim already on "full" moves now, not after the claim timeout.
-    let touched = claim::retry_unconfirmed(&app).await.unwrap();
+    let touched = retry::retry_unconfirmed(&app).await.unwrap();
     assert!(
         touched.contains("full") && touched.contains("roomy"),
         "{touched:?}"
@@ -1906,7 +1909,7 @@ async fn a_node_low_on_disk_gets_no_claims_and_its_pending_claims_move() {
     .unwrap();
     assert_eq!((node_id.as_str(), state.as_str()), ("roomy", "assigning"));
     // A node with room keeps its claims until the timeout.
-    assert!(claim::retry_unconfirmed(&app).await.unwrap().is_empty());
+    assert!(retry::retry_unconfirmed(&app).await.unwrap().is_empty());
 }
 
 /// The version of the instance's own live route, if it has one.
@@ -1954,7 +1957,7 @@ async fn an_unconfirmed_claim_moves_off_the_silent_node_even_past_its_idle_conta
     let first = claim::claim(&app, request(u1, "moved")).await.unwrap();
     assert_eq!(first.node_id, "silent");
     unconfirmed_for_an_hour(&app, first.container_id).await;
-    let touched = claim::retry_unconfirmed(&app).await.unwrap();
+    let touched = retry::retry_unconfirmed(&app).await.unwrap();
     assert!(touched.contains("other"), "{touched:?}");
     // "silent" still has two idle containers; the retry skipped them and
     // created one on "other".
@@ -1983,7 +1986,7 @@ async fn an_unconfirmed_claim_moves_off_the_silent_node_even_past_its_idle_conta
     let second = claim::claim(&app, request(u2, "stays")).await.unwrap();
     assert_eq!(second.node_id, "silent");
     unconfirmed_for_an_hour(&app, second.container_id).await;
-    claim::retry_unconfirmed(&app).await.unwrap();
+    retry::retry_unconfirmed(&app).await.unwrap();
     let (now_on, node_id, state) = placed(&app, second.instance_id).await;
     assert_eq!((node_id.as_str(), state.as_str()), ("silent", "assigning"));
     assert!(on_silent.contains(&now_on) && Some(now_on) != second.container_id);

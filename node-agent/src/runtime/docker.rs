@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use bollard::models::{
@@ -17,7 +17,6 @@ use bollard::query_parameters::{
 };
 use bollard::Docker;
 
-use super::volume::prepare_volume_dir;
 use super::{
     ContainerRuntime, ContainerSpec, Limits, Observed, LABEL_CONTAINER, LABEL_GENERATION,
     LABEL_NODE, TENANT_UID,
@@ -479,4 +478,14 @@ impl ContainerRuntime for DockerRuntime {
         .map_err(|e| Error::Io(std::io::Error::other(e)))?
         .map_err(Error::Io)
     }
+}
+
+/// Creates a state volume's directory (or takes an existing one) as the
+/// tenant user's own, closed to everyone else.
+pub(super) fn prepare_volume_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    std::os::unix::fs::chown(dir, Some(TENANT_UID), Some(TENANT_UID))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    Ok(())
 }

@@ -3,9 +3,7 @@
 //! container's volume is copied, so the archive is consistent; an import is
 //! unpacked beside the volume and swapped in whole.
 
-use std::path::Path;
-
-use super::docker::DockerRuntime;
+use super::docker::{prepare_volume_dir, DockerRuntime};
 use super::{ContainerRuntime, TENANT_UID};
 use crate::error::{Error, Result};
 
@@ -118,12 +116,4 @@ impl DockerRuntime {
         std::fs::rename(&staging, &dir)?;
         Ok(())
     }
-}
-
-pub(super) fn prepare_volume_dir(dir: &Path) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::create_dir_all(dir)?;
-    std::os::unix::fs::chown(dir, Some(TENANT_UID), Some(TENANT_UID))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-    Ok(())
 }

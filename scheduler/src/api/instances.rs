@@ -12,14 +12,14 @@ use uuid::Uuid;
 
 use super::extract::{ApiJson, AuthUser, IdempotencyKey};
 use super::views::{BackupList, ErrorBody, InstanceEnvelope, InstanceView, ReleasedView};
-use crate::app::AppRef;
+use crate::app::claims::SignUp;
+use crate::app::{AppRef, Config};
 use crate::error::{Error, Result};
-use crate::lifecycle::claim::{self, Outcome};
-use crate::lifecycle::idempotency::{self, Begin};
+use crate::lifecycle::signup::{self, Outcome, Reply, SignedUp};
 use crate::lifecycle::{instances, reconfigure, release};
 use crate::model::InstanceStatus;
 
-#[derive(Deserialize, Serialize, utoipa::ToSchema)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct CreateInstance {
     subdomain: Option<String>,
@@ -27,24 +27,63 @@ pub struct CreateInstance {
     api_keys: BTreeMap<String, String>,
 }
 
-/// A JSON answer; created and accepted instances carry their status URL in
-/// `Location` too.
-fn answer(status: StatusCode, body: Vec<u8>, location: Option<&str>) -> Response {
+/// The answer as sent: JSON, with the status URL of a created or accepted
+/// instance in `Location` (read from the body, so a replay carries it too).
+fn respond(reply: Reply) -> Response {
+    let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let location = status
+        .is_success()
+        .then(|| serde_json::from_slice::<serde_json::Value>(&reply.body).ok())
+        .flatten()
+        .and_then(|v| v["instance"]["statusUrl"].as_str().map(str::to_owned));
     let mut resp = (
         status,
         [(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         )],
-        body,
+        reply.body,
     )
         .into_response();
-    if let Some(loc) = location.filter(|_| status.is_success()) {
-        if let Ok(v) = HeaderValue::from_str(loc) {
-            resp.headers_mut().insert(header::LOCATION, v);
-        }
+    let headers = resp.headers_mut();
+    if let Some(v) = location.and_then(|l| HeaderValue::from_str(&l).ok()) {
+        headers.insert(header::LOCATION, v);
+    }
+    if let Some(secs) = reply.retry_after {
+        headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    if reply.replayed {
+        headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
     resp
+}
+
+/// A signup's result as the customer reads it: 201 when the instance went
+/// live within the claim wait, 202 with its status URL when not yet (or
+/// when it failed), or the error.
+fn render(cfg: &Config, result: Result<SignedUp>) -> Reply {
+    let (status, body, retry_after) = match result {
+        Ok(SignedUp { outcome, instance }) => {
+            let status = match outcome {
+                Outcome::Ready => StatusCode::CREATED,
+                Outcome::Queued | Outcome::Pending | Outcome::Failed => StatusCode::ACCEPTED,
+            };
+            let view = InstanceEnvelope {
+                instance: InstanceView::new(cfg, instance),
+            };
+            (status, to_json(&view), None)
+        }
+        Err(e) => {
+            let (status, body) = e.answer_logged();
+            (status, to_json(&body), e.retry_after())
+        }
+    };
+    Reply {
+        status: status.as_u16(),
+        body,
+        retry_after,
+        replayed: false,
+    }
 }
 
 #[utoipa::path(post, path = "/api/instances", tag = "instances", request_body = CreateInstance, security(("bearer" = [])),
@@ -64,89 +103,14 @@ pub async fn create(
     IdempotencyKey(key): IdempotencyKey,
     ApiJson(body): ApiJson<CreateInstance>,
 ) -> Result<Response> {
-    let Some(key) = key else {
-        let (status, view) = sign_up(&app, &user, body, None).await?;
-        let location = view.instance.status_url.clone();
-        return Ok(answer(status, to_json(&view), Some(&location)));
-    };
-    match idempotency::begin(&app, user.id, &key, &idempotency::fingerprint(&body)).await? {
-        Begin::Replay(status, body) => {
-            let status = StatusCode::from_u16(status).map_err(Error::internal)?;
-            let location = serde_json::from_slice::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| v["instance"]["statusUrl"].as_str().map(str::to_owned));
-            let mut resp = answer(status, body, location.as_deref());
-            resp.headers_mut()
-                .insert("idempotent-replayed", HeaderValue::from_static("true"));
-            Ok(resp)
-        }
-        Begin::Claimed(instance_id) => {
-            let mut instance = instances::by_id(&app, instance_id).await?;
-            instance.masked_keys = None;
-            let status = if instance.status == InstanceStatus::Ready {
-                StatusCode::CREATED
-            } else {
-                StatusCode::ACCEPTED
-            };
-            let view = InstanceEnvelope {
-                instance: InstanceView::new(&app.cfg, instance),
-            };
-            let location = view.instance.status_url.clone();
-            let mut resp = answer(status, to_json(&view), Some(&location));
-            resp.headers_mut()
-                .insert("idempotent-replayed", HeaderValue::from_static("true"));
-            Ok(resp)
-        }
-        Begin::First => {
-            // The first answer is stored, errors included (server errors
-            // release the key instead).
-            let (status, body, location, retry_after) =
-                match sign_up(&app, &user, body, Some(&key)).await {
-                    Ok((status, view)) => {
-                        let location = view.instance.status_url.clone();
-                        (status, to_json(&view), Some(location), None)
-                    }
-                    Err(e) => {
-                        let (status, body) = e.answer_logged();
-                        (status, to_json(&body), None, e.retry_after())
-                    }
-                };
-            idempotency::finish(&app, user.id, &key, status.as_u16(), &body).await;
-            let mut resp = answer(status, body, location.as_deref());
-            if let Some(secs) = retry_after {
-                resp.headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from(secs));
-            }
-            Ok(resp)
-        }
-    }
+    let signup = SignUp::new(user.id, body.subdomain, body.api_keys, key);
+    let reply = signup::sign_up(&app, signup, |r| render(&app.cfg, r)).await?;
+    Ok(respond(reply))
 }
 
 fn to_json(v: &impl Serialize) -> Vec<u8> {
     // Views are plain data: serializing them cannot fail.
     serde_json::to_vec(v).unwrap_or_default()
-}
-
-/// 201 when the instance went live within the claim wait, 202 with its
-/// status URL when not yet (or when it failed).
-async fn sign_up(
-    app: &AppRef,
-    user: &AuthUser,
-    body: CreateInstance,
-    idempotency_key: Option<&str>,
-) -> Result<(StatusCode, InstanceEnvelope)> {
-    let (outcome, instance) =
-        claim::sign_up(app, user.id, body.subdomain, body.api_keys, idempotency_key).await?;
-    let status = match outcome {
-        Outcome::Ready => StatusCode::CREATED,
-        Outcome::Queued | Outcome::Pending | Outcome::Failed => StatusCode::ACCEPTED,
-    };
-    Ok((
-        status,
-        InstanceEnvelope {
-            instance: InstanceView::new(&app.cfg, instance),
-        },
-    ))
 }
 
 /// The caller's live instance (the newest, when an earlier one failed).

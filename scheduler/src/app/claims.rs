@@ -1,9 +1,12 @@
 //! Signups claiming on this scheduler right now. While any is in flight the
 //! pool manager holds its refills back: a burst's claims come first, and
 //! the pool catches up once they have answered. Warm claims wait here for
-//! their batch (`WarmClaims`; `lifecycle::claim` runs the batches), and
-//! learn that their instance settled (`InstanceNews`).
+//! their batch (`WarmClaims`; `lifecycle::warm` runs the batches), and
+//! learn that their instance settled (`InstanceNews`). The vocabulary a
+//! signup is carried in from the API down (`SignUp`) lives here too,
+//! below every layer that passes it on.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use tokio::sync::watch;
@@ -48,17 +51,45 @@ impl InstanceNews {
 /// every claim of the batch it can.
 pub type WarmClaims = Batcher<WarmClaim, WarmOutcome>;
 
-/// A claim waiting for its batch: the instance to write, its keys sealed.
-pub struct WarmClaim {
-    pub instance_id: Uuid,
+/// A customer's signup, carried whole from the API handler to the claim
+/// and its warm batch: who, which subdomain (generated when none was
+/// asked for), which provider keys, under which `Idempotency-Key`.
+/// `lifecycle::signup` validates it in place before anything is claimed.
+#[derive(Clone, Debug)]
+pub struct SignUp {
     pub user_id: Uuid,
     pub subdomain: String,
-    pub default_model: String,
+    /// Provider → key, as given (validated: normalized).
+    pub api_keys: BTreeMap<String, String>,
+    pub idempotency: Option<IdempotencyKey>,
+}
+
+/// A request's `Idempotency-Key` and the fingerprint of the body it came
+/// with (a repeat must send the same body).
+#[derive(Clone, Debug)]
+pub struct IdempotencyKey {
+    pub key: String,
+    pub request_hash: Vec<u8>,
+}
+
+/// A claim waiting for its batch: the signup, the id its instance gets and
+/// its keys sealed under that instance's data key.
+#[derive(Clone)]
+pub struct WarmClaim {
+    pub instance_id: Uuid,
+    pub signup: SignUp,
+    pub sealed: SealedKeys,
+}
+
+/// An instance's data key, wrapped under the KEK, and its provider keys
+/// sealed under the data key: sealed before any transaction starts, so no
+/// lock waits on the crypto.
+#[derive(Clone)]
+pub struct SealedKeys {
     pub kek_id: String,
     pub wrapped_dek: Vec<u8>,
     /// Provider key names and their sealed values.
     pub keys: Vec<(String, Vec<u8>)>,
-    pub idempotency_key: Option<String>,
 }
 
 /// What the batch did with one claim.

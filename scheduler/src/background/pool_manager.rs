@@ -29,7 +29,7 @@ use crate::fleet::capacity::{insert_container, schedulable_nodes, POOL_MEMORY_BY
 use crate::fleet::demand;
 use crate::fleet::placement::{self, NodeLoad, Step};
 use crate::fleet::settings::{self, PoolSettings};
-use crate::lifecycle::{claim, release};
+use crate::lifecycle::{release, retry};
 use crate::model::NodeState;
 
 /// How many containers one pass may create. While claims are in flight
@@ -235,7 +235,7 @@ async fn reconcile(app: &AppRef, judge_nodes: bool) -> Result<()> {
     }
     let mut touched: HashSet<String> = replace_stuck(app).await?.into_iter().collect();
     if judge_nodes {
-        touched.extend(claim::retry_unconfirmed(app).await?);
+        touched.extend(retry::retry_unconfirmed(app).await?);
     }
     touched.extend(release::sweep_expired(app).await?);
 

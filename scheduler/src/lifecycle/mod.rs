@@ -1,13 +1,17 @@
-//! An instance's life: the claim of a warm container at signup (with its
-//! retry when a node stays silent), live reconfiguration, release and the
-//! destruction after the grace period, and idempotent signups. Domain logic
-//! only: no HTTP or gRPC types.
+//! An instance's life: the signup (`signup`, idempotent) and its claim of
+//! a warm container (`claim`, in batches by `warm`, the container chosen
+//! by `pick`), the claim's retry when a node stays silent (`retry`), the
+//! signup queue, live reconfiguration, release and the destruction after
+//! the grace period. Domain logic only: no HTTP or gRPC types.
 
 pub mod claim;
 pub mod complete;
 pub mod idempotency;
 pub mod instances;
+pub mod pick;
 pub mod queue;
 pub mod reconfigure;
 pub mod release;
+pub mod retry;
+pub mod signup;
 pub mod warm;

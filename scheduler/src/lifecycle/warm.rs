@@ -61,13 +61,13 @@ async fn take(app: &App, batch: &[WarmClaim]) -> Result<Vec<WarmOutcome>> {
     let (mut key_owners, mut key_names, mut key_values) = (Vec::new(), Vec::new(), Vec::new());
     for c in batch {
         ids.push(c.instance_id);
-        users.push(c.user_id);
-        subdomains.push(c.subdomain.as_str());
-        models.push(c.default_model.as_str());
-        kek_ids.push(c.kek_id.as_str());
-        deks.push(c.wrapped_dek.as_slice());
-        idempotency.push(c.idempotency_key.as_deref());
-        for (name, sealed) in &c.keys {
+        users.push(c.signup.user_id);
+        subdomains.push(c.signup.subdomain.as_str());
+        models.push(c.signup.default_model());
+        kek_ids.push(c.sealed.kek_id.as_str());
+        deks.push(c.sealed.wrapped_dek.as_slice());
+        idempotency.push(c.signup.idempotency.as_ref().map(|k| k.key.as_str()));
+        for (name, sealed) in &c.sealed.keys {
             key_owners.push(c.instance_id);
             key_names.push(name.as_str());
             key_values.push(sealed.as_slice());
@@ -80,7 +80,7 @@ async fn take(app: &App, batch: &[WarmClaim]) -> Result<Vec<WarmOutcome>> {
                   WITH ORDINALITY AS r(id, user_id, subdomain, default_model, kek_id, wrapped_dek, idem_key, n)
          ), taken AS (
            SELECT p.id, p.node_id, p.gateway_token_enc, row_number() OVER () AS n FROM (",
-        super::claim::idle_pick!("$4"),
+        super::pick::idle_pick!("$4"),
         ") p
          ), pairs AS (
            SELECT r.*, t.id AS container_id, t.node_id, t.gateway_token_enc
@@ -142,7 +142,7 @@ async fn take(app: &App, batch: &[WarmClaim]) -> Result<Vec<WarmOutcome>> {
         .iter()
         .zip(&rows)
         .filter(|(_, r)| r.paired && r.container_id.is_none())
-        .map(|(c, _)| c.user_id)
+        .map(|(c, _)| c.signup.user_id)
         .collect();
     let live = with_live_instance(&mut tx, &refused).await?;
     let mut outcomes = Vec::with_capacity(batch.len());
@@ -170,7 +170,7 @@ async fn take(app: &App, batch: &[WarmClaim]) -> Result<Vec<WarmOutcome>> {
                         gateway_token_enc,
                     }
                 }
-                _ if row.paired && live.contains(&c.user_id) => {
+                _ if row.paired && live.contains(&c.signup.user_id) => {
                     WarmOutcome::Conflict(ClaimConflict::InstanceExists)
                 }
                 _ if row.paired => WarmOutcome::Conflict(ClaimConflict::SubdomainTaken),

@@ -34,6 +34,15 @@ pub struct Archives {
     url_ttl: Duration,
 }
 
+/// The configured store, or the error a request that needs one gets
+/// (`503 archives_disabled`): migrations, backups and restores all ask.
+pub fn required(archives: Option<&Archives>) -> Result<&Archives> {
+    archives.ok_or_else(|| Error::Disabled {
+        code: "archives_disabled",
+        message: "no archive store is configured (--archive-endpoint)".into(),
+    })
+}
+
 /// What an archive is for; part of its key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Purpose {

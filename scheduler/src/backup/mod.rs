@@ -41,12 +41,7 @@ const COLUMNS: &str = "id, instance_id, container_id, node_id, kind, state, arch
 /// Starts a backup of the instance's container: a running tenant (ready)
 /// or a released one's stopped container (its grace period).
 pub async fn take(app: &AppRef, instance_id: Uuid, kind: BackupKind) -> Result<Backup> {
-    if app.archives.is_none() {
-        return Err(Error::Disabled {
-            code: "archives_disabled",
-            message: "no archive store is configured (--archive-endpoint)".into(),
-        });
-    }
+    crate::archives::required(app.archives.as_ref())?;
     let mut tx = app.db.begin().await?;
     let found: Option<(Uuid, String, bool)> = sqlx::query_as(
         "SELECT c.id, c.node_id, EXISTS (SELECT 1 FROM migrations m WHERE m.instance_id = i.id

@@ -8,6 +8,7 @@
 use std::sync::Arc;
 
 use clawdeploy_proto::{Route, RouteDelta};
+use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
 use crate::app::claims::{InstanceNews, Settled};
@@ -103,23 +104,18 @@ pub async fn complete(
     {
         return Ok(());
     }
-    sqlx::query("UPDATE containers SET state = 'assigned', updated_at = now() WHERE id = $1")
-        .bind(container_id)
-        .execute(&mut *tx)
-        .await?;
     sqlx::query("UPDATE instances SET status = 'ready', ready_at = now() WHERE id = $1")
         .bind(instance.id)
         .execute(&mut *tx)
         .await?;
-    let deltas = routes::upsert(
+    let deltas = serve_from(
         app,
         &mut tx,
-        Route {
-            hostname: app.cfg.host_of(&instance.subdomain),
+        Serving {
+            instance_id: instance.id,
+            container_id,
+            subdomain: &instance.subdomain,
             upstream,
-            instance_id: instance.id.to_string(),
-            container_id: container_id.to_string(),
-            ..Route::default()
         },
     )
     .await?;
@@ -269,4 +265,43 @@ pub async fn complete_many(app: &App, node_id: &str, confirmed: &[(Uuid, u64)]) 
         complete(app, node_id, container_id, applied).await?;
     }
     Ok(())
+}
+
+/// An instance and the container that now serves it.
+pub struct Serving<'a> {
+    pub instance_id: Uuid,
+    pub container_id: Uuid,
+    pub subdomain: &'a str,
+    /// Where the edges reach the container.
+    pub upstream: String,
+}
+
+/// The container starts serving its instance, inside the caller's
+/// transaction: it is marked assigned and the instance's route (its custom
+/// hostnames along) points at it. A claim's completion and a migration's
+/// switch both end here; the caller broadcasts the deltas after it commits.
+pub async fn serve_from(
+    app: &App,
+    tx: &mut Transaction<'_, Postgres>,
+    to: Serving<'_>,
+) -> Result<Vec<RouteDelta>> {
+    sqlx::query(
+        "UPDATE containers SET state = 'assigned', claimed_at = COALESCE(claimed_at, now()), updated_at = now()
+          WHERE id = $1",
+    )
+    .bind(to.container_id)
+    .execute(&mut **tx)
+    .await?;
+    routes::upsert(
+        app,
+        tx,
+        Route {
+            hostname: app.cfg.host_of(to.subdomain),
+            upstream: to.upstream,
+            instance_id: to.instance_id.to_string(),
+            container_id: to.container_id.to_string(),
+            ..Route::default()
+        },
+    )
+    .await
 }

@@ -328,3 +328,36 @@ mod tests {
         assert!(validate_keys(BTreeMap::from([("openai".into(), "has space".into())])).is_err());
     }
 }
+
+/// The caller's newest instance in one of `statuses`, as a change to it
+/// needs it, locked in the caller's transaction.
+#[derive(sqlx::FromRow)]
+pub struct Locked {
+    pub id: Uuid,
+    pub subdomain: String,
+    pub default_model: String,
+    pub container_id: Option<Uuid>,
+    /// Its container's node, when it has one.
+    pub node_id: Option<String>,
+}
+
+/// Locks the caller's newest instance in one of `statuses` (`NotFound`
+/// when there is none), so that two changes to it take turns.
+pub async fn lock_newest(
+    tx: &mut sqlx::PgConnection,
+    user_id: Uuid,
+    statuses: &[InstanceStatus],
+) -> Result<Locked> {
+    sqlx::query_as(
+        "SELECT i.id, i.subdomain, i.default_model, i.container_id, c.node_id
+           FROM instances i LEFT JOIN containers c ON c.id = i.container_id
+          WHERE i.user_id = $1 AND i.status = ANY($2)
+          ORDER BY i.created_at DESC LIMIT 1
+          FOR UPDATE OF i",
+    )
+    .bind(user_id)
+    .bind(statuses)
+    .fetch_optional(tx)
+    .await?
+    .ok_or(Error::NotFound("instance"))
+}

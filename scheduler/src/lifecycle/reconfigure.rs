@@ -15,6 +15,7 @@ use crate::app::{App, AppRef};
 use crate::audit::audit;
 use crate::crypto::{aad, envelope};
 use crate::error::{Error, Result};
+use crate::model::InstanceStatus;
 
 /// A change to a live instance's config.
 #[derive(Debug, Default)]
@@ -73,27 +74,17 @@ pub async fn reconfigure(app: &AppRef, user_id: Uuid, change: Change) -> Result<
     }
 
     let mut tx = app.db.begin().await?;
-    #[derive(sqlx::FromRow)]
-    struct Live {
-        id: Uuid,
-        default_model: String,
-        node_id: Option<String>,
-    }
-    let row: Option<Live> = sqlx::query_as(
-        "SELECT i.id, i.default_model, c.node_id
-           FROM instances i LEFT JOIN containers c ON c.id = i.container_id
-          WHERE i.user_id = $1 AND i.status IN ('pending', 'ready')
-          ORDER BY i.created_at DESC LIMIT 1
-          FOR UPDATE OF i",
-    )
-    .bind(user_id)
-    .fetch_optional(&mut *tx)
-    .await?;
-    let Live {
+    let instances::Locked {
         id: instance_id,
         default_model: current_model,
         node_id,
-    } = row.ok_or(Error::NotFound("instance"))?;
+        ..
+    } = instances::lock_newest(
+        &mut tx,
+        user_id,
+        &[InstanceStatus::Pending, InstanceStatus::Ready],
+    )
+    .await?;
     let dek = envelope::load_one(&app.secrets, &mut tx, instance_id).await?;
     for (name, value) in &sets {
         let sealed = dek.seal(&aad::secret(instance_id, name), value.as_bytes())?;

@@ -9,11 +9,12 @@
 use serde_json::json;
 use uuid::Uuid;
 
+use super::instances;
 use crate::agents::desired;
 use crate::app::AppRef;
 use crate::audit::audit;
 use crate::error::{Error, Result};
-use crate::model::BackupKind;
+use crate::model::{BackupKind, InstanceStatus};
 use crate::routes;
 
 /// A released instance.
@@ -26,30 +27,24 @@ pub struct Released {
 /// Releases the user's live instance: the route goes (and the edges
 /// confirm), then the container stops with its volume kept.
 pub async fn release(app: &AppRef, user_id: Uuid) -> Result<Released> {
-    #[derive(sqlx::FromRow)]
-    struct Live {
-        id: Uuid,
-        subdomain: String,
-        container_id: Option<Uuid>,
-        node_id: Option<String>,
-    }
     let mut tx = app.db.begin().await?;
-    let row: Option<Live> = sqlx::query_as(
-        "SELECT i.id, i.subdomain, i.container_id, c.node_id
-           FROM instances i LEFT JOIN containers c ON c.id = i.container_id
-          WHERE i.user_id = $1 AND i.status IN ('queued', 'pending', 'ready', 'suspended')
-          ORDER BY i.created_at DESC LIMIT 1
-          FOR UPDATE OF i",
-    )
-    .bind(user_id)
-    .fetch_optional(&mut *tx)
-    .await?;
-    let Live {
+    let instances::Locked {
         id: instance_id,
         subdomain,
         container_id,
         node_id,
-    } = row.ok_or(Error::NotFound("instance"))?;
+        ..
+    } = instances::lock_newest(
+        &mut tx,
+        user_id,
+        &[
+            InstanceStatus::Queued,
+            InstanceStatus::Pending,
+            InstanceStatus::Ready,
+            InstanceStatus::Suspended,
+        ],
+    )
+    .await?;
     let removed = routes::remove_for_instance(&mut tx, instance_id).await?;
     // Its custom domains go with it: the names are free for their next owner.
     sqlx::query("DELETE FROM domains WHERE instance_id = $1")

@@ -6,13 +6,13 @@
 //! the source runs again with its state untouched.
 
 use chrono::Utc;
-use clawdeploy_proto::Route;
 use uuid::Uuid;
 
 use super::{live, push_step, Migration};
 use crate::app::AppRef;
 use crate::audit::audit;
 use crate::error::Result;
+use crate::lifecycle::complete::{serve_from, Serving};
 use crate::model::{InstanceStatus, MigrationKind, MigrationState, NodeState};
 use crate::routes;
 
@@ -118,25 +118,18 @@ async fn switch(app: &AppRef, m: &Migration, p: &Progress) -> Result<()> {
         .bind(m.target_container)
         .execute(&mut *tx)
         .await?;
-    sqlx::query(
-        "UPDATE containers SET state = 'assigned', claimed_at = now(), updated_at = now() WHERE id = $1",
-    )
-    .bind(m.target_container)
-    .execute(&mut *tx)
-    .await?;
     sqlx::query("UPDATE containers SET state = 'destroying', updated_at = now() WHERE id = $1")
         .bind(m.source_container)
         .execute(&mut *tx)
         .await?;
-    let deltas = routes::upsert(
+    let deltas = serve_from(
         app,
         &mut tx,
-        Route {
-            hostname: app.cfg.host_of(&p.subdomain),
+        Serving {
+            instance_id: m.instance_id,
+            container_id: m.target_container,
+            subdomain: &p.subdomain,
             upstream: p.target_upstream.clone(),
-            instance_id: m.instance_id.to_string(),
-            container_id: m.target_container.to_string(),
-            ..Route::default()
         },
     )
     .await?;

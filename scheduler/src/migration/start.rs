@@ -48,12 +48,7 @@ fn conflict(code: &'static str, message: impl Into<String>) -> Error {
 }
 
 pub async fn start(app: &AppRef, req: MigrateRequest) -> Result<Migration> {
-    if app.archives.is_none() {
-        return Err(Error::Disabled {
-            code: "archives_disabled",
-            message: "no archive store is configured (--archive-endpoint)".into(),
-        });
-    }
+    crate::archives::required(app.archives.as_ref())?;
     let mut tx = app.db.begin().await?;
     let src: Option<Source> = sqlx::query_as(
         "SELECT c.id, c.node_id, c.image, c.pool_generation, c.gateway_token_enc,

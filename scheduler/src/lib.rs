@@ -254,12 +254,9 @@ pub async fn serve(
     fleet::settings::seed(&app)
         .await
         .context("seeding the pool settings")?;
-    let pool_task = tokio::spawn(background::pool_manager::run(app.clone(), stop_rx.clone()));
+    let mut tasks = background::Driver::new(app.clone(), stop_rx.clone());
+    background::start_all(&mut tasks);
     tokio::spawn(background::peer_events::run(app.clone(), stop_rx.clone()));
-    tokio::spawn(background::migrations::run(app.clone(), stop_rx.clone()));
-    tokio::spawn(background::backups::run(app.clone(), stop_rx.clone()));
-    tokio::spawn(background::signup_queue::run(app.clone(), stop_rx.clone()));
-    tokio::spawn(background::domains::run(app.clone(), stop_rx.clone()));
     let grpc_server = tonic::transport::Server::builder()
         .tls_config(tls)?
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
@@ -302,7 +299,14 @@ pub async fn serve(
         }
         _ = grace => tracing::info!("grace period over; closing open streams"),
     }
-    let _ = pool_task.await;
+    // A run under way finishes (the pool manager then lets its lock go),
+    // within bounds: a certificate order may wait on its CA.
+    if tokio::time::timeout(Duration::from_secs(5), tasks.join())
+        .await
+        .is_err()
+    {
+        tracing::warn!("background tasks still running at shutdown; dropped");
+    }
     app.db.close().await;
     app.agents_db.close().await;
     Ok(())

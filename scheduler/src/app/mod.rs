@@ -1,5 +1,5 @@
 //! Shared scheduler state: configuration, the database pool, the secret box
-//! and the in-process channels that wake the pool manager, open agent
+//! and the in-process channels that activate background tasks, open agent
 //! sessions, edge watchers and waiting signup requests. Everything else
 //! depends on this module; it depends only on `crypto` and its own
 //! registries.
@@ -8,12 +8,13 @@ pub mod batch;
 pub mod claims;
 pub mod route_feed;
 pub mod sessions;
+pub mod tasks;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::PgPool;
-use tokio::sync::{broadcast, Notify};
+use tokio::sync::broadcast;
 use uuid::Uuid;
 
 use crate::crypto::pki::Ca;
@@ -194,8 +195,8 @@ pub struct App {
     /// Route changes for edge watchers, sent after their transaction
     /// commits, and which of them each edge has applied.
     pub route_feed: RouteFeed,
-    /// Wakes the pool manager (claims, containers becoming idle, nodes).
-    pub pool_wake: Notify,
+    /// Activates background tasks between their periodic runs.
+    pub tasks: tasks::Activators,
     /// Signups claiming here now: the pool manager's refills wait for them.
     pub claims: claims::ClaimsInFlight,
     /// Claims that may use database connections at once (`claim_slots`),
@@ -203,10 +204,6 @@ pub struct App {
     pub claim_slots: tokio::sync::Semaphore,
     /// Warm claims waiting for, or in, a batch.
     pub warm_claims: claims::WarmClaims,
-    /// Wakes the migration driver (an export reported, a target came up).
-    pub migration_wake: Notify,
-    /// Wakes the signup queue (a signup queued, a node said hello).
-    pub queue_wake: Notify,
     /// Instances that just became ready or failed (wakes waiting signup
     /// requests).
     pub instance_ready: broadcast::Sender<claims::InstanceNews>,
@@ -226,8 +223,6 @@ pub struct App {
     pub dns: crate::dns::DnsChecker,
     /// The ACME client, when a CA is configured.
     pub acme: Option<crate::acme::Acme>,
-    /// Wakes the domains worker (a domain was just proven).
-    pub domain_wake: Notify,
 }
 
 pub type AppRef = Arc<App>;
@@ -307,12 +302,10 @@ impl App {
             secrets,
             sessions: Sessions::default(),
             route_feed: RouteFeed::default(),
-            pool_wake: Notify::new(),
+            tasks: Default::default(),
             claims: Default::default(),
             claim_slots,
             warm_claims,
-            migration_wake: Notify::new(),
-            queue_wake: Notify::new(),
             instance_ready: broadcast::channel(4096).0,
             ca,
             admin_token_hash: admin_token
@@ -324,7 +317,6 @@ impl App {
             stripe,
             dns: crate::dns::DnsChecker::new(&cfg_dns),
             acme: cfg_acme.map(crate::acme::Acme::new),
-            domain_wake: Notify::new(),
         })
     }
 }

@@ -1,35 +1,51 @@
-//! Custom domains' background work: certificate orders and renewals (one
-//! at a time per scheduler, under leases), the periodic ownership checks,
-//! and the domain gauges. Every second, sooner when a domain is proven.
+//! Custom domains' background work: certificate orders and renewals (a few
+//! at a time per scheduler, under leases) and the periodic ownership
+//! checks, every second and at once when a domain is proven; and, apart,
+//! the domain gauges every few seconds.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use tokio::sync::watch;
+use super::driver::Task;
+use crate::app::tasks::Activator;
+use crate::app::{App, AppRef};
+use crate::error::Result;
 
-use crate::app::AppRef;
+/// Certificate orders and renewals per run.
+const ORDERS_PER_RUN: usize = 4;
+/// Ownership re-checks per run.
+const RECHECKS_PER_RUN: i64 = 20;
 
-const EVERY: Duration = Duration::from_secs(1);
-const GAUGES_EVERY: Duration = Duration::from_secs(5);
+pub struct Domains;
 
-pub async fn run(app: AppRef, mut shutdown: watch::Receiver<bool>) {
-    let mut gauges_at = Instant::now();
-    loop {
-        if let Err(e) = crate::domains::issue::run_due(&app, 4).await {
-            tracing::warn!(error = %e, "certificate pass failed");
-        }
-        if let Err(e) = crate::domains::recheck::run_due(&app, 20).await {
-            tracing::warn!(error = %e, "domain re-check pass failed");
-        }
-        if gauges_at.elapsed() >= GAUGES_EVERY {
-            gauges_at = Instant::now();
-            if let Err(e) = crate::domains::export_gauges(&app).await {
-                tracing::debug!(error = %e, "domain gauges not updated");
-            }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(EVERY) => {}
-            _ = app.domain_wake.notified() => {}
-            _ = shutdown.changed() => return,
-        }
+impl Task<App> for Domains {
+    const NAME: &'static str = "domains";
+
+    fn period(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+
+    fn activator(app: &App) -> Option<&Activator> {
+        Some(&app.tasks.domains)
+    }
+
+    async fn run_once(&mut self, app: &AppRef) -> Result<()> {
+        // A failed certificate pass does not hold the re-checks back.
+        let issued = crate::domains::issue::run_due(app, ORDERS_PER_RUN).await;
+        let rechecked = crate::domains::recheck::run_due(app, RECHECKS_PER_RUN).await;
+        issued.and(rechecked).map(drop)
+    }
+}
+
+pub struct DomainGauges;
+
+impl Task<App> for DomainGauges {
+    const NAME: &'static str = "domain_gauges";
+
+    fn period(&self) -> Duration {
+        Duration::from_secs(5)
+    }
+
+    async fn run_once(&mut self, app: &AppRef) -> Result<()> {
+        crate::domains::export_gauges(app).await
     }
 }

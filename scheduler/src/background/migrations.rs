@@ -1,27 +1,32 @@
-//! Drives live migrations and evacuations: woken when an agent reports on one (an export
-//! done, a target up or failed) and every second regardless, for the
-//! timeouts and for migrations a killed scheduler left mid-way.
+//! Drives live migrations and evacuations: at once when an agent reports
+//! on one (an export done, a target up or failed) or one starts, and every
+//! second regardless, for the timeouts and for migrations a killed
+//! scheduler left mid-way.
 
 use std::time::Duration;
 
-use tokio::sync::watch;
+use super::driver::Task;
+use crate::app::tasks::Activator;
+use crate::app::{App, AppRef};
+use crate::error::Result;
 
-use crate::app::AppRef;
+pub struct Migrations;
 
-const EVERY: Duration = Duration::from_secs(1);
+impl Task<App> for Migrations {
+    const NAME: &'static str = "migrations";
 
-pub async fn run(app: AppRef, mut shutdown: watch::Receiver<bool>) {
-    loop {
-        if let Err(e) = crate::migration::drive::advance(&app).await {
-            tracing::warn!(error = %e, "migration pass failed");
-        }
-        if let Err(e) = crate::migration::evacuate::advance(&app).await {
-            tracing::warn!(error = %e, "evacuation pass failed");
-        }
-        tokio::select! {
-            _ = app.migration_wake.notified() => {}
-            _ = tokio::time::sleep(EVERY) => {}
-            _ = shutdown.changed() => return,
-        }
+    fn period(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+
+    fn activator(app: &App) -> Option<&Activator> {
+        Some(&app.tasks.migrations)
+    }
+
+    async fn run_once(&mut self, app: &AppRef) -> Result<()> {
+        // A failed pass over migrations does not hold evacuations back.
+        let moved = crate::migration::drive::advance(app).await;
+        let evacuated = crate::migration::evacuate::advance(app).await;
+        moved.and(evacuated)
     }
 }

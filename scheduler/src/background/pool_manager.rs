@@ -3,8 +3,8 @@
 //! silent nodes unreachable, replaces containers that never warmed, retries
 //! unconfirmed claims and rolls the pool to a new image or generation.
 //! Exactly one scheduler runs it: the one holding a PostgreSQL advisory lock
-//! on a dedicated connection. It runs on every wake (claim, container idle,
-//! node hello) and at least once a second.
+//! on a dedicated connection. It runs when activated (claim, container
+//! idle, node hello) and at least once a second.
 //!
 //! Claims come first: while signups are claiming (on this scheduler, or any
 //! container is still being assigned fleet-wide) a pass creates nothing
@@ -18,10 +18,11 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use sqlx::{Connection, PgConnection, Postgres, Transaction};
-use tokio::sync::watch;
 use uuid::Uuid;
 
+use super::driver::Task;
 use crate::agents::desired;
+use crate::app::tasks::Activator;
 use crate::app::{App, AppRef};
 use crate::audit::audit;
 use crate::error::{Error, Result};
@@ -53,69 +54,87 @@ const POOL_LOCK_KEY: i64 = 0x0C1A_D3E9;
 /// moving under a steady stream of signups, slowly.
 const REFILL_WHILE_CLAIMING: i64 = 1;
 
-pub async fn run(app: AppRef, mut shutdown: watch::Receiver<bool>) {
-    // The lock lives as long as this dedicated connection (taken out of the
-    // pool so it is never shared); losing the connection loses the lock.
-    let mut lock: Option<PgConnection> = None;
-    let mut passes: u64 = 0;
-    // Since when the database has answered this manager without a break.
-    // Nodes are judged by heartbeats only a TTL after that: heartbeats
-    // could not be recorded while the database was away (or before this
-    // scheduler led), and a silent database is not a silent node.
-    let mut answering_since: Option<tokio::time::Instant> = None;
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        let woken = tokio::select! {
-            _ = app.pool_wake.notified() => {
-                // Coalesce a burst of claims into one refill (one push per
-                // node instead of one per claim).
-                tokio::time::sleep(Duration::from_millis(25)).await;
-                true
-            }
-            _ = tick.tick() => false,
-            _ = shutdown.changed() => break,
-        };
-        // A pass a claim woke waits for the claims in flight to answer
-        // (the tick still runs a slow pass meanwhile).
-        if woken && app.claims.busy() {
+/// The pool manager as a background task. Its state: the advisory lock's
+/// connection while this scheduler leads, its passes (for housekeeping)
+/// and since when the database has answered it without a break.
+#[derive(Default)]
+pub struct PoolManager {
+    /// The lock lives as long as this dedicated connection (taken out of
+    /// the pool so it is never shared); losing the connection loses the
+    /// lock.
+    lock: Option<PgConnection>,
+    passes: u64,
+    /// Nodes are judged by heartbeats only a TTL after this: heartbeats
+    /// could not be recorded while the database was away (or before this
+    /// scheduler led), and a silent database is not a silent node.
+    answering_since: Option<tokio::time::Instant>,
+}
+
+impl Task<App> for PoolManager {
+    const NAME: &'static str = "pool_manager";
+
+    fn period(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+
+    fn activator(app: &App) -> Option<&Activator> {
+        Some(&app.tasks.pool_manager)
+    }
+
+    /// Coalesces a burst of claims into one refill (one push per node
+    /// instead of one per claim), and lets the claims in flight answer
+    /// first (the period still bounds the wait).
+    async fn settle(&mut self, app: &AppRef) {
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        if app.claims.busy() {
             tokio::select! {
                 _ = app.claims.quiet() => {}
-                _ = tick.tick() => {}
-                _ = shutdown.changed() => break,
+                _ = tokio::time::sleep(self.period()) => {}
             }
         }
-        match lock.as_mut() {
-            None => lock = try_lock(&app).await,
+    }
+
+    async fn run_once(&mut self, app: &AppRef) -> Result<()> {
+        match self.lock.as_mut() {
+            None => self.lock = try_lock(app).await,
             Some(conn) => {
                 if conn.ping().await.is_err() {
                     tracing::warn!("lost the pool manager lock's connection");
                     metrics::gauge!("clawdeploy_pool_manager_leader").set(0.0);
-                    lock = None;
+                    self.lock = None;
                 }
             }
         }
-        if lock.is_none() {
-            answering_since = None;
-            continue;
+        if self.lock.is_none() {
+            self.answering_since = None;
+            return Ok(());
         }
-        let since = *answering_since.get_or_insert_with(tokio::time::Instant::now);
+        let since = *self
+            .answering_since
+            .get_or_insert_with(tokio::time::Instant::now);
         let judge_nodes = since.elapsed() >= app.cfg.heartbeat_ttl;
-        if let Err(e) = reconcile(&app, judge_nodes).await {
-            tracing::warn!(error = %e, "pool reconcile failed");
-            if matches!(&e, Error::Database(db) if crate::error::database_unavailable(db)) {
-                answering_since = None;
+        let reconciled = reconcile(app, judge_nodes).await;
+        if let Err(Error::Database(db)) = &reconciled {
+            if crate::error::database_unavailable(db) {
+                self.answering_since = None;
             }
         }
-        passes += 1;
-        if passes % 300 == 1 {
-            super::janitor::housekeep(&app).await;
+        self.passes += 1;
+        if self.passes % HOUSEKEEPING_EVERY == 1 {
+            super::janitor::housekeep(app).await;
+        }
+        reconciled
+    }
+
+    async fn stop(self) {
+        if let Some(conn) = self.lock {
+            let _ = conn.close().await;
         }
     }
-    if let Some(conn) = lock {
-        let _ = conn.close().await;
-    }
 }
+
+/// Passes between two housekeeping runs (about five minutes).
+const HOUSEKEEPING_EVERY: u64 = 300;
 
 async fn try_lock(app: &App) -> Option<PgConnection> {
     let mut conn = match app.db.acquire().await {

@@ -1,27 +1,33 @@
-//! Drains the signup queue when woken (a signup queued, a node said hello)
-//! and twice a second regardless (capacity freed elsewhere).
+//! Drains the signup queue at once when activated (a signup queued, a node
+//! said hello) and twice a second regardless (capacity freed elsewhere),
+//! and exports its depth.
 
 use std::time::Duration;
 
-use tokio::sync::watch;
-
-use crate::app::AppRef;
+use super::driver::Task;
+use crate::app::tasks::Activator;
+use crate::app::{App, AppRef};
+use crate::error::Result;
 use crate::lifecycle::queue;
 
-const EVERY: Duration = Duration::from_millis(500);
+pub struct SignupQueue;
 
-pub async fn run(app: AppRef, mut shutdown: watch::Receiver<bool>) {
-    loop {
-        if let Err(e) = queue::drain(&app).await {
-            tracing::warn!(error = %e, "signup queue pass failed");
-        }
-        if let Err(e) = queue::export_gauges(&app).await {
+impl Task<App> for SignupQueue {
+    const NAME: &'static str = "signup_queue";
+
+    fn period(&self) -> Duration {
+        Duration::from_millis(500)
+    }
+
+    fn activator(app: &App) -> Option<&Activator> {
+        Some(&app.tasks.signup_queue)
+    }
+
+    async fn run_once(&mut self, app: &AppRef) -> Result<()> {
+        let drained = queue::drain(app).await.map(drop);
+        if let Err(e) = queue::export_gauges(app).await {
             tracing::debug!(error = %e, "signup queue gauges not updated");
         }
-        tokio::select! {
-            _ = app.queue_wake.notified() => {}
-            _ = tokio::time::sleep(EVERY) => {}
-            _ = shutdown.changed() => return,
-        }
+        drained
     }
 }

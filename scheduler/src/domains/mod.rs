@@ -296,7 +296,7 @@ pub async fn verify(app: &App, user_id: Uuid, raw: &str) -> Result<(Domain, Stri
     deltas.extend(routes::custom::sync_instance(app, &mut tx, instance).await?);
     tx.commit().await?;
     routes::broadcast(app, deltas, None).await;
-    app.domain_wake.notify_one();
+    app.tasks.domains.activate();
     Ok((updated, subdomain))
 }
 

@@ -103,7 +103,7 @@ pub async fn remove(app: &App, node_id: &str, force: bool) -> Result<()> {
         json!({"force": force, "tenants": tenants}),
     )
     .await;
-    app.pool_wake.notify_one();
+    app.tasks.pool_manager.activate();
     tracing::warn!(node_id, "node removed by operator");
     Ok(())
 }
@@ -145,8 +145,8 @@ pub async fn set_state(app: &App, node_id: &str, state: NodeState, evacuate: boo
         json!({"from": from, "to": state, "evacuate": evacuate}),
     )
     .await;
-    app.pool_wake.notify_one();
-    app.migration_wake.notify_one();
+    app.tasks.pool_manager.activate();
+    app.tasks.migrations.activate();
     tracing::info!(
         node_id,
         evacuate,

@@ -166,7 +166,7 @@ pub async fn update(app: &App, actor: &str, change: PoolChange) -> Result<PoolSe
             "pool generation changed: rolling the pool"
         );
     }
-    app.pool_wake.notify_one();
+    app.tasks.pool_manager.activate();
     Ok(next)
 }
 

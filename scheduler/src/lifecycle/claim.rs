@@ -70,9 +70,9 @@ pub async fn claim(app: &AppRef, signup: SignUp) -> Result<Claimed> {
         WarmOutcome::Alone => claim_alone(app, &claim).await?,
     };
     metrics::histogram!("clawdeploy_claim_commit_seconds").record(started.elapsed().as_secs_f64());
-    app.pool_wake.notify_one();
+    app.tasks.pool_manager.activate();
     let Some(attached) = attached else {
-        app.queue_wake.notify_one();
+        app.tasks.signup_queue.activate();
         return Ok(Claimed {
             instance_id,
             container_id: None,

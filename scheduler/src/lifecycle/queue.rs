@@ -37,7 +37,7 @@ pub async fn drain(app: &AppRef) -> Result<usize> {
         }
     }
     if assigned > 0 {
-        app.pool_wake.notify_one();
+        app.tasks.pool_manager.activate();
     }
     Ok(assigned)
 }

@@ -149,7 +149,7 @@ async fn retry_one(
         metrics::counter!("clawdeploy_claim_fallbacks_total").increment(1);
     }
     tracing::warn!(%instance_id, from = %container_id, from_node = node_id, to = %new_id, to_node = new_node, "claim not confirmed in time: moved to a fresh container");
-    app.pool_wake.notify_one();
+    app.tasks.pool_manager.activate();
     Ok(Some(Some(new_node)))
 }
 

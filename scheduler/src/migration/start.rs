@@ -231,6 +231,6 @@ pub async fn start(app: &AppRef, req: MigrateRequest) -> Result<Migration> {
     if target != source_node && restore.is_some() {
         crate::agents::desired::bump_and_push(app, &target).await?;
     }
-    app.migration_wake.notify_one();
+    app.tasks.migrations.activate();
     get(app, id).await
 }

@@ -145,7 +145,7 @@ impl AgentSession {
         .await?;
         self.refuse_if_removed(state)?;
         // A node (back) with room may take queued signups.
-        self.app.queue_wake.notify_one();
+        self.app.tasks.signup_queue.activate();
         audit(&self.app.agents_db, &format!("node:{}", self.node_id), "node.hello", &self.node_id, serde_json::json!({"agentVersion": hello.agent_version, "appliedGeneration": hello.applied_generation})).await;
         if self.session_id.is_none() {
             self.session_id = Some(self.app.sessions.register(&self.node_id, self.tx.clone()));
@@ -159,7 +159,7 @@ impl AgentSession {
             Generation::from_wire(hello.applied_generation),
         )
         .await?;
-        self.app.pool_wake.notify_one();
+        self.app.tasks.pool_manager.activate();
         Ok(())
     }
 
@@ -334,11 +334,11 @@ impl AgentSession {
                 continue;
             };
             match state {
-                ContainerState::Idle => self.app.pool_wake.notify_one(),
-                ContainerState::Migrating => self.app.migration_wake.notify_one(),
+                ContainerState::Idle => self.app.tasks.pool_manager.activate(),
+                ContainerState::Migrating => self.app.tasks.migrations.activate(),
                 // As in `observe`: the node is told again.
                 ContainerState::Destroying => {
-                    self.app.pool_wake.notify_one();
+                    self.app.tasks.pool_manager.activate();
                     bumped = true;
                 }
                 _ => {}
@@ -406,11 +406,11 @@ impl AgentSession {
         };
         let mut bumped = false;
         match state {
-            ContainerState::Idle => self.app.pool_wake.notify_one(),
-            ContainerState::Migrating => self.app.migration_wake.notify_one(),
+            ContainerState::Idle => self.app.tasks.pool_manager.activate(),
+            ContainerState::Migrating => self.app.tasks.migrations.activate(),
             ContainerState::Destroying => {
                 tracing::warn!(node_id = self.node_id, container_id = %id, message = s.message, "pool container failed; replacing it");
-                self.app.pool_wake.notify_one();
+                self.app.tasks.pool_manager.activate();
                 bumped = true;
             }
             _ => {}
@@ -427,7 +427,7 @@ impl AgentSession {
         if s.config_version > 0 {
             complete::complete(&self.app, &self.node_id, id, s.config_version).await?;
             if state == ContainerState::Migrating {
-                self.app.migration_wake.notify_one();
+                self.app.tasks.migrations.activate();
             }
         }
         if let Some(e) = &s.export {

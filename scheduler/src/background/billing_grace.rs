@@ -1,0 +1,26 @@
+//! Billing's slow clock: grace periods that ran out end in the free tier
+//! (live), and the billing gauges are refreshed, every few seconds.
+
+use std::time::Duration;
+
+use super::driver::Task;
+use crate::app::{App, AppRef};
+use crate::error::Result;
+
+pub struct BillingGrace;
+
+impl Task<App> for BillingGrace {
+    const NAME: &'static str = "billing_grace";
+
+    fn period(&self) -> Duration {
+        Duration::from_secs(5)
+    }
+
+    async fn run_once(&mut self, app: &AppRef) -> Result<()> {
+        crate::billing::webhook::end_grace(app).await?;
+        if let Err(e) = crate::billing::webhook::export_gauges(app).await {
+            tracing::debug!(error = %e, "billing gauges not updated");
+        }
+        Ok(())
+    }
+}

@@ -18,14 +18,26 @@ use sqlx::PgPool;
 
 use crate::crypto::{aad, SecretBox};
 
-/// Where certificates come from.
-#[derive(Clone, Debug)]
+/// Where certificates come from (the `--acme-*` flags).
+#[derive(Clone, Debug, clap::Args)]
 pub struct AcmeConfig {
+    /// The ACME directory certificates for custom domains come from (e.g.
+    /// Let's Encrypt's); none: domains are verified but get no certificate.
+    // Not required by clap on its own: with no `--acme-*` flag ACME is
+    // off; with another one given and this one missing, parsing fails.
+    #[arg(
+        id = "acme-directory-url",
+        long = "acme-directory-url",
+        env = "CLAWDEPLOY_ACME_DIRECTORY_URL",
+        required = false
+    )]
     pub directory_url: String,
-    /// The root that signs the directory's own TLS certificate (a test CA
-    /// such as pebble's); the system's roots when unset.
+    /// A PEM root the ACME directory's own TLS certificate chains to (a
+    /// test CA such as pebble); the system's roots when unset.
+    #[arg(long = "acme-ca-bundle", env = "CLAWDEPLOY_ACME_CA_BUNDLE")]
     pub ca_bundle: Option<PathBuf>,
-    /// `mailto:` contact for the account.
+    /// Contact for the ACME account (`mailto:ops@example.com`).
+    #[arg(long = "acme-contact", env = "CLAWDEPLOY_ACME_CONTACT")]
     pub contact: Option<String>,
 }
 

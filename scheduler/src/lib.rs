@@ -26,6 +26,7 @@ pub mod background;
 pub mod backup;
 pub mod billing;
 pub mod crypto;
+pub mod db;
 pub mod dns;
 pub mod domains;
 pub mod error;
@@ -45,127 +46,47 @@ use std::time::Duration;
 
 use anyhow::Context;
 use metrics_exporter_prometheus::PrometheusHandle;
-use sqlx::postgres::PgPoolOptions;
 use tokio::net::TcpListener;
 use tonic::transport::{Certificate, Identity as TlsIdentity, ServerTlsConfig};
 
 pub use app::{App, AppRef, Config};
+pub use db::DbOptions;
 
-/// Everything `serve` needs besides its listeners.
-#[derive(Clone, Debug)]
+/// Everything `serve` needs besides its listeners: the flags of
+/// `clawdeploy-scheduler serve`, parsed by clap.
+#[derive(Clone, Debug, clap::Args)]
 pub struct ServeOptions {
+    #[command(flatten)]
     pub cfg: Config,
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
     /// Holds the CA (`ca.crt.pem`, `ca.key.pem`) and, when no key is given,
     /// the secret key file.
+    #[arg(long, env = "CLAWDEPLOY_DATA_DIR", default_value = ".local/scheduler")]
     pub data_dir: PathBuf,
-    /// 64 hex characters; when absent `<data_dir>/secret.key` is used
-    /// (created on first start).
+    /// AES-256 key (64 hex chars) for secrets at rest; default:
+    /// <data-dir>/secret.key (created on first start).
+    #[arg(long, env = "CLAWDEPLOY_SECRET_KEY", hide_env_values = true)]
     pub secret_key: Option<String>,
-    /// DNS names and IPs the gRPC server certificate carries.
+    /// Names (DNS or IP) on the gRPC server certificate.
+    #[arg(
+        long,
+        env = "CLAWDEPLOY_GRPC_SERVER_NAMES",
+        value_delimiter = ',',
+        default_value = "localhost,127.0.0.1"
+    )]
     pub grpc_server_names: Vec<String>,
+    #[command(flatten)]
     pub db: DbOptions,
-    /// Bearer token for `/admin`; `None` turns the admin API off.
+    /// Bearer token for the operator API under /admin (off when unset).
+    #[arg(long, env = "CLAWDEPLOY_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
-    /// The S3-compatible store for state archives; `None`: not configured.
-    pub archives: Option<archives::ArchiveConfig>,
-    /// Stripe's secret key and API base; `None`: billing is off.
-    pub stripe: Option<(String, String)>,
-}
-
-/// The database pool's bounds: how many connections, how long a request
-/// waits for one, how long a statement may run.
-#[derive(Clone, Debug)]
-pub struct DbOptions {
-    pub max_connections: u32,
-    /// Kept open even when idle (capped at the maximum).
-    pub min_connections: u32,
-    /// The agents' own pool (`App::agents_db`); 0: they share the pool.
-    pub agent_connections: u32,
-    pub acquire_timeout: Duration,
-    /// Zero: no limit.
-    pub statement_timeout: Duration,
-}
-
-impl Default for DbOptions {
-    fn default() -> Self {
-        Self {
-            max_connections: 32,
-            min_connections: 0,
-            agent_connections: 4,
-            acquire_timeout: Duration::from_secs(5),
-            statement_timeout: Duration::from_secs(30),
-        }
-    }
-}
-
-/// A pooled connection idle this long is pinged before it is used.
-const CHECK_IDLE_AFTER: Duration = Duration::from_secs(1);
-
-impl DbOptions {
-    /// The request pool and, when `agent_connections` is above 0, the
-    /// agents' own (kept open like the other when `min_connections` is).
-    pub async fn connect_pools(&self, url: &str) -> Result<app::Pools, sqlx::Error> {
-        let requests = self.connect(url).await?;
-        if self.agent_connections == 0 {
-            return Ok(requests.into());
-        }
-        let agents = DbOptions {
-            max_connections: self.agent_connections,
-            min_connections: if self.min_connections > 0 {
-                self.agent_connections
-            } else {
-                0
-            },
-            ..self.clone()
-        }
-        .connect(url)
-        .await?;
-        Ok(app::Pools { requests, agents })
-    }
-
-    /// A pool to `url` with these bounds. Connections idle for a second or
-    /// more are checked before use (a server restart leaves dead ones in the
-    /// pool). The pool keeps `min_connections` open (none by default): an
-    /// outage costs nothing but failed attempts and the pool refills on its
-    /// own when the server returns.
-    pub async fn connect(&self, url: &str) -> Result<sqlx::PgPool, sqlx::Error> {
-        let mut connect: sqlx::postgres::PgConnectOptions = url.parse()?;
-        // Every statement is prepared once per connection; PostgreSQL then
-        // plans it afresh on each of its first five runs (custom plans),
-        // and the claim's is a large statement: during a burst on fresh
-        // connections, planning was 44% of the database's CPU. Our
-        // statements look rows up by key and state literals, so one generic
-        // plan per connection serves every value.
-        connect = connect.options([("plan_cache_mode", "force_generic_plan")]);
-        if !self.statement_timeout.is_zero() {
-            connect = connect.options([(
-                "statement_timeout",
-                format!("{}ms", self.statement_timeout.as_millis()),
-            )]);
-        }
-        PgPoolOptions::new()
-            .max_connections(self.max_connections)
-            .min_connections(self.min_connections.min(self.max_connections))
-            .acquire_timeout(self.acquire_timeout)
-            // A connection idle for a while is checked before use (a server
-            // restart leaves dead ones in the pool); one in use moments ago
-            // is not: under load, checking every acquire doubled the round
-            // trips. A connection that died within the last second fails
-            // its statement, which answers 503 and is retried.
-            .test_before_acquire(false)
-            .before_acquire(|conn, meta| {
-                Box::pin(async move {
-                    if meta.idle_for < CHECK_IDLE_AFTER {
-                        return Ok(true);
-                    }
-                    use sqlx::Connection;
-                    Ok(conn.ping().await.is_ok())
-                })
-            })
-            .connect_with(connect)
-            .await
-    }
+    /// The S3-compatible store for state archives (off without a bucket).
+    #[command(flatten)]
+    pub archives: archives::ArchiveFlags,
+    /// Stripe (billing is off without a secret key).
+    #[command(flatten)]
+    pub stripe: payments::StripeFlags,
 }
 
 /// The process-wide Prometheus recorder (installed once), with every
@@ -213,10 +134,22 @@ pub async fn serve(
         .client_auth_optional(true);
 
     let metrics = metrics_handle();
-    let stripe = match &opts.stripe {
-        Some((key, base)) => {
+    let stripe = match &opts.stripe.stripe_secret_key {
+        Some(key) => {
+            let base = &opts.stripe.stripe_api_base;
             tracing::info!(base, "billing through Stripe");
             Some(payments::StripeProvider::new(key, base).context("configuring Stripe")?)
+        }
+        None => None,
+    };
+    let archives = match opts.archives.config() {
+        Some(cfg) => {
+            tracing::info!(
+                endpoint = cfg.endpoint,
+                bucket = cfg.bucket,
+                "state archives go to object storage"
+            );
+            Some(archives::Archives::new(&cfg).context("configuring the archive store")?)
         }
         None => None,
     };
@@ -226,17 +159,7 @@ pub async fn serve(
         secrets,
         ca,
         opts.admin_token.as_deref(),
-        match &opts.archives {
-            Some(cfg) => {
-                tracing::info!(
-                    endpoint = cfg.endpoint,
-                    bucket = cfg.bucket,
-                    "state archives go to object storage"
-                );
-                Some(archives::Archives::new(cfg).context("configuring the archive store")?)
-            }
-            None => None,
-        },
+        archives,
         stripe,
     );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

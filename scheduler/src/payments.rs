@@ -16,6 +16,23 @@ use uuid::Uuid;
 
 use crate::error::{Error, Result};
 
+/// The `--stripe-secret-key` and `--stripe-api-base` flags: billing's
+/// checkout and portal are on with a key.
+#[derive(Clone, Debug, clap::Args)]
+pub struct StripeFlags {
+    /// Stripe's secret key (`sk_…`); billing's checkout and portal answer
+    /// 503 billing_disabled without it.
+    #[arg(long, env = "CLAWDEPLOY_STRIPE_SECRET_KEY", hide_env_values = true)]
+    pub stripe_secret_key: Option<String>,
+    /// Stripe's API base (the local stand-in's address in development).
+    #[arg(
+        long,
+        env = "CLAWDEPLOY_STRIPE_API_BASE",
+        default_value = "https://api.stripe.com/"
+    )]
+    pub stripe_api_base: String,
+}
+
 /// A customer to create, for one account.
 pub struct NewCustomer<'a> {
     pub account: Uuid,

@@ -6,12 +6,12 @@
 
 pub mod batch;
 pub mod claims;
+pub mod config;
 pub mod route_feed;
 pub mod sessions;
 pub mod tasks;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use sqlx::PgPool;
 use tokio::sync::broadcast;
@@ -19,168 +19,9 @@ use uuid::Uuid;
 
 use crate::crypto::pki::Ca;
 use crate::crypto::SecretBox;
+pub use config::Config;
 use route_feed::RouteFeed;
 use sessions::Sessions;
-
-#[derive(Clone, Debug)]
-pub struct Config {
-    /// Customer hosts are `<subdomain>.<base_domain>`.
-    pub base_domain: String,
-    /// How customer URLs are printed: scheme and optional port of the edge.
-    pub public_scheme: String,
-    pub public_port: Option<u16>,
-    /// The OpenClaw image pool containers run.
-    pub image: String,
-    pub pool_generation: i32,
-    pub min_idle: u32,
-    pub max_idle: u32,
-    /// A node silent for this long is `unreachable`.
-    pub heartbeat_ttl: Duration,
-    /// How long a signup waits for the agent to confirm the config is live
-    /// before answering 202 with a status URL (the instance still becomes
-    /// ready).
-    pub claim_wait: Duration,
-    /// A claim the agent has not confirmed after this long is moved to a
-    /// fresh container (once); a second miss fails the instance.
-    pub claim_timeout: Duration,
-    /// Warm-claim batches that may run at once, and the most claims one
-    /// takes (`claims::WarmClaims`; 0 counts as 1).
-    pub claim_batches: usize,
-    pub claim_batch_max: usize,
-    /// Containers stuck in creating/warming longer than this are replaced.
-    pub warm_timeout: Duration,
-    /// A released instance's data is kept this long, then destroyed.
-    pub release_grace: Duration,
-    /// A released subdomain goes to nobody else for this long.
-    pub subdomain_cooldown: Duration,
-    /// Lifetime of node certificates (nodes renew at about two thirds).
-    pub node_cert_lifetime: Duration,
-    /// Default lifetime of a join token.
-    pub join_token_ttl: Duration,
-    /// A migration step (export, import and start) that takes longer than
-    /// this rolls the migration back.
-    pub migration_step_timeout: Duration,
-    /// Tenants migrating off one evacuating node at a time.
-    pub evacuate_concurrency: u32,
-    /// Each ready instance is backed up this often.
-    pub backup_interval: Duration,
-    /// Backups are deleted from the store after this long.
-    pub backup_retention: Duration,
-    /// Signups waiting for capacity at most; beyond, `503 no_capacity`.
-    pub signup_queue_max: u32,
-    /// Registrations one client address may attempt per hour.
-    pub registrations_per_address_per_hour: u32,
-    /// A node whose state disk has less free space gets no new containers
-    /// and no claims (its tenants stay).
-    pub node_min_disk_bytes: u64,
-    /// Stripe price ids of the paid tiers, shown in the plan list.
-    pub stripe_price_pro: Option<String>,
-    pub stripe_price_team: Option<String>,
-    /// Verifies Stripe's webhooks; billing's webhook is off without it.
-    pub stripe_webhook_secret: Option<String>,
-    /// After Stripe gives up on a payment, the paid tier lasts this long.
-    pub billing_grace: Duration,
-    /// Where the page and API are served (`https://app.example.com`):
-    /// billing's redirect URLs must lead back here.
-    pub public_origin: String,
-    /// Custom domains one instance may have.
-    pub max_domains_per_instance: u32,
-    /// The edges' public addresses: the A/AAAA records of an apex domain.
-    pub edge_addresses: Vec<std::net::IpAddr>,
-    /// Where domain ownership checks ask (none: checks are off).
-    pub dns_nameservers: Vec<std::net::SocketAddr>,
-    /// The ACME CA certificates come from (none: no certificates).
-    pub acme: Option<crate::acme::AcmeConfig>,
-    /// Orders per hour for the whole account, and per hostname.
-    pub acme_orders_per_hour: u32,
-    pub acme_orders_per_hostname_per_hour: u32,
-    /// The first wait after a failed order (doubling per failure).
-    pub acme_retry_base: Duration,
-    /// How often a proven domain's TXT record is looked up again.
-    pub domain_recheck: Duration,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            base_domain: "clawdeploy.localhost".into(),
-            public_scheme: "https".into(),
-            public_port: None,
-            image: "clawdeploy/openclaw-standin:dev".into(),
-            pool_generation: 1,
-            min_idle: 5,
-            max_idle: 20,
-            heartbeat_ttl: Duration::from_secs(10),
-            claim_wait: Duration::from_secs(10),
-            claim_timeout: Duration::from_secs(20),
-            claim_batches: 2,
-            claim_batch_max: 32,
-            warm_timeout: Duration::from_secs(120),
-            release_grace: Duration::from_secs(7 * 24 * 3600),
-            subdomain_cooldown: Duration::from_secs(30 * 24 * 3600),
-            node_cert_lifetime: Duration::from_secs(24 * 3600),
-            join_token_ttl: Duration::from_secs(24 * 3600),
-            migration_step_timeout: Duration::from_secs(120),
-            evacuate_concurrency: 2,
-            backup_interval: Duration::from_secs(24 * 3600),
-            backup_retention: Duration::from_secs(30 * 24 * 3600),
-            signup_queue_max: 1000,
-            registrations_per_address_per_hour: 20,
-            node_min_disk_bytes: 1 << 30,
-            stripe_price_pro: None,
-            stripe_price_team: None,
-            stripe_webhook_secret: None,
-            billing_grace: Duration::from_secs(7 * 24 * 3600),
-            public_origin: "https://clawdeploy.localhost".into(),
-            max_domains_per_instance: 5,
-            edge_addresses: Vec::new(),
-            dns_nameservers: Vec::new(),
-            acme: None,
-            acme_orders_per_hour: 100,
-            acme_orders_per_hostname_per_hour: 5,
-            acme_retry_base: Duration::from_secs(60),
-            domain_recheck: Duration::from_secs(24 * 3600),
-        }
-    }
-}
-
-impl Config {
-    /// The paid tier a Stripe price id stands for.
-    pub fn tier_of_price(&self, price: &str) -> Option<crate::model::Tier> {
-        use crate::model::Tier;
-        if self.stripe_price_pro.as_deref() == Some(price) {
-            Some(Tier::Pro)
-        } else if self.stripe_price_team.as_deref() == Some(price) {
-            Some(Tier::Team)
-        } else {
-            None
-        }
-    }
-
-    pub fn host_of(&self, subdomain: &str) -> String {
-        format!("{subdomain}.{}", self.base_domain)
-    }
-
-    fn authority(&self, subdomain: &str) -> String {
-        match self.public_port {
-            Some(p) => format!("{}:{p}", self.host_of(subdomain)),
-            None => self.host_of(subdomain),
-        }
-    }
-
-    pub fn url_of(&self, subdomain: &str) -> String {
-        format!("{}://{}", self.public_scheme, self.authority(subdomain))
-    }
-
-    pub fn gateway_url_of(&self, subdomain: &str) -> String {
-        let ws = if self.public_scheme == "https" {
-            "wss"
-        } else {
-            "ws"
-        };
-        format!("{ws}://{}", self.authority(subdomain))
-    }
-}
 
 pub struct App {
     pub cfg: Config,
@@ -253,13 +94,6 @@ impl From<PgPool> for Pools {
 fn claim_slots(max_connections: u32) -> usize {
     let reserved = (max_connections / 4).max(2);
     max_connections.saturating_sub(reserved).max(1) as usize
-}
-
-impl Config {
-    /// `node_min_disk_bytes` as SQL binds it.
-    pub fn min_disk(&self) -> i64 {
-        i64::try_from(self.node_min_disk_bytes).unwrap_or(i64::MAX)
-    }
 }
 
 impl App {

@@ -27,6 +27,51 @@ pub struct ArchiveConfig {
     pub url_ttl: Duration,
 }
 
+/// The `--archive-*` flags: archives are on when a bucket is given.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ArchiveFlags {
+    /// S3-compatible endpoint for state archives (migrations, backups).
+    #[arg(long, env = "CLAWDEPLOY_ARCHIVE_ENDPOINT", requires = "archive_bucket")]
+    pub archive_endpoint: Option<String>,
+    /// The archives' bucket; without it archives are off.
+    #[arg(long, env = "CLAWDEPLOY_ARCHIVE_BUCKET", requires = "archive_endpoint")]
+    pub archive_bucket: Option<String>,
+    #[arg(long, env = "CLAWDEPLOY_ARCHIVE_REGION", default_value = "us-east-1")]
+    pub archive_region: String,
+    #[arg(
+        long,
+        env = "CLAWDEPLOY_ARCHIVE_ACCESS_KEY_ID",
+        hide_env_values = true,
+        default_value = ""
+    )]
+    pub archive_access_key_id: String,
+    #[arg(
+        long,
+        env = "CLAWDEPLOY_ARCHIVE_SECRET_ACCESS_KEY",
+        hide_env_values = true,
+        default_value = ""
+    )]
+    pub archive_secret_access_key: String,
+    /// Seconds a presigned archive URL handed to an agent stays valid.
+    #[arg(long = "archive-url-ttl-secs", env = "CLAWDEPLOY_ARCHIVE_URL_TTL_SECS", default_value = "900", value_parser = crate::app::config::secs_at_least_1)]
+    pub archive_url_ttl: Duration,
+}
+
+impl ArchiveFlags {
+    /// The store's configuration, when a bucket is given.
+    pub fn config(&self) -> Option<ArchiveConfig> {
+        let bucket = self.archive_bucket.clone()?;
+        Some(ArchiveConfig {
+            endpoint: self.archive_endpoint.clone().unwrap_or_default(),
+            bucket,
+            region: self.archive_region.clone(),
+            access_key_id: self.archive_access_key_id.clone(),
+            secret_access_key: self.archive_secret_access_key.clone(),
+            url_ttl: self.archive_url_ttl,
+        })
+    }
+}
+
 /// The bucket, and the presigned URLs the agents use.
 #[derive(Debug)]
 pub struct Archives {

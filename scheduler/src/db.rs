@@ -1,10 +1,13 @@
-//! The database pools' bounds (the `--db-*` flags) and how a pool is
-//! opened: connections checked after idling, generic plans, a statement
-//! timeout.
+//! The database: the pools' bounds (the `--db-*` flags) and how a pool is
+//! opened (connections checked after idling, generic plans, a statement
+//! timeout), and the schema's migrations, embedded at compile time.
 
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use sqlx::postgres::PgPoolOptions;
+use sqlx_core::error::BoxDynError;
+use sqlx_core::migrate::{MigrateError, Migration, MigrationSource, MigrationType, Migrator};
 
 use crate::app;
 use crate::app::config::secs;
@@ -117,5 +120,83 @@ impl DbOptions {
             })
             .connect_with(connect)
             .await
+    }
+}
+
+/// The migrations in `../migrations`, embedded at compile time
+/// (`build.rs`): file name and SQL.
+const MIGRATIONS: &[(&str, &str)] = include!(concat!(env!("OUT_DIR"), "/migrations.rs"));
+
+/// The embedded migrations, read as sqlx reads a migrations directory
+/// (`<version>_<description>.sql`; a file starting `-- no-transaction`
+/// runs outside a transaction), so their checksums are those that
+/// `sqlx::migrate!` recorded in databases migrated before.
+#[derive(Debug)]
+struct Embedded;
+
+impl<'s> MigrationSource<'s> for Embedded {
+    fn resolve(self) -> BoxFuture<'s, std::result::Result<Vec<Migration>, BoxDynError>> {
+        Box::pin(async { embedded().map_err(BoxDynError::from) })
+    }
+}
+
+fn embedded() -> std::result::Result<Vec<Migration>, String> {
+    let mut all = MIGRATIONS
+        .iter()
+        .map(|(name, sql)| {
+            let (version, rest) = name
+                .split_once('_')
+                .ok_or_else(|| format!("migration {name:?} is not <version>_<description>.sql"))?;
+            let version: i64 = version
+                .parse()
+                .map_err(|_| format!("migration {name:?}: its version is not a number"))?;
+            let kind = MigrationType::from_filename(rest);
+            let description = rest.trim_end_matches(kind.suffix()).replace('_', " ");
+            let no_tx = sql.starts_with("-- no-transaction");
+            Ok(Migration::new(
+                version,
+                description.into(),
+                kind,
+                (*sql).into(),
+                no_tx,
+            ))
+        })
+        .collect::<std::result::Result<Vec<_>, String>>()?;
+    all.sort_by_key(|m| m.version);
+    Ok(all)
+}
+
+/// Brings the database's schema up to date (forward only; concurrent
+/// schedulers take turns under sqlx's advisory lock).
+pub async fn migrate(pool: &sqlx::PgPool) -> std::result::Result<(), MigrateError> {
+    Migrator::new(Embedded).await?.run(pool).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The embedded migrations are the directory's as sqlx itself reads it
+    /// (so a database `sqlx::migrate!` migrated keeps its checksums).
+    #[tokio::test]
+    async fn embedded_migrations_are_the_directory_as_sqlx_reads_it() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations");
+        let from_disk = Migrator::new(dir.as_path()).await.unwrap();
+        let embedded = Migrator::new(Embedded).await.unwrap();
+        let view = |m: &Migrator| {
+            m.iter()
+                .map(|m| {
+                    (
+                        m.version,
+                        m.description.to_string(),
+                        m.checksum.to_vec(),
+                        m.no_tx,
+                        m.migration_type.is_reversible(),
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(view(&embedded), view(&from_disk));
+        assert!(embedded.iter().count() >= 16);
     }
 }

@@ -4,49 +4,70 @@
 
 use std::net::SocketAddr;
 
-use hickory_resolver::config::{NameServerConfig, NameServerConfigGroup, ResolverConfig};
-use hickory_resolver::name_server::TokioConnectionProvider;
-use hickory_resolver::proto::xfer::Protocol;
-use hickory_resolver::Resolver;
+use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::proto::rr::RData;
+use hickory_resolver::TokioResolver;
 
 use crate::error::{Error, Result};
 
 pub struct DnsChecker {
-    resolver: Resolver<TokioConnectionProvider>,
+    /// `None`: no nameserver is configured (checks are off).
+    resolver: Option<TokioResolver>,
 }
 
 impl DnsChecker {
     pub fn new(nameservers: &[SocketAddr]) -> Self {
+        if nameservers.is_empty() {
+            return DnsChecker { resolver: None };
+        }
+        // Each server over UDP, and over TCP for answers too long for UDP.
         let servers: Vec<NameServerConfig> = nameservers
             .iter()
-            .flat_map(|a| {
-                [
-                    NameServerConfig::new(*a, Protocol::Udp),
-                    NameServerConfig::new(*a, Protocol::Tcp),
-                ]
+            .map(|a| {
+                let connections = [ConnectionConfig::udp(), ConnectionConfig::tcp()]
+                    .into_iter()
+                    .map(|mut c| {
+                        c.port = a.port();
+                        c
+                    })
+                    .collect();
+                NameServerConfig::new(a.ip(), true, connections)
             })
             .collect();
-        let config = ResolverConfig::from_parts(None, vec![], NameServerConfigGroup::from(servers));
-        let mut builder = Resolver::builder_with_config(config, TokioConnectionProvider::default());
+        let config = ResolverConfig::from_parts(None, vec![], servers);
+        let mut builder =
+            TokioResolver::builder_with_config(config, TokioRuntimeProvider::default());
         let opts = builder.options_mut();
         opts.cache_size = 0;
         opts.attempts = 2;
         opts.timeout = std::time::Duration::from_secs(3);
-        DnsChecker {
-            resolver: builder.build(),
-        }
+        let resolver = builder
+            .build()
+            .inspect_err(
+                |e| tracing::error!(error = %e, "DNS resolver not built; domain checks are off"),
+            )
+            .ok();
+        DnsChecker { resolver }
     }
 
     /// The TXT strings at `name`; empty when there are none (yet).
     pub async fn txt(&self, name: &str) -> Result<Vec<String>> {
-        if self.resolver.config().name_servers().is_empty() {
+        let Some(resolver) = &self.resolver else {
             return Err(Error::Disabled {
                 code: "dns_disabled",
                 message: "no nameservers are configured (--dns-nameservers)".into(),
             });
-        }
-        match self.resolver.txt_lookup(format!("{name}.")).await {
-            Ok(found) => Ok(found.iter().map(|t| t.to_string()).collect()),
+        };
+        match resolver.txt_lookup(format!("{name}.")).await {
+            Ok(found) => Ok(found
+                .answers()
+                .iter()
+                .filter_map(|r| match &r.data {
+                    RData::TXT(t) => Some(t.to_string()),
+                    _ => None,
+                })
+                .collect()),
             Err(e) if e.is_no_records_found() || e.is_nx_domain() => Ok(Vec::new()),
             Err(e) => {
                 tracing::warn!(name, error = %e, "DNS lookup failed");

@@ -110,8 +110,7 @@ pub async fn serve(
         .connect_pools(&opts.database_url)
         .await
         .context("connecting to PostgreSQL")?;
-    sqlx::migrate!("../migrations")
-        .run(&pools.requests)
+    db::migrate(&pools.requests)
         .await
         .context("running migrations")?;
     let secrets = key_from(opts.secret_key.as_deref(), &opts.data_dir)?;

@@ -38,7 +38,7 @@ async fn app_with(cfg: Config) -> AppRef {
     admin.close().await;
     let (base, _) = admin_url.rsplit_once('/').unwrap();
     let db = PgPool::connect(&format!("{base}/{name}")).await.unwrap();
-    sqlx::migrate!("../migrations").run(&db).await.unwrap();
+    clawdeploy_scheduler::db::migrate(&db).await.unwrap();
     let dir = std::env::temp_dir().join(&name);
     let ca = Ca::load_or_create(&dir).unwrap();
     let kek = SecretBox::from_hex(&SecretBox::generate_key_hex()).unwrap();

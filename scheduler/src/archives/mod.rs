@@ -2,17 +2,17 @@
 //! credentials and hands agents short-lived presigned URLs only; an agent
 //! streams a stopped container's state to a PUT URL and imports it from a
 //! GET URL, checking the SHA-256 the scheduler recorded. One path for
-//! migrations, backups and the export before a release is destroyed.
+//! migrations, backups and the export before a release is destroyed. The
+//! URLs are signed here (`sigv4.rs`); the scheduler's own HEAD and DELETE
+//! use such URLs too, so nothing else speaks S3.
 
 use std::time::Duration;
 
-use object_store::aws::{AmazonS3, AmazonS3Builder};
-use object_store::path::Path;
-use object_store::signer::Signer;
-use object_store::ObjectStore;
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
+
+pub mod sigv4;
 
 /// How to reach the bucket.
 #[derive(Clone, Debug)]
@@ -75,8 +75,18 @@ impl ArchiveFlags {
 /// The bucket, and the presigned URLs the agents use.
 #[derive(Debug)]
 pub struct Archives {
-    s3: AmazonS3,
+    scheme: String,
+    /// `host[:port]` of the endpoint, as the `Host` header says it.
+    authority: String,
+    /// Path-style: `/<bucket>` (S3-compatible servers rarely serve buckets
+    /// as subdomains).
+    bucket_path: String,
+    region: String,
+    access_key_id: String,
+    secret_access_key: String,
     url_ttl: Duration,
+    /// The scheduler's own HEAD and DELETE, over presigned URLs too.
+    http: reqwest::Client,
 }
 
 /// The configured store, or the error a request that needs one gets
@@ -106,27 +116,47 @@ impl Purpose {
     }
 }
 
-fn storage(e: object_store::Error) -> Error {
+fn storage(e: impl std::fmt::Display) -> Error {
     Error::Storage(e.to_string())
 }
 
 impl Archives {
     pub fn new(cfg: &ArchiveConfig) -> Result<Self> {
-        let s3 = AmazonS3Builder::new()
-            .with_endpoint(&cfg.endpoint)
-            .with_bucket_name(&cfg.bucket)
-            .with_region(&cfg.region)
-            .with_access_key_id(&cfg.access_key_id)
-            .with_secret_access_key(&cfg.secret_access_key)
-            // Path-style URLs: S3-compatible servers rarely serve buckets
-            // as subdomains; plain HTTP only where the endpoint says so.
-            .with_virtual_hosted_style_request(false)
-            .with_allow_http(cfg.endpoint.starts_with("http://"))
+        let url = reqwest::Url::parse(&cfg.endpoint)
+            .map_err(|e| storage(format!("archive endpoint {:?}: {e}", cfg.endpoint)))?;
+        let host = url
+            .host_str()
+            .filter(|_| matches!(url.scheme(), "http" | "https"))
+            .ok_or_else(|| {
+                storage(format!(
+                    "archive endpoint {:?} is not an http(s) URL",
+                    cfg.endpoint
+                ))
+            })?;
+        if cfg.bucket.is_empty() || cfg.bucket.contains('/') {
+            return Err(storage(format!(
+                "archive bucket {:?} is not a bucket name",
+                cfg.bucket
+            )));
+        }
+        let authority = match url.port() {
+            Some(port) => format!("{host}:{port}"),
+            None => host.to_owned(),
+        };
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(30))
             .build()
             .map_err(storage)?;
         Ok(Archives {
-            s3,
+            scheme: url.scheme().to_owned(),
+            authority,
+            bucket_path: format!("/{}", cfg.bucket),
+            region: cfg.region.clone(),
+            access_key_id: cfg.access_key_id.clone(),
+            secret_access_key: cfg.secret_access_key.clone(),
             url_ttl: cfg.url_ttl,
+            http,
         })
     }
 
@@ -139,38 +169,65 @@ impl Archives {
         )
     }
 
-    async fn signed(&self, method: http::Method, key: &str) -> Result<String> {
-        let url = self
-            .s3
-            .signed_url(method, &Path::from(key), self.url_ttl)
-            .await
-            .map_err(storage)?;
-        Ok(url.to_string())
+    fn signed(&self, method: &str, key: &str, ttl: Duration) -> String {
+        sigv4::presign(
+            &sigv4::Credentials {
+                access_key_id: &self.access_key_id,
+                secret_access_key: &self.secret_access_key,
+                region: &self.region,
+            },
+            &sigv4::Presign {
+                method,
+                scheme: &self.scheme,
+                authority: &self.authority,
+                path: &format!("{}/{key}", self.bucket_path),
+                expires: ttl,
+                now: chrono::Utc::now(),
+            },
+        )
     }
 
     /// A URL an agent may PUT the archive `key` to, for the URL lifetime.
     pub async fn upload_url(&self, key: &str) -> Result<String> {
-        self.signed(http::Method::PUT, key).await
+        Ok(self.signed("PUT", key, self.url_ttl))
     }
 
     /// A URL an agent may GET the archive `key` from, for the URL lifetime.
     pub async fn download_url(&self, key: &str) -> Result<String> {
-        self.signed(http::Method::GET, key).await
+        Ok(self.signed("GET", key, self.url_ttl))
+    }
+
+    /// The scheduler's own request on `key` (a URL for a minute).
+    async fn call(&self, method: reqwest::Method, key: &str) -> Result<reqwest::Response> {
+        let url = self.signed(method.as_str(), key, Duration::from_secs(60));
+        self.http
+            .request(method, url)
+            .send()
+            .await
+            .map_err(|e| storage(format!("archive store unreachable: {e}")))
     }
 
     /// The archive's size, if it is there.
     pub async fn size(&self, key: &str) -> Result<Option<u64>> {
-        match self.s3.head(&Path::from(key)).await {
-            Ok(meta) => Ok(Some(meta.size)),
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(storage(e)),
+        let resp = self.call(reqwest::Method::HEAD, key).await?;
+        match resp.status() {
+            s if s.is_success() => resp
+                .headers()
+                .get(reqwest::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok()?.parse().ok())
+                .map(Some)
+                .ok_or_else(|| storage(format!("HEAD {key}: no Content-Length"))),
+            reqwest::StatusCode::NOT_FOUND => Ok(None),
+            s => Err(storage(format!("HEAD {key}: {s}"))),
         }
     }
 
+    /// Deletes the archive (one that is not there is as good as deleted).
     pub async fn delete(&self, key: &str) -> Result<()> {
-        match self.s3.delete(&Path::from(key)).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(storage(e)),
+        let resp = self.call(reqwest::Method::DELETE, key).await?;
+        match resp.status() {
+            s if s.is_success() || s == reqwest::StatusCode::NOT_FOUND => Ok(()),
+            s => Err(storage(format!("DELETE {key}: {s}"))),
         }
     }
 }

@@ -33,9 +33,10 @@ ensure_tools() {
   command -v flock >/dev/null || missing+=(util-linux)
   # The clock-skew test runs an agent with its wall clock moved.
   command -v faketime >/dev/null || missing+=(faketime)
-  # Provisioning: Ansible with its collections, its linter, and mmdebstrap
-  # for the test's Debian hosts.
-  command -v ansible-lint >/dev/null || missing+=(ansible ansible-lint)
+  # Provisioning: Ansible with its collections (Debian's), and mmdebstrap
+  # for the test's Debian hosts. The linter is the current one, from PyPI
+  # (`lint_ansible`).
+  command -v ansible-playbook >/dev/null || missing+=(ansible)
   command -v mmdebstrap >/dev/null || missing+=(mmdebstrap)
   [ -x /bin/busybox ] || missing+=(busybox-static)
   # An end-to-end test checks every /metrics endpoint with promtool.
@@ -51,6 +52,40 @@ ensure_tools() {
   if [[ " ${missing[*]} " == *" prometheus "* ]]; then as_root systemctl disable --now prometheus >/dev/null 2>&1 || true; fi
   command -v docker >/dev/null || { echo "docker is required (the engine must be running)" >&2; exit 1; }
   docker info >/dev/null 2>&1 || { echo "the Docker engine is not reachable" >&2; exit 1; }
+}
+
+# The project's Python tools live in one venv under .local (moto's S3
+# server, ansible-lint), each pinned.
+VENV="$LOCAL/venv"
+ANSIBLE_LINT_PIN="ansible-lint==26.10.1 ansible-core==2.19.14"
+
+ensure_venv() { [ -x "$VENV/bin/pip" ] || python3 -m venv "$VENV"; }
+
+# Whether the venv has each `package==version` given.
+venv_has() {
+  "$VENV/bin/python" - "$@" <<'PY' 2>/dev/null
+import sys
+from importlib.metadata import version
+sys.exit(0 if all(version(p.split("==")[0]) == p.split("==")[1] for p in sys.argv[1:]) else 1)
+PY
+}
+
+# Lints the Ansible roles with the pinned ansible-lint (production
+# profile), installing it when missing. The collections the roles use
+# (community.postgresql, ansible.posix) are Debian's, which the
+# provisioning test runs with too.
+lint_ansible() {
+  ensure_venv
+  # shellcheck disable=SC2086
+  if ! venv_has $ANSIBLE_LINT_PIN; then
+    log "installing $ANSIBLE_LINT_PIN (PyPI) into $VENV"
+    # shellcheck disable=SC2086
+    "$VENV/bin/pip" install -q $ANSIBLE_LINT_PIN
+  fi
+  local collections
+  collections=$(/usr/bin/python3 -c 'import ansible_collections, os; print(os.path.dirname(list(ansible_collections.__path__)[0]))')
+  (cd "$ROOT/ansible" && PATH="$VENV/bin:$PATH" ANSIBLE_COLLECTIONS_PATH="$collections" \
+    ansible-lint --profile production -q --nocolor)
 }
 
 # A throwaway CA and a wildcard certificate for *.$2 in $1 (ca.crt.pem,
@@ -152,9 +187,9 @@ docker_cleanup_node() {
 S3_PORT=${CLAWDEPLOY_S3_PORT:-54390}
 S3_BUCKET=clawdeploy-archives
 ensure_object_store() {
-  local venv="$LOCAL/venv" dir="$LOCAL/s3"
+  local venv="$VENV" dir="$LOCAL/s3"
   if [ ! -x "$venv/bin/moto_server" ]; then
-    [ -x "$venv/bin/pip" ] || python3 -m venv "$venv"
+    ensure_venv
     log "installing moto[server] (PyPI) into $venv"
     "$venv/bin/pip" install -q "moto[server]"
   fi

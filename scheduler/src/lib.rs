@@ -161,6 +161,12 @@ pub async fn serve(
         archives,
         stripe,
     );
+    if app.cfg.stripe_webhook_secret.is_some() {
+        tracing::info!(
+            api_version = billing::webhook::api_version(),
+            "Stripe webhooks are read as this API version: the endpoint must be created with it"
+        );
+    }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;

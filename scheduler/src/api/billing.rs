@@ -78,8 +78,8 @@ pub async fn set_tier(
     params(("Stripe-Signature" = String, Header, description = "t=<unix time>,v1=<HMAC-SHA256 hex>")),
     request_body(content = String, description = "The event, exactly as Stripe sent it", content_type = "application/json"),
     responses(
-        (status = 200, description = "Received: applied once, or acknowledged (duplicate, stale, unknown)", body = WebhookAck),
-        (status = 400, description = "Bad signature, stale timestamp or unreadable event", body = ErrorBody),
+        (status = 200, description = "Received: applied once, or acknowledged (duplicate, stale, unknown; a signed event billing cannot read is kept for an operator)", body = WebhookAck),
+        (status = 400, description = "Bad signature, stale timestamp or malformed signature header", body = ErrorBody),
         (status = 503, description = "Billing is not configured", body = ErrorBody),
     ))]
 pub async fn webhook(

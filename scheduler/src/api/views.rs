@@ -379,7 +379,8 @@ pub struct BillingView {
 #[derive(Serialize, ToSchema)]
 pub struct WebhookAck {
     pub received: bool,
-    /// applied, linked, duplicate, stale, unknown_account or ignored.
+    /// applied, linked, duplicate, stale, unknown_account, ignored or
+    /// unreadable (signed, kept for an operator).
     pub outcome: &'static str,
 }
 

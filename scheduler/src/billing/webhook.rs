@@ -5,7 +5,10 @@
 //! delivery). Subscription events are ordered by their `created` time, so a
 //! late `customer.subscription.updated` never undoes a newer state.
 //! Unknown types, customers and subscriptions are acknowledged and logged:
-//! Stripe retries a 5xx for days.
+//! Stripe retries a 5xx for days. A signed event that billing cannot read
+//! (the endpoint sends another API version than `api_version()`) is kept
+//! whole in `stripe_unreadable_events` for an operator and acknowledged:
+//! refusing it would only make Stripe retry it, then disable the endpoint.
 
 use chrono::{DateTime, Utc};
 use sqlx::{Postgres, Transaction};
@@ -33,6 +36,15 @@ pub enum Outcome {
     UnknownAccount,
     /// A type billing does not act on.
     Ignored,
+    /// Signed, but not readable as billing's API version: kept for an
+    /// operator (`stripe_unreadable_events`).
+    Unreadable,
+}
+
+/// The Stripe API version billing reads events as: the webhook endpoint
+/// must be created with it (docs/operations.md, "Billing").
+pub fn api_version() -> &'static str {
+    stripe_shared::version::VERSION.as_str()
 }
 
 impl Outcome {
@@ -44,6 +56,7 @@ impl Outcome {
             Outcome::Duplicate => "duplicate",
             Outcome::UnknownAccount => "unknown_account",
             Outcome::Ignored => "ignored",
+            Outcome::Unreadable => "unreadable",
         }
     }
 }
@@ -58,17 +71,22 @@ pub async fn receive(app: &AppRef, payload: &str, signature: &str) -> Result<Out
             code: "billing_disabled",
             message: "billing is not configured (--stripe-webhook-secret)".into(),
         })?;
-    let event = Webhook::construct_event(payload, signature, secret).map_err(|e| {
-        let why = match &e {
-            WebhookError::BadSignature | WebhookError::BadKey => "the signature does not match",
-            WebhookError::BadTimestamp(_) => "the signature is older than 5 minutes",
-            WebhookError::BadHeader(_) => "the Stripe-Signature header is malformed",
-            _ => "the event could not be read",
-        };
-        metrics::counter!("clawdeploy_billing_signature_failures_total").increment(1);
-        tracing::warn!(error = %e, "webhook refused");
-        Error::BadRequest(format!("webhook refused: {why}"))
-    })?;
+    // The signature and its age are checked before the event is parsed:
+    // a parse error is a signed event billing cannot read.
+    let event = match Webhook::construct_event(payload, signature, secret) {
+        Ok(event) => event,
+        Err(WebhookError::BadParse(why)) => return keep_unreadable(app, payload, &why).await,
+        Err(e) => {
+            let why = match &e {
+                WebhookError::BadTimestamp(_) => "the signature is older than 5 minutes",
+                WebhookError::BadHeader(_) => "the Stripe-Signature header is malformed",
+                _ => "the signature does not match",
+            };
+            metrics::counter!("clawdeploy_billing_signature_failures_total").increment(1);
+            tracing::warn!(error = %e, "webhook refused");
+            return Err(Error::BadRequest(format!("webhook refused: {why}")));
+        }
+    };
     let kind = event.type_.as_str().to_owned();
     let outcome = apply(app, &event).await?;
     metrics::counter!("clawdeploy_billing_webhooks_total", "type" => kind.clone(), "result" => outcome.as_str())
@@ -80,6 +98,54 @@ pub async fn receive(app: &AppRef, payload: &str, signature: &str) -> Result<Out
         "webhook"
     );
     Ok(outcome)
+}
+
+/// Keeps a signed event billing could not read, whole, for an operator
+/// (once per event id; a redelivery counts), and acknowledges it.
+async fn keep_unreadable(app: &AppRef, payload: &str, why: &str) -> Result<Outcome> {
+    #[derive(serde::Deserialize, Default)]
+    struct Head {
+        #[serde(default)]
+        id: String,
+        #[serde(default, rename = "type")]
+        kind: String,
+        #[serde(default)]
+        api_version: Option<String>,
+    }
+    let head: Head = serde_json::from_str(payload).unwrap_or_default();
+    let id = if head.id.is_empty() {
+        use sha2::Digest;
+        format!(
+            "sha256:{}",
+            hex::encode(sha2::Sha256::digest(payload.as_bytes()))
+        )
+    } else {
+        head.id
+    };
+    let api_version = head.api_version.unwrap_or_default();
+    sqlx::query(
+        "INSERT INTO stripe_unreadable_events (id, type, api_version, payload, error)
+         VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (id) DO UPDATE SET deliveries = stripe_unreadable_events.deliveries + 1",
+    )
+    .bind(&id)
+    .bind(&head.kind)
+    .bind(&api_version)
+    .bind(payload)
+    .bind(why)
+    .execute(&app.db)
+    .await?;
+    metrics::counter!("clawdeploy_billing_webhooks_total", "type" => head.kind.clone(), "result" => Outcome::Unreadable.as_str())
+        .increment(1);
+    tracing::error!(
+        event = id,
+        kind = head.kind,
+        api_version,
+        expected = self::api_version(),
+        error = why,
+        "signed Stripe event not readable: kept in stripe_unreadable_events and acknowledged"
+    );
+    Ok(Outcome::Unreadable)
 }
 
 /// The account a billing row belongs to, with its state.
@@ -328,8 +394,15 @@ async fn invoice(
     Ok(Outcome::Applied)
 }
 
-/// Exports how many accounts are in each tier and billing status.
+/// Exports how many accounts are in each tier and billing status, and how
+/// many unreadable events wait for an operator.
 pub async fn export_gauges(app: &AppRef) -> Result<()> {
+    let unreadable: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM stripe_unreadable_events WHERE resolved_at IS NULL",
+    )
+    .fetch_one(&app.db)
+    .await?;
+    metrics::gauge!("clawdeploy_billing_unreadable_events").set(unreadable as f64);
     let rows: Vec<(Tier, BillingStatus, i64)> =
         sqlx::query_as("SELECT tier, status, count(*) FROM billing_accounts GROUP BY tier, status")
             .fetch_all(&app.db)

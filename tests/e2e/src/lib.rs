@@ -6,9 +6,10 @@
 //! Its rooms: `cluster` (options, start and teardown; `cluster/processes`
 //! spawns and stops single processes), `client` (the HTTP API and requests
 //! through the edge), `probes` (database rows, Docker, metrics), `perf`
-//! (memory and CPU for the benchmarks), and the helpers below. Stand-ins for
-//! external services are binaries in `src/bin/` (`*_standin`); benchmark
-//! drivers are `src/bin/bench*`, `fleet_sim` and `soak`.
+//! (memory and CPU for the benchmarks), and the helpers below. The crate's
+//! binaries live apart: stand-ins for external services in `standins/`,
+//! benchmark drivers (signup, edge, migration, the fleet simulator, the
+//! soak) in `bench/`.
 //!
 //! Needs what `scripts/test` sets up: the binaries built, the stand-in image,
 //! and `CLAWDEPLOY_TEST_PG` pointing at a local PostgreSQL server.

@@ -10,7 +10,7 @@ use sqlx_core::error::BoxDynError;
 use sqlx_core::migrate::{MigrateError, Migration, MigrationSource, MigrationType, Migrator};
 
 use crate::app;
-use crate::app::config::secs;
+use clawdeploy_common::flags::secs;
 
 /// The database pool's bounds: how many connections, how long a request
 /// waits for one, how long a statement may run.

@@ -8,6 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use clap::Parser;
+use clawdeploy_common::flags::{nonzero_secs, secs};
 
 use crate::acme::AcmeConfig;
 use crate::model::Tier;
@@ -46,7 +47,7 @@ pub struct Config {
     pub claim_wait: Duration,
     /// Seconds before an unconfirmed claim moves to a fresh container
     /// (once; a second miss fails the instance). At least 1.
-    #[arg(long = "claim-timeout-secs", env = "CLAWDEPLOY_CLAIM_TIMEOUT_SECS", default_value = "20", value_parser = secs_at_least_1)]
+    #[arg(long = "claim-timeout-secs", env = "CLAWDEPLOY_CLAIM_TIMEOUT_SECS", default_value = "20", value_parser = nonzero_secs)]
     pub claim_timeout: Duration,
     /// Warm-claim batches that may run at once. Signups that arrive while
     /// these run wait and go together in the next: one transaction claims
@@ -74,20 +75,20 @@ pub struct Config {
     #[arg(long = "node-cert-ttl-secs", env = "CLAWDEPLOY_NODE_CERT_TTL_SECS", default_value = "86400", value_parser = secs_at_least_3)]
     pub node_cert_lifetime: Duration,
     /// Default lifetime of join tokens in seconds.
-    #[arg(long = "join-token-ttl-secs", env = "CLAWDEPLOY_JOIN_TOKEN_TTL_SECS", default_value = "86400", value_parser = secs_at_least_1)]
+    #[arg(long = "join-token-ttl-secs", env = "CLAWDEPLOY_JOIN_TOKEN_TTL_SECS", default_value = "86400", value_parser = nonzero_secs)]
     pub join_token_ttl: Duration,
     /// Seconds a migration step (export; import and start) may take before
     /// the migration rolls back and the source runs again.
-    #[arg(long = "migration-step-timeout-secs", env = "CLAWDEPLOY_MIGRATION_STEP_TIMEOUT_SECS", default_value = "120", value_parser = secs_at_least_1)]
+    #[arg(long = "migration-step-timeout-secs", env = "CLAWDEPLOY_MIGRATION_STEP_TIMEOUT_SECS", default_value = "120", value_parser = nonzero_secs)]
     pub migration_step_timeout: Duration,
     /// Tenants migrating off one evacuating node at a time (at least 1).
     #[arg(long, env = "CLAWDEPLOY_EVACUATE_CONCURRENCY", default_value = "2", value_parser = at_least_1)]
     pub evacuate_concurrency: u32,
     /// Seconds between two backups of a ready instance (daily by default).
-    #[arg(long = "backup-interval-secs", env = "CLAWDEPLOY_BACKUP_INTERVAL_SECS", default_value = "86400", value_parser = secs_at_least_1)]
+    #[arg(long = "backup-interval-secs", env = "CLAWDEPLOY_BACKUP_INTERVAL_SECS", default_value = "86400", value_parser = nonzero_secs)]
     pub backup_interval: Duration,
     /// Seconds a backup is kept before it is deleted from the store (30 days).
-    #[arg(long = "backup-retention-secs", env = "CLAWDEPLOY_BACKUP_RETENTION_SECS", default_value = "2592000", value_parser = secs_at_least_1)]
+    #[arg(long = "backup-retention-secs", env = "CLAWDEPLOY_BACKUP_RETENTION_SECS", default_value = "2592000", value_parser = nonzero_secs)]
     pub backup_retention: Duration,
     /// Signups that may wait for capacity when every node is full (answered
     /// 202 `queued`); beyond it they get 503 `no_capacity`.
@@ -216,19 +217,6 @@ impl Config {
     pub fn min_disk(&self) -> i64 {
         i64::try_from(self.node_min_disk_bytes).unwrap_or(i64::MAX)
     }
-}
-
-/// Whole seconds.
-pub fn secs(s: &str) -> Result<Duration, String> {
-    s.trim()
-        .parse::<u64>()
-        .map(Duration::from_secs)
-        .map_err(|e| format!("{s:?} is not a number of seconds: {e}"))
-}
-
-/// Whole seconds, 0 read as 1 (a zero timeout or period would spin).
-pub fn secs_at_least_1(s: &str) -> Result<Duration, String> {
-    Ok(secs(s)?.max(Duration::from_secs(1)))
 }
 
 /// Whole seconds, at least 3: a certificate renews at about two thirds of

@@ -53,7 +53,7 @@ pub struct ArchiveFlags {
     )]
     pub archive_secret_access_key: String,
     /// Seconds a presigned archive URL handed to an agent stays valid.
-    #[arg(long = "archive-url-ttl-secs", env = "CLAWDEPLOY_ARCHIVE_URL_TTL_SECS", default_value = "900", value_parser = crate::app::config::secs_at_least_1)]
+    #[arg(long = "archive-url-ttl-secs", env = "CLAWDEPLOY_ARCHIVE_URL_TTL_SECS", default_value = "900", value_parser = clawdeploy_common::flags::nonzero_secs)]
     pub archive_url_ttl: Duration,
 }
 

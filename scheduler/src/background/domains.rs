@@ -32,7 +32,7 @@ impl Task<App> for Domains {
         // A failed certificate pass does not hold the re-checks back.
         let issued = crate::domains::issue::run_due(app, ORDERS_PER_RUN).await;
         let rechecked = crate::domains::recheck::run_due(app, RECHECKS_PER_RUN).await;
-        issued.and(rechecked).map(drop)
+        super::driver::both(Self::NAME, issued.map(drop), rechecked.map(drop))
     }
 }
 

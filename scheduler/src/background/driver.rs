@@ -123,6 +123,16 @@ where
     task.stop().await;
 }
 
+/// The result of a run made of two independent passes (the second runs
+/// whatever the first did): the first error, and the second logged when
+/// both failed, so neither is lost.
+pub fn both(task: &'static str, first: Result<()>, second: Result<()>) -> Result<()> {
+    if let (Err(_), Err(e)) = (&first, &second) {
+        tracing::warn!(task, error = %e, "background task's second pass failed too");
+    }
+    first.and(second)
+}
+
 /// Resolves when the task's activator fires; never for a task without one.
 async fn activated<C: Send + Sync + 'static, T: Task<C>>(app: &C) {
     match T::activator(app) {
@@ -306,5 +316,17 @@ mod tests {
         stop.send(true).unwrap();
         driver.join().await;
         assert_eq!(ctx.stopped.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn of_two_passes_the_first_error_is_the_run_s() {
+        let err = |m: &str| Err(Error::Internal(m.into()));
+        assert!(both("t", Ok(()), Ok(())).is_ok());
+        assert!(
+            matches!(both("t", Ok(()), err("second")), Err(Error::Internal(m)) if m == "second")
+        );
+        assert!(
+            matches!(both("t", err("first"), err("second")), Err(Error::Internal(m)) if m == "first")
+        );
     }
 }

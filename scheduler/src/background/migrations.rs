@@ -27,6 +27,6 @@ impl Task<App> for Migrations {
         // A failed pass over migrations does not hold evacuations back.
         let moved = crate::migration::drive::advance(app).await;
         let evacuated = crate::migration::evacuate::advance(app).await;
-        moved.and(evacuated)
+        super::driver::both(Self::NAME, moved, evacuated)
     }
 }

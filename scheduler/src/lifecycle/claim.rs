@@ -39,7 +39,8 @@ pub struct Claimed {
 }
 
 /// Claims a container and hands the node its new desired state. Returns once
-/// the claim is committed; use `wait_ready` for the agent's confirmation.
+/// the claim is committed; `signup::wait_ready` waits for the agent's
+/// confirmation.
 /// The claim goes in the next warm batch (`warm.rs`); one that gets no idle
 /// container there goes on alone, on demand or waiting for a warming one,
 /// or is queued when no node has room (while the queue has room; beyond

@@ -70,6 +70,34 @@ sys.exit(0 if all(version(p.split("==")[0]) == p.split("==")[1] for p in sys.arg
 PY
 }
 
+# A real SMTP server for local runs and tests: aiosmtpd (PyPI, pinned),
+# delivering every message into a Maildir.
+AIOSMTPD_PIN="aiosmtpd==1.4.6"
+ensure_smtp_tools() {
+  ensure_venv
+  # shellcheck disable=SC2086
+  if ! venv_has $AIOSMTPD_PIN; then
+    log "installing $AIOSMTPD_PIN (PyPI) into $VENV"
+    "$VENV/bin/pip" install -q $AIOSMTPD_PIN
+  fi
+}
+
+# Starts aiosmtpd on 127.0.0.1:$1 writing to the Maildir $2 (its log
+# beside it); prints its pid once it accepts connections.
+start_smtp() {
+  local port=$1 maildir=$2
+  ensure_smtp_tools
+  mkdir -p "$(dirname "$maildir")"
+  "$VENV/bin/aiosmtpd" -n -l "127.0.0.1:$port" -c aiosmtpd.handlers.Mailbox "$maildir" \
+    >"$(dirname "$maildir")/smtp.log" 2>&1 &
+  local pid=$! i
+  for i in $(seq 1 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+    sleep 0.1
+  done
+  echo "$pid"
+}
+
 # Lints the Ansible roles with the pinned ansible-lint (production
 # profile), installing it when missing. The collections the roles use
 # (community.postgresql, ansible.posix) are Debian's, which the

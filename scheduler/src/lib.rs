@@ -33,8 +33,10 @@ pub mod error;
 pub mod events;
 pub mod fleet;
 pub mod lifecycle;
+pub mod mail;
 pub mod migration;
 pub mod model;
+pub mod outbox;
 pub mod payments;
 pub mod routes;
 pub mod rpc;
@@ -87,6 +89,9 @@ pub struct ServeOptions {
     /// Stripe (billing is off without a secret key).
     #[command(flatten)]
     pub stripe: payments::StripeFlags,
+    /// The SMTP server mail goes to, and its sender.
+    #[command(flatten)]
+    pub mail: mail::MailFlags,
 }
 
 /// The process-wide Prometheus recorder (installed once), with every
@@ -182,8 +187,9 @@ pub async fn serve(
     fleet::settings::seed(&app)
         .await
         .context("seeding the pool settings")?;
+    let mailer = mail::SmtpMailer::from_flags(&opts.mail).context("configuring mail")?;
     let mut tasks = background::Driver::new(app.clone(), stop_rx.clone());
-    background::start_all(&mut tasks);
+    background::start_all(&mut tasks, mailer);
     tokio::spawn(background::peer_events::run(app.clone(), stop_rx.clone()));
     let grpc_server = tonic::transport::Server::builder()
         .tls_config(tls)?

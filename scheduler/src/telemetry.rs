@@ -53,6 +53,10 @@ pub const CATALOG: &[Metric] = &[
     Metric::counter("clawdeploy_acme_orders_total", &["result"], "ACME certificate orders by result: issued, failed, deferred (a rate cap)."),
     Metric::gauge("clawdeploy_domain_cert_soonest_expiry_seconds", &[], "Seconds until the soonest-expiring served custom domain certificate ends (0: none served)."),
     Metric::gauge("clawdeploy_domain_certs_ending_soon", &[], "Served custom domain certificates ending within 14 days (renewal starts at 30: any here means renewals fail)."),
+    Metric::counter("clawdeploy_mail_sent_total", &["purpose"], "Mail the SMTP server took, by purpose (gateway_live)."),
+    Metric::counter("clawdeploy_mail_failed_total", &["purpose", "kind"], "Mail not sent, by purpose and kind: transient (tried again later), permanent (given up)."),
+    Metric::gauge("clawdeploy_mail_outbox_pending", &[], "Mail waiting in the outbox (exported while an SMTP server is configured)."),
+    Metric::gauge("clawdeploy_mail_outbox_oldest_age_seconds", &[], "How long the oldest mail in the outbox has waited (0: none)."),
     Metric::counter("clawdeploy_backups_total", &["result"], "Backups ended, by result: stored, failed."),
     Metric::gauge("clawdeploy_backup_oldest_age_seconds", &[], "Age of the stalest ready instance's newest stored backup (or of the instance, when it has none)."),
 ];

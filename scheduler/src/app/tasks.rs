@@ -1,7 +1,7 @@
 //! The handles that activate background tasks between their periodic
 //! runs: a claim wakes the pool manager, an agent's export report the
 //! migration driver, a queued signup the signup queue, a proven domain the
-//! certificate worker. The tasks themselves and the one driver that runs
+//! certificate worker, new mail the sender. The tasks themselves and the one driver that runs
 //! them are in `background/`; this is all the rest of the scheduler sees
 //! of them.
 
@@ -36,4 +36,6 @@ pub struct Activators {
     pub signup_queue: Activator,
     /// A domain was just proven: order its certificate now.
     pub domains: Activator,
+    /// Mail was written to the outbox.
+    pub mail: Activator,
 }

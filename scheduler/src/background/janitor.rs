@@ -1,5 +1,5 @@
 //! Housekeeping the pool manager's leader runs every few minutes: rows that
-//! only matter for a while (failed logins, registration attempts, idempotency keys) are dropped
+//! only matter for a while (failed logins, registration attempts, idempotency keys, sent mail) are dropped
 //! once they stop mattering.
 
 use crate::app::App;
@@ -7,4 +7,5 @@ use crate::app::App;
 pub async fn housekeep(app: &App) {
     crate::lifecycle::idempotency::purge_expired(app).await;
     crate::accounts::purge_rate_windows(&app.db).await;
+    crate::outbox::purge_old(app).await;
 }

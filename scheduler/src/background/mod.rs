@@ -1,7 +1,7 @@
 //! Work no request waits for, as tasks of one driver (`driver.rs`): the
 //! pool manager (one leader across schedulers, with housekeeping), the
 //! signup queue, migrations, backups, billing's grace periods, custom
-//! domains; and, apart, the consumer of the other schedulers' events (a
+//! domains, the mail sender; and, apart, the consumer of the other schedulers' events (a
 //! stream, not a periodic task).
 
 pub mod backups;
@@ -9,6 +9,7 @@ pub mod billing_grace;
 pub mod domains;
 pub mod driver;
 pub mod janitor;
+pub mod mail;
 pub mod migrations;
 pub mod peer_events;
 pub mod pool_manager;
@@ -17,8 +18,9 @@ pub mod signup_queue;
 use crate::app::App;
 pub use driver::Driver;
 
-/// Starts every periodic background task on `driver`.
-pub fn start_all(driver: &mut Driver<App>) {
+/// Starts every periodic background task on `driver` (the mail sender
+/// when an SMTP server is configured).
+pub fn start_all(driver: &mut Driver<App>, mailer: Option<crate::mail::SmtpMailer>) {
     driver.start(pool_manager::PoolManager::default());
     driver.start(signup_queue::SignupQueue);
     driver.start(migrations::Migrations);
@@ -26,4 +28,8 @@ pub fn start_all(driver: &mut Driver<App>) {
     driver.start(billing_grace::BillingGrace);
     driver.start(domains::Domains);
     driver.start(domains::DomainGauges);
+    match mailer {
+        Some(mailer) => driver.start(mail::MailSender { mailer }),
+        None => tracing::warn!("no SMTP server (--smtp-url): mail waits in the outbox, unsent"),
+    }
 }

@@ -16,6 +16,7 @@ use crate::app::App;
 use crate::audit::audit;
 use crate::error::{Error, Result};
 use crate::model::{ContainerState, InstanceStatus, RouteVersion};
+use crate::outbox;
 use crate::routes;
 
 /// An instance one completion made ready.
@@ -41,6 +42,9 @@ async fn announce(app: &App, node_id: &str, readied: &[Readied], deltas: Vec<Rou
             instance_id: r.instance_id,
             settled: r.settled.clone(),
         });
+    }
+    if !readied.is_empty() {
+        app.tasks.mail.activate();
     }
     let ids: Vec<Uuid> = readied.iter().map(|r| r.instance_id).collect();
     routes::announce_to_peers(app, &app.agents_db, versions, &ids).await;
@@ -108,6 +112,7 @@ pub async fn complete(
         .bind(instance.id)
         .execute(&mut *tx)
         .await?;
+    outbox::gateway_live(&mut tx, &[instance.id]).await?;
     let deltas = serve_from(
         app,
         &mut tx,
@@ -171,7 +176,7 @@ pub async fn complete_many(app: &App, node_id: &str, confirmed: &[(Uuid, u64)]) 
     // is being assigned, has an address and runs at least the instance's
     // config version. Instances are locked in id order (two reports never
     // wait on each other in a cycle).
-    let rows: Vec<Row> = sqlx::query_as(
+    let rows: Vec<Row> = sqlx::query_as(concat!(
         "WITH reported AS (
            SELECT * FROM unnest($2::uuid[], $3::bigint[]) AS r(id, applied)
          ), candidate AS (
@@ -209,10 +214,13 @@ pub async fn complete_many(app: &App, node_id: &str, confirmed: &[(Uuid, u64)]) 
            SELECT 'node:' || $1, 'instance.ready', done.instance_id::text,
                   jsonb_build_object('container', done.container_id)
              FROM done
+         ), mailed AS (",
+        outbox::gateway_live_mail!("SELECT instance_id FROM done"),
+        "
          )
          SELECT candidate.*, routed.version
            FROM candidate LEFT JOIN routed ON routed.instance_id = candidate.instance_id",
-    )
+    ))
     .bind(node_id)
     .bind(&ids)
     .bind(&versions)

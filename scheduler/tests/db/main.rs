@@ -10,5 +10,6 @@ mod crypto;
 mod domains;
 mod http;
 mod idempotency;
+mod mail;
 mod routes;
 mod support;

@@ -6,7 +6,8 @@
 //! Its rooms: `cluster` (options, start and teardown; `cluster/processes`
 //! spawns and stops single processes), `client` (the HTTP API and requests
 //! through the edge), `probes` (database rows, Docker, metrics), `perf`
-//! (memory and CPU for the benchmarks), and the helpers below. The crate's
+//! (memory and CPU for the benchmarks), `smtp` (a real SMTP server and its
+//! Maildir), and the helpers below. The crate's
 //! binaries live apart: stand-ins for external services in `standins/`,
 //! benchmark drivers (signup, edge, migration, the fleet simulator, the
 //! soak) in `bench/`.
@@ -25,6 +26,7 @@ pub mod ops;
 pub mod perf;
 pub mod pg;
 mod probes;
+pub mod smtp;
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};

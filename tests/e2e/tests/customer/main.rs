@@ -1,7 +1,8 @@
 //! The customer's path on the real system: accounts (no enumeration, login
 //! limits, logout), provider keys sealed, masked and never logged, live key
 //! changes through `PATCH`, releases destroyed after their grace period,
-//! and the per-address limit on registrations.
+//! the per-address limit on registrations, and the mail a customer gets
+//! (`mail.rs`).
 
 use std::time::{Duration, Instant};
 
@@ -9,6 +10,8 @@ use anyhow::{Context, Result};
 use clawdeploy_e2e::{wait_for, Cluster, ClusterOptions, BASE_DOMAIN};
 use reqwest::Method;
 use serde_json::{json, Value};
+
+mod mail;
 
 const PASSWORD: &str = "correct-horse-battery";
 

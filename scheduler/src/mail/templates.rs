@@ -1,0 +1,124 @@
+//! The product's mails, each as plain text and HTML from one template.
+//! Links come in whole (the outbox builds them from `--public-origin` and
+//! the base domain, never from a request's `Host`); everything put into
+//! the HTML is escaped.
+
+use serde::{Deserialize, Serialize};
+
+use super::Rendered;
+
+/// What a mail is for: the outbox's `purpose` column, and the `purpose`
+/// label of the mail metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, sqlx::Type)]
+#[sqlx(type_name = "text", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
+pub enum Purpose {
+    /// The first time a customer's gateway is ready.
+    GatewayLive,
+}
+
+impl Purpose {
+    pub const ALL: [Purpose; 1] = [Purpose::GatewayLive];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Purpose::GatewayLive => "gateway_live",
+        }
+    }
+}
+
+/// A mail with what its template needs.
+pub enum Mail<'a> {
+    GatewayLive {
+        /// The gateway's URL.
+        url: &'a str,
+        /// Where the customer manages it.
+        dashboard: &'a str,
+    },
+}
+
+/// The mail to `to`, rendered.
+pub fn render(to: &str, mail: &Mail<'_>) -> Rendered {
+    let (subject, paragraphs, link) = match mail {
+        Mail::GatewayLive { url, dashboard } => (
+            "Your OpenClaw gateway is live".to_owned(),
+            vec![
+                format!("Your OpenClaw gateway is live at {url}"),
+                "Connect your apps to it with the gateway token shown in your dashboard.".into(),
+            ],
+            Some(("Open your dashboard", *dashboard)),
+        ),
+    };
+    let mut text = paragraphs.join("\n\n");
+    let mut html = paragraphs
+        .iter()
+        .map(|p| format!("<p>{}</p>", escape(p)))
+        .collect::<Vec<_>>()
+        .join("\n");
+    if let Some((label, href)) = link {
+        text.push_str(&format!("\n\n{label}: {href}\n"));
+        html.push_str(&format!(
+            "\n<p><a href=\"{}\">{}</a></p>",
+            escape(href),
+            escape(label)
+        ));
+    }
+    text.push_str("\n-- \nClawDeploy\n");
+    Rendered {
+        to: to.to_owned(),
+        subject,
+        text,
+        html: format!(
+            "<!doctype html>\n<html><body style=\"font-family: sans-serif\">\n{html}\n<p>ClawDeploy</p>\n</body></html>\n"
+        ),
+    }
+}
+
+/// Text made safe inside HTML (elements and attributes).
+fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_gateway_live_mail_links_its_gateway_in_text_and_escaped_html() {
+        let r = render(
+            "ada@example.com",
+            &Mail::GatewayLive {
+                url: "https://ada.clawdeploy.localhost",
+                dashboard: "https://app.example.com/?a=1&b=\"2\"",
+            },
+        );
+        assert_eq!(r.to, "ada@example.com");
+        assert_eq!(r.subject, "Your OpenClaw gateway is live");
+        assert!(r.text.contains("live at https://ada.clawdeploy.localhost"));
+        assert!(r
+            .text
+            .contains("Open your dashboard: https://app.example.com/?a=1&b=\"2\""));
+        assert!(r
+            .html
+            .contains("<a href=\"https://app.example.com/?a=1&amp;b=&quot;2&quot;\">"));
+        assert!(!r.html.contains("b=\"2\""));
+    }
+
+    #[test]
+    fn every_purpose_is_spelled_as_stored() {
+        for p in Purpose::ALL {
+            assert_eq!(serde_json::to_value(p).unwrap(), p.as_str());
+        }
+    }
+}

@@ -27,6 +27,12 @@ pub enum Error {
     /// Not allowed on this account's plan.
     #[error("plan required: {0}")]
     PlanRequired(String),
+    /// Not allowed until the account's email address is proven.
+    #[error("the account's email address is not verified")]
+    EmailUnverified,
+    /// A link's token that is unknown, used or expired.
+    #[error("invalid token: {0}")]
+    InvalidToken(&'static str),
     #[error("not found: {0}")]
     NotFound(&'static str),
     #[error("method not allowed")]
@@ -102,6 +108,12 @@ impl Error {
             ),
             Error::Forbidden(m) => (StatusCode::FORBIDDEN, "forbidden", m.clone()),
             Error::PlanRequired(m) => (StatusCode::FORBIDDEN, "plan_required", m.clone()),
+            Error::EmailUnverified => (
+                StatusCode::FORBIDDEN,
+                "email_unverified",
+                "confirm your email address first: follow the link we mailed you, or ask for a new one (POST /api/auth/resend-verification)".into(),
+            ),
+            Error::InvalidToken(m) => (StatusCode::BAD_REQUEST, "invalid_token", (*m).into()),
             Error::NotFound(what) => (
                 StatusCode::NOT_FOUND,
                 "not_found",

@@ -133,13 +133,14 @@ async fn main() -> anyhow::Result<()> {
             std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
             std::fs::rename(&tmp, &path)?;
             println!(
-                "KEK {} → {}: {} data keys re-wrapped, {} gateway tokens, {} stored answers and {} certificate keys re-sealed; new key in {}",
+                "KEK {} → {}: {} data keys re-wrapped, {} gateway tokens, {} stored answers, {} certificate keys and {} mail secrets re-sealed; new key in {}",
                 old.id(),
                 new.id(),
                 done.data_keys,
                 done.gateway_tokens,
                 done.idempotent_answers,
                 done.certificate_keys,
+                done.mail_secrets,
                 path.display()
             );
             Ok(())

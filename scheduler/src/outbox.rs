@@ -14,6 +14,7 @@ use sqlx::types::Json;
 use uuid::Uuid;
 
 use crate::app::App;
+use crate::crypto::aad;
 use crate::error::Result;
 use crate::mail::templates::{self, Mail, Purpose};
 use crate::mail::{MailError, Mailer};
@@ -57,6 +58,44 @@ pub async fn gateway_live(tx: &mut sqlx::PgConnection, instances: &[Uuid]) -> Re
     Ok(())
 }
 
+/// A mail to queue.
+pub struct NewMail<'a> {
+    pub purpose: Purpose,
+    pub to: &'a str,
+    /// Names the cause: a second mail with the same key is not written.
+    pub dedupe_key: String,
+    pub params: serde_json::Value,
+    /// A secret the mail carries (a link's token): sealed under the KEK
+    /// until the mail is sent, then dropped.
+    pub secret: Option<&'a str>,
+}
+
+/// Queues a mail inside the caller's transaction; `false` when its cause
+/// already had one.
+pub async fn enqueue(
+    tx: &mut sqlx::PgConnection,
+    secrets: &crate::crypto::SecretBox,
+    mail: NewMail<'_>,
+) -> Result<bool> {
+    let sealed = mail
+        .secret
+        .map(|s| secrets.seal(&aad::outbox_secret(&mail.dedupe_key), s.as_bytes()))
+        .transpose()?;
+    let written = sqlx::query(
+        "INSERT INTO outbox (purpose, recipient, dedupe_key, params, secret_enc)
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (dedupe_key) DO NOTHING",
+    )
+    .bind(mail.purpose)
+    .bind(mail.to)
+    .bind(&mail.dedupe_key)
+    .bind(Json(&mail.params))
+    .bind(sealed)
+    .execute(tx)
+    .await?
+    .rows_affected();
+    Ok(written == 1)
+}
+
 /// A due mail, leased to this sender.
 #[derive(sqlx::FromRow)]
 struct Due {
@@ -64,6 +103,8 @@ struct Due {
     purpose: Purpose,
     recipient: String,
     params: Json<serde_json::Value>,
+    dedupe_key: String,
+    secret_enc: Option<Vec<u8>>,
     attempts: i32,
     given_up: bool,
 }
@@ -86,7 +127,7 @@ pub async fn send_due<M: Mailer>(app: &App, mailer: &M, limit: i64) -> Result<Pa
           WHERE o.id IN (SELECT id FROM outbox
                           WHERE state = 'pending' AND next_attempt_at <= now()
                           ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
-         RETURNING o.id, o.purpose, o.recipient, o.params, o.attempts,
+         RETURNING o.id, o.purpose, o.recipient, o.params, o.dedupe_key, o.secret_enc, o.attempts,
                    o.created_at < now() - make_interval(secs => $3) AS given_up",
     )
     .bind(limit)
@@ -175,6 +216,7 @@ async fn mark(
     sqlx::query(
         "UPDATE outbox SET state = $2, attempts = attempts + 1, last_error = $3,
                 sent_at = CASE WHEN $2 = 'sent' THEN now() END,
+                secret_enc = CASE WHEN $2 = 'pending' THEN secret_enc END,
                 next_attempt_at = now() + make_interval(secs => $4)
           WHERE id = $1",
     )
@@ -187,9 +229,19 @@ async fn mark(
     Ok(())
 }
 
-/// The message for a due row, its links from the configuration.
+/// The message for a due row, its links from the configuration (and its
+/// secret opened); `None` when its parameters or secret cannot be read.
 fn render(app: &App, mail: &Due) -> Option<crate::mail::Rendered> {
-    let dashboard = format!("{}/", app.cfg.public_origin.trim_end_matches('/'));
+    let origin = app.cfg.public_origin.trim_end_matches('/');
+    let dashboard = format!("{origin}/");
+    let secret = match &mail.secret_enc {
+        Some(sealed) => Some(
+            app.secrets
+                .open_string(&aad::outbox_secret(&mail.dedupe_key), sealed)
+                .ok()?,
+        ),
+        None => None,
+    };
     match mail.purpose {
         Purpose::GatewayLive => {
             let subdomain = mail.params.0.get("subdomain")?.as_str()?;
@@ -199,6 +251,19 @@ fn render(app: &App, mail: &Due) -> Option<crate::mail::Rendered> {
                 &Mail::GatewayLive {
                     url: &url,
                     dashboard: &dashboard,
+                },
+            ))
+        }
+        Purpose::VerifyEmail => {
+            // In the fragment: a browser never sends it to a server, nor
+            // in a Referer.
+            let link = format!("{origin}/#verify-email={}", secret?);
+            let valid_hours = u32::try_from(mail.params.0.get("validHours")?.as_u64()?).ok()?;
+            Some(templates::render(
+                &mail.recipient,
+                &Mail::VerifyEmail {
+                    link: &link,
+                    valid_hours,
                 },
             ))
         }

@@ -1,13 +1,16 @@
-//! Customer accounts: registration, login with argon2id (OWASP parameters:
-//! 19 MiB, 2 iterations, 1 lane), limits on failed logins, and opaque
-//! bearer tokens of which only the SHA-256 is stored.
+//! Customer accounts: registration (with a link that proves the address:
+//! `verify.rs`), login with argon2id (OWASP parameters: 19 MiB, 2
+//! iterations, 1 lane), limits on failed logins, and opaque bearer tokens
+//! of which only the SHA-256 is stored.
 
 mod policy;
+pub mod verify;
 
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use crate::app::App;
 use crate::audit::audit;
 use crate::crypto::{password, random_token};
 use crate::error::{Error, Result};
@@ -69,7 +72,8 @@ pub struct Registration<'a> {
     pub per_address_per_hour: u32,
 }
 
-pub async fn register(db: &PgPool, r: Registration<'_>) -> Result<Session> {
+pub async fn register(app: &App, r: Registration<'_>) -> Result<Session> {
+    let db = &app.db;
     let Registration {
         email,
         password,
@@ -85,12 +89,14 @@ pub async fn register(db: &PgPool, r: Registration<'_>) -> Result<Session> {
     }
     let hash = password::hash(password).await?;
     let id = Uuid::new_v4();
+    // The account and the mail that proves its address, together.
+    let mut tx = db.begin().await?;
     sqlx::query("INSERT INTO users (id, email, password_hash, name) VALUES ($1, $2, $3, $4)")
         .bind(id)
         .bind(&email)
         .bind(&hash)
         .bind(&name)
-        .execute(db)
+        .execute(&mut *tx)
         .await
         .map_err(|e| {
             Error::on_unique(
@@ -100,6 +106,9 @@ pub async fn register(db: &PgPool, r: Registration<'_>) -> Result<Session> {
                 "an account with that email exists",
             )
         })?;
+    verify::start(&mut tx, &app.secrets, id, &email).await?;
+    tx.commit().await?;
+    app.tasks.mail.activate();
     audit(
         db,
         &format!("user:{id}"),

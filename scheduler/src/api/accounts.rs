@@ -1,11 +1,11 @@
-//! `/api/auth`: register, login and logout.
+//! `/api/auth`: register, login, logout, and email verification.
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use serde::Deserialize;
 
 use super::extract::{ApiJson, AuthUser, ClientAddr};
-use super::views::{ErrorBody, SessionView};
+use super::views::{ErrorBody, Resent, SessionView, Verified};
 use crate::accounts;
 use crate::app::AppRef;
 use crate::error::Result;
@@ -34,7 +34,7 @@ pub struct Registration {
 
 #[utoipa::path(post, path = "/api/auth/register", tag = "accounts", request_body = Registration,
     responses(
-        (status = 201, description = "Account created; a session token", body = SessionView),
+        (status = 201, description = "Account created; a session token. A link that proves the address is mailed (valid 24 hours)", body = SessionView),
         (status = 400, description = "Malformed JSON", body = ErrorBody),
         (status = 409, description = "Email taken", body = ErrorBody),
         (status = 422, description = "Invalid email, password (10 to 256 characters) or name (at most 100 characters, no control characters)", body = ErrorBody),
@@ -46,7 +46,7 @@ pub async fn register(
     ApiJson(r): ApiJson<Registration>,
 ) -> Result<(StatusCode, axum::Json<SessionView>)> {
     let session = accounts::register(
-        &app.db,
+        &app,
         accounts::Registration {
             email: &r.email,
             password: r.password,
@@ -84,4 +84,52 @@ pub async fn login(
 pub async fn logout(State(app): State<AppRef>, user: AuthUser) -> Result<StatusCode> {
     accounts::logout(&app.db, &user.token_hash).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyEmail {
+    /// The token from the mailed link (after `#verify-email=`).
+    #[schema(min_length = 1, max_length = 200)]
+    token: String,
+}
+
+/// Proves the account's address with the token of the mailed link (once,
+/// within 24 hours). No session is needed: the link may be opened anywhere.
+#[utoipa::path(post, path = "/api/auth/verify-email", tag = "accounts", request_body = VerifyEmail,
+    responses(
+        (status = 200, description = "The address is proven", body = Verified),
+        (status = 400, description = "Malformed JSON, or a token that is unknown, used or expired (invalid_token)", body = ErrorBody),
+    ))]
+pub async fn verify_email(
+    State(app): State<AppRef>,
+    ApiJson(body): ApiJson<VerifyEmail>,
+) -> Result<axum::Json<Verified>> {
+    if body.token.len() > 200 {
+        return Err(crate::error::Error::InvalidToken(
+            "this link is unknown, used or expired: ask for a new one",
+        ));
+    }
+    accounts::verify::verify(&app, &body.token).await?;
+    Ok(axum::Json(Verified { verified: true }))
+}
+
+/// Mails a new link when the caller's address still needs proving (at
+/// most five an hour). The answer is the same whatever the account's state.
+#[utoipa::path(post, path = "/api/auth/resend-verification", tag = "accounts", security(("bearer" = [])),
+    responses(
+        (status = 202, description = "If the address still needs proving, a new link is on its way", body = Resent),
+        (status = 401, description = "No valid token", body = ErrorBody),
+    ))]
+pub async fn resend_verification(
+    State(app): State<AppRef>,
+    user: AuthUser,
+) -> Result<(StatusCode, axum::Json<Resent>)> {
+    accounts::verify::resend(&app, user.id).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        axum::Json(Resent {
+            message: "If your address still needs confirming, a new link is on its way.",
+        }),
+    ))
 }

@@ -143,6 +143,7 @@ pub struct CheckoutBody {
         (status = 200, description = "Where to send the customer", body = CheckoutView),
         (status = 400, description = "Malformed JSON or an unknown tier", body = ErrorBody),
         (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "The account's email address is not verified yet (email_unverified)", body = ErrorBody),
         (status = 422, description = "A redirect URL off our origin, or a tier without a price", body = ErrorBody),
         (status = 503, description = "Billing is off, or Stripe did not answer", body = ErrorBody),
     ))]

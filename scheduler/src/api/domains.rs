@@ -42,7 +42,7 @@ fn view(app: &App, d: Domain, subdomain: &str) -> DomainView {
         (status = 201, description = "Added, waiting for its DNS records", body = DomainEnvelope),
         (status = 400, description = "Malformed JSON", body = ErrorBody),
         (status = 401, description = "No valid token", body = ErrorBody),
-        (status = 403, description = "The plan has no custom domains (plan_required)", body = ErrorBody),
+        (status = 403, description = "The plan has no custom domains (plan_required), or the account's email address is not verified yet (email_unverified)", body = ErrorBody),
         (status = 404, description = "No live instance", body = ErrorBody),
         (status = 409, description = "Already here, claimed by another account, or the limit reached", body = ErrorBody),
         (status = 422, description = "Not an acceptable hostname", body = ErrorBody),

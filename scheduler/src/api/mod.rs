@@ -39,6 +39,8 @@ pub fn api() -> OpenApiRouter<AppRef> {
         .routes(routes!(accounts::register))
         .routes(routes!(accounts::login))
         .routes(routes!(accounts::logout))
+        .routes(routes!(accounts::verify_email))
+        .routes(routes!(accounts::resend_verification))
         .routes(routes!(instances::create))
         .routes(routes!(
             instances::me,

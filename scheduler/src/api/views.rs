@@ -427,3 +427,15 @@ pub struct DomainEnvelope {
 pub struct DomainList {
     pub domains: Vec<DomainView>,
 }
+
+/// An address proven.
+#[derive(Serialize, ToSchema)]
+pub struct Verified {
+    pub verified: bool,
+}
+
+/// The answer to a request for a new verification link.
+#[derive(Serialize, ToSchema)]
+pub struct Resent {
+    pub message: &'static str,
+}

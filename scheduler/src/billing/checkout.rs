@@ -76,6 +76,7 @@ pub async fn checkout<P: PaymentProvider>(
     cancel_url: &str,
     idempotency_key: Option<&str>,
 ) -> Result<String> {
+    crate::accounts::verify::require_verified(db, account).await?;
     check_redirect(cfg, "successUrl", success_url)?;
     check_redirect(cfg, "cancelUrl", cancel_url)?;
     let price = match tier {

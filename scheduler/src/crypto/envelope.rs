@@ -109,6 +109,8 @@ pub struct Rotated {
     pub idempotent_answers: usize,
     /// Custom domain certificate keys and the ACME account.
     pub certificate_keys: usize,
+    /// Secrets of mail not sent yet (links' tokens).
+    pub mail_secrets: usize,
 }
 
 /// Re-wraps every data key, and re-seals everything sealed directly, from
@@ -164,6 +166,7 @@ pub async fn rotate(db: &PgPool, old: &SecretBox, new: &SecretBox) -> Result<Rot
     }
     done.idempotent_answers = reseal_answers(&mut tx, old, new).await?;
     done.certificate_keys = reseal_acme(&mut tx, old, new).await?;
+    done.mail_secrets = reseal_outbox(&mut tx, old, new).await?;
     tx.commit().await?;
     Ok(done)
 }
@@ -192,6 +195,31 @@ async fn reseal_answers(tx: &mut PgConnection, old: &SecretBox, new: &SecretBox)
         .bind(new.seal(&a, &plain)?)
         .execute(&mut *tx)
         .await?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// Re-seals the secrets of mail not sent yet from `old` to `new`, inside
+/// the caller's transaction.
+async fn reseal_outbox(tx: &mut PgConnection, old: &SecretBox, new: &SecretBox) -> Result<usize> {
+    let rows: Vec<(i64, String, Vec<u8>)> = sqlx::query_as(
+        "SELECT id, dedupe_key, secret_enc FROM outbox WHERE secret_enc IS NOT NULL FOR UPDATE",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut n = 0;
+    for (id, key, sealed) in rows {
+        let a = aad::outbox_secret(&key);
+        let Ok(plain) = old.open(&a, &sealed) else {
+            new.open(&a, &sealed)?;
+            continue;
+        };
+        sqlx::query("UPDATE outbox SET secret_enc = $2 WHERE id = $1")
+            .bind(id)
+            .bind(new.seal(&a, &plain)?)
+            .execute(&mut *tx)
+            .await?;
         n += 1;
     }
     Ok(n)

@@ -43,6 +43,12 @@ pub mod aad {
         format!("acme-account:{directory_url}")
     }
 
+    /// A secret a queued mail carries (a link's token), sealed under the
+    /// KEK until the mail is sent.
+    pub fn outbox_secret(dedupe_key: &str) -> String {
+        format!("outbox:{dedupe_key}")
+    }
+
     /// An instance's data key (wrapped by the KEK).
     pub fn data_key(instance_id: Uuid) -> String {
         format!("dek:{instance_id}")

@@ -97,6 +97,7 @@ const COLUMNS: &str = "hostname, state, token, reason, cert_not_after";
 /// Adds a hostname to the account's instance; returns it with the
 /// instance's subdomain (for its records).
 pub async fn add(app: &App, user_id: Uuid, raw: &str) -> Result<(Domain, String)> {
+    crate::accounts::verify::require_verified(&app.db, user_id).await?;
     let hostname = hostname::normalize(raw, &app.cfg.base_domain)?;
     let (instance, subdomain, tier) = instance_of(app, user_id).await?;
     if !tier.plan().custom_domains {

@@ -15,14 +15,17 @@ use super::Rendered;
 pub enum Purpose {
     /// The first time a customer's gateway is ready.
     GatewayLive,
+    /// A link that proves the account's email address.
+    VerifyEmail,
 }
 
 impl Purpose {
-    pub const ALL: [Purpose; 1] = [Purpose::GatewayLive];
+    pub const ALL: [Purpose; 2] = [Purpose::GatewayLive, Purpose::VerifyEmail];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Purpose::GatewayLive => "gateway_live",
+            Purpose::VerifyEmail => "verify_email",
         }
     }
 }
@@ -34,6 +37,12 @@ pub enum Mail<'a> {
         url: &'a str,
         /// Where the customer manages it.
         dashboard: &'a str,
+    },
+    VerifyEmail {
+        /// The link that confirms the address (its token inside).
+        link: &'a str,
+        /// How long it works, in hours.
+        valid_hours: u32,
     },
 }
 
@@ -47,6 +56,14 @@ pub fn render(to: &str, mail: &Mail<'_>) -> Rendered {
                 "Connect your apps to it with the gateway token shown in your dashboard.".into(),
             ],
             Some(("Open your dashboard", *dashboard)),
+        ),
+        Mail::VerifyEmail { link, valid_hours } => (
+            "Confirm your email address".to_owned(),
+            vec![
+                "Confirm that this address is yours to keep your OpenClaw gateway running and to unlock billing and custom domains.".into(),
+                format!("The link works once, for {valid_hours} hours. If you did not sign up for ClawDeploy, ignore this mail."),
+            ],
+            Some(("Confirm your email address", *link)),
         ),
     };
     let mut text = paragraphs.join("\n\n");
@@ -113,6 +130,23 @@ mod tests {
             .html
             .contains("<a href=\"https://app.example.com/?a=1&amp;b=&quot;2&quot;\">"));
         assert!(!r.html.contains("b=\"2\""));
+    }
+
+    #[test]
+    fn a_verification_mail_carries_its_link_and_how_long_it_works() {
+        let r = render(
+            "bo@example.com",
+            &Mail::VerifyEmail {
+                link: "https://app.example.com/#verify-email=abc",
+                valid_hours: 24,
+            },
+        );
+        assert_eq!(r.subject, "Confirm your email address");
+        assert!(r.text.contains("https://app.example.com/#verify-email=abc"));
+        assert!(r.text.contains("for 24 hours"));
+        assert!(r
+            .html
+            .contains("href=\"https://app.example.com/#verify-email=abc\""));
     }
 
     #[test]

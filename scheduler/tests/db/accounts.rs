@@ -18,13 +18,13 @@ async fn registrations_are_limited_per_address() {
         address: Some(std::net::IpAddr::from(ip)),
         per_address_per_hour: 3,
     };
-    accounts::register(&app.db, from("a1@example.com", [203, 0, 113, 1]))
+    accounts::register(&app, from("a1@example.com", [203, 0, 113, 1]))
         .await
         .unwrap();
-    accounts::register(&app.db, from("a2@example.com", [203, 0, 113, 1]))
+    accounts::register(&app, from("a2@example.com", [203, 0, 113, 1]))
         .await
         .unwrap();
-    let taken = accounts::register(&app.db, from("a1@example.com", [203, 0, 113, 1])).await;
+    let taken = accounts::register(&app, from("a1@example.com", [203, 0, 113, 1])).await;
     assert!(matches!(
         taken,
         Err(Error::Conflict {
@@ -32,7 +32,7 @@ async fn registrations_are_limited_per_address() {
             ..
         })
     ));
-    match accounts::register(&app.db, from("a3@example.com", [203, 0, 113, 1])).await {
+    match accounts::register(&app, from("a3@example.com", [203, 0, 113, 1])).await {
         Err(Error::RateLimited { retry_after_secs }) => {
             assert!(
                 (3500..=3600).contains(&retry_after_secs),
@@ -50,7 +50,7 @@ async fn registrations_are_limited_per_address() {
         .await,
         0
     );
-    accounts::register(&app.db, from("b1@example.com", [203, 0, 113, 2]))
+    accounts::register(&app, from("b1@example.com", [203, 0, 113, 2]))
         .await
         .unwrap();
     register(&app, "c1@example.com", "").await;
@@ -59,7 +59,7 @@ async fn registrations_are_limited_per_address() {
         .execute(&app.db)
         .await
         .unwrap();
-    accounts::register(&app.db, from("a3@example.com", [203, 0, 113, 1]))
+    accounts::register(&app, from("a3@example.com", [203, 0, 113, 1]))
         .await
         .unwrap();
 }

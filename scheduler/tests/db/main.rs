@@ -13,3 +13,4 @@ mod idempotency;
 mod mail;
 mod routes;
 mod support;
+mod verify;

@@ -1,11 +1,23 @@
 //! Mail through a real SMTP server (aiosmtpd on loopback, into a Maildir):
 //! a signup's "gateway is live" mail arrives once, with links from the
 //! configured origin; while the server is away the outbox keeps the mail,
-//! and each arrives once when it is back.
+//! and each arrives once when it is back; a registration's verification
+//! link proves the address, once, and unlocks custom domains.
 
 use clawdeploy_e2e::smtp::SmtpServer;
 
 use super::*;
+
+const LIVE: &str = "Your OpenClaw gateway is live";
+
+/// The "gateway is live" mails to `to`.
+fn live_mail(smtp: &SmtpServer, to: &str) -> Result<Vec<clawdeploy_e2e::smtp::Received>> {
+    Ok(smtp
+        .messages_to(to)?
+        .into_iter()
+        .filter(|m| m.subject == LIVE)
+        .collect())
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_live_mail_arrives_once_and_waits_out_a_server_that_is_away() -> Result<()> {
@@ -34,11 +46,10 @@ async fn gateway_live_mail_arrives_once_and_waits_out_a_server_that_is_away() ->
     assert_eq!(status, 201, "{v}");
     let url = v["instance"]["url"].as_str().context("url")?.to_owned();
     wait_for(Duration::from_secs(20), "the gateway-live mail", || async {
-        Ok(!smtp.messages_to("mail-first@example.com")?.is_empty())
+        Ok(!live_mail(&smtp, "mail-first@example.com")?.is_empty())
     })
     .await?;
-    let mail = &smtp.messages_to("mail-first@example.com")?[0];
-    assert_eq!(mail.subject, "Your OpenClaw gateway is live");
+    let mail = &live_mail(&smtp, "mail-first@example.com")?[0];
     assert!(
         mail.body.contains(&format!("live at {url}")),
         "{}",
@@ -80,17 +91,18 @@ async fn gateway_live_mail_arrives_once_and_waits_out_a_server_that_is_away() ->
     )
     .await?;
     assert_eq!(
-        c.count("SELECT count(*) FROM outbox WHERE state = 'pending'")
+        c.count("SELECT count(*) FROM outbox WHERE state = 'pending' AND purpose = 'gateway_live'")
             .await?,
         3
     );
+    // Three gateway-live mails and the three registrations' links wait.
     wait_for(
         Duration::from_secs(10),
         "the backlog in the metrics",
         || async {
             Ok(c.scheduler_metric(0, "clawdeploy_mail_outbox_pending")
                 .await?
-                == 3.0)
+                == 6.0)
         },
     )
     .await?;
@@ -100,18 +112,117 @@ async fn gateway_live_mail_arrives_once_and_waits_out_a_server_that_is_away() ->
     wait_for(Duration::from_secs(60), "the waiting mail", || async {
         Ok(c.count("SELECT count(*) FROM outbox WHERE state = 'sent'")
             .await?
-            == 4)
+            == 8)
     })
     .await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     for email in emails.iter().chain(["mail-first@example.com"].iter()) {
-        assert_eq!(smtp.messages_to(email)?.len(), 1, "{email}");
+        assert_eq!(live_mail(&smtp, email)?.len(), 1, "{email}");
+        assert_eq!(smtp.messages_to(email)?.len(), 2, "{email}: and its link");
     }
-    assert_eq!(smtp.messages()?.len(), 4);
+    assert_eq!(smtp.messages()?.len(), 8);
     assert_eq!(
         c.count("SELECT count(*) FROM outbox WHERE state <> 'sent'")
             .await?,
         0
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mailed_link_proves_the_address_once_and_unlocks_custom_domains() -> Result<()> {
+    let dir = clawdeploy_e2e::workspace_root()
+        .join(".local/e2e")
+        .join(format!("smtp-{}", uuid::Uuid::new_v4().simple()));
+    let smtp = SmtpServer::start(&dir).await?;
+    let c = Cluster::start(ClusterOptions {
+        nodes: 1,
+        min_idle: 1,
+        scheduler_args: vec![
+            "--smtp-url".into(),
+            smtp.url(),
+            "--public-origin".into(),
+            "https://app.clawdeploy.test".into(),
+        ],
+        ..Default::default()
+    })
+    .await?;
+    let token = c.register_unverified("proves@example.com").await?;
+    let add_domain = || async {
+        let r = c
+            .client
+            .post(c.api("/api/instances/me/domains"))
+            .bearer_auth(&token)
+            .json(&json!({"hostname": "chat.example.org"}))
+            .send()
+            .await?;
+        let status = r.status().as_u16();
+        let v: Value = r.json().await?;
+        anyhow::Ok((
+            status,
+            v["error"]["code"].as_str().unwrap_or_default().to_owned(),
+        ))
+    };
+    // The gateway comes at once; custom domains wait for the address.
+    c.wait_idle_at_least(1, Duration::from_secs(60)).await?;
+    let (status, v) = c
+        .create_instance(&token, &json!({"subdomain": "proves"}))
+        .await?;
+    assert_eq!(status, 201, "{v}");
+    assert_eq!(add_domain().await?, (403, "email_unverified".to_owned()));
+
+    wait_for(Duration::from_secs(20), "the verification mail", || async {
+        Ok(smtp
+            .messages_to("proves@example.com")?
+            .iter()
+            .any(|m| m.subject == "Confirm your email address"))
+    })
+    .await?;
+    let mail = smtp
+        .messages_to("proves@example.com")?
+        .into_iter()
+        .find(|m| m.subject == "Confirm your email address")
+        .context("the mail")?;
+    let (_, rest) = mail
+        .body
+        .split_once("https://app.clawdeploy.test/#verify-email=")
+        .context("the link, from --public-origin")?;
+    let link_token: String = rest.chars().take_while(char::is_ascii_hexdigit).collect();
+    assert_eq!(link_token.len(), 64);
+
+    // The link's token, as the page posts it: once.
+    let c = &c;
+    let verify = |t: String| async move {
+        let r = c
+            .client
+            .post(c.api("/api/auth/verify-email"))
+            .json(&json!({"token": t}))
+            .send()
+            .await?;
+        let status = r.status().as_u16();
+        let v: Value = r.json().await?;
+        anyhow::Ok((status, v))
+    };
+    let (status, v) = verify(link_token.clone()).await?;
+    assert_eq!((status, &v["verified"]), (200, &json!(true)), "{v}");
+    let (status, v) = verify(link_token).await?;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (400, Some("invalid_token"))
+    );
+    // Proven: what stops the domain now is the free plan.
+    assert_eq!(add_domain().await?, (403, "plan_required".to_owned()));
+    // Asking for another link answers the same, and mails nothing now.
+    let r = c
+        .client
+        .post(c.api("/api/auth/resend-verification"))
+        .bearer_auth(&token)
+        .send()
+        .await?;
+    assert_eq!(r.status().as_u16(), 202);
+    assert_eq!(
+        c.count("SELECT count(*) FROM email_verifications").await?,
+        1
     );
     Ok(())
 }

@@ -401,6 +401,8 @@ async fn the_openapi_document_describes_every_route_and_errors_are_json() -> Res
         ("POST", "/api/auth/login"),
         ("POST", "/api/auth/logout"),
         ("POST", "/api/auth/register"),
+        ("POST", "/api/auth/resend-verification"),
+        ("POST", "/api/auth/verify-email"),
         ("POST", "/api/billing/checkout"),
         ("POST", "/api/billing/portal"),
         ("POST", "/api/billing/webhook"),

@@ -169,6 +169,19 @@ fn not_found(headers: &HeaderMap) -> Response<Body> {
     )
 }
 
+/// The answer for a suspended instance's hostname: `403`, saying why (in
+/// JSON for API clients, HTML for browsers), without proxying.
+pub fn paused(headers: &HeaderMap, reason: &str) -> Response<Body> {
+    let message = match reason {
+        "email_unverified" => {
+            "This gateway is paused until its owner confirms their email address. \
+             It resumes within seconds of the confirmation, with its data."
+        }
+        _ => "This gateway is paused by its owner's account.",
+    };
+    error_page(headers, StatusCode::FORBIDDEN, "gateway_paused", message)
+}
+
 fn is_upgrade(headers: &HeaderMap) -> bool {
     headers.get(header::UPGRADE).is_some()
         && headers
@@ -296,6 +309,10 @@ impl Proxy {
         let Some((host, target)) = found else {
             return Ok(self.unknown_host(req.headers()));
         };
+        if !target.paused.is_empty() {
+            self.meters.known(StatusCode::FORBIDDEN).increment(1);
+            return Ok(paused(req.headers(), &target.paused));
+        }
         let proxy = self.clone();
         let resp = proxy.forward(req, client, proto, &host, target).await;
         self.meters.known(resp.status()).increment(1);
@@ -474,7 +491,7 @@ async fn splice<C, U>(
         while changes.changed().await.is_ok() {
             if routes
                 .lookup(host)
-                .is_none_or(|t| t.container_id != target.container_id)
+                .is_none_or(|t| t.container_id != target.container_id || !t.paused.is_empty())
             {
                 return;
             }

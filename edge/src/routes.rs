@@ -19,6 +19,10 @@ pub struct Target {
     pub upstream: String,
     pub instance_id: String,
     pub container_id: String,
+    /// Non-empty: the instance is suspended for this reason; the edge
+    /// answers its requests itself (`proxy::paused`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub paused: String,
     /// The upstream pool's key for this container at this address
     /// (`upstream::key_of`), made on the route's first request.
     #[serde(skip)]
@@ -156,6 +160,7 @@ fn entry_of(r: Route, version: u64) -> Option<(String, Entry)> {
                 upstream: r.upstream,
                 instance_id: r.instance_id,
                 container_id: r.container_id,
+                paused: r.paused,
                 pool_key: Default::default(),
             })),
         },
@@ -409,6 +414,40 @@ mod tests {
         });
         assert_eq!(t.lookup("a.x.test").unwrap().upstream, "10.0.0.3:1");
         assert_eq!(t.version(), 6);
+    }
+
+    #[test]
+    fn a_paused_route_carries_its_reason_until_a_newer_one_resumes_it() {
+        let t = RouteTable::load(None);
+        let paused = Route {
+            paused: "email_unverified".into(),
+            ..route("p.x.test", "10.0.0.1:1")
+        };
+        t.apply_delta(RouteDelta {
+            version: 1,
+            upsert: Some(paused),
+            removed_hostname: String::new(),
+            published_unix_ms: 0,
+        });
+        assert_eq!(t.lookup("p.x.test").unwrap().paused, "email_unverified");
+        let headers = {
+            let mut h = http::HeaderMap::new();
+            h.insert(http::header::ACCEPT, "application/json".parse().unwrap());
+            h
+        };
+        let answer = crate::proxy::paused(&headers, "email_unverified");
+        assert_eq!(answer.status(), http::StatusCode::FORBIDDEN);
+        t.apply_delta(RouteDelta {
+            version: 2,
+            upsert: Some(route("p.x.test", "10.0.0.9:1")),
+            removed_hostname: String::new(),
+            published_unix_ms: 0,
+        });
+        let resumed = t.lookup("p.x.test").unwrap();
+        assert_eq!(
+            (resumed.paused.as_str(), resumed.upstream.as_str()),
+            ("", "10.0.0.9:1")
+        );
     }
 
     #[test]

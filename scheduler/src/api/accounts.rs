@@ -95,7 +95,8 @@ pub struct VerifyEmail {
 }
 
 /// Proves the account's address with the token of the mailed link (once,
-/// within 24 hours). No session is needed: the link may be opened anywhere.
+/// within 24 hours), and resumes its instance if it was suspended for it.
+/// No session is needed: the link may be opened anywhere.
 #[utoipa::path(post, path = "/api/auth/verify-email", tag = "accounts", request_body = VerifyEmail,
     responses(
         (status = 200, description = "The address is proven", body = Verified),
@@ -110,7 +111,7 @@ pub async fn verify_email(
             "this link is unknown, used or expired: ask for a new one",
         ));
     }
-    accounts::verify::verify(&app, &body.token).await?;
+    crate::lifecycle::verification::verify_email(&app, &body.token).await?;
     Ok(axum::Json(Verified { verified: true }))
 }
 

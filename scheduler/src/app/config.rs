@@ -90,6 +90,11 @@ pub struct Config {
     /// Seconds a backup is kept before it is deleted from the store (30 days).
     #[arg(long = "backup-retention-secs", env = "CLAWDEPLOY_BACKUP_RETENTION_SECS", default_value = "2592000", value_parser = nonzero_secs)]
     pub backup_retention: Duration,
+    /// Hours an account may leave its email address unproven; then its
+    /// instance is suspended (stopped with its state; the edges say why)
+    /// until the address is proven. Decimals allowed (`0.5`).
+    #[arg(long = "verify-grace-hours", env = "CLAWDEPLOY_VERIFY_GRACE_HOURS", default_value = "48", value_parser = hours)]
+    pub verify_grace: Duration,
     /// Signups that may wait for capacity when every node is full (answered
     /// 202 `queued`); beyond it they get 503 `no_capacity`.
     #[arg(long, env = "CLAWDEPLOY_SIGNUP_QUEUE_MAX", default_value_t = 1000)]
@@ -225,6 +230,18 @@ fn secs_at_least_3(s: &str) -> Result<Duration, String> {
     Ok(secs(s)?.max(Duration::from_secs(3)))
 }
 
+/// Hours, decimals allowed, as a duration.
+fn hours(s: &str) -> Result<Duration, String> {
+    let h: f64 = s
+        .trim()
+        .parse()
+        .map_err(|e| format!("{s:?} is not a number of hours: {e}"))?;
+    if !(0.0..=1e6).contains(&h) {
+        return Err(format!("{s:?} hours is out of range"));
+    }
+    Ok(Duration::from_secs_f64(h * 3600.0))
+}
+
 /// A count, 0 read as 1.
 fn at_least_1(s: &str) -> Result<u32, String> {
     s.trim()
@@ -302,5 +319,10 @@ mod tests {
         assert_eq!(cfg.subdomain_cooldown, Duration::from_secs(30 * 24 * 3600));
         assert_eq!(cfg.node_min_disk_bytes, 1 << 30);
         assert_eq!((cfg.min_idle, cfg.max_idle), (5, 20));
+        assert_eq!(cfg.verify_grace, Duration::from_secs(48 * 3600));
+        assert_eq!(
+            parse(&["--verify-grace-hours", "0.5"]).verify_grace,
+            Duration::from_secs(1800)
+        );
     }
 }

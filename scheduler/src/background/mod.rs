@@ -14,6 +14,7 @@ pub mod migrations;
 pub mod peer_events;
 pub mod pool_manager;
 pub mod signup_queue;
+pub mod verification;
 
 use crate::app::App;
 pub use driver::Driver;
@@ -28,6 +29,7 @@ pub fn start_all(driver: &mut Driver<App>, mailer: Option<crate::mail::SmtpMaile
     driver.start(billing_grace::BillingGrace);
     driver.start(domains::Domains);
     driver.start(domains::DomainGauges);
+    driver.start(verification::VerifyGrace);
     match mailer {
         Some(mailer) => driver.start(mail::MailSender { mailer }),
         None => tracing::warn!("no SMTP server (--smtp-url): mail waits in the outbox, unsent"),

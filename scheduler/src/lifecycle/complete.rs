@@ -207,7 +207,7 @@ pub async fn complete_many(app: &App, node_id: &str, confirmed: &[(Uuid, u64)]) 
               SET instance_id = EXCLUDED.instance_id, container_id = EXCLUDED.container_id,
                   upstream = EXCLUDED.upstream, version = EXCLUDED.version,
                   custom = EXCLUDED.custom, tls_fingerprint = EXCLUDED.tls_fingerprint,
-                  removed_at = NULL
+                  paused = '', removed_at = NULL
            RETURNING instance_id, version
          ), logged AS (
            INSERT INTO audit_log (actor, action, subject, detail)

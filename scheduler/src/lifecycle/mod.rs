@@ -2,7 +2,9 @@
 //! a warm container (`claim`, in batches by `warm`, the container chosen
 //! by `pick`), the claim's retry when a node stays silent (`retry`), the
 //! signup queue, live reconfiguration, release and the destruction after
-//! the grace period. Domain logic only: no HTTP or gRPC types.
+//! the grace period, and the suspension of an instance whose owner left
+//! the address unproven (`verification`). Domain logic only: no HTTP or
+//! gRPC types.
 
 pub mod claim;
 pub mod complete;
@@ -14,4 +16,5 @@ pub mod reconfigure;
 pub mod release;
 pub mod retry;
 pub mod signup;
+pub mod verification;
 pub mod warm;

@@ -177,7 +177,7 @@ pub async fn sync_instance(
         if existing.get(&d.hostname) == Some(&(upstream.clone(), container, fp.clone())) {
             continue;
         }
-        let version = upsert_row(
+        let (version, paused) = upsert_row(
             tx,
             &d.hostname,
             instance_id,
@@ -200,6 +200,7 @@ pub async fn sync_instance(
                     None
                 },
                 acme_challenges: m.challenge.into_iter().collect(),
+                paused,
             }),
             removed_hostname: String::new(),
             published_unix_ms: 0,

@@ -27,6 +27,8 @@ struct RouteRow {
     version: RouteVersion,
     removed: bool,
     custom: bool,
+    /// Non-empty: suspended for this reason (the edge answers itself).
+    paused: String,
 }
 
 impl RouteRow {
@@ -36,6 +38,7 @@ impl RouteRow {
             upstream: self.upstream.clone(),
             instance_id: self.instance_id.to_string(),
             container_id: self.container_id.map(|c| c.to_string()).unwrap_or_default(),
+            paused: self.paused.clone(),
             ..Route::default()
         };
         if self.custom {
@@ -66,7 +69,7 @@ async fn deltas_of(app: &App, rows: Vec<RouteRow>) -> Result<Vec<RouteDelta>> {
 }
 
 const ROUTE_COLUMNS: &str =
-    "hostname, upstream, instance_id, container_id, version, removed_at IS NOT NULL AS removed, custom";
+    "hostname, upstream, instance_id, container_id, version, removed_at IS NOT NULL AS removed, custom, paused";
 
 /// How long a route change waits for the edges to apply it.
 const EDGE_ACK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -78,11 +81,11 @@ const EDGE_ACK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 pub async fn upsert(
     app: &App,
     tx: &mut Transaction<'_, Postgres>,
-    route: Route,
+    mut route: Route,
 ) -> Result<Vec<RouteDelta>> {
     let instance_id: Uuid = route.instance_id.parse().map_err(Error::internal)?;
     let container_id: Uuid = route.container_id.parse().map_err(Error::internal)?;
-    let version = upsert_row(
+    let (version, paused) = upsert_row(
         tx,
         &route.hostname,
         instance_id,
@@ -91,6 +94,7 @@ pub async fn upsert(
         None,
     )
     .await?;
+    route.paused = paused;
     let mut deltas = vec![RouteDelta {
         version: version.wire(),
         upsert: Some(route),
@@ -102,7 +106,9 @@ pub async fn upsert(
 }
 
 /// Inserts or replaces the route of `hostname` with a fresh version.
-/// `custom` carries a custom hostname's TLS fingerprint.
+/// `custom` carries a custom hostname's TLS fingerprint. The route is
+/// paused when its instance is suspended; returns the version and that
+/// reason (empty: not paused).
 async fn upsert_row(
     tx: &mut Transaction<'_, Postgres>,
     hostname: &str,
@@ -110,16 +116,17 @@ async fn upsert_row(
     container_id: Option<Uuid>,
     upstream: &str,
     custom: Option<&str>,
-) -> Result<RouteVersion> {
-    Ok(sqlx::query_scalar(
-        "INSERT INTO routes (hostname, instance_id, container_id, upstream, version, custom, tls_fingerprint)
-         VALUES ($1, $2, $3, $4, nextval('route_version'), $5, $6)
+) -> Result<(RouteVersion, String)> {
+    Ok(sqlx::query_as(
+        "INSERT INTO routes (hostname, instance_id, container_id, upstream, version, custom, tls_fingerprint, paused)
+         VALUES ($1, $2, $3, $4, nextval('route_version'), $5, $6,
+                 COALESCE((SELECT suspended_reason FROM instances WHERE id = $2 AND status = 'suspended'), ''))
          ON CONFLICT (hostname) DO UPDATE
             SET instance_id = EXCLUDED.instance_id, container_id = EXCLUDED.container_id,
                 upstream = EXCLUDED.upstream, version = EXCLUDED.version,
                 custom = EXCLUDED.custom, tls_fingerprint = EXCLUDED.tls_fingerprint,
-                removed_at = NULL
-         RETURNING version",
+                paused = EXCLUDED.paused, removed_at = NULL
+         RETURNING version, paused",
     )
     .bind(hostname)
     .bind(instance_id)
@@ -129,6 +136,27 @@ async fn upsert_row(
     .bind(custom.unwrap_or_default())
     .fetch_one(&mut **tx)
     .await?)
+}
+
+/// Pauses (`reason` non-empty) or resumes (empty) every live route of an
+/// instance, inside the caller's transaction; the caller broadcasts the
+/// deltas after committing.
+pub async fn set_paused(
+    app: &App,
+    tx: &mut Transaction<'_, Postgres>,
+    instance_id: Uuid,
+    reason: &str,
+) -> Result<Vec<RouteDelta>> {
+    let rows: Vec<RouteRow> = sqlx::query_as(&format!(
+        "UPDATE routes SET paused = $2, version = nextval('route_version')
+          WHERE instance_id = $1 AND removed_at IS NULL AND paused <> $2
+          RETURNING {ROUTE_COLUMNS}"
+    ))
+    .bind(instance_id)
+    .bind(reason)
+    .fetch_all(&mut **tx)
+    .await?;
+    deltas_of(app, rows).await
 }
 
 /// Points the routes of `container_id` at its new address (Docker gave a

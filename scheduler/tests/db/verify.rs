@@ -164,3 +164,96 @@ async fn checkout_and_custom_domains_wait_for_a_proven_address() {
     let r = clawdeploy_scheduler::domains::add(&app, s.user_id, "chat.example.org").await;
     assert!(!matches!(r, Err(Error::EmailUnverified)), "{r:?}");
 }
+
+/// The live route's paused reason and version for `subdomain`.
+async fn route_of(app: &clawdeploy_scheduler::App, subdomain: &str) -> (String, i64) {
+    sqlx::query_as(
+        "SELECT paused, version FROM routes WHERE hostname LIKE $1 || '.%' AND removed_at IS NULL",
+    )
+    .bind(subdomain)
+    .fetch_one(&app.db)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn an_instance_left_unproven_past_the_grace_is_suspended_and_resumes_on_proof() {
+    use clawdeploy_scheduler::lifecycle::{claim, complete, verification};
+    let app = app().await;
+    node(&app, "n1").await;
+    idle(&app, "n1", 2).await;
+    let s = unverified(&app, "slow@example.com").await;
+    let keen = unverified(&app, "keen@example.com").await;
+    let mut claimed = Vec::new();
+    for (u, sub) in [(s.user_id, "slow"), (keen.user_id, "keen")] {
+        let c = claim::claim(&app, request(u, sub)).await.unwrap();
+        complete::complete(&app, "n1", c.container_id.unwrap(), 1)
+            .await
+            .unwrap();
+        claimed.push(c);
+    }
+    let mailer = FakeMailer::default();
+    outbox::send_due(&app, &mailer, 10).await.unwrap();
+    verify::verify(&app, &token_mailed(&mailer, "keen@example.com"))
+        .await
+        .unwrap();
+
+    // Within the grace: nothing happens.
+    assert_eq!(verification::suspend_overdue(&app).await.unwrap(), 0);
+    // Past it (48 hours by default): the unproven one is suspended, its
+    // container stopped with its state, its route paused; not the other.
+    sqlx::query("UPDATE users SET created_at = now() - interval '49 hours'")
+        .execute(&app.db)
+        .await
+        .unwrap();
+    let (_, before) = route_of(&app, "slow").await;
+    assert_eq!(verification::suspend_overdue(&app).await.unwrap(), 1);
+    assert_eq!(verification::suspend_overdue(&app).await.unwrap(), 0);
+    let state: (String, Option<String>, String) = sqlx::query_as(
+        "SELECT i.status, i.suspended_reason, c.state FROM instances i JOIN containers c ON c.id = i.container_id
+          WHERE i.id = $1",
+    )
+    .bind(claimed[0].instance_id)
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(
+        state,
+        (
+            "suspended".into(),
+            Some("email_unverified".into()),
+            "suspended".into()
+        )
+    );
+    let (paused, version) = route_of(&app, "slow").await;
+    assert_eq!(paused, "email_unverified");
+    assert!(version > before, "a new route version for the edges");
+    assert_eq!(route_of(&app, "keen").await.0, "");
+
+    // Proven: the same container runs again, the route answers again.
+    verification::verify_email(&app, &token_mailed(&mailer, "slow@example.com"))
+        .await
+        .unwrap();
+    let state: (String, Option<String>, String, uuid::Uuid) = sqlx::query_as(
+        "SELECT i.status, i.suspended_reason, c.state, c.id FROM instances i JOIN containers c ON c.id = i.container_id
+          WHERE i.id = $1",
+    )
+    .bind(claimed[0].instance_id)
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(
+        state,
+        (
+            "ready".into(),
+            None,
+            "assigned".into(),
+            claimed[0].container_id.unwrap()
+        )
+    );
+    assert_eq!(route_of(&app, "slow").await.0, "");
+    assert_eq!(
+        count(&app, "SELECT count(*) FROM audit_log WHERE action IN ('instance.suspended', 'instance.resumed')").await,
+        2
+    );
+}

@@ -226,3 +226,96 @@ async fn a_mailed_link_proves_the_address_once_and_unlocks_custom_domains() -> R
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_grace_an_unproven_gateway_pauses_and_proof_resumes_it_in_seconds() -> Result<()> {
+    use clawdeploy_e2e::ops::{placement, volume_dir};
+    let dir = clawdeploy_e2e::workspace_root()
+        .join(".local/e2e")
+        .join(format!("smtp-{}", uuid::Uuid::new_v4().simple()));
+    let smtp = SmtpServer::start(&dir).await?;
+    let c = Cluster::start(ClusterOptions {
+        nodes: 1,
+        min_idle: 1,
+        scheduler_args: vec![
+            "--smtp-url".into(),
+            smtp.url(),
+            "--public-origin".into(),
+            "https://app.clawdeploy.test".into(),
+            // 18 seconds.
+            "--verify-grace-hours".into(),
+            "0.005".into(),
+        ],
+        ..Default::default()
+    })
+    .await?;
+    let token = c.register_unverified("pauses@example.com").await?;
+    c.wait_idle_at_least(1, Duration::from_secs(60)).await?;
+    let (status, v) = c
+        .create_instance(&token, &json!({"subdomain": "pauses"}))
+        .await?;
+    assert_eq!(status, 201, "{v}");
+    let gw = v["instance"]["gatewayToken"]
+        .as_str()
+        .context("token")?
+        .to_owned();
+    let host = host("pauses");
+    assert_eq!(c.edge_get(&host, "/v1/models", Some(&gw)).await?.0, 200);
+    let instance: uuid::Uuid = v["instance"]["id"].as_str().context("id")?.parse()?;
+    let (container, node) = placement(&c, instance).await?;
+    let note = volume_dir(&c, &node, container).join("notes.txt");
+    std::fs::write(&note, "kept while paused")?;
+
+    // Past the grace: the gateway is stopped and the edge says why.
+    wait_for(Duration::from_secs(60), "the edge to pause it", || async {
+        Ok(c.edge_get(&host, "/v1/models", Some(&gw)).await?.0 == 403)
+    })
+    .await?;
+    let (_, body) = c.edge_get(&host, "/v1/models", Some(&gw)).await?;
+    assert!(body.contains("confirms their email address"), "{body}");
+    let running = || {
+        let out = std::process::Command::new("docker")
+            .args(["ps", "-q", "--filter"])
+            .arg(format!("label=clawdeploy.container={container}"))
+            .output()?;
+        anyhow::Ok(!out.stdout.is_empty())
+    };
+    assert!(
+        running()?
+            || c.count("SELECT count(*) FROM containers WHERE state = 'suspended'")
+                .await?
+                == 1
+    );
+    wait_for(Duration::from_secs(20), "the container to stop", || async {
+        Ok(!running()?)
+    })
+    .await?;
+
+    // The mailed link proves the address: the same container answers
+    // again within seconds, its state kept.
+    let mail = smtp
+        .messages_to("pauses@example.com")?
+        .into_iter()
+        .find(|m| m.subject == "Confirm your email address")
+        .context("the verification mail")?;
+    let (_, rest) = mail.body.split_once("#verify-email=").context("the link")?;
+    let link_token: String = rest.chars().take_while(char::is_ascii_hexdigit).collect();
+    let r = c
+        .client
+        .post(c.api("/api/auth/verify-email"))
+        .json(&json!({"token": link_token}))
+        .send()
+        .await?;
+    assert_eq!(r.status().as_u16(), 200);
+    let proven = Instant::now();
+    wait_for(
+        Duration::from_secs(5),
+        "the gateway to answer again",
+        || async { Ok(c.edge_get(&host, "/v1/models", Some(&gw)).await?.0 == 200) },
+    )
+    .await?;
+    println!("resumed {:?} after the proof", proven.elapsed());
+    assert_eq!(placement(&c, instance).await?, (container, node.clone()));
+    assert_eq!(std::fs::read_to_string(&note)?, "kept while paused");
+    Ok(())
+}

@@ -280,12 +280,6 @@ async fn past_the_grace_an_unproven_gateway_pauses_and_proof_resumes_it_in_secon
             .output()?;
         anyhow::Ok(!out.stdout.is_empty())
     };
-    assert!(
-        running()?
-            || c.count("SELECT count(*) FROM containers WHERE state = 'suspended'")
-                .await?
-                == 1
-    );
     wait_for(Duration::from_secs(20), "the container to stop", || async {
         Ok(!running()?)
     })

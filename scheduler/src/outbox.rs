@@ -254,6 +254,23 @@ fn render(app: &App, mail: &Due) -> Option<crate::mail::Rendered> {
                 },
             ))
         }
+        Purpose::PasswordReset => {
+            let link = format!("{origin}/#reset-password={}", secret?);
+            let valid_minutes = u32::try_from(mail.params.0.get("validMinutes")?.as_u64()?).ok()?;
+            Some(templates::render(
+                &mail.recipient,
+                &Mail::PasswordReset {
+                    link: &link,
+                    valid_minutes,
+                },
+            ))
+        }
+        Purpose::PasswordChanged => Some(templates::render(
+            &mail.recipient,
+            &Mail::PasswordChanged {
+                dashboard: &dashboard,
+            },
+        )),
         Purpose::VerifyEmail => {
             // In the fragment: a browser never sends it to a server, nor
             // in a Referer.

@@ -36,6 +36,7 @@ pub const CATALOG: &[Metric] = &[
     Metric::histogram("clawdeploy_route_propagation_seconds", &[], "From a route change's commit to every connected edge acknowledging it."),
     Metric::counter("clawdeploy_logins_total", &["result"], "Logins by result: ok, failed, limited."),
     Metric::counter("clawdeploy_registrations_total", &["result"], "Registrations refused by the per-address limit (result=limited)."),
+    Metric::counter("clawdeploy_password_resets_total", &["step"], "Password resets by step: requested, unknown_email (answered the same), limited, completed."),
     Metric::counter("clawdeploy_password_queue_full_total", &[], "Password hashes refused because the hashing queue was full (answered 503)."),
     Metric::counter("clawdeploy_node_joins_total", &["result"], "Node joins by result: ok, refused."),
     Metric::counter("clawdeploy_node_cert_renewals_total", &[], "Node certificates renewed."),

@@ -4,6 +4,7 @@
 //! of which only the SHA-256 is stored.
 
 mod policy;
+pub mod reset;
 pub mod verify;
 
 use sha2::{Digest, Sha256};

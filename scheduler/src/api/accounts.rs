@@ -5,7 +5,7 @@ use axum::http::StatusCode;
 use serde::Deserialize;
 
 use super::extract::{ApiJson, AuthUser, ClientAddr};
-use super::views::{ErrorBody, Resent, SessionView, Verified};
+use super::views::{ErrorBody, PasswordReset, Resent, SessionView, Verified};
 use crate::accounts;
 use crate::app::AppRef;
 use crate::error::Result;
@@ -133,4 +133,68 @@ pub async fn resend_verification(
             message: "If your address still needs confirming, a new link is on its way.",
         }),
     ))
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ForgotPassword {
+    #[schema(format = "email", max_length = 254)]
+    email: String,
+}
+
+/// Asks for a password reset link. The answer (status, body, and time: at
+/// least a quarter of a second either way) is the same whether or not an
+/// account has this email; the link is mailed only if one does.
+#[utoipa::path(post, path = "/api/auth/password/forgot", tag = "accounts", request_body = ForgotPassword,
+    responses(
+        (status = 202, description = "If an account has this email, a link is on its way", body = Resent),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 429, description = "Too many requests for this email or from this address in the last hour (rate_limited, with Retry-After)", body = ErrorBody),
+    ))]
+pub async fn forgot_password(
+    State(app): State<AppRef>,
+    ClientAddr(client): ClientAddr,
+    ApiJson(body): ApiJson<ForgotPassword>,
+) -> Result<(StatusCode, axum::Json<Resent>)> {
+    let floor = tokio::time::Instant::now() + accounts::reset::FORGOT_FLOOR;
+    let asked = accounts::reset::forgot(&app, &body.email, client).await;
+    tokio::time::sleep_until(floor).await;
+    asked?;
+    Ok((
+        StatusCode::ACCEPTED,
+        axum::Json(Resent {
+            message: "If an account uses this address, a link to reset its password is on its way.",
+        }),
+    ))
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResetPassword {
+    /// The token from the mailed link (after `#reset-password=`).
+    #[schema(min_length = 1, max_length = 200)]
+    token: String,
+    #[schema(min_length = 10, max_length = 256)]
+    password: String,
+}
+
+/// Sets a new password with the mailed link's token (once, within the
+/// hour). Every session of the account ends; a notice is mailed.
+#[utoipa::path(post, path = "/api/auth/password/reset", tag = "accounts", request_body = ResetPassword,
+    responses(
+        (status = 200, description = "The password is set; sign in with it", body = PasswordReset),
+        (status = 400, description = "Malformed JSON, or a token that is unknown, used or expired (invalid_token)", body = ErrorBody),
+        (status = 422, description = "A password the policy refuses (the link still works)", body = ErrorBody),
+    ))]
+pub async fn reset_password(
+    State(app): State<AppRef>,
+    ApiJson(body): ApiJson<ResetPassword>,
+) -> Result<axum::Json<PasswordReset>> {
+    if body.token.len() > 200 {
+        return Err(crate::error::Error::InvalidToken(
+            "this reset link is unknown, used or expired: ask for a new one",
+        ));
+    }
+    accounts::reset::reset(&app, &body.token, body.password).await?;
+    Ok(axum::Json(PasswordReset { reset: true }))
 }

@@ -41,6 +41,8 @@ pub fn api() -> OpenApiRouter<AppRef> {
         .routes(routes!(accounts::logout))
         .routes(routes!(accounts::verify_email))
         .routes(routes!(accounts::resend_verification))
+        .routes(routes!(accounts::forgot_password))
+        .routes(routes!(accounts::reset_password))
         .routes(routes!(instances::create))
         .routes(routes!(
             instances::me,

@@ -439,3 +439,9 @@ pub struct Verified {
 pub struct Resent {
     pub message: &'static str,
 }
+
+/// A password set with a reset link.
+#[derive(Serialize, ToSchema)]
+pub struct PasswordReset {
+    pub reset: bool,
+}

@@ -8,4 +8,5 @@ pub async fn housekeep(app: &App) {
     crate::lifecycle::idempotency::purge_expired(app).await;
     crate::accounts::purge_rate_windows(&app.db).await;
     crate::outbox::purge_old(app).await;
+    crate::accounts::reset::purge(&app.db).await;
 }

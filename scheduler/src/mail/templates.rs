@@ -17,15 +17,26 @@ pub enum Purpose {
     GatewayLive,
     /// A link that proves the account's email address.
     VerifyEmail,
+    /// A link that sets a new password.
+    PasswordReset,
+    /// The notice that the password changed.
+    PasswordChanged,
 }
 
 impl Purpose {
-    pub const ALL: [Purpose; 2] = [Purpose::GatewayLive, Purpose::VerifyEmail];
+    pub const ALL: [Purpose; 4] = [
+        Purpose::GatewayLive,
+        Purpose::VerifyEmail,
+        Purpose::PasswordReset,
+        Purpose::PasswordChanged,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Purpose::GatewayLive => "gateway_live",
             Purpose::VerifyEmail => "verify_email",
+            Purpose::PasswordReset => "password_reset",
+            Purpose::PasswordChanged => "password_changed",
         }
     }
 }
@@ -43,6 +54,15 @@ pub enum Mail<'a> {
         link: &'a str,
         /// How long it works, in hours.
         valid_hours: u32,
+    },
+    PasswordReset {
+        /// The link that sets a new password (its token inside).
+        link: &'a str,
+        valid_minutes: u32,
+    },
+    PasswordChanged {
+        /// Where to sign in (and reset again if this was not the owner).
+        dashboard: &'a str,
     },
 }
 
@@ -64,6 +84,22 @@ pub fn render(to: &str, mail: &Mail<'_>) -> Rendered {
                 format!("The link works once, for {valid_hours} hours. If you did not sign up for ClawDeploy, ignore this mail."),
             ],
             Some(("Confirm your email address", *link)),
+        ),
+        Mail::PasswordReset { link, valid_minutes } => (
+            "Reset your ClawDeploy password".to_owned(),
+            vec![
+                "Someone asked to reset the password of your ClawDeploy account. If it was you, choose a new one with the link below.".into(),
+                format!("The link works once, for {valid_minutes} minutes. If you did not ask, ignore this mail: your password stays as it is."),
+            ],
+            Some(("Choose a new password", *link)),
+        ),
+        Mail::PasswordChanged { dashboard } => (
+            "Your ClawDeploy password was changed".to_owned(),
+            vec![
+                "The password of your ClawDeploy account was just changed, and every session was signed out.".into(),
+                "If this was not you, reset your password at once from the sign-in page, and tell us.".into(),
+            ],
+            Some(("Sign in", *dashboard)),
         ),
     };
     let mut text = paragraphs.join("\n\n");

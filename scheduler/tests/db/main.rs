@@ -11,6 +11,7 @@ mod domains;
 mod http;
 mod idempotency;
 mod mail;
+mod reset;
 mod routes;
 mod support;
 mod verify;

@@ -313,3 +313,95 @@ async fn past_the_grace_an_unproven_gateway_pauses_and_proof_resumes_it_in_secon
     assert_eq!(std::fs::read_to_string(&note)?, "kept while paused");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forgotten_password_is_reset_by_its_mailed_link_once_and_every_session_ends() -> Result<()>
+{
+    let dir = clawdeploy_e2e::workspace_root()
+        .join(".local/e2e")
+        .join(format!("smtp-{}", uuid::Uuid::new_v4().simple()));
+    let smtp = SmtpServer::start(&dir).await?;
+    let c = Cluster::start(ClusterOptions {
+        nodes: 1,
+        min_idle: 0,
+        max_idle: 0,
+        scheduler_args: vec!["--smtp-url".into(), smtp.url()],
+        ..Default::default()
+    })
+    .await?;
+    let old_session = c.register("resets@example.com").await?;
+    let c = &c;
+    let forgot = |email: &'static str| async move {
+        let r = c
+            .client
+            .post(c.api("/api/auth/password/forgot"))
+            .json(&json!({ "email": email }))
+            .send()
+            .await?;
+        let status = r.status().as_u16();
+        anyhow::Ok((status, r.bytes().await?))
+    };
+    // Known and unknown: byte for byte the same answer.
+    let unknown = forgot("nobody-here@example.com").await?;
+    let known = forgot("resets@example.com").await?;
+    assert_eq!(unknown, known);
+    assert_eq!(known.0, 202);
+
+    wait_for(Duration::from_secs(20), "the reset mail", || async {
+        Ok(smtp
+            .messages_to("resets@example.com")?
+            .iter()
+            .any(|m| m.subject == "Reset your ClawDeploy password"))
+    })
+    .await?;
+    assert!(smtp.messages_to("nobody-here@example.com")?.is_empty());
+    let mail = smtp
+        .messages_to("resets@example.com")?
+        .into_iter()
+        .find(|m| m.subject == "Reset your ClawDeploy password")
+        .context("the mail")?;
+    let (_, rest) = mail
+        .body
+        .split_once("#reset-password=")
+        .context("the link")?;
+    let token: String = rest.chars().take_while(char::is_ascii_hexdigit).collect();
+
+    let reset = |t: String, p: &'static str| async move {
+        let r = c
+            .client
+            .post(c.api("/api/auth/password/reset"))
+            .json(&json!({"token": t, "password": p}))
+            .send()
+            .await?;
+        let status = r.status().as_u16();
+        let v: Value = r.json().await?;
+        anyhow::Ok((status, v))
+    };
+    let (status, v) = reset(token.clone(), "a-brand-new-passphrase").await?;
+    assert_eq!(status, 200, "{v}");
+    let (status, v) = reset(token, "another-new-passphrase").await?;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (400, Some("invalid_token"))
+    );
+    // The session from before is over; the new password signs in.
+    let r = c
+        .client
+        .get(c.api("/api/instances/me"))
+        .bearer_auth(&old_session)
+        .send()
+        .await?;
+    assert_eq!(r.status().as_u16(), 401);
+    let (status, _, _) = login(c, "resets@example.com", "a-brand-new-passphrase").await?;
+    assert_eq!(status, 200);
+    let (status, _, _) = login(c, "resets@example.com", PASSWORD).await?;
+    assert_eq!(status, 401);
+    wait_for(Duration::from_secs(20), "the notice", || async {
+        Ok(smtp
+            .messages_to("resets@example.com")?
+            .iter()
+            .any(|m| m.subject == "Your ClawDeploy password was changed"))
+    })
+    .await?;
+    Ok(())
+}

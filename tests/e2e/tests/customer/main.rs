@@ -400,6 +400,8 @@ async fn the_openapi_document_describes_every_route_and_errors_are_json() -> Res
         ("POST", "/admin/nodes/{id}/drain"),
         ("POST", "/api/auth/login"),
         ("POST", "/api/auth/logout"),
+        ("POST", "/api/auth/password/forgot"),
+        ("POST", "/api/auth/password/reset"),
         ("POST", "/api/auth/register"),
         ("POST", "/api/auth/resend-verification"),
         ("POST", "/api/auth/verify-email"),

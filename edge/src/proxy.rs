@@ -507,3 +507,28 @@ async fn splice<C, U>(
     metrics::gauge!("clawdeploy_edge_websockets").decrement(1.0);
     metrics::counter!("clawdeploy_edge_websockets_ended_total", "reason" => ended).increment(1);
 }
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_paused_gateway_is_answered_by_the_edge_saying_why() {
+        let r = paused(&HeaderMap::new(), "email_unverified");
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        let body = r.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"]["code"], "gateway_paused");
+        assert!(v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("confirms their email address"));
+        let mut browser = HeaderMap::new();
+        browser.insert(header::ACCEPT, HeaderValue::from_static("text/html"));
+        let page = paused(&browser, "email_unverified");
+        let body = page.into_body().collect().await.unwrap().to_bytes();
+        assert!(String::from_utf8_lossy(&body).contains("gateway_paused"));
+    }
+}

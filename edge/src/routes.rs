@@ -430,13 +430,6 @@ mod tests {
             published_unix_ms: 0,
         });
         assert_eq!(t.lookup("p.x.test").unwrap().paused, "email_unverified");
-        let headers = {
-            let mut h = http::HeaderMap::new();
-            h.insert(http::header::ACCEPT, "application/json".parse().unwrap());
-            h
-        };
-        let answer = crate::proxy::paused(&headers, "email_unverified");
-        assert_eq!(answer.status(), http::StatusCode::FORBIDDEN);
         t.apply_delta(RouteDelta {
             version: 2,
             upsert: Some(route("p.x.test", "10.0.0.9:1")),

@@ -19,25 +19,63 @@ fn live_mail(smtp: &SmtpServer, to: &str) -> Result<Vec<clawdeploy_e2e::smtp::Re
         .collect())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn gateway_live_mail_arrives_once_and_waits_out_a_server_that_is_away() -> Result<()> {
+/// A one-node cluster whose scheduler mails through an SMTP server of the
+/// test's own, with links from `https://app.clawdeploy.test`, a pool of
+/// `min_idle` and these scheduler flags besides.
+async fn mailing_cluster(min_idle: u32, flags: &[&str]) -> Result<(SmtpServer, Cluster)> {
     let dir = clawdeploy_e2e::workspace_root()
         .join(".local/e2e")
         .join(format!("smtp-{}", uuid::Uuid::new_v4().simple()));
-    let mut smtp = SmtpServer::start(&dir).await?;
+    let smtp = SmtpServer::start(&dir).await?;
+    let mut scheduler_args = vec![
+        "--smtp-url".to_owned(),
+        smtp.url(),
+        "--public-origin".to_owned(),
+        "https://app.clawdeploy.test".to_owned(),
+    ];
+    scheduler_args.extend(flags.iter().map(|f| f.to_string()));
     let c = Cluster::start(ClusterOptions {
         nodes: 1,
-        min_idle: 4,
-        scheduler_args: vec![
-            "--smtp-url".into(),
-            smtp.url(),
-            "--public-origin".into(),
-            "https://app.clawdeploy.test".into(),
-        ],
+        min_idle,
+        max_idle: min_idle.max(1) * 2,
+        scheduler_args,
         ..Default::default()
     })
     .await?;
-    c.wait_idle_at_least(4, Duration::from_secs(90)).await?;
+    if min_idle > 0 {
+        c.wait_idle_at_least(i64::from(min_idle), Duration::from_secs(90))
+            .await?;
+    }
+    Ok((smtp, c))
+}
+
+/// The token of the link (`#<fragment>=<token>`) in the mail titled
+/// `subject` to `to`, once it has arrived.
+async fn mailed_token(
+    smtp: &SmtpServer,
+    to: &str,
+    subject: &str,
+    fragment: &str,
+) -> Result<String> {
+    wait_for(Duration::from_secs(20), subject, || async {
+        Ok(smtp.messages_to(to)?.iter().any(|m| m.subject == subject))
+    })
+    .await?;
+    let mail = smtp
+        .messages_to(to)?
+        .into_iter()
+        .find(|m| m.subject == subject)
+        .context("the mail")?;
+    let (_, rest) = mail
+        .body
+        .split_once(&format!("#{fragment}="))
+        .context("the link")?;
+    Ok(rest.chars().take_while(char::is_ascii_hexdigit).collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_live_mail_arrives_once_and_waits_out_a_server_that_is_away() -> Result<()> {
+    let (mut smtp, c) = mailing_cluster(4, &[]).await?;
 
     let first = c.register("mail-first@example.com").await?;
     let (status, v) = c
@@ -131,22 +169,7 @@ async fn gateway_live_mail_arrives_once_and_waits_out_a_server_that_is_away() ->
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mailed_link_proves_the_address_once_and_unlocks_custom_domains() -> Result<()> {
-    let dir = clawdeploy_e2e::workspace_root()
-        .join(".local/e2e")
-        .join(format!("smtp-{}", uuid::Uuid::new_v4().simple()));
-    let smtp = SmtpServer::start(&dir).await?;
-    let c = Cluster::start(ClusterOptions {
-        nodes: 1,
-        min_idle: 1,
-        scheduler_args: vec![
-            "--smtp-url".into(),
-            smtp.url(),
-            "--public-origin".into(),
-            "https://app.clawdeploy.test".into(),
-        ],
-        ..Default::default()
-    })
-    .await?;
+    let (smtp, c) = mailing_cluster(1, &[]).await?;
     let token = c.register_unverified("proves@example.com").await?;
     let add_domain = || async {
         let r = c
@@ -164,30 +187,27 @@ async fn a_mailed_link_proves_the_address_once_and_unlocks_custom_domains() -> R
         ))
     };
     // The gateway comes at once; custom domains wait for the address.
-    c.wait_idle_at_least(1, Duration::from_secs(60)).await?;
     let (status, v) = c
         .create_instance(&token, &json!({"subdomain": "proves"}))
         .await?;
     assert_eq!(status, 201, "{v}");
     assert_eq!(add_domain().await?, (403, "email_unverified".to_owned()));
 
-    wait_for(Duration::from_secs(20), "the verification mail", || async {
-        Ok(smtp
-            .messages_to("proves@example.com")?
-            .iter()
-            .any(|m| m.subject == "Confirm your email address"))
-    })
+    let link_token = mailed_token(
+        &smtp,
+        "proves@example.com",
+        "Confirm your email address",
+        "verify-email",
+    )
     .await?;
-    let mail = smtp
-        .messages_to("proves@example.com")?
-        .into_iter()
-        .find(|m| m.subject == "Confirm your email address")
-        .context("the mail")?;
-    let (_, rest) = mail
-        .body
-        .split_once("https://app.clawdeploy.test/#verify-email=")
-        .context("the link, from --public-origin")?;
-    let link_token: String = rest.chars().take_while(char::is_ascii_hexdigit).collect();
+    assert!(
+        smtp.messages_to("proves@example.com")?
+            .iter()
+            .any(|m| m.body.contains(&format!(
+                "https://app.clawdeploy.test/#verify-email={link_token}"
+            ))),
+        "the link comes from --public-origin"
+    );
     assert_eq!(link_token.len(), 64);
 
     // The link's token, as the page posts it: once.
@@ -230,27 +250,8 @@ async fn a_mailed_link_proves_the_address_once_and_unlocks_custom_domains() -> R
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_the_grace_an_unproven_gateway_pauses_and_proof_resumes_it_in_seconds() -> Result<()> {
     use clawdeploy_e2e::ops::{placement, volume_dir};
-    let dir = clawdeploy_e2e::workspace_root()
-        .join(".local/e2e")
-        .join(format!("smtp-{}", uuid::Uuid::new_v4().simple()));
-    let smtp = SmtpServer::start(&dir).await?;
-    let c = Cluster::start(ClusterOptions {
-        nodes: 1,
-        min_idle: 1,
-        scheduler_args: vec![
-            "--smtp-url".into(),
-            smtp.url(),
-            "--public-origin".into(),
-            "https://app.clawdeploy.test".into(),
-            // 18 seconds.
-            "--verify-grace-hours".into(),
-            "0.005".into(),
-        ],
-        ..Default::default()
-    })
-    .await?;
+    let (smtp, c) = mailing_cluster(1, &["--verify-grace-hours", "0.005"]).await?;
     let token = c.register_unverified("pauses@example.com").await?;
-    c.wait_idle_at_least(1, Duration::from_secs(60)).await?;
     let (status, v) = c
         .create_instance(&token, &json!({"subdomain": "pauses"}))
         .await?;
@@ -287,13 +288,13 @@ async fn past_the_grace_an_unproven_gateway_pauses_and_proof_resumes_it_in_secon
 
     // The mailed link proves the address: the same container answers
     // again within seconds, its state kept.
-    let mail = smtp
-        .messages_to("pauses@example.com")?
-        .into_iter()
-        .find(|m| m.subject == "Confirm your email address")
-        .context("the verification mail")?;
-    let (_, rest) = mail.body.split_once("#verify-email=").context("the link")?;
-    let link_token: String = rest.chars().take_while(char::is_ascii_hexdigit).collect();
+    let link_token = mailed_token(
+        &smtp,
+        "pauses@example.com",
+        "Confirm your email address",
+        "verify-email",
+    )
+    .await?;
     let r = c
         .client
         .post(c.api("/api/auth/verify-email"))
@@ -317,18 +318,7 @@ async fn past_the_grace_an_unproven_gateway_pauses_and_proof_resumes_it_in_secon
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forgotten_password_is_reset_by_its_mailed_link_once_and_every_session_ends() -> Result<()>
 {
-    let dir = clawdeploy_e2e::workspace_root()
-        .join(".local/e2e")
-        .join(format!("smtp-{}", uuid::Uuid::new_v4().simple()));
-    let smtp = SmtpServer::start(&dir).await?;
-    let c = Cluster::start(ClusterOptions {
-        nodes: 1,
-        min_idle: 0,
-        max_idle: 0,
-        scheduler_args: vec!["--smtp-url".into(), smtp.url()],
-        ..Default::default()
-    })
-    .await?;
+    let (smtp, c) = mailing_cluster(0, &[]).await?;
     let old_session = c.register("resets@example.com").await?;
     let c = &c;
     let forgot = |email: &'static str| async move {
@@ -347,24 +337,14 @@ async fn a_forgotten_password_is_reset_by_its_mailed_link_once_and_every_session
     assert_eq!(unknown, known);
     assert_eq!(known.0, 202);
 
-    wait_for(Duration::from_secs(20), "the reset mail", || async {
-        Ok(smtp
-            .messages_to("resets@example.com")?
-            .iter()
-            .any(|m| m.subject == "Reset your ClawDeploy password"))
-    })
+    let token = mailed_token(
+        &smtp,
+        "resets@example.com",
+        "Reset your ClawDeploy password",
+        "reset-password",
+    )
     .await?;
     assert!(smtp.messages_to("nobody-here@example.com")?.is_empty());
-    let mail = smtp
-        .messages_to("resets@example.com")?
-        .into_iter()
-        .find(|m| m.subject == "Reset your ClawDeploy password")
-        .context("the mail")?;
-    let (_, rest) = mail
-        .body
-        .split_once("#reset-password=")
-        .context("the link")?;
-    let token: String = rest.chars().take_while(char::is_ascii_hexdigit).collect();
 
     let reset = |t: String, p: &'static str| async move {
         let r = c

@@ -22,6 +22,16 @@ pub enum Error {
     BadCredentials,
     #[error("too many failed logins")]
     TooManyAttempts,
+    /// The account's password, asked again before a sensitive change, was
+    /// wrong.
+    #[error("wrong password")]
+    WrongPassword,
+    /// A wrong, malformed or already used second-factor code.
+    #[error("wrong code")]
+    WrongCode,
+    /// An MFA login token that is unknown, expired, used or out of tries.
+    #[error("MFA token unknown, expired or out of tries")]
+    MfaTokenInvalid,
     #[error("forbidden: {0}")]
     Forbidden(String),
     /// Not allowed on this account's plan.
@@ -105,6 +115,23 @@ impl Error {
                 StatusCode::TOO_MANY_REQUESTS,
                 "too_many_attempts",
                 "too many failed logins; try again later".into(),
+            ),
+            Error::WrongPassword => (
+                StatusCode::FORBIDDEN,
+                "wrong_password",
+                "that is not the account's password".into(),
+            ),
+            // Not 401: on the account's own endpoints the session stands.
+            Error::WrongCode => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "wrong_code",
+                "that code is wrong, already used or too old".into(),
+            ),
+            Error::MfaTokenInvalid => (
+                StatusCode::UNAUTHORIZED,
+                "mfa_token_invalid",
+                "this sign-in expired or ran out of tries: sign in again with your password"
+                    .into(),
             ),
             Error::Forbidden(m) => (StatusCode::FORBIDDEN, "forbidden", m.clone()),
             Error::PlanRequired(m) => (StatusCode::FORBIDDEN, "plan_required", m.clone()),

@@ -265,6 +265,13 @@ fn render(app: &App, mail: &Due) -> Option<crate::mail::Rendered> {
                 },
             ))
         }
+        Purpose::MfaEnabled | Purpose::MfaDisabled => Some(templates::render(
+            &mail.recipient,
+            &Mail::MfaChanged {
+                on: mail.purpose == Purpose::MfaEnabled,
+                dashboard: &dashboard,
+            },
+        )),
         Purpose::PasswordChanged => Some(templates::render(
             &mail.recipient,
             &Mail::PasswordChanged {

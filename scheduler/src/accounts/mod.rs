@@ -1,23 +1,56 @@
 //! Customer accounts: registration (with a link that proves the address:
 //! `verify.rs`), login with argon2id (OWASP parameters: 19 MiB, 2
-//! iterations, 1 lane), limits on failed logins, and opaque bearer tokens
-//! of which only the SHA-256 is stored.
+//! iterations, 1 lane) and, when it is on, a second factor (`mfa`),
+//! limits on failed logins, sessions (`sessions.rs`), the security log,
+//! password reset and the profile.
 
+pub mod mfa;
 mod policy;
 pub mod reset;
+pub mod security_log;
+pub mod sessions;
 pub mod verify;
 
-use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::app::App;
 use crate::audit::audit;
-use crate::crypto::{password, random_token};
+use crate::crypto::password;
 use crate::error::{Error, Result};
 pub use policy::{check_password, normalize_email};
+use security_log::SecurityEvent;
+pub use sessions::{authenticate, logout, token_hash};
 
-const TOKEN_LIFETIME_DAYS: i32 = 7;
+/// Where a request came from, as the security log and the sessions list
+/// show it: the client's address (when known) and its user agent (cut to
+/// `USER_AGENT_MAX` characters).
+#[derive(Debug, Clone, Default)]
+pub struct Client {
+    pub address: Option<std::net::IpAddr>,
+    pub user_agent: String,
+}
+
+/// The longest user agent kept.
+pub const USER_AGENT_MAX: usize = 256;
+
+impl Client {
+    pub fn new(address: Option<std::net::IpAddr>, user_agent: &str) -> Self {
+        let user_agent = user_agent
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(USER_AGENT_MAX)
+            .collect();
+        Client {
+            address,
+            user_agent,
+        }
+    }
+
+    pub fn address_text(&self) -> Option<String> {
+        self.address.map(|a| a.to_string())
+    }
+}
 
 /// Failed logins allowed per account (normalised email) in an hour; the
 /// next attempt, right password or not, is refused until the window moves.
@@ -44,44 +77,29 @@ pub struct Session {
     pub token: String,
 }
 
-/// The SHA-256 of a bearer token: what the `sessions` table keeps.
-pub fn token_hash(token: &str) -> Vec<u8> {
-    Sha256::digest(token.as_bytes()).to_vec()
-}
-
-async fn issue_token(db: &PgPool, user_id: Uuid) -> Result<String> {
-    let token = format!("cdt_{}", random_token(32));
-    sqlx::query("INSERT INTO sessions (token_hash, user_id, expires_at) VALUES ($1, $2, now() + make_interval(days => $3))")
-        .bind(token_hash(&token))
-        .bind(user_id)
-        .bind(TOKEN_LIFETIME_DAYS)
-        .execute(db)
-        .await?;
-    Ok(token)
-}
-
-/// Creates an account (the email normalised, the password checked against
-/// the policy) and its first session.
 /// A registration: what the client sent, and from where.
 pub struct Registration<'a> {
     pub email: &'a str,
     pub password: String,
     pub name: &'a str,
-    /// The client's address, when known: at most `per_address_per_hour`
-    /// attempts from one address.
-    pub address: Option<std::net::IpAddr>,
+    /// The client: at most `per_address_per_hour` attempts from one
+    /// address (when it is known).
+    pub client: Client,
     pub per_address_per_hour: u32,
 }
 
+/// Creates an account (the email normalised, the password checked against
+/// the policy) and its first session.
 pub async fn register(app: &App, r: Registration<'_>) -> Result<Session> {
     let db = &app.db;
     let Registration {
         email,
         password,
         name,
-        address,
+        client,
         per_address_per_hour,
     } = r;
+    let address = client.address;
     let email = normalize_email(email)?;
     let name = display_name(name)?;
     check_password(&password, &email)?;
@@ -118,7 +136,7 @@ pub async fn register(app: &App, r: Registration<'_>) -> Result<Session> {
         serde_json::json!({}),
     )
     .await;
-    let token = issue_token(db, id).await?;
+    let token = sessions::open(db, id, &client).await?;
     Ok(Session {
         user_id: id,
         email,
@@ -170,7 +188,11 @@ async fn check_login_limits(db: &PgPool, email: &str, address: Option<&str>) -> 
     Ok(())
 }
 
-async fn record_login_failure(db: &PgPool, email: &str, address: Option<&str>) -> Result<()> {
+pub(crate) async fn record_login_failure(
+    db: &PgPool,
+    email: &str,
+    address: Option<&str>,
+) -> Result<()> {
     sqlx::query("INSERT INTO login_failures (email, address) VALUES ($1, $2)")
         .bind(email)
         .bind(address)
@@ -199,59 +221,84 @@ pub async fn purge_rate_windows(db: &PgPool) {
     }
 }
 
-/// Checks a login from `address` (when known) and opens a session. A wrong
-/// password and an unknown email get the same error, after the same work.
+/// What a right password leads to.
+#[derive(Debug)]
+pub enum LoginOutcome {
+    /// Signed in.
+    Session(Session),
+    /// The account has MFA on: the second step (`mfa::challenge::finish`)
+    /// takes this token and a code.
+    MfaRequired { mfa_token: String },
+}
+
+/// Checks a login from `client`: a session, or the second step when the
+/// account has MFA on. A wrong password and an unknown email get the same
+/// error, after the same work; a wrong password for a known account goes
+/// into its security log.
 pub async fn login(
     db: &PgPool,
     email: &str,
     password: String,
-    address: Option<std::net::IpAddr>,
-) -> Result<Session> {
+    client: &Client,
+) -> Result<LoginOutcome> {
     // An invalid email cannot match an account: same answer as a wrong password.
     let email = normalize_email(email).unwrap_or_default();
-    let address = address.map(|a| a.to_string());
+    let address = client.address_text();
     check_login_limits(db, &email, address.as_deref()).await?;
-    let user: Option<(Uuid, String)> =
-        sqlx::query_as("SELECT id, password_hash FROM users WHERE email = $1")
-            .bind(&email)
-            .fetch_optional(db)
-            .await?;
-    let (id, hash) = match user {
-        Some((id, hash)) => (Some(id), hash),
-        None => (None, dummy_hash().await?),
+    let user: Option<(Uuid, String, bool)> = sqlx::query_as(
+        "SELECT id, password_hash, totp_enabled_at IS NOT NULL FROM users WHERE email = $1",
+    )
+    .bind(&email)
+    .fetch_optional(db)
+    .await?;
+    let (id, hash, mfa_on) = match user {
+        Some((id, hash, mfa_on)) => (Some(id), hash, mfa_on),
+        None => (None, dummy_hash().await?, false),
     };
     let ok = password::verify(password, hash).await?;
     let Some(id) = id.filter(|_| ok) else {
         record_login_failure(db, &email, address.as_deref()).await?;
+        if let Some(id) = id {
+            let detail = serde_json::json!({"step": "password"});
+            security_log::record(db, id, SecurityEvent::LoginFailed, client, detail).await?;
+        }
         metrics::counter!("clawdeploy_logins_total", "result" => "failed").increment(1);
         return Err(Error::BadCredentials);
     };
+    if mfa_on {
+        metrics::counter!("clawdeploy_logins_total", "result" => "mfa_required").increment(1);
+        let mfa_token = mfa::challenge::open(db, id, client).await?;
+        return Ok(LoginOutcome::MfaRequired { mfa_token });
+    }
     metrics::counter!("clawdeploy_logins_total", "result" => "ok").increment(1);
-    let token = issue_token(db, id).await?;
-    Ok(Session {
+    let mut tx = db.begin().await?;
+    let detail = serde_json::json!({"mfa": null});
+    security_log::record(&mut *tx, id, SecurityEvent::LoginSucceeded, client, detail).await?;
+    let token = sessions::open(&mut *tx, id, client).await?;
+    tx.commit().await?;
+    Ok(LoginOutcome::Session(Session {
         user_id: id,
         email,
         token,
-    })
+    }))
 }
 
-/// Revokes the session whose token hashes to `token_hash`.
-pub async fn logout(db: &PgPool, token_hash: &[u8]) -> Result<()> {
-    sqlx::query("UPDATE sessions SET revoked_at = now() WHERE token_hash = $1")
-        .bind(token_hash)
-        .execute(db)
-        .await?;
-    Ok(())
-}
-
-/// The account a live (unexpired, unrevoked) token belongs to.
-pub async fn authenticate(db: &PgPool, token_hash: &[u8]) -> Result<Option<Uuid>> {
-    Ok(sqlx::query_scalar(
-        "SELECT user_id FROM sessions WHERE token_hash = $1 AND expires_at > now() AND revoked_at IS NULL",
-    )
-    .bind(token_hash)
-    .fetch_optional(db)
-    .await?)
+/// Asks for the account's password again before a sensitive change
+/// (GitHub's sudo mode); returns the account's email. A wrong one counts
+/// as a failed login.
+pub async fn confirm_password(db: &PgPool, user_id: Uuid, password: String) -> Result<String> {
+    let (email, hash): (String, String) =
+        sqlx::query_as("SELECT email, password_hash FROM users WHERE id = $1")
+            .bind(user_id)
+            .fetch_optional(db)
+            .await?
+            .ok_or(Error::Unauthenticated)?;
+    check_login_limits(db, &email, None).await?;
+    if !password::verify(password, hash).await? {
+        record_login_failure(db, &email, None).await?;
+        return Err(Error::WrongPassword);
+    }
+    Ok(email)
 }
 
 /// A display name as stored: trimmed, at most 100 characters, no control

@@ -10,7 +10,8 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use super::{check_password, normalize_email};
+use super::security_log::{self, SecurityEvent};
+use super::{check_password, normalize_email, sessions, Client};
 use crate::app::App;
 use crate::audit::audit;
 use crate::crypto::{password, random_token};
@@ -99,7 +100,7 @@ pub async fn forgot(app: &App, email: &str, address: Option<std::net::IpAddr>) -
 /// Sets a new password with a link's token: once, within the hour. Every
 /// session and every other reset token of the account ends; a notice is
 /// mailed. Returns the account.
-pub async fn reset(app: &App, token: &str, new_password: String) -> Result<Uuid> {
+pub async fn reset(app: &App, token: &str, new_password: String, client: &Client) -> Result<Uuid> {
     let hash = digest(token.trim());
     // Checked before the token is spent: a refused password leaves the
     // link working.
@@ -133,13 +134,15 @@ pub async fn reset(app: &App, token: &str, new_password: String) -> Result<Uuid>
         .bind(&new_hash)
         .execute(&mut *tx)
         .await?;
-    let ended = sqlx::query(
-        "UPDATE sessions SET revoked_at = now() WHERE user_id = $1 AND revoked_at IS NULL",
+    let ended = sessions::end_all(&mut tx, user_id).await?;
+    security_log::record(
+        &mut *tx,
+        user_id,
+        SecurityEvent::PasswordChanged,
+        client,
+        serde_json::json!({"by": "reset_link", "sessionsEnded": ended}),
     )
-    .bind(user_id)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
+    .await?;
     sqlx::query("DELETE FROM password_resets WHERE user_id = $1 AND token_hash <> $2")
         .bind(user_id)
         .bind(&hash)

@@ -24,7 +24,8 @@ impl Modify for BearerAuth {
     ),
     modifiers(&BearerAuth),
     tags(
-        (name = "accounts"),
+        (name = "accounts", description = "Registration, sign-in (with its second step), verification and password reset"),
+        (name = "account", description = "The signed-in customer's own account: sessions, security log, two-factor sign-in"),
         (name = "billing", description = "Plans and, later, payment"),
         (name = "instances"),
         (name = "operator", description = "Bearer: the operator token (--admin-token)"),

@@ -1,6 +1,6 @@
 //! Extractors: the JSON body in the API's error shape, the customer behind
 //! a bearer token, the operator behind the admin token, the client's
-//! address and the `Idempotency-Key` header.
+//! address (and user agent) and the `Idempotency-Key` header.
 
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
@@ -44,6 +44,8 @@ fn bearer(parts: &Parts) -> Result<&str> {
 /// The authenticated customer behind a request's bearer token.
 pub struct AuthUser {
     pub id: Uuid,
+    /// The session the token opened.
+    pub session_id: Uuid,
     /// The SHA-256 of the token that authenticated the request.
     pub token_hash: Vec<u8>,
 }
@@ -53,12 +55,14 @@ impl FromRequestParts<AppRef> for AuthUser {
 
     async fn from_request_parts(parts: &mut Parts, app: &AppRef) -> Result<Self> {
         let hash = accounts::token_hash(bearer(parts)?);
-        let id = accounts::authenticate(&app.db, &hash).await?;
-        id.map(|id| AuthUser {
-            id,
-            token_hash: hash,
-        })
-        .ok_or(Error::Unauthenticated)
+        let found = accounts::authenticate(&app.db, &hash).await?;
+        found
+            .map(|a| AuthUser {
+                id: a.user_id,
+                session_id: a.session_id,
+                token_hash: hash,
+            })
+            .ok_or(Error::Unauthenticated)
     }
 }
 
@@ -75,12 +79,7 @@ impl FromRequestParts<AppRef> for Operator {
             ));
         };
         let given = Sha256::digest(bearer(parts)?.as_bytes());
-        // Equal-length digests, compared without an early exit.
-        let diff = given
-            .iter()
-            .zip(want)
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
-        if diff != 0 {
+        if !crate::crypto::same_bytes(&given, want) {
             return Err(Error::Unauthenticated);
         }
         Ok(Operator)
@@ -100,6 +99,24 @@ impl<S: Send + Sync> FromRequestParts<S> for ClientAddr {
                 .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
                 .map(|c| c.0.ip()),
         ))
+    }
+}
+
+/// The client as the security log and the sessions list keep it: its
+/// address and its `User-Agent`.
+pub struct RequestClient(pub accounts::Client);
+
+impl<S: Send + Sync> FromRequestParts<S> for RequestClient {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let ClientAddr(address) = ClientAddr::from_request_parts(parts, state).await?;
+        let agent = parts
+            .headers
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        Ok(RequestClient(accounts::Client::new(address, agent)))
     }
 }
 

@@ -3,8 +3,9 @@
 //! parse and answer; what they do lives in the domain modules. Every error
 //! leaves as `{error: {code, message}}` (`error`).
 
-pub mod accounts;
+pub mod account;
 pub mod admin;
+pub mod auth;
 pub mod billing;
 mod doc;
 pub mod domains;
@@ -36,13 +37,20 @@ const BODY_LIMIT: usize = 64 * 1024;
 /// and the OpenAPI document its description, so neither can miss one.
 pub fn api() -> OpenApiRouter<AppRef> {
     OpenApiRouter::with_openapi(doc::ApiDoc::openapi())
-        .routes(routes!(accounts::register))
-        .routes(routes!(accounts::login))
-        .routes(routes!(accounts::logout))
-        .routes(routes!(accounts::verify_email))
-        .routes(routes!(accounts::resend_verification))
-        .routes(routes!(accounts::forgot_password))
-        .routes(routes!(accounts::reset_password))
+        .routes(routes!(auth::register))
+        .routes(routes!(auth::login))
+        .routes(routes!(auth::login_mfa))
+        .routes(routes!(auth::logout))
+        .routes(routes!(auth::verify_email))
+        .routes(routes!(auth::resend_verification))
+        .routes(routes!(auth::forgot_password))
+        .routes(routes!(auth::reset_password))
+        .routes(routes!(account::sessions, account::sign_out_everywhere))
+        .routes(routes!(account::revoke_session))
+        .routes(routes!(account::security_log))
+        .routes(routes!(account::mfa_begin, account::mfa_disable))
+        .routes(routes!(account::mfa_confirm))
+        .routes(routes!(account::recovery_codes))
         .routes(routes!(instances::create))
         .routes(routes!(
             instances::me,

@@ -49,10 +49,21 @@ pub mod aad {
         format!("outbox:{dedupe_key}")
     }
 
+    /// An account's TOTP secret (sealed under the KEK).
+    pub fn totp_secret(user_id: Uuid) -> String {
+        format!("user:{user_id}:totp")
+    }
+
     /// An instance's data key (wrapped by the KEK).
     pub fn data_key(instance_id: Uuid) -> String {
         format!("dek:{instance_id}")
     }
+}
+
+/// Whether two byte strings are equal, in a time that depends on their
+/// lengths only (for secrets a client guesses: codes, digests).
+pub fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// The key-encryption key: given (64 hex characters), or

@@ -21,14 +21,20 @@ pub enum Purpose {
     PasswordReset,
     /// The notice that the password changed.
     PasswordChanged,
+    /// The notice that two-factor sign-in was turned on.
+    MfaEnabled,
+    /// The notice that two-factor sign-in was turned off.
+    MfaDisabled,
 }
 
 impl Purpose {
-    pub const ALL: [Purpose; 4] = [
+    pub const ALL: [Purpose; 6] = [
         Purpose::GatewayLive,
         Purpose::VerifyEmail,
         Purpose::PasswordReset,
         Purpose::PasswordChanged,
+        Purpose::MfaEnabled,
+        Purpose::MfaDisabled,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -37,6 +43,8 @@ impl Purpose {
             Purpose::VerifyEmail => "verify_email",
             Purpose::PasswordReset => "password_reset",
             Purpose::PasswordChanged => "password_changed",
+            Purpose::MfaEnabled => "mfa_enabled",
+            Purpose::MfaDisabled => "mfa_disabled",
         }
     }
 }
@@ -64,6 +72,8 @@ pub enum Mail<'a> {
         /// Where to sign in (and reset again if this was not the owner).
         dashboard: &'a str,
     },
+    /// Two-factor sign-in turned on (`true`) or off.
+    MfaChanged { on: bool, dashboard: &'a str },
 }
 
 /// The mail to `to`, rendered.
@@ -100,6 +110,22 @@ pub fn render(to: &str, mail: &Mail<'_>) -> Rendered {
                 "If this was not you, reset your password at once from the sign-in page, and tell us.".into(),
             ],
             Some(("Sign in", *dashboard)),
+        ),
+        Mail::MfaChanged { on: true, dashboard } => (
+            "Two-factor sign-in is on".to_owned(),
+            vec![
+                "Two-factor sign-in was turned on for your ClawDeploy account: signing in now asks for a code from your authenticator app.".into(),
+                "Keep your recovery codes somewhere safe. If this was not you, reset your password at once and tell us.".into(),
+            ],
+            Some(("Open your dashboard", *dashboard)),
+        ),
+        Mail::MfaChanged { on: false, dashboard } => (
+            "Two-factor sign-in is off".to_owned(),
+            vec![
+                "Two-factor sign-in was turned off for your ClawDeploy account: signing in now asks for the password alone.".into(),
+                "If this was not you, reset your password at once, turn two-factor sign-in on again, and tell us.".into(),
+            ],
+            Some(("Open your dashboard", *dashboard)),
         ),
     };
     let mut text = paragraphs.join("\n\n");

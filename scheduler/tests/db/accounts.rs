@@ -15,7 +15,7 @@ async fn registrations_are_limited_per_address() {
         email,
         password: "correct-horse-battery".into(),
         name: "",
-        address: Some(std::net::IpAddr::from(ip)),
+        client: accounts::Client::new(Some(std::net::IpAddr::from(ip)), "test"),
         per_address_per_hour: 3,
     };
     accounts::register(&app, from("a1@example.com", [203, 0, 113, 1]))

@@ -25,14 +25,9 @@ fn link_token(mailer: &FakeMailer, to: &str) -> String {
 async fn a_reset_link_works_once_ends_every_session_and_is_never_stored() {
     let app = app().await;
     let s = register(&app, "forgetful@example.com", "").await;
-    let other_session = accounts::login(
-        &app.db,
-        "forgetful@example.com",
-        "correct-horse-battery".into(),
-        None,
-    )
-    .await
-    .unwrap();
+    let other_session = login(&app, "forgetful@example.com", "correct-horse-battery")
+        .await
+        .unwrap();
 
     // Unknown and known emails: the same answer; a mail only for the known.
     reset::forgot(&app, "nobody@example.com", None)
@@ -59,17 +54,28 @@ async fn a_reset_link_works_once_ends_every_session_and_is_never_stored() {
 
     // A password the policy refuses leaves the link working.
     assert!(matches!(
-        reset::reset(&app, &token, "short".into()).await,
+        reset::reset(&app, &token, "short".into(), &Default::default()).await,
         Err(Error::Invalid { .. })
     ));
     assert_eq!(
-        reset::reset(&app, &token, "a-brand-new-passphrase".into())
-            .await
-            .unwrap(),
+        reset::reset(
+            &app,
+            &token,
+            "a-brand-new-passphrase".into(),
+            &Default::default()
+        )
+        .await
+        .unwrap(),
         s.user_id
     );
     assert!(matches!(
-        reset::reset(&app, &token, "another-new-passphrase".into()).await,
+        reset::reset(
+            &app,
+            &token,
+            "another-new-passphrase".into(),
+            &Default::default()
+        )
+        .await,
         Err(Error::InvalidToken(_))
     ));
     // Every session ended; the old password is gone, the new one works.
@@ -77,22 +83,14 @@ async fn a_reset_link_works_once_ends_every_session_and_is_never_stored() {
         let hash = accounts::token_hash(t);
         assert_eq!(accounts::authenticate(&app.db, &hash).await.unwrap(), None);
     }
-    assert!(accounts::login(
-        &app.db,
-        "forgetful@example.com",
-        "correct-horse-battery".into(),
-        None
-    )
-    .await
-    .is_err());
-    accounts::login(
-        &app.db,
-        "forgetful@example.com",
-        "a-brand-new-passphrase".into(),
-        None,
-    )
-    .await
-    .unwrap();
+    assert!(
+        login(&app, "forgetful@example.com", "correct-horse-battery")
+            .await
+            .is_err()
+    );
+    login(&app, "forgetful@example.com", "a-brand-new-passphrase")
+        .await
+        .unwrap();
     outbox::send_due(&app, &mailer, 20).await.unwrap();
     assert!(mailer
         .sent()
@@ -130,12 +128,23 @@ async fn a_link_past_its_hour_fails_a_reset_voids_the_others_and_requests_are_li
     .await
     .unwrap();
     assert!(matches!(
-        reset::reset(&app, &tokens[0], "a-brand-new-passphrase".into()).await,
+        reset::reset(
+            &app,
+            &tokens[0],
+            "a-brand-new-passphrase".into(),
+            &Default::default()
+        )
+        .await,
         Err(Error::InvalidToken(_))
     ));
-    reset::reset(&app, &tokens[1], "a-brand-new-passphrase".into())
-        .await
-        .unwrap();
+    reset::reset(
+        &app,
+        &tokens[1],
+        "a-brand-new-passphrase".into(),
+        &Default::default(),
+    )
+    .await
+    .unwrap();
     assert_eq!(
         count(
             &app,

@@ -126,7 +126,7 @@ pub async fn register(
             email,
             password: "correct-horse-battery".into(),
             name,
-            address: None,
+            client: Default::default(),
             per_address_per_hour: 0,
         },
     )
@@ -138,6 +138,20 @@ pub async fn register(
         .await
         .unwrap();
     session
+}
+
+/// A login with the password alone (no address), for an account without
+/// MFA: its session.
+pub async fn login(
+    app: &App,
+    email: &str,
+    password: &str,
+) -> clawdeploy_scheduler::error::Result<clawdeploy_scheduler::accounts::Session> {
+    use clawdeploy_scheduler::accounts::{self, LoginOutcome};
+    match accounts::login(&app.db, email, password.into(), &Default::default()).await? {
+        LoginOutcome::Session(s) => Ok(s),
+        LoginOutcome::MfaRequired { .. } => panic!("{email} has MFA on"),
+    }
 }
 
 pub async fn count(app: &App, sql: &str) -> i64 {
@@ -158,6 +172,48 @@ pub async fn serve(app: AppRef) -> String {
         .unwrap();
     });
     format!("http://{addr}")
+}
+
+/// The router on loopback as a client sees it, with a user agent of its
+/// own.
+pub struct Api {
+    pub base: String,
+    pub http: reqwest::Client,
+}
+
+impl Api {
+    pub async fn serve(app: AppRef, user_agent: &str) -> Api {
+        Api {
+            base: serve(app).await,
+            http: reqwest::Client::builder()
+                .user_agent(user_agent)
+                .timeout(std::time::Duration::from_secs(10))
+                .build()
+                .unwrap(),
+        }
+    }
+
+    /// `method path` with `token` (if any) and a JSON `body` (if any):
+    /// the status and the JSON answer (null when there is none).
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let r = req.send().await.unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or_default())
+    }
 }
 
 /// The version of the instance's own live route, if it has one.

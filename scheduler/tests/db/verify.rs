@@ -22,7 +22,7 @@ async fn unverified(app: &clawdeploy_scheduler::App, email: &str) -> accounts::S
             email,
             password: "correct-horse-battery".into(),
             name: "",
-            address: None,
+            client: Default::default(),
             per_address_per_hour: 0,
         },
     )

@@ -1,11 +1,12 @@
-//! `/api/auth`: register, login, logout, and email verification.
+//! `/api/auth`: register, login (and its second step), logout, email
+//! verification and password reset.
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use serde::Deserialize;
 
-use super::extract::{ApiJson, AuthUser, ClientAddr};
-use super::views::{ErrorBody, PasswordReset, Resent, SessionView, Verified};
+use super::extract::{ApiJson, AuthUser, ClientAddr, RequestClient};
+use super::views::{ErrorBody, LoginAnswer, PasswordReset, Resent, SessionView, Verified};
 use crate::accounts;
 use crate::app::AppRef;
 use crate::error::Result;
@@ -42,7 +43,7 @@ pub struct Registration {
     ))]
 pub async fn register(
     State(app): State<AppRef>,
-    ClientAddr(client): ClientAddr,
+    RequestClient(client): RequestClient,
     ApiJson(r): ApiJson<Registration>,
 ) -> Result<(StatusCode, axum::Json<SessionView>)> {
     let session = accounts::register(
@@ -51,7 +52,7 @@ pub async fn register(
             email: &r.email,
             password: r.password,
             name: r.name.as_deref().unwrap_or(""),
-            address: client,
+            client,
             per_address_per_hour: app.cfg.registrations_per_address_per_hour,
         },
     )
@@ -61,17 +62,60 @@ pub async fn register(
 
 #[utoipa::path(post, path = "/api/auth/login", tag = "accounts", request_body = Credentials,
     responses(
-        (status = 200, description = "A session token", body = SessionView),
+        (status = 200, description = "A session token; or, when the account has two-factor sign-in on, `{mfaRequired: true, mfaToken}` for POST /api/auth/login/mfa", body = LoginAnswer),
         (status = 400, description = "Malformed JSON", body = ErrorBody),
         (status = 401, description = "Wrong email or password (the same answer for both)", body = ErrorBody),
         (status = 429, description = "Too many failed logins for this account or address in the last hour", body = ErrorBody),
     ))]
 pub async fn login(
     State(app): State<AppRef>,
-    ClientAddr(client): ClientAddr,
+    RequestClient(client): RequestClient,
     ApiJson(c): ApiJson<Credentials>,
+) -> Result<axum::Json<LoginAnswer>> {
+    let outcome = accounts::login(&app.db, &c.email, c.password, &client).await?;
+    Ok(axum::Json(outcome.into()))
+}
+
+/// The second step of a login: the token the password gave, and a code
+/// from the authenticator app or one of the recovery codes.
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct MfaLogin {
+    #[schema(min_length = 1, max_length = 200)]
+    mfa_token: String,
+    /// Six digits from the authenticator app.
+    #[schema(max_length = 20)]
+    code: Option<String>,
+    /// One of the ten recovery codes (`xxxxx-xxxxx`), instead of `code`.
+    #[schema(max_length = 40)]
+    recovery_code: Option<String>,
+}
+
+#[utoipa::path(post, path = "/api/auth/login/mfa", tag = "accounts", request_body = MfaLogin,
+    responses(
+        (status = 200, description = "A session token", body = SessionView),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 401, description = "The MFA token is unknown, expired, used or out of its five tries (mfa_token_invalid): sign in again", body = ErrorBody),
+        (status = 422, description = "Neither or both of code and recoveryCode (invalid_field); or a wrong, used or too old code (wrong_code), which spends one of the token's tries", body = ErrorBody),
+        (status = 429, description = "Too many failed logins for this account in the last hour", body = ErrorBody),
+    ))]
+pub async fn login_mfa(
+    State(app): State<AppRef>,
+    RequestClient(client): RequestClient,
+    ApiJson(b): ApiJson<MfaLogin>,
 ) -> Result<axum::Json<SessionView>> {
-    let session = accounts::login(&app.db, &c.email, c.password, client).await?;
+    use accounts::mfa::challenge::{finish, SecondFactor};
+    let factor = match (&b.code, &b.recovery_code) {
+        (Some(code), None) => SecondFactor::Code(bounded(code)?),
+        (None, Some(code)) => SecondFactor::RecoveryCode(bounded(code)?),
+        _ => {
+            return Err(crate::error::Error::Invalid {
+                field: "code",
+                message: "give either code or recoveryCode".into(),
+            })
+        }
+    };
+    let session = finish(&app, bounded(&b.mfa_token)?, factor, &client).await?;
     Ok(axum::Json(session.into()))
 }
 
@@ -183,15 +227,16 @@ pub struct ResetPassword {
     ))]
 pub async fn reset_password(
     State(app): State<AppRef>,
+    RequestClient(client): RequestClient,
     ApiJson(body): ApiJson<ResetPassword>,
 ) -> Result<axum::Json<PasswordReset>> {
-    accounts::reset::reset(&app, bounded(&body.token)?, body.password).await?;
+    accounts::reset::reset(&app, bounded(&body.token)?, body.password, &client).await?;
     Ok(axum::Json(PasswordReset { reset: true }))
 }
 
 /// A link's token as the domain takes it: one longer than any we make is
 /// refused before it is hashed, as an unknown one is.
-fn bounded(token: &str) -> Result<&str> {
+pub(super) fn bounded(token: &str) -> Result<&str> {
     if token.len() > 200 {
         return Err(crate::error::Error::InvalidToken(
             "this link is unknown, used or expired: ask for a new one",

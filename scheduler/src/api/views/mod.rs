@@ -12,6 +12,9 @@ use crate::app::Config;
 use crate::backup::Backup;
 use crate::fleet::settings::PoolSettings;
 use crate::migration::{Migration, Step};
+mod account;
+pub use account::*;
+
 use crate::model::{
     BackupKind, BackupState, BillingStatus, DomainState, InstanceStatus, MigrationKind,
     MigrationState, NodeState, Tier,
@@ -28,31 +31,6 @@ pub struct ErrorDetail {
     /// Stable, machine-readable (`invalid_field`, `subdomain_taken`, …).
     pub code: String,
     pub message: String,
-}
-
-#[derive(Serialize, ToSchema)]
-pub struct UserView {
-    pub id: Uuid,
-    pub email: String,
-}
-
-/// A new session: the bearer token lasts 7 days unless revoked.
-#[derive(Serialize, ToSchema)]
-pub struct SessionView {
-    pub user: UserView,
-    pub token: String,
-}
-
-impl From<crate::accounts::Session> for SessionView {
-    fn from(s: crate::accounts::Session) -> Self {
-        SessionView {
-            user: UserView {
-                id: s.user_id,
-                email: s.email,
-            },
-            token: s.token,
-        }
-    }
 }
 
 #[derive(Serialize, ToSchema)]
@@ -426,22 +404,4 @@ pub struct DomainEnvelope {
 #[derive(Serialize, ToSchema)]
 pub struct DomainList {
     pub domains: Vec<DomainView>,
-}
-
-/// An address proven.
-#[derive(Serialize, ToSchema)]
-pub struct Verified {
-    pub verified: bool,
-}
-
-/// The answer to a request for a new verification link.
-#[derive(Serialize, ToSchema)]
-pub struct Resent {
-    pub message: &'static str,
-}
-
-/// A password set with a reset link.
-#[derive(Serialize, ToSchema)]
-pub struct PasswordReset {
-    pub reset: bool,
 }

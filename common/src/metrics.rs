@@ -84,6 +84,10 @@ const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 /// histogram whose name ends in `_seconds`.
 pub fn install(catalog: &[Metric], buckets: &[f64]) -> Result<PrometheusHandle, BuildError> {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    // Two first callers at once (tests on parallel threads): one installs,
+    // the other waits here and then finds its handle.
+    static INSTALLING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _installing = INSTALLING.lock().unwrap_or_else(|e| e.into_inner());
     let handle = match HANDLE.get() {
         Some(h) => h.clone(),
         None => {

@@ -265,6 +265,24 @@ fn render(app: &App, mail: &Due) -> Option<crate::mail::Rendered> {
                 },
             ))
         }
+        Purpose::ConfirmEmailChange => {
+            let link = format!("{origin}/#verify-email={}", secret?);
+            let valid_hours = u32::try_from(mail.params.0.get("validHours")?.as_u64()?).ok()?;
+            Some(templates::render(
+                &mail.recipient,
+                &Mail::ConfirmEmailChange {
+                    link: &link,
+                    valid_hours,
+                },
+            ))
+        }
+        Purpose::EmailChangeNotice => Some(templates::render(
+            &mail.recipient,
+            &Mail::EmailChangeNotice {
+                new_email: mail.params.0.get("newEmail")?.as_str()?,
+                dashboard: &dashboard,
+            },
+        )),
         Purpose::MfaEnabled | Purpose::MfaDisabled => Some(templates::render(
             &mail.recipient,
             &Mail::MfaChanged {

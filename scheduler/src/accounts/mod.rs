@@ -6,6 +6,7 @@
 
 pub mod mfa;
 mod policy;
+pub mod profile;
 pub mod reset;
 pub mod security_log;
 pub mod sessions;
@@ -125,7 +126,7 @@ pub async fn register(app: &App, r: Registration<'_>) -> Result<Session> {
                 "an account with that email exists",
             )
         })?;
-    verify::start(&mut tx, &app.secrets, id, &email).await?;
+    verify::start(&mut tx, &app.secrets, id, &email, verify::Proof::Address).await?;
     tx.commit().await?;
     app.tasks.mail.activate();
     audit(

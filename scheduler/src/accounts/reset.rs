@@ -143,6 +143,15 @@ pub async fn reset(app: &App, token: &str, new_password: String, client: &Client
         serde_json::json!({"by": "reset_link", "sessionsEnded": ended}),
     )
     .await?;
+    // A move to a new address asked for by whoever had the old password
+    // does not outlive it.
+    sqlx::query(
+        "UPDATE email_verifications SET used_at = now()
+          WHERE user_id = $1 AND new_email AND used_at IS NULL",
+    )
+    .bind(user_id)
+    .execute(&mut *tx)
+    .await?;
     sqlx::query("DELETE FROM password_resets WHERE user_id = $1 AND token_hash <> $2")
         .bind(user_id)
         .bind(&hash)

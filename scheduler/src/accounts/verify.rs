@@ -7,6 +7,8 @@
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
+use super::security_log::{self, SecurityEvent};
+use super::Client;
 use crate::app::App;
 use crate::audit::audit;
 use crate::crypto::{random_token, SecretBox};
@@ -18,10 +20,19 @@ use crate::outbox::{self, NewMail};
 pub const VALID_HOURS: u32 = 24;
 /// Links one account may ask for in an hour (the first, at registration,
 /// included); more are not sent, and the answer does not say so.
-const PER_HOUR: i64 = 5;
+pub(crate) const PER_HOUR: i64 = 5;
 
 fn digest(token: &str) -> Vec<u8> {
     Sha256::digest(token.as_bytes()).to_vec()
+}
+
+/// What a link proves.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Proof {
+    /// The account's own address (after registering).
+    Address,
+    /// A new address the account moves to once it is proven.
+    NewAddress,
 }
 
 /// A new link for `email`, and its mail, inside the caller's transaction.
@@ -30,26 +41,32 @@ pub(crate) async fn start(
     secrets: &SecretBox,
     user_id: Uuid,
     email: &str,
+    proof: Proof,
 ) -> Result<()> {
     let token = random_token(32);
     let hash = digest(&token);
     sqlx::query(
-        "INSERT INTO email_verifications (token_hash, user_id, email, expires_at)
-         VALUES ($1, $2, $3, now() + make_interval(hours => $4))",
+        "INSERT INTO email_verifications (token_hash, user_id, email, expires_at, new_email)
+         VALUES ($1, $2, $3, now() + make_interval(hours => $4), $5)",
     )
     .bind(&hash)
     .bind(user_id)
     .bind(email)
     .bind(i32::try_from(VALID_HOURS).unwrap_or(24))
+    .bind(proof == Proof::NewAddress)
     .execute(&mut *tx)
     .await?;
+    let purpose = match proof {
+        Proof::Address => Purpose::VerifyEmail,
+        Proof::NewAddress => Purpose::ConfirmEmailChange,
+    };
     outbox::enqueue(
         tx,
         secrets,
         NewMail {
-            purpose: Purpose::VerifyEmail,
+            purpose,
             to: email,
-            dedupe_key: format!("verify_email:{}", hex::encode(&hash[..16])),
+            dedupe_key: format!("{}:{}", purpose.as_str(), hex::encode(&hash[..16])),
             params: serde_json::json!({"validHours": VALID_HOURS}),
             secret: Some(&token),
         },
@@ -59,47 +76,110 @@ pub(crate) async fn start(
 }
 
 /// Uses a link's token: the address it was sent to is proven (if it is
-/// still the account's). A token that is unknown, used or expired is
-/// refused the same way.
-pub async fn verify(app: &App, token: &str) -> Result<Uuid> {
+/// still the account's), or, for a change of address, becomes the
+/// account's. A token that is unknown, used or expired is refused the same
+/// way.
+pub async fn verify(app: &App, token: &str, client: &Client) -> Result<Uuid> {
     let mut tx = app.db.begin().await?;
-    let used: Option<(Uuid, String)> = sqlx::query_as(
+    let used: Option<(Uuid, String, bool)> = sqlx::query_as(
         "UPDATE email_verifications SET used_at = now()
           WHERE token_hash = $1 AND used_at IS NULL AND expires_at > now()
-         RETURNING user_id, email",
+         RETURNING user_id, email, new_email",
     )
     .bind(digest(token.trim()))
     .fetch_optional(&mut *tx)
     .await?;
-    let Some((user_id, email)) = used else {
+    let Some((user_id, email, new_email)) = used else {
         return Err(Error::InvalidToken(
             "this link is unknown, used or expired: ask for a new one",
         ));
     };
-    let proven = sqlx::query(
-        "UPDATE users SET email_verified_at = COALESCE(email_verified_at, now())
-          WHERE id = $1 AND email = $2",
-    )
-    .bind(user_id)
-    .bind(&email)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    if proven == 0 {
-        return Err(Error::InvalidToken(
-            "this link is for an address the account no longer uses",
-        ));
+    if new_email {
+        move_to(&mut tx, user_id, &email, client).await?;
+    } else {
+        let proven = sqlx::query(
+            "UPDATE users SET email_verified_at = COALESCE(email_verified_at, now())
+              WHERE id = $1 AND email = $2",
+        )
+        .bind(user_id)
+        .bind(&email)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if proven == 0 {
+            return Err(Error::InvalidToken(
+                "this link is for an address the account no longer uses",
+            ));
+        }
     }
     audit(
         &mut *tx,
         &format!("user:{user_id}"),
-        "user.email_verified",
+        if new_email {
+            "user.email_changed"
+        } else {
+            "user.email_verified"
+        },
         &user_id.to_string(),
         serde_json::json!({}),
     )
     .await;
     tx.commit().await?;
     Ok(user_id)
+}
+
+/// Moves the account to its newly proven address; the other links to new
+/// addresses stop working.
+async fn move_to(
+    tx: &mut sqlx::PgConnection,
+    user_id: Uuid,
+    email: &str,
+    client: &Client,
+) -> Result<()> {
+    let old: String = sqlx::query_scalar("SELECT email FROM users WHERE id = $1 FOR UPDATE")
+        .bind(user_id)
+        .fetch_one(&mut *tx)
+        .await?;
+    sqlx::query("UPDATE users SET email = $2, email_verified_at = now() WHERE id = $1")
+        .bind(user_id)
+        .bind(email)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| {
+            Error::on_unique(
+                e,
+                "users_email_key",
+                "email_taken",
+                "another account took this address meanwhile",
+            )
+        })?;
+    sqlx::query(
+        "UPDATE email_verifications SET used_at = now()
+          WHERE user_id = $1 AND new_email AND used_at IS NULL",
+    )
+    .bind(user_id)
+    .execute(&mut *tx)
+    .await?;
+    security_log::record(
+        &mut *tx,
+        user_id,
+        SecurityEvent::EmailChanged,
+        client,
+        serde_json::json!({"from": old, "to": email}),
+    )
+    .await
+}
+
+/// Links to a new address asked for in the last hour, past which no more
+/// are sent.
+pub(crate) async fn recent_links(tx: &mut sqlx::PgConnection, user_id: Uuid) -> Result<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM email_verifications
+          WHERE user_id = $1 AND created_at > now() - interval '1 hour'",
+    )
+    .bind(user_id)
+    .fetch_one(&mut *tx)
+    .await?)
 }
 
 /// Mails a new link when the account's address still needs proving and it
@@ -116,7 +196,7 @@ pub async fn resend(app: &App, user_id: Uuid) -> Result<()> {
     .await?;
     match pending {
         Some((email, recent)) if recent < PER_HOUR => {
-            start(&mut tx, &app.secrets, user_id, &email).await?;
+            start(&mut tx, &app.secrets, user_id, &email, Proof::Address).await?;
             tx.commit().await?;
             app.tasks.mail.activate();
         }

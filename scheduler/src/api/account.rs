@@ -1,5 +1,5 @@
-//! `/api/account`: the signed-in customer's own account: its sessions, its
-//! security log and its second factor. Changes that matter ask for the
+//! `/api/account`: the signed-in customer's own account: its profile, its
+//! sessions, its security log and its second factor. Changes that matter ask for the
 //! password again (sudo), whatever the session.
 
 use axum::extract::{Path, Query, State};
@@ -10,12 +10,94 @@ use uuid::Uuid;
 use super::auth::bounded;
 use super::extract::{ApiJson, AuthUser, RequestClient};
 use super::views::{
-    ErrorBody, MfaSetupView, RecoveryCodes, SecurityLogPage, SessionInfo, SessionList,
-    SessionsEnded,
+    ErrorBody, MfaSetupView, ProfileView, RecoveryCodes, Resent, SecurityLogPage, SessionInfo,
+    SessionList, SessionsEnded,
 };
-use crate::accounts::{mfa, security_log, sessions};
+use crate::accounts::{mfa, profile, security_log, sessions};
 use crate::app::AppRef;
 use crate::error::Result;
+
+#[utoipa::path(get, path = "/api/account", tag = "account", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The account's profile", body = ProfileView),
+        (status = 401, description = "No valid token", body = ErrorBody),
+    ))]
+pub async fn profile(State(app): State<AppRef>, user: AuthUser) -> Result<axum::Json<ProfileView>> {
+    Ok(axum::Json(profile::get(&app.db, user.id).await?.into()))
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileChanges {
+    #[schema(max_length = 100)]
+    name: Option<String>,
+    /// An IANA time zone name, such as `Europe/Berlin`.
+    #[schema(max_length = 64)]
+    timezone: Option<String>,
+}
+
+#[utoipa::path(patch, path = "/api/account", tag = "account", security(("bearer" = [])),
+    request_body = ProfileChanges,
+    responses(
+        (status = 200, description = "The profile after the change; absent fields are kept", body = ProfileView),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 422, description = "A name over 100 characters or with control characters, or a time zone that is not an IANA name", body = ErrorBody),
+    ))]
+pub async fn update_profile(
+    State(app): State<AppRef>,
+    user: AuthUser,
+    RequestClient(client): RequestClient,
+    ApiJson(b): ApiJson<ProfileChanges>,
+) -> Result<axum::Json<ProfileView>> {
+    let changes = profile::Changes {
+        name: b.name.as_deref(),
+        timezone: b.timezone.as_deref(),
+    };
+    Ok(axum::Json(
+        profile::update(&app, user.id, changes, &client)
+            .await?
+            .into(),
+    ))
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct EmailChange {
+    #[schema(format = "email", max_length = 254)]
+    new_email: String,
+    #[schema(max_length = 256)]
+    password: String,
+}
+
+/// Asks to move the account to a new address: a link goes to it (valid 24
+/// hours), a notice to the current one; the move happens when the link is
+/// used (`POST /api/auth/verify-email`).
+#[utoipa::path(post, path = "/api/account/email", tag = "account", security(("bearer" = [])),
+    request_body = EmailChange,
+    responses(
+        (status = 202, description = "The link is on its way to the new address", body = Resent),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "Wrong password (wrong_password), or the current address is not proven yet (email_unverified)", body = ErrorBody),
+        (status = 409, description = "Another account uses the new address (email_taken)", body = ErrorBody),
+        (status = 422, description = "Not an email address, or the current one", body = ErrorBody),
+        (status = 429, description = "Too many links asked for in the last hour, or too many wrong passwords", body = ErrorBody),
+    ))]
+pub async fn change_email(
+    State(app): State<AppRef>,
+    user: AuthUser,
+    RequestClient(client): RequestClient,
+    ApiJson(b): ApiJson<EmailChange>,
+) -> Result<(StatusCode, axum::Json<Resent>)> {
+    profile::change_email(&app, user.id, &b.new_email, b.password, &client).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        axum::Json(Resent {
+            message: "A link is on its way to the new address; the account moves when it is used.",
+        }),
+    ))
+}
 
 #[utoipa::path(get, path = "/api/account/sessions", tag = "account", security(("bearer" = [])),
     responses(

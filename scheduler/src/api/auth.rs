@@ -140,17 +140,21 @@ pub struct VerifyEmail {
 
 /// Proves the account's address with the token of the mailed link (once,
 /// within 24 hours), and resumes its instance if it was suspended for it.
+/// A link mailed to a new address (`POST /api/account/email`) moves the
+/// account to it.
 /// No session is needed: the link may be opened anywhere.
 #[utoipa::path(post, path = "/api/auth/verify-email", tag = "accounts", request_body = VerifyEmail,
     responses(
         (status = 200, description = "The address is proven", body = Verified),
         (status = 400, description = "Malformed JSON, or a token that is unknown, used or expired (invalid_token)", body = ErrorBody),
+        (status = 409, description = "A new address another account took meanwhile (email_taken)", body = ErrorBody),
     ))]
 pub async fn verify_email(
     State(app): State<AppRef>,
+    RequestClient(client): RequestClient,
     ApiJson(body): ApiJson<VerifyEmail>,
 ) -> Result<axum::Json<Verified>> {
-    crate::lifecycle::verification::verify_email(&app, bounded(&body.token)?).await?;
+    crate::lifecycle::verification::verify_email(&app, bounded(&body.token)?, &client).await?;
     Ok(axum::Json(Verified { verified: true }))
 }
 

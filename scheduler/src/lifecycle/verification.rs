@@ -8,6 +8,7 @@ use std::collections::HashSet;
 
 use uuid::Uuid;
 
+use crate::accounts::Client;
 use crate::agents::desired;
 use crate::app::AppRef;
 use crate::audit::audit;
@@ -23,8 +24,8 @@ const PER_PASS: i64 = 50;
 
 /// Proves the address with the link's token, then resumes the account's
 /// instance if it was suspended for it.
-pub async fn verify_email(app: &AppRef, token: &str) -> Result<Uuid> {
-    let user_id = crate::accounts::verify::verify(app, token).await?;
+pub async fn verify_email(app: &AppRef, token: &str, client: &Client) -> Result<Uuid> {
+    let user_id = crate::accounts::verify::verify(app, token, client).await?;
     resume(app, user_id).await?;
     Ok(user_id)
 }

@@ -25,16 +25,22 @@ pub enum Purpose {
     MfaEnabled,
     /// The notice that two-factor sign-in was turned off.
     MfaDisabled,
+    /// A link, to a new address, that moves the account to it.
+    ConfirmEmailChange,
+    /// The notice, to the current address, that a move was asked for.
+    EmailChangeNotice,
 }
 
 impl Purpose {
-    pub const ALL: [Purpose; 6] = [
+    pub const ALL: [Purpose; 8] = [
         Purpose::GatewayLive,
         Purpose::VerifyEmail,
         Purpose::PasswordReset,
         Purpose::PasswordChanged,
         Purpose::MfaEnabled,
         Purpose::MfaDisabled,
+        Purpose::ConfirmEmailChange,
+        Purpose::EmailChangeNotice,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -45,6 +51,8 @@ impl Purpose {
             Purpose::PasswordChanged => "password_changed",
             Purpose::MfaEnabled => "mfa_enabled",
             Purpose::MfaDisabled => "mfa_disabled",
+            Purpose::ConfirmEmailChange => "confirm_email_change",
+            Purpose::EmailChangeNotice => "email_change_notice",
         }
     }
 }
@@ -74,6 +82,13 @@ pub enum Mail<'a> {
     },
     /// Two-factor sign-in turned on (`true`) or off.
     MfaChanged { on: bool, dashboard: &'a str },
+    /// To the new address: the link that moves the account to it.
+    ConfirmEmailChange { link: &'a str, valid_hours: u32 },
+    /// To the current address: a move to `new_email` was asked for.
+    EmailChangeNotice {
+        new_email: &'a str,
+        dashboard: &'a str,
+    },
 }
 
 /// The mail to `to`, rendered.
@@ -124,6 +139,22 @@ pub fn render(to: &str, mail: &Mail<'_>) -> Rendered {
             vec![
                 "Two-factor sign-in was turned off for your ClawDeploy account: signing in now asks for the password alone.".into(),
                 "If this was not you, reset your password at once, turn two-factor sign-in on again, and tell us.".into(),
+            ],
+            Some(("Open your dashboard", *dashboard)),
+        ),
+        Mail::ConfirmEmailChange { link, valid_hours } => (
+            "Confirm your new email address".to_owned(),
+            vec![
+                "Your ClawDeploy account asked to use this address from now on. Confirm it with the link below; until then the account keeps its current address.".into(),
+                format!("The link works once, for {valid_hours} hours. If you did not ask for this, ignore this mail."),
+            ],
+            Some(("Confirm this address", *link)),
+        ),
+        Mail::EmailChangeNotice { new_email, dashboard } => (
+            "Your ClawDeploy email address is about to change".to_owned(),
+            vec![
+                format!("Someone signed in to your ClawDeploy account asked to move it to {new_email}. The move happens only when that address confirms it."),
+                "If this was not you, sign in, change your password and end the other sessions at once; the link to the new address stops working when the password changes.".into(),
             ],
             Some(("Open your dashboard", *dashboard)),
         ),

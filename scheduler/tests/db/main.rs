@@ -12,6 +12,7 @@ mod http;
 mod idempotency;
 mod mail;
 mod mfa;
+mod profile;
 mod reset;
 mod routes;
 mod sessions;

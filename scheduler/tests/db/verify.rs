@@ -86,14 +86,19 @@ async fn registration_mails_a_link_that_proves_the_address_once() {
     .unwrap();
     assert_eq!(found, 0);
 
-    assert_eq!(verify::verify(&app, &token).await.unwrap(), s.user_id);
+    assert_eq!(
+        verify::verify(&app, &token, &Default::default())
+            .await
+            .unwrap(),
+        s.user_id
+    );
     assert!(verify::is_verified(&app.db, s.user_id).await.unwrap());
     assert!(matches!(
-        verify::verify(&app, &token).await,
+        verify::verify(&app, &token, &Default::default()).await,
         Err(Error::InvalidToken(_))
     ));
     assert!(matches!(
-        verify::verify(&app, "00").await,
+        verify::verify(&app, "00", &Default::default()).await,
         Err(Error::InvalidToken(_))
     ));
 }
@@ -110,7 +115,7 @@ async fn an_expired_link_proves_nothing_and_a_new_one_is_mailed_on_request() {
         .await
         .unwrap();
     assert!(matches!(
-        verify::verify(&app, &old).await,
+        verify::verify(&app, &old, &Default::default()).await,
         Err(Error::InvalidToken(_))
     ));
     assert!(!verify::is_verified(&app.db, s.user_id).await.unwrap());
@@ -127,7 +132,9 @@ async fn an_expired_link_proves_nothing_and_a_new_one_is_mailed_on_request() {
     outbox::send_due(&app, &mailer, 10).await.unwrap();
     let new = token_mailed(&mailer, "late@example.com");
     assert_ne!(new, old);
-    verify::verify(&app, &new).await.unwrap();
+    verify::verify(&app, &new, &Default::default())
+        .await
+        .unwrap();
     // Proven: a resend mails nothing.
     verify::resend(&app, s.user_id).await.unwrap();
     assert_eq!(
@@ -154,9 +161,13 @@ async fn checkout_and_custom_domains_wait_for_a_proven_address() {
 
     let mailer = FakeMailer::default();
     outbox::send_due(&app, &mailer, 10).await.unwrap();
-    verify::verify(&app, &token_mailed(&mailer, "buyer-unverified@example.com"))
-        .await
-        .unwrap();
+    verify::verify(
+        &app,
+        &token_mailed(&mailer, "buyer-unverified@example.com"),
+        &Default::default(),
+    )
+    .await
+    .unwrap();
     checkout(&app.db, &cfg, &fake, s.user_id, Tier::Pro, ok, ok, None)
         .await
         .unwrap();
@@ -194,9 +205,13 @@ async fn an_instance_left_unproven_past_the_grace_is_suspended_and_resumes_on_pr
     }
     let mailer = FakeMailer::default();
     outbox::send_due(&app, &mailer, 10).await.unwrap();
-    verify::verify(&app, &token_mailed(&mailer, "keen@example.com"))
-        .await
-        .unwrap();
+    verify::verify(
+        &app,
+        &token_mailed(&mailer, "keen@example.com"),
+        &Default::default(),
+    )
+    .await
+    .unwrap();
 
     // Within the grace: nothing happens.
     assert_eq!(verification::suspend_overdue(&app).await.unwrap(), 0);
@@ -231,9 +246,13 @@ async fn an_instance_left_unproven_past_the_grace_is_suspended_and_resumes_on_pr
     assert_eq!(route_of(&app, "keen").await.0, "");
 
     // Proven: the same container runs again, the route answers again.
-    verification::verify_email(&app, &token_mailed(&mailer, "slow@example.com"))
-        .await
-        .unwrap();
+    verification::verify_email(
+        &app,
+        &token_mailed(&mailer, "slow@example.com"),
+        &Default::default(),
+    )
+    .await
+    .unwrap();
     let state: (String, Option<String>, String, uuid::Uuid) = sqlx::query_as(
         "SELECT i.status, i.suspended_reason, c.state, c.id FROM instances i JOIN containers c ON c.id = i.container_id
           WHERE i.id = $1",

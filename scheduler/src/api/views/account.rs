@@ -197,3 +197,34 @@ pub struct SecurityLogPage {
     /// Pass as `before` for the next (older) page; absent on the last.
     pub next_before: Option<i64>,
 }
+
+/// The account as its owner sees it.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ProfileView {
+    pub id: Uuid,
+    pub email: String,
+    pub name: String,
+    /// An IANA time zone name.
+    pub timezone: String,
+    pub email_verified: bool,
+    pub mfa_enabled: bool,
+    pub created_at: DateTime<Utc>,
+    /// A new address waiting for its confirmation link, if any.
+    pub pending_email: Option<String>,
+}
+
+impl From<crate::accounts::profile::Profile> for ProfileView {
+    fn from(p: crate::accounts::profile::Profile) -> Self {
+        ProfileView {
+            id: p.id,
+            email: p.email,
+            name: p.name,
+            timezone: p.timezone,
+            email_verified: p.email_verified,
+            mfa_enabled: p.mfa_enabled,
+            created_at: p.created_at,
+            pending_email: p.pending_email,
+        }
+    }
+}

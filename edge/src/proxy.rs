@@ -177,6 +177,10 @@ pub fn paused(headers: &HeaderMap, reason: &str) -> Response<Body> {
             "This gateway is paused until its owner confirms their email address. \
              It resumes within seconds of the confirmation, with its data."
         }
+        "account_deleted" => {
+            "This gateway is paused: its owner's account is being deleted. \
+             If the owner signs in again within 30 days, it resumes with its data."
+        }
         _ => "This gateway is paused by its owner's account.",
     };
     error_page(headers, StatusCode::FORBIDDEN, "gateway_paused", message)

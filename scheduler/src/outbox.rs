@@ -283,6 +283,23 @@ fn render(app: &App, mail: &Due) -> Option<crate::mail::Rendered> {
                 dashboard: &dashboard,
             },
         )),
+        Purpose::DeletionRequested => {
+            let link = format!("{origin}/#undo-deletion={}", secret?);
+            let grace_days = u32::try_from(mail.params.0.get("graceDays")?.as_u64()?).ok()?;
+            Some(templates::render(
+                &mail.recipient,
+                &Mail::DeletionRequested {
+                    link: &link,
+                    grace_days,
+                },
+            ))
+        }
+        Purpose::DeletionUndone => Some(templates::render(
+            &mail.recipient,
+            &Mail::DeletionUndone {
+                dashboard: &dashboard,
+            },
+        )),
         Purpose::MfaEnabled | Purpose::MfaDisabled => Some(templates::render(
             &mail.recipient,
             &Mail::MfaChanged {

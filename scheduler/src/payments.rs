@@ -1,6 +1,7 @@
 //! The payment provider as billing needs it (a leaf: `app` holds it,
 //! `billing` uses it): one narrow trait (create a
-//! customer, a subscription Checkout and a portal session), Stripe's
+//! customer, a subscription Checkout and a portal session, end a
+//! subscription at its period's end or now), Stripe's
 //! implementation over async-stripe, and an in-memory fake for unit tests.
 //! Nothing outside this module sees a Stripe type. Every create carries an
 //! idempotency key, so a retried request never makes a second customer or
@@ -10,6 +11,7 @@ use std::future::Future;
 
 use stripe::{Client, ClientBuilder, IdempotencyKey, RequestStrategy, StripeRequest};
 use stripe_billing::billing_portal_session::CreateBillingPortalSession;
+use stripe_billing::subscription::{CancelSubscription, UpdateSubscription};
 use stripe_checkout::checkout_session::{CreateCheckoutSession, CreateCheckoutSessionLineItems};
 use stripe_core::customer::CreateCustomer;
 use uuid::Uuid;
@@ -62,6 +64,15 @@ pub trait PaymentProvider: Send + Sync + 'static {
         customer: &str,
         return_url: &str,
     ) -> impl Future<Output = Result<String>> + Send;
+    /// Sets whether the subscription ends with its current period (an
+    /// account deleted, or its deletion undone).
+    fn cancel_at_period_end(
+        &self,
+        subscription: &str,
+        cancel: bool,
+    ) -> impl Future<Output = Result<()>> + Send;
+    /// Ends the subscription now (an account purged).
+    fn cancel_now(&self, subscription: &str) -> impl Future<Output = Result<()>> + Send;
 }
 
 /// Stripe, through async-stripe (rustls with ring, like the rest).
@@ -140,6 +151,30 @@ impl PaymentProvider for StripeProvider {
             .map_err(unavailable)?;
         Ok(session.url)
     }
+
+    async fn cancel_at_period_end(&self, subscription: &str, cancel: bool) -> Result<()> {
+        UpdateSubscription::new(subscription)
+            .cancel_at_period_end(cancel)
+            .customize()
+            .request_strategy(key(format!(
+                "cancel-at-end-{subscription}-{cancel}-{}",
+                Uuid::new_v4()
+            ))?)
+            .send(&self.client)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn cancel_now(&self, subscription: &str) -> Result<()> {
+        CancelSubscription::new(subscription)
+            .customize()
+            .request_strategy(key(format!("cancel-{subscription}"))?)
+            .send(&self.client)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
 }
 
 /// An in-memory provider for tests: it remembers what it was asked.
@@ -175,5 +210,15 @@ impl PaymentProvider for FakeProvider {
     async fn create_portal(&self, customer: &str, return_url: &str) -> Result<String> {
         self.record(format!("portal {customer} {return_url}"));
         Ok(format!("https://portal.fake/{customer}"))
+    }
+
+    async fn cancel_at_period_end(&self, subscription: &str, cancel: bool) -> Result<()> {
+        self.record(format!("cancel_at_period_end {subscription} {cancel}"));
+        Ok(())
+    }
+
+    async fn cancel_now(&self, subscription: &str) -> Result<()> {
+        self.record(format!("cancel_now {subscription}"));
+        Ok(())
     }
 }

@@ -36,6 +36,7 @@ pub const CATALOG: &[Metric] = &[
     Metric::histogram("clawdeploy_route_propagation_seconds", &[], "From a route change's commit to every connected edge acknowledging it."),
     Metric::counter("clawdeploy_logins_total", &["result"], "Logins by result: ok, failed (a wrong password or second factor), limited, mfa_required (the password was right; a code is asked)."),
     Metric::counter("clawdeploy_registrations_total", &["result"], "Registrations refused by the per-address limit (result=limited)."),
+    Metric::counter("clawdeploy_account_deletions_total", &["step"], "Account deletions by step: requested, undone, erased (past the 30-day grace)."),
     Metric::counter("clawdeploy_mfa_events_total", &["event"], "Two-factor sign-in events: enabled, disabled, codes_regenerated, code_accepted, code_refused, challenge_refused (a login token unknown, expired or out of tries)."),
     Metric::counter("clawdeploy_password_resets_total", &["step"], "Password resets by step: requested, unknown_email (answered the same), limited, completed."),
     Metric::counter("clawdeploy_password_queue_full_total", &[], "Password hashes refused because the hashing queue was full (answered 503)."),

@@ -122,6 +122,22 @@ async fn accept_code(
     Ok(true)
 }
 
+/// Accepts a code from the app or one of the recovery codes of an account
+/// with TOTP on (its state locked in `tx`); `false` for anything else.
+pub(crate) async fn check_any_code(
+    app: &App,
+    tx: &mut sqlx::PgConnection,
+    user_id: Uuid,
+    code: &str,
+) -> Result<bool> {
+    let state = state_for_update(tx, user_id).await?;
+    if !state.totp_enabled {
+        return Ok(false);
+    }
+    Ok(accept_code(tx, &app.secrets, user_id, &state, code).await?
+        || recovery::spend(tx, user_id, code).await?.is_some())
+}
+
 /// Starts (or starts again) turning TOTP on: a new secret, not yet in
 /// force. Asks for the password.
 pub async fn begin(app: &App, user_id: Uuid, password: String) -> Result<Setup> {
@@ -216,9 +232,7 @@ pub async fn disable(
     if !state.totp_enabled {
         return Err(not_on());
     }
-    let ok = accept_code(&mut tx, &app.secrets, user_id, &state, code).await?
-        || recovery::spend(&mut tx, user_id, code).await?.is_some();
-    if !ok {
+    if !check_any_code(app, &mut tx, user_id, code).await? {
         return Err(Error::WrongCode);
     }
     sqlx::query(

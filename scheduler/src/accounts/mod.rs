@@ -4,6 +4,7 @@
 //! limits on failed logins, sessions (`sessions.rs`), the security log,
 //! password reset and the profile.
 
+pub mod deletion;
 pub mod mfa;
 mod policy;
 pub mod profile;

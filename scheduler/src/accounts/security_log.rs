@@ -92,6 +92,17 @@ pub async fn page(
     .await?)
 }
 
+/// The account's whole log (its year), newest first: for its export.
+pub async fn all(db: &sqlx::PgPool, user_id: Uuid) -> Result<Vec<Entry>> {
+    Ok(sqlx::query_as(
+        "SELECT id, at, kind, address, user_agent, detail FROM security_events
+          WHERE user_id = $1 AND at > now() - interval '1 year' ORDER BY id DESC",
+    )
+    .bind(user_id)
+    .fetch_all(db)
+    .await?)
+}
+
 /// Drops the lines past their year.
 pub async fn purge(db: &sqlx::PgPool) {
     let r = sqlx::query("DELETE FROM security_events WHERE at < now() - interval '1 year'")

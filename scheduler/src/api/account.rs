@@ -1,5 +1,6 @@
 //! `/api/account`: the signed-in customer's own account: its profile, its
-//! sessions, its security log and its second factor. Changes that matter ask for the
+//! sessions, its security log, its second factor, its export and its
+//! deletion. Changes that matter ask for the
 //! password again (sudo), whatever the session.
 
 use axum::extract::{Path, Query, State};
@@ -10,8 +11,8 @@ use uuid::Uuid;
 use super::auth::bounded;
 use super::extract::{ApiJson, AuthUser, RequestClient};
 use super::views::{
-    ErrorBody, MfaSetupView, ProfileView, RecoveryCodes, Resent, SecurityLogPage, SessionInfo,
-    SessionList, SessionsEnded,
+    AnyObject, DeletionScheduled, ErrorBody, MfaSetupView, ProfileView, RecoveryCodes, Resent,
+    SecurityLogPage, SessionInfo, SessionList, SessionsEnded,
 };
 use crate::accounts::{mfa, profile, security_log, sessions};
 use crate::app::AppRef;
@@ -58,6 +59,70 @@ pub async fn update_profile(
         profile::update(&app, user.id, changes, &client)
             .await?
             .into(),
+    ))
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteAccount {
+    #[schema(max_length = 256)]
+    password: String,
+    /// With two-factor sign-in on: a code from the app or a recovery code.
+    #[schema(max_length = 40)]
+    code: Option<String>,
+}
+
+/// Deletes the account after a 30-day grace: every session ends now, the
+/// gateway is paused with its data, the subscription is set to end with
+/// its period, and a link that undoes it all is mailed (signing in again
+/// undoes it too). After the grace the gateway, its data and domains and
+/// the account's personal data are deleted.
+#[utoipa::path(delete, path = "/api/account", tag = "account", security(("bearer" = [])),
+    request_body = DeleteAccount,
+    responses(
+        (status = 202, description = "The deletion is scheduled; this session has ended", body = DeletionScheduled),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "Wrong password (wrong_password)", body = ErrorBody),
+        (status = 422, description = "Two-factor sign-in is on and no code was given (invalid_field), or a wrong one (wrong_code)", body = ErrorBody),
+        (status = 429, description = "Too many wrong passwords in the last hour", body = ErrorBody),
+    ))]
+pub async fn delete_account(
+    State(app): State<AppRef>,
+    user: AuthUser,
+    RequestClient(client): RequestClient,
+    ApiJson(b): ApiJson<DeleteAccount>,
+) -> Result<(StatusCode, axum::Json<DeletionScheduled>)> {
+    let code = b.code.as_deref().map(bounded).transpose()?;
+    crate::lifecycle::deletion::request(&app, user.id, b.password, code, &client).await?;
+    let grace = chrono::Duration::days(i64::from(crate::accounts::deletion::GRACE_DAYS));
+    Ok((
+        StatusCode::ACCEPTED,
+        axum::Json(DeletionScheduled {
+            erase_after: chrono::Utc::now() + grace,
+            message: "Your account will be deleted in 30 days. Sign in again, or use the link we mailed you, to keep it.",
+        }),
+    ))
+}
+
+/// The account's own data as JSON: profile, sessions, security log,
+/// instances, domains and billing (GDPR's right of access).
+#[utoipa::path(get, path = "/api/account/export", tag = "account", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The account's data, as a JSON attachment", body = AnyObject),
+        (status = 401, description = "No valid token", body = ErrorBody),
+    ))]
+pub async fn export(
+    State(app): State<AppRef>,
+    user: AuthUser,
+) -> Result<impl axum::response::IntoResponse> {
+    let data = crate::accounts::deletion::export(&app.db, user.id).await?;
+    Ok((
+        [(
+            axum::http::header::CONTENT_DISPOSITION,
+            "attachment; filename=\"clawdeploy-account.json\"",
+        )],
+        axum::Json(data),
     ))
 }
 

@@ -6,7 +6,7 @@ use axum::http::StatusCode;
 use serde::Deserialize;
 
 use super::extract::{ApiJson, AuthUser, ClientAddr, RequestClient};
-use super::views::{ErrorBody, LoginAnswer, PasswordReset, Resent, SessionView, Verified};
+use super::views::{ErrorBody, LoginAnswer, PasswordReset, Resent, SessionView, Undone, Verified};
 use crate::accounts;
 use crate::app::AppRef;
 use crate::error::Result;
@@ -62,7 +62,7 @@ pub async fn register(
 
 #[utoipa::path(post, path = "/api/auth/login", tag = "accounts", request_body = Credentials,
     responses(
-        (status = 200, description = "A session token; or, when the account has two-factor sign-in on, `{mfaRequired: true, mfaToken}` for POST /api/auth/login/mfa", body = LoginAnswer),
+        (status = 200, description = "A session token; or, when the account has two-factor sign-in on, `{mfaRequired: true, mfaToken}` for POST /api/auth/login/mfa. Signing in undoes a pending deletion of the account", body = LoginAnswer),
         (status = 400, description = "Malformed JSON", body = ErrorBody),
         (status = 401, description = "Wrong email or password (the same answer for both)", body = ErrorBody),
         (status = 429, description = "Too many failed logins for this account or address in the last hour", body = ErrorBody),
@@ -73,6 +73,9 @@ pub async fn login(
     ApiJson(c): ApiJson<Credentials>,
 ) -> Result<axum::Json<LoginAnswer>> {
     let outcome = accounts::login(&app.db, &c.email, c.password, &client).await?;
+    if let accounts::LoginOutcome::Session(s) = &outcome {
+        crate::lifecycle::deletion::signed_in(&app, s.user_id, &client).await?;
+    }
     Ok(axum::Json(outcome.into()))
 }
 
@@ -116,6 +119,7 @@ pub async fn login_mfa(
         }
     };
     let session = finish(&app, bounded(&b.mfa_token)?, factor, &client).await?;
+    crate::lifecycle::deletion::signed_in(&app, session.user_id, &client).await?;
     Ok(axum::Json(session.into()))
 }
 
@@ -133,7 +137,8 @@ pub async fn logout(State(app): State<AppRef>, user: AuthUser) -> Result<StatusC
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VerifyEmail {
-    /// The token from the mailed link (after `#verify-email=`).
+    /// The token from the mailed link (after `#verify-email=`, or
+    /// `#undo-deletion=`).
     #[schema(min_length = 1, max_length = 200)]
     token: String,
 }
@@ -176,6 +181,23 @@ pub async fn resend_verification(
             message: "If your address still needs confirming, a new link is on its way.",
         }),
     ))
+}
+
+/// Undoes the account's pending deletion with the token of the mailed link
+/// (within the 30 days); the gateway resumes with its data. No session is
+/// needed.
+#[utoipa::path(post, path = "/api/auth/undo-deletion", tag = "accounts", request_body = VerifyEmail,
+    responses(
+        (status = 200, description = "The deletion is undone; sign in again", body = Undone),
+        (status = 400, description = "Malformed JSON, or a token that is unknown, used or expired (invalid_token)", body = ErrorBody),
+    ))]
+pub async fn undo_deletion(
+    State(app): State<AppRef>,
+    RequestClient(client): RequestClient,
+    ApiJson(body): ApiJson<VerifyEmail>,
+) -> Result<axum::Json<Undone>> {
+    crate::lifecycle::deletion::undo_by_link(&app, bounded(&body.token)?, &client).await?;
+    Ok(axum::Json(Undone { undone: true }))
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]

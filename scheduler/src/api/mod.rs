@@ -45,7 +45,13 @@ pub fn api() -> OpenApiRouter<AppRef> {
         .routes(routes!(auth::resend_verification))
         .routes(routes!(auth::forgot_password))
         .routes(routes!(auth::reset_password))
-        .routes(routes!(account::profile, account::update_profile))
+        .routes(routes!(
+            account::profile,
+            account::update_profile,
+            account::delete_account
+        ))
+        .routes(routes!(account::export))
+        .routes(routes!(auth::undo_deletion))
         .routes(routes!(account::change_email))
         .routes(routes!(account::sessions, account::sign_out_everywhere))
         .routes(routes!(account::revoke_session))

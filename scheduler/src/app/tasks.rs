@@ -38,4 +38,6 @@ pub struct Activators {
     pub domains: Activator,
     /// Mail was written to the outbox.
     pub mail: Activator,
+    /// An account's deletion was asked for or undone: tell Stripe.
+    pub deletions: Activator,
 }

@@ -29,10 +29,15 @@ pub enum Purpose {
     ConfirmEmailChange,
     /// The notice, to the current address, that a move was asked for.
     EmailChangeNotice,
+    /// An account's deletion was asked for: what happens, and the link
+    /// that undoes it.
+    DeletionRequested,
+    /// An account's deletion was undone.
+    DeletionUndone,
 }
 
 impl Purpose {
-    pub const ALL: [Purpose; 8] = [
+    pub const ALL: [Purpose; 10] = [
         Purpose::GatewayLive,
         Purpose::VerifyEmail,
         Purpose::PasswordReset,
@@ -41,6 +46,8 @@ impl Purpose {
         Purpose::MfaDisabled,
         Purpose::ConfirmEmailChange,
         Purpose::EmailChangeNotice,
+        Purpose::DeletionRequested,
+        Purpose::DeletionUndone,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -53,6 +60,8 @@ impl Purpose {
             Purpose::MfaDisabled => "mfa_disabled",
             Purpose::ConfirmEmailChange => "confirm_email_change",
             Purpose::EmailChangeNotice => "email_change_notice",
+            Purpose::DeletionRequested => "deletion_requested",
+            Purpose::DeletionUndone => "deletion_undone",
         }
     }
 }
@@ -81,12 +90,27 @@ pub enum Mail<'a> {
         dashboard: &'a str,
     },
     /// Two-factor sign-in turned on (`true`) or off.
-    MfaChanged { on: bool, dashboard: &'a str },
+    MfaChanged {
+        on: bool,
+        dashboard: &'a str,
+    },
     /// To the new address: the link that moves the account to it.
-    ConfirmEmailChange { link: &'a str, valid_hours: u32 },
+    ConfirmEmailChange {
+        link: &'a str,
+        valid_hours: u32,
+    },
     /// To the current address: a move to `new_email` was asked for.
     EmailChangeNotice {
         new_email: &'a str,
+        dashboard: &'a str,
+    },
+    /// The account will be erased in `grace_days` unless `link` is used
+    /// (or the owner signs in).
+    DeletionRequested {
+        link: &'a str,
+        grace_days: u32,
+    },
+    DeletionUndone {
         dashboard: &'a str,
     },
 }
@@ -155,6 +179,22 @@ pub fn render(to: &str, mail: &Mail<'_>) -> Rendered {
             vec![
                 format!("Someone signed in to your ClawDeploy account asked to move it to {new_email}. The move happens only when that address confirms it."),
                 "If this was not you, sign in, change your password and end the other sessions at once; the link to the new address stops working when the password changes.".into(),
+            ],
+            Some(("Open your dashboard", *dashboard)),
+        ),
+        Mail::DeletionRequested { link, grace_days } => (
+            "Your ClawDeploy account will be deleted".to_owned(),
+            vec![
+                format!("You asked to delete your ClawDeploy account. Every session was signed out and your gateway is paused, with its data kept. In {grace_days} days the gateway, its data, its custom domains and your personal data are deleted, and your subscription ends."),
+                "Changed your mind? Use the link below, or simply sign in again, before then: everything comes back as it was.".into(),
+            ],
+            Some(("Keep my account", *link)),
+        ),
+        Mail::DeletionUndone { dashboard } => (
+            "Your ClawDeploy account is no longer being deleted".to_owned(),
+            vec![
+                "The deletion of your ClawDeploy account was undone: your gateway is running again, with its data, and your subscription continues.".into(),
+                "If this was not you, reset your password at once and tell us.".into(),
             ],
             Some(("Open your dashboard", *dashboard)),
         ),

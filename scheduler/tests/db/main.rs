@@ -7,6 +7,7 @@ mod accounts;
 mod billing;
 mod claims;
 mod crypto;
+mod deletion;
 mod domains;
 mod http;
 mod idempotency;

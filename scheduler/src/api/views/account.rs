@@ -228,3 +228,19 @@ impl From<crate::accounts::profile::Profile> for ProfileView {
         }
     }
 }
+
+/// A deletion undone.
+#[derive(Serialize, ToSchema)]
+pub struct Undone {
+    pub undone: bool,
+}
+
+/// A deletion asked for.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeletionScheduled {
+    /// When the account's data will be erased, unless the deletion is
+    /// undone (the mailed link, or signing in) before then.
+    pub erase_after: DateTime<Utc>,
+    pub message: &'static str,
+}

@@ -96,6 +96,31 @@ pub async fn enqueue(
     Ok(written == 1)
 }
 
+/// Queues a mail without secrets to an account's current address inside
+/// the caller's transaction (none once the account is erased); `false`
+/// when its cause already had one.
+pub async fn enqueue_to_account(
+    tx: &mut sqlx::PgConnection,
+    user_id: uuid::Uuid,
+    purpose: Purpose,
+    dedupe_key: String,
+    params: serde_json::Value,
+) -> Result<bool> {
+    let written = sqlx::query(
+        "INSERT INTO outbox (purpose, recipient, dedupe_key, params)
+         SELECT $1, email, $3, $4 FROM users WHERE id = $2 AND purged_at IS NULL
+         ON CONFLICT (dedupe_key) DO NOTHING",
+    )
+    .bind(purpose)
+    .bind(user_id)
+    .bind(&dedupe_key)
+    .bind(Json(&params))
+    .execute(tx)
+    .await?
+    .rows_affected();
+    Ok(written == 1)
+}
+
 /// A due mail, leased to this sender.
 #[derive(sqlx::FromRow)]
 struct Due {
@@ -291,6 +316,24 @@ fn render(app: &App, mail: &Due) -> Option<crate::mail::Rendered> {
                 &Mail::DeletionRequested {
                     link: &link,
                     grace_days,
+                },
+            ))
+        }
+        Purpose::PaymentFailed => Some(templates::render(
+            &mail.recipient,
+            &Mail::PaymentFailed {
+                dashboard: &dashboard,
+            },
+        )),
+        Purpose::GraceEnding => {
+            let ends = mail.params.0.get("graceUntil")?.as_str()?;
+            let tier = mail.params.0.get("tier")?.as_str()?;
+            Some(templates::render(
+                &mail.recipient,
+                &Mail::GraceEnding {
+                    ends,
+                    tier,
+                    dashboard: &dashboard,
                 },
             ))
         }

@@ -19,7 +19,9 @@ use super::tier::{live_instance_of, set_tier_in, Changed};
 use crate::app::AppRef;
 use crate::audit::audit;
 use crate::error::{Error, Result};
+use crate::mail::templates::Purpose;
 use crate::model::{BillingStatus, Tier};
+use crate::outbox;
 
 /// What a delivery did, for the answer and the metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -340,6 +342,9 @@ async fn subscription(
     .bind(created)
     .execute(&mut **tx)
     .await?;
+    if status == BillingStatus::PastDue && account.status != BillingStatus::PastDue {
+        mail_payment_failed(tx, account.user_id, period_end).await?;
+    }
     if tier != account.tier {
         if let Some(instance) = live_instance_of(tx, account.user_id).await? {
             *changed = Some(set_tier_in(app, tx, instance, tier, "stripe").await?);
@@ -383,6 +388,15 @@ async fn invoice(
     .bind(status)
     .execute(&mut **tx)
     .await?;
+    if status == BillingStatus::PastDue {
+        let period: Option<DateTime<Utc>> = sqlx::query_scalar(
+            "SELECT current_period_end FROM billing_accounts WHERE user_id = $1",
+        )
+        .bind(account.user_id)
+        .fetch_one(&mut **tx)
+        .await?;
+        mail_payment_failed(tx, account.user_id, period).await?;
+    }
     audit(
         &mut **tx,
         "stripe",
@@ -392,6 +406,55 @@ async fn invoice(
     )
     .await;
     Ok(Outcome::Applied)
+}
+
+/// The "payment failed" mail of an account that just became `past_due`:
+/// one per subscription and billing period, whichever event said it first
+/// (`invoice.payment_failed` or the subscription's update).
+async fn mail_payment_failed(
+    tx: &mut Transaction<'_, Postgres>,
+    user_id: Uuid,
+    period_end: Option<DateTime<Utc>>,
+) -> Result<()> {
+    let period = period_end.map_or(0, |p| p.timestamp());
+    outbox::enqueue_to_account(
+        tx,
+        user_id,
+        Purpose::PaymentFailed,
+        format!("payment_failed:{user_id}:{period}"),
+        serde_json::json!({}),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Mails the accounts whose grace period ends within three days (once per
+/// grace period); returns how many were mailed.
+pub async fn warn_grace_ending(app: &AppRef) -> Result<usize> {
+    let mut tx = app.db.begin().await?;
+    let ending: Vec<(Uuid, DateTime<Utc>, Tier)> = sqlx::query_as(
+        "SELECT user_id, grace_until, tier FROM billing_accounts
+          WHERE status = 'grace' AND grace_until > now() AND grace_until < now() + interval '3 days'",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut mailed = 0;
+    for (user_id, until, tier) in ending {
+        let tier = serde_json::json!(tier);
+        let params = serde_json::json!({
+            "graceUntil": until.format("%Y-%m-%d %H:%M").to_string(),
+            "tier": tier,
+        });
+        let key = format!("grace_ending:{user_id}:{}", until.timestamp());
+        if outbox::enqueue_to_account(&mut tx, user_id, Purpose::GraceEnding, key, params).await? {
+            mailed += 1;
+        }
+    }
+    tx.commit().await?;
+    if mailed > 0 {
+        app.tasks.mail.activate();
+    }
+    Ok(mailed)
 }
 
 /// Exports how many accounts are in each tier and billing status, and how

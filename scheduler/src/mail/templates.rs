@@ -34,10 +34,14 @@ pub enum Purpose {
     DeletionRequested,
     /// An account's deletion was undone.
     DeletionUndone,
+    /// A payment failed: the account is `past_due` while Stripe retries.
+    PaymentFailed,
+    /// A grace period ends in three days, and the plan with it.
+    GraceEnding,
 }
 
 impl Purpose {
-    pub const ALL: [Purpose; 10] = [
+    pub const ALL: [Purpose; 12] = [
         Purpose::GatewayLive,
         Purpose::VerifyEmail,
         Purpose::PasswordReset,
@@ -48,6 +52,8 @@ impl Purpose {
         Purpose::EmailChangeNotice,
         Purpose::DeletionRequested,
         Purpose::DeletionUndone,
+        Purpose::PaymentFailed,
+        Purpose::GraceEnding,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -62,6 +68,8 @@ impl Purpose {
             Purpose::EmailChangeNotice => "email_change_notice",
             Purpose::DeletionRequested => "deletion_requested",
             Purpose::DeletionUndone => "deletion_undone",
+            Purpose::PaymentFailed => "payment_failed",
+            Purpose::GraceEnding => "grace_ending",
         }
     }
 }
@@ -111,6 +119,16 @@ pub enum Mail<'a> {
         grace_days: u32,
     },
     DeletionUndone {
+        dashboard: &'a str,
+    },
+    PaymentFailed {
+        dashboard: &'a str,
+    },
+    /// The grace ends at `ends` (UTC); the account then moves from `tier`
+    /// to the free plan.
+    GraceEnding {
+        ends: &'a str,
+        tier: &'a str,
         dashboard: &'a str,
     },
 }
@@ -195,6 +213,22 @@ pub fn render(to: &str, mail: &Mail<'_>) -> Rendered {
             vec![
                 "The deletion of your ClawDeploy account was undone: your gateway is running again, with its data, and your subscription continues.".into(),
                 "If this was not you, reset your password at once and tell us.".into(),
+            ],
+            Some(("Open your dashboard", *dashboard)),
+        ),
+        Mail::PaymentFailed { dashboard } => (
+            "Your ClawDeploy payment failed".to_owned(),
+            vec![
+                "The latest payment for your ClawDeploy plan did not go through. Your gateway keeps its plan while the payment is retried over the next days.".into(),
+                "Update your card in the billing portal (from your dashboard) to keep it.".into(),
+            ],
+            Some(("Open your dashboard", *dashboard)),
+        ),
+        Mail::GraceEnding { ends, tier, dashboard } => (
+            "Your ClawDeploy plan ends in 3 days".to_owned(),
+            vec![
+                format!("Your {tier} plan could not be paid, and its grace period ends at {ends} (UTC). Your gateway then moves to the free plan, with its data kept."),
+                "Update your card in the billing portal (from your dashboard) to keep your plan.".into(),
             ],
             Some(("Open your dashboard", *dashboard)),
         ),

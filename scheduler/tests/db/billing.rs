@@ -227,6 +227,28 @@ async fn stripe_webhooks_are_verified_applied_once_in_order_and_end_in_grace() {
     )
     .await;
     assert_eq!(account().await, ("pro".into(), "past_due".into()));
+    // The customer hears of it once, however many events say it.
+    signed(
+        &base,
+        &event(
+            "evt_sub_past_due",
+            "customer.subscription.updated",
+            t0 + 35,
+            subscription("past_due", "price_pro", None),
+        ),
+    )
+    .await;
+    let mails = |purpose: &'static str| {
+        let app = app.clone();
+        async move {
+            count(
+                &app,
+                &format!("SELECT count(*) FROM outbox WHERE purpose = '{purpose}' AND recipient = 'payer@example.com'"),
+            )
+            .await
+        }
+    };
+    assert_eq!(mails("payment_failed").await, 1);
     signed(
         &base,
         &event(
@@ -268,6 +290,36 @@ async fn stripe_webhooks_are_verified_applied_once_in_order_and_end_in_grace() {
         .unwrap();
     assert_eq!(me["status"], "grace", "{me}");
     assert!(me["graceUntil"].is_string(), "{me}");
+    // Three days or less before the grace ends: one mail that says so.
+    use clawdeploy_scheduler::billing::webhook::warn_grace_ending;
+    assert_eq!(warn_grace_ending(&app).await.unwrap(), 1);
+    assert_eq!(warn_grace_ending(&app).await.unwrap(), 0);
+    assert_eq!(mails("grace_ending").await, 1);
+    let mailer = clawdeploy_scheduler::mail::FakeMailer::default();
+    clawdeploy_scheduler::outbox::send_due(&app, &mailer, 50)
+        .await
+        .unwrap();
+    let subjects: Vec<String> = mailer
+        .sent()
+        .into_iter()
+        .filter(|m| m.to == "payer@example.com")
+        .map(|m| m.subject)
+        .collect();
+    for want in [
+        "Your ClawDeploy payment failed",
+        "Your ClawDeploy plan ends in 3 days",
+    ] {
+        assert!(
+            subjects.iter().any(|s| s == want),
+            "{want} not in {subjects:?}"
+        );
+    }
+    let grace = mailer
+        .sent()
+        .into_iter()
+        .find(|m| m.subject == "Your ClawDeploy plan ends in 3 days")
+        .unwrap();
+    assert!(grace.text.contains("Your pro plan"), "{}", grace.text);
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert_eq!(
         clawdeploy_scheduler::billing::webhook::end_grace(&app)

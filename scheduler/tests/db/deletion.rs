@@ -257,7 +257,10 @@ async fn a_deleted_account_can_be_undone_within_its_grace_and_is_erased_after_it
 
     // No personal data of the account in any table.
     let all = everything(&app).await;
-    assert!(all.contains("\"subdomain\":\"erasable\""), "the dump holds the tables");
+    assert!(
+        all.contains("\"subdomain\":\"erasable\""),
+        "the dump holds the tables"
+    );
     for personal in [
         EMAIL,
         "zebulon",

@@ -14,7 +14,8 @@ use crate::lifecycle::instances::{subdomain_available, validate_subdomain};
 const PAGE: &str = include_str!("../../assets/index.html");
 
 /// The page's Content-Security-Policy: only its own inline script (by
-/// hash) and styles run, and it talks only to this origin.
+/// hash) and styles run, and it talks only to this origin (images may be
+/// `data:` URLs: the two-factor QR code comes as one).
 fn content_security_policy() -> &'static str {
     static CSP: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     CSP.get_or_init(|| {
@@ -27,7 +28,7 @@ fn content_security_policy() -> &'static str {
         let hash = base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(script));
         format!(
             "default-src 'none'; script-src 'sha256-{hash}'; style-src 'unsafe-inline'; \
-             connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'self'; \
+             connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'self'; \
              frame-ancestors 'none'"
         )
     })

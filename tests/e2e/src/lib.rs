@@ -27,6 +27,7 @@ pub mod perf;
 pub mod pg;
 mod probes;
 pub mod smtp;
+pub mod totp;
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};

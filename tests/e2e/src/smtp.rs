@@ -105,6 +105,26 @@ impl SmtpServer {
             .filter(|m| m.to.contains(to))
             .collect())
     }
+
+    /// The token of the link (`#<fragment>=<token>`) in the newest mail
+    /// titled `subject` to `to`, once one has arrived (within 20 s).
+    pub async fn link_token(&self, to: &str, subject: &str, fragment: &str) -> Result<String> {
+        crate::wait_for(Duration::from_secs(20), subject, || async {
+            Ok(self.messages_to(to)?.iter().any(|m| m.subject == subject))
+        })
+        .await?;
+        let mail = self
+            .messages_to(to)?
+            .into_iter()
+            .rev()
+            .find(|m| m.subject == subject)
+            .context("the mail")?;
+        let (_, rest) = mail
+            .body
+            .split_once(&format!("#{fragment}="))
+            .context("the link")?;
+        Ok(rest.chars().take_while(char::is_ascii_hexdigit).collect())
+    }
 }
 
 impl Drop for SmtpServer {

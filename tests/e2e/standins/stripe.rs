@@ -7,6 +7,10 @@
 //! exactly as Stripe signs them, then redirects to the success URL.
 //! `POST /_test/subscriptions/{id}` with `{"status": …}` sends the
 //! `customer.subscription.updated` of a status change (dunning by hand).
+//! `POST /v1/subscriptions/{id}` (`cancel_at_period_end`) and `DELETE
+//! /v1/subscriptions/{id}` update or cancel a subscription as Stripe does,
+//! answering the subscription and sending its `updated` or `deleted`
+//! event; `GET /v1/subscriptions/{id}` shows it (the tests read it).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -277,6 +281,97 @@ async fn pay(State(s): State<Shared>, Path(session): Path<String>) -> Response {
     Redirect::to(&success).into_response()
 }
 
+/// The stored subscription, if it exists.
+fn stored(s: &Stand, sub_id: &str) -> Option<Value> {
+    s.subscriptions.lock().unwrap().get(sub_id).cloned()
+}
+
+/// Stripe's answer for an unknown subscription.
+fn missing(sub_id: &str) -> Response {
+    let body = json!({"error": {"type": "invalid_request_error", "code": "resource_missing",
+        "param": "id", "message": format!("No such subscription: '{sub_id}'")}});
+    (StatusCode::NOT_FOUND, Json(body)).into_response()
+}
+
+async fn get_subscription(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    Path(sub_id): Path<String>,
+) -> Response {
+    if !authorized(&headers) {
+        return (StatusCode::UNAUTHORIZED, "no API key").into_response();
+    }
+    match stored(&s, &sub_id) {
+        Some(sub) => Json(sub).into_response(),
+        None => missing(&sub_id),
+    }
+}
+
+/// `cancel_at_period_end=true|false`: the subscription ends with its
+/// period (or no longer does); `customer.subscription.updated` follows.
+async fn update_subscription(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    Path(sub_id): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    if !authorized(&headers) {
+        return (StatusCode::UNAUTHORIZED, "no API key").into_response();
+    }
+    let Some(mut sub) = stored(&s, &sub_id) else {
+        return missing(&sub_id);
+    };
+    let params = form(&body);
+    match params.get("cancel_at_period_end").map(String::as_str) {
+        Some("true") => {
+            sub["cancel_at_period_end"] = json!(true);
+            sub["cancel_at"] = sub["items"]["data"][0]["current_period_end"].clone();
+            sub["cancellation_details"]["reason"] = json!("cancellation_requested");
+        }
+        Some("false") => {
+            sub["cancel_at_period_end"] = json!(false);
+            sub["cancel_at"] = json!(null);
+            sub["cancellation_details"]["reason"] = json!(null);
+        }
+        Some(_) => {
+            return invalid("cancel_at_period_end", "Invalid boolean").into_response();
+        }
+        None => {}
+    }
+    s.subscriptions.lock().unwrap().insert(sub_id, sub.clone());
+    if let Err(e) = send(&s, "customer.subscription.updated", sub.clone()).await {
+        return (StatusCode::BAD_GATEWAY, e.to_string()).into_response();
+    }
+    Json(sub).into_response()
+}
+
+/// Cancels at once: `status: canceled`; `customer.subscription.deleted`
+/// follows.
+async fn cancel_subscription(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    Path(sub_id): Path<String>,
+) -> Response {
+    if !authorized(&headers) {
+        return (StatusCode::UNAUTHORIZED, "no API key").into_response();
+    }
+    let Some(mut sub) = stored(&s, &sub_id) else {
+        return missing(&sub_id);
+    };
+    if sub["status"] == "canceled" {
+        return Json(sub).into_response();
+    }
+    sub["status"] = json!("canceled");
+    sub["canceled_at"] = json!(chrono_now());
+    sub["ended_at"] = json!(chrono_now());
+    sub["cancellation_details"]["reason"] = json!("cancellation_requested");
+    s.subscriptions.lock().unwrap().insert(sub_id, sub.clone());
+    if let Err(e) = send(&s, "customer.subscription.deleted", sub.clone()).await {
+        return (StatusCode::BAD_GATEWAY, e.to_string()).into_response();
+    }
+    Json(sub).into_response()
+}
+
 /// Moves a subscription to another status and sends the update.
 async fn set_status(
     State(s): State<Shared>,
@@ -314,6 +409,12 @@ async fn main() -> anyhow::Result<()> {
         .route("/v1/checkout/sessions", post(checkout_sessions))
         .route("/v1/billing_portal/sessions", post(portal_sessions))
         .route("/pay/{session}", get(pay_page).post(pay))
+        .route(
+            "/v1/subscriptions/{id}",
+            get(get_subscription)
+                .post(update_subscription)
+                .delete(cancel_subscription),
+        )
         .route("/_test/subscriptions/{id}", post(set_status))
         .with_state(stand);
     eprintln!("stripe stand-in listening on {base}");

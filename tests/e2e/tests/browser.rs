@@ -243,3 +243,163 @@ async fn a_customer_signs_up_in_a_real_browser_and_the_url_answers() -> Result<(
     b.close().await.ok();
     result
 }
+
+/// Types `text` into the field `id`.
+async fn type_into(b: &Client, id: &str, text: &str) -> Result<()> {
+    let f = b
+        .wait()
+        .at_most(Duration::from_secs(10))
+        .for_element(Locator::Id(id))
+        .await?;
+    f.clear().await?;
+    f.send_keys(text).await?;
+    Ok(())
+}
+
+async fn click(b: &Client, id: &str) -> Result<()> {
+    b.wait()
+        .at_most(Duration::from_secs(10))
+        .for_element(Locator::Id(id))
+        .await?
+        .click()
+        .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forgotten_password_and_two_factor_sign_in_go_through_the_page() -> Result<()> {
+    use clawdeploy_e2e::{smtp::SmtpServer, totp};
+    let email = "two-steps@example.com";
+    let new_password = "a-fresh-long-passphrase";
+    let smtp = SmtpServer::start(
+        &clawdeploy_e2e::workspace_root()
+            .join(".local/e2e")
+            .join(format!("smtp-browser-{}", uuid::Uuid::new_v4().simple())),
+    )
+    .await?;
+    let c = Cluster::start(ClusterOptions {
+        nodes: 1,
+        min_idle: 0,
+        scheduler_args: vec!["--smtp-url".into(), smtp.url()],
+        ..Default::default()
+    })
+    .await?;
+    c.register(email).await?;
+    let (_driver, b) = browser(&c.dir).await?;
+    let home = format!("http://{}/", c.http);
+    let secrets = std::cell::RefCell::new(vec![new_password.to_owned()]);
+    let result = async {
+        // Forgot: asked from the login form; the link comes by mail.
+        b.goto(&home).await?;
+        click(&b, "show-login").await?;
+        type_into(&b, "login-email", email).await?;
+        click(&b, "forgot").await?;
+        text_when(&b, "login-error", Duration::from_secs(10), |t| {
+            t.contains("on its way")
+        })
+        .await?;
+        let token = smtp
+            .link_token(email, "Reset your ClawDeploy password", "reset-password")
+            .await?;
+        secrets.borrow_mut().push(token.clone());
+        // The link as mailed, opened on this scheduler's page.
+        b.goto(&format!("{home}#reset-password={token}")).await?;
+        type_into(&b, "reset-password", new_password).await?;
+        b.find(Locator::Css("#reset button[type=submit]"))
+            .await?
+            .click()
+            .await?;
+        text_when(&b, "reset-result", Duration::from_secs(10), |t| {
+            t.contains("Your password is set")
+        })
+        .await?;
+        assert!(
+            !b.current_url().await?.as_str().contains(&token),
+            "the token leaves the address bar"
+        );
+        // Sign in with it.
+        type_into(&b, "login-email", email).await?;
+        type_into(&b, "login-password", new_password).await?;
+        b.find(Locator::Css("#login button[type=submit]"))
+            .await?
+            .click()
+            .await?;
+        text_when(&b, "acct-email", Duration::from_secs(10), |t| t == email).await?;
+
+        // Two-factor sign-in: the page shows the secret (and its QR code);
+        // the code comes from an independent RFC 6238.
+        type_into(&b, "mfa-password", new_password).await?;
+        click(&b, "mfa-begin").await?;
+        let secret =
+            text_when(&b, "mfa-secret", Duration::from_secs(10), |t| !t.is_empty()).await?;
+        secrets.borrow_mut().push(secret.clone());
+        let qr = b
+            .find(Locator::Id("mfa-qr"))
+            .await?
+            .attr("src")
+            .await?
+            .unwrap_or_default();
+        assert!(qr.starts_with("data:image/png;base64,"), "{qr:.40}");
+        let natural: serde_json::Value = b
+            .execute(
+                "return document.getElementById('mfa-qr').naturalWidth;",
+                vec![],
+            )
+            .await?;
+        assert!(natural.as_u64().unwrap_or(0) > 0, "the QR code is drawn");
+        type_into(&b, "mfa-code", &totp::code(&secret, 0)?).await?;
+        click(&b, "mfa-confirm").await?;
+        let codes = text_when(&b, "mfa-recovery", Duration::from_secs(10), |t| {
+            !t.is_empty()
+        })
+        .await?;
+        assert_eq!(codes.lines().count(), 10, "{codes}");
+        secrets
+            .borrow_mut()
+            .extend(codes.lines().map(str::to_owned));
+        text_when(&b, "acct-mfa", Duration::from_secs(10), |t| {
+            t == "two-factor sign-in on"
+        })
+        .await?;
+
+        // Signed out everywhere, then in again: the password, then a code
+        // (the next step's: the one used to confirm cannot serve twice).
+        click(&b, "sign-out-everywhere").await?;
+        click(&b, "show-login").await?;
+        type_into(&b, "login-email", email).await?;
+        type_into(&b, "login-password", new_password).await?;
+        b.find(Locator::Css("#login button[type=submit]"))
+            .await?
+            .click()
+            .await?;
+        type_into(&b, "mfa-login-code", &totp::code(&secret, 1)?).await?;
+        click(&b, "mfa-login-submit").await?;
+        text_when(&b, "acct-email", Duration::from_secs(10), |t| t == email).await?;
+        let log = text_when(&b, "security-log", Duration::from_secs(10), |t| {
+            t.contains("mfa enabled")
+        })
+        .await?;
+        assert!(log.contains("login succeeded"), "{log}");
+        let sessions = b.find(Locator::Id("sessions")).await?.text().await?;
+        assert!(sessions.contains("This session"), "{sessions}");
+        anyhow::Ok(())
+    }
+    .await;
+    b.close().await.ok();
+    result?;
+
+    // Nothing secret in any log of the run.
+    for entry in std::fs::read_dir(c.dir.join("logs"))? {
+        let path = entry?.path();
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        for s in secrets.borrow().iter() {
+            let s = s.trim();
+            assert!(
+                s.is_empty() || !text.contains(s),
+                "{} holds a secret",
+                path.display()
+            );
+        }
+    }
+    Ok(())
+}

@@ -246,24 +246,30 @@ async fn a_customer_signs_up_in_a_real_browser_and_the_url_answers() -> Result<(
 
 /// Types `text` into the field `id`.
 async fn type_into(b: &Client, id: &str, text: &str) -> Result<()> {
-    let f = b
-        .wait()
-        .at_most(Duration::from_secs(10))
-        .for_element(Locator::Id(id))
-        .await?;
-    f.clear().await?;
-    f.send_keys(text).await?;
-    Ok(())
+    let typed = async {
+        let f = b
+            .wait()
+            .at_most(Duration::from_secs(10))
+            .for_element(Locator::Id(id))
+            .await?;
+        f.clear().await?;
+        f.send_keys(text).await?;
+        anyhow::Ok(())
+    };
+    typed.await.with_context(|| format!("typing into #{id}"))
 }
 
 async fn click(b: &Client, id: &str) -> Result<()> {
-    b.wait()
-        .at_most(Duration::from_secs(10))
-        .for_element(Locator::Id(id))
-        .await?
-        .click()
-        .await?;
-    Ok(())
+    let clicked = async {
+        b.wait()
+            .at_most(Duration::from_secs(10))
+            .for_element(Locator::Id(id))
+            .await?
+            .click()
+            .await?;
+        anyhow::Ok(())
+    };
+    clicked.await.with_context(|| format!("clicking #{id}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -309,7 +315,7 @@ async fn a_forgotten_password_and_two_factor_sign_in_go_through_the_page() -> Re
             .await?
             .click()
             .await?;
-        text_when(&b, "reset-result", Duration::from_secs(10), |t| {
+        text_when(&b, "verified", Duration::from_secs(10), |t| {
             t.contains("Your password is set")
         })
         .await?;
@@ -365,6 +371,10 @@ async fn a_forgotten_password_and_two_factor_sign_in_go_through_the_page() -> Re
         // Signed out everywhere, then in again: the password, then a code
         // (the next step's: the one used to confirm cannot serve twice).
         click(&b, "sign-out-everywhere").await?;
+        wait_for(Duration::from_secs(10), "the page signed out", || async {
+            Ok(!b.find(Locator::Id("account")).await?.is_displayed().await?)
+        })
+        .await?;
         click(&b, "show-login").await?;
         type_into(&b, "login-email", email).await?;
         type_into(&b, "login-password", new_password).await?;

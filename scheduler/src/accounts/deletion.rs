@@ -235,6 +235,10 @@ pub async fn erase(app: &App, user_id: Uuid) -> Result<()> {
         "DELETE FROM idempotency_keys WHERE user_id = $1",
         "DELETE FROM secrets WHERE instance_id IN (SELECT id FROM instances WHERE user_id = $1)",
         "UPDATE billing_accounts SET customer_id = NULL WHERE user_id = $1",
+        // The audit log keeps what happened to the account, by its id
+        // alone: the details (a Stripe customer, a subdomain) go.
+        "UPDATE audit_log SET detail = '{}'
+          WHERE subject = $1::text OR actor = 'user:' || $1::text",
     ] {
         sqlx::query(statement)
             .bind(user_id)

@@ -1,6 +1,6 @@
 //! Account deletions (`lifecycle::deletion::pass`): tells Stripe of
 //! deletions asked for and undone, and erases the accounts past their
-//! grace; every minute, and at once when a deletion is asked or undone.
+//! grace; every ten seconds, and at once when a deletion is asked or undone.
 
 use std::time::Duration;
 
@@ -15,7 +15,7 @@ impl Task<App> for Deletions {
     const NAME: &'static str = "account_deletions";
 
     fn period(&self) -> Duration {
-        Duration::from_secs(60)
+        Duration::from_secs(10)
     }
 
     fn activator(app: &App) -> Option<&Activator> {

@@ -215,3 +215,248 @@ async fn an_upgrade_through_checkout_resizes_live_and_dunning_ends_in_the_free_t
     );
     Ok(())
 }
+
+/// Every row of every table, as text.
+async fn every_row(c: &Cluster) -> Result<String> {
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT table_name::text FROM information_schema.tables
+          WHERE table_schema = 'public' AND table_type = 'BASE TABLE'",
+    )
+    .fetch_all(&c.db)
+    .await?;
+    let mut all = String::new();
+    for t in tables {
+        let rows: Option<String> = sqlx::query_scalar(&format!(
+            "SELECT string_agg(row_to_json(t)::text, '\n') FROM \"{t}\" t"
+        ))
+        .fetch_one(&c.db)
+        .await?;
+        all.push_str(&rows.unwrap_or_default());
+    }
+    Ok(all)
+}
+
+#[tokio::test]
+async fn a_deleted_account_comes_back_within_its_grace_and_is_erased_after_it() -> Result<()> {
+    use clawdeploy_e2e::ops::{placement, volume_dir};
+    use clawdeploy_e2e::smtp::SmtpServer;
+    let stripe = free_addr();
+    let smtp = SmtpServer::start(
+        &clawdeploy_e2e::workspace_root()
+            .join(".local/e2e")
+            .join(format!("smtp-deletion-{}", uuid::Uuid::new_v4().simple())),
+    )
+    .await?;
+    let c = Cluster::start(ClusterOptions {
+        nodes: 1,
+        min_idle: 1,
+        max_idle: 2,
+        scheduler_args: [
+            "--stripe-secret-key",
+            "sk_test_e2e",
+            "--stripe-api-base",
+            &format!("http://{stripe}/"),
+            "--stripe-webhook-secret",
+            WHSEC,
+            "--stripe-price-pro",
+            "price_pro_e2e",
+            "--public-origin",
+            ORIGIN,
+            "--release-grace-secs",
+            "1",
+            "--smtp-url",
+            &smtp.url(),
+        ]
+        .map(String::from)
+        .to_vec(),
+        ..Default::default()
+    })
+    .await?;
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/stripe");
+    let _standin = Standin(
+        Command::new(bin_dir().join("clawdeploy-stripe-standin"))
+            .args(["--listen", &stripe.to_string()])
+            .args([
+                "--webhook-url",
+                &format!("http://{}/api/billing/webhook", c.http),
+            ])
+            .args(["--webhook-secret", WHSEC])
+            .arg("--fixtures")
+            .arg(&fixtures)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting the Stripe stand-in")?,
+    );
+    c.wait_idle_at_least(1, Duration::from_secs(120)).await?;
+    let email = "leaver@example.com";
+    let (token, gw) = c.sign_up(email, "leaver", json!({})).await?;
+    let host = format!("leaver.{BASE_DOMAIN}");
+    let instance: uuid::Uuid =
+        sqlx::query_scalar("SELECT id FROM instances WHERE subdomain = 'leaver'")
+            .fetch_one(&c.db)
+            .await?;
+    let (container, node) = placement(&c, instance).await?;
+    let note = volume_dir(&c, &node, container).join("notes.txt");
+    std::fs::write(&note, "kept through the grace")?;
+
+    // A paying customer: a subscription at the stand-in.
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?;
+    wait_for(Duration::from_secs(10), "the stand-in up", || async {
+        Ok(http
+            .get(format!("http://{stripe}/pay/none"))
+            .send()
+            .await
+            .is_ok())
+    })
+    .await?;
+    let r = http
+        .post(c.api("/api/billing/checkout"))
+        .bearer_auth(&token)
+        .json(&json!({"tier": "pro", "successUrl": format!("{ORIGIN}/"), "cancelUrl": format!("{ORIGIN}/")}))
+        .send()
+        .await?;
+    assert_eq!(r.status(), 200);
+    let url = r.json::<Value>().await?["checkoutUrl"]
+        .as_str()
+        .context("checkoutUrl")?
+        .to_owned();
+    assert_eq!(http.post(&url).send().await?.status(), 303);
+    let sub: String = sqlx::query_scalar(
+        "SELECT subscription_id FROM billing_accounts WHERE subscription_id IS NOT NULL",
+    )
+    .fetch_one(&c.db)
+    .await?;
+    let subscription = || async {
+        let v: Value = http
+            .get(format!("http://{stripe}/v1/subscriptions/{sub}"))
+            .bearer_auth("sk_test_e2e")
+            .send()
+            .await?
+            .json()
+            .await?;
+        anyhow::Ok(v)
+    };
+    let delete = |token: String| {
+        let http = http.clone();
+        let url = c.api("/api/account");
+        async move {
+            let r = http
+                .delete(url)
+                .bearer_auth(token)
+                .json(&json!({"password": "correct-horse-battery"}))
+                .send()
+                .await?;
+            anyhow::Ok(r.status().as_u16())
+        }
+    };
+
+    // Deleted: the session ends, the gateway pauses and says why, the
+    // subscription is set to end with its period.
+    assert_eq!(delete(token.clone()).await?, 202);
+    let r = http
+        .get(c.api("/api/account"))
+        .bearer_auth(&token)
+        .send()
+        .await?;
+    assert_eq!(r.status(), 401);
+    wait_for(Duration::from_secs(20), "the edge to pause it", || async {
+        Ok(c.edge_get(&host, "/v1/models", Some(&gw)).await?.0 == 403)
+    })
+    .await?;
+    let (_, body) = c.edge_get(&host, "/v1/models", Some(&gw)).await?;
+    assert!(body.contains("being deleted"), "{body}");
+    wait_for(Duration::from_secs(20), "Stripe told", || async {
+        Ok(subscription().await?["cancel_at_period_end"] == true)
+    })
+    .await?;
+
+    // The mailed link undoes it: the same container, its state kept; the
+    // subscription continues.
+    let undo = smtp
+        .link_token(
+            email,
+            "Your ClawDeploy account will be deleted",
+            "undo-deletion",
+        )
+        .await?;
+    let r = http
+        .post(c.api("/api/auth/undo-deletion"))
+        .json(&json!({"token": undo}))
+        .send()
+        .await?;
+    assert_eq!(r.status(), 200);
+    wait_for(Duration::from_secs(5), "the gateway back", || async {
+        Ok(c.edge_get(&host, "/v1/models", Some(&gw)).await?.0 == 200)
+    })
+    .await?;
+    assert_eq!(placement(&c, instance).await?, (container, node.clone()));
+    assert_eq!(std::fs::read_to_string(&note)?, "kept through the grace");
+    wait_for(Duration::from_secs(20), "Stripe told again", || async {
+        Ok(subscription().await?["cancel_at_period_end"] == false)
+    })
+    .await?;
+
+    // Deleted again and left past the 30 days (shifted in the database):
+    // erased.
+    let r = http
+        .post(c.api("/api/auth/login"))
+        .json(&json!({"email": email, "password": "correct-horse-battery"}))
+        .send()
+        .await?;
+    let token = r.json::<Value>().await?["token"]
+        .as_str()
+        .context("token")?
+        .to_owned();
+    assert_eq!(delete(token).await?, 202);
+    sqlx::query(
+        "UPDATE users SET deletion_requested_at = now() - interval '31 days' WHERE email = $1",
+    )
+    .bind(email)
+    .execute(&c.db)
+    .await?;
+    wait_for(Duration::from_secs(30), "the account erased", || async {
+        Ok(
+            c.count("SELECT count(*) FROM users WHERE purged_at IS NOT NULL")
+                .await?
+                == 1,
+        )
+    })
+    .await?;
+    wait_for(
+        Duration::from_secs(20),
+        "the subscription cancelled",
+        || async { Ok(subscription().await?["status"] == "canceled") },
+    )
+    .await?;
+    assert_eq!(c.edge_get(&host, "/v1/models", Some(&gw)).await?.0, 404);
+    wait_for(
+        Duration::from_secs(60),
+        "the container destroyed",
+        || async {
+            let out = std::process::Command::new("docker")
+                .args(["ps", "-aq", "--filter"])
+                .arg(format!("label=clawdeploy.container={container}"))
+                .output()?;
+            Ok(out.stdout.is_empty())
+        },
+    )
+    .await?;
+    let all = every_row(&c).await?;
+    assert!(
+        all.contains("\"subdomain\":\"leaver\""),
+        "the dump holds the tables"
+    );
+    for personal in [email, "cus_"] {
+        assert!(!all.contains(personal), "{personal} is still stored");
+    }
+    let r = http
+        .post(c.api("/api/auth/login"))
+        .json(&json!({"email": email, "password": "correct-horse-battery"}))
+        .send()
+        .await?;
+    assert_eq!(r.status(), 401);
+    Ok(())
+}

@@ -133,7 +133,7 @@ async fn main() -> anyhow::Result<()> {
             std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
             std::fs::rename(&tmp, &path)?;
             println!(
-                "KEK {} → {}: {} data keys re-wrapped, {} gateway tokens, {} stored answers, {} certificate keys and {} mail secrets re-sealed; new key in {}",
+                "KEK {} → {}: {} data keys re-wrapped, {} gateway tokens, {} stored answers, {} certificate keys, {} mail secrets and {} TOTP secrets re-sealed; new key in {}",
                 old.id(),
                 new.id(),
                 done.data_keys,
@@ -141,6 +141,7 @@ async fn main() -> anyhow::Result<()> {
                 done.idempotent_answers,
                 done.certificate_keys,
                 done.mail_secrets,
+                done.totp_secrets,
                 path.display()
             );
             Ok(())

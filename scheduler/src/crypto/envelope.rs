@@ -111,6 +111,8 @@ pub struct Rotated {
     pub certificate_keys: usize,
     /// Secrets of mail not sent yet (links' tokens).
     pub mail_secrets: usize,
+    /// Accounts' TOTP secrets.
+    pub totp_secrets: usize,
 }
 
 /// Re-wraps every data key, and re-seals everything sealed directly, from
@@ -167,6 +169,7 @@ pub async fn rotate(db: &PgPool, old: &SecretBox, new: &SecretBox) -> Result<Rot
     done.idempotent_answers = reseal_answers(&mut tx, old, new).await?;
     done.certificate_keys = reseal_acme(&mut tx, old, new).await?;
     done.mail_secrets = reseal_outbox(&mut tx, old, new).await?;
+    done.totp_secrets = reseal_totp(&mut tx, old, new).await?;
     tx.commit().await?;
     Ok(done)
 }
@@ -210,19 +213,49 @@ async fn reseal_outbox(tx: &mut PgConnection, old: &SecretBox, new: &SecretBox) 
     .await?;
     let mut n = 0;
     for (id, key, sealed) in rows {
-        let a = aad::outbox_secret(&key);
-        let Ok(plain) = old.open(&a, &sealed) else {
-            new.open(&a, &sealed)?;
+        let Some(resealed) = reseal(old, new, &aad::outbox_secret(&key), &sealed)? else {
             continue;
         };
         sqlx::query("UPDATE outbox SET secret_enc = $2 WHERE id = $1")
             .bind(id)
-            .bind(new.seal(&a, &plain)?)
+            .bind(resealed)
             .execute(&mut *tx)
             .await?;
         n += 1;
     }
     Ok(n)
+}
+
+/// Re-seals every account's TOTP secret (set up or in force) from `old`
+/// to `new`, inside the caller's transaction.
+async fn reseal_totp(tx: &mut PgConnection, old: &SecretBox, new: &SecretBox) -> Result<usize> {
+    let rows: Vec<(Uuid, Vec<u8>)> = sqlx::query_as(
+        "SELECT id, totp_secret_enc FROM users WHERE totp_secret_enc IS NOT NULL FOR UPDATE",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut n = 0;
+    for (id, sealed) in rows {
+        let Some(resealed) = reseal(old, new, &aad::totp_secret(id), &sealed)? else {
+            continue;
+        };
+        sqlx::query("UPDATE users SET totp_secret_enc = $2 WHERE id = $1")
+            .bind(id)
+            .bind(resealed)
+            .execute(&mut *tx)
+            .await?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// `sealed` under `new` instead of `old`; `None` when it is under `new`
+/// already (a rerun), an error when it opens under neither.
+fn reseal(old: &SecretBox, new: &SecretBox, aad: &str, sealed: &[u8]) -> Result<Option<Vec<u8>>> {
+    match old.open(aad, sealed) {
+        Ok(plain) => Ok(Some(new.seal(aad, &plain)?)),
+        Err(_) => new.open(aad, sealed).map(|_| None),
+    }
 }
 
 /// Re-seals custom domains' certificate keys and the ACME account's

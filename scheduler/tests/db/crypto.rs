@@ -35,10 +35,34 @@ async fn a_kek_rotation_rewraps_data_keys_and_leaves_customer_ciphertext_alone()
         .execute(&app.db)
         .await
         .unwrap();
+    // An account's TOTP secret.
+    let owner: uuid::Uuid = sqlx::query_scalar("SELECT user_id FROM instances WHERE id = $1")
+        .bind(instance)
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    let totp_aad = aad::totp_secret(owner);
+    sqlx::query("UPDATE users SET totp_secret_enc = $2 WHERE id = $1")
+        .bind(owner)
+        .bind(
+            app.secrets
+                .seal(&totp_aad, b"twenty-bytes-secret!")
+                .unwrap(),
+        )
+        .execute(&app.db)
+        .await
+        .unwrap();
     let new = SecretBox::from_hex(&SecretBox::generate_key_hex()).unwrap();
     let done = envelope::rotate(&app.db, &app.secrets, &new).await.unwrap();
     assert_eq!(done.data_keys, 1);
     assert_eq!(done.certificate_keys, 2);
+    assert_eq!(done.totp_secrets, 1);
+    let totp: Vec<u8> = sqlx::query_scalar("SELECT totp_secret_enc FROM users WHERE id = $1")
+        .bind(owner)
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(new.open(&totp_aad, &totp).unwrap(), b"twenty-bytes-secret!");
     let key: Vec<u8> = sqlx::query_scalar("SELECT key_sealed FROM domains")
         .fetch_one(&app.db)
         .await
@@ -72,5 +96,8 @@ async fn a_kek_rotation_rewraps_data_keys_and_leaves_customer_ciphertext_alone()
     drop(conn);
     // A rerun changes nothing.
     let again = envelope::rotate(&app.db, &app.secrets, &new).await.unwrap();
-    assert_eq!((again.data_keys, again.certificate_keys), (0, 0));
+    assert_eq!(
+        (again.data_keys, again.certificate_keys, again.totp_secrets),
+        (0, 0, 0)
+    );
 }

@@ -96,6 +96,29 @@ pub async fn enqueue(
     Ok(written == 1)
 }
 
+/// Queues the mail that carries a link's `token` (sealed until it is
+/// sent) inside the caller's transaction, keyed by the token's digest: one
+/// mail per link, however often its cause is retried.
+pub async fn enqueue_link(
+    tx: &mut sqlx::PgConnection,
+    secrets: &crate::crypto::SecretBox,
+    purpose: Purpose,
+    to: &str,
+    token: &str,
+    params: serde_json::Value,
+) -> Result<bool> {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(token.as_bytes());
+    let mail = NewMail {
+        purpose,
+        to,
+        dedupe_key: format!("{}:{}", purpose.as_str(), hex::encode(&digest[..16])),
+        params,
+        secret: Some(token),
+    };
+    enqueue(tx, secrets, mail).await
+}
+
 /// Queues a mail without secrets to an account's current address inside
 /// the caller's transaction (none once the account is erased); `false`
 /// when its cause already had one.

@@ -8,11 +8,10 @@
 //! and the subscription is `lifecycle::deletion`'s.
 
 use chrono::{DateTime, Utc};
-use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use super::security_log::{self, SecurityEvent};
-use super::{confirm_password, mfa, sessions, Client};
+use super::{confirm_password, mfa, sessions, token_hash, Client};
 use crate::app::App;
 use crate::audit::audit;
 use crate::crypto::random_token;
@@ -23,10 +22,6 @@ use crate::outbox::{self, NewMail};
 /// Days an account waits before its data is erased (and how long the
 /// undo link works).
 pub const GRACE_DAYS: i32 = 30;
-
-fn digest(token: &str) -> Vec<u8> {
-    Sha256::digest(token.as_bytes()).to_vec()
-}
 
 /// Asks to delete the account: the password (and, with MFA on, a code or a
 /// recovery code). Every session ends; an undo link is mailed.
@@ -67,7 +62,7 @@ pub async fn request(
     }
     let ended = sessions::end_all(&mut tx, user_id).await?;
     let token = random_token(32);
-    let hash = digest(&token);
+    let hash = token_hash(&token);
     sqlx::query(
         "INSERT INTO deletion_undo_links (token_hash, user_id, expires_at)
          VALUES ($1, $2, now() + make_interval(days => $3))",
@@ -77,16 +72,14 @@ pub async fn request(
     .bind(GRACE_DAYS)
     .execute(&mut *tx)
     .await?;
-    outbox::enqueue(
+    let params = serde_json::json!({ "graceDays": GRACE_DAYS });
+    outbox::enqueue_link(
         &mut tx,
         &app.secrets,
-        NewMail {
-            purpose: Purpose::DeletionRequested,
-            to: &email,
-            dedupe_key: format!("deletion_requested:{}", hex::encode(&hash[..16])),
-            params: serde_json::json!({"graceDays": GRACE_DAYS}),
-            secret: Some(&token),
-        },
+        Purpose::DeletionRequested,
+        &email,
+        &token,
+        params,
     )
     .await?;
     let detail = serde_json::json!({"sessionsEnded": ended, "graceDays": GRACE_DAYS});
@@ -178,7 +171,7 @@ pub async fn undo_by_link(app: &App, token: &str, client: &Client) -> Result<Uui
           WHERE l.token_hash = $1 AND l.used_at IS NULL AND l.expires_at > now()
             AND u.deletion_requested_at IS NOT NULL AND u.purged_at IS NULL",
     )
-    .bind(digest(token.trim()))
+    .bind(token_hash(token.trim()))
     .fetch_optional(&app.db)
     .await?;
     let Some(user_id) = user else {

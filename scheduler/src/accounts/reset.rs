@@ -7,11 +7,10 @@
 
 use std::time::Duration;
 
-use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use super::security_log::{self, SecurityEvent};
-use super::{check_password, normalize_email, sessions, Client};
+use super::{check_password, normalize_email, sessions, token_hash, Client};
 use crate::app::App;
 use crate::audit::audit;
 use crate::crypto::{password, random_token};
@@ -24,10 +23,6 @@ pub const VALID_MINUTES: u32 = 60;
 /// Requests one email may make in an hour, and one address.
 const PER_EMAIL_PER_HOUR: i64 = 5;
 const PER_ADDRESS_PER_HOUR: i64 = 20;
-
-fn digest(token: &str) -> Vec<u8> {
-    Sha256::digest(token.as_bytes()).to_vec()
-}
 
 /// Asks for a reset link for `email`. The same answer, after the same
 /// statements, whether or not an account has it; a link is mailed only if
@@ -64,7 +59,7 @@ pub async fn forgot(app: &App, email: &str, address: Option<std::net::IpAddr>) -
         .await?;
     // The token is made either way: the two paths cost the same.
     let token = random_token(32);
-    let hash = digest(&token);
+    let hash = token_hash(&token);
     if let Some(user_id) = user {
         sqlx::query(
             "INSERT INTO password_resets (token_hash, user_id, expires_at)
@@ -75,16 +70,14 @@ pub async fn forgot(app: &App, email: &str, address: Option<std::net::IpAddr>) -
         .bind(i32::try_from(VALID_MINUTES).unwrap_or(60))
         .execute(&mut *tx)
         .await?;
-        outbox::enqueue(
+        let params = serde_json::json!({ "validMinutes": VALID_MINUTES });
+        outbox::enqueue_link(
             &mut tx,
             &app.secrets,
-            NewMail {
-                purpose: Purpose::PasswordReset,
-                to: &email,
-                dedupe_key: format!("password_reset:{}", hex::encode(&hash[..16])),
-                params: serde_json::json!({"validMinutes": VALID_MINUTES}),
-                secret: Some(&token),
-            },
+            Purpose::PasswordReset,
+            &email,
+            &token,
+            params,
         )
         .await?;
         metrics::counter!("clawdeploy_password_resets_total", "step" => "requested").increment(1);
@@ -101,7 +94,7 @@ pub async fn forgot(app: &App, email: &str, address: Option<std::net::IpAddr>) -
 /// session and every other reset token of the account ends; a notice is
 /// mailed. Returns the account.
 pub async fn reset(app: &App, token: &str, new_password: String, client: &Client) -> Result<Uuid> {
-    let hash = digest(token.trim());
+    let hash = token_hash(token.trim());
     // Checked before the token is spent: a refused password leaves the
     // link working.
     let pending: Option<(Uuid, String)> = sqlx::query_as(

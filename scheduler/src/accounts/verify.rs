@@ -4,27 +4,22 @@
 //! sign up for its gateway at once, but not start a checkout nor add a
 //! custom domain (`require_verified`).
 
-use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use super::security_log::{self, SecurityEvent};
-use super::Client;
+use super::{token_hash, Client};
 use crate::app::App;
 use crate::audit::audit;
 use crate::crypto::{random_token, SecretBox};
 use crate::error::{Error, Result};
 use crate::mail::templates::Purpose;
-use crate::outbox::{self, NewMail};
+use crate::outbox;
 
 /// How long a link works.
 pub const VALID_HOURS: u32 = 24;
 /// Links one account may ask for in an hour (the first, at registration,
 /// included); more are not sent, and the answer does not say so.
 pub(crate) const PER_HOUR: i64 = 5;
-
-fn digest(token: &str) -> Vec<u8> {
-    Sha256::digest(token.as_bytes()).to_vec()
-}
 
 /// What a link proves.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -44,7 +39,7 @@ pub(crate) async fn start(
     proof: Proof,
 ) -> Result<()> {
     let token = random_token(32);
-    let hash = digest(&token);
+    let hash = token_hash(&token);
     sqlx::query(
         "INSERT INTO email_verifications (token_hash, user_id, email, expires_at, new_email)
          VALUES ($1, $2, $3, now() + make_interval(hours => $4), $5)",
@@ -60,18 +55,8 @@ pub(crate) async fn start(
         Proof::Address => Purpose::VerifyEmail,
         Proof::NewAddress => Purpose::ConfirmEmailChange,
     };
-    outbox::enqueue(
-        tx,
-        secrets,
-        NewMail {
-            purpose,
-            to: email,
-            dedupe_key: format!("{}:{}", purpose.as_str(), hex::encode(&hash[..16])),
-            params: serde_json::json!({"validHours": VALID_HOURS}),
-            secret: Some(&token),
-        },
-    )
-    .await?;
+    let params = serde_json::json!({ "validHours": VALID_HOURS });
+    outbox::enqueue_link(tx, secrets, purpose, email, &token, params).await?;
     Ok(())
 }
 
@@ -86,7 +71,7 @@ pub async fn verify(app: &App, token: &str, client: &Client) -> Result<Uuid> {
           WHERE token_hash = $1 AND used_at IS NULL AND expires_at > now()
          RETURNING user_id, email, new_email",
     )
-    .bind(digest(token.trim()))
+    .bind(token_hash(token.trim()))
     .fetch_optional(&mut *tx)
     .await?;
     let Some((user_id, email, new_email)) = used else {

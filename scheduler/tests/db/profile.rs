@@ -226,20 +226,12 @@ async fn name_and_time_zone_change_at_will_and_the_email_only_by_a_link_to_the_n
 async fn an_unproven_address_cannot_be_moved() {
     let app = app().await;
     let api = Api::serve(app.clone(), "profile-test").await;
-    let (status, reg) = api
-        .call(
-            Method::POST,
-            "/api/auth/register",
-            None,
-            Some(json!({"email": "fresh@example.com", "password": PW})),
-        )
-        .await;
-    assert_eq!(status, 201);
+    let fresh = api.register("fresh@example.com").await;
     let (status, body) = api
         .call(
             Method::POST,
             "/api/account/email",
-            reg["token"].as_str(),
+            Some(&fresh),
             Some(json!({"newEmail": "elsewhere@example.com", "password": PW})),
         )
         .await;

@@ -23,16 +23,7 @@ async fn sign_in(api: &Api, email: &str, password: &str) -> (u16, Value) {
 async fn sessions_are_listed_ended_one_by_one_or_all_and_the_log_says_so() {
     let app = app().await;
     let api = Api::serve(app.clone(), "Firefox/1.0 (test)").await;
-    let (status, reg) = api
-        .call(
-            Method::POST,
-            "/api/auth/register",
-            None,
-            Some(json!({"email": "sessions@example.com", "password": PW})),
-        )
-        .await;
-    assert_eq!(status, 201, "{reg}");
-    let first = reg["token"].as_str().unwrap().to_owned();
+    let first = api.register("sessions@example.com").await;
     let (status, wrong) = sign_in(&api, "sessions@example.com", "not-the-password").await;
     assert_eq!(
         (status, wrong["error"]["code"].as_str()),
@@ -67,15 +58,7 @@ async fn sessions_are_listed_ended_one_by_one_or_all_and_the_log_says_so() {
         .to_owned();
 
     // Another account cannot see or end this account's sessions.
-    let (_, stranger) = api
-        .call(
-            Method::POST,
-            "/api/auth/register",
-            None,
-            Some(json!({"email": "stranger@example.com", "password": PW})),
-        )
-        .await;
-    let stranger = stranger["token"].as_str().unwrap().to_owned();
+    let stranger = api.register("stranger@example.com").await;
     let path = format!("/api/account/sessions/{other_id}");
     let (status, _) = api.call(Method::DELETE, &path, Some(&stranger), None).await;
     assert_eq!(status, 404);

@@ -193,6 +193,21 @@ impl Api {
         }
     }
 
+    /// Registers `email` (password "correct-horse-battery") through the
+    /// API; its session token.
+    pub async fn register(&self, email: &str) -> String {
+        let (status, body) = self
+            .call(
+                reqwest::Method::POST,
+                "/api/auth/register",
+                None,
+                Some(serde_json::json!({"email": email, "password": "correct-horse-battery"})),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        body["token"].as_str().unwrap().to_owned()
+    }
+
     /// `method path` with `token` (if any) and a JSON `body` (if any):
     /// the status and the JSON answer (null when there is none).
     pub async fn call(

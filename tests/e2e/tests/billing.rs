@@ -28,6 +28,54 @@ impl Drop for Standin {
 
 /// Waits until Docker enforces `want` (millicores, bytes) on the container,
 /// and checks it was not restarted for it.
+/// A one-node cluster (a pool of `min_idle`) billing through the Stripe
+/// stand-in it starts on `stripe`, with `extra` scheduler flags.
+async fn stripe_cluster(
+    stripe: std::net::SocketAddr,
+    min_idle: u32,
+    extra: &[&str],
+) -> Result<(Cluster, Standin)> {
+    let stripe_base = format!("http://{stripe}/");
+    let mut args = vec![
+        "--stripe-secret-key",
+        "sk_test_e2e",
+        "--stripe-api-base",
+        &stripe_base,
+        "--stripe-webhook-secret",
+        WHSEC,
+        "--stripe-price-pro",
+        "price_pro_e2e",
+        "--public-origin",
+        ORIGIN,
+    ];
+    args.extend_from_slice(extra);
+    let c = Cluster::start(ClusterOptions {
+        nodes: 1,
+        min_idle,
+        max_idle: min_idle * 2,
+        scheduler_args: args.into_iter().map(String::from).collect(),
+        ..Default::default()
+    })
+    .await?;
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/stripe");
+    let standin = Standin(
+        Command::new(bin_dir().join("clawdeploy-stripe-standin"))
+            .args(["--listen", &stripe.to_string()])
+            .args([
+                "--webhook-url",
+                &format!("http://{}/api/billing/webhook", c.http),
+            ])
+            .args(["--webhook-secret", WHSEC])
+            .arg("--fixtures")
+            .arg(&fixtures)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting the Stripe stand-in")?,
+    );
+    Ok((c, standin))
+}
+
 async fn resized_in_place(
     c: &Cluster,
     docker_id: &str,
@@ -63,45 +111,7 @@ async fn billing_state(http: &reqwest::Client, url: &str, token: &str) -> Result
 async fn an_upgrade_through_checkout_resizes_live_and_dunning_ends_in_the_free_tier() -> Result<()>
 {
     let stripe = free_addr();
-    let c = Cluster::start(ClusterOptions {
-        nodes: 1,
-        min_idle: 2,
-        max_idle: 4,
-        scheduler_args: [
-            "--stripe-secret-key",
-            "sk_test_e2e",
-            "--stripe-api-base",
-            &format!("http://{stripe}/"),
-            "--stripe-webhook-secret",
-            WHSEC,
-            "--stripe-price-pro",
-            "price_pro_e2e",
-            "--public-origin",
-            ORIGIN,
-            "--billing-grace-secs",
-            "3",
-        ]
-        .map(String::from)
-        .to_vec(),
-        ..Default::default()
-    })
-    .await?;
-    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/stripe");
-    let _standin = Standin(
-        Command::new(bin_dir().join("clawdeploy-stripe-standin"))
-            .args(["--listen", &stripe.to_string()])
-            .args([
-                "--webhook-url",
-                &format!("http://{}/api/billing/webhook", c.http),
-            ])
-            .args(["--webhook-secret", WHSEC])
-            .arg("--fixtures")
-            .arg(&fixtures)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting the Stripe stand-in")?,
-    );
+    let (c, _standin) = stripe_cluster(stripe, 2, &["--billing-grace-secs", "3"]).await?;
     c.wait_idle_at_least(2, Duration::from_secs(120)).await?;
     let (token, gw) = c
         .sign_up("payer@example.com", "payer", json!({"openai": "sk-pay"}))
@@ -247,47 +257,12 @@ async fn a_deleted_account_comes_back_within_its_grace_and_is_erased_after_it() 
             .join(format!("smtp-deletion-{}", uuid::Uuid::new_v4().simple())),
     )
     .await?;
-    let c = Cluster::start(ClusterOptions {
-        nodes: 1,
-        min_idle: 1,
-        max_idle: 2,
-        scheduler_args: [
-            "--stripe-secret-key",
-            "sk_test_e2e",
-            "--stripe-api-base",
-            &format!("http://{stripe}/"),
-            "--stripe-webhook-secret",
-            WHSEC,
-            "--stripe-price-pro",
-            "price_pro_e2e",
-            "--public-origin",
-            ORIGIN,
-            "--release-grace-secs",
-            "1",
-            "--smtp-url",
-            &smtp.url(),
-        ]
-        .map(String::from)
-        .to_vec(),
-        ..Default::default()
-    })
+    let (c, _standin) = stripe_cluster(
+        stripe,
+        1,
+        &["--release-grace-secs", "1", "--smtp-url", &smtp.url()],
+    )
     .await?;
-    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/stripe");
-    let _standin = Standin(
-        Command::new(bin_dir().join("clawdeploy-stripe-standin"))
-            .args(["--listen", &stripe.to_string()])
-            .args([
-                "--webhook-url",
-                &format!("http://{}/api/billing/webhook", c.http),
-            ])
-            .args(["--webhook-secret", WHSEC])
-            .arg("--fixtures")
-            .arg(&fixtures)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting the Stripe stand-in")?,
-    );
     c.wait_idle_at_least(1, Duration::from_secs(120)).await?;
     let email = "leaver@example.com";
     let (token, gw) = c.sign_up(email, "leaver", json!({})).await?;

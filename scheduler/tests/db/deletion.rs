@@ -66,6 +66,23 @@ async fn everything(app: &clawdeploy_scheduler::App) -> String {
     all
 }
 
+/// Signs in afresh and asks to delete the account: the answer's status.
+async fn sign_in_and_delete(api: &Api) -> u16 {
+    let (_, signed) = api
+        .call(
+            Method::POST,
+            "/api/auth/login",
+            None,
+            Some(json!({"email": EMAIL, "password": PW})),
+        )
+        .await;
+    let token = signed["token"].as_str().expect("a session").to_owned();
+    let body = Some(json!({ "password": PW }));
+    api.call(Method::DELETE, "/api/account", Some(&token), body)
+        .await
+        .0
+}
+
 #[tokio::test]
 async fn a_deleted_account_can_be_undone_within_its_grace_and_is_erased_after_it() {
     let app = app().await;
@@ -184,16 +201,7 @@ async fn a_deleted_account_can_be_undone_within_its_grace_and_is_erased_after_it
     );
 
     // Asked again, then undone by signing in.
-    let token = login(&app, EMAIL, PW).await.unwrap().token;
-    let (status, _) = api
-        .call(
-            Method::DELETE,
-            "/api/account",
-            Some(&token),
-            Some(json!({"password": PW})),
-        )
-        .await;
-    assert_eq!(status, 202);
+    assert_eq!(sign_in_and_delete(&api).await, 202);
     let (status, _) = api
         .call(
             Method::POST,
@@ -206,16 +214,7 @@ async fn a_deleted_account_can_be_undone_within_its_grace_and_is_erased_after_it
     assert_eq!(instance_state(&app, user).await.0, "ready");
 
     // Asked a third time and left past the grace: erased.
-    let token = login(&app, EMAIL, PW).await.unwrap().token;
-    let (status, _) = api
-        .call(
-            Method::DELETE,
-            "/api/account",
-            Some(&token),
-            Some(json!({"password": PW})),
-        )
-        .await;
-    assert_eq!(status, 202);
+    assert_eq!(sign_in_and_delete(&api).await, 202);
     let before = deletion::pass_with(&app, Some(&stripe)).await.unwrap();
     assert_eq!(before.erased, 0, "not before the grace is over");
     sqlx::query(

@@ -172,7 +172,11 @@ async fn check_registration_limit(db: &PgPool, address: &str, per_hour: u32) -> 
 /// Refuses a login when the account or the address used up its failures.
 /// Unknown emails are counted like known ones: the limit says nothing
 /// about whether an account exists.
-async fn check_login_limits(db: &PgPool, email: &str, address: Option<&str>) -> Result<()> {
+pub(crate) async fn check_login_limits(
+    db: &PgPool,
+    email: &str,
+    address: Option<&str>,
+) -> Result<()> {
     let (by_email, by_address): (i64, i64) = sqlx::query_as(
         "SELECT count(*) FILTER (WHERE email = $1),
                 count(*) FILTER (WHERE $2::text IS NOT NULL AND address = $2)

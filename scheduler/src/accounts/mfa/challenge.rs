@@ -2,13 +2,14 @@
 //! challenge (a token valid five minutes, kept as its SHA-256), and a TOTP
 //! code or a recovery code finishes it. Each try is counted before it is
 //! checked, so five wrong ones lock the challenge whatever comes after;
-//! every wrong one also counts as a failed login of the account.
+//! every wrong one also counts as a failed login of the account, and an
+//! account past its failed-login limit is refused at this step too.
 
 use uuid::Uuid;
 
 use super::super::security_log::{self, SecurityEvent};
 use super::super::sessions::{self, token_hash};
-use super::super::{record_login_failure, Client, Session};
+use super::super::{check_login_limits, record_login_failure, Client, Session};
 use super::{accept_code, recovery, state_for_update};
 use crate::app::App;
 use crate::crypto::random_token;
@@ -71,6 +72,9 @@ pub async fn finish(
     };
     let mut tx = app.db.begin().await?;
     let state = state_for_update(&mut tx, user_id).await?;
+    // An account past its failed-login limit is refused here too, right
+    // code or not (the limit counts this step's failures).
+    check_login_limits(&app.db, &state.email, client.address_text().as_deref()).await?;
     let (ok, method, remaining) = match factor {
         SecondFactor::Code(code) => (
             state.totp_enabled && accept_code(&mut tx, &app.secrets, user_id, &state, code).await?,

@@ -351,3 +351,45 @@ async fn totp_signs_in_once_per_code_recovery_codes_once_and_tries_are_limited()
         assert!(!dump.contains(c.as_str()), "{c} is stored");
     }
 }
+
+#[tokio::test]
+async fn an_account_past_its_failed_login_limit_is_refused_at_the_second_step_too() {
+    let app = app().await;
+    let api = Api::serve(app.clone(), "mfa-test").await;
+    let email = "limited@example.com";
+    let s = register(&app, email, "").await;
+    let (_, setup) = api
+        .call(
+            Method::POST,
+            "/api/account/mfa/totp",
+            Some(&s.token),
+            Some(json!({"password": PW})),
+        )
+        .await;
+    let secret = base32(setup["secret"].as_str().unwrap());
+    let now = step_now();
+    let (status, _) = api
+        .call(
+            Method::POST,
+            "/api/account/mfa/totp/confirm",
+            Some(&s.token),
+            Some(json!({"code": code_at(&secret, now)})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let t = login(&api, email).await["mfaToken"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Someone else's guessing used up the account's hour meanwhile.
+    sqlx::query("INSERT INTO login_failures (email) SELECT $1 FROM generate_series(1, 100)")
+        .bind(email)
+        .execute(&app.db)
+        .await
+        .unwrap();
+    let (status, body) = second_step(&api, &t, json!({"code": code_at(&secret, now + 1)})).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (429, Some("too_many_attempts"))
+    );
+}

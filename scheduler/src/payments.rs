@@ -1,7 +1,7 @@
 //! The payment provider as billing needs it (a leaf: `app` holds it,
 //! `billing` uses it): one narrow trait (create a
-//! customer, a subscription Checkout and a portal session, end a
-//! subscription at its period's end or now), Stripe's
+//! customer and change its email, a subscription Checkout and a portal
+//! session, end a subscription at its period's end or now), Stripe's
 //! implementation over async-stripe, and an in-memory fake for unit tests.
 //! Nothing outside this module sees a Stripe type. Every create carries an
 //! idempotency key, so a retried request never makes a second customer or
@@ -13,7 +13,7 @@ use stripe::{Client, ClientBuilder, IdempotencyKey, RequestStrategy, StripeReque
 use stripe_billing::billing_portal_session::CreateBillingPortalSession;
 use stripe_billing::subscription::{CancelSubscription, UpdateSubscription};
 use stripe_checkout::checkout_session::{CreateCheckoutSession, CreateCheckoutSessionLineItems};
-use stripe_core::customer::CreateCustomer;
+use stripe_core::customer::{CreateCustomer, UpdateCustomer};
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
@@ -73,6 +73,12 @@ pub trait PaymentProvider: Send + Sync + 'static {
     ) -> impl Future<Output = Result<()>> + Send;
     /// Ends the subscription now (an account purged).
     fn cancel_now(&self, subscription: &str) -> impl Future<Output = Result<()>> + Send;
+    /// Gives the customer the account's new email address.
+    fn update_customer_email(
+        &self,
+        customer: &str,
+        email: &str,
+    ) -> impl Future<Output = Result<()>> + Send;
 }
 
 /// Stripe, through async-stripe (rustls with ring, like the rest).
@@ -175,6 +181,17 @@ impl PaymentProvider for StripeProvider {
             .map_err(unavailable)?;
         Ok(())
     }
+
+    async fn update_customer_email(&self, customer: &str, email: &str) -> Result<()> {
+        UpdateCustomer::new(customer)
+            .email(email)
+            .customize()
+            .request_strategy(key(Uuid::new_v4().to_string())?)
+            .send(&self.client)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
 }
 
 /// An in-memory provider for tests: it remembers what it was asked.
@@ -219,6 +236,11 @@ impl PaymentProvider for FakeProvider {
 
     async fn cancel_now(&self, subscription: &str) -> Result<()> {
         self.record(format!("cancel_now {subscription}"));
+        Ok(())
+    }
+
+    async fn update_customer_email(&self, customer: &str, email: &str) -> Result<()> {
+        self.record(format!("customer_email {customer} {email}"));
         Ok(())
     }
 }

@@ -214,9 +214,32 @@ pub async fn erase(app: &App, user_id: Uuid) -> Result<()> {
     .bind(user_id)
     .fetch_optional(&mut *tx)
     .await?;
-    let Some(email) = email else {
+    if email.is_none() {
         return Ok(());
-    };
+    }
+    // Every address the account has used (the security log keeps its
+    // moves): rows keyed by an address, not by the account, go by these.
+    let addresses: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT a FROM (
+            SELECT email AS a FROM users WHERE id = $1
+            UNION SELECT email FROM email_verifications WHERE user_id = $1
+            UNION SELECT detail->>'from' FROM security_events WHERE user_id = $1
+            UNION SELECT detail->>'to' FROM security_events WHERE user_id = $1
+         ) x WHERE a IS NOT NULL",
+    )
+    .bind(user_id)
+    .fetch_all(&mut *tx)
+    .await?;
+    for statement in [
+        "DELETE FROM outbox WHERE recipient = ANY($1) OR params->>'newEmail' = ANY($1)",
+        "DELETE FROM login_failures WHERE email = ANY($1)",
+        "DELETE FROM reset_requests WHERE email = ANY($1)",
+    ] {
+        sqlx::query(statement)
+            .bind(&addresses)
+            .execute(&mut *tx)
+            .await?;
+    }
     for statement in [
         "DELETE FROM sessions WHERE user_id = $1",
         "DELETE FROM security_events WHERE user_id = $1",
@@ -235,16 +258,6 @@ pub async fn erase(app: &App, user_id: Uuid) -> Result<()> {
     ] {
         sqlx::query(statement)
             .bind(user_id)
-            .execute(&mut *tx)
-            .await?;
-    }
-    for statement in [
-        "DELETE FROM outbox WHERE recipient = $1",
-        "DELETE FROM login_failures WHERE email = $1",
-        "DELETE FROM reset_requests WHERE email = $1",
-    ] {
-        sqlx::query(statement)
-            .bind(&email)
             .execute(&mut *tx)
             .await?;
     }
@@ -267,38 +280,6 @@ pub async fn erase(app: &App, user_id: Uuid) -> Result<()> {
     .await;
     tx.commit().await?;
     metrics::counter!("clawdeploy_account_deletions_total", "step" => "erased").increment(1);
-    Ok(())
-}
-
-/// A pending change to the subscription: cancel at its period's end
-/// (`true`, a deletion) or not (`false`, undone).
-#[derive(Debug, sqlx::FromRow)]
-pub struct BillingChange {
-    pub user_id: Uuid,
-    pub subscription_id: Option<String>,
-    pub cancel: bool,
-}
-
-/// The subscriptions still to be told of a deletion or its undoing.
-pub async fn billing_changes(db: &sqlx::PgPool, limit: i64) -> Result<Vec<BillingChange>> {
-    Ok(sqlx::query_as(
-        "SELECT u.id AS user_id, b.subscription_id, u.billing_cancel_wanted AS cancel
-           FROM users u LEFT JOIN billing_accounts b ON b.user_id = u.id
-          WHERE u.billing_cancel_wanted IS NOT NULL
-          ORDER BY u.id LIMIT $1",
-    )
-    .bind(limit)
-    .fetch_all(db)
-    .await?)
-}
-
-/// Marks a change told, unless the account changed its mind meanwhile.
-pub async fn billing_told(db: &sqlx::PgPool, user_id: Uuid, cancel: bool) -> Result<()> {
-    sqlx::query("UPDATE users SET billing_cancel_wanted = NULL WHERE id = $1 AND billing_cancel_wanted = $2")
-        .bind(user_id)
-        .bind(cancel)
-        .execute(db)
-        .await?;
     Ok(())
 }
 

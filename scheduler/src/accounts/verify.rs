@@ -81,6 +81,7 @@ pub async fn verify(app: &App, token: &str, client: &Client) -> Result<Uuid> {
     };
     if new_email {
         move_to(&mut tx, user_id, &email, client).await?;
+        app.tasks.billing_sync.activate();
     } else {
         let proven = sqlx::query(
             "UPDATE users SET email_verified_at = COALESCE(email_verified_at, now())
@@ -125,19 +126,22 @@ async fn move_to(
         .bind(user_id)
         .fetch_one(&mut *tx)
         .await?;
-    sqlx::query("UPDATE users SET email = $2, email_verified_at = now() WHERE id = $1")
-        .bind(user_id)
-        .bind(email)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| {
-            Error::on_unique(
-                e,
-                "users_email_key",
-                "email_taken",
-                "another account took this address meanwhile",
-            )
-        })?;
+    sqlx::query(
+        "UPDATE users SET email = $2, email_verified_at = now(), billing_email_stale = true
+          WHERE id = $1",
+    )
+    .bind(user_id)
+    .bind(email)
+    .execute(&mut *tx)
+    .await
+    .map_err(|e| {
+        Error::on_unique(
+            e,
+            "users_email_key",
+            "email_taken",
+            "another account took this address meanwhile",
+        )
+    })?;
     sqlx::query(
         "UPDATE email_verifications SET used_at = now()
           WHERE user_id = $1 AND new_email AND used_at IS NULL",

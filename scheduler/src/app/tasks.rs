@@ -38,6 +38,7 @@ pub struct Activators {
     pub domains: Activator,
     /// Mail was written to the outbox.
     pub mail: Activator,
-    /// An account's deletion was asked for or undone: tell Stripe.
-    pub deletions: Activator,
+    /// An account's deletion was asked for or undone, or its email moved:
+    /// tell Stripe.
+    pub billing_sync: Activator,
 }

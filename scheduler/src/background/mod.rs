@@ -1,11 +1,12 @@
 //! Work no request waits for, as tasks of one driver (`driver.rs`): the
 //! pool manager (one leader across schedulers, with housekeeping), the
 //! signup queue, migrations, backups, billing's grace periods, custom
-//! domains, the mail sender, account deletions; and, apart, the consumer of the other schedulers' events (a
+//! domains, the mail sender, account deletions, billing's sync to Stripe; and, apart, the consumer of the other schedulers' events (a
 //! stream, not a periodic task).
 
 pub mod backups;
 pub mod billing_grace;
+pub mod billing_sync;
 pub mod deletions;
 pub mod domains;
 pub mod driver;
@@ -32,6 +33,7 @@ pub fn start_all(driver: &mut Driver<App>, mailer: Option<crate::mail::SmtpMaile
     driver.start(domains::DomainGauges);
     driver.start(verification::VerifyGrace);
     driver.start(deletions::Deletions);
+    driver.start(billing_sync::BillingSync);
     match mailer {
         Some(mailer) => driver.start(mail::MailSender { mailer }),
         None => tracing::warn!("no SMTP server (--smtp-url): mail waits in the outbox, unsent"),

@@ -5,6 +5,7 @@
 
 pub mod checkout;
 pub mod plans;
+pub mod sync;
 pub mod tier;
 pub mod webhook;
 

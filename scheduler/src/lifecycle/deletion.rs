@@ -4,8 +4,9 @@
 //! the grace the instance is released through the release path (its data
 //! exported to backups as for any release, then destroyed), the
 //! subscription ends at once, and the account's personal data is erased.
-//! Stripe is told by a background pass, so a Stripe outage delays the
-//! change without losing it. The account side is `accounts::deletion`.
+//! Stripe hears of a deletion and its undoing from `billing::sync`, so a
+//! Stripe outage delays the change without losing it. The account side is
+//! `accounts::deletion`.
 
 use uuid::Uuid;
 
@@ -25,7 +26,7 @@ pub async fn request(
 ) -> Result<()> {
     deletion::request(app, user_id, password, code, client).await?;
     suspension::suspend_user(app, user_id, Reason::AccountDeleted).await?;
-    app.tasks.deletions.activate();
+    app.tasks.billing_sync.activate();
     Ok(())
 }
 
@@ -46,39 +47,25 @@ pub async fn signed_in(app: &AppRef, user_id: Uuid, client: &Client) -> Result<(
 
 async fn resumed(app: &AppRef, user_id: Uuid) -> Result<()> {
     suspension::resume_user(app, user_id, Reason::AccountDeleted).await?;
-    app.tasks.deletions.activate();
+    app.tasks.billing_sync.activate();
     Ok(())
 }
 
-/// Accounts one pass erases at the most, and subscriptions it tells.
+/// Accounts one pass erases at the most.
 const PER_PASS: i64 = 20;
 
-/// What one pass did.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Pass {
-    pub billing_told: usize,
-    pub erased: usize,
+/// Erases the accounts past their grace: the instance released, the
+/// subscription ended, the personal data erased; returns how many. An
+/// account whose subscription cannot be ended now (Stripe away) waits for
+/// the next pass. (Deletions asked for and undone reach Stripe through
+/// `billing::sync`.)
+pub async fn erase_due(app: &AppRef) -> Result<usize> {
+    erase_due_with(app, app.stripe.as_ref()).await
 }
 
-/// Tells Stripe of deletions asked for and undone, and erases the
-/// accounts past their grace: the instance released, the subscription
-/// ended, the personal data erased. An account whose subscription cannot
-/// be ended now (Stripe away) waits for the next pass.
-pub async fn pass(app: &AppRef) -> Result<Pass> {
-    pass_with(app, app.stripe.as_ref()).await
-}
-
-/// `pass`, with the payment provider given (a fake in tests).
-pub async fn pass_with<P: PaymentProvider>(app: &AppRef, stripe: Option<&P>) -> Result<Pass> {
-    let mut done = Pass::default();
-    for change in deletion::billing_changes(&app.db, PER_PASS).await? {
-        if let Some(sub) = &change.subscription_id {
-            let stripe = stripe.ok_or_else(billing_off)?;
-            stripe.cancel_at_period_end(sub, change.cancel).await?;
-        }
-        deletion::billing_told(&app.db, change.user_id, change.cancel).await?;
-        done.billing_told += 1;
-    }
+/// `erase_due`, with the payment provider given (a fake in tests).
+pub async fn erase_due_with<P: PaymentProvider>(app: &AppRef, stripe: Option<&P>) -> Result<usize> {
+    let mut erased = 0;
     for user_id in deletion::due(&app.db, PER_PASS).await? {
         match super::release::release(app, user_id).await {
             Ok(_) | Err(Error::NotFound(_)) => {}
@@ -97,9 +84,9 @@ pub async fn pass_with<P: PaymentProvider>(app: &AppRef, stripe: Option<&P>) -> 
         }
         deletion::erase(app, user_id).await?;
         tracing::info!(%user_id, "account erased after its deletion grace");
-        done.erased += 1;
+        erased += 1;
     }
-    Ok(done)
+    Ok(erased)
 }
 
 fn billing_off() -> Error {

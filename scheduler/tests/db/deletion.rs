@@ -4,6 +4,7 @@
 //! instance is released, the subscription ended and no personal data of
 //! the account is left in any table. The export holds the account's data.
 
+use clawdeploy_scheduler::billing::sync;
 use clawdeploy_scheduler::lifecycle::{claim, complete, deletion, release};
 use clawdeploy_scheduler::mail::FakeMailer;
 use clawdeploy_scheduler::outbox;
@@ -164,8 +165,12 @@ async fn a_deleted_account_can_be_undone_within_its_grace_and_is_erased_after_it
         )
     );
     let stripe = FakeProvider::default();
-    let pass = deletion::pass_with(&app, Some(&stripe)).await.unwrap();
-    assert_eq!((pass.billing_told, pass.erased), (1, 0));
+    let told = sync::pass_with(&app, Some(&stripe)).await.unwrap();
+    assert_eq!(told.cancellations, 1);
+    assert_eq!(
+        deletion::erase_due_with(&app, Some(&stripe)).await.unwrap(),
+        0
+    );
     assert_eq!(stripe.calls(), ["cancel_at_period_end sub_zeb true"]);
 
     // The mailed link undoes it: the same container runs again.
@@ -194,7 +199,7 @@ async fn a_deleted_account_can_be_undone_within_its_grace_and_is_erased_after_it
         )
         .await;
     assert_eq!(status, 400, "the link works once");
-    deletion::pass_with(&app, Some(&stripe)).await.unwrap();
+    sync::pass_with(&app, Some(&stripe)).await.unwrap();
     assert_eq!(
         stripe.calls().last().unwrap(),
         "cancel_at_period_end sub_zeb false"
@@ -215,8 +220,12 @@ async fn a_deleted_account_can_be_undone_within_its_grace_and_is_erased_after_it
 
     // Asked a third time and left past the grace: erased.
     assert_eq!(sign_in_and_delete(&api).await, 202);
-    let before = deletion::pass_with(&app, Some(&stripe)).await.unwrap();
-    assert_eq!(before.erased, 0, "not before the grace is over");
+    sync::pass_with(&app, Some(&stripe)).await.unwrap();
+    assert_eq!(
+        deletion::erase_due_with(&app, Some(&stripe)).await.unwrap(),
+        0,
+        "not before the grace is over"
+    );
     sqlx::query(
         "UPDATE users SET deletion_requested_at = now() - interval '31 days' WHERE id = $1",
     )
@@ -224,11 +233,17 @@ async fn a_deleted_account_can_be_undone_within_its_grace_and_is_erased_after_it
     .execute(&app.db)
     .await
     .unwrap();
-    let pass = deletion::pass_with(&app, Some(&stripe)).await.unwrap();
-    assert_eq!(pass.erased, 1);
+    assert_eq!(
+        deletion::erase_due_with(&app, Some(&stripe)).await.unwrap(),
+        1
+    );
     assert_eq!(stripe.calls().last().unwrap(), "cancel_now sub_zeb");
     assert_eq!(
-        deletion::pass_with(&app, Some(&stripe)).await.unwrap(),
+        deletion::erase_due_with(&app, Some(&stripe)).await.unwrap(),
+        0
+    );
+    assert_eq!(
+        sync::pass_with(&app, Some(&stripe)).await.unwrap(),
         Default::default()
     );
 

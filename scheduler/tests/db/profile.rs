@@ -31,6 +31,11 @@ async fn name_and_time_zone_change_at_will_and_the_email_only_by_a_link_to_the_n
     let app = app().await;
     let api = Api::serve(app.clone(), "profile-test").await;
     let s = register(&app, "old@example.com", "Ada").await;
+    sqlx::query("INSERT INTO billing_accounts (user_id, customer_id) VALUES ($1, 'cus_ada')")
+        .bind(s.user_id)
+        .execute(&app.db)
+        .await
+        .unwrap();
     register(&app, "taken@example.com", "").await;
     let t = Some(s.token.as_str());
 
@@ -148,6 +153,17 @@ async fn name_and_time_zone_change_at_will_and_the_email_only_by_a_link_to_the_n
         (&json!("new@example.com"), &json!(null), &json!(true))
     );
     assert!(login(&app, "new@example.com", PW).await.is_ok());
+    // Its Stripe customer follows (receipts go to the new address), once.
+    let stripe = clawdeploy_scheduler::payments::FakeProvider::default();
+    let told = clawdeploy_scheduler::billing::sync::pass_with(&app, Some(&stripe))
+        .await
+        .unwrap();
+    assert_eq!(told.emails, 1);
+    assert_eq!(stripe.calls(), ["customer_email cus_ada new@example.com"]);
+    let again = clawdeploy_scheduler::billing::sync::pass_with(&app, Some(&stripe))
+        .await
+        .unwrap();
+    assert_eq!(again.emails, 0);
     assert!(login(&app, "old@example.com", PW).await.is_err());
     let (status, _) = api
         .call(

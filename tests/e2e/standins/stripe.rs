@@ -7,6 +7,7 @@
 //! exactly as Stripe signs them, then redirects to the success URL.
 //! `POST /_test/subscriptions/{id}` with `{"status": …}` sends the
 //! `customer.subscription.updated` of a status change (dunning by hand).
+//! `GET`/`POST /v1/customers/{id}` show a customer and change its email.
 //! `POST /v1/subscriptions/{id}` (`cancel_at_period_end`) and `DELETE
 //! /v1/subscriptions/{id}` update or cancel a subscription as Stripe does,
 //! answering the subscription and sending its `updated` or `deleted`
@@ -54,6 +55,7 @@ struct Stand {
     /// Idempotency key → the object first created with it.
     created: Mutex<HashMap<String, Value>>,
     subscriptions: Mutex<HashMap<String, Value>>,
+    customers: Mutex<HashMap<String, Value>>,
 }
 
 type Shared = Arc<Stand>;
@@ -140,8 +142,35 @@ async fn customers(
         c["email"] = json!(email);
         c["name"] = json!(f.get("name"));
         c["metadata"] = json!({"account": f.get("metadata[account]")});
+        let id = c["id"].as_str().unwrap_or_default().to_owned();
+        s.customers.lock().unwrap().insert(id, c.clone());
         Ok(c)
     })
+}
+
+/// `GET /v1/customers/{id}`, and `POST` with `email` to change it.
+async fn customer(
+    State(s): State<Shared>,
+    method: axum::http::Method,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    if !authorized(&headers) {
+        return (StatusCode::UNAUTHORIZED, "no API key").into_response();
+    }
+    let mut customers = s.customers.lock().unwrap();
+    let Some(c) = customers.get_mut(&id) else {
+        let body = json!({"error": {"type": "invalid_request_error", "code": "resource_missing",
+            "param": "id", "message": format!("No such customer: '{id}'")}});
+        return (StatusCode::NOT_FOUND, Json(body)).into_response();
+    };
+    if method == axum::http::Method::POST {
+        if let Some(email) = form(&body).get("email") {
+            c["email"] = json!(email);
+        }
+    }
+    Json(c.clone()).into_response()
 }
 
 async fn checkout_sessions(
@@ -403,9 +432,11 @@ async fn main() -> anyhow::Result<()> {
         sessions: Mutex::default(),
         created: Mutex::default(),
         subscriptions: Mutex::default(),
+        customers: Mutex::default(),
     });
     let app = Router::new()
         .route("/v1/customers", post(customers))
+        .route("/v1/customers/{id}", get(customer).post(customer))
         .route("/v1/checkout/sessions", post(checkout_sessions))
         .route("/v1/billing_portal/sessions", post(portal_sessions))
         .route("/pay/{session}", get(pay_page).post(pay))

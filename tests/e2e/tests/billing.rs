@@ -328,6 +328,44 @@ async fn a_deleted_account_comes_back_within_its_grace_and_is_erased_after_it() 
         }
     };
 
+    // The account moves to a new address first: Stripe's customer follows.
+    let old_email = email;
+    let email = "leaver-new@example.com";
+    let r = http
+        .post(c.api("/api/account/email"))
+        .bearer_auth(&token)
+        .json(&json!({"newEmail": email, "password": "correct-horse-battery"}))
+        .send()
+        .await?;
+    assert_eq!(r.status(), 202);
+    let link = smtp
+        .link_token(email, "Confirm your new email address", "verify-email")
+        .await?;
+    let r = http
+        .post(c.api("/api/auth/verify-email"))
+        .json(&json!({ "token": link }))
+        .send()
+        .await?;
+    assert_eq!(r.status(), 200);
+    let customer: String = sqlx::query_scalar("SELECT customer_id FROM billing_accounts")
+        .fetch_one(&c.db)
+        .await?;
+    wait_for(
+        Duration::from_secs(20),
+        "Stripe's customer moved",
+        || async {
+            let v: Value = http
+                .get(format!("http://{stripe}/v1/customers/{customer}"))
+                .bearer_auth("sk_test_e2e")
+                .send()
+                .await?
+                .json()
+                .await?;
+            Ok(v["email"] == email)
+        },
+    )
+    .await?;
+
     // Deleted: the session ends, the gateway pauses and says why, the
     // subscription is set to end with its period.
     assert_eq!(delete(token.clone()).await?, 202);
@@ -424,7 +462,7 @@ async fn a_deleted_account_comes_back_within_its_grace_and_is_erased_after_it() 
         all.contains("\"subdomain\":\"leaver\""),
         "the dump holds the tables"
     );
-    for personal in [email, "cus_"] {
+    for personal in [email, old_email, "cus_"] {
         assert!(!all.contains(personal), "{personal} is still stored");
     }
     let r = http

@@ -29,7 +29,8 @@ impl Drop for Standin {
 /// Waits until Docker enforces `want` (millicores, bytes) on the container,
 /// and checks it was not restarted for it.
 /// A one-node cluster (a pool of `min_idle`) billing through the Stripe
-/// stand-in it starts on `stripe`, with `extra` scheduler flags.
+/// stand-in it starts on `stripe` (answering when this returns), with
+/// `extra` scheduler flags.
 async fn stripe_cluster(
     stripe: std::net::SocketAddr,
     min_idle: u32,
@@ -73,6 +74,12 @@ async fn stripe_cluster(
             .spawn()
             .context("starting the Stripe stand-in")?,
     );
+    wait_for(Duration::from_secs(10), "the stand-in up", || async {
+        Ok(reqwest::get(format!("http://{stripe}/pay/none"))
+            .await
+            .is_ok())
+    })
+    .await?;
     Ok((c, standin))
 }
 
@@ -126,14 +133,6 @@ async fn an_upgrade_through_checkout_resizes_live_and_dunning_ends_in_the_free_t
     let http = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()?;
-    wait_for(Duration::from_secs(10), "the stand-in up", || async {
-        Ok(http
-            .get(format!("http://{stripe}/pay/none"))
-            .send()
-            .await
-            .is_ok())
-    })
-    .await?;
 
     // A redirect off our origin is refused; a good request gets a page.
     let checkout = |success: &str| {
@@ -279,14 +278,6 @@ async fn a_deleted_account_comes_back_within_its_grace_and_is_erased_after_it() 
     let http = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()?;
-    wait_for(Duration::from_secs(10), "the stand-in up", || async {
-        Ok(http
-            .get(format!("http://{stripe}/pay/none"))
-            .send()
-            .await
-            .is_ok())
-    })
-    .await?;
     let r = http
         .post(c.api("/api/billing/checkout"))
         .bearer_auth(&token)

@@ -61,6 +61,12 @@ pub enum OrderError {
     Internal(#[from] crate::error::Error),
 }
 
+impl From<crate::crypto::SealError> for OrderError {
+    fn from(e: crate::crypto::SealError) -> Self {
+        OrderError::Internal(e.into())
+    }
+}
+
 /// What an order produced.
 pub struct Issued {
     pub chain_pem: String,

@@ -77,6 +77,14 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// A key or sealed value that does not open is our fault, never the
+/// caller's: it is an internal error (and logged as one).
+impl From<crate::crypto::SealError> for Error {
+    fn from(e: crate::crypto::SealError) -> Self {
+        Error::Internal(e.to_string())
+    }
+}
+
 impl Error {
     pub fn internal(e: impl std::fmt::Display) -> Self {
         Error::Internal(e.to_string())

@@ -30,7 +30,9 @@ fn unwrap(kek: &SecretBox, instance_id: Uuid, kek_id: &str, wrapped: &[u8]) -> R
             kek.id()
         )));
     }
-    SecretBox::from_bytes(&kek.open(&dek_aad(instance_id), wrapped)?)
+    Ok(SecretBox::from_bytes(
+        &kek.open(&dek_aad(instance_id), wrapped)?,
+    )?)
 }
 
 /// A new data key for an instance, not yet stored: the key to seal with
@@ -254,7 +256,7 @@ async fn reseal_totp(tx: &mut PgConnection, old: &SecretBox, new: &SecretBox) ->
 fn reseal(old: &SecretBox, new: &SecretBox, aad: &str, sealed: &[u8]) -> Result<Option<Vec<u8>>> {
     match old.open(aad, sealed) {
         Ok(plain) => Ok(Some(new.seal(aad, &plain)?)),
-        Err(_) => new.open(aad, sealed).map(|_| None),
+        Err(_) => Ok(new.open(aad, sealed).map(|_| None)?),
     }
 }
 

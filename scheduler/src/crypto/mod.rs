@@ -5,28 +5,19 @@
 pub mod envelope;
 pub mod password;
 pub mod pki;
-mod secret_box;
 
 use std::path::Path;
 
 use anyhow::Context;
 
-pub use secret_box::{random_token, SecretBox};
+pub use clawdeploy_common::sealed::{random_token, SealError, SecretBox};
 
 /// The associated data that binds each sealed value to its owner and field,
 /// so a value copied to another row does not decrypt.
 pub mod aad {
     use uuid::Uuid;
 
-    /// A container's gateway token (sealed under the KEK).
-    pub fn gateway_token(container_id: Uuid) -> String {
-        format!("container:{container_id}:gateway_token")
-    }
-
-    /// A provider key of an instance (sealed under its data key).
-    pub fn secret(instance_id: Uuid, name: &str) -> String {
-        format!("instance:{instance_id}:{name}")
-    }
+    pub use clawdeploy_common::sealed::aad::{data_key, gateway_token, secret};
 
     /// A stored idempotent answer (sealed under the KEK).
     pub fn idempotent_answer(user_id: Uuid, key: &str) -> String {
@@ -52,11 +43,6 @@ pub mod aad {
     /// An account's TOTP secret (sealed under the KEK).
     pub fn totp_secret(user_id: Uuid) -> String {
         format!("user:{user_id}:totp")
-    }
-
-    /// An instance's data key (wrapped by the KEK).
-    pub fn data_key(instance_id: Uuid) -> String {
-        format!("dek:{instance_id}")
     }
 }
 

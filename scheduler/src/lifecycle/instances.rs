@@ -167,8 +167,9 @@ pub async fn gateway_token(app: &App, instance_id: Uuid) -> Result<Option<String
     .bind(instance_id)
     .fetch_optional(&app.db)
     .await?;
-    row.map(|(c, t)| app.secrets.open_string(&aad::gateway_token(c), &t))
-        .transpose()
+    Ok(row
+        .map(|(c, t)| app.secrets.open_string(&aad::gateway_token(c), &t))
+        .transpose()?)
 }
 
 /// The instance with its token and its provider keys masked.

@@ -165,15 +165,20 @@ async fn a_burst_claims_in_batches_and_each_refusal_stays_its_own() {
     );
     // Claims that waited together committed together: a transaction's
     // now() is its start, so one batch's containers share a claim time.
-    // The first two claims each found a batch run free; the other nine
-    // waited and went in one.
+    // With two runs, at most the first two claims find one free and the
+    // rest wait and go together: at most three transactions. Whether the
+    // second found a run free depends on when the first task yielded, so
+    // two is as right as three (CI saw both).
     let batches: i64 =
         sqlx::query_scalar("SELECT count(DISTINCT claimed_at) FROM containers WHERE id = ANY($1)")
             .bind(&pool)
             .fetch_one(&app.db)
             .await
             .unwrap();
-    assert_eq!(batches, 3, "six warm claims in three transactions");
+    assert!(
+        (1..=3).contains(&batches),
+        "six warm claims in {batches} transactions, not at most three"
+    );
     for (sql, want) in [
         (
             "SELECT count(*) FROM containers WHERE state = 'assigning'",

@@ -1,13 +1,28 @@
 //! Secrets at rest: AES-256-GCM with a random nonce, the associated data
 //! binding each ciphertext to its owner and field so a value copied to another
 //! row does not decrypt. Sealed format: `v1 | nonce | ciphertext`. The
-//! key-encryption key lives outside the database (a file or an environment
-//! variable); customers' keys sit under per-tenant data keys (`envelope`).
+//! scheduler seals (and keeps the key-encryption key outside the database);
+//! the metering proxy opens customers' provider keys, so both share this.
 
 use aes_gcm::aead::{Aead, KeyInit, OsRng, Payload};
 use aes_gcm::{AeadCore, Aes256Gcm, Key, Nonce};
 
-use crate::error::{Error, Result};
+/// Why a key or a sealed value was refused. Carries no secret.
+#[derive(Debug, thiserror::Error)]
+pub enum SealError {
+    #[error("{0}")]
+    BadKey(String),
+    #[error("encryption failed")]
+    Encrypt,
+    #[error("sealed secret is malformed")]
+    Malformed,
+    #[error("secret for {0} does not decrypt")]
+    DoesNotOpen(String),
+    #[error("secret for {0} is not UTF-8")]
+    NotText(String),
+}
+
+type Result<T> = std::result::Result<T, SealError>;
 
 const VERSION: u8 = 1;
 
@@ -28,14 +43,14 @@ impl SecretBox {
     /// `key_hex`: 64 hex characters (32 bytes).
     pub fn from_hex(key_hex: &str) -> Result<Self> {
         let key = hex::decode(key_hex.trim())
-            .map_err(|_| Error::Internal("secret key is not hex".into()))?;
+            .map_err(|_| SealError::BadKey("secret key is not hex".into()))?;
         Self::from_bytes(&key)
     }
 
     /// A 32-byte key.
     pub fn from_bytes(key: &[u8]) -> Result<Self> {
         if key.len() != 32 {
-            return Err(Error::Internal(format!(
+            return Err(SealError::BadKey(format!(
                 "secret key must be 32 bytes, got {}",
                 key.len()
             )));
@@ -73,7 +88,7 @@ impl SecretBox {
                     aad: aad.as_bytes(),
                 },
             )
-            .map_err(|_| Error::Internal("encryption failed".into()))?;
+            .map_err(|_| SealError::Encrypt)?;
         let mut out = Vec::with_capacity(1 + nonce.len() + ct.len());
         out.push(VERSION);
         out.extend_from_slice(&nonce);
@@ -83,7 +98,7 @@ impl SecretBox {
 
     pub fn open(&self, aad: &str, sealed: &[u8]) -> Result<Vec<u8>> {
         if sealed.len() < 1 + 12 + 16 || sealed[0] != VERSION {
-            return Err(Error::Internal("sealed secret is malformed".into()));
+            return Err(SealError::Malformed);
         }
         let nonce = Nonce::from_slice(&sealed[1..13]);
         self.cipher
@@ -94,11 +109,32 @@ impl SecretBox {
                     aad: aad.as_bytes(),
                 },
             )
-            .map_err(|_| Error::Internal(format!("secret for {aad} does not decrypt")))
+            .map_err(|_| SealError::DoesNotOpen(aad.to_owned()))
     }
 
     pub fn open_string(&self, aad: &str, sealed: &[u8]) -> Result<String> {
-        String::from_utf8(self.open(aad, sealed)?).map_err(Error::internal)
+        String::from_utf8(self.open(aad, sealed)?).map_err(|_| SealError::NotText(aad.to_owned()))
+    }
+}
+
+/// The associated data of the sealed values both the scheduler (which
+/// seals them) and the metering proxy (which opens them) name.
+pub mod aad {
+    use std::fmt::Display;
+
+    /// A container's gateway token (sealed under the KEK).
+    pub fn gateway_token(container_id: impl Display) -> String {
+        format!("container:{container_id}:gateway_token")
+    }
+
+    /// A provider key of an instance (sealed under its data key).
+    pub fn secret(instance_id: impl Display, name: &str) -> String {
+        format!("instance:{instance_id}:{name}")
+    }
+
+    /// An instance's data key (wrapped by the KEK).
+    pub fn data_key(instance_id: impl Display) -> String {
+        format!("dek:{instance_id}")
     }
 }
 

@@ -15,7 +15,11 @@ const CONTEXT: &[u8] = b"clawdeploy-llm-proxy-token:v1:";
 /// The proxy token of `instance_id` (its canonical hyphenated form) while
 /// its container's gateway token is `gateway_token`.
 pub fn derive(instance_id: &str, gateway_token: &str) -> String {
-    format!("{PREFIX}{}_{}", instance_id.replace('-', ""), hex::encode(mac(instance_id, gateway_token)))
+    format!(
+        "{PREFIX}{}_{}",
+        instance_id.replace('-', ""),
+        hex::encode(mac(instance_id, gateway_token))
+    )
 }
 
 fn mac(instance_id: &str, gateway_token: &str) -> [u8; 32] {
@@ -70,7 +74,13 @@ mod tests {
 
     #[test]
     fn malformed_tokens_name_nothing() {
-        for bad in ["", "cdp_", "sk-abc", "cdp_zz_00", &format!("cdp_{}_{}", "a".repeat(32), "g".repeat(64))] {
+        for bad in [
+            "",
+            "cdp_",
+            "sk-abc",
+            "cdp_zz_00",
+            &format!("cdp_{}_{}", "a".repeat(32), "g".repeat(64)),
+        ] {
             assert_eq!(instance_of(bad), None, "{bad}");
         }
     }

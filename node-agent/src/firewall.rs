@@ -10,11 +10,18 @@
 //! - `INPUT` (traffic to the host itself: the agent's ports, the edge, a
 //!   Docker API on TCP, sshd) jumps to `CLAWDEPLOY-HOST`, which lets replies
 //!   through and rejects everything else.
+//! - Both first jump to `CLAWDEPLOY-ALLOW`, which accepts the few endpoints
+//!   tenants must reach on a private address or the host (the metering
+//!   proxy: `--tenant-allow ip:port`). Allow rules are only ever added
+//!   (`-C` or `-A`), never rewritten, so agents on one host with different
+//!   lists do not undo each other; an operator removes a stale one.
 //!
 //! The rules are checked at start-up and every 30 s (a Docker restart or a
 //! flush must not leave them gone). The check takes no lock; only when
 //! something is missing are they rewritten, under a host-wide lock
 //! (`flock`), the chains atomically with `iptables-restore`.
+
+use std::net::SocketAddrV4;
 
 use crate::error::{Error, Result};
 
@@ -46,6 +53,17 @@ fn valid_cidr(c: &str) -> bool {
     ip.parse::<std::net::Ipv4Addr>().is_ok() && bits.parse::<u8>().is_ok_and(|b| b <= 32)
 }
 
+const ALLOW_CHAIN: &str = "CLAWDEPLOY-ALLOW";
+
+/// The rule that lets tenants reach `to`.
+fn allow_rule(to: &SocketAddrV4) -> String {
+    format!(
+        "{ALLOW_CHAIN} -d {}/32 -p tcp -m tcp --dport {} -j ACCEPT",
+        to.ip(),
+        to.port()
+    )
+}
+
 /// The `iptables-restore` input that defines both chains.
 fn chains(blocked: &[String]) -> String {
     let mut s = String::from("*filter\n:CLAWDEPLOY-TENANTS - [0:0]\n:CLAWDEPLOY-HOST - [0:0]\n");
@@ -58,6 +76,7 @@ fn chains(blocked: &[String]) -> String {
         ));
     };
     s.push_str("-A CLAWDEPLOY-TENANTS -m conntrack --ctstate ESTABLISHED,RELATED -j RETURN\n");
+    s.push_str(&format!("-A CLAWDEPLOY-TENANTS -j {ALLOW_CHAIN}\n"));
     reject(
         "CLAWDEPLOY-TENANTS",
         &format!("-o {BRIDGE_PREFIX}+"),
@@ -68,6 +87,7 @@ fn chains(blocked: &[String]) -> String {
     }
     s.push_str("-A CLAWDEPLOY-TENANTS -j RETURN\n");
     s.push_str("-A CLAWDEPLOY-HOST -m conntrack --ctstate ESTABLISHED,RELATED -j RETURN\n");
+    s.push_str(&format!("-A CLAWDEPLOY-HOST -j {ALLOW_CHAIN}\n"));
     reject("CLAWDEPLOY-HOST", "", &mut s);
     s.push_str("COMMIT\n");
     s
@@ -75,8 +95,8 @@ fn chains(blocked: &[String]) -> String {
 
 /// Installs (or refreshes) the isolation rules. Fails when the firewall
 /// cannot be set: the agent does not run tenants unisolated.
-pub async fn install(blocked: &[String]) -> Result<()> {
-    run_install(blocked).await?;
+pub async fn install(blocked: &[String], allowed: &[SocketAddrV4]) -> Result<()> {
+    run_install(blocked, allowed).await?;
     tracing::info!(
         bridges = format!("{BRIDGE_PREFIX}+"),
         blocked = blocked.join(","),
@@ -88,9 +108,13 @@ pub async fn install(blocked: &[String]) -> Result<()> {
 /// Whether the jumps and both chains are as `chains()` would write them.
 /// Read without the lock: many agents starting at once must not queue
 /// behind each other to find the rules already there.
-async fn in_place(blocked: &[String]) -> bool {
+async fn in_place(blocked: &[String], allowed: &[SocketAddrV4]) -> bool {
+    let allows: String = allowed
+        .iter()
+        .map(|a| format!("iptables -w -C {} 2>/dev/null && ", allow_rule(a)))
+        .collect();
     let script = format!(
-        "iptables -w -C DOCKER-USER -i {p}+ -j CLAWDEPLOY-TENANTS 2>/dev/null && \
+        "{allows}iptables -w -C DOCKER-USER -i {p}+ -j CLAWDEPLOY-TENANTS 2>/dev/null && \
          iptables -w -C INPUT -i {p}+ -j CLAWDEPLOY-HOST 2>/dev/null && \
          iptables -w -S CLAWDEPLOY-TENANTS 2>/dev/null && iptables -w -S CLAWDEPLOY-HOST 2>/dev/null",
         p = BRIDGE_PREFIX
@@ -118,19 +142,27 @@ async fn in_place(blocked: &[String]) -> bool {
         && blocked.iter().all(|c| have.contains(&format!("-d {c} ")))
 }
 
-async fn run_install(blocked: &[String]) -> Result<()> {
+async fn run_install(blocked: &[String], allowed: &[SocketAddrV4]) -> Result<()> {
     if let Some(bad) = blocked.iter().find(|c| !valid_cidr(c)) {
         return Err(Error::Firewall(format!("not an IPv4 CIDR: {bad:?}")));
     }
-    if in_place(blocked).await {
+    if in_place(blocked, allowed).await {
         return Ok(());
     }
+    let allows: String = allowed
+        .iter()
+        .map(|a| {
+            let rule = allow_rule(a);
+            format!("iptables -w -C {rule} 2>/dev/null || iptables -w -A {rule}\n")
+        })
+        .collect();
     let script = format!(
         r#"set -e
 iptables -w -n -L DOCKER-USER >/dev/null 2>&1 || {{ echo "chain DOCKER-USER missing: is Docker managing iptables?" >&2; exit 3; }}
 iptables -w -N CLAWDEPLOY-TENANTS 2>/dev/null || true
 iptables -w -N CLAWDEPLOY-HOST 2>/dev/null || true
-iptables-restore -w --noflush <<'RULES'
+iptables -w -N {ALLOW_CHAIN} 2>/dev/null || true
+{allows}iptables-restore -w --noflush <<'RULES'
 {rules}RULES
 iptables -w -C DOCKER-USER -i {p}+ -j CLAWDEPLOY-TENANTS 2>/dev/null || iptables -w -I DOCKER-USER 1 -i {p}+ -j CLAWDEPLOY-TENANTS
 iptables -w -C INPUT -i {p}+ -j CLAWDEPLOY-HOST 2>/dev/null || iptables -w -I INPUT 1 -i {p}+ -j CLAWDEPLOY-HOST
@@ -162,12 +194,16 @@ iptables -w -C INPUT -i {p}+ -j CLAWDEPLOY-HOST 2>/dev/null || iptables -w -I IN
 /// Re-installs the rules every `every`: a Docker restart or an operator's
 /// flush must not leave tenants unisolated for long. Failures are logged and
 /// counted; the next pass tries again.
-pub async fn keep_installed(blocked: Vec<String>, every: std::time::Duration) {
+pub async fn keep_installed(
+    blocked: Vec<String>,
+    allowed: Vec<SocketAddrV4>,
+    every: std::time::Duration,
+) {
     let mut tick = tokio::time::interval(every);
     tick.tick().await;
     loop {
         tick.tick().await;
-        if let Err(e) = run_install(&blocked).await {
+        if let Err(e) = run_install(&blocked, &allowed).await {
             metrics::counter!("clawdeploy_agent_firewall_errors_total").increment(1);
             tracing::error!(error = %e, "tenant firewall check failed");
         }

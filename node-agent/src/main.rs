@@ -65,6 +65,11 @@ struct Args {
     #[arg(long, env = "CLAWDEPLOY_TENANT_BLOCKED_CIDRS", value_delimiter = ',',
           default_values_t = clawdeploy_agent::firewall::DEFAULT_BLOCKED.iter().map(|s| s.to_string()))]
     tenant_blocked_cidrs: Vec<String>,
+    /// Endpoints tenants may reach although the rules above would block
+    /// them (comma-separated `ip:port`): the metering proxy on a private
+    /// address or on this host.
+    #[arg(long, env = "CLAWDEPLOY_TENANT_ALLOW", value_delimiter = ',')]
+    tenant_allow: Vec<std::net::SocketAddrV4>,
     /// Containers created at once; more wait their turn.
     #[arg(long, env = "CLAWDEPLOY_MAX_PARALLEL_CREATES", default_value_t = 2)]
     max_parallel_creates: usize,
@@ -91,11 +96,12 @@ async fn main() -> anyhow::Result<()> {
         join_with_retries(&scheduler, &tls, token, pin).await?;
     }
     if a.firewall {
-        clawdeploy_agent::firewall::install(&a.tenant_blocked_cidrs)
+        clawdeploy_agent::firewall::install(&a.tenant_blocked_cidrs, &a.tenant_allow)
             .await
             .context("installing the tenant firewall")?;
         tokio::spawn(clawdeploy_agent::firewall::keep_installed(
             a.tenant_blocked_cidrs.clone(),
+            a.tenant_allow.clone(),
             Duration::from_secs(30),
         ));
     } else {

@@ -40,6 +40,7 @@ fn with_tenant(mut c: DesiredContainer, version: u64, keys: &[(&str, &str)]) -> 
             .map(|(p, k)| ((*p).to_owned(), (*k).to_owned()))
             .collect(),
         default_model: "openai/gpt-4o".into(),
+        providers: Default::default(),
     });
     c
 }

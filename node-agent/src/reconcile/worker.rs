@@ -71,13 +71,25 @@ fn spec_of(d: &DesiredContainer, generation: u64) -> ContainerSpec {
     }
 }
 
-/// The hot-reloadable part of `openclaw.json` that assignment owns.
+/// The hot-reloadable part of `openclaw.json` that assignment owns. With
+/// a metering proxy each provider is an OpenAI-compatible entry on the
+/// proxy (`baseUrl`, the instance's proxy token as `apiKey`); its name
+/// stays, so models keep theirs (`openai/gpt-4o`).
 pub fn tenant_config_json(t: &TenantConfig) -> Vec<u8> {
-    let providers: serde_json::Map<String, serde_json::Value> = t
-        .provider_keys
-        .iter()
-        .map(|(name, key)| (name.clone(), json!({ "apiKey": key })))
-        .collect();
+    let providers: serde_json::Map<String, serde_json::Value> = if t.providers.is_empty() {
+        t.provider_keys
+            .iter()
+            .map(|(name, key)| (name.clone(), json!({ "apiKey": key })))
+            .collect()
+    } else {
+        t.providers
+            .iter()
+            .map(|(name, p)| {
+                let entry = json!({"baseUrl": p.base_url, "apiKey": p.api_key, "api": "openai-completions"});
+                (name.clone(), entry)
+            })
+            .collect()
+    };
     let doc = json!({
         "meta": {"managedBy": "clawdeploy", "instanceId": t.instance_id, "configVersion": t.config_version},
         "models": {"providers": providers},
@@ -451,7 +463,12 @@ impl<R: ContainerRuntime, P: GatewayProbe> Worker<R, P> {
             .write_config(id, &tenant_config_json(t))
             .await?;
         crash_point("config");
-        let want: std::collections::BTreeSet<String> = t.provider_keys.keys().cloned().collect();
+        let want: std::collections::BTreeSet<String> = t
+            .provider_keys
+            .keys()
+            .chain(t.providers.keys())
+            .cloned()
+            .collect();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
             match self.prober.live_providers(upstream, token).await {
@@ -490,6 +507,7 @@ mod tests {
             config_version: 3,
             provider_keys: [("openai".to_owned(), "sk-1".to_owned())].into(),
             default_model: "openai/gpt-4o".into(),
+            providers: Default::default(),
         };
         let v: serde_json::Value = serde_json::from_slice(&tenant_config_json(&t)).unwrap();
         // `gateway.*` needs a restart: assignment never writes it.
@@ -497,5 +515,25 @@ mod tests {
         assert_eq!(v["models"]["providers"]["openai"]["apiKey"], "sk-1");
         assert_eq!(v["agents"]["defaults"]["model"]["primary"], "openai/gpt-4o");
         assert_eq!(v["meta"]["configVersion"], 3);
+    }
+
+    #[test]
+    fn behind_the_proxy_a_provider_keeps_its_name_and_holds_no_key() {
+        let proxied = clawdeploy_proto::ProviderEndpoint {
+            base_url: "http://proxy:4319/p/openai/v1".into(),
+            api_key: "cdp_x_y".into(),
+        };
+        let t = TenantConfig {
+            instance_id: "i-1".into(),
+            config_version: 4,
+            provider_keys: Default::default(),
+            default_model: "openai/gpt-4o".into(),
+            providers: [("openai".to_owned(), proxied)].into(),
+        };
+        let v: serde_json::Value = serde_json::from_slice(&tenant_config_json(&t)).unwrap();
+        let openai = &v["models"]["providers"]["openai"];
+        assert_eq!(openai["baseUrl"], "http://proxy:4319/p/openai/v1");
+        assert_eq!(openai["apiKey"], "cdp_x_y");
+        assert_eq!(openai["api"], "openai-completions");
     }
 }

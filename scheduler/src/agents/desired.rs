@@ -5,8 +5,8 @@
 use std::collections::HashMap;
 
 use clawdeploy_proto::{
-    scheduler_message, ArchiveExport, ArchiveImport, DesiredContainer, DesiredState, Resources,
-    SchedulerMessage, TenantConfig,
+    scheduler_message, ArchiveExport, ArchiveImport, DesiredContainer, DesiredState,
+    ProviderEndpoint, Resources, SchedulerMessage, TenantConfig,
 };
 use uuid::Uuid;
 
@@ -85,21 +85,35 @@ pub async fn load(app: &App, node_id: &str, on_snapshot: impl FnOnce()) -> Resul
     .fetch_all(&mut *tx)
     .await?;
     let instance_ids: Vec<Uuid> = rows.iter().filter_map(|r| r.instance_id).collect();
-    let secret_rows: Vec<(Uuid, String, Vec<u8>)> = sqlx::query_as(
-        "SELECT instance_id, name, ciphertext FROM secrets WHERE instance_id = ANY($1)",
+    // Behind the metering proxy only the providers' names are needed: no
+    // key is opened here.
+    let proxied = app.cfg.llm_proxy_url.is_some();
+    let secret_rows: Vec<(Uuid, String, Option<Vec<u8>>)> = sqlx::query_as(
+        "SELECT instance_id, name, CASE WHEN $2 THEN NULL ELSE ciphertext END
+           FROM secrets WHERE instance_id = ANY($1)",
     )
     .bind(&instance_ids)
+    .bind(proxied)
     .fetch_all(&mut *tx)
     .await?;
-    let deks = envelope::load(&app.secrets, &mut tx, &instance_ids).await?;
+    let deks = if proxied {
+        HashMap::new()
+    } else {
+        envelope::load(&app.secrets, &mut tx, &instance_ids).await?
+    };
     tx.commit().await?;
 
     let mut keys: HashMap<Uuid, HashMap<String, String>> = HashMap::new();
     for (instance_id, name, sealed) in secret_rows {
-        let dek = deks.get(&instance_id).ok_or_else(|| {
-            Error::Internal(format!("instance {instance_id} has keys but no data key"))
-        })?;
-        let value = dek.open_string(&aad::secret(instance_id, &name), &sealed)?;
+        let value = match sealed {
+            Some(sealed) => {
+                let dek = deks.get(&instance_id).ok_or_else(|| {
+                    Error::Internal(format!("instance {instance_id} has keys but no data key"))
+                })?;
+                dek.open_string(&aad::secret(instance_id, &name), &sealed)?
+            }
+            None => String::new(),
+        };
         keys.entry(instance_id).or_default().insert(name, value);
     }
     // The columns are never negative (CHECKs and constants).
@@ -107,12 +121,24 @@ pub async fn load(app: &App, node_id: &str, on_snapshot: impl FnOnce()) -> Resul
     let mut containers = Vec::with_capacity(rows.len());
     for r in rows {
         let (export, import) = transfers_of(app, &r).await?;
+        let gateway_token = app
+            .secrets
+            .open_string(&aad::gateway_token(r.id), &r.gateway_token_enc)?;
+        let own = r
+            .instance_id
+            .and_then(|iid| keys.remove(&iid))
+            .unwrap_or_default();
+        let (provider_keys, providers) = match (&app.cfg.llm_proxy_url, r.instance_id) {
+            (Some(url), Some(iid)) => (
+                HashMap::new(),
+                proxied_providers(app, url, iid, &gateway_token, own.into_keys()),
+            ),
+            _ => (own, HashMap::new()),
+        };
         containers.push(DesiredContainer {
             container_id: r.id.to_string(),
             image: r.image,
-            gateway_token: app
-                .secrets
-                .open_string(&aad::gateway_token(r.id), &r.gateway_token_enc)?,
+            gateway_token,
             resources: Some(Resources {
                 cpu_millis: u32::try_from(r.cpu_millis).unwrap_or(0),
                 memory_bytes: unsigned(r.memory_bytes),
@@ -121,8 +147,9 @@ pub async fn load(app: &App, node_id: &str, on_snapshot: impl FnOnce()) -> Resul
             tenant: r.instance_id.map(|iid| TenantConfig {
                 instance_id: iid.to_string(),
                 config_version: unsigned(r.config_version.unwrap_or(1)),
-                provider_keys: keys.get(&iid).cloned().unwrap_or_default(),
+                provider_keys,
                 default_model: r.default_model.unwrap_or_default(),
+                providers,
             }),
             // A suspended tenant keeps its container and volume.
             stopped: r.stopped,
@@ -134,6 +161,30 @@ pub async fn load(app: &App, node_id: &str, on_snapshot: impl FnOnce()) -> Resul
         generation: generation.wire(),
         containers,
     })
+}
+
+/// Each provider an instance has a key for, and each the platform resells,
+/// as an entry on the metering proxy under the instance's proxy token
+/// (derived from the container's gateway token: a new container, a new
+/// token; a released instance, none).
+fn proxied_providers(
+    app: &App,
+    proxy_url: &str,
+    instance_id: Uuid,
+    gateway_token: &str,
+    own: impl Iterator<Item = String>,
+) -> HashMap<String, ProviderEndpoint> {
+    let token = clawdeploy_common::proxy_token::derive(&instance_id.to_string(), gateway_token);
+    let base = proxy_url.trim_end_matches('/');
+    own.chain(app.cfg.resold_providers.iter().cloned())
+        .map(|name| {
+            let endpoint = ProviderEndpoint {
+                base_url: format!("{base}/p/{name}/v1"),
+                api_key: token.clone(),
+            };
+            (name, endpoint)
+        })
+        .collect()
 }
 
 /// The export and import a container's migration asks of its agent, with

@@ -133,6 +133,18 @@ pub struct Config {
         default_value = "https://clawdeploy.localhost"
     )]
     pub public_origin: String,
+    /// The metering proxy's base URL as tenants' gateways reach it (e.g.
+    /// `https://llm.clawdeploy.com`); each provider entry of a gateway's
+    /// `openclaw.json` then points at `<url>/p/<provider>/v1` with the
+    /// instance's proxy token, and no provider key enters a container.
+    /// Unset: customers' keys are written into the config (not for
+    /// production; the scheduler warns).
+    #[arg(long, env = "CLAWDEPLOY_LLM_PROXY_URL")]
+    pub llm_proxy_url: Option<String>,
+    /// Providers the platform resells with AI credits (comma-separated):
+    /// an instance with no key of its own for one still gets its entry.
+    #[arg(long, env = "CLAWDEPLOY_RESOLD_PROVIDERS", value_delimiter = ',')]
+    pub resold_providers: Vec<String>,
     /// Custom domains one instance may have.
     #[arg(long, env = "CLAWDEPLOY_MAX_DOMAINS_PER_INSTANCE", default_value_t = 5)]
     pub max_domains_per_instance: u32,

@@ -8,6 +8,8 @@
 //! One thread per connection keeps it simple; the stand-in serves tests and
 //! benchmarks, not customers.
 
+mod chat;
+
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -19,6 +21,8 @@ use std::time::{Duration, Instant, SystemTime};
 #[derive(Default)]
 struct Applied {
     providers: Vec<String>,
+    /// Each provider's `baseUrl` and `apiKey`, for chat completions.
+    endpoints: std::collections::HashMap<String, chat::Endpoint>,
     default_model: Option<String>,
     reloads: u64,
 }
@@ -211,12 +215,14 @@ fn reload_if_changed(gateway: &Gateway, last: &mut Option<FileStamp>) {
                 })
                 .unwrap_or_default();
             providers.sort();
+            let endpoints = chat::endpoints_of(&config);
             let default_model = config
                 .pointer("/agents/defaults/model/primary")
                 .and_then(Value::as_str)
                 .map(str::to_owned);
             let mut applied = gateway.applied.write().unwrap();
             applied.providers = providers;
+            applied.endpoints = endpoints;
             applied.default_model = default_model;
             applied.reloads += 1;
             eprintln!(
@@ -245,9 +251,14 @@ struct Request {
     method: String,
     path: String,
     headers: Vec<(String, String)>,
-    /// How many body bytes arrived (the body itself is read and dropped).
+    /// How many body bytes arrived.
     body_bytes: u64,
+    /// The body, when it came with a length of at most `KEPT_BODY` (a
+    /// chat completion); larger ones are read and dropped.
+    body: Vec<u8>,
 }
+
+const KEPT_BODY: u64 = 4 << 20;
 
 impl Request {
     fn header(&self, name: &str) -> Option<&str> {
@@ -285,6 +296,7 @@ fn read_request(reader: &mut BufReader<TcpStream>) -> std::io::Result<Option<Req
         path,
         headers,
         body_bytes: 0,
+        body: Vec::new(),
     };
     // Drain any request body so keep-alive stays in step.
     if req
@@ -296,7 +308,11 @@ fn read_request(reader: &mut BufReader<TcpStream>) -> std::io::Result<Option<Req
         .header("content-length")
         .and_then(|v| v.parse::<u64>().ok())
     {
-        req.body_bytes = std::io::copy(&mut reader.by_ref().take(len), &mut std::io::sink())?;
+        req.body_bytes = if len <= KEPT_BODY {
+            reader.by_ref().take(len).read_to_end(&mut req.body)? as u64
+        } else {
+            std::io::copy(&mut reader.by_ref().take(len), &mut std::io::sink())?
+        };
     }
     Ok(Some(req))
 }
@@ -371,6 +387,13 @@ fn serve_connection(gateway: &Gateway, stream: TcpStream) -> std::io::Result<()>
         if req.path.starts_with("/v1/events") && authorized(gateway, &req) {
             serve_events(&req, &mut writer)?;
             continue;
+        }
+        if req.method == "POST" && req.path == "/v1/chat/completions" && authorized(gateway, &req) {
+            let endpoints = gateway.applied.read().unwrap().endpoints.clone();
+            let default_model = gateway.applied.read().unwrap().default_model.clone();
+            // The answer is relayed until the provider closes: this
+            // connection closes with it.
+            return chat::complete(&endpoints, default_model.as_deref(), &req.body, &mut writer);
         }
         let (status, body) = route(gateway, &req);
         let body = body.to_string();

@@ -73,3 +73,27 @@ CREATE TABLE message_quota (
     used        integer NOT NULL CHECK (used >= 0),
     PRIMARY KEY (instance_id, month)
 );
+
+-- The metering proxy caches what it learned of a caller (its token's
+-- instance, its keys) for a while; a change to an instance's keys, status
+-- or container tells it at once (LISTEN clawdeploy_tenants), whichever
+-- code path made it.
+CREATE FUNCTION notify_tenant_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('clawdeploy_tenants',
+                      (CASE WHEN TG_OP = 'DELETE' THEN OLD.instance_id ELSE NEW.instance_id END)::text);
+    RETURN NULL;
+END $$;
+
+CREATE FUNCTION notify_instance_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.status IS DISTINCT FROM OLD.status OR NEW.container_id IS DISTINCT FROM OLD.container_id THEN
+        PERFORM pg_notify('clawdeploy_tenants', NEW.id::text);
+    END IF;
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER secrets_tell_proxies AFTER INSERT OR UPDATE OR DELETE ON secrets
+    FOR EACH ROW EXECUTE FUNCTION notify_tenant_changed();
+CREATE TRIGGER instances_tell_proxies AFTER UPDATE ON instances
+    FOR EACH ROW EXECUTE FUNCTION notify_instance_changed();

@@ -191,8 +191,14 @@ async fn main() -> anyhow::Result<()> {
         Micros(a.lease_chunk_micros),
     ));
     let recorder = Arc::new(Recorder::new(db.clone()));
+    let tenants = Arc::new(Tenants::new(
+        db.clone(),
+        kek,
+        Duration::from_secs(a.tenant_cache_secs),
+    ));
+    tokio::spawn(tenants.clone().follow_changes());
     let proxy = Arc::new(Proxy {
-        tenants: Tenants::new(db.clone(), kek, Duration::from_secs(a.tenant_cache_secs)),
+        tenants,
         ledger: ledger.clone(),
         recorder: recorder.clone(),
         limits: Limits::new(

@@ -43,7 +43,7 @@ pub struct Route {
 }
 
 pub struct Proxy {
-    pub tenants: Tenants,
+    pub tenants: Arc<Tenants>,
     pub ledger: Arc<Ledger>,
     pub recorder: Arc<Recorder>,
     pub limits: Limits,

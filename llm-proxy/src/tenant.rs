@@ -3,8 +3,10 @@
 //! and the instance's provider keys are opened from their envelope (the
 //! KEK unwraps the instance's data key, which opens each key). The proxy
 //! is the only process that opens provider keys. What it learns is kept
-//! for `ttl` (30 s by default): a rotated or released token stops working
-//! within that, and a busy gateway costs no database read per request.
+//! for `ttl` (30 s by default), so a busy gateway costs no database read
+//! per request; a change to an instance's keys, status or container is
+//! announced by a trigger (`NOTIFY clawdeploy_tenants`) and drops it at
+//! once (`follow_changes`). The TTL bounds it should that channel be down.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -75,6 +77,52 @@ impl Tenants {
         }
         cache.insert(token.to_owned(), (tenant.clone(), Instant::now()));
         Ok(tenant)
+    }
+
+    /// Forgets what is cached of `instance_id`.
+    pub fn forget(&self, instance_id: Uuid) {
+        self.cache
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, (t, _)| t.instance_id != instance_id);
+    }
+
+    /// Follows the database's announcements of changed instances for as
+    /// long as the process lives, reconnecting after a failure (when the
+    /// whole cache is dropped: announcements may have been missed).
+    pub async fn follow_changes(self: std::sync::Arc<Self>) {
+        let mut backoff =
+            clawdeploy_common::Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        loop {
+            match sqlx::postgres::PgListener::connect_with(&self.db).await {
+                Ok(mut l) => match l.listen("clawdeploy_tenants").await {
+                    Ok(()) => {
+                        self.cache
+                            .write()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .clear();
+                        backoff.reset();
+                        loop {
+                            match l.recv().await {
+                                Ok(n) => {
+                                    if let Ok(id) = Uuid::parse_str(n.payload()) {
+                                        tracing::debug!(instance = %id, "instance changed; forgetting it");
+                                        self.forget(id);
+                                    }
+                                }
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "lost the tenant change feed; reconnecting");
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "LISTEN clawdeploy_tenants failed"),
+                },
+                Err(e) => tracing::warn!(error = %e, "cannot connect for the tenant change feed"),
+            }
+            backoff.wait().await;
+        }
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, (Arc<Tenant>, Instant)>> {

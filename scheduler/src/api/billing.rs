@@ -8,8 +8,8 @@ use uuid::Uuid;
 
 use super::extract::{ApiJson, AuthUser, Operator};
 use super::views::{
-    BillingView, CheckoutView, ErrorBody, PlanList, PlanView, PortalView, TierChangeView,
-    WebhookAck,
+    BillingView, CheckoutView, CreditsView, ErrorBody, PlanList, PlanView, PortalView,
+    TierChangeView, WebhookAck,
 };
 use crate::app::AppRef;
 use crate::billing::{plans::PLANS, tier, webhook};
@@ -198,4 +198,20 @@ pub async fn portal(
         crate::billing::checkout::portal(&app.db, &app.cfg, provider, user.id, &body.return_url)
             .await?;
     Ok(axum::Json(PortalView { portal_url: url }))
+}
+
+/// The account's AI credits: the balance (what no request has spent yet),
+/// what proxies hold of it for requests, and this month's spending.
+#[utoipa::path(get, path = "/api/credits", tag = "billing", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The account's AI credits", body = CreditsView),
+        (status = 401, description = "No valid token", body = ErrorBody),
+    ))]
+pub async fn credits(State(app): State<AppRef>, user: AuthUser) -> Result<axum::Json<CreditsView>> {
+    let u = crate::billing::credits::usage(&app.db, user.id, None).await?;
+    Ok(axum::Json(CreditsView {
+        balance_micros: u.credit_balance_micros,
+        held_micros: u.leased_micros,
+        spent_this_month_micros: u.charged_this_month_micros,
+    }))
 }

@@ -11,7 +11,9 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::extract::{ApiJson, AuthUser, IdempotencyKey};
-use super::views::{BackupList, ErrorBody, InstanceEnvelope, InstanceView, ReleasedView};
+use super::views::{
+    BackupList, ErrorBody, InstanceEnvelope, InstanceView, ReleasedView, UsageView,
+};
 use crate::app::claims::SignUp;
 use crate::app::{AppRef, Config};
 use crate::error::{Error, Result};
@@ -122,9 +124,12 @@ fn to_json(v: &impl Serialize) -> Vec<u8> {
     ))]
 pub async fn me(State(app): State<AppRef>, user: AuthUser) -> Result<axum::Json<InstanceEnvelope>> {
     let instance = instances::current_of(&app, user.id).await?;
-    Ok(axum::Json(InstanceEnvelope {
-        instance: InstanceView::new(&app.cfg, instance),
-    }))
+    let used = crate::billing::credits::usage(&app.db, user.id, Some(instance.id)).await?;
+    let limit =
+        crate::billing::credits::message_limit(instance.tier, app.cfg.free_messages_per_month);
+    let mut view = InstanceView::new(&app.cfg, instance);
+    view.usage = Some(UsageView::new(used, limit));
+    Ok(axum::Json(InstanceEnvelope { instance: view }))
 }
 
 /// The caller's instance's backups, newest first: daily ones kept for the

@@ -38,6 +38,7 @@ const BODY_LIMIT: usize = 64 * 1024;
 pub fn api() -> OpenApiRouter<AppRef> {
     OpenApiRouter::with_openapi(doc::ApiDoc::openapi())
         .routes(routes!(auth::register))
+        .routes(routes!(billing::credits))
         .routes(routes!(auth::login))
         .routes(routes!(auth::login_mfa))
         .routes(routes!(auth::logout))

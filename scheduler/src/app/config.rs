@@ -145,6 +145,14 @@ pub struct Config {
     /// an instance with no key of its own for one still gets its entry.
     #[arg(long, env = "CLAWDEPLOY_RESOLD_PROVIDERS", value_delimiter = ',')]
     pub resold_providers: Vec<String>,
+    /// Messages a month on the free tier (the metering proxy enforces it;
+    /// the dashboard shows it).
+    #[arg(
+        long,
+        env = "CLAWDEPLOY_FREE_MESSAGES_PER_MONTH",
+        default_value_t = 100
+    )]
+    pub free_messages_per_month: u32,
     /// Custom domains one instance may have.
     #[arg(long, env = "CLAWDEPLOY_MAX_DOMAINS_PER_INSTANCE", default_value_t = 5)]
     pub max_domains_per_instance: u32,

@@ -4,6 +4,7 @@
 //! these.
 
 pub mod checkout;
+pub mod credits;
 pub mod plans;
 pub mod sync;
 pub mod tier;

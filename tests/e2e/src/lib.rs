@@ -21,6 +21,7 @@ mod client;
 mod cluster;
 pub mod edge_client;
 pub mod invariants;
+pub mod llm;
 pub mod netfault;
 pub mod ops;
 pub mod perf;

@@ -13,7 +13,8 @@
 //! `rate_limited` (429 with `Retry-After`), `server_error` (500),
 //! `drop` (the stream stops midway, without `[DONE]`), `no_usage` (no
 //! usage chunk even when asked); `latencyMs` delays the first byte of
-//! every answer. `GET /_test/requests` lists the bodies received.
+//! every answer. `GET /_test/requests` lists the bodies received,
+//! `GET /_test/responses` the streams sent (byte for byte).
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -66,6 +67,8 @@ struct Stand {
     args: Args,
     faults: Mutex<Faults>,
     received: Mutex<Vec<Value>>,
+    /// Each streamed answer's bytes as sent, by completion id.
+    sent: Mutex<Vec<(String, String)>>,
 }
 
 type Shared = Arc<Stand>;
@@ -289,6 +292,7 @@ async fn completions(State(s): State<Shared>, headers: HeaderMap, body: Bytes) -
     if fault == Some(Fault::Drop) {
         events.truncate(events.len() / 2);
     }
+    s.sent.lock().unwrap().push((id.clone(), events.concat()));
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
     tokio::spawn(async move {
         for e in events {
@@ -337,6 +341,16 @@ async fn requests(State(s): State<Shared>) -> Json<Vec<Value>> {
     Json(s.received.lock().unwrap().clone())
 }
 
+/// The streams sent, as `{id, body}`, oldest first.
+async fn responses(State(s): State<Shared>) -> Json<Vec<Value>> {
+    let sent = s.sent.lock().unwrap();
+    Json(
+        sent.iter()
+            .map(|(id, body)| json!({"id": id, "body": body}))
+            .collect(),
+    )
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -348,12 +362,14 @@ async fn main() -> anyhow::Result<()> {
         args,
         faults: Mutex::default(),
         received: Mutex::default(),
+        sent: Mutex::default(),
     });
     let app = Router::new()
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(completions))
         .route("/_test/faults", post(set_faults))
         .route("/_test/requests", get(requests))
+        .route("/_test/responses", get(responses))
         .with_state(stand);
     eprintln!("OpenAI-compatible stand-in listening on http://{addr}");
     axum::serve(listener, app).await?;

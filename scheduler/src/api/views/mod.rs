@@ -59,6 +59,46 @@ pub struct InstanceView {
     pub config_version: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub config_applied: Option<bool>,
+    /// Model usage this month and the account's AI credits
+    /// (`GET /api/instances/me`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<UsageView>,
+}
+
+/// Model usage this month (UTC) and AI credits, in micro-dollars.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageView {
+    pub messages_this_month: i64,
+    pub tokens_this_month: i64,
+    /// What AI credits paid this month.
+    pub cost_this_month_micros: i64,
+    /// The month's message limit (free tier); `null`: none.
+    pub message_limit: Option<u32>,
+    pub credit_balance_micros: i64,
+}
+
+impl UsageView {
+    pub fn new(u: crate::billing::credits::Usage, message_limit: Option<u32>) -> Self {
+        UsageView {
+            messages_this_month: u.messages_this_month,
+            tokens_this_month: u.tokens_this_month,
+            cost_this_month_micros: u.charged_this_month_micros,
+            message_limit,
+            credit_balance_micros: u.credit_balance_micros,
+        }
+    }
+}
+
+/// `GET /api/credits`: the account's AI credits.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CreditsView {
+    pub balance_micros: i64,
+    /// Of the balance, what metering proxies hold for requests.
+    pub held_micros: i64,
+    /// What AI credits paid this month, over every instance.
+    pub spent_this_month_micros: i64,
 }
 
 impl InstanceView {
@@ -81,6 +121,7 @@ impl InstanceView {
             api_keys: i.masked_keys,
             config_version: None,
             config_applied: None,
+            usage: None,
         }
     }
 }

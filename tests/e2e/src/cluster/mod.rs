@@ -62,6 +62,8 @@ pub struct ClusterOptions {
     /// (libfaketime's offset syntax: "+3m", "-3m"); its monotonic clock is
     /// left alone.
     pub clock_skew: Vec<(usize, String)>,
+    /// More environment for every agent (e.g. `CLAWDEPLOY_TENANT_ALLOW`).
+    pub agent_env: Vec<(String, String)>,
 }
 
 /// The operator token every test scheduler accepts on `/admin`.
@@ -88,6 +90,7 @@ impl Default for ClusterOptions {
             relays: false,
             small_state_disk: None,
             clock_skew: Vec::new(),
+            agent_env: Vec::new(),
         }
     }
 }

@@ -151,7 +151,8 @@ impl Cluster {
                 .env("FAKETIME", offset)
                 .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
         }
-        cmd.envs(env.iter().copied())
+        cmd.envs(self.opts.agent_env.iter().map(|(k, v)| (k, v)))
+            .envs(env.iter().copied())
             .args([
                 "--node-id",
                 node_id,

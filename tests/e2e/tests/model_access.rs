@@ -327,3 +327,208 @@ async fn concurrent_streams_through_two_proxies_never_overdraw_a_balance() -> Re
     }
     Ok(())
 }
+
+/// One account's signup: its user, instance and proxy token.
+async fn tenant(c: &Cluster, sub: &str, balance: i64) -> Result<(Uuid, String)> {
+    let email = format!("{sub}@example.com");
+    let (_, gw) = c.sign_up(&email, sub, json!({})).await?;
+    let (user, instance): (Uuid, Uuid) = sqlx::query_as(
+        "SELECT i.user_id, i.id FROM instances i JOIN users u ON u.id = i.user_id WHERE u.email = $1",
+    )
+    .bind(&email)
+    .fetch_one(&c.db)
+    .await?;
+    sqlx::query("INSERT INTO credit_balances (user_id, balance_micros) VALUES ($1, $2)")
+        .bind(user)
+        .bind(balance)
+        .execute(&c.db)
+        .await?;
+    Ok((
+        user,
+        clawdeploy_common::proxy_token::derive(&instance.to_string(), &gw),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_left_stream_a_killed_proxy_and_the_free_tier_are_each_counted_once() -> Result<()> {
+    let mut llm = LlmStack::upstreams().await?;
+    let c = Cluster::start(llm.cluster_options(ClusterOptions {
+        nodes: 1,
+        min_idle: 3,
+        max_idle: 3,
+        ..Default::default()
+    }))
+    .await?;
+    let flags = [
+        "--rate-per-sec",
+        "10000",
+        "--rate-burst",
+        "10000",
+        "--lease-ttl-secs",
+        "2",
+    ];
+    let (_, proxy) = llm.start_proxy(&c, &flags).await?;
+    let client = reqwest::Client::new();
+    let chat = |token: &str, body: Value| {
+        client
+            .post(format!("http://{proxy}/p/openai/v1/chat/completions"))
+            .bearer_auth(token)
+            .json(&body)
+    };
+    let long = (0..400)
+        .map(|i| format!("w{i}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+
+    // A client that leaves after the first piece of a long stream is still
+    // billed once, for the usage the upstream reported at the end.
+    let (left, token) = tenant(&c, "leaver", 50_000_000).await?;
+    let mut r = chat(
+        &token,
+        json!({"model": "gpt-4o-mini", "stream": true,
+                                    "messages": [{"role": "user", "content": long}]}),
+    )
+    .send()
+    .await?;
+    assert_eq!(r.status(), 200);
+    r.chunk().await?.context("a first piece")?;
+    drop(r);
+    wait_for(
+        Duration::from_secs(15),
+        "the left stream settled",
+        || async {
+            Ok(scalar(
+                &c,
+                "SELECT count(*) FROM llm_usage_events WHERE user_id = $1",
+                left,
+            )
+            .await?
+                == 1)
+        },
+    )
+    .await?;
+    let (estimated, output): (bool, i64) =
+        sqlx::query_as("SELECT estimated, output_tokens FROM llm_usage_events WHERE user_id = $1")
+            .bind(left)
+            .fetch_one(&c.db)
+            .await?;
+    assert!(!estimated, "the proxy read on to the usage chunk");
+    assert_eq!(output, 401, "the echo of 400 words and its prefix");
+
+    // A proxy killed in the middle of a burst: after it restarts, nothing
+    // is counted twice, and its leases come back once they expire.
+    const START: i64 = 50_000_000;
+    let (burst, token) = tenant(&c, "burster", START).await?;
+    let calls: Vec<_> = (0..40)
+        .map(|_| {
+            chat(
+                &token,
+                json!({"model": "gpt-4o", "stream": true,
+                                "messages": [{"role": "user", "content": long}]}),
+            )
+            .send()
+        })
+        .collect();
+    let burst_task = tokio::spawn(futures::future::join_all(calls));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    llm.stop_proxy(0, true).await?;
+    let _ = burst_task.await?;
+    llm.restart_proxy(&c, 0, proxy, &flags).await?;
+    wait_for(
+        Duration::from_secs(20),
+        "the dead proxy's leases recovered",
+        || async {
+            Ok(scalar(
+                &c,
+                "SELECT count(*) FROM credit_leases WHERE user_id = $1",
+                burst,
+            )
+            .await?
+                == 0)
+        },
+    )
+    .await?;
+    let balance = scalar(
+        &c,
+        "SELECT balance_micros FROM credit_balances WHERE user_id = $1",
+        burst,
+    )
+    .await?;
+    let charged = scalar(
+        &c,
+        "SELECT COALESCE(sum(charged_micros), 0)::bigint FROM llm_usage_events WHERE user_id = $1",
+        burst,
+    )
+    .await?;
+    let events = scalar(
+        &c,
+        "SELECT count(*) FROM llm_usage_events WHERE user_id = $1",
+        burst,
+    )
+    .await?;
+    let rolled = scalar(
+        &c,
+        "SELECT COALESCE(sum(messages), 0)::bigint FROM llm_usage_monthly WHERE user_id = $1",
+        burst,
+    )
+    .await?;
+    assert_eq!(
+        START - balance,
+        charged,
+        "what was spent is what was charged, once"
+    );
+    assert_eq!(rolled, events, "the rollup counts each event once");
+    assert!(events <= 40);
+
+    // The free tier: the 101st message of the month is refused with the
+    // time the count starts again; a new month lets the next one through.
+    let (free, token) = tenant(&c, "freebie", 50_000_000).await?;
+    let short = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]});
+    for n in 0..100 {
+        let r = chat(&token, short.clone()).send().await?;
+        assert_eq!(r.status(), 200, "message {n}: {}", r.text().await?);
+    }
+    let r = chat(&token, short.clone()).send().await?;
+    assert_eq!(r.status(), 429);
+    let body: Value = r.json().await?;
+    assert_eq!(body["error"]["code"], "message_limit", "{body}");
+    assert!(
+        body["error"]["resetsAt"]
+            .as_str()
+            .is_some_and(|t| t.contains("-01T00:00:00")),
+        "{body}"
+    );
+    sqlx::query(
+        "UPDATE message_quota SET month = (month - interval '1 month')::date WHERE user_id = $1",
+    )
+    .bind(free)
+    .execute(&c.db)
+    .await?;
+    let r = chat(&token, short.clone()).send().await?;
+    assert_eq!(r.status(), 200, "a new month");
+
+    // The per-instance rate limit: a burst beyond 20 is refused with
+    // Retry-After (a proxy with the default 10/s, burst 20).
+    let (_, limited) = llm.start_proxy(&c, &[]).await?;
+    let calls: Vec<_> = (0..30)
+        .map(|_| {
+            client
+                .post(format!("http://{limited}/p/openai/v1/chat/completions"))
+                .bearer_auth(&token)
+                .json(&short)
+                .send()
+        })
+        .collect();
+    let mut refused = 0;
+    for r in futures::future::join_all(calls).await {
+        let r = r?;
+        if r.status() == 429 {
+            assert!(r.headers().contains_key("retry-after"));
+            let body: Value = r.json().await?;
+            assert_eq!(body["error"]["code"], "rate_limited", "{body}");
+            refused += 1;
+        }
+    }
+    assert!(refused >= 5, "{refused} of 30 refused");
+    Ok(())
+}

@@ -82,3 +82,14 @@ pub const CATALOG: &[Metric] = &[
         "Usage events dropped because flushes kept failing and the buffer was full.",
     ),
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_recorded_metric_is_described_and_documented() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        clawdeploy_common::metrics::check_catalog(dir, CATALOG);
+    }
+}

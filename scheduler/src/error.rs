@@ -53,6 +53,9 @@ pub enum Error {
     Unprocessable { code: &'static str, message: String },
     #[error("busy: {0}")]
     Busy(String),
+    /// The customer's bank declined a charge (Stripe's reason).
+    #[error("payment declined: {0}")]
+    PaymentDeclined(String),
     /// A capability this deployment has not configured (archives, billing).
     #[error("disabled ({code}): {message}")]
     Disabled { code: &'static str, message: String },
@@ -164,6 +167,7 @@ impl Error {
                 (StatusCode::UNPROCESSABLE_ENTITY, code, message.clone())
             }
             Error::Busy(m) => (StatusCode::SERVICE_UNAVAILABLE, "busy", m.clone()),
+            Error::PaymentDeclined(m) => (StatusCode::PAYMENT_REQUIRED, "card_declined", m.clone()),
             Error::Disabled { code, message } => {
                 (StatusCode::SERVICE_UNAVAILABLE, code, message.clone())
             }

@@ -1,7 +1,8 @@
 //! The payment provider as billing needs it (a leaf: `app` holds it,
 //! `billing` uses it): one narrow trait (create a
 //! customer and change its email, a subscription Checkout and a portal
-//! session, end a subscription at its period's end or now), Stripe's
+//! session, end a subscription at its period's end or now, a payment-mode
+//! Checkout for AI credits and an off-session charge of the saved card), Stripe's
 //! implementation over async-stripe, and an in-memory fake for unit tests.
 //! Nothing outside this module sees a Stripe type. Every create carries an
 //! idempotency key, so a retried request never makes a second customer or
@@ -53,6 +54,44 @@ pub struct NewCheckout<'a> {
     pub idempotency_key: String,
 }
 
+/// A payment-mode Checkout buying AI credits for one account.
+pub struct NewCreditsCheckout<'a> {
+    pub account: Uuid,
+    pub customer: &'a str,
+    pub amount_cents: i64,
+    pub success_url: &'a str,
+    pub cancel_url: &'a str,
+    pub idempotency_key: String,
+}
+
+/// An off-session charge of a saved card, for AI credits.
+pub struct OffSessionCharge<'a> {
+    pub account: Uuid,
+    pub customer: &'a str,
+    pub payment_method: &'a str,
+    pub amount_cents: i64,
+    pub idempotency_key: String,
+}
+
+/// How an off-session charge went. The credits move only when the
+/// `payment_intent.succeeded` webhook arrives, whatever this says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Charged {
+    /// Paid (or being processed); the webhook follows.
+    Accepted { payment_intent: String },
+    /// The bank asks the customer to authenticate (3-D Secure): the page
+    /// confirms the PaymentIntent with this secret.
+    RequiresAction {
+        payment_intent: String,
+        client_secret: String,
+    },
+    /// The card was declined; Stripe's reason.
+    Declined { reason: String },
+}
+
+/// What a PaymentIntent's metadata says of a credits purchase.
+pub const CREDITS_PURPOSE: &str = "credits";
+
 pub trait PaymentProvider: Send + Sync + 'static {
     /// Creates the customer; returns its id.
     fn create_customer(&self, c: NewCustomer<'_>) -> impl Future<Output = Result<String>> + Send;
@@ -79,6 +118,28 @@ pub trait PaymentProvider: Send + Sync + 'static {
         customer: &str,
         email: &str,
     ) -> impl Future<Output = Result<()>> + Send;
+    /// A payment-mode Checkout for AI credits (it saves the card for
+    /// off-session top-ups); returns its page's URL.
+    fn create_credits_checkout(
+        &self,
+        c: NewCreditsCheckout<'_>,
+    ) -> impl Future<Output = Result<String>> + Send;
+    /// Charges a saved card off-session (a PaymentIntent confirmed now).
+    fn charge_off_session(
+        &self,
+        c: OffSessionCharge<'_>,
+    ) -> impl Future<Output = Result<Charged>> + Send;
+}
+
+/// The metadata a credits PaymentIntent carries: whose, what for, and how
+/// it was paid (`checkout` or `top_up`).
+fn credits_metadata(account: Uuid, via: &str) -> std::collections::HashMap<String, String> {
+    [
+        ("account".to_owned(), account.to_string()),
+        ("purpose".to_owned(), CREDITS_PURPOSE.to_owned()),
+        ("via".to_owned(), via.to_owned()),
+    ]
+    .into()
 }
 
 /// Stripe, through async-stripe (rustls with ring, like the rest).
@@ -192,6 +253,104 @@ impl PaymentProvider for StripeProvider {
             .map_err(unavailable)?;
         Ok(())
     }
+
+    async fn create_credits_checkout(&self, c: NewCreditsCheckout<'_>) -> Result<String> {
+        self.credits_checkout(c).await
+    }
+
+    async fn charge_off_session(&self, c: OffSessionCharge<'_>) -> Result<Charged> {
+        self.off_session(c).await
+    }
+}
+
+impl StripeProvider {
+    async fn credits_checkout(&self, c: NewCreditsCheckout<'_>) -> Result<String> {
+        use stripe_checkout::checkout_session::{
+            CreateCheckoutSessionLineItemsPriceData, CreateCheckoutSessionPaymentIntentData,
+            CreateCheckoutSessionPaymentIntentDataSetupFutureUsage, ProductData,
+        };
+        let mut price = CreateCheckoutSessionLineItemsPriceData::new(stripe_types::Currency::USD);
+        price.unit_amount = Some(c.amount_cents);
+        price.product_data = Some(ProductData::new("ClawDeploy AI credits"));
+        let mut item = CreateCheckoutSessionLineItems::new();
+        item.price_data = Some(price);
+        item.quantity = Some(1);
+        let mut intent = CreateCheckoutSessionPaymentIntentData::new();
+        intent.setup_future_usage =
+            Some(CreateCheckoutSessionPaymentIntentDataSetupFutureUsage::OffSession);
+        intent.metadata = Some(credits_metadata(c.account, "checkout"));
+        let session = CreateCheckoutSession::new()
+            .mode(stripe_shared::CheckoutSessionMode::Payment)
+            .customer(c.customer)
+            .client_reference_id(c.account.to_string())
+            .line_items(vec![item])
+            .payment_intent_data(intent)
+            .metadata(credits_metadata(c.account, "checkout"))
+            .success_url(c.success_url)
+            .cancel_url(c.cancel_url)
+            .customize()
+            .request_strategy(key(&c.idempotency_key)?)
+            .send(&self.client)
+            .await
+            .map_err(unavailable)?;
+        session.url.ok_or_else(|| {
+            Error::Internal("Stripe returned a Checkout Session without a URL".into())
+        })
+    }
+
+    async fn off_session(&self, c: OffSessionCharge<'_>) -> Result<Charged> {
+        use stripe_core::payment_intent::{CreatePaymentIntent, CreatePaymentIntentOffSession};
+        use stripe_shared::PaymentIntentStatus;
+        let sent = CreatePaymentIntent::new(c.amount_cents, stripe_types::Currency::USD)
+            .customer(c.customer)
+            .payment_method(c.payment_method)
+            .off_session(CreatePaymentIntentOffSession::Bool(true))
+            .confirm(true)
+            .metadata(credits_metadata(c.account, "top_up"))
+            .customize()
+            .request_strategy(key(&c.idempotency_key)?)
+            .send(&self.client)
+            .await;
+        let needs_action = |pi: &stripe_shared::PaymentIntent| {
+            pi.client_secret
+                .clone()
+                .map(|client_secret| Charged::RequiresAction {
+                    payment_intent: pi.id.to_string(),
+                    client_secret,
+                })
+        };
+        match sent {
+            Ok(pi) => match pi.status {
+                PaymentIntentStatus::RequiresAction => needs_action(&pi).ok_or_else(|| {
+                    Error::Internal("a PaymentIntent needing action has no client secret".into())
+                }),
+                PaymentIntentStatus::Succeeded | PaymentIntentStatus::Processing => {
+                    Ok(Charged::Accepted {
+                        payment_intent: pi.id.to_string(),
+                    })
+                }
+                other => Ok(Charged::Declined {
+                    reason: format!("the payment is {other}"),
+                }),
+            },
+            // An off-session charge the bank wants authenticated, or a
+            // decline, is a card error (402) that carries the PaymentIntent.
+            Err(stripe::StripeError::Stripe(e, 402)) => {
+                let action = e
+                    .payment_intent
+                    .as_ref()
+                    .filter(|pi| pi.status == PaymentIntentStatus::RequiresAction)
+                    .and_then(needs_action);
+                Ok(action.unwrap_or_else(|| Charged::Declined {
+                    reason: e
+                        .message
+                        .clone()
+                        .unwrap_or_else(|| "the card was declined".into()),
+                }))
+            }
+            Err(e) => Err(unavailable(e)),
+        }
+    }
 }
 
 /// An in-memory provider for tests: it remembers what it was asked.
@@ -242,5 +401,23 @@ impl PaymentProvider for FakeProvider {
     async fn update_customer_email(&self, customer: &str, email: &str) -> Result<()> {
         self.record(format!("customer_email {customer} {email}"));
         Ok(())
+    }
+
+    async fn create_credits_checkout(&self, c: NewCreditsCheckout<'_>) -> Result<String> {
+        self.record(format!(
+            "credits_checkout {} {} {}",
+            c.customer, c.amount_cents, c.idempotency_key
+        ));
+        Ok(format!("https://checkout.fake/{}", c.idempotency_key))
+    }
+
+    async fn charge_off_session(&self, c: OffSessionCharge<'_>) -> Result<Charged> {
+        self.record(format!(
+            "off_session {} {} {}",
+            c.customer, c.payment_method, c.amount_cents
+        ));
+        Ok(Charged::Accepted {
+            payment_intent: format!("pi_fake_{}", c.idempotency_key),
+        })
     }
 }

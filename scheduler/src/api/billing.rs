@@ -9,7 +9,7 @@ use uuid::Uuid;
 use super::extract::{ApiJson, AuthUser, Operator};
 use super::views::{
     BillingView, CheckoutView, CreditsView, ErrorBody, PlanList, PlanView, PortalView,
-    TierChangeView, WebhookAck,
+    TierChangeView, TopUpView, WebhookAck,
 };
 use crate::app::AppRef;
 use crate::billing::{plans::PLANS, tier, webhook};
@@ -214,4 +214,106 @@ pub async fn credits(State(app): State<AppRef>, user: AuthUser) -> Result<axum::
         held_micros: u.leased_micros,
         spent_this_month_micros: u.charged_this_month_micros,
     }))
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CreditsCheckoutBody {
+    /// US cents, 500 to 50,000.
+    amount_cents: i64,
+    success_url: String,
+    cancel_url: String,
+}
+
+fn idempotency_key(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .filter(|k| !k.is_empty() && k.len() <= 200)
+}
+
+/// A Stripe Checkout page (payment mode) buying AI credits; they arrive
+/// with its webhook, once.
+#[utoipa::path(post, path = "/api/credits/checkout", tag = "billing", request_body = CreditsCheckoutBody, security(("bearer" = [])),
+    params(("Idempotency-Key" = Option<String>, Header, description = "Repeats make the same Checkout Session")),
+    responses(
+        (status = 200, description = "Where to send the customer", body = CheckoutView),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "The account's email address is not verified yet (email_unverified)", body = ErrorBody),
+        (status = 422, description = "An amount outside $5 – $500, or a redirect URL off our origin", body = ErrorBody),
+        (status = 503, description = "Billing is off, or Stripe did not answer", body = ErrorBody),
+    ))]
+pub async fn credits_checkout(
+    State(app): State<AppRef>,
+    user: AuthUser,
+    headers: axum::http::HeaderMap,
+    ApiJson(body): ApiJson<CreditsCheckoutBody>,
+) -> Result<axum::Json<CheckoutView>> {
+    let provider = stripe(&app)?;
+    let url = crate::billing::credits::checkout(
+        &app.db,
+        &app.cfg,
+        provider,
+        user.id,
+        body.amount_cents,
+        &body.success_url,
+        &body.cancel_url,
+        idempotency_key(&headers),
+    )
+    .await?;
+    Ok(axum::Json(CheckoutView { checkout_url: url }))
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TopUpBody {
+    /// US cents, 500 to 50,000.
+    amount_cents: i64,
+}
+
+/// Charges the card saved by the last credits purchase, off-session.
+#[utoipa::path(post, path = "/api/credits/top-up", tag = "billing", request_body = TopUpBody, security(("bearer" = [])),
+    params(("Idempotency-Key" = Option<String>, Header, description = "Repeats charge once")),
+    responses(
+        (status = 200, description = "Charged (the credits follow with the webhook), or the bank asks for authentication", body = TopUpView),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 402, description = "The card was declined (card_declined)", body = ErrorBody),
+        (status = 409, description = "No card saved yet (no_saved_card)", body = ErrorBody),
+        (status = 422, description = "An amount outside $5 – $500", body = ErrorBody),
+        (status = 503, description = "Billing is off, or Stripe did not answer", body = ErrorBody),
+    ))]
+pub async fn credits_top_up(
+    State(app): State<AppRef>,
+    user: AuthUser,
+    headers: axum::http::HeaderMap,
+    ApiJson(body): ApiJson<TopUpBody>,
+) -> Result<axum::Json<TopUpView>> {
+    use crate::payments::Charged;
+    let provider = stripe(&app)?;
+    let charged = crate::billing::credits::top_up(
+        &app.db,
+        provider,
+        user.id,
+        body.amount_cents,
+        idempotency_key(&headers),
+    )
+    .await?;
+    match charged {
+        Charged::Accepted { payment_intent } => Ok(axum::Json(TopUpView {
+            requires_action: false,
+            client_secret: None,
+            payment_intent,
+        })),
+        Charged::RequiresAction {
+            payment_intent,
+            client_secret,
+        } => Ok(axum::Json(TopUpView {
+            requires_action: true,
+            client_secret: Some(client_secret),
+            payment_intent,
+        })),
+        Charged::Declined { reason } => Err(Error::PaymentDeclined(reason)),
+    }
 }

@@ -39,6 +39,8 @@ pub fn api() -> OpenApiRouter<AppRef> {
     OpenApiRouter::with_openapi(doc::ApiDoc::openapi())
         .routes(routes!(auth::register))
         .routes(routes!(billing::credits))
+        .routes(routes!(billing::credits_checkout))
+        .routes(routes!(billing::credits_top_up))
         .routes(routes!(auth::login))
         .routes(routes!(auth::login_mfa))
         .routes(routes!(auth::logout))

@@ -28,7 +28,7 @@ pub fn check_redirect(cfg: &Config, field: &'static str, url: &str) -> Result<()
 }
 
 /// The account's Stripe customer, created on first use.
-async fn customer_of<P: PaymentProvider>(
+pub(crate) async fn customer_of<P: PaymentProvider>(
     db: &sqlx::PgPool,
     provider: &P,
     account: Uuid,

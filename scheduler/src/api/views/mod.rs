@@ -90,6 +90,20 @@ impl UsageView {
     }
 }
 
+/// `POST /api/credits/top-up`: how the off-session charge went. The
+/// balance changes only when Stripe's `payment_intent.succeeded` arrives.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TopUpView {
+    /// The bank asks the customer to authenticate (3-D Secure): confirm
+    /// the PaymentIntent with `clientSecret` (Stripe.js), then the webhook
+    /// adds the credits.
+    pub requires_action: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_secret: Option<String>,
+    pub payment_intent: String,
+}
+
 /// `GET /api/credits`: the account's AI credits.
 #[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]

@@ -281,7 +281,7 @@ async fn purchase(
         kind,
         payment_method: card,
     };
-    if !crate::billing::credits::credit(&mut **tx, p).await? {
+    if !crate::billing::credits::credit(tx, p).await? {
         return Ok(Outcome::Duplicate);
     }
     audit(
@@ -302,7 +302,7 @@ async fn take_back(
     total_cents: i64,
     why: &str,
 ) -> Result<Outcome> {
-    match crate::billing::credits::claw_back(&mut **tx, payment_intent, total_cents).await? {
+    match crate::billing::credits::claw_back(tx, payment_intent, total_cents).await? {
         None => Ok(Outcome::Ignored),
         Some((_, 0)) => Ok(Outcome::Duplicate),
         Some((user, micros)) => {

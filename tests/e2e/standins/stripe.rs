@@ -5,6 +5,12 @@
 //! serves a "checkout page" that, when paid, sends the webhooks Stripe would
 //! (`checkout.session.completed`, `customer.subscription.created`) signed
 //! exactly as Stripe signs them, then redirects to the success URL.
+//! Payment-mode Checkout (AI credits), PaymentIntents and their test hooks
+//! are in `stripe_payments.rs`: `POST /v1/payment_intents`, and
+//! `POST /_test/payment_intents/{id}/{authenticate,refund,dispute}`. The
+//! pay page takes `card` (a Stripe test card: visa, authenticationRequired,
+//! chargeDeclined) for the card a payment saves.
+//! `POST /_test/events/resend {"type"}` delivers that type's events again.
 //! `POST /_test/subscriptions/{id}` with `{"status": …}` sends the
 //! `customer.subscription.updated` of a status change (dunning by hand).
 //! `GET`/`POST /v1/customers/{id}` show a customer and change its email.
@@ -27,6 +33,9 @@ use axum::{Json, Router};
 use clap::Parser;
 use serde_json::{json, Value};
 
+#[path = "stripe_payments.rs"]
+mod payments;
+
 #[derive(Parser)]
 struct Args {
     #[arg(long, env = "STRIPE_STANDIN_LISTEN", default_value = "127.0.0.1:12111")]
@@ -44,7 +53,10 @@ struct Args {
 
 struct Session {
     object: Value,
+    /// Subscription mode: the price subscribed to.
     price: String,
+    /// Payment mode: the amount in cents and the PaymentIntent's metadata.
+    payment: Option<(i64, Value)>,
 }
 
 struct Stand {
@@ -56,6 +68,9 @@ struct Stand {
     created: Mutex<HashMap<String, Value>>,
     subscriptions: Mutex<HashMap<String, Value>>,
     customers: Mutex<HashMap<String, Value>>,
+    intents: Mutex<HashMap<String, Value>>,
+    /// Every event sent, for `POST /_test/events/resend`.
+    sent: Mutex<Vec<Value>>,
 }
 
 type Shared = Arc<Stand>;
@@ -185,10 +200,17 @@ async fn checkout_sessions(
                 .cloned()
                 .ok_or_else(|| invalid(k, &format!("{k} is required")))
         };
-        if f.get("mode").map(String::as_str) != Some("subscription") {
-            return Err(invalid("mode", "only subscription mode is served here"));
-        }
-        let (customer, price) = (need("customer")?, need("line_items[0][price]")?);
+        let mode = f.get("mode").cloned().unwrap_or_default();
+        let (price, payment, metadata) = match mode.as_str() {
+            "subscription" => (need("line_items[0][price]")?, None, json!({})),
+            "payment" => {
+                let (amount, intent_metadata, metadata) =
+                    payments::session_from_form(&f).map_err(|m| invalid("line_items", &m))?;
+                (String::new(), Some((amount, intent_metadata)), metadata)
+            }
+            _ => return Err(invalid("mode", "mode must be subscription or payment")),
+        };
+        let customer = need("customer")?;
         let (success, cancel, account) = (
             need("success_url")?,
             need("cancel_url")?,
@@ -199,7 +221,8 @@ async fn checkout_sessions(
         cs["id"] = json!(session_id);
         cs["customer"] = json!(customer);
         cs["client_reference_id"] = json!(account);
-        cs["mode"] = json!("subscription");
+        cs["mode"] = json!(mode);
+        cs["metadata"] = metadata;
         cs["status"] = json!("open");
         cs["payment_status"] = json!("unpaid");
         cs["subscription"] = json!(null);
@@ -211,6 +234,7 @@ async fn checkout_sessions(
             Session {
                 object: cs.clone(),
                 price,
+                payment,
             },
         );
         Ok(cs)
@@ -244,7 +268,10 @@ async fn pay_page(State(s): State<Shared>, Path(session): Path<String>) -> Respo
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>Checkout (local Stripe stand-in)</title></head>\
          <body style=\"font-family:system-ui,sans-serif;max-width:30rem;margin:4rem auto\">\
          <h1>Local checkout</h1><p>No card is charged: this is the development stand-in for Stripe.</p>\
-         <form method=\"post\" action=\"/pay/{session}\"><button id=\"pay\" type=\"submit\">Pay</button></form></body></html>"
+         <form method=\"post\" action=\"/pay/{session}\"><label>Test card <select name=\"card\" id=\"card\">\
+         <option value=\"visa\">visa</option><option value=\"authenticationRequired\">authenticationRequired</option>\
+         <option value=\"chargeDeclined\">chargeDeclined</option></select></label> \
+         <button id=\"pay\" type=\"submit\">Pay</button></form></body></html>"
     ))
     .into_response()
 }
@@ -257,6 +284,12 @@ async fn send(s: &Stand, kind: &str, object: Value) -> anyhow::Result<()> {
     e["created"] = json!(chrono_now());
     e["api_version"] = json!(null);
     e["data"] = json!({"object": object});
+    s.sent.lock().unwrap().push(e.clone());
+    deliver(s, &e).await
+}
+
+/// Signs `e` now and posts it to the webhook URL.
+async fn deliver(s: &Stand, e: &Value) -> anyhow::Result<()> {
     let payload = e.to_string();
     let signature =
         stripe_webhook::Webhook::generate_test_header(&payload, &s.args.webhook_secret, None);
@@ -282,10 +315,30 @@ fn chrono_now() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
-async fn pay(State(s): State<Shared>, Path(session): Path<String>) -> Response {
-    let Some(Session { mut object, price }) = s.sessions.lock().unwrap().remove(&session) else {
+async fn pay(
+    State(s): State<Shared>,
+    Path(session): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let Some(Session {
+        mut object,
+        price,
+        payment,
+    }) = s.sessions.lock().unwrap().remove(&session)
+    else {
         return (StatusCode::NOT_FOUND, "no such checkout session").into_response();
     };
+    if let Some((amount, intent_metadata)) = payment {
+        let card = form(&body)
+            .get("card")
+            .cloned()
+            .unwrap_or_else(|| "visa".into());
+        let success = object["success_url"].as_str().unwrap_or("/").to_owned();
+        if let Err(e) = payments::pay_session(&s, object, amount, intent_metadata, &card).await {
+            return (StatusCode::BAD_GATEWAY, format!("webhooks: {e}")).into_response();
+        }
+        return Redirect::to(&success).into_response();
+    }
     let sub_id = id("sub");
     let mut sub = fixture(&s, "subscription");
     sub["id"] = json!(sub_id);
@@ -401,6 +454,26 @@ async fn cancel_subscription(
     Json(sub).into_response()
 }
 
+/// Delivers again every event of `{"type": …}` sent so far (same ids,
+/// signed anew), as Stripe does when it is not sure a delivery landed.
+async fn resend(State(s): State<Shared>, Json(body): Json<Value>) -> Response {
+    let kind = body["type"].as_str().unwrap_or_default();
+    let again: Vec<Value> = s
+        .sent
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == kind)
+        .cloned()
+        .collect();
+    for e in &again {
+        if let Err(err) = deliver(&s, e).await {
+            return (StatusCode::BAD_GATEWAY, err.to_string()).into_response();
+        }
+    }
+    Json(json!({"resent": again.len()})).into_response()
+}
+
 /// Moves a subscription to another status and sends the update.
 async fn set_status(
     State(s): State<Shared>,
@@ -433,6 +506,8 @@ async fn main() -> anyhow::Result<()> {
         created: Mutex::default(),
         subscriptions: Mutex::default(),
         customers: Mutex::default(),
+        intents: Mutex::default(),
+        sent: Mutex::default(),
     });
     let app = Router::new()
         .route("/v1/customers", post(customers))
@@ -447,6 +522,17 @@ async fn main() -> anyhow::Result<()> {
                 .delete(cancel_subscription),
         )
         .route("/_test/subscriptions/{id}", post(set_status))
+        .route("/_test/events/resend", post(resend))
+        .route("/v1/payment_intents", post(payments::create_intent))
+        .route(
+            "/_test/payment_intents/{id}/authenticate",
+            post(payments::authenticate),
+        )
+        .route("/_test/payment_intents/{id}/refund", post(payments::refund))
+        .route(
+            "/_test/payment_intents/{id}/dispute",
+            post(payments::dispute),
+        )
         .with_state(stand);
     eprintln!("stripe stand-in listening on {base}");
     axum::serve(listener, app).await?;

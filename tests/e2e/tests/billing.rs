@@ -464,3 +464,150 @@ async fn a_deleted_account_comes_back_within_its_grace_and_is_erased_after_it() 
     assert_eq!(r.status(), 401);
     Ok(())
 }
+
+/// What the account's AI credits are (balance and leases unspent).
+async fn balance(c: &Cluster, token: &str) -> Result<i64> {
+    let r: Value = c
+        .client
+        .get(c.api("/api/credits"))
+        .bearer_auth(token)
+        .send()
+        .await?
+        .json()
+        .await?;
+    r["balanceMicros"].as_i64().context("balanceMicros")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credits_bought_through_checkout_and_topped_up_off_session_arrive_once() -> Result<()> {
+    let stripe = free_addr();
+    let (c, _standin) = stripe_cluster(stripe, 1, &[]).await?;
+    let (token, _) = c.sign_up("buyer@example.com", "buyer", json!({})).await?;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?;
+    let post = |path: &str, body: Value| {
+        http.post(c.api(path))
+            .bearer_auth(&token)
+            .header("idempotency-key", uuid::Uuid::new_v4().to_string())
+            .json(&body)
+            .send()
+    };
+    assert_eq!(balance(&c, &token).await?, 0);
+    // Out of range amounts are refused.
+    for cents in [499, 50_001, -5] {
+        let r = post(
+            "/api/credits/checkout",
+            json!({"amountCents": cents,
+            "successUrl": format!("{ORIGIN}/"), "cancelUrl": format!("{ORIGIN}/")}),
+        )
+        .await?;
+        assert_eq!(r.status(), 422, "{cents}");
+    }
+    // No card saved yet: a top-up is refused.
+    let r = post("/api/credits/top-up", json!({"amountCents": 1000})).await?;
+    assert_eq!(r.status(), 409);
+
+    // $20 through Checkout (payment mode): once, however often Stripe
+    // delivers its webhooks.
+    let r = post(
+        "/api/credits/checkout",
+        json!({"amountCents": 2000,
+        "successUrl": format!("{ORIGIN}/?credits=1"), "cancelUrl": format!("{ORIGIN}/")}),
+    )
+    .await?;
+    assert_eq!(r.status(), 200);
+    let url = r.json::<Value>().await?["checkoutUrl"]
+        .as_str()
+        .context("checkoutUrl")?
+        .to_owned();
+    let paid = http
+        .post(&url)
+        .form(&[("card", "authenticationRequired")])
+        .send()
+        .await?;
+    assert_eq!(
+        paid.status(),
+        303,
+        "{}",
+        paid.text().await.unwrap_or_default()
+    );
+    assert_eq!(balance(&c, &token).await?, 20_000_000);
+    for kind in ["checkout.session.completed", "payment_intent.succeeded"] {
+        for _ in 0..2 {
+            let r = http
+                .post(format!("http://{stripe}/_test/events/resend"))
+                .json(&json!({"type": kind}))
+                .send()
+                .await?;
+            assert!(r.status().is_success());
+        }
+    }
+    assert_eq!(balance(&c, &token).await?, 20_000_000, "applied once");
+    let unreadable: i64 = sqlx::query_scalar("SELECT count(*) FROM stripe_unreadable_events")
+        .fetch_one(&c.db)
+        .await?;
+    assert_eq!(unreadable, 0, "every event parsed");
+
+    // An off-session top-up the bank wants authenticated changes nothing
+    // until the customer authenticates and payment_intent.succeeded comes.
+    let r = post("/api/credits/top-up", json!({"amountCents": 1000})).await?;
+    assert_eq!(r.status(), 200);
+    let up: Value = r.json().await?;
+    assert_eq!(up["requiresAction"], true, "{up}");
+    assert!(
+        up["clientSecret"]
+            .as_str()
+            .is_some_and(|s| s.contains("_secret_")),
+        "{up}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        balance(&c, &token).await?,
+        20_000_000,
+        "nothing before authentication"
+    );
+    let pi = up["paymentIntent"].as_str().context("paymentIntent")?;
+    let r = http
+        .post(format!(
+            "http://{stripe}/_test/payment_intents/{pi}/authenticate"
+        ))
+        .send()
+        .await?;
+    assert!(r.status().is_success());
+    assert_eq!(balance(&c, &token).await?, 30_000_000);
+
+    // A refund of the top-up takes its $10 back; a dispute of the first
+    // purchase takes what is left (never below zero).
+    let r = http
+        .post(format!("http://{stripe}/_test/payment_intents/{pi}/refund"))
+        .send()
+        .await?;
+    assert!(r.status().is_success());
+    assert_eq!(balance(&c, &token).await?, 20_000_000);
+    let first: String = sqlx::query_scalar(
+        "SELECT payment_intent_id FROM credit_purchases WHERE kind = 'checkout'",
+    )
+    .fetch_one(&c.db)
+    .await?;
+    sqlx::query("UPDATE credit_balances SET balance_micros = 5000000")
+        .execute(&c.db)
+        .await?;
+    let r = http
+        .post(format!(
+            "http://{stripe}/_test/payment_intents/{first}/dispute"
+        ))
+        .send()
+        .await?;
+    assert!(r.status().is_success());
+    assert_eq!(
+        balance(&c, &token).await?,
+        0,
+        "taken back down to zero, not below"
+    );
+    let unreadable: i64 = sqlx::query_scalar("SELECT count(*) FROM stripe_unreadable_events")
+        .fetch_one(&c.db)
+        .await?;
+    assert_eq!(unreadable, 0, "the refund and the dispute parsed");
+    Ok(())
+}

@@ -237,6 +237,32 @@ async fn a_customer_signs_up_in_a_real_browser_and_the_url_answers() -> Result<(
         })
         .await?;
         assert!(banner.contains("payment failed"), "{banner}");
+
+        // Model usage and AI credits, as the spec draws them; credits are
+        // bought through the stand-in's Checkout and show once paid.
+        sqlx::query(
+            "INSERT INTO llm_usage_monthly (instance_id, month, model, pay_mode, user_id, messages, input_tokens, output_tokens)
+             SELECT id, date_trunc('month', now() AT TIME ZONE 'UTC')::date, 'openai/gpt-4o', 'byok', user_id, 3, 40000, 5000
+               FROM instances WHERE subdomain = 'browser'",
+        )
+        .execute(&c.db)
+        .await?;
+        b.refresh().await?;
+        assert_eq!(text_when(&b, "usage-messages", Duration::from_secs(10), |t| !t.is_empty()).await?, "3");
+        assert_eq!(text_when(&b, "usage-tokens", Duration::from_secs(5), |t| !t.is_empty()).await?, "45K");
+        assert_eq!(text_when(&b, "usage-balance", Duration::from_secs(5), |t| !t.is_empty()).await?, "$0.0000");
+        b.find(Locator::Id("buy-credits")).await?.click().await?;
+        b.wait()
+            .at_most(Duration::from_secs(10))
+            .for_element(Locator::Id("pay"))
+            .await?
+            .click()
+            .await?;
+        wait_for(Duration::from_secs(20), "the dashboard showing $20", || async {
+            b.refresh().await?;
+            Ok(text_when(&b, "usage-balance", Duration::from_secs(5), |t| !t.is_empty()).await? == "$20.00")
+        })
+        .await?;
         anyhow::Ok(())
     }
     .await;

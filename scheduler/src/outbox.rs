@@ -360,6 +360,30 @@ fn render(app: &App, mail: &Due) -> Option<crate::mail::Rendered> {
                 },
             ))
         }
+        Purpose::MessagesNearLimit => {
+            let used = mail.params.0.get("used")?.as_str()?;
+            let limit = mail.params.0.get("limit")?.as_str()?;
+            Some(templates::render(
+                &mail.recipient,
+                &Mail::MessagesNearLimit {
+                    used,
+                    limit,
+                    dashboard: &dashboard,
+                },
+            ))
+        }
+        Purpose::CreditsLow => {
+            let left = mail.params.0.get("left")?.as_str()?;
+            let bought = mail.params.0.get("bought")?.as_str()?;
+            Some(templates::render(
+                &mail.recipient,
+                &Mail::CreditsLow {
+                    left,
+                    bought,
+                    dashboard: &dashboard,
+                },
+            ))
+        }
         Purpose::DeletionUndone => Some(templates::render(
             &mail.recipient,
             &Mail::DeletionUndone {

@@ -239,3 +239,69 @@ pub async fn claw_back(
     }
     Ok(Some((user, delta)))
 }
+
+fn as_dollars(micros: i64) -> String {
+    format!(
+        "${}.{:02}",
+        micros / 1_000_000,
+        (micros % 1_000_000) / 10_000
+    )
+}
+
+/// Mails, once each, the free instances that used 90 % of the month's
+/// messages, and the accounts that spent 90 % of the credits they bought
+/// last (the outbox's dedupe key makes it once: per instance and month,
+/// per purchase). Returns how many mails were queued.
+pub async fn warn_low(app: &crate::app::AppRef) -> Result<usize> {
+    use crate::mail::templates::Purpose;
+    let limit = i64::from(app.cfg.free_messages_per_month);
+    let mut tx = app.db.begin().await?;
+    let near: Vec<(Uuid, Uuid, i32, chrono::NaiveDate)> = sqlx::query_as(
+        "SELECT q.user_id, q.instance_id, q.used, q.month FROM message_quota q
+          WHERE q.month = date_trunc('month', now() AT TIME ZONE 'UTC')::date
+            AND q.used::bigint * 10 >= $1 * 9 AND $1 > 0
+            AND NOT EXISTS (SELECT 1 FROM billing_accounts b WHERE b.user_id = q.user_id AND b.tier <> 'free')",
+    )
+    .bind(limit)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut queued = 0;
+    for (user, instance, used, month) in near {
+        let key = format!("messages_near_limit:{instance}:{month}");
+        let params = serde_json::json!({"used": used.to_string(), "limit": limit.to_string()});
+        if crate::outbox::enqueue_to_account(&mut tx, user, Purpose::MessagesNearLimit, key, params)
+            .await?
+        {
+            queued += 1;
+        }
+    }
+    let low: Vec<(Uuid, String, i64, i64)> = sqlx::query_as(
+        "SELECT b.user_id, p.payment_intent_id, b.last_purchase_micros,
+                (b.balance_micros + COALESCE((SELECT sum(amount_micros - spent_micros) FROM credit_leases l
+                                               WHERE l.user_id = b.user_id), 0))::bigint AS left_micros
+           FROM credit_balances b
+           JOIN LATERAL (SELECT payment_intent_id FROM credit_purchases c
+                          WHERE c.user_id = b.user_id ORDER BY created_at DESC LIMIT 1) p ON true
+          WHERE b.last_purchase_micros > 0",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    for (user, purchase, bought, left) in low {
+        if left * 10 > bought {
+            continue;
+        }
+        let key = format!("credits_low:{user}:{purchase}");
+        let params =
+            serde_json::json!({"left": as_dollars(left.max(0)), "bought": as_dollars(bought)});
+        if crate::outbox::enqueue_to_account(&mut tx, user, Purpose::CreditsLow, key, params)
+            .await?
+        {
+            queued += 1;
+        }
+    }
+    tx.commit().await?;
+    if queued > 0 {
+        app.tasks.mail.activate();
+    }
+    Ok(queued)
+}

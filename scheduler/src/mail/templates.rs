@@ -38,10 +38,14 @@ pub enum Purpose {
     PaymentFailed,
     /// A grace period ends in three days, and the plan with it.
     GraceEnding,
+    /// 90 % of the month's free messages are used.
+    MessagesNearLimit,
+    /// 90 % of the last credits bought are spent.
+    CreditsLow,
 }
 
 impl Purpose {
-    pub const ALL: [Purpose; 12] = [
+    pub const ALL: [Purpose; 14] = [
         Purpose::GatewayLive,
         Purpose::VerifyEmail,
         Purpose::PasswordReset,
@@ -54,6 +58,8 @@ impl Purpose {
         Purpose::DeletionUndone,
         Purpose::PaymentFailed,
         Purpose::GraceEnding,
+        Purpose::MessagesNearLimit,
+        Purpose::CreditsLow,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -70,6 +76,8 @@ impl Purpose {
             Purpose::DeletionUndone => "deletion_undone",
             Purpose::PaymentFailed => "payment_failed",
             Purpose::GraceEnding => "grace_ending",
+            Purpose::MessagesNearLimit => "messages_near_limit",
+            Purpose::CreditsLow => "credits_low",
         }
     }
 }
@@ -129,6 +137,18 @@ pub enum Mail<'a> {
     GraceEnding {
         ends: &'a str,
         tier: &'a str,
+        dashboard: &'a str,
+    },
+    /// `used` of the month's `limit` free messages are used.
+    MessagesNearLimit {
+        used: &'a str,
+        limit: &'a str,
+        dashboard: &'a str,
+    },
+    /// Of the last `bought` (dollars), `left` remain.
+    CreditsLow {
+        left: &'a str,
+        bought: &'a str,
         dashboard: &'a str,
     },
 }
@@ -221,6 +241,30 @@ pub fn render(to: &str, mail: &Mail<'_>) -> Rendered {
             vec![
                 "The latest payment for your ClawDeploy plan did not go through. Your gateway keeps its plan while the payment is retried over the next days.".into(),
                 "Update your card in the billing portal (from your dashboard) to keep it.".into(),
+            ],
+            Some(("Open your dashboard", *dashboard)),
+        ),
+        Mail::MessagesNearLimit {
+            used,
+            limit,
+            dashboard,
+        } => (
+            "You have used 90 % of this month's free messages".to_owned(),
+            vec![
+                format!("Your gateway has sent {used} of its {limit} free model messages this month. When they are used, models answer again on the first of next month."),
+                "Upgrade your plan, or add your own provider key, to keep going.".into(),
+            ],
+            Some(("Open your dashboard", *dashboard)),
+        ),
+        Mail::CreditsLow {
+            left,
+            bought,
+            dashboard,
+        } => (
+            "Your AI credits are running low".to_owned(),
+            vec![
+                format!("{left} remain of the {bought} of AI credits you bought last. When they run out, models paid with credits stop answering."),
+                "Buy more, or top up with your saved card, from your dashboard.".into(),
             ],
             Some(("Open your dashboard", *dashboard)),
         ),

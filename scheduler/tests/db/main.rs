@@ -6,6 +6,7 @@
 mod accounts;
 mod billing;
 mod claims;
+mod credits;
 mod crypto;
 mod deletion;
 mod domains;

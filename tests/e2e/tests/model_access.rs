@@ -114,7 +114,34 @@ async fn a_chat_through_the_edge_is_passed_through_and_charged_once_and_a_custom
         ..Default::default()
     }))
     .await?;
-    llm.start_proxy(&c, &[]).await?;
+    let (_, proxy) = llm.start_proxy(&c, &[]).await?;
+    // Every model the proxy offers has a price in the pinned table, and
+    // the platform's upstream serves each of them.
+    let offered: Value = reqwest::get(format!("http://{proxy}/v1/models"))
+        .await?
+        .json()
+        .await?;
+    let upstream: Value = reqwest::Client::new()
+        .get(format!("{}/v1/models", llm.credits_upstream))
+        .bearer_auth(PLATFORM_KEY)
+        .send()
+        .await?
+        .json()
+        .await?;
+    let offered: Vec<&str> = offered["data"]
+        .as_array()
+        .context("data")?
+        .iter()
+        .filter_map(|m| m["id"].as_str())
+        .collect();
+    assert!(!offered.is_empty());
+    for m in &offered {
+        price_of(m).with_context(|| format!("{m} has no price"))?;
+        assert!(
+            upstream.to_string().contains(&format!("\"{m}\"")),
+            "the upstream does not serve {m}"
+        );
+    }
     let (token, gw) = c.sign_up("chat@example.com", "chat", json!({})).await?;
     let (user, docker_id): (Uuid, String) = sqlx::query_as(
         "SELECT i.user_id, c.docker_id FROM instances i JOIN containers c ON c.id = i.container_id",

@@ -351,7 +351,7 @@ async fn responses(State(s): State<Shared>) -> Json<Vec<Value>> {
     )
 }
 
-#[tokio::main(flavor = "current_thread")]
+#[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let listener = tokio::net::TcpListener::bind(args.listen)

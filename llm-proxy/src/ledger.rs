@@ -233,6 +233,15 @@ impl Ledger {
                 }
             }
         }
+        // Accounts with no lease left are forgotten, unless a request holds
+        // one (under the map's lock nobody can take a new handle, so a
+        // handle count of one means no request has it).
+        self.accounts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, a| {
+                Arc::strong_count(a) > 1 || a.try_lock().map_or(true, |a| a.lease.is_some())
+            });
         out
     }
 

@@ -48,6 +48,13 @@ impl Limits {
         })
     }
 
+    /// Forgets the buckets of instances that have not called lately (each
+    /// is full again by now), so memory follows the active instances.
+    pub fn sweep(&self) {
+        self.rate.retain_recent();
+        self.rate.shrink_to_fit();
+    }
+
     /// Counts one message of a free instance this month, or refuses it.
     pub async fn take_message(&self, instance_id: Uuid, user_id: Uuid) -> Result<()> {
         let used: Option<i32> = sqlx::query_scalar(

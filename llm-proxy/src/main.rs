@@ -216,6 +216,16 @@ async fn main() -> anyhow::Result<()> {
         first_byte_timeout: clawdeploy_llm_proxy::forward::DEFAULT_FIRST_BYTE_TIMEOUT,
         min_output_tokens: a.min_output_tokens,
     });
+    {
+        let proxy = proxy.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                every.tick().await;
+                proxy.limits.sweep();
+            }
+        });
+    }
     let listener = tokio::net::TcpListener::bind(a.listen)
         .await
         .with_context(|| format!("binding {}", a.listen))?;

@@ -5,6 +5,7 @@
 
 pub mod checkout;
 pub mod credits;
+mod credits_events;
 pub mod plans;
 pub mod sync;
 pub mod tier;

@@ -133,10 +133,16 @@ async fn closed_loop(
 async fn main() -> Result<()> {
     let a = Args::parse();
     let admin = std::env::var("CLAWDEPLOY_TEST_PG").context("CLAWDEPLOY_TEST_PG")?;
-    let base = admin.rsplit_once('/').context("a database URL")?.0.to_owned();
+    let base = admin
+        .rsplit_once('/')
+        .context("a database URL")?
+        .0
+        .to_owned();
     let name = format!("cd_bench_llm_{}", &Uuid::new_v4().simple().to_string()[..8]);
     let pool = sqlx::PgPool::connect(&admin).await?;
-    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&pool).await?;
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&pool)
+        .await?;
     let db_url = format!("{base}/{name}");
     let db = sqlx::PgPool::connect(&db_url).await?;
     clawdeploy_scheduler::db::migrate(&db).await?;
@@ -149,7 +155,9 @@ async fn main() -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let key_file = dir.join("secret.key");
     std::fs::write(&key_file, &key_hex)?;
-    sqlx::query("INSERT INTO nodes (id, name) VALUES ('bench', 'bench')").execute(&db).await?;
+    sqlx::query("INSERT INTO nodes (id, name) VALUES ('bench', 'bench')")
+        .execute(&db)
+        .await?;
     let mut tokens = Vec::new();
     for t in 0..a.tenants {
         let (user, instance, container) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
@@ -159,11 +167,16 @@ async fn main() -> Result<()> {
             .bind(format!("bench{t}@example.com"))
             .execute(&db)
             .await?;
-        sqlx::query("INSERT INTO billing_accounts (user_id, tier) VALUES ($1, 'pro')").bind(user).execute(&db).await?;
-        sqlx::query("INSERT INTO credit_balances (user_id, balance_micros) VALUES ($1, 1000000000000)")
+        sqlx::query("INSERT INTO billing_accounts (user_id, tier) VALUES ($1, 'pro')")
             .bind(user)
             .execute(&db)
             .await?;
+        sqlx::query(
+            "INSERT INTO credit_balances (user_id, balance_micros) VALUES ($1, 1000000000000)",
+        )
+        .bind(user)
+        .execute(&db)
+        .await?;
         sqlx::query(
             "INSERT INTO containers (id, node_id, image, state, gateway_token_enc, cpu_millis, memory_bytes, pids)
              VALUES ($1, 'bench', 'bench', 'assigned', $2, 500, 536870912, 256)",
@@ -179,24 +192,44 @@ async fn main() -> Result<()> {
             .bind(container)
             .execute(&db)
             .await?;
-        tokens.push(clawdeploy_common::proxy_token::derive(&instance.to_string(), &gateway));
+        tokens.push(clawdeploy_common::proxy_token::derive(
+            &instance.to_string(),
+            &gateway,
+        ));
     }
 
     let upstream = free_addr();
     let _upstream = Kill(
         Command::new(bin_dir().join("clawdeploy-llm-standin"))
-            .args(["--listen", &upstream.to_string(), "--api-key", "sk-bench", "--models", "openai/gpt-4o-mini"])
+            .args([
+                "--listen",
+                &upstream.to_string(),
+                "--api-key",
+                "sk-bench",
+                "--models",
+                "openai/gpt-4o-mini",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?,
     );
     let proxy = free_addr();
     let proxy_child = Command::new(bin_dir().join("clawdeploy-llm-proxy"))
-        .args(["--listen", &proxy.to_string(), "--metrics-listen", &free_addr().to_string()])
+        .args([
+            "--listen",
+            &proxy.to_string(),
+            "--metrics-listen",
+            &free_addr().to_string(),
+        ])
         .args(["--database-url", &db_url])
         .arg("--secret-key-file")
         .arg(&key_file)
-        .args(["--credits-upstream-url", &format!("http://{upstream}/v1"), "--credits-upstream-key", "sk-bench"])
+        .args([
+            "--credits-upstream-url",
+            &format!("http://{upstream}/v1"),
+            "--credits-upstream-key",
+            "sk-bench",
+        ])
         .args(["--rate-per-sec", "1000000", "--rate-burst", "1000000"])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
@@ -204,38 +237,61 @@ async fn main() -> Result<()> {
         .spawn()?;
     let pid = proxy_child.id();
     let _proxy = Kill(proxy_child);
-    wait_for(Duration::from_secs(20), "the proxy and upstream up", || async {
-        Ok(reqwest::get(format!("http://{proxy}/healthz")).await.is_ok()
-            && reqwest::get(format!("http://{upstream}/v1/models")).await.is_ok())
-    })
+    wait_for(
+        Duration::from_secs(20),
+        "the proxy and upstream up",
+        || async {
+            Ok(reqwest::get(format!("http://{proxy}/healthz"))
+                .await
+                .is_ok()
+                && reqwest::get(format!("http://{upstream}/v1/models"))
+                    .await
+                    .is_ok())
+        },
+    )
     .await?;
 
-    let client = reqwest::Client::builder().pool_max_idle_per_host(4096).build()?;
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(4096)
+        .build()?;
     let tokens = Arc::new(tokens);
     let body = |stream: bool, words: usize| {
-        let text = (0..words).map(|i| format!("w{i}")).collect::<Vec<_>>().join(" ");
+        let text = (0..words)
+            .map(|i| format!("w{i}"))
+            .collect::<Vec<_>>()
+            .join(" ");
         json!({"model": "openai/gpt-4o-mini", "stream": stream, "messages": [{"role": "user", "content": text}]})
     };
-    let direct = |stream: bool, words: usize| -> Arc<dyn Fn(u64) -> reqwest::RequestBuilder + Send + Sync> {
-        let (client, b) = (client.clone(), body(stream, words));
-        Arc::new(move |_| client.post(format!("http://{upstream}/v1/chat/completions")).bearer_auth("sk-bench").json(&b))
-    };
-    let proxied = |stream: bool, words: usize| -> Arc<dyn Fn(u64) -> reqwest::RequestBuilder + Send + Sync> {
-        let (client, b, tokens) = (client.clone(), body(stream, words), tokens.clone());
-        let mut b = b;
-        b["model"] = json!("gpt-4o-mini");
-        Arc::new(move |n| {
-            client
-                .post(format!("http://{proxy}/p/openai/v1/chat/completions"))
-                .bearer_auth(&tokens[n as usize % tokens.len()])
-                .json(&b)
-        })
-    };
+    let direct =
+        |stream: bool, words: usize| -> Arc<dyn Fn(u64) -> reqwest::RequestBuilder + Send + Sync> {
+            let (client, b) = (client.clone(), body(stream, words));
+            Arc::new(move |_| {
+                client
+                    .post(format!("http://{upstream}/v1/chat/completions"))
+                    .bearer_auth("sk-bench")
+                    .json(&b)
+            })
+        };
+    let proxied =
+        |stream: bool, words: usize| -> Arc<dyn Fn(u64) -> reqwest::RequestBuilder + Send + Sync> {
+            let (client, b, tokens) = (client.clone(), body(stream, words), tokens.clone());
+            let mut b = b;
+            b["model"] = json!("gpt-4o-mini");
+            Arc::new(move |n| {
+                client
+                    .post(format!("http://{proxy}/p/openai/v1/chat/completions"))
+                    .bearer_auth(&tokens[n as usize % tokens.len()])
+                    .json(&b)
+            })
+        };
     // Warm the proxy's caches, leases and connection pools.
     let _ = closed_loop(proxied(false, 8), 32, 2).await;
     let _ = closed_loop(direct(false, 8), 32, 1).await;
 
-    println!("# metering proxy vs the upstream directly ({} tenants)", a.tenants);
+    println!(
+        "# metering proxy vs the upstream directly ({} tenants)",
+        a.tenants
+    );
     for (label, stream) in [("whole answer", false), ("stream, first byte", true)] {
         let (d, df) = open_loop(&client, direct(stream, 8), a.rate, a.secs, stream).await;
         let cpu0 = cpu_secs(pid).unwrap_or(0.0);
@@ -312,6 +368,8 @@ async fn main() -> Result<()> {
     );
     drop(_proxy);
     db.close().await;
-    sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)")).execute(&pool).await?;
+    sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)"))
+        .execute(&pool)
+        .await?;
     Ok(())
 }

@@ -80,13 +80,19 @@ async fn upstream(models: &str, key: &str) -> Result<(Child, String)> {
         .stderr(Stdio::null())
         .spawn()
         .context("starting an upstream stand-in")?;
+    let mut child = child;
     let url = format!("http://{addr}");
     let probe = url.clone();
-    wait_for(Duration::from_secs(10), "an upstream stand-in up", || {
+    let up = wait_for(Duration::from_secs(10), "an upstream stand-in up", || {
         let probe = probe.clone();
         async move { Ok(reqwest::get(format!("{probe}/v1/models")).await.is_ok()) }
     })
-    .await?;
+    .await;
+    if let Err(e) = up {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(e);
+    }
     Ok((child, url))
 }
 
@@ -94,16 +100,22 @@ impl LlmStack {
     /// The upstreams, and the proxy's address (it starts once the
     /// scheduler has made the key, `start_proxy`).
     pub async fn upstreams() -> Result<Self> {
-        let (a, byok_upstream) = upstream("gpt-4o-mini,gpt-4o", BYOK_KEY).await?;
-        let (b, credits_upstream) =
-            upstream("openai/gpt-4o-mini,openai/gpt-4o", PLATFORM_KEY).await?;
-        Ok(Self {
-            children: vec![a, b],
+        // Owned by the stack as soon as each starts, so a failure later
+        // still stops them.
+        let mut stack = Self {
+            children: Vec::new(),
             proxies: Vec::new(),
             proxy: SocketAddrV4::new(bridge_ip()?, free_addr().port()),
-            byok_upstream,
-            credits_upstream,
-        })
+            byok_upstream: String::new(),
+            credits_upstream: String::new(),
+        };
+        let (a, url) = upstream("gpt-4o-mini,gpt-4o", BYOK_KEY).await?;
+        stack.children.push(a);
+        stack.byok_upstream = url;
+        let (b, url) = upstream("openai/gpt-4o-mini,openai/gpt-4o", PLATFORM_KEY).await?;
+        stack.children.push(b);
+        stack.credits_upstream = url;
+        Ok(stack)
     }
 
     /// `opts` with the scheduler pointing tenants at the proxy (reselling

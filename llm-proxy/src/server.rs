@@ -111,6 +111,12 @@ pub async fn serve(
     proxy: Arc<Proxy>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    // A stream's chunks are small: without TCP_NODELAY, Nagle's algorithm
+    // holds each until the client's delayed ACK, up to 40 ms apart.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, router(proxy))
         .with_graceful_shutdown(shutdown)
         .await

@@ -90,11 +90,14 @@ impl Proxy {
 /// The client for upstreams: HTTPS (webpki roots) or plain HTTP, HTTP/1.1
 /// with pooled connections.
 pub fn upstream_client() -> UpstreamClient {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_webpki_roots()
         .https_or_http()
         .enable_http1()
-        .build();
+        .wrap_connector(http);
     Client::builder(hyper_util::rt::TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_max_idle_per_host(4096)

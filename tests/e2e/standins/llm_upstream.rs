@@ -372,6 +372,10 @@ async fn main() -> anyhow::Result<()> {
         .route("/_test/responses", get(responses))
         .with_state(stand);
     eprintln!("OpenAI-compatible stand-in listening on http://{addr}");
+    // Streams flush each chunk at once, as the providers' servers do.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, app).await?;
     Ok(())
 }

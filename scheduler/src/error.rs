@@ -82,8 +82,8 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// A key or sealed value that does not open is our fault, never the
 /// caller's: it is an internal error (and logged as one).
-impl From<crate::crypto::SealError> for Error {
-    fn from(e: crate::crypto::SealError) -> Self {
+impl From<clawdeploy_common::sealed::SealError> for Error {
+    fn from(e: clawdeploy_common::sealed::SealError) -> Self {
         Error::Internal(e.to_string())
     }
 }

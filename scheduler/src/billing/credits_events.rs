@@ -7,7 +7,7 @@ use sqlx::{Postgres, Transaction};
 use stripe_webhook::EventObject;
 use uuid::Uuid;
 
-use super::webhook::Outcome;
+use super::outcome::Outcome;
 use crate::audit::audit;
 use crate::error::Result;
 

@@ -6,6 +6,7 @@
 pub mod checkout;
 pub mod credits;
 mod credits_events;
+mod outcome;
 pub mod plans;
 pub mod sync;
 pub mod tier;

@@ -15,6 +15,7 @@ use sqlx::{Postgres, Transaction};
 use stripe_webhook::{EventObject, Webhook, WebhookError};
 use uuid::Uuid;
 
+pub use super::outcome::Outcome;
 use super::tier::{live_instance_of, set_tier_in, Changed};
 use crate::app::AppRef;
 use crate::audit::audit;
@@ -23,44 +24,10 @@ use crate::mail::templates::Purpose;
 use crate::model::{BillingStatus, Tier};
 use crate::outbox;
 
-/// What a delivery did, for the answer and the metrics.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// Customer and subscription linked to an account (checkout).
-    Linked,
-    /// The account's billing state (and perhaps tier) changed.
-    Applied,
-    /// Older than the state already applied: acknowledged, not applied.
-    Stale,
-    /// Already applied once (a redelivery).
-    Duplicate,
-    /// No account knows this customer or subscription.
-    UnknownAccount,
-    /// A type billing does not act on.
-    Ignored,
-    /// Signed, but not readable as billing's API version: kept for an
-    /// operator (`stripe_unreadable_events`).
-    Unreadable,
-}
-
 /// The Stripe API version billing reads events as: the webhook endpoint
 /// must be created with it (docs/operations.md, "Billing").
 pub fn api_version() -> &'static str {
     stripe_shared::version::VERSION.as_str()
-}
-
-impl Outcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Linked => "linked",
-            Outcome::Applied => "applied",
-            Outcome::Stale => "stale",
-            Outcome::Duplicate => "duplicate",
-            Outcome::UnknownAccount => "unknown_account",
-            Outcome::Ignored => "ignored",
-            Outcome::Unreadable => "unreadable",
-        }
-    }
 }
 
 /// Checks the signature and applies the event.

@@ -9,6 +9,7 @@ pub mod endpoint;
 pub mod flags;
 pub mod fs;
 pub mod metrics;
+pub mod model_limits;
 pub mod proxy_token;
 pub mod sealed;
 pub mod shutdown;

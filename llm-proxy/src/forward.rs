@@ -53,7 +53,7 @@ pub async fn chat_completions(
         .and_then(|v| v.strip_prefix("Bearer "))
         .ok_or(ProxyError::Unauthorized)?;
     let tenant = proxy.tenants.authenticate(token).await?;
-    proxy.limits.check_rate(tenant.instance_id)?;
+    proxy.limits.check_rate(tenant.instance_id, &tenant.tier)?;
     if body.len() > proxy.max_body {
         return Err(ProxyError::TooLarge(proxy.max_body));
     }
@@ -92,10 +92,10 @@ pub async fn chat_completions(
         input_estimate: body.len() as u64,
         started,
     };
-    if !tenant.paid {
+    if let Some(limit) = proxy.limits.messages_for(&tenant.tier) {
         proxy
             .limits
-            .take_message(tenant.instance_id, tenant.user_id)
+            .take_message(tenant.instance_id, tenant.user_id, limit)
             .await?;
         pending.counted_message = true;
     }

@@ -90,11 +90,12 @@ struct Args {
         default_value_t = 100
     )]
     free_messages_per_month: u32,
-    /// Requests a second per instance (token bucket) and its burst.
-    #[arg(long, env = "CLAWDEPLOY_LLM_RATE_PER_SEC", default_value_t = NonZeroU32::new(10).unwrap())]
-    rate_per_sec: NonZeroU32,
-    #[arg(long, env = "CLAWDEPLOY_LLM_RATE_BURST", default_value_t = NonZeroU32::new(20).unwrap())]
-    rate_burst: NonZeroU32,
+    /// Requests a second per instance (token bucket) and its burst, for
+    /// every tier; unset: each plan's (free 10/20, pro 20/40, team 50/100).
+    #[arg(long, env = "CLAWDEPLOY_LLM_RATE_PER_SEC", requires = "rate_burst")]
+    rate_per_sec: Option<NonZeroU32>,
+    #[arg(long, env = "CLAWDEPLOY_LLM_RATE_BURST", requires = "rate_per_sec")]
+    rate_burst: Option<NonZeroU32>,
     /// How often usage is written to the database.
     #[arg(long, env = "CLAWDEPLOY_LLM_FLUSH_MS", default_value_t = 2000)]
     flush_ms: u64,
@@ -203,8 +204,7 @@ async fn main() -> anyhow::Result<()> {
         recorder: recorder.clone(),
         limits: Limits::new(
             db.clone(),
-            a.rate_per_sec,
-            a.rate_burst,
+            a.rate_per_sec.zip(a.rate_burst),
             a.free_messages_per_month,
         ),
         prices: Prices::pinned()?,

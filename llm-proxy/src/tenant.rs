@@ -24,8 +24,8 @@ use crate::error::{ProxyError, Result};
 pub struct Tenant {
     pub instance_id: Uuid,
     pub user_id: Uuid,
-    /// On a paid plan (no free-tier message limit).
-    pub paid: bool,
+    /// The account's plan (`free`, `pro`, `team`): its model limits.
+    pub tier: String,
     /// The customer's own provider keys, opened: provider → key.
     pub keys: HashMap<String, String>,
 }
@@ -37,7 +37,7 @@ struct Row {
     gateway_token_enc: Vec<u8>,
     kek_id: Option<String>,
     wrapped_dek: Option<Vec<u8>>,
-    paid: bool,
+    tier: String,
 }
 
 pub struct Tenants {
@@ -134,8 +134,7 @@ impl Tenants {
         // released one has no container, a suspended one no gateway.
         let row: Option<Row> = sqlx::query_as(
             "SELECT i.user_id, c.id AS container_id, c.gateway_token_enc, k.kek_id, k.wrapped_dek,
-                    EXISTS (SELECT 1 FROM billing_accounts b
-                             WHERE b.user_id = i.user_id AND b.tier <> 'free') AS paid
+                    COALESCE((SELECT b.tier FROM billing_accounts b WHERE b.user_id = i.user_id), 'free') AS tier
                FROM instances i
                JOIN containers c ON c.id = i.container_id
                LEFT JOIN tenant_keys k ON k.instance_id = i.id
@@ -159,7 +158,7 @@ impl Tenants {
         Ok(Tenant {
             instance_id,
             user_id: row.user_id,
-            paid: row.paid,
+            tier: row.tier,
             keys,
         })
     }

@@ -116,6 +116,17 @@ pub enum Tier {
     Team,
 }
 
+impl Tier {
+    /// The name the database and the API use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Free => "free",
+            Tier::Pro => "pro",
+            Tier::Team => "team",
+        }
+    }
+}
+
 /// `billing_accounts.status`: where an account stands with Stripe.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, ToSchema, sqlx::Type)]
 #[sqlx(type_name = "text", rename_all = "snake_case")]

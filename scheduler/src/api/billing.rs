@@ -36,6 +36,13 @@ pub async fn plans(State(app): State<AppRef>) -> axum::Json<PlanList> {
                 memory_mb: p.memory_mb,
                 storage_gb: p.storage_gb,
                 custom_domains: p.custom_domains,
+                model_requests_per_second: p
+                    .model_limits(app.cfg.free_messages_per_month)
+                    .requests_per_sec,
+                model_burst: p.model_limits(app.cfg.free_messages_per_month).burst,
+                model_messages_per_month: p
+                    .model_limits(app.cfg.free_messages_per_month)
+                    .messages_per_month,
             })
             .collect(),
     })

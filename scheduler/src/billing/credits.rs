@@ -58,9 +58,9 @@ pub async fn usage(db: &PgPool, user_id: Uuid, instance_id: Option<Uuid>) -> Res
     })
 }
 
-/// The month's message limit of a tier (`None`: unlimited).
+/// The month's message limit of a tier (`None`: unlimited), from its plan.
 pub fn message_limit(tier: Tier, free_messages: u32) -> Option<u32> {
-    (tier == Tier::Free).then_some(free_messages)
+    tier.plan().model_limits(free_messages).messages_per_month
 }
 
 /// The least and most one purchase may be, in cents ($5 – $500).

@@ -1,4 +1,6 @@
-//! The plans: what each tier costs and the resources its container gets.
+//! The plans: what each tier costs, the resources its container gets, and
+//! what it may do with models (`clawdeploy_common::model_limits`, the
+//! table the metering proxy enforces).
 
 use crate::model::Tier;
 
@@ -52,6 +54,16 @@ impl Tier {
 }
 
 impl Plan {
+    /// Model requests a second, burst and messages a month (the free
+    /// tier's messages as `--free-messages-per-month` sets them).
+    pub fn model_limits(&self, free_messages: u32) -> clawdeploy_common::model_limits::ModelLimits {
+        let mut l = clawdeploy_common::model_limits::of(self.tier.as_str());
+        if l.messages_per_month.is_some() {
+            l.messages_per_month = Some(free_messages);
+        }
+        l
+    }
+
     /// The container's memory limit, in bytes.
     pub fn memory_bytes(&self) -> i64 {
         i64::from(self.memory_mb) * 1024 * 1024

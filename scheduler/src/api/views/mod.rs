@@ -380,6 +380,11 @@ pub struct PlanView {
     pub memory_mb: u32,
     pub storage_gb: u32,
     pub custom_domains: bool,
+    /// Model requests a second per instance, and the burst above it.
+    pub model_requests_per_second: u32,
+    pub model_burst: u32,
+    /// Model messages a month; `null`: no limit.
+    pub model_messages_per_month: Option<u32>,
 }
 
 #[derive(Serialize, ToSchema)]

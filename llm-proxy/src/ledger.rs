@@ -84,6 +84,17 @@ impl Ledger {
         &self.proxy_id
     }
 
+    /// A handle on every account this proxy knows, taken under the map's
+    /// lock and used after it.
+    fn every_account(&self) -> Vec<Arc<tokio::sync::Mutex<Account>>> {
+        self.accounts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
     fn account(&self, user_id: Uuid) -> Arc<tokio::sync::Mutex<Account>> {
         self.accounts
             .lock()
@@ -213,13 +224,7 @@ impl Ledger {
     /// Takes this proxy's leases idle for `idle` (every lease with no hold
     /// when `idle` is zero) out of use; the flush returns them.
     pub async fn retire_idle(&self, idle: Duration) -> Vec<Returned> {
-        let accounts: Vec<_> = self
-            .accounts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let accounts = self.every_account();
         let mut out = Vec::new();
         for a in accounts {
             let mut a = a.lock().await;
@@ -248,13 +253,7 @@ impl Ledger {
     /// Marks the leases the database no longer has (expired and recovered
     /// while this proxy was cut off) as lost, so no hold uses them again.
     pub async fn forget(&self, lost: &[Uuid]) {
-        let accounts: Vec<_> = self
-            .accounts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let accounts = self.every_account();
         for a in accounts {
             let mut a = a.lock().await;
             if a.lease.as_ref().is_some_and(|l| lost.contains(&l.id)) {
@@ -269,13 +268,7 @@ impl Ledger {
 
     /// The ids of the leases this proxy holds now.
     pub async fn live(&self) -> Vec<Uuid> {
-        let accounts: Vec<_> = self
-            .accounts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let accounts = self.every_account();
         let mut ids = Vec::new();
         for a in accounts {
             if let Some(l) = &a.lock().await.lease {
@@ -289,13 +282,7 @@ impl Ledger {
     pub async fn wait_for_holds(&self, most: Duration) {
         let until = Instant::now() + most;
         while Instant::now() < until {
-            let accounts: Vec<_> = self
-                .accounts
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .values()
-                .cloned()
-                .collect();
+            let accounts = self.every_account();
             let mut held = 0;
             for a in accounts {
                 held += a.lock().await.lease.as_ref().map_or(0, |l| l.held);

@@ -48,6 +48,10 @@ impl From<clawdeploy_common::sealed::SealError> for ProxyError {
 }
 
 impl ProxyError {
+    pub fn internal(e: impl std::fmt::Display) -> Self {
+        ProxyError::Internal(e.to_string())
+    }
+
     /// Status, stable code and OpenAI's error type.
     fn parts(&self) -> (StatusCode, &'static str, &'static str) {
         use ProxyError::*;

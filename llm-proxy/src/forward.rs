@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::http::{header, HeaderMap, HeaderValue, Response, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Response};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use serde_json::Value;
@@ -65,7 +65,7 @@ pub async fn chat_completions(
         .filter(|m| !m.is_empty() && m.len() <= 200)
         .ok_or_else(|| ProxyError::BadRequest("`model` must name a model".into()))?
         .to_owned();
-    let route = proxy.route(&tenant, &provider, &model)?;
+    let route = proxy.route(&tenant, &provider)?;
     let priced = format!(
         "{provider}/{}",
         model.trim_start_matches(&format!("{provider}/"))
@@ -150,12 +150,12 @@ pub async fn chat_completions(
             None => request["stream_options"] = serde_json::json!({"include_usage": true}),
         }
     }
-    let outgoing = serde_json::to_vec(&request).map_err(|e| ProxyError::Internal(e.to_string()))?;
+    let outgoing = serde_json::to_vec(&request).map_err(ProxyError::internal)?;
     let upstream_req = http::Request::post(format!("{}/chat/completions", route.base_url))
         .header(header::CONTENT_TYPE, "application/json")
         .header(header::AUTHORIZATION, format!("Bearer {}", route.key))
         .body(Full::new(Bytes::from(outgoing)))
-        .map_err(|e| ProxyError::Internal(e.to_string()))?;
+        .map_err(ProxyError::internal)?;
     let overhead_before = started.elapsed();
     let answer =
         match tokio::time::timeout(proxy.first_byte_timeout, proxy.client.request(upstream_req))
@@ -195,9 +195,7 @@ pub async fn chat_completions(
         if let Some(ra) = retry_after {
             r = r.header(header::RETRY_AFTER, ra);
         }
-        return r
-            .body(Body::from(body))
-            .map_err(|e| ProxyError::Internal(e.to_string()));
+        return r.body(Body::from(body)).map_err(ProxyError::internal);
     }
     if !stream {
         let body = match read_whole(answer.into_body()).await {
@@ -223,9 +221,7 @@ pub async fn chat_completions(
             header::CONTENT_TYPE,
             content_type.unwrap_or(HeaderValue::from_static("application/json")),
         );
-        return r
-            .body(Body::from(body))
-            .map_err(|e| ProxyError::Internal(e.to_string()));
+        return r.body(Body::from(body)).map_err(ProxyError::internal);
     }
     metrics::histogram!("clawdeploy_llm_overhead_seconds", "kind" => "stream")
         .record(overhead_before.as_secs_f64());
@@ -276,7 +272,7 @@ pub async fn chat_completions(
     r.body(Body::from_stream(
         tokio_stream::wrappers::ReceiverStream::new(rx),
     ))
-    .map_err(|e| ProxyError::Internal(e.to_string()))
+    .map_err(ProxyError::internal)
 }
 
 async fn read_whole(body: hyper::body::Incoming) -> Result<Bytes, String> {
@@ -362,13 +358,6 @@ impl Proxy {
         metrics::histogram!("clawdeploy_llm_request_seconds")
             .record(p.started.elapsed().as_secs_f64());
     }
-}
-
-/// A `Response` for a status with no body (used by the models list).
-pub fn empty(status: StatusCode) -> Response<Body> {
-    let mut r = Response::new(Body::empty());
-    *r.status_mut() = status;
-    r
 }
 
 /// How long a request may wait for the upstream's answer to begin.

@@ -21,7 +21,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::error::{ProxyError, Result};
-use crate::money::Micros;
+use crate::money::{db_int, Micros};
 
 /// A proxy's current lease on one account, as this proxy knows it.
 #[derive(Debug)]
@@ -78,10 +78,6 @@ impl Ledger {
             chunk,
             accounts: Mutex::new(HashMap::new()),
         }
-    }
-
-    pub fn proxy_id(&self) -> &str {
-        &self.proxy_id
     }
 
     /// A handle on every account this proxy knows, taken under the map's
@@ -166,8 +162,8 @@ impl Ledger {
                         $6::bool OR EXISTS (SELECT 1 FROM credit_leases WHERE id = $4)",
             )
             .bind(user_id)
-            .bind(clamp(need))
-            .bind(clamp(self.chunk.0))
+            .bind(db_int(need))
+            .bind(db_int(self.chunk.0))
             .bind(id)
             .bind(&self.proxy_id)
             .bind(fresh)
@@ -297,8 +293,4 @@ impl Ledger {
     pub fn lease_ttl(&self) -> Duration {
         self.lease_ttl
     }
-}
-
-fn clamp(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
 }

@@ -38,6 +38,11 @@ pub fn cost(tokens: u64, per_million: u64) -> Micros {
     Micros(saturate(total.div_ceil(1_000_000)))
 }
 
+/// An amount or a count for a `bigint` column (saturating, never wrapping).
+pub fn db_int(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
 fn saturate(v: u128) -> u64 {
     u64::try_from(v).unwrap_or(u64::MAX)
 }

@@ -63,7 +63,7 @@ pub struct Proxy {
 impl Proxy {
     /// The customer's own key for `provider` when they gave one (0 %
     /// markup); otherwise AI credits through the platform's upstream.
-    pub fn route(&self, tenant: &Tenant, provider: &str, _model: &str) -> Result<Route> {
+    pub fn route(&self, tenant: &Tenant, provider: &str) -> Result<Route> {
         if let Some(key) = tenant.keys.get(provider) {
             let base_url = self
                 .upstreams

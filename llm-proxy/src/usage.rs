@@ -16,7 +16,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::ledger::{Ledger, Returned};
-use crate::money::Micros;
+use crate::money::{db_int, Micros};
 
 /// How a request was paid for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -190,10 +190,10 @@ impl Recorder {
             .bind(&users)
             .bind(&models)
             .bind(&modes)
-            .bind(col(|e| clamp(e.input_tokens)))
-            .bind(col(|e| clamp(e.cached_input_tokens)))
-            .bind(col(|e| clamp(e.output_tokens)))
-            .bind(col(|e| clamp(e.charged.0)))
+            .bind(col(|e| db_int(e.input_tokens)))
+            .bind(col(|e| db_int(e.cached_input_tokens)))
+            .bind(col(|e| db_int(e.output_tokens)))
+            .bind(col(|e| db_int(e.charged.0)))
             .bind(&estimated)
             .bind(&leases)
             .bind(&at)
@@ -235,10 +235,6 @@ impl Recorder {
             .copied()
             .collect())
     }
-}
-
-fn clamp(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 /// Flushes every `every` until `shutdown`; then retires every lease and

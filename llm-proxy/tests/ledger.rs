@@ -52,6 +52,24 @@ async fn scalar(db: &PgPool, sql: &str, user: Uuid) -> i64 {
         .unwrap()
 }
 
+async fn balance_of(db: &PgPool, user: Uuid) -> i64 {
+    scalar(
+        db,
+        "SELECT balance_micros FROM credit_balances WHERE user_id = $1",
+        user,
+    )
+    .await
+}
+
+async fn leases_of(db: &PgPool, user: Uuid) -> i64 {
+    scalar(
+        db,
+        "SELECT count(*) FROM credit_leases WHERE user_id = $1",
+        user,
+    )
+    .await
+}
+
 fn event(user: Uuid, lease: Uuid, charged: u64) -> UsageEvent {
     UsageEvent {
         id: Uuid::new_v4(),
@@ -100,12 +118,7 @@ async fn holds_from_two_proxies_at_once_never_exceed_the_balance() {
     }
     assert!(held <= 1_000_000, "held {held} of 1,000,000");
     assert!(granted.len() >= 30, "{} granted", granted.len());
-    let balance = scalar(
-        &db,
-        "SELECT balance_micros FROM credit_balances WHERE user_id = $1",
-        user,
-    )
-    .await;
+    let balance = balance_of(&db, user).await;
     let leased = scalar(
         &db,
         "SELECT COALESCE(sum(amount_micros), 0)::bigint FROM credit_leases WHERE user_id = $1",
@@ -142,19 +155,9 @@ async fn holds_from_two_proxies_at_once_never_exceed_the_balance() {
         granted.len(),
         "each event once, though recorded twice"
     );
-    let leases = scalar(
-        &db,
-        "SELECT count(*) FROM credit_leases WHERE user_id = $1",
-        user,
-    )
-    .await;
+    let leases = leases_of(&db, user).await;
     assert_eq!(leases, 0);
-    let balance = scalar(
-        &db,
-        "SELECT balance_micros FROM credit_balances WHERE user_id = $1",
-        user,
-    )
-    .await;
+    let balance = balance_of(&db, user).await;
     assert_eq!(
         balance,
         1_000_000 - charged as i64,
@@ -178,12 +181,7 @@ async fn a_dead_proxys_lease_comes_back_when_it_expires() {
     r.record(event(user, h.lease_id, 40_000));
     r.flush(&dead, Vec::new()).await.unwrap();
     drop(dead);
-    let balance = scalar(
-        &db,
-        "SELECT balance_micros FROM credit_balances WHERE user_id = $1",
-        user,
-    )
-    .await;
+    let balance = balance_of(&db, user).await;
     assert!(balance < 500_000, "the lease holds part of it");
     tokio::time::sleep(Duration::from_millis(1500)).await;
     // Any other proxy's flush recovers it.
@@ -197,19 +195,9 @@ async fn a_dead_proxys_lease_comes_back_when_it_expires() {
         .flush(&alive, Vec::new())
         .await
         .unwrap();
-    let leases = scalar(
-        &db,
-        "SELECT count(*) FROM credit_leases WHERE user_id = $1",
-        user,
-    )
-    .await;
+    let leases = leases_of(&db, user).await;
     assert_eq!(leases, 0);
-    let balance = scalar(
-        &db,
-        "SELECT balance_micros FROM credit_balances WHERE user_id = $1",
-        user,
-    )
-    .await;
+    let balance = balance_of(&db, user).await;
     assert_eq!(balance, 460_000, "all but the flushed charge came back");
 }
 

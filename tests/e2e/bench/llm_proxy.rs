@@ -56,7 +56,6 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
 /// Latencies (ms) of requests started at `rate` a second for `secs`,
 /// each timed from its planned start; `first_byte`: to the first chunk.
 async fn open_loop(
-    client: &reqwest::Client,
     target: Arc<dyn Fn(u64) -> reqwest::RequestBuilder + Send + Sync>,
     rate: u64,
     secs: u64,
@@ -69,7 +68,6 @@ async fn open_loop(
         let planned = start + Duration::from_nanos(n * 1_000_000_000 / rate);
         tokio::time::sleep_until(planned.into()).await;
         let req = target(n);
-        let _ = client;
         tasks.push(tokio::spawn(async move {
             let r = req.send().await.ok()?;
             if !r.status().is_success() {
@@ -293,9 +291,9 @@ async fn main() -> Result<()> {
         a.tenants
     );
     for (label, stream) in [("whole answer", false), ("stream, first byte", true)] {
-        let (d, df) = open_loop(&client, direct(stream, 8), a.rate, a.secs, stream).await;
+        let (d, df) = open_loop(direct(stream, 8), a.rate, a.secs, stream).await;
         let cpu0 = cpu_secs(pid).unwrap_or(0.0);
-        let (p, pf) = open_loop(&client, proxied(stream, 8), a.rate, a.secs, stream).await;
+        let (p, pf) = open_loop(proxied(stream, 8), a.rate, a.secs, stream).await;
         let cpu = cpu_secs(pid).unwrap_or(0.0) - cpu0;
         println!(
             "{label:<20} at {} req/s: direct p50 {:.2} ms p99 {:.2} ms | proxy p50 {:.2} ms p99 {:.2} ms | added p50 {:.2} ms p99 {:.2} ms | proxy CPU {:.0} µs/req | failed {df}/{pf}",

@@ -5,7 +5,7 @@
 //! containers reach through the agent's `--tenant-allow` rule; the
 //! scheduler points every provider entry at it.
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -243,9 +243,4 @@ impl LlmStack {
             .error_for_status()?;
         Ok(())
     }
-}
-
-/// An address a test may give a proxy's listener as a plain `SocketAddr`.
-pub fn as_addr(a: SocketAddrV4) -> SocketAddr {
-    SocketAddr::V4(a)
 }
